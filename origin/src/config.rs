@@ -1,0 +1,259 @@
+//! Configuration, read from the environment in one place. Every problem names its variable.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use latchkey_shared::{KeyPrefix, Scope, ScopePolicy};
+use sha2::{Digest, Sha256};
+
+/// Shortest admin token accepted: anything shorter is guessable.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 24;
+
+/// Everything origin needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `ORIGIN_LISTEN`: address to serve on.
+    pub listen: SocketAddr,
+    /// `DATABASE_URL`: where the SQLite database lives.
+    pub database_url: String,
+    /// `ADMIN_TOKEN`: the accepted admin bearer tokens.
+    pub admin_tokens: Vec<AdminToken>,
+    /// `KEY_PREFIX`: prefix of newly issued keys.
+    pub key_prefix: KeyPrefix,
+    /// `SCOPE_WILDCARDS` and `SCOPE_CATALOGUE`: the rules for granting scopes.
+    pub scope_policy: ScopePolicy,
+    /// `LAST_USED_FLUSH_MS`: how often verified keys' `last_used_at` is written.
+    pub last_used_flush: Duration,
+}
+
+/// An admin bearer token. Its `Debug` is redacted; its label (a hash prefix) names it in the audit
+/// log and logs without revealing it.
+#[derive(Clone)]
+pub struct AdminToken {
+    digest: [u8; 32],
+    label: String,
+}
+
+impl AdminToken {
+    fn new(token: &str) -> Self {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let label = format!("admin:{}", &hex::encode(digest)[..12]);
+        Self { digest, label }
+    }
+
+    /// SHA-256 of the token: compared in constant time against a presented token's digest.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
+    /// The non-secret label, `admin:` + first 12 hex digits of the token's SHA-256.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AdminToken({})", self.label)
+    }
+}
+
+/// A configuration problem, naming the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    var: &'static str,
+    problem: String,
+}
+
+fn problem(var: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup`, so tests need not touch the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+
+        let listen = match var("ORIGIN_LISTEN") {
+            Some(v) => v.trim().parse().map_err(|_| {
+                problem(
+                    "ORIGIN_LISTEN",
+                    format!("{v:?} is not an address like 127.0.0.1:8080"),
+                )
+            })?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+
+        let database_url =
+            var("DATABASE_URL").unwrap_or_else(|| "sqlite://data/latchkey.db".into());
+        if !database_url.starts_with("sqlite:") {
+            return Err(problem(
+                "DATABASE_URL",
+                "only sqlite: URLs are supported (for example sqlite://data/latchkey.db)",
+            ));
+        }
+
+        let tokens = var("ADMIN_TOKEN").ok_or_else(|| {
+            problem(
+                "ADMIN_TOKEN",
+                "is required: one or more comma-separated admin bearer tokens \
+                 (generate one with `openssl rand -hex 32`)",
+            )
+        })?;
+        let mut admin_tokens = Vec::new();
+        for (i, token) in tokens.split(',').map(str::trim).enumerate() {
+            if token.len() < MIN_ADMIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(problem(
+                    "ADMIN_TOKEN",
+                    format!(
+                        "token #{} must be at least {MIN_ADMIN_TOKEN_LEN} printable ASCII characters without spaces",
+                        i + 1
+                    ),
+                ));
+            }
+            admin_tokens.push(AdminToken::new(token));
+        }
+
+        let key_prefix = match var("KEY_PREFIX") {
+            Some(v) => KeyPrefix::parse(v.trim())
+                .map_err(|e| problem("KEY_PREFIX", format!("{v:?}: {e}")))?,
+            None => KeyPrefix::default(),
+        };
+
+        let wildcards = match var("SCOPE_WILDCARDS").as_deref().map(str::trim) {
+            None | Some("false" | "0") => false,
+            Some("true" | "1") => true,
+            Some(other) => {
+                return Err(problem(
+                    "SCOPE_WILDCARDS",
+                    format!("{other:?} is not true or false"),
+                ));
+            }
+        };
+        let catalogue = match var("SCOPE_CATALOGUE") {
+            None => None,
+            Some(v) => {
+                let entries: Vec<&str> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                let parsed: BTreeSet<Scope> = ScopePolicy::parse_catalogue(&entries, wildcards)
+                    .map_err(|e| problem("SCOPE_CATALOGUE", e.to_string()))?;
+                Some(parsed)
+            }
+        };
+
+        let last_used_flush = match var("LAST_USED_FLUSH_MS") {
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(ms) if (10..=3_600_000).contains(&ms) => Duration::from_millis(ms),
+                _ => {
+                    return Err(problem(
+                        "LAST_USED_FLUSH_MS",
+                        format!("{v:?} is not a number of milliseconds from 10 to 3600000"),
+                    ));
+                }
+            },
+            None => Duration::from_secs(5),
+        };
+
+        Ok(Self {
+            listen,
+            database_url,
+            admin_tokens,
+            key_prefix,
+            scope_policy: ScopePolicy {
+                wildcards,
+                catalogue,
+            },
+            last_used_flush,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, String> {
+        Config::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_need_only_an_admin_token() {
+        let c = load(&[("ADMIN_TOKEN", TOKEN)]).expect("valid");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url, "sqlite://data/latchkey.db");
+        assert_eq!(c.key_prefix.as_str(), "sk_live");
+        assert_eq!(c.admin_tokens.len(), 1);
+        assert!(!c.scope_policy.wildcards);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[], "ADMIN_TOKEN: is required"),
+            (&[("ADMIN_TOKEN", "short")], "ADMIN_TOKEN: token #1"),
+            (
+                &[("ADMIN_TOKEN", &"x".repeat(30)), ("ORIGIN_LISTEN", "nope")],
+                "ORIGIN_LISTEN:",
+            ),
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("KEY_PREFIX", "SK")],
+                "KEY_PREFIX:",
+            ),
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("DATABASE_URL", "postgres://x")],
+                "DATABASE_URL:",
+            ),
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("SCOPE_WILDCARDS", "maybe")],
+                "SCOPE_WILDCARDS:",
+            ),
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("SCOPE_CATALOGUE", "read:orders,*")],
+                "SCOPE_CATALOGUE:",
+            ),
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("LAST_USED_FLUSH_MS", "0")],
+                "LAST_USED_FLUSH_MS:",
+            ),
+        ];
+        for (vars, expected) in cases {
+            let err = load(vars).expect_err("invalid");
+            assert!(
+                err.starts_with(expected),
+                "{err} should start with {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn several_admin_tokens_for_rotation_with_distinct_labels() {
+        let two = format!("{TOKEN}, {}", "z".repeat(40));
+        let c = load(&[("ADMIN_TOKEN", &two)]).expect("valid");
+        assert_eq!(c.admin_tokens.len(), 2);
+        assert_ne!(c.admin_tokens[0].label(), c.admin_tokens[1].label());
+        assert!(
+            !format!("{c:?}").contains(TOKEN),
+            "Debug must not leak the token"
+        );
+    }
+}

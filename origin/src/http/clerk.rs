@@ -1,0 +1,333 @@
+//! The primary REST API, compatible with Clerk's Backend API for API keys, so that
+//! `@clerk/backend`'s `apiKeys` client works against origin unchanged. Times are unix ms.
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use latchkey_shared::{KeyId, UnixMillis, Verdict};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::error::{ApiError, Clerk};
+use super::extract::{self, JsonBody, double_option};
+use super::{Actor, AppState};
+use crate::model::{AuditEntry, ListFilter, StoredKey};
+use crate::service::{KeyChanges, Lifetime, NewKey, system_now};
+
+type Result<T> = std::result::Result<Json<T>, ApiError<Clerk>>;
+type Body<T> = JsonBody<T, Clerk>;
+
+/// `/api_keys` routes (mounted under `/v1` and at the root).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api_keys", post(create).get(list))
+        .route("/api_keys/verify", post(verify))
+        .route("/api_keys/{id}", get(show).patch(update))
+        .route("/api_keys/{id}/revoke", post(revoke))
+}
+
+/// Clerk's API key object.
+#[derive(Debug, Serialize)]
+pub struct ApiKeyObject {
+    object: &'static str,
+    id: String,
+    r#type: &'static str,
+    name: String,
+    subject: String,
+    description: Option<String>,
+    scopes: Vec<String>,
+    claims: Option<Map<String, Value>>,
+    revoked: bool,
+    revocation_reason: Option<String>,
+    expired: bool,
+    expiration: Option<i64>,
+    created_by: Option<String>,
+    last_used_at: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+}
+
+impl ApiKeyObject {
+    fn new(key: StoredKey, now: UnixMillis) -> Self {
+        Self {
+            object: "api_key",
+            r#type: "api_key",
+            expired: key.is_expired(now),
+            id: key.id.to_string(),
+            name: key.name,
+            subject: key.subject,
+            description: key.description,
+            scopes: key.scopes.to_strings(),
+            claims: key.claims,
+            revoked: key.revoked,
+            revocation_reason: key.revocation_reason,
+            expiration: key.expiration.map(|t| t.0),
+            created_by: key.created_by,
+            last_used_at: key.last_used_at.map(|t| t.0),
+            created_at: key.created_at.0,
+            updated_at: key.updated_at.0,
+            secret: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    name: String,
+    subject: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    claims: Option<Value>,
+    #[serde(default)]
+    seconds_until_expiration: Option<i64>,
+    #[serde(default)]
+    created_by: Option<String>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    JsonBody(req, _): Body<CreateRequest>,
+) -> std::result::Result<(StatusCode, Json<ApiKeyObject>), ApiError<Clerk>> {
+    let new = NewKey {
+        name: req.name,
+        subject: req.subject,
+        description: req.description,
+        scopes: req.scopes,
+        claims: req.claims,
+        seconds_until_expiration: req.seconds_until_expiration,
+        created_by: req.created_by,
+    };
+    let (key, secret) = state.service.create(&actor, new).await?;
+    let mut object = ApiKeyObject::new(key, system_now());
+    object.secret = Some(secret.expose().to_owned());
+    Ok((StatusCode::OK, Json(object)))
+}
+
+#[derive(Debug, Serialize)]
+struct KeyList {
+    data: Vec<ApiKeyObject>,
+    total_count: u64,
+}
+
+async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<KeyList> {
+    let now = system_now();
+    let mut filter = ListFilter {
+        now,
+        limit: 10,
+        ..ListFilter::default()
+    };
+    let mut include_invalid = false;
+    for (name, value) in extract::query_pairs(query.as_deref())? {
+        if extract::apply_filter_param(&mut filter, &name, &value)? {
+            continue;
+        }
+        match name.as_str() {
+            "limit" => {
+                filter.limit =
+                    extract::parse_u32(&name, &value, 1..=crate::service::limits::LIST_LIMIT_MAX)?
+            }
+            "offset" => filter.offset = extract::parse_u32(&name, &value, 0..=u32::MAX)?,
+            "include_invalid" => include_invalid = extract::parse_bool(&name, &value)?,
+            _ => return Err(extract::unknown_param(&name)),
+        }
+    }
+    // Clerk lists only valid keys unless asked for invalid ones; explicit filters win.
+    if !include_invalid {
+        filter.revoked.get_or_insert(false);
+        filter.expired.get_or_insert(false);
+    }
+    let page = state.service.list(&filter).await?;
+    Ok(Json(KeyList {
+        data: page
+            .keys
+            .into_iter()
+            .map(|k| ApiKeyObject::new(k, now))
+            .collect(),
+        total_count: page.total_count,
+    }))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    path: std::result::Result<Path<String>, PathRejection>,
+) -> Result<ApiKeyObject> {
+    let id = extract::key_id(path)?;
+    let key = state.service.get(&id).await?;
+    Ok(Json(ApiKeyObject::new(key, system_now())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateRequest {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    description: Option<Option<String>>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    claims: Option<Option<Value>>,
+    #[serde(default, deserialize_with = "double_option")]
+    seconds_until_expiration: Option<Option<i64>>,
+    /// Absolute expiry in unix ms, or `null` for never.
+    #[serde(default, deserialize_with = "double_option")]
+    expiration: Option<Option<i64>>,
+}
+
+/// Expiry changes as a request states them: seconds from now, or an absolute time (not both).
+pub(super) fn lifetime<E>(
+    seconds: Option<Option<i64>>,
+    at: Option<Option<i64>>,
+) -> std::result::Result<Option<Lifetime>, ApiError<E>> {
+    match (seconds, at) {
+        (Some(_), Some(_)) => Err(extract::bad_param(
+            "expiration",
+            "given either as seconds_until_expiration or as expiration, not both",
+        )),
+        (Some(None), None) | (None, Some(None)) => Ok(Some(Lifetime::Never)),
+        (Some(Some(s)), None) => Ok(Some(Lifetime::Seconds(s))),
+        (None, Some(Some(at))) => Ok(Some(Lifetime::At(UnixMillis(at)))),
+        (None, None) => Ok(None),
+    }
+}
+
+async fn update(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    path: std::result::Result<Path<String>, PathRejection>,
+    JsonBody(req, _): Body<UpdateRequest>,
+) -> Result<ApiKeyObject> {
+    let id = extract::key_id(path)?;
+    let changes = KeyChanges {
+        name: req.name,
+        subject: req.subject,
+        description: req.description,
+        scopes: req.scopes,
+        claims: req.claims,
+        expiration: lifetime(req.seconds_until_expiration, req.expiration)?,
+    };
+    let key = state.service.update(&actor, &id, changes).await?;
+    Ok(Json(ApiKeyObject::new(key, system_now())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    #[serde(default)]
+    revocation_reason: Option<String>,
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    path: std::result::Result<Path<String>, PathRejection>,
+    JsonBody(req, _): Body<RevokeRequest>,
+) -> Result<ApiKeyObject> {
+    let id = extract::key_id(path)?;
+    let key = state
+        .service
+        .revoke(&actor, &id, req.revocation_reason)
+        .await?;
+    Ok(Json(ApiKeyObject::new(key, system_now())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    secret: String,
+    #[serde(default)]
+    required_scopes: Vec<String>,
+}
+
+/// Answers the key object for a valid key, as Clerk's SDK expects; an error otherwise.
+async fn verify(
+    State(state): State<AppState>,
+    JsonBody(req, _): Body<VerifyRequest>,
+) -> Result<ApiKeyObject> {
+    let outcome = state
+        .service
+        .verify(&req.secret, &req.required_scopes)
+        .await?;
+    let error = |status, code, message: &str| Err(ApiError::new(status, code, message));
+    match (&outcome.verdict, outcome.key) {
+        (Verdict::Valid, Some(key)) => Ok(Json(ApiKeyObject::new(key, system_now()))),
+        (Verdict::Revoked, _) => error(
+            StatusCode::NOT_FOUND,
+            "api_key_revoked",
+            "The API key has been revoked.",
+        ),
+        (Verdict::Expired, _) => error(
+            StatusCode::NOT_FOUND,
+            "api_key_expired",
+            "The API key has expired.",
+        ),
+        (Verdict::Malformed, _) => error(
+            StatusCode::NOT_FOUND,
+            "api_key_malformed",
+            "The secret is not a well-formed API key.",
+        ),
+        (Verdict::InsufficientScope { missing }, _) => {
+            let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "api_key_insufficient_scope",
+                format!("The API key lacks required scopes: {}.", missing.join(", ")),
+            ))
+        }
+        (Verdict::NotFound | Verdict::Valid, _) => error(
+            StatusCode::NOT_FOUND,
+            "api_key_not_found",
+            "No API key matches this secret.",
+        ),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct AuditPage {
+    data: Vec<AuditEntry>,
+    /// Pass as `after` to get the next page; `null` when this page is the last.
+    next_after: Option<i64>,
+}
+
+/// `GET /v1/audit_log?key_id=&after=&limit=`: entries oldest first.
+pub(super) async fn audit_log(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<AuditPage> {
+    let (mut key_id, mut after, mut limit) = (None::<KeyId>, 0i64, 100u32);
+    for (name, value) in extract::query_pairs(query.as_deref())? {
+        match name.as_str() {
+            "key_id" => {
+                key_id = Some(
+                    KeyId::parse(&value)
+                        .map_err(|_| extract::bad_param(&name, "a key id (key_…)"))?,
+                )
+            }
+            "after" => after = i64::from(extract::parse_u32(&name, &value, 0..=u32::MAX)?),
+            "limit" => {
+                limit =
+                    extract::parse_u32(&name, &value, 1..=crate::service::limits::LIST_LIMIT_MAX)?
+            }
+            _ => return Err(extract::unknown_param(&name)),
+        }
+    }
+    let data = state
+        .service
+        .audit_log(key_id.as_ref(), after, limit)
+        .await?;
+    let next_after = (data.len() == limit as usize)
+        .then(|| data.last().map(|e| e.seq))
+        .flatten();
+    Ok(Json(AuditPage { data, next_after }))
+}

@@ -1,0 +1,179 @@
+//! The one error type of the HTTP layer. Each API surface renders it in its own envelope;
+//! internal details (database errors) are logged, never sent.
+
+use std::marker::PhantomData;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::service::ServiceError;
+use crate::store::StoreError;
+
+/// How a surface wraps an error.
+pub trait Envelope: Send + Sync + 'static {
+    /// The JSON body for an error.
+    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Value;
+}
+
+/// Clerk's Backend API envelope: `{"errors":[{"code","message","long_message","meta"}]}`.
+#[derive(Debug)]
+pub enum Clerk {}
+
+impl Envelope for Clerk {
+    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Value {
+        let mut error = json!({ "code": code, "message": message, "long_message": long_message });
+        if let Some(field) = field {
+            error["meta"] = json!({ "param_name": field });
+        }
+        json!({ "errors": [error] })
+    }
+}
+
+/// The tutorial's envelope: `{"success":false,"error":{"code","message","field"}}`, which its
+/// samples read as `result.success` / `result.error`.
+#[derive(Debug)]
+pub enum Tutorial {}
+
+impl Envelope for Tutorial {
+    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Value {
+        let mut error = json!({ "code": code, "message": message, "long_message": long_message });
+        if let Some(field) = field {
+            error["field"] = json!(field);
+        }
+        json!({ "success": false, "error": error })
+    }
+}
+
+/// An error answer: status, stable code, human message, and the offending field if any.
+#[derive(Debug)]
+pub struct ApiError<E> {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    long_message: String,
+    field: Option<String>,
+    envelope: PhantomData<E>,
+}
+
+impl<E> ApiError<E> {
+    /// An error with a one-line message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self {
+            status,
+            code,
+            long_message: message.clone(),
+            message,
+            field: None,
+            envelope: PhantomData,
+        }
+    }
+
+    /// Names the field at fault.
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// Adds a longer explanation (Clerk's `long_message`).
+    pub fn long(mut self, long_message: impl Into<String>) -> Self {
+        self.long_message = long_message.into();
+        self
+    }
+
+    /// Missing or wrong admin credentials.
+    pub fn unauthorized(message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_invalid", message)
+    }
+
+    /// An unknown key id (malformed ids included: they cannot exist).
+    pub fn key_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "resource_not_found",
+            "No API key was found with this id.",
+        )
+    }
+}
+
+impl<E: Envelope> IntoResponse for ApiError<E> {
+    fn into_response(self) -> Response {
+        let body = E::body(
+            self.code,
+            &self.message,
+            &self.long_message,
+            self.field.as_deref(),
+        );
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl<E> From<ServiceError> for ApiError<E> {
+    fn from(error: ServiceError) -> Self {
+        match error {
+            ServiceError::Invalid { field, message } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "form_param_invalid",
+                format!("{field}: {message}"),
+            )
+            .field(field),
+            ServiceError::NotFound => Self::key_not_found(),
+            ServiceError::Revoked => Self::new(
+                StatusCode::CONFLICT,
+                "api_key_revoked",
+                "The API key is revoked; a revoked key cannot be changed.",
+            ),
+            ServiceError::Conflict => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "The API key was changed concurrently; retry the request.",
+            ),
+            ServiceError::Store(e) => Self::from(e),
+        }
+    }
+}
+
+impl<E> From<StoreError> for ApiError<E> {
+    fn from(error: StoreError) -> Self {
+        tracing::error!(%error, "storage failure");
+        if is_unavailable(&error) {
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "The key store cannot take writes right now; retry later.",
+            );
+        }
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "Something went wrong on our side.",
+        )
+    }
+}
+
+/// Storage conditions that are temporary and not the request's fault: a full disk, a read-only
+/// file, a lock held too long, no free connection.
+fn is_unavailable(error: &StoreError) -> bool {
+    match error {
+        StoreError::Database(
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+        ) => true,
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            // SQLite primary result codes: BUSY 5, LOCKED 6, READONLY 8, IOERR 10, FULL 13, CANTOPEN 14.
+            let primary = db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map(|c| c & 0xff);
+            matches!(primary, Some(5 | 6 | 8 | 10 | 13 | 14))
+        }
+        _ => false,
+    }
+}

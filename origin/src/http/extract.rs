@@ -1,0 +1,234 @@
+//! Request extractors that turn every malformed input into an [`ApiError`] of the right
+//! surface, naming the field where there is one.
+
+use std::marker::PhantomData;
+
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, Path, Request};
+use axum::http::StatusCode;
+use latchkey_shared::{KeyId, UnixMillis};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use super::error::{ApiError, Envelope};
+use crate::service::limits;
+
+/// A JSON request body of type `T`, or an error in envelope `E`.
+///
+/// An empty body reads as `{}`, so bodies whose fields are all optional may be omitted.
+#[derive(Debug)]
+pub struct JsonBody<T, E>(pub T, pub PhantomData<E>);
+
+impl<S, T, E> FromRequest<S> for JsonBody<T, E>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+    E: Envelope,
+{
+    type Rejection = ApiError<E>;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "The request body is larger than {} bytes.",
+                        limits::BODY_MAX_BYTES
+                    ),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_request",
+                    "The request body could not be read.",
+                )
+            }
+        })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        parse_json(bytes).map(|t| Self(t, PhantomData))
+    }
+}
+
+fn parse_json<T: DeserializeOwned, E>(bytes: &[u8]) -> Result<T, ApiError<E>> {
+    let malformed = |e: &serde_json::Error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("The request body is not valid JSON: {e}"),
+        )
+    };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        if !inner.is_data() {
+            return malformed(&inner);
+        }
+        let message = inner.to_string();
+        let field = if path == "." {
+            missing_field(&message)
+        } else {
+            Some(path)
+        };
+        match field {
+            Some(f) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "form_param_invalid",
+                format!("{f}: {message}"),
+            )
+            .field(f),
+            None => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "form_param_invalid",
+                message,
+            ),
+        }
+    })?;
+    de.end().map_err(|e| malformed(&e))?;
+    Ok(value)
+}
+
+/// serde reports a missing field at the parent's path; pull the field's name out of its message.
+fn missing_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("missing field `")?;
+    Some(rest[..rest.find('`')?].to_owned())
+}
+
+/// A key id from the URL path. Malformed ids cannot exist, so they are 404s too.
+pub fn key_id<E>(path: Result<Path<String>, PathRejection>) -> Result<KeyId, ApiError<E>> {
+    let Path(raw) = path.map_err(|_| ApiError::key_not_found())?;
+    KeyId::parse(&raw).map_err(|_| ApiError::key_not_found())
+}
+
+/// A key id from a request body field.
+pub fn body_key_id<E>(raw: &str, field: &'static str) -> Result<KeyId, ApiError<E>> {
+    KeyId::parse(raw).map_err(|_| ApiError::key_not_found().field(field))
+}
+
+/// For `Option<Option<T>>` fields: absent is `None`, `null` is `Some(None)`.
+pub fn double_option<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
+}
+
+/// Query string pairs, in order. Malformed encodings are a 400 naming the problem.
+pub fn query_pairs<E>(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError<E>> {
+    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_query",
+            format!("The query string is malformed: {e}"),
+        )
+    })
+}
+
+/// A query parameter parse error.
+pub fn bad_param<E>(name: &str, expected: &str) -> ApiError<E> {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "form_param_invalid",
+        format!("{name}: must be {expected}"),
+    )
+    .field(name)
+}
+
+/// `true`/`false` query values.
+pub fn parse_bool<E>(name: &str, value: &str) -> Result<bool, ApiError<E>> {
+    match value {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(bad_param(name, "true or false")),
+    }
+}
+
+/// A whole number query value within `range`.
+pub fn parse_u32<E>(
+    name: &str,
+    value: &str,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, ApiError<E>> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            bad_param(
+                name,
+                &format!("a whole number from {} to {}", range.start(), range.end()),
+            )
+        })
+}
+
+/// A time as unix milliseconds or an ISO-8601 / RFC 3339 timestamp.
+pub fn parse_time<E>(name: &str, value: &str) -> Result<UnixMillis, ApiError<E>> {
+    if let Ok(ms) = value.parse::<i64>() {
+        return Ok(UnixMillis(ms));
+    }
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+        .map(UnixMillis)
+        .ok_or_else(|| bad_param(name, "unix milliseconds or an ISO-8601 timestamp"))
+}
+
+/// A claim filter's field name from `claims[name]` or `metadata[name]`.
+pub fn claim_filter_name(param: &str) -> Option<&str> {
+    let inner = param
+        .strip_prefix("claims[")
+        .or_else(|| param.strip_prefix("metadata["))?
+        .strip_suffix(']')?;
+    let ok = !inner.is_empty()
+        && inner.len() <= 64
+        && inner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    ok.then_some(inner)
+}
+
+/// Applies a list filter parameter common to both surfaces. Returns `false` if `name` is not one.
+pub fn apply_filter_param<E>(
+    filter: &mut crate::model::ListFilter,
+    name: &str,
+    value: &str,
+) -> Result<bool, ApiError<E>> {
+    match name {
+        "subject" => filter.subject = Some(value.to_owned()),
+        "revoked" => filter.revoked = Some(parse_bool(name, value)?),
+        "expired" => filter.expired = Some(parse_bool(name, value)?),
+        "never_used" => filter.never_used = Some(parse_bool(name, value)?),
+        "last_used_before" => filter.last_used_before = Some(parse_time(name, value)?),
+        _ => match claim_filter_name(name) {
+            Some(field) => filter
+                .claims_equal
+                .push((field.to_owned(), value.to_owned())),
+            None if name.starts_with("claims[") || name.starts_with("metadata[") => {
+                return Err(bad_param(
+                    name,
+                    "claims[<field>] with a field of [A-Za-z0-9_-], at most 64 characters",
+                ));
+            }
+            None => return Ok(false),
+        },
+    }
+    Ok(true)
+}
+
+/// A query parameter this route does not know.
+pub fn unknown_param<E>(name: &str) -> ApiError<E> {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "unknown_query_parameter",
+        format!("Unknown query parameter `{name}`."),
+    )
+    .field(name)
+}

@@ -1,0 +1,320 @@
+//! The five calls of the Clerk tutorial our users start from, at its exact paths and shapes:
+//! ISO-8601 times, `metadata` for claims, `key` for the secret, `{data,total_count,page,page_size}`
+//! for list, and a verify that answers 200 with `valid:false` and a reason `code` for a bad key.
+
+use axum::extract::{RawQuery, State};
+use axum::routing::{delete, get, patch, post};
+use axum::{Extension, Json, Router};
+use latchkey_shared::{UnixMillis, Verdict};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::macros::format_description;
+
+use super::error::{ApiError, Tutorial};
+use super::extract::{self, JsonBody, double_option};
+use super::{Actor, AppState};
+use crate::model::ListFilter;
+use crate::service::{KeyChanges, NewKey, ServiceError, limits, system_now};
+
+type Result<T> = std::result::Result<Json<T>, ApiError<Tutorial>>;
+type Body<T> = JsonBody<T, Tutorial>;
+
+/// The tutorial's routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/backend.api-keys.create", post(create))
+        .route("/backend.api-keys.verify", post(verify))
+        .route("/backend.api-keys.list", get(list))
+        .route("/backend.api-keys.revoke", delete(revoke))
+        .route("/backend.api-keys.update", patch(update))
+}
+
+/// ISO-8601 in UTC with milliseconds, e.g. `2024-01-15T10:30:00.000Z`.
+fn iso(t: UnixMillis) -> String {
+    let format =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0) * 1_000_000)
+        .ok()
+        .and_then(|d| d.format(&format).ok())
+        .unwrap_or_default()
+}
+
+/// This surface calls claims `metadata`: name the field as the caller sent it.
+fn as_metadata(error: ServiceError) -> ServiceError {
+    match error {
+        ServiceError::Invalid {
+            field: "claims",
+            message,
+        } => ServiceError::Invalid {
+            field: "metadata",
+            message,
+        },
+        other => other,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    metadata: Option<Value>,
+    /// Not in the tutorial: defaults to `metadata.partner_id`, then to `default`.
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    seconds_until_expiration: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct CreateResponse {
+    id: String,
+    name: String,
+    scopes: Vec<String>,
+    key: String,
+    created_at: String,
+    metadata: Option<Map<String, Value>>,
+    expires_at: Option<String>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    JsonBody(req, _): Body<CreateRequest>,
+) -> Result<CreateResponse> {
+    let subject = req.subject.or_else(|| {
+        req.metadata
+            .as_ref()
+            .and_then(|m| m.get("partner_id"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    let new = NewKey {
+        name: req.name,
+        subject: subject.unwrap_or_else(|| "default".to_owned()),
+        description: req.description,
+        scopes: req.scopes,
+        claims: req.metadata,
+        seconds_until_expiration: req.seconds_until_expiration,
+        created_by: None,
+    };
+    let (key, secret) = state
+        .service
+        .create(&actor, new)
+        .await
+        .map_err(as_metadata)?;
+    Ok(Json(CreateResponse {
+        id: key.id.to_string(),
+        name: key.name,
+        scopes: key.scopes.to_strings(),
+        key: secret.expose().to_owned(),
+        created_at: iso(key.created_at),
+        metadata: key.claims,
+        expires_at: key.expiration.map(iso),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    key: String,
+    #[serde(default)]
+    required_scopes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct VerifyResponse {
+    id: Option<String>,
+    valid: bool,
+    code: &'static str,
+    revoked: bool,
+    scopes: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    missing_scopes: Vec<String>,
+    created_at: Option<String>,
+    last_used_at: Option<String>,
+    expires_at: Option<String>,
+}
+
+/// Always 200 for a well-formed request: `valid` and `code` say whether the key passes.
+async fn verify(
+    State(state): State<AppState>,
+    JsonBody(req, _): Body<VerifyRequest>,
+) -> Result<VerifyResponse> {
+    let outcome = state.service.verify(&req.key, &req.required_scopes).await?;
+    let missing_scopes = match &outcome.verdict {
+        Verdict::InsufficientScope { missing } => {
+            missing.iter().map(|s| s.as_str().to_owned()).collect()
+        }
+        _ => Vec::new(),
+    };
+    let key = outcome.key;
+    Ok(Json(VerifyResponse {
+        valid: outcome.verdict.is_valid(),
+        code: outcome.verdict.code(),
+        missing_scopes,
+        id: key.as_ref().map(|k| k.id.to_string()),
+        revoked: key.as_ref().is_some_and(|k| k.revoked),
+        scopes: key
+            .as_ref()
+            .map(|k| k.scopes.to_strings())
+            .unwrap_or_default(),
+        created_at: key.as_ref().map(|k| iso(k.created_at)),
+        last_used_at: key.as_ref().and_then(|k| k.last_used_at).map(iso),
+        expires_at: key.as_ref().and_then(|k| k.expiration).map(iso),
+    }))
+}
+
+#[derive(Debug, Serialize)]
+struct ListItem {
+    id: String,
+    name: String,
+    subject: String,
+    scopes: Vec<String>,
+    created_at: String,
+    last_used_at: Option<String>,
+    revoked: bool,
+    expires_at: Option<String>,
+    metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListResponse {
+    data: Vec<ListItem>,
+    total_count: u64,
+    page: u32,
+    page_size: u32,
+}
+
+/// Every key, revoked and expired included (the tutorial filters them client-side), newest first.
+async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<ListResponse> {
+    let mut filter = ListFilter {
+        now: system_now(),
+        limit: 50,
+        ..ListFilter::default()
+    };
+    let mut page = 1u32;
+    for (name, value) in extract::query_pairs(query.as_deref())? {
+        if extract::apply_filter_param(&mut filter, &name, &value)? {
+            continue;
+        }
+        match name.as_str() {
+            "limit" | "page_size" => {
+                filter.limit = extract::parse_u32(&name, &value, 1..=limits::LIST_LIMIT_MAX)?
+            }
+            "page" => page = extract::parse_u32(&name, &value, 1..=1_000_000)?,
+            _ => return Err(extract::unknown_param(&name)),
+        }
+    }
+    filter.offset = (page - 1).saturating_mul(filter.limit);
+    let result = state.service.list(&filter).await?;
+    Ok(Json(ListResponse {
+        data: result
+            .keys
+            .into_iter()
+            .map(|k| ListItem {
+                id: k.id.to_string(),
+                name: k.name,
+                subject: k.subject,
+                scopes: k.scopes.to_strings(),
+                created_at: iso(k.created_at),
+                last_used_at: k.last_used_at.map(iso),
+                revoked: k.revoked,
+                expires_at: k.expiration.map(iso),
+                metadata: k.claims,
+            })
+            .collect(),
+        total_count: result.total_count,
+        page,
+        page_size: filter.limit,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    key_id: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct RevokeResponse {
+    id: String,
+    revoked: bool,
+    revoked_at: Option<String>,
+    success: bool,
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    JsonBody(req, _): Body<RevokeRequest>,
+) -> Result<RevokeResponse> {
+    let id = extract::body_key_id(&req.key_id, "key_id")?;
+    let key = state.service.revoke(&actor, &id, req.reason).await?;
+    Ok(Json(RevokeResponse {
+        id: key.id.to_string(),
+        revoked: key.revoked,
+        revoked_at: key.revoked_at.map(iso),
+        success: true,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateRequest {
+    key_id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    metadata: Option<Option<Value>>,
+    #[serde(default, deserialize_with = "double_option")]
+    description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    seconds_until_expiration: Option<Option<i64>>,
+}
+
+#[derive(Debug, Serialize)]
+struct UpdateResponse {
+    id: String,
+    name: String,
+    scopes: Vec<String>,
+    metadata: Option<Map<String, Value>>,
+    updated_at: String,
+}
+
+async fn update(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    JsonBody(req, _): Body<UpdateRequest>,
+) -> Result<UpdateResponse> {
+    let id = extract::body_key_id(&req.key_id, "key_id")?;
+    let changes = KeyChanges {
+        name: req.name,
+        subject: None,
+        description: req.description,
+        scopes: req.scopes,
+        claims: req.metadata,
+        expiration: super::clerk::lifetime(req.seconds_until_expiration, None)?,
+    };
+    let key = state
+        .service
+        .update(&actor, &id, changes)
+        .await
+        .map_err(as_metadata)?;
+    Ok(Json(UpdateResponse {
+        id: key.id.to_string(),
+        name: key.name,
+        scopes: key.scopes.to_strings(),
+        metadata: key.claims,
+        updated_at: iso(key.updated_at),
+    }))
+}

@@ -1,0 +1,99 @@
+//! The `origin` command: `origin serve`, `origin audit verify`.
+
+use std::process::ExitCode;
+
+use latchkey_origin::audit::verify_chain;
+use latchkey_origin::config::Config;
+use latchkey_origin::store::{KeyStore, SqliteStore};
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "\
+usage: origin <command>
+
+commands:
+  serve          run the key service (configuration from the environment; see README)
+  audit verify   check the audit log's hash chain; exits 1 if it is broken
+";
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    match args.as_slice() {
+        ["serve"] => {
+            let config = match Config::from_env() {
+                Ok(c) => c,
+                Err(e) => return fail(&format!("configuration error: {e}")),
+            };
+            match runtime.block_on(latchkey_origin::serve::serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        ["audit", "verify"] => runtime.block_on(audit_verify()),
+        ["help" | "--help" | "-h"] => {
+            out(USAGE);
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprint_usage();
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn audit_verify() -> ExitCode {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://data/latchkey.db".into());
+    let store = match SqliteStore::open(&url).await {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot open {url}: {e}")),
+    };
+    let mut entries = Vec::new();
+    let mut after = 0;
+    loop {
+        match store.audit_log(None, after, 500).await {
+            Ok(batch) if batch.is_empty() => break,
+            Ok(batch) => {
+                after = batch.last().map_or(after, |e| e.seq);
+                entries.extend(batch);
+            }
+            Err(e) => return fail(&format!("cannot read the audit log: {e}")),
+        }
+    }
+    store.close().await;
+    match verify_chain(&entries) {
+        Ok(n) => {
+            out(&format!("audit log OK: {n} entries, chain intact\n"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("audit log BROKEN: {e}")),
+    }
+}
+
+#[allow(clippy::print_stdout, reason = "the command's answer goes to stdout")]
+fn out(text: &str) {
+    print!("{text}");
+}
+
+#[allow(
+    clippy::print_stderr,
+    reason = "usage and fatal errors go to stderr before logging matters"
+)]
+fn eprint_usage() {
+    eprint!("{USAGE}");
+}
+
+#[allow(clippy::print_stderr, reason = "fatal errors go to stderr")]
+fn fail(message: &str) -> ExitCode {
+    eprintln!("origin: {message}");
+    ExitCode::FAILURE
+}

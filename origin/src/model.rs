@@ -1,0 +1,135 @@
+//! The origin's view of a key: everything stored about it (never the secret).
+
+use latchkey_shared::{KeyHash, KeyId, KeyRecord, RECORD_VERSION, ScopeSet, UnixMillis};
+use serde_json::{Map, Value};
+
+/// A key as stored: its hash, hint and metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredKey {
+    /// Public id.
+    pub id: KeyId,
+    /// SHA-256 of the secret.
+    pub hash: KeyHash,
+    /// Display hint: prefix and last four characters.
+    pub hint: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Whom the key belongs to.
+    pub subject: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Granted scopes.
+    pub scopes: ScopeSet,
+    /// Caller-defined claims (the tutorial calls them `metadata`).
+    pub claims: Option<Map<String, Value>>,
+    /// Who asked for the key (free text from the caller).
+    pub created_by: Option<String>,
+    /// Expiry time, if any.
+    pub expiration: Option<UnixMillis>,
+    /// Whether revoked; final.
+    pub revoked: bool,
+    /// When revoked.
+    pub revoked_at: Option<UnixMillis>,
+    /// Why revoked.
+    pub revocation_reason: Option<String>,
+    /// Last successful verification, as last flushed (see `usage`).
+    pub last_used_at: Option<UnixMillis>,
+    /// Creation time.
+    pub created_at: UnixMillis,
+    /// Last change of state (not of usage).
+    pub updated_at: UnixMillis,
+    /// Increases with every change; guards concurrent updates.
+    pub revision: i64,
+}
+
+impl StoredKey {
+    /// Whether the key is past its expiry at `now`.
+    pub fn is_expired(&self, now: UnixMillis) -> bool {
+        self.record().is_expired(now)
+    }
+
+    /// The record the verify decision (and the edge) sees.
+    pub fn record(&self) -> KeyRecord {
+        KeyRecord {
+            v: RECORD_VERSION,
+            id: self.id.clone(),
+            subject: self.subject.clone(),
+            scopes: self.scopes.clone(),
+            revoked: self.revoked,
+            revoked_at: self.revoked_at,
+            expires_at: self.expiration,
+            revision: u64::try_from(self.revision).unwrap_or(0),
+        }
+    }
+}
+
+/// Which keys to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only keys of this subject.
+    pub subject: Option<String>,
+    /// Only revoked (`true`) or unrevoked (`false`) keys.
+    pub revoked: Option<bool>,
+    /// Only expired (`true`) or unexpired (`false`) keys, judged at `now`.
+    pub expired: Option<bool>,
+    /// Only keys never verified (`true`) or verified at least once (`false`).
+    pub never_used: Option<bool>,
+    /// Only keys last verified before this time (never-used keys excluded).
+    pub last_used_before: Option<UnixMillis>,
+    /// Only keys whose claim `.0` equals the string `.1`.
+    pub claims_equal: Vec<(String, String)>,
+    /// The time that decides expiry.
+    pub now: UnixMillis,
+    /// Page size.
+    pub limit: u32,
+    /// Rows to skip.
+    pub offset: u32,
+}
+
+/// One page of keys and the total matching the filter.
+#[derive(Debug)]
+pub struct KeyPage {
+    /// The keys, newest first.
+    pub keys: Vec<StoredKey>,
+    /// How many keys match the filter in all.
+    pub total_count: u64,
+}
+
+/// A change to append to the audit log, written in the same transaction as the change itself.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    /// When.
+    pub at: UnixMillis,
+    /// Who: the admin token's label.
+    pub actor: String,
+    /// What: `create`, `update` or `revoke`.
+    pub action: &'static str,
+    /// Which key.
+    pub key_id: KeyId,
+    /// What changed (JSON object, never a secret).
+    pub details: Value,
+}
+
+/// One stored audit log entry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditEntry {
+    /// Position in the chain, from 1.
+    pub seq: i64,
+    /// When (unix ms).
+    pub at: i64,
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// Which key.
+    pub key_id: Option<String>,
+    /// Details (JSON).
+    pub details: Value,
+    /// Details exactly as stored and hashed.
+    #[serde(skip)]
+    pub details_json: String,
+    /// Hash of the previous entry (`0`×64 for the first).
+    pub prev_hash: String,
+    /// Hash of this entry.
+    pub hash: String,
+}

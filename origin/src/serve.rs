@@ -1,0 +1,95 @@
+//! `origin serve`: wire configuration, storage, the service and the router, and run until
+//! SIGINT or SIGTERM, then flush pending usage and close the database.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::http::{AppState, router};
+use crate::service::KeyService;
+use crate::store::{KeyStore, SqliteStore};
+
+/// Runs the service until a shutdown signal.
+pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let store: Arc<dyn KeyStore> = Arc::new(SqliteStore::open(&config.database_url).await?);
+    let service = Arc::new(KeyService::new(
+        store.clone(),
+        config.key_prefix.clone(),
+        config.scope_policy.clone(),
+    ));
+    let state = AppState {
+        service: service.clone(),
+        admin_tokens: config.admin_tokens.clone().into(),
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let flusher = tokio::spawn(flush_usage_periodically(
+        service.clone(),
+        config.last_used_flush,
+        stop_rx,
+    ));
+
+    let listener = TcpListener::bind(config.listen).await?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        database = %config.database_url,
+        admin_tokens = ?config.admin_tokens,
+        "origin listening"
+    );
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+
+    tracing::info!("shutting down: flushing last_used_at");
+    let _ = stop_tx.send(true);
+    let _ = flusher.await;
+    if let Err(error) = service.flush_usage().await {
+        tracing::error!(%error, "final last_used_at flush failed");
+    }
+    store.close().await;
+    Ok(())
+}
+
+async fn flush_usage_periodically(
+    service: Arc<KeyService>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                match service.flush_usage().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(keys = n, "flushed last_used_at"),
+                    Err(error) => tracing::warn!(%error, "last_used_at flush failed; will retry"),
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,613 @@
+//! The key service: every operation of both API surfaces, independent of HTTP.
+//!
+//! Handlers translate requests into these calls and results into their surface's JSON; the
+//! service validates input, applies the scope policy, decides verifications with the shared
+//! [`decide`] function, and writes through a [`KeyStore`].
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use latchkey_shared::{
+    ApiKey, KeyId, KeyPrefix, Scope, ScopeError, ScopePolicy, UnixMillis, Verdict, decide,
+    parse_presented,
+};
+use serde_json::{Map, Value, json};
+
+use crate::model::{AuditEntry, AuditEvent, KeyPage, ListFilter, StoredKey};
+use crate::store::{KeyStore, StoreError};
+use crate::usage::UsageTracker;
+
+/// Input limits. They are part of the API contract and listed in the README.
+pub mod limits {
+    /// Longest `name`, in characters.
+    pub const NAME_MAX: usize = 256;
+    /// Longest `subject`, in characters.
+    pub const SUBJECT_MAX: usize = 256;
+    /// Longest `description`, in characters.
+    pub const DESCRIPTION_MAX: usize = 1024;
+    /// Longest `created_by`, in characters.
+    pub const CREATED_BY_MAX: usize = 256;
+    /// Longest `revocation_reason`, in characters.
+    pub const REVOCATION_REASON_MAX: usize = 512;
+    /// Most scopes on one key (and required in one verification).
+    pub const SCOPES_MAX: usize = 64;
+    /// Largest `claims` / `metadata` object, serialised, in bytes.
+    pub const CLAIMS_MAX_BYTES: usize = 4096;
+    /// Deepest nesting of `claims` / `metadata`.
+    pub const CLAIMS_MAX_DEPTH: usize = 8;
+    /// Longest lifetime, in seconds (ten years).
+    pub const EXPIRATION_MAX_SECONDS: i64 = 10 * 365 * 24 * 3600;
+    /// Largest page of a listing.
+    pub const LIST_LIMIT_MAX: u32 = 500;
+    /// Largest request body, in bytes.
+    pub const BODY_MAX_BYTES: usize = 64 * 1024;
+    /// Longest presented secret looked at by verify; longer ones are malformed without parsing.
+    pub const SECRET_MAX: usize = 256;
+}
+
+/// Why an operation failed. Only `Store` is the service's own fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The input is unacceptable; `field` names the offending field.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, as named in the request.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// No key has this id.
+    #[error("no API key with this id")]
+    NotFound,
+    /// The key is revoked and cannot change any more.
+    #[error("the API key is revoked and cannot be updated")]
+    Revoked,
+    /// Concurrent changes kept winning; the caller may retry.
+    #[error("the API key was changed concurrently; retry")]
+    Conflict,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ServiceError {
+    ServiceError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A key to create.
+#[derive(Debug, Default)]
+pub struct NewKey {
+    /// Required, 1..=256 characters.
+    pub name: String,
+    /// Required, 1..=256 characters.
+    pub subject: String,
+    /// Optional free text.
+    pub description: Option<String>,
+    /// Scopes to grant, checked against the policy.
+    pub scopes: Vec<String>,
+    /// Optional JSON object.
+    pub claims: Option<Value>,
+    /// Lifetime in seconds; `None` never expires.
+    pub seconds_until_expiration: Option<i64>,
+    /// Who asked (free text).
+    pub created_by: Option<String>,
+}
+
+/// Changes to a key. `None` leaves a field alone; `Some(None)` clears a clearable one.
+#[derive(Debug, Default)]
+pub struct KeyChanges {
+    /// New name.
+    pub name: Option<String>,
+    /// New subject.
+    pub subject: Option<String>,
+    /// New description, or clear it.
+    pub description: Option<Option<String>>,
+    /// Replacement scope list.
+    pub scopes: Option<Vec<String>>,
+    /// Replacement claims, or clear them.
+    pub claims: Option<Option<Value>>,
+    /// New expiry, if it changes.
+    pub expiration: Option<Lifetime>,
+}
+
+/// When a key expires, as a request states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Never.
+    Never,
+    /// This many seconds from now.
+    Seconds(i64),
+    /// At this instant.
+    At(UnixMillis),
+}
+
+/// The outcome of a verification: the verdict and, if the key exists, its current state.
+#[derive(Debug)]
+pub struct Verification {
+    /// What the shared decision function answered.
+    pub verdict: Verdict,
+    /// The key, if the secret matched one.
+    pub key: Option<StoredKey>,
+}
+
+/// The time source. Real time in production; tests of the HTTP API use real time too.
+pub fn system_now() -> UnixMillis {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// Fills `buf` from the OS CSPRNG. Without it no key can be issued safely, so failure aborts.
+fn os_random(buf: &mut [u8]) {
+    #[allow(
+        clippy::panic,
+        reason = "issuing a key from a failed CSPRNG would be worse than stopping"
+    )]
+    if let Err(e) = getrandom::fill(buf) {
+        panic!("the OS random number generator failed: {e}");
+    }
+}
+
+/// The key service.
+pub struct KeyService {
+    store: Arc<dyn KeyStore>,
+    policy: ScopePolicy,
+    prefix: KeyPrefix,
+    usage: UsageTracker,
+}
+
+impl KeyService {
+    /// A service over `store`, issuing keys with `prefix` under `policy`.
+    pub fn new(store: Arc<dyn KeyStore>, prefix: KeyPrefix, policy: ScopePolicy) -> Self {
+        Self {
+            store,
+            policy,
+            prefix,
+            usage: UsageTracker::default(),
+        }
+    }
+
+    /// The store, for health checks and shutdown.
+    pub fn store(&self) -> &dyn KeyStore {
+        self.store.as_ref()
+    }
+
+    /// Writes pending `last_used_at` times.
+    pub async fn flush_usage(&self) -> Result<usize, StoreError> {
+        self.usage.flush(self.store.as_ref()).await
+    }
+
+    /// Issues a key. Returns the stored state and the plaintext secret, which exists only here.
+    pub async fn create(
+        &self,
+        actor: &str,
+        new: NewKey,
+    ) -> Result<(StoredKey, ApiKey), ServiceError> {
+        let now = system_now();
+        let name = text("name", &new.name, limits::NAME_MAX)?;
+        let subject = text("subject", &new.subject, limits::SUBJECT_MAX)?;
+        let description = optional_text("description", new.description, limits::DESCRIPTION_MAX)?;
+        let created_by = optional_text("created_by", new.created_by, limits::CREATED_BY_MAX)?;
+        let scopes = self.grant(&new.scopes)?;
+        let claims = new.claims.map(claims).transpose()?.flatten();
+        let expiration = new
+            .seconds_until_expiration
+            .map(|s| expires_at(now, s))
+            .transpose()?;
+
+        let secret = ApiKey::generate(&self.prefix, &mut os_random);
+        let key = StoredKey {
+            id: KeyId::generate(&mut os_random),
+            hash: secret.hash(),
+            hint: secret.hint().as_str().to_owned(),
+            name,
+            subject,
+            description,
+            scopes,
+            claims,
+            created_by,
+            expiration,
+            revoked: false,
+            revoked_at: None,
+            revocation_reason: None,
+            last_used_at: None,
+            created_at: now,
+            updated_at: now,
+            revision: 1,
+        };
+        let event = AuditEvent {
+            at: now,
+            actor: actor.to_owned(),
+            action: "create",
+            key_id: key.id.clone(),
+            details: json!({
+                "name": key.name,
+                "subject": key.subject,
+                "scopes": key.scopes,
+                "expiration": key.expiration,
+                "hint": key.hint,
+            }),
+        };
+        self.store.insert(&key, &event).await?;
+        Ok((key, secret))
+    }
+
+    /// A key by id, with its latest use.
+    pub async fn get(&self, id: &KeyId) -> Result<StoredKey, ServiceError> {
+        let key = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
+        Ok(self.with_usage(key))
+    }
+
+    /// A page of keys.
+    pub async fn list(&self, filter: &ListFilter) -> Result<KeyPage, ServiceError> {
+        if filter.limit == 0 || filter.limit > limits::LIST_LIMIT_MAX {
+            return Err(invalid(
+                "limit",
+                format!("must be from 1 to {}", limits::LIST_LIMIT_MAX),
+            ));
+        }
+        let mut page = self.store.list(filter).await?;
+        page.keys = page.keys.into_iter().map(|k| self.with_usage(k)).collect();
+        Ok(page)
+    }
+
+    /// Changes a live key. Scopes are replaced as a whole (narrowing is replacing with fewer);
+    /// the secret stays the same.
+    pub async fn update(
+        &self,
+        actor: &str,
+        id: &KeyId,
+        changes: KeyChanges,
+    ) -> Result<StoredKey, ServiceError> {
+        // Validate once, before touching storage.
+        let name = changes
+            .name
+            .map(|n| text("name", &n, limits::NAME_MAX))
+            .transpose()?;
+        let subject = changes
+            .subject
+            .map(|s| text("subject", &s, limits::SUBJECT_MAX))
+            .transpose()?;
+        let description = changes
+            .description
+            .map(|d| optional_text("description", d, limits::DESCRIPTION_MAX))
+            .transpose()?;
+        let scopes = changes
+            .scopes
+            .as_deref()
+            .map(|s| self.grant(s))
+            .transpose()?;
+        let claims = changes
+            .claims
+            .map(|c| c.map(claims).transpose().map(Option::flatten))
+            .transpose()?;
+        let lifetime = changes.expiration;
+
+        self.change(actor, id, "update", |key, now| {
+            if key.revoked {
+                return Err(ServiceError::Revoked);
+            }
+            let mut diff = Map::new();
+            let note = |diff: &mut Map<String, Value>, field: &str, from: Value, to: Value| {
+                if from != to {
+                    diff.insert(field.to_owned(), json!({ "from": from, "to": to }));
+                }
+            };
+            if let Some(name) = &name {
+                note(&mut diff, "name", json!(key.name), json!(name));
+                key.name.clone_from(name);
+            }
+            if let Some(subject) = &subject {
+                note(&mut diff, "subject", json!(key.subject), json!(subject));
+                key.subject.clone_from(subject);
+            }
+            if let Some(description) = &description {
+                note(
+                    &mut diff,
+                    "description",
+                    json!(key.description),
+                    json!(description),
+                );
+                key.description.clone_from(description);
+            }
+            if let Some(scopes) = &scopes {
+                note(&mut diff, "scopes", json!(key.scopes), json!(scopes));
+                key.scopes = scopes.clone();
+            }
+            if let Some(claims) = &claims {
+                // Claims are caller data: record that they changed, not their content.
+                if key.claims != *claims {
+                    diff.insert("claims".into(), json!("changed"));
+                }
+                key.claims.clone_from(claims);
+            }
+            if let Some(lifetime) = lifetime {
+                let expiration = expiry(now, lifetime)?;
+                note(
+                    &mut diff,
+                    "expiration",
+                    json!(key.expiration),
+                    json!(expiration),
+                );
+                key.expiration = expiration;
+            }
+            Ok(json!({ "changes": diff }))
+        })
+        .await
+    }
+
+    /// Revokes a key, at once and for good. Revoking a revoked key changes nothing and returns
+    /// it with its original `revoked_at`.
+    pub async fn revoke(
+        &self,
+        actor: &str,
+        id: &KeyId,
+        reason: Option<String>,
+    ) -> Result<StoredKey, ServiceError> {
+        let reason = optional_text("revocation_reason", reason, limits::REVOCATION_REASON_MAX)?;
+        let current = self.get(id).await?;
+        if current.revoked {
+            return Ok(current);
+        }
+        self.change(actor, id, "revoke", |key, now| {
+            key.revoked = true;
+            key.revoked_at = Some(now);
+            key.revocation_reason.clone_from(&reason);
+            Ok(json!({ "reason": reason }))
+        })
+        .await
+    }
+
+    /// Verifies a presented secret, optionally requiring scopes. A successful verification
+    /// moves `last_used_at` (in memory, flushed in batches).
+    pub async fn verify(
+        &self,
+        presented: &str,
+        required: &[String],
+    ) -> Result<Verification, ServiceError> {
+        if required.len() > limits::SCOPES_MAX {
+            return Err(invalid(
+                "required_scopes",
+                format!("at most {} scopes", limits::SCOPES_MAX),
+            ));
+        }
+        let required: Vec<Scope> = required
+            .iter()
+            .map(|s| Scope::parse(s))
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid("required_scopes", e.to_string()))?;
+        if presented.len() > limits::SECRET_MAX {
+            return Ok(Verification {
+                verdict: Verdict::Malformed,
+                key: None,
+            });
+        }
+        let secret = match parse_presented(presented) {
+            Ok(secret) => secret,
+            Err(verdict) => return Ok(Verification { verdict, key: None }),
+        };
+        let key = self.store.find_by_hash(&secret.hash()).await?;
+        let now = system_now();
+        let verdict = decide(key.as_ref().map(StoredKey::record).as_ref(), now, &required);
+        let key = key.map(|k| {
+            if verdict.is_valid() {
+                self.usage.touch(&k.id, now);
+            }
+            self.with_usage(k)
+        });
+        Ok(Verification { verdict, key })
+    }
+
+    /// Audit log entries after `after_seq`, optionally for one key.
+    pub async fn audit_log(
+        &self,
+        key_id: Option<&KeyId>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, ServiceError> {
+        if limit == 0 || limit > limits::LIST_LIMIT_MAX {
+            return Err(invalid(
+                "limit",
+                format!("must be from 1 to {}", limits::LIST_LIMIT_MAX),
+            ));
+        }
+        Ok(self.store.audit_log(key_id, after_seq, limit).await?)
+    }
+
+    /// Read-modify-write with optimistic locking: `apply` edits a copy and returns the audit
+    /// details; the write succeeds only if nobody changed the key since it was read.
+    async fn change(
+        &self,
+        actor: &str,
+        id: &KeyId,
+        action: &'static str,
+        mut apply: impl FnMut(&mut StoredKey, UnixMillis) -> Result<Value, ServiceError>,
+    ) -> Result<StoredKey, ServiceError> {
+        for _ in 0..8 {
+            let current = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
+            let now = system_now();
+            let mut next = current.clone();
+            let details = apply(&mut next, now)?;
+            next.updated_at = now;
+            next.revision = current.revision + 1;
+            let event = AuditEvent {
+                at: now,
+                actor: actor.to_owned(),
+                action,
+                key_id: id.clone(),
+                details,
+            };
+            if self.store.replace(&next, current.revision, &event).await? {
+                return Ok(self.with_usage(next));
+            }
+        }
+        Err(ServiceError::Conflict)
+    }
+
+    fn with_usage(&self, mut key: StoredKey) -> StoredKey {
+        if let Some(pending) = self.usage.pending(&key.id) {
+            key.last_used_at = key.last_used_at.max(Some(pending));
+        }
+        key
+    }
+
+    fn grant(&self, scopes: &[String]) -> Result<latchkey_shared::ScopeSet, ServiceError> {
+        if scopes.len() > limits::SCOPES_MAX {
+            return Err(invalid(
+                "scopes",
+                format!("at most {} scopes", limits::SCOPES_MAX),
+            ));
+        }
+        self.policy
+            .parse_grants(scopes)
+            .map_err(|e: ScopeError| invalid("scopes", e.to_string()))
+    }
+}
+
+fn expiry(now: UnixMillis, lifetime: Lifetime) -> Result<Option<UnixMillis>, ServiceError> {
+    match lifetime {
+        Lifetime::Never => Ok(None),
+        Lifetime::Seconds(s) => expires_at(now, s).map(Some),
+        Lifetime::At(at) => {
+            if at <= now || at.0 - now.0 > limits::EXPIRATION_MAX_SECONDS * 1000 {
+                return Err(invalid(
+                    "expiration",
+                    "must be in the future and at most ten years away",
+                ));
+            }
+            Ok(Some(at))
+        }
+    }
+}
+
+fn expires_at(now: UnixMillis, seconds: i64) -> Result<UnixMillis, ServiceError> {
+    if !(1..=limits::EXPIRATION_MAX_SECONDS).contains(&seconds) {
+        return Err(invalid(
+            "seconds_until_expiration",
+            format!(
+                "must be from 1 to {} seconds, or null for a key that never expires",
+                limits::EXPIRATION_MAX_SECONDS
+            ),
+        ));
+    }
+    Ok(UnixMillis(now.0 + seconds * 1000))
+}
+
+/// A required single-line text field: trimmed, non-empty, bounded, no control characters.
+fn text(field: &'static str, value: &str, max: usize) -> Result<String, ServiceError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    bounded(field, value, max)
+}
+
+fn optional_text(
+    field: &'static str,
+    value: Option<String>,
+    max: usize,
+) -> Result<Option<String>, ServiceError> {
+    value.map(|v| bounded(field, v.trim(), max)).transpose()
+}
+
+fn bounded(field: &'static str, value: &str, max: usize) -> Result<String, ServiceError> {
+    if value.chars().count() > max {
+        return Err(invalid(field, format!("must be at most {max} characters")));
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(value.to_owned())
+}
+
+/// Claims must be a JSON object (or null for none), small and shallow.
+fn claims(value: Value) -> Result<Option<Map<String, Value>>, ServiceError> {
+    let map = match value {
+        Value::Null => return Ok(None),
+        Value::Object(map) => map,
+        _ => return Err(invalid("claims", "must be a JSON object")),
+    };
+    if depth(&Value::Object(map.clone())) > limits::CLAIMS_MAX_DEPTH {
+        return Err(invalid(
+            "claims",
+            format!(
+                "must be nested at most {} levels deep",
+                limits::CLAIMS_MAX_DEPTH
+            ),
+        ));
+    }
+    if serde_json::to_string(&map)
+        .map(|s| s.len())
+        .unwrap_or(usize::MAX)
+        > limits::CLAIMS_MAX_BYTES
+    {
+        return Err(invalid(
+            "claims",
+            format!("must be at most {} bytes of JSON", limits::CLAIMS_MAX_BYTES),
+        ));
+    }
+    Ok(Some(map))
+}
+
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_fields_are_trimmed_bounded_and_printable() {
+        assert_eq!(text("name", "  acme  ", 10).expect("valid"), "acme");
+        assert!(text("name", "   ", 10).is_err());
+        assert!(text("name", &"x".repeat(11), 10).is_err());
+        assert!(text("name", "a\0b", 10).is_err());
+        assert_eq!(
+            text("name", "ünïcødé", 7).expect("chars, not bytes"),
+            "ünïcødé"
+        );
+    }
+
+    #[test]
+    fn claims_must_be_a_small_shallow_object() {
+        assert_eq!(claims(Value::Null).expect("null"), None);
+        assert!(
+            claims(json!({"partner_id": "acme"}))
+                .expect("valid")
+                .is_some()
+        );
+        assert!(claims(json!(["a"])).is_err());
+        assert!(claims(json!("a")).is_err());
+        assert!(claims(json!({"big": "x".repeat(limits::CLAIMS_MAX_BYTES)})).is_err());
+        let mut deep = json!(1);
+        for _ in 0..limits::CLAIMS_MAX_DEPTH {
+            deep = json!({ "d": deep });
+        }
+        assert!(claims(deep.clone()).is_ok());
+        assert!(claims(json!({ "d": deep })).is_err());
+    }
+
+    #[test]
+    fn expiration_is_bounded() {
+        assert_eq!(
+            expires_at(UnixMillis(1000), 1).expect("valid"),
+            UnixMillis(2000)
+        );
+        assert!(expires_at(UnixMillis(0), 0).is_err());
+        assert!(expires_at(UnixMillis(0), -5).is_err());
+        assert!(expires_at(UnixMillis(0), limits::EXPIRATION_MAX_SECONDS + 1).is_err());
+    }
+}

@@ -1,0 +1,79 @@
+//! Storage, behind one narrow interface so that a Postgres backend can be added beside SQLite.
+//!
+//! The contract every backend keeps:
+//! * a change to a key and its audit entry commit together, or neither does;
+//! * a write is acknowledged only once it is durable (SQLite: WAL with `synchronous=FULL`);
+//! * no plaintext secret is ever passed in, so none can be stored.
+
+use async_trait::async_trait;
+use latchkey_shared::{KeyHash, KeyId, UnixMillis};
+
+use crate::model::{AuditEntry, AuditEvent, KeyPage, ListFilter, StoredKey};
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// A storage failure. Its `Display` is for logs, never for API responses.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed at start.
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored row could not be read back as a key (hand-edited or corrupt).
+    #[error("corrupt row {id}: {problem}")]
+    Corrupt {
+        /// The row.
+        id: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Creating the database's folder failed.
+    #[error("cannot create database folder: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything the key service needs from storage.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores a new key and its `create` audit entry.
+    async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError>;
+
+    /// Replaces a key's state, with its audit entry, if the stored revision is still
+    /// `expected_revision`. Returns `false` (and writes nothing) if someone changed it first.
+    async fn replace(
+        &self,
+        key: &StoredKey,
+        expected_revision: i64,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// A key by id.
+    async fn get(&self, id: &KeyId) -> Result<Option<StoredKey>, StoreError>;
+
+    /// A key by the hash of its secret: the verification lookup.
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError>;
+
+    /// One page of keys matching `filter`, newest first, with the total count.
+    async fn list(&self, filter: &ListFilter) -> Result<KeyPage, StoreError>;
+
+    /// Moves `last_used_at` forward (never back) for a batch of keys, in one transaction.
+    async fn record_usage(&self, usage: &[(KeyId, UnixMillis)]) -> Result<(), StoreError>;
+
+    /// Audit entries after `after_seq`, oldest first, optionally for one key.
+    async fn audit_log(
+        &self,
+        key_id: Option<&KeyId>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Checks that the database answers (for `/healthz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Closes connections, letting the last transaction finish.
+    async fn close(&self);
+}

@@ -1,0 +1,394 @@
+//! SQLite storage: one writer connection (writes are serialised in process, so transactions never
+//! fight over SQLite's lock) and a small pool of read-only connections (WAL lets them read while
+//! the writer commits).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use latchkey_shared::{KeyHash, KeyId, ScopeSet, UnixMillis};
+use serde_json::{Map, Value};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+
+use super::{KeyStore, StoreError};
+use crate::audit;
+use crate::model::{AuditEntry, AuditEvent, KeyPage, ListFilter, StoredKey};
+
+const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
+     expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, updated_at, revision";
+
+/// A SQLite database file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url`, and runs the embedded migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before it is acknowledged, so no acknowledged write is
+            // lost to a crash or power cut.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        if let Some(parent) = options
+            .get_filename()
+            .parent()
+            .filter(|p| *p != Path::new(""))
+        {
+            std::fs::create_dir_all(parent)?;
+        }
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: String,
+    secret_hash: Vec<u8>,
+    hint: String,
+    name: String,
+    subject: String,
+    description: Option<String>,
+    scopes: String,
+    claims: Option<String>,
+    created_by: Option<String>,
+    expiration: Option<i64>,
+    revoked: bool,
+    revoked_at: Option<i64>,
+    revocation_reason: Option<String>,
+    last_used_at: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+    revision: i64,
+}
+
+impl TryFrom<KeyRow> for StoredKey {
+    type Error = StoreError;
+
+    fn try_from(row: KeyRow) -> Result<Self, StoreError> {
+        let corrupt = |problem: String| StoreError::Corrupt {
+            id: row.id.clone(),
+            problem,
+        };
+        let id = KeyId::parse(&row.id).map_err(|e| corrupt(e.to_string()))?;
+        let hash: [u8; 32] = row
+            .secret_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("secret_hash is not 32 bytes".into()))?;
+        let scopes: ScopeSet =
+            serde_json::from_str(&row.scopes).map_err(|e| corrupt(format!("scopes: {e}")))?;
+        let claims: Option<Map<String, Value>> = row
+            .claims
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| corrupt(format!("claims: {e}")))?;
+        Ok(Self {
+            id,
+            hash: KeyHash::from_bytes(hash),
+            hint: row.hint,
+            name: row.name,
+            subject: row.subject,
+            description: row.description,
+            scopes,
+            claims,
+            created_by: row.created_by,
+            expiration: row.expiration.map(UnixMillis),
+            revoked: row.revoked,
+            revoked_at: row.revoked_at.map(UnixMillis),
+            revocation_reason: row.revocation_reason,
+            last_used_at: row.last_used_at.map(UnixMillis),
+            created_at: UnixMillis(row.created_at),
+            updated_at: UnixMillis(row.updated_at),
+            revision: row.revision,
+        })
+    }
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Appends `event` to the chain inside the caller's transaction.
+async fn append_audit(conn: &mut SqliteConnection, event: &AuditEvent) -> Result<(), StoreError> {
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let (prev_seq, prev_hash) = last.unwrap_or_else(|| (0, audit::GENESIS_HASH.to_owned()));
+    let seq = prev_seq + 1;
+    let details = event.details.to_string();
+    let key_id = event.key_id.as_str();
+    let hash = audit::entry_hash(
+        &prev_hash,
+        seq,
+        event.at.0,
+        &event.actor,
+        event.action,
+        Some(key_id),
+        &details,
+    );
+    sqlx::query(
+        "INSERT INTO audit_log (seq, at, actor, action, key_id, details, prev_hash, hash) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(seq)
+    .bind(event.at.0)
+    .bind(&event.actor)
+    .bind(event.action)
+    .bind(key_id)
+    .bind(details)
+    .bind(prev_hash)
+    .bind(hash)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Adds the WHERE clause of `filter` (shared by the page query and the count).
+fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, filter: &ListFilter) {
+    qb.push(" WHERE 1 = 1");
+    if let Some(subject) = &filter.subject {
+        qb.push(" AND subject = ").push_bind(subject.clone());
+    }
+    if let Some(revoked) = filter.revoked {
+        qb.push(" AND revoked = ").push_bind(revoked);
+    }
+    match filter.expired {
+        Some(true) => {
+            qb.push(" AND expiration IS NOT NULL AND expiration <= ")
+                .push_bind(filter.now.0);
+        }
+        Some(false) => {
+            qb.push(" AND (expiration IS NULL OR expiration > ")
+                .push_bind(filter.now.0)
+                .push(")");
+        }
+        None => {}
+    }
+    match filter.never_used {
+        Some(true) => {
+            qb.push(" AND last_used_at IS NULL");
+        }
+        Some(false) => {
+            qb.push(" AND last_used_at IS NOT NULL");
+        }
+        None => {}
+    }
+    if let Some(before) = filter.last_used_before {
+        qb.push(" AND last_used_at < ").push_bind(before.0);
+    }
+    for (field, value) in &filter.claims_equal {
+        // The field name is bound as part of a JSON path, never spliced into SQL. Quoting it
+        // makes `.` and other characters literal parts of one key.
+        let path = format!("$.\"{}\"", field.replace('"', ""));
+        qb.push(" AND json_extract(claims, ")
+            .push_bind(path)
+            .push(") = ")
+            .push_bind(value.clone());
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, secret_hash, hint, name, subject, description, scopes, claims, \
+             created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, \
+             updated_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(key.id.as_str())
+        .bind(key.hash.as_bytes().as_slice())
+        .bind(&key.hint)
+        .bind(&key.name)
+        .bind(&key.subject)
+        .bind(&key.description)
+        .bind(json_text(&key.scopes))
+        .bind(key.claims.as_ref().map(json_text))
+        .bind(&key.created_by)
+        .bind(key.expiration.map(|t| t.0))
+        .bind(key.revoked)
+        .bind(key.revoked_at.map(|t| t.0))
+        .bind(&key.revocation_reason)
+        .bind(key.last_used_at.map(|t| t.0))
+        .bind(key.created_at.0)
+        .bind(key.updated_at.0)
+        .bind(key.revision)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn replace(
+        &self,
+        key: &StoredKey,
+        expected_revision: i64,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET name = ?, subject = ?, description = ?, scopes = ?, claims = ?, \
+             expiration = ?, revoked = ?, revoked_at = ?, revocation_reason = ?, updated_at = ?, \
+             revision = ? WHERE id = ? AND revision = ?",
+        )
+        .bind(&key.name)
+        .bind(&key.subject)
+        .bind(&key.description)
+        .bind(json_text(&key.scopes))
+        .bind(key.claims.as_ref().map(json_text))
+        .bind(key.expiration.map(|t| t.0))
+        .bind(key.revoked)
+        .bind(key.revoked_at.map(|t| t.0))
+        .bind(&key.revocation_reason)
+        .bind(key.updated_at.0)
+        .bind(key.revision)
+        .bind(key.id.as_str())
+        .bind(expected_revision)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        append_audit(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<Option<StoredKey>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?");
+        let row: Option<KeyRow> = sqlx::query_as(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(StoredKey::try_from).transpose()
+    }
+
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = ?");
+        let row: Option<KeyRow> = sqlx::query_as(&sql)
+            .bind(hash.as_bytes().as_slice())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(StoredKey::try_from).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<KeyPage, StoreError> {
+        let mut page = QueryBuilder::new(format!("SELECT {KEY_COLUMNS} FROM api_keys"));
+        push_filter(&mut page, filter);
+        page.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit))
+            .push(" OFFSET ")
+            .push_bind(i64::from(filter.offset));
+        let rows: Vec<KeyRow> = page.build_query_as().fetch_all(&self.reader).await?;
+
+        let mut count = QueryBuilder::new("SELECT COUNT(*) FROM api_keys");
+        push_filter(&mut count, filter);
+        let (total,): (i64,) = count.build_query_as().fetch_one(&self.reader).await?;
+
+        Ok(KeyPage {
+            keys: rows
+                .into_iter()
+                .map(StoredKey::try_from)
+                .collect::<Result<_, _>>()?,
+            total_count: u64::try_from(total).unwrap_or(0),
+        })
+    }
+
+    async fn record_usage(&self, usage: &[(KeyId, UnixMillis)]) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for (id, at) in usage {
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
+            )
+            .bind(at.0)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_log(
+        &self,
+        key_id: Option<&KeyId>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        type Row = (
+            i64,
+            i64,
+            String,
+            String,
+            Option<String>,
+            String,
+            String,
+            String,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT seq, at, actor, action, key_id, details, prev_hash, hash FROM audit_log \
+             WHERE seq > ? AND (? IS NULL OR key_id = ?) ORDER BY seq LIMIT ?",
+        )
+        .bind(after_seq)
+        .bind(key_id.map(KeyId::as_str))
+        .bind(key_id.map(KeyId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(seq, at, actor, action, key_id, details_json, prev_hash, hash)| {
+                    let details =
+                        serde_json::from_str(&details_json).map_err(|e| StoreError::Corrupt {
+                            id: format!("audit_log seq {seq}"),
+                            problem: e.to_string(),
+                        })?;
+                    Ok(AuditEntry {
+                        seq,
+                        at,
+                        actor,
+                        action,
+                        key_id,
+                        details,
+                        details_json,
+                        prev_hash,
+                        hash,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}

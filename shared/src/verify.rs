@@ -1,0 +1,193 @@
+//! The one verification decision, shared by origin and edge so they can never disagree.
+
+use crate::key::{ApiKey, KeyError};
+use crate::record::{KeyRecord, UnixMillis};
+use crate::scope::Scope;
+
+/// The outcome of verifying a presented key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The key exists, is live, and holds every required scope.
+    Valid,
+    /// The key is well-formed but no record exists for it.
+    NotFound,
+    /// The presented string is not a key (syntax or checksum); nothing was looked up.
+    Malformed,
+    /// The key was revoked.
+    Revoked,
+    /// The key is past its expiry.
+    Expired,
+    /// The key is live but lacks these required scopes.
+    InsufficientScope {
+        /// The required scopes that no granted scope covers.
+        missing: Vec<Scope>,
+    },
+}
+
+impl Verdict {
+    /// The stable reason code used in API responses: `VALID`, `NOT_FOUND`, `MALFORMED`,
+    /// `REVOKED`, `EXPIRED` or `INSUFFICIENT_SCOPE`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Valid => "VALID",
+            Self::NotFound => "NOT_FOUND",
+            Self::Malformed => "MALFORMED",
+            Self::Revoked => "REVOKED",
+            Self::Expired => "EXPIRED",
+            Self::InsufficientScope { .. } => "INSUFFICIENT_SCOPE",
+        }
+    }
+
+    /// Whether access should be granted.
+    pub fn is_valid(&self) -> bool {
+        matches!(self, Self::Valid)
+    }
+}
+
+impl From<KeyError> for Verdict {
+    fn from(_: KeyError) -> Self {
+        Self::Malformed
+    }
+}
+
+/// Parses a presented key: the first step of every verification. A `Malformed` verdict here
+/// means the caller must not look anything up: garbage costs no storage read.
+pub fn parse_presented(presented: &str) -> Result<ApiKey, Verdict> {
+    ApiKey::parse(presented).map_err(Verdict::from)
+}
+
+/// Decides a verification from the record found for the key's hash (if any), the current time,
+/// and the scopes the caller requires (empty: any live key passes).
+///
+/// Order matters and is part of the contract: a revoked key answers `REVOKED` even if it has also
+/// expired or lacks a scope, and an expired key answers `EXPIRED` before any scope check.
+pub fn decide(record: Option<&KeyRecord>, now: UnixMillis, required: &[Scope]) -> Verdict {
+    let Some(record) = record else {
+        return Verdict::NotFound;
+    };
+    if record.revoked {
+        return Verdict::Revoked;
+    }
+    if record.is_expired(now) {
+        return Verdict::Expired;
+    }
+    let missing: Vec<Scope> = record
+        .scopes
+        .missing(required)
+        .into_iter()
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        Verdict::Valid
+    } else {
+        Verdict::InsufficientScope { missing }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyId;
+    use crate::record::RECORD_VERSION;
+    use crate::scope::ScopePolicy;
+
+    const NOW: UnixMillis = UnixMillis(1_000_000);
+
+    fn record(revoked: bool, expires_at: Option<i64>, scopes: &[&str]) -> KeyRecord {
+        KeyRecord {
+            v: RECORD_VERSION,
+            id: KeyId::parse("key_0123456789abcdefABCD").expect("valid"),
+            subject: "acme".into(),
+            scopes: ScopePolicy {
+                wildcards: true,
+                catalogue: None,
+            }
+            .parse_grants(scopes)
+            .expect("valid"),
+            revoked,
+            revoked_at: revoked.then_some(UnixMillis(500)),
+            expires_at: expires_at.map(UnixMillis),
+            revision: 1,
+        }
+    }
+
+    fn scopes(s: &[&str]) -> Vec<Scope> {
+        s.iter().map(|s| Scope::parse(s).expect("valid")).collect()
+    }
+
+    #[test]
+    fn decision_table() {
+        let cases: Vec<(Option<KeyRecord>, Vec<Scope>, &str)> = vec![
+            (None, vec![], "NOT_FOUND"),
+            (Some(record(false, None, &["read:orders"])), vec![], "VALID"),
+            (
+                Some(record(false, None, &["read:orders"])),
+                scopes(&["read:orders"]),
+                "VALID",
+            ),
+            (
+                Some(record(false, None, &["read:*"])),
+                scopes(&["read:orders"]),
+                "VALID",
+            ),
+            (
+                Some(record(false, None, &["read:orders"])),
+                scopes(&["write:orders"]),
+                "INSUFFICIENT_SCOPE",
+            ),
+            (Some(record(false, Some(NOW.0 + 1), &[])), vec![], "VALID"),
+            (Some(record(false, Some(NOW.0), &[])), vec![], "EXPIRED"),
+            (
+                Some(record(false, Some(NOW.0), &[])),
+                scopes(&["a:b"]),
+                "EXPIRED",
+            ),
+            (
+                Some(record(true, None, &["read:orders"])),
+                vec![],
+                "REVOKED",
+            ),
+            (
+                Some(record(true, Some(0), &[])),
+                scopes(&["a:b"]),
+                "REVOKED",
+            ),
+        ];
+        for (record, required, expected) in cases {
+            assert_eq!(
+                decide(record.as_ref(), NOW, &required).code(),
+                expected,
+                "{record:?} {required:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn insufficient_scope_names_what_is_missing() {
+        let r = record(false, None, &["read:orders"]);
+        let verdict = decide(Some(&r), NOW, &scopes(&["read:orders", "write:webhooks"]));
+        assert_eq!(
+            verdict,
+            Verdict::InsufficientScope {
+                missing: scopes(&["write:webhooks"])
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed_before_any_lookup() {
+        for garbage in [
+            "",
+            "hello",
+            "sk_live_",
+            "Bearer sk_live_abc",
+            "sk_live_0123456789012345678901234567890123456789",
+        ] {
+            assert_eq!(
+                parse_presented(garbage).err(),
+                Some(Verdict::Malformed),
+                "{garbage}"
+            );
+        }
+    }
+}
