@@ -1,5 +1,6 @@
 //! The `origin` command: `origin serve`, `origin audit verify`.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use latchkey_origin::audit::verify_chain;
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

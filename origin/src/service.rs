@@ -251,6 +251,10 @@ impl KeyService {
                 format!("must be from 1 to {}", limits::LIST_LIMIT_MAX),
             ));
         }
+        if filter.never_used.is_some() || filter.last_used_before.is_some() {
+            // These filters run in the database: write pending uses first so they are exact.
+            self.flush_usage().await?;
+        }
         let mut page = self.store.list(filter).await?;
         page.keys = page.keys.into_iter().map(|k| self.with_usage(k)).collect();
         Ok(page)

@@ -64,6 +64,8 @@ fn parse_json<T: DeserializeOwned, E>(bytes: &[u8]) -> Result<T, ApiError<E>> {
             format!("The request body is not valid JSON: {e}"),
         )
     };
+    // Syntax first (trailing data included), so broken JSON is a 400 whatever its content.
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| malformed(&e))?;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|error| {
         let path = error.path().to_string();

@@ -1,0 +1,590 @@
+//! The primary REST API (`/v1/api_keys`, Clerk-compatible) against the real origin binary.
+
+mod common;
+
+use common::TestApp;
+use latchkey_shared::ApiKey;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const KEY_OBJECT_FIELDS: &[&str] = &[
+    "object",
+    "id",
+    "type",
+    "name",
+    "subject",
+    "description",
+    "scopes",
+    "claims",
+    "revoked",
+    "revocation_reason",
+    "expired",
+    "expiration",
+    "created_by",
+    "last_used_at",
+    "created_at",
+    "updated_at",
+];
+
+fn assert_key_object(body: &Value, with_secret: bool) {
+    let obj = body.as_object().expect("object");
+    let mut expected: Vec<&str> = KEY_OBJECT_FIELDS.to_vec();
+    if with_secret {
+        expected.push("secret");
+    }
+    let mut got: Vec<&str> = obj.keys().map(String::as_str).collect();
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(got, expected, "key object fields");
+    assert_eq!(body["object"], "api_key");
+    assert_eq!(body["type"], "api_key");
+    assert!(
+        body["created_at"].as_i64().expect("ms") > 1_600_000_000_000,
+        "times are unix ms"
+    );
+}
+
+#[tokio::test]
+async fn create_get_verify_update_revoke_round_trip() {
+    let app = TestApp::start().await;
+    let created = app
+        .post(
+            "/v1/api_keys",
+            json!({
+                "name": "partner-acme-corp-integration",
+                "subject": "acme-corp",
+                "description": "orders sync",
+                "scopes": ["write:webhooks", "read:orders", "read:customers"],
+                "claims": {"partner_id": "acme-corp", "tier": 2},
+                "created_by": "user_123",
+                "seconds_until_expiration": 3600
+            }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_key_object(&created.body, true);
+    let body = &created.body;
+    let id = body["id"].as_str().expect("id");
+    let secret = body["secret"].as_str().expect("secret");
+    assert!(id.starts_with("key_"));
+    assert!(secret.starts_with("sk_live_"));
+    assert!(
+        ApiKey::parse(secret).is_ok(),
+        "the secret follows the documented format"
+    );
+    assert_eq!(
+        body["scopes"],
+        json!(["read:customers", "read:orders", "write:webhooks"]),
+        "sorted"
+    );
+    assert_eq!(
+        body["claims"],
+        json!({"partner_id": "acme-corp", "tier": 2})
+    );
+    assert_eq!(body["created_by"], "user_123");
+    assert_eq!(body["description"], "orders sync");
+    assert_eq!(body["revoked"], false);
+    assert_eq!(body["expired"], false);
+    assert_eq!(body["last_used_at"], Value::Null);
+    let expiration = body["expiration"].as_i64().expect("expiration");
+    let created_at = body["created_at"].as_i64().expect("created_at");
+    assert_eq!(expiration - created_at, 3_600_000);
+
+    // The SDK's paths without `/v1` reach the same API.
+    for path in [format!("/v1/api_keys/{id}"), format!("/api_keys/{id}")] {
+        let got = app.get(&path).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_key_object(&got.body, false);
+        assert_eq!(got.body["id"], id);
+    }
+
+    let verified = app
+        .post("/v1/api_keys/verify", json!({ "secret": secret }))
+        .await;
+    assert_eq!(verified.status, StatusCode::OK, "{:?}", verified.body);
+    assert_key_object(&verified.body, false);
+    assert_eq!(verified.body["id"], id);
+    let last_used = verified.body["last_used_at"]
+        .as_i64()
+        .expect("verify moves last_used_at");
+    assert!(last_used >= created_at);
+    assert_eq!(
+        app.get(&format!("/v1/api_keys/{id}")).await.body["last_used_at"],
+        last_used
+    );
+
+    // Narrow the scopes: same secret, fewer scopes.
+    let narrowed = app
+        .patch(
+            &format!("/v1/api_keys/{id}"),
+            json!({ "scopes": ["read:orders"] }),
+        )
+        .await;
+    assert_eq!(narrowed.status, StatusCode::OK, "{:?}", narrowed.body);
+    assert_eq!(narrowed.body["scopes"], json!(["read:orders"]));
+    assert!(narrowed.body["updated_at"].as_i64() >= Some(created_at));
+    let ok = app
+        .post(
+            "/v1/api_keys/verify",
+            json!({ "secret": secret, "required_scopes": ["read:orders"] }),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let denied = app
+        .post(
+            "/v1/api_keys/verify",
+            json!({ "secret": secret, "required_scopes": ["write:webhooks"] }),
+        )
+        .await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        denied.body["errors"][0]["code"],
+        "api_key_insufficient_scope"
+    );
+
+    let revoked = app
+        .post(
+            &format!("/v1/api_keys/{id}/revoke"),
+            json!({ "revocation_reason": "leaked" }),
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
+    assert_eq!(revoked.body["revoked"], true);
+    assert_eq!(revoked.body["revocation_reason"], "leaked");
+    let gone = app
+        .post("/v1/api_keys/verify", json!({ "secret": secret }))
+        .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    assert_eq!(gone.body["errors"][0]["code"], "api_key_revoked");
+}
+
+#[tokio::test]
+async fn update_changes_each_field_and_null_clears() {
+    let app = TestApp::start().await;
+    let (id, secret) = app.create_key("acme", &["read:orders"]).await;
+    let path = format!("/api_keys/{id}");
+    let r = app
+        .patch(
+            &path,
+            json!({
+                "name": "renamed", "subject": "acme", "description": "d",
+                "claims": {"partner_id": "acme"}, "scopes": ["read:orders", "read:invoices"],
+                "seconds_until_expiration": 60
+            }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["name"], "renamed");
+    assert_eq!(r.body["description"], "d");
+    assert_eq!(r.body["claims"], json!({"partner_id": "acme"}));
+    assert_eq!(r.body["scopes"], json!(["read:invoices", "read:orders"]));
+    assert!(r.body["expiration"].as_i64().is_some());
+
+    let cleared = app
+        .patch(
+            &path,
+            json!({ "description": null, "claims": null, "seconds_until_expiration": null }),
+        )
+        .await;
+    assert_eq!(cleared.status, StatusCode::OK, "{:?}", cleared.body);
+    assert_eq!(cleared.body["description"], Value::Null);
+    assert_eq!(cleared.body["claims"], Value::Null);
+    assert_eq!(cleared.body["expiration"], Value::Null);
+    assert_eq!(
+        cleared.body["name"], "renamed",
+        "absent fields are left alone"
+    );
+
+    let at = cleared.body["updated_at"].as_i64().expect("ms") + 120_000;
+    let absolute = app.patch(&path, json!({ "expiration": at })).await;
+    assert_eq!(absolute.body["expiration"], at);
+
+    // The secret is unchanged by updates.
+    assert_eq!(
+        app.post("/v1/api_keys/verify", json!({ "secret": secret }))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn revoking_is_final_and_idempotent() {
+    let app = TestApp::start().await;
+    let (id, _) = app.create_key("acme", &["read:orders"]).await;
+    let first = app
+        .post(&format!("/v1/api_keys/{id}/revoke"), json!({}))
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    let revoked_at = first.body["updated_at"].clone();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // Clerk's SDK posts `{"revocation_reason": null}`; an empty body works too.
+    let again = app
+        .post(
+            &format!("/v1/api_keys/{id}/revoke"),
+            json!({ "revocation_reason": null }),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(
+        again.body["updated_at"], revoked_at,
+        "the second revoke changes nothing"
+    );
+    let empty = TestApp::send(
+        app.request(reqwest::Method::POST, &format!("/v1/api_keys/{id}/revoke"))
+            .bearer_auth(common::ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(empty.status, StatusCode::OK);
+
+    let update = app
+        .patch(
+            &format!("/v1/api_keys/{id}"),
+            json!({ "scopes": ["read:orders"] }),
+        )
+        .await;
+    assert_eq!(update.status, StatusCode::CONFLICT);
+    assert_eq!(update.body["errors"][0]["code"], "api_key_revoked");
+
+    // Exactly one revoke entry in the audit log.
+    let audit = app.get(&format!("/v1/audit_log?key_id={id}")).await;
+    let actions: Vec<&str> = audit.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|e| e["action"].as_str().expect("action"))
+        .collect();
+    assert_eq!(actions, ["create", "revoke"]);
+}
+
+#[tokio::test]
+async fn verify_answers_each_reason() {
+    let app = TestApp::start().await;
+    let (_, secret) = app.create_key("acme", &["read:orders"]).await;
+    let expiring = app
+        .post("/v1/api_keys", json!({ "name": "short", "subject": "acme", "scopes": [], "seconds_until_expiration": 1 }))
+        .await;
+    let expiring_secret = expiring.body["secret"].as_str().expect("secret").to_owned();
+
+    // A well-formed key nobody issued, and the real one with one character changed.
+    let unknown = ApiKey::generate(
+        &latchkey_shared::KeyPrefix::default(),
+        &mut |b: &mut [u8]| b.fill(7),
+    );
+    let mut typo = secret.clone().into_bytes();
+    let i = typo.len() - 10;
+    typo[i] = if typo[i] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).expect("ascii");
+
+    let cases = [
+        (
+            unknown.expose().to_owned(),
+            StatusCode::NOT_FOUND,
+            "api_key_not_found",
+        ),
+        (typo, StatusCode::NOT_FOUND, "api_key_malformed"),
+        (
+            "garbage".to_owned(),
+            StatusCode::NOT_FOUND,
+            "api_key_malformed",
+        ),
+        (
+            "x".repeat(10_000),
+            StatusCode::NOT_FOUND,
+            "api_key_malformed",
+        ),
+    ];
+    for (presented, status, code) in cases {
+        let r = app
+            .post("/v1/api_keys/verify", json!({ "secret": presented }))
+            .await;
+        assert_eq!(
+            (r.status, r.body["errors"][0]["code"].as_str()),
+            (status, Some(code))
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = app
+        .post("/v1/api_keys/verify", json!({ "secret": expiring_secret }))
+        .await;
+    assert_eq!(
+        (r.status, r.body["errors"][0]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("api_key_expired"))
+    );
+    let listed = app.get("/v1/api_keys?subject=acme&expired=true").await;
+    assert_eq!(listed.body["total_count"], 1);
+    assert_eq!(listed.body["data"][0]["expired"], true);
+}
+
+#[tokio::test]
+async fn list_filters_and_paginates_newest_first() {
+    let app = TestApp::start().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = app
+            .post(
+                "/v1/api_keys",
+                json!({ "name": format!("k{i}"), "subject": "acme", "scopes": ["read:orders"],
+                        "claims": {"partner_id": if i % 2 == 0 { "even" } else { "odd" }} }),
+            )
+            .await;
+        ids.push(r.body["id"].as_str().expect("id").to_owned());
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let (other_id, other_secret) = app.create_key("globex", &["read:orders"]).await;
+
+    let page = app.get("/v1/api_keys?subject=acme&limit=2&offset=1").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.body["total_count"], 5);
+    let got: Vec<&str> = page.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|k| k["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        got,
+        [ids[3].as_str(), ids[2].as_str()],
+        "newest first, offset 1, limit 2"
+    );
+
+    assert_eq!(
+        app.get("/v1/api_keys").await.body["total_count"],
+        6,
+        "no subject: all keys"
+    );
+    assert_eq!(
+        app.get("/v1/api_keys?claims[partner_id]=even").await.body["total_count"],
+        3
+    );
+    assert_eq!(
+        app.get("/v1/api_keys?claims%5Bpartner_id%5D=odd&subject=acme")
+            .await
+            .body["total_count"],
+        2
+    );
+
+    // Revoked keys are hidden unless asked for, as in Clerk.
+    app.post(&format!("/v1/api_keys/{}/revoke", ids[0]), json!({}))
+        .await;
+    assert_eq!(
+        app.get("/v1/api_keys?subject=acme").await.body["total_count"],
+        4
+    );
+    assert_eq!(
+        app.get("/v1/api_keys?subject=acme&include_invalid=true")
+            .await
+            .body["total_count"],
+        5
+    );
+    assert_eq!(
+        app.get("/v1/api_keys?subject=acme&revoked=true").await.body["total_count"],
+        1
+    );
+
+    // Usage filters.
+    assert_eq!(
+        app.post("/v1/api_keys/verify", json!({ "secret": other_secret }))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let never = app
+        .get("/v1/api_keys?never_used=true&include_invalid=true")
+        .await;
+    assert_eq!(never.body["total_count"], 5);
+    let far_future = "2100-01-01T00:00:00Z";
+    let used = app
+        .get(&format!("/v1/api_keys?last_used_before={far_future}"))
+        .await;
+    let used_ids: Vec<&str> = used.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|k| k["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(used_ids, [other_id.as_str()]);
+    assert_eq!(
+        app.get("/v1/api_keys?last_used_before=1000").await.body["total_count"],
+        0
+    );
+}
+
+#[tokio::test]
+async fn scope_policy_wildcards_and_catalogue() {
+    let strict = TestApp::builder()
+        .env(
+            "SCOPE_CATALOGUE",
+            "read:orders,read:customers,write:webhooks",
+        )
+        .start()
+        .await;
+    let r = strict
+        .post("/v1/api_keys", json!({ "name": "n", "subject": "s", "scopes": ["read:orders", "admin:all", "delete:everything"] }))
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let message = r.body["errors"][0]["message"].as_str().expect("message");
+    assert!(
+        message.contains("admin:all") && message.contains("delete:everything"),
+        "{message}"
+    );
+    assert_eq!(r.body["errors"][0]["meta"]["param_name"], "scopes");
+    let (id, _) = strict.create_key("s", &["read:orders"]).await;
+    let widen = strict
+        .patch(
+            &format!("/v1/api_keys/{id}"),
+            json!({ "scopes": ["read:orders", "admin:all"] }),
+        )
+        .await;
+    assert_eq!(
+        widen.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "update is checked too"
+    );
+    let wildcard = strict
+        .post(
+            "/v1/api_keys",
+            json!({ "name": "n", "subject": "s", "scopes": ["read:*"] }),
+        )
+        .await;
+    assert_eq!(
+        wildcard.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "wildcards are off by default"
+    );
+
+    let open = TestApp::builder()
+        .env("SCOPE_WILDCARDS", "true")
+        .start()
+        .await;
+    let r = open
+        .post(
+            "/v1/api_keys",
+            json!({ "name": "n", "subject": "s", "scopes": ["read:*"] }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let secret = r.body["secret"].as_str().expect("secret");
+    let ok = open
+        .post(
+            "/v1/api_keys/verify",
+            json!({ "secret": secret, "required_scopes": ["read:orders"] }),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let no = open
+        .post(
+            "/v1/api_keys/verify",
+            json!({ "secret": secret, "required_scopes": ["write:orders"] }),
+        )
+        .await;
+    assert_eq!(no.status, StatusCode::FORBIDDEN);
+    for all_powerful in ["*", "*:*", "*:orders"] {
+        let r = open
+            .post(
+                "/v1/api_keys",
+                json!({ "name": "n", "subject": "s", "scopes": [all_powerful] }),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{all_powerful} must always be rejected"
+        );
+    }
+}
+
+#[tokio::test]
+async fn key_prefix_is_configurable() {
+    let app = TestApp::builder()
+        .env("KEY_PREFIX", "acme_test")
+        .start()
+        .await;
+    let (_, secret) = app.create_key("s", &[]).await;
+    assert!(secret.starts_with("acme_test_"), "{secret}");
+    assert_eq!(
+        app.post("/v1/api_keys/verify", json!({ "secret": secret }))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn audit_log_records_who_and_what_and_verifies() {
+    let app = TestApp::start().await;
+    let (id, secret) = app
+        .create_key("acme", &["read:orders", "write:webhooks"])
+        .await;
+    app.patch(
+        &format!("/v1/api_keys/{id}"),
+        json!({ "scopes": ["read:orders"] }),
+    )
+    .await;
+    app.post(
+        &format!("/v1/api_keys/{id}/revoke"),
+        json!({ "revocation_reason": "rotation" }),
+    )
+    .await;
+    let (other, _) = app.create_key("globex", &[]).await;
+
+    let all = app.get("/v1/audit_log").await;
+    assert_eq!(all.status, StatusCode::OK);
+    let entries = all.body["data"].as_array().expect("data");
+    assert_eq!(entries.len(), 4);
+    let label = entries[0]["actor"].as_str().expect("actor");
+    assert!(label.starts_with("admin:") && !label.contains(common::ADMIN_TOKEN));
+    assert_eq!(
+        entries[1]["details"]["changes"]["scopes"],
+        json!({"from": ["read:orders", "write:webhooks"], "to": ["read:orders"]})
+    );
+    assert_eq!(entries[2]["details"]["reason"], "rotation");
+    assert_eq!(entries[3]["key_id"], other);
+    assert_eq!(entries[1]["prev_hash"], entries[0]["hash"]);
+    assert!(
+        !all.body.to_string().contains(&secret),
+        "no secret in the audit log"
+    );
+
+    let page = app.get("/v1/audit_log?limit=2").await;
+    assert_eq!(page.body["next_after"], 2);
+    let rest = app.get("/v1/audit_log?after=2").await;
+    assert_eq!(rest.body["data"][0]["seq"], 3);
+
+    let ok = app.run_command(&["audit", "verify"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("4 entries"));
+}
+
+#[tokio::test]
+async fn tampering_with_the_audit_log_is_detected() {
+    let mut app = TestApp::start().await;
+    let (id, _) = app.create_key("acme", &["read:orders"]).await;
+    app.patch(&format!("/v1/api_keys/{id}"), json!({ "name": "x" }))
+        .await;
+    app.stop().await;
+    // The table refuses UPDATE and DELETE; someone with the file can drop the triggers.
+    let sql = "DROP TRIGGER audit_log_no_update; UPDATE audit_log SET actor = 'admin:someone' WHERE seq = 1;";
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()"])
+        .arg(app.db_path())
+        .arg(sql)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let broken = app.run_command(&["audit", "verify"]);
+    assert!(!broken.status.success());
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("audit entry 1"),
+        "{}",
+        String::from_utf8_lossy(&broken.stderr)
+    );
+}

@@ -1,0 +1,296 @@
+//! `TestApp`: the real `origin` binary, on a port of its own choosing, over a real SQLite file in
+//! a temporary folder, with its log captured for inspection.
+
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test binary uses a different part of this module"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+/// The admin token every test app accepts.
+pub const ADMIN_TOKEN: &str = "test-admin-token-aaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+/// Builds the `origin` binary once per test process (a no-op when it is fresh) and returns its path.
+pub fn origin_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let output = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "latchkey-origin",
+                "--bin",
+                "origin",
+                "--message-format=json",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run cargo build");
+        assert!(output.status.success(), "cargo build of origin failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+            .last()
+            .expect("cargo reported the origin executable")
+    })
+}
+
+/// Settings for a test app beyond the defaults.
+#[derive(Default, Clone)]
+pub struct TestAppBuilder {
+    env: Vec<(String, String)>,
+}
+
+impl TestAppBuilder {
+    /// Sets an environment variable for origin.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts origin over a new, empty database.
+    pub async fn start(self) -> TestApp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut app = TestApp {
+            base: String::new(),
+            dir,
+            child: None,
+            env: self.env,
+            http: reqwest::Client::new(),
+            runs: 0,
+        };
+        app.spawn().await;
+        app
+    }
+}
+
+/// A running origin.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    http: reqwest::Client,
+    runs: u32,
+}
+
+/// A response: status and JSON body (`Value::Null` if the body was not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl TestApp {
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder::default()
+    }
+
+    pub async fn start() -> TestApp {
+        Self::builder().start().await
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("latchkey.db")
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("sqlite://{}", self.db_path().display())
+    }
+
+    fn log_path(&self, run: u32) -> PathBuf {
+        self.dir.path().join(format!("origin-{run}.log"))
+    }
+
+    /// Everything origin has logged, over all its runs.
+    pub fn logs(&self) -> String {
+        (1..=self.runs)
+            .map(|run| std::fs::read_to_string(self.log_path(run)).unwrap_or_default())
+            .collect()
+    }
+
+    async fn spawn(&mut self) {
+        self.runs += 1;
+        let log_path = self.log_path(self.runs);
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(origin_binary());
+        cmd.arg("serve")
+            .env_clear()
+            .env("ORIGIN_LISTEN", "127.0.0.1:0")
+            .env("DATABASE_URL", self.database_url())
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "trace")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn origin");
+        self.child = Some(child);
+
+        // Origin binds port 0 and logs the address it got: no port races between tests.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .filter(|l| l.contains("origin listening"))
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("listen=")))
+            {
+                self.base = format!("http://{addr}");
+                break;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("origin exited with {status} before listening:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "origin did not start listening:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops origin with SIGTERM (a clean shutdown) and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().expect("wait").is_none() {
+                assert!(Instant::now() < deadline, "origin did not stop on SIGTERM");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Kills origin with SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts origin again over the same database.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.spawn().await;
+    }
+
+    /// Starts origin again after [`TestApp::kill`].
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn().await;
+    }
+
+    /// Runs `origin <args>` against this app's database.
+    pub fn run_command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(origin_binary())
+            .args(args)
+            .env_clear()
+            .env("DATABASE_URL", self.database_url())
+            .output()
+            .expect("run origin command")
+    }
+
+    /// A request with the admin token.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        Self::reply(req.send().await.expect("request")).await
+    }
+
+    /// A request built by the caller (for bad headers and raw bodies).
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
+    }
+
+    pub async fn send(req: reqwest::RequestBuilder) -> Reply {
+        Self::reply(req.send().await.expect("request")).await
+    }
+
+    async fn reply(resp: reqwest::Response) -> Reply {
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Reply {
+        self.call(Method::PATCH, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, body: Value) -> Reply {
+        self.call(Method::DELETE, path, Some(body)).await
+    }
+
+    /// Creates a key through the Clerk surface; returns `(id, secret)`.
+    pub async fn create_key(&self, subject: &str, scopes: &[&str]) -> (String, String) {
+        let r = self
+            .post("/v1/api_keys", serde_json::json!({ "name": format!("{subject} key"), "subject": subject, "scopes": scopes }))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        (
+            r.body["id"].as_str().expect("id").to_owned(),
+            r.body["secret"].as_str().expect("secret").to_owned(),
+        )
+    }
+
+    /// All bytes of the database: main file, WAL and shared memory.
+    pub fn database_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let path = PathBuf::from(format!("{}{suffix}", self.db_path().display()));
+            all.extend(std::fs::read(path).unwrap_or_default());
+        }
+        all
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether `needle` occurs anywhere in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}

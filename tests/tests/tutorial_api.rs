@@ -1,0 +1,294 @@
+//! The tutorial's five calls, at its exact paths and with its exact shapes.
+
+mod common;
+
+use common::TestApp;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn keys(v: &Value) -> Vec<&str> {
+    let mut k: Vec<&str> = v
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    k.sort_unstable();
+    k
+}
+
+fn is_iso(v: &Value) -> bool {
+    v.as_str()
+        .is_some_and(|s| s.len() == 24 && s.ends_with('Z') && &s[10..11] == "T")
+}
+
+#[tokio::test]
+async fn the_five_calls_with_the_tutorials_shapes() {
+    let app = TestApp::start().await;
+
+    // Step 1: create.
+    let created = app
+        .post(
+            "/backend.api-keys.create",
+            json!({
+                "name": "partner-acme-corp-integration",
+                "scopes": ["read:orders", "read:customers", "write:webhooks"],
+                "metadata": {"partner_id": "acme-corp", "created_at": "2024-01-15T10:30:00.000Z"}
+            }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_eq!(
+        keys(&created.body),
+        [
+            "created_at",
+            "expires_at",
+            "id",
+            "key",
+            "metadata",
+            "name",
+            "scopes"
+        ]
+    );
+    let id = created.body["id"].as_str().expect("id").to_owned();
+    let key = created.body["key"].as_str().expect("key").to_owned();
+    assert!(key.starts_with("sk_live_"));
+    assert!(
+        is_iso(&created.body["created_at"]),
+        "{}",
+        created.body["created_at"]
+    );
+    assert_eq!(created.body["metadata"]["partner_id"], "acme-corp");
+    assert_eq!(created.body["name"], "partner-acme-corp-integration");
+
+    // Step 2: verify.
+    let verified = app
+        .post("/backend.api-keys.verify", json!({ "key": key }))
+        .await;
+    assert_eq!(verified.status, StatusCode::OK);
+    assert_eq!(verified.body["valid"], true);
+    assert_eq!(verified.body["code"], "VALID");
+    assert_eq!(verified.body["revoked"], false);
+    assert_eq!(verified.body["id"], id.as_str());
+    assert!(
+        verified.body["scopes"]
+            .as_array()
+            .expect("scopes")
+            .contains(&json!("read:orders"))
+    );
+    assert!(is_iso(&verified.body["created_at"]) && is_iso(&verified.body["last_used_at"]));
+
+    // Step 3: list.
+    let listed = app.get("/backend.api-keys.list?limit=50").await;
+    assert_eq!(listed.status, StatusCode::OK);
+    assert_eq!(
+        keys(&listed.body),
+        ["data", "page", "page_size", "total_count"]
+    );
+    assert_eq!(
+        (
+            listed.body["total_count"].as_u64(),
+            listed.body["page"].as_u64(),
+            listed.body["page_size"].as_u64()
+        ),
+        (Some(1), Some(1), Some(50))
+    );
+    let item = &listed.body["data"][0];
+    for field in [
+        "id",
+        "name",
+        "scopes",
+        "created_at",
+        "last_used_at",
+        "revoked",
+        "metadata",
+    ] {
+        assert!(item.get(field).is_some(), "list item has {field}");
+    }
+    assert!(
+        is_iso(&item["last_used_at"]),
+        "verify moved last_used_at: {item}"
+    );
+    assert_eq!(item["metadata"]["partner_id"], "acme-corp");
+
+    // Step 5 (before 4, as a key can't change once revoked): update.
+    let updated = app
+        .patch(
+            "/backend.api-keys.update",
+            json!({
+                "key_id": id,
+                "scopes": ["read:orders", "read:customers"],
+                "metadata": {"partner_id": "acme-corp", "reason": "security-review"}
+            }),
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{:?}", updated.body);
+    assert_eq!(
+        keys(&updated.body),
+        ["id", "metadata", "name", "scopes", "updated_at"]
+    );
+    assert_eq!(
+        updated.body["scopes"],
+        json!(["read:customers", "read:orders"])
+    );
+    assert_eq!(updated.body["metadata"]["reason"], "security-review");
+    assert!(is_iso(&updated.body["updated_at"]));
+    let narrowed = app
+        .post(
+            "/backend.api-keys.verify",
+            json!({ "key": key, "required_scopes": ["write:webhooks"] }),
+        )
+        .await;
+    assert_eq!(
+        (
+            narrowed.body["valid"].as_bool(),
+            narrowed.body["code"].as_str()
+        ),
+        (Some(false), Some("INSUFFICIENT_SCOPE"))
+    );
+    assert_eq!(narrowed.body["missing_scopes"], json!(["write:webhooks"]));
+
+    // Step 4: revoke.
+    let revoked = app
+        .delete("/backend.api-keys.revoke", json!({ "key_id": id }))
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
+    assert_eq!(
+        keys(&revoked.body),
+        ["id", "revoked", "revoked_at", "success"]
+    );
+    assert_eq!(
+        (
+            revoked.body["revoked"].as_bool(),
+            revoked.body["success"].as_bool()
+        ),
+        (Some(true), Some(true))
+    );
+    assert!(is_iso(&revoked.body["revoked_at"]));
+    let again = app
+        .delete("/backend.api-keys.revoke", json!({ "key_id": id }))
+        .await;
+    assert_eq!(
+        again.body["revoked_at"], revoked.body["revoked_at"],
+        "first revoked_at is kept"
+    );
+
+    let after = app
+        .post("/backend.api-keys.verify", json!({ "key": key }))
+        .await;
+    assert_eq!(
+        after.status,
+        StatusCode::OK,
+        "a bad key is still a 200 on this surface"
+    );
+    assert_eq!(
+        (
+            after.body["valid"].as_bool(),
+            after.body["revoked"].as_bool(),
+            after.body["code"].as_str()
+        ),
+        (Some(false), Some(true), Some("REVOKED"))
+    );
+    assert_eq!(
+        app.get("/backend.api-keys.list?limit=50").await.body["data"][0]["revoked"],
+        true,
+        "revoked keys stay listed"
+    );
+}
+
+#[tokio::test]
+async fn verify_reason_codes_for_bad_keys() {
+    let app = TestApp::start().await;
+    for (presented, code) in [
+        ("garbage", "MALFORMED"),
+        ("", "MALFORMED"),
+        (
+            "sk_live_0123456789012345678901234567890123456789",
+            "MALFORMED",
+        ),
+    ] {
+        let r = app
+            .post("/backend.api-keys.verify", json!({ "key": presented }))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(
+            (
+                r.body["valid"].as_bool(),
+                r.body["code"].as_str(),
+                r.body["id"].clone()
+            ),
+            (Some(false), Some(code), Value::Null)
+        );
+    }
+    let unknown = latchkey_shared::ApiKey::generate(
+        &latchkey_shared::KeyPrefix::default(),
+        &mut |b: &mut [u8]| b.fill(9),
+    );
+    let r = app
+        .post(
+            "/backend.api-keys.verify",
+            json!({ "key": unknown.expose() }),
+        )
+        .await;
+    assert_eq!(r.body["code"], "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn list_pages_and_filters_by_metadata() {
+    let app = TestApp::start().await;
+    for i in 0..3 {
+        let partner = if i == 0 { "globex" } else { "acme-corp" };
+        let r = app
+            .post("/backend.api-keys.create", json!({ "name": format!("k{i}"), "scopes": ["read:orders"], "metadata": {"partner_id": partner} }))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let page2 = app.get("/backend.api-keys.list?limit=2&page=2").await;
+    assert_eq!(
+        (
+            page2.body["page"].as_u64(),
+            page2.body["page_size"].as_u64(),
+            page2.body["total_count"].as_u64()
+        ),
+        (Some(2), Some(2), Some(3))
+    );
+    assert_eq!(page2.body["data"].as_array().map(Vec::len), Some(1));
+    let acme = app
+        .get("/backend.api-keys.list?metadata[partner_id]=acme-corp")
+        .await;
+    assert_eq!(acme.body["total_count"], 2);
+    // The subject defaults to metadata.partner_id.
+    assert_eq!(
+        app.get("/backend.api-keys.list?subject=globex").await.body["total_count"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn tutorial_errors_use_its_envelope() {
+    let app = TestApp::start().await;
+    let r = app
+        .delete(
+            "/backend.api-keys.revoke",
+            json!({ "key_id": "key_00000000000000000000" }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.body["success"], false);
+    assert_eq!(r.body["error"]["code"], "resource_not_found");
+    let r = app
+        .post(
+            "/backend.api-keys.create",
+            json!({ "name": "x", "scopes": ["read:orders"], "metadata": [1] }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.body["error"]["field"], "metadata");
+    let r = TestApp::send(
+        app.request(reqwest::Method::POST, "/backend.api-keys.create")
+            .json(&json!({})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.body["success"], false);
+}
