@@ -1,5 +1,11 @@
 //! The primary REST API (`/v1/api_keys`, Clerk-compatible) against the real origin binary.
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers: a failure is a failed test"
+)]
+
 mod common;
 
 use common::TestApp;

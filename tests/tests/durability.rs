@@ -1,5 +1,11 @@
 //! What origin keeps across restarts and crashes, and what it never keeps: plaintext secrets.
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers: a failure is a failed test"
+)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,5 +1,11 @@
 //! The tutorial's five calls, at its exact paths and with its exact shapes.
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers: a failure is a failed test"
+)]
+
 mod common;
 
 use common::TestApp;

@@ -6,6 +6,11 @@
     unreachable_pub,
     reason = "each test binary uses a different part of this module"
 )]
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support: a failure here is a failed test"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,7 +46,7 @@ pub fn origin_binary() -> &'static Path {
             .lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .filter_map(|msg| msg["executable"].as_str().map(PathBuf::from))
-            .last()
+            .next_back()
             .expect("cargo reported the origin executable")
     })
 }
