@@ -159,7 +159,12 @@ pub struct KeyService {
     policy: ScopePolicy,
     prefix: KeyPrefix,
     usage: UsageTracker,
+    /// Changes to one key queue here instead of racing to the database (striped by key id).
+    change_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Number of stripes in `change_locks`: changes to different keys rarely wait for each other.
+const CHANGE_LOCK_STRIPES: usize = 64;
 
 impl KeyService {
     /// A service over `store`, issuing keys with `prefix` under `policy`.
@@ -169,6 +174,9 @@ impl KeyService {
             policy,
             prefix,
             usage: UsageTracker::default(),
+            change_locks: (0..CHANGE_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -354,17 +362,22 @@ impl KeyService {
         reason: Option<String>,
     ) -> Result<StoredKey, ServiceError> {
         let reason = optional_text("revocation_reason", reason, limits::REVOCATION_REASON_MAX)?;
-        let current = self.get(id).await?;
-        if current.revoked {
-            return Ok(current);
+        let revoked = self
+            .change(actor, id, "revoke", |key, now| {
+                if key.revoked {
+                    // Already revoked (perhaps a moment ago by another request): change nothing.
+                    return Err(ServiceError::Revoked);
+                }
+                key.revoked = true;
+                key.revoked_at = Some(now);
+                key.revocation_reason.clone_from(&reason);
+                Ok(json!({ "reason": reason }))
+            })
+            .await;
+        match revoked {
+            Err(ServiceError::Revoked) => self.get(id).await,
+            other => other,
         }
-        self.change(actor, id, "revoke", |key, now| {
-            key.revoked = true;
-            key.revoked_at = Some(now);
-            key.revocation_reason.clone_from(&reason);
-            Ok(json!({ "reason": reason }))
-        })
-        .await
     }
 
     /// Verifies a presented secret, optionally requiring scopes. A successful verification
@@ -423,8 +436,8 @@ impl KeyService {
         Ok(self.store.audit_log(key_id, after_seq, limit).await?)
     }
 
-    /// Read-modify-write with optimistic locking: `apply` edits a copy and returns the audit
-    /// details; the write succeeds only if nobody changed the key since it was read.
+    /// Read-modify-write: `apply` edits a copy and returns the audit details; the write succeeds
+    /// only if nobody changed the key since it was read (optimistic locking).
     async fn change(
         &self,
         actor: &str,
@@ -432,6 +445,12 @@ impl KeyService {
         action: &'static str,
         mut apply: impl FnMut(&mut StoredKey, UnixMillis) -> Result<Value, ServiceError>,
     ) -> Result<StoredKey, ServiceError> {
+        // In this process, changes to one key take turns; the revision check stays as the
+        // backstop for other processes sharing the database.
+        let stripe = id.as_str().bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        let _turn = self.change_locks[stripe % CHANGE_LOCK_STRIPES].lock().await;
         for _ in 0..8 {
             let current = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
             let now = system_now();

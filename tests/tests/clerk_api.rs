@@ -594,3 +594,60 @@ async fn tampering_with_the_audit_log_is_detected() {
         String::from_utf8_lossy(&broken.stderr)
     );
 }
+
+#[tokio::test]
+async fn concurrent_revokes_and_updates_lose_nothing() {
+    let app = TestApp::start().await;
+    let (id, _) = app.create_key("acme", &["read:orders"]).await;
+
+    // Ten updates of different fields at once: optimistic locking retries, none is lost.
+    let mut updates = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let req = app
+            .request(reqwest::Method::PATCH, &format!("/v1/api_keys/{id}"))
+            .bearer_auth(common::ADMIN_TOKEN)
+            .json(&json!({ "claims": null, "description": format!("d{i}") }));
+        updates.spawn(async move { req.send().await.map(|r| r.status()) });
+    }
+    while let Some(status) = updates.join_next().await {
+        assert_eq!(status.expect("task").expect("request"), StatusCode::OK);
+    }
+    let audit = app.get(&format!("/v1/audit_log?key_id={id}")).await;
+    assert_eq!(
+        audit.body["data"].as_array().map(Vec::len),
+        Some(11),
+        "1 create + 10 updates"
+    );
+
+    // Ten revokes at once: one writes, all answer the same revocation.
+    let mut revokes = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let req = app
+            .request(reqwest::Method::POST, &format!("/v1/api_keys/{id}/revoke"))
+            .bearer_auth(common::ADMIN_TOKEN);
+        revokes.spawn(async move {
+            req.send()
+                .await
+                .expect("request")
+                .json::<Value>()
+                .await
+                .expect("json")
+        });
+    }
+    let mut revoked_at = std::collections::BTreeSet::new();
+    while let Some(body) = revokes.join_next().await {
+        let body = body.expect("task");
+        assert_eq!(body["revoked"], true, "{body}");
+        revoked_at.insert(body["updated_at"].to_string());
+    }
+    assert_eq!(revoked_at.len(), 1, "one revocation time: {revoked_at:?}");
+    let audit = app.get(&format!("/v1/audit_log?key_id={id}")).await;
+    let revokes = audit.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter(|e| e["action"] == "revoke")
+        .count();
+    assert_eq!(revokes, 1);
+    assert!(app.run_command(&["audit", "verify"]).status.success());
+}
