@@ -104,9 +104,7 @@ async fn create_get_verify_update_revoke_round_trip() {
         assert_eq!(got.body["id"], id);
     }
 
-    let verified = app
-        .post("/v1/api_keys/verify", json!({ "secret": secret }))
-        .await;
+    let verified = app.verify(secret, &[]).await;
     assert_eq!(verified.status, StatusCode::OK, "{:?}", verified.body);
     assert_key_object(&verified.body, false);
     assert_eq!(verified.body["id"], id);
@@ -129,19 +127,9 @@ async fn create_get_verify_update_revoke_round_trip() {
     assert_eq!(narrowed.status, StatusCode::OK, "{:?}", narrowed.body);
     assert_eq!(narrowed.body["scopes"], json!(["read:orders"]));
     assert!(narrowed.body["updated_at"].as_i64() >= Some(created_at));
-    let ok = app
-        .post(
-            "/v1/api_keys/verify",
-            json!({ "secret": secret, "required_scopes": ["read:orders"] }),
-        )
-        .await;
+    let ok = app.verify(secret, &["read:orders"]).await;
     assert_eq!(ok.status, StatusCode::OK);
-    let denied = app
-        .post(
-            "/v1/api_keys/verify",
-            json!({ "secret": secret, "required_scopes": ["write:webhooks"] }),
-        )
-        .await;
+    let denied = app.verify(secret, &["write:webhooks"]).await;
     assert_eq!(denied.status, StatusCode::FORBIDDEN);
     assert_eq!(
         denied.body["errors"][0]["code"],
@@ -157,9 +145,7 @@ async fn create_get_verify_update_revoke_round_trip() {
     assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
     assert_eq!(revoked.body["revoked"], true);
     assert_eq!(revoked.body["revocation_reason"], "leaked");
-    let gone = app
-        .post("/v1/api_keys/verify", json!({ "secret": secret }))
-        .await;
+    let gone = app.verify(secret, &[]).await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
     assert_eq!(gone.body["errors"][0]["code"], "api_key_revoked");
 }
@@ -206,12 +192,7 @@ async fn update_changes_each_field_and_null_clears() {
     assert_eq!(absolute.body["expiration"], at);
 
     // The secret is unchanged by updates.
-    assert_eq!(
-        app.post("/v1/api_keys/verify", json!({ "secret": secret }))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    assert_eq!(app.verify(&secret, &[]).await.status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -301,18 +282,14 @@ async fn verify_answers_each_reason() {
         ),
     ];
     for (presented, status, code) in cases {
-        let r = app
-            .post("/v1/api_keys/verify", json!({ "secret": presented }))
-            .await;
+        let r = app.verify(&presented, &[]).await;
         assert_eq!(
             (r.status, r.body["errors"][0]["code"].as_str()),
             (status, Some(code))
         );
     }
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let r = app
-        .post("/v1/api_keys/verify", json!({ "secret": expiring_secret }))
-        .await;
+    let r = app.verify(&expiring_secret, &[]).await;
     assert_eq!(
         (r.status, r.body["errors"][0]["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("api_key_expired"))
@@ -389,12 +366,7 @@ async fn list_filters_and_paginates_newest_first() {
     );
 
     // Usage filters.
-    assert_eq!(
-        app.post("/v1/api_keys/verify", json!({ "secret": other_secret }))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    assert_eq!(app.verify(&other_secret, &[]).await.status, StatusCode::OK);
     let never = app
         .get("/v1/api_keys?never_used=true&include_invalid=true")
         .await;
@@ -471,19 +443,9 @@ async fn scope_policy_wildcards_and_catalogue() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let secret = r.body["secret"].as_str().expect("secret");
-    let ok = open
-        .post(
-            "/v1/api_keys/verify",
-            json!({ "secret": secret, "required_scopes": ["read:orders"] }),
-        )
-        .await;
+    let ok = open.verify(secret, &["read:orders"]).await;
     assert_eq!(ok.status, StatusCode::OK);
-    let no = open
-        .post(
-            "/v1/api_keys/verify",
-            json!({ "secret": secret, "required_scopes": ["write:orders"] }),
-        )
-        .await;
+    let no = open.verify(secret, &["write:orders"]).await;
     assert_eq!(no.status, StatusCode::FORBIDDEN);
     for all_powerful in ["*", "*:*", "*:orders"] {
         let r = open
@@ -508,12 +470,7 @@ async fn key_prefix_is_configurable() {
         .await;
     let (_, secret) = app.create_key("s", &[]).await;
     assert!(secret.starts_with("acme_test_"), "{secret}");
-    assert_eq!(
-        app.post("/v1/api_keys/verify", json!({ "secret": secret }))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    assert_eq!(app.verify(&secret, &[]).await.status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -330,12 +330,7 @@ async fn oversized_fields_and_bodies_are_refused() {
         )
         .await;
     assert_eq!(clerk_field(&r.body), Some("revocation_reason"));
-    let r = app
-        .post(
-            "/v1/api_keys/verify",
-            json!({ "secret": "x", "required_scopes": ["*"] }),
-        )
-        .await;
+    let r = app.verify("x", &["*"]).await;
     assert_eq!(
         (r.status, clerk_field(&r.body)),
         (StatusCode::UNPROCESSABLE_ENTITY, Some("required_scopes"))

@@ -266,6 +266,15 @@ impl TestApp {
         self.call(Method::DELETE, path, Some(body)).await
     }
 
+    /// Verifies `secret` through the Clerk surface, requiring `required` scopes.
+    pub async fn verify(&self, secret: &str, required: &[&str]) -> Reply {
+        self.post(
+            "/v1/api_keys/verify",
+            serde_json::json!({ "secret": secret, "required_scopes": required }),
+        )
+        .await
+    }
+
     /// Creates a key through the Clerk surface; returns `(id, secret)`.
     pub async fn create_key(&self, subject: &str, scopes: &[&str]) -> (String, String) {
         let r = self
