@@ -1,8 +1,7 @@
 //! The primary REST API, compatible with Clerk's Backend API for API keys, so that
 //! `@clerk/backend`'s `apiKeys` client works against origin unchanged. Times are unix ms.
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -11,10 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, Clerk};
-use super::extract::{self, JsonBody, double_option};
+use super::extract::{self, JsonBody, KeyIdPath, double_option};
 use super::{Actor, AppState};
 use crate::model::{AuditEntry, ListFilter, StoredKey};
-use crate::service::{KeyChanges, Lifetime, NewKey, system_now};
+use crate::service::{KeyChanges, NewKey, system_now};
 
 type Result<T> = std::result::Result<Json<T>, ApiError<Clerk>>;
 type Body<T> = JsonBody<T, Clerk>;
@@ -158,9 +157,8 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
 
 async fn show(
     State(state): State<AppState>,
-    path: std::result::Result<Path<String>, PathRejection>,
+    KeyIdPath(id, _): KeyIdPath<Clerk>,
 ) -> Result<ApiKeyObject> {
-    let id = extract::key_id(path)?;
     let key = state.service.get(&id).await?;
     Ok(Json(ApiKeyObject::new(key, system_now())))
 }
@@ -185,37 +183,19 @@ struct UpdateRequest {
     expiration: Option<Option<i64>>,
 }
 
-/// Expiry changes as a request states them: seconds from now, or an absolute time (not both).
-pub(super) fn lifetime<E>(
-    seconds: Option<Option<i64>>,
-    at: Option<Option<i64>>,
-) -> std::result::Result<Option<Lifetime>, ApiError<E>> {
-    match (seconds, at) {
-        (Some(_), Some(_)) => Err(extract::bad_param(
-            "expiration",
-            "given either as seconds_until_expiration or as expiration, not both",
-        )),
-        (Some(None), None) | (None, Some(None)) => Ok(Some(Lifetime::Never)),
-        (Some(Some(s)), None) => Ok(Some(Lifetime::Seconds(s))),
-        (None, Some(Some(at))) => Ok(Some(Lifetime::At(UnixMillis(at)))),
-        (None, None) => Ok(None),
-    }
-}
-
 async fn update(
     State(state): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
-    path: std::result::Result<Path<String>, PathRejection>,
+    KeyIdPath(id, _): KeyIdPath<Clerk>,
     JsonBody(req, _): Body<UpdateRequest>,
 ) -> Result<ApiKeyObject> {
-    let id = extract::key_id(path)?;
     let changes = KeyChanges {
         name: req.name,
         subject: req.subject,
         description: req.description,
         scopes: req.scopes,
         claims: req.claims,
-        expiration: lifetime(req.seconds_until_expiration, req.expiration)?,
+        expiration: extract::lifetime(req.seconds_until_expiration, req.expiration)?,
     };
     let key = state.service.update(&actor, &id, changes).await?;
     Ok(Json(ApiKeyObject::new(key, system_now())))
@@ -231,10 +211,9 @@ struct RevokeRequest {
 async fn revoke(
     State(state): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
-    path: std::result::Result<Path<String>, PathRejection>,
+    KeyIdPath(id, _): KeyIdPath<Clerk>,
     JsonBody(req, _): Body<RevokeRequest>,
 ) -> Result<ApiKeyObject> {
-    let id = extract::key_id(path)?;
     let key = state
         .service
         .revoke(&actor, &id, req.revocation_reason)

@@ -4,10 +4,12 @@
 use std::marker::PhantomData;
 
 use axum::body::Bytes;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, Path, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use latchkey_shared::{KeyId, UnixMillis};
+
+use crate::service::Lifetime;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
@@ -103,10 +105,24 @@ fn missing_field(message: &str) -> Option<String> {
     Some(rest[..rest.find('`')?].to_owned())
 }
 
-/// A key id from the URL path. Malformed ids cannot exist, so they are 404s too.
-pub fn key_id<E>(path: Result<Path<String>, PathRejection>) -> Result<KeyId, ApiError<E>> {
-    let Path(raw) = path.map_err(|_| ApiError::key_not_found())?;
-    KeyId::parse(&raw).map_err(|_| ApiError::key_not_found())
+/// A key id from the URL path (`{id}`). Malformed ids cannot exist, so they are 404s too.
+#[derive(Debug)]
+pub struct KeyIdPath<E>(pub KeyId, pub PhantomData<E>);
+
+impl<S, E> FromRequestParts<S> for KeyIdPath<E>
+where
+    S: Send + Sync,
+    E: Envelope,
+{
+    type Rejection = ApiError<E>;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::key_not_found())?;
+        let id = KeyId::parse(&raw).map_err(|_| ApiError::key_not_found())?;
+        Ok(Self(id, PhantomData))
+    }
 }
 
 /// A key id from a request body field.
@@ -233,4 +249,21 @@ pub fn unknown_param<E>(name: &str) -> ApiError<E> {
         format!("Unknown query parameter `{name}`."),
     )
     .field(name)
+}
+
+/// Expiry changes as a request states them: seconds from now, or an absolute time (not both).
+pub fn lifetime<E>(
+    seconds: Option<Option<i64>>,
+    at: Option<Option<i64>>,
+) -> Result<Option<Lifetime>, ApiError<E>> {
+    match (seconds, at) {
+        (Some(_), Some(_)) => Err(bad_param(
+            "expiration",
+            "given either as seconds_until_expiration or as expiration, not both",
+        )),
+        (Some(None), None) | (None, Some(None)) => Ok(Some(Lifetime::Never)),
+        (Some(Some(s)), None) => Ok(Some(Lifetime::Seconds(s))),
+        (None, Some(Some(at))) => Ok(Some(Lifetime::At(UnixMillis(at)))),
+        (None, None) => Ok(None),
+    }
 }

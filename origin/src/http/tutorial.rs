@@ -303,7 +303,7 @@ async fn update(
         description: req.description,
         scopes: req.scopes,
         claims: req.metadata,
-        expiration: super::clerk::lifetime(req.seconds_until_expiration, None)?,
+        expiration: extract::lifetime(req.seconds_until_expiration, None)?,
     };
     let key = state
         .service
