@@ -62,24 +62,37 @@ pub enum ChainError {
     },
 }
 
-/// Checks a whole chain, entries in `seq` order. Returns the number of entries checked.
-pub fn verify_chain<'a>(
-    entries: impl IntoIterator<Item = &'a AuditEntry>,
-) -> Result<u64, ChainError> {
-    let mut prev = GENESIS_HASH.to_owned();
-    let mut count = 0u64;
-    for (expected, e) in (1i64..).zip(entries) {
+/// Checks a chain entry by entry, in `seq` order, so a long log never has to fit in memory.
+#[derive(Debug)]
+pub struct ChainChecker {
+    prev_hash: String,
+    checked: u64,
+}
+
+impl Default for ChainChecker {
+    fn default() -> Self {
+        Self {
+            prev_hash: GENESIS_HASH.to_owned(),
+            checked: 0,
+        }
+    }
+}
+
+impl ChainChecker {
+    /// Checks the next entry against the chain so far.
+    pub fn check(&mut self, e: &AuditEntry) -> Result<(), ChainError> {
+        let expected = i64::try_from(self.checked).unwrap_or(i64::MAX) + 1;
         if e.seq != expected {
             return Err(ChainError::Gap {
                 seq: e.seq,
                 expected,
             });
         }
-        if e.prev_hash != prev {
+        if e.prev_hash != self.prev_hash {
             return Err(ChainError::Broken { seq: e.seq });
         }
         let recomputed = entry_hash(
-            &prev,
+            &self.prev_hash,
             e.seq,
             e.at,
             &e.actor,
@@ -90,10 +103,26 @@ pub fn verify_chain<'a>(
         if recomputed != e.hash {
             return Err(ChainError::Tampered { seq: e.seq });
         }
-        prev.clone_from(&e.hash);
-        count += 1;
+        self.prev_hash.clone_from(&e.hash);
+        self.checked += 1;
+        Ok(())
     }
-    Ok(count)
+
+    /// How many entries have been checked.
+    pub fn checked(&self) -> u64 {
+        self.checked
+    }
+}
+
+/// Checks a whole chain, entries in `seq` order. Returns the number of entries checked.
+pub fn verify_chain<'a>(
+    entries: impl IntoIterator<Item = &'a AuditEntry>,
+) -> Result<u64, ChainError> {
+    let mut checker = ChainChecker::default();
+    for e in entries {
+        checker.check(e)?;
+    }
+    Ok(checker.checked())
 }
 
 #[cfg(test)]

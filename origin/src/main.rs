@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use latchkey_origin::audit::verify_chain;
+use latchkey_origin::audit::ChainChecker;
 use latchkey_origin::config::Config;
 use latchkey_origin::store::{KeyStore, SqliteStore};
 use tracing_subscriber::EnvFilter;
@@ -59,25 +59,28 @@ async fn audit_verify() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot open {url}: {e}")),
     };
-    let mut entries = Vec::new();
+    let mut checker = ChainChecker::default();
     let mut after = 0;
-    loop {
-        match store.audit_log(None, after, 500).await {
-            Ok(batch) if batch.is_empty() => break,
-            Ok(batch) => {
-                after = batch.last().map_or(after, |e| e.seq);
-                entries.extend(batch);
-            }
-            Err(e) => return fail(&format!("cannot read the audit log: {e}")),
+    let verdict = loop {
+        let batch = match store.audit_log(None, after, 500).await {
+            Ok(batch) => batch,
+            Err(e) => break Err(format!("cannot read the audit log: {e}")),
+        };
+        let Some(last) = batch.last() else {
+            break Ok(checker.checked());
+        };
+        after = last.seq;
+        if let Err(e) = batch.iter().try_for_each(|entry| checker.check(entry)) {
+            break Err(format!("audit log BROKEN: {e}"));
         }
-    }
+    };
     store.close().await;
-    match verify_chain(&entries) {
+    match verdict {
         Ok(n) => {
             out(&format!("audit log OK: {n} entries, chain intact\n"));
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&format!("audit log BROKEN: {e}")),
+        Err(message) => fail(&message),
     }
 }
 
