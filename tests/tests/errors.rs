@@ -400,3 +400,27 @@ async fn unknown_ids_routes_methods_and_parameters() {
         (StatusCode::NOT_FOUND, Some("key_id"))
     );
 }
+
+#[tokio::test]
+async fn keys_are_never_deleted_and_secrets_never_shown_again() {
+    let app = TestApp::start().await;
+    let (id, secret) = app.create_key("acme", &[]).await;
+    let r = app
+        .call(Method::DELETE, &format!("/v1/api_keys/{id}"), None)
+        .await;
+    assert_eq!(
+        (r.status, clerk_code(&r.body)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    let r = app.get(&format!("/api_keys/{id}/secret")).await;
+    assert_eq!(
+        (r.status, clerk_code(&r.body)),
+        (StatusCode::NOT_FOUND, "secret_not_stored")
+    );
+    assert!(!r.body.to_string().contains(&secret));
+    assert_eq!(
+        app.verify(&secret, &[]).await.status,
+        StatusCode::OK,
+        "the key still works"
+    );
+}

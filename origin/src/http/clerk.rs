@@ -23,8 +23,30 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api_keys", post(create).get(list))
         .route("/api_keys/verify", post(verify))
-        .route("/api_keys/{id}", get(show).patch(update))
+        .route(
+            "/api_keys/{id}",
+            get(show).patch(update).delete(refuse_delete),
+        )
         .route("/api_keys/{id}/revoke", post(revoke))
+        .route("/api_keys/{id}/secret", get(refuse_secret))
+}
+
+/// Clerk's SDK has `apiKeys.delete`; Latchkey never deletes a key (its audit trail would dangle).
+async fn refuse_delete(KeyIdPath(_, _): KeyIdPath<Clerk>) -> ApiError<Clerk> {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "API keys are never deleted; revoke it with POST /v1/api_keys/{id}/revoke.",
+    )
+}
+
+/// Clerk's SDK has `apiKeys.getSecret`; Latchkey stores only a hash, so no secret can be shown.
+async fn refuse_secret(KeyIdPath(_, _): KeyIdPath<Clerk>) -> ApiError<Clerk> {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "secret_not_stored",
+        "Secrets are shown once, when the key is created, and never stored; create a new key instead.",
+    )
 }
 
 /// Clerk's API key object.
