@@ -45,7 +45,7 @@ pub struct StoredKey {
 impl StoredKey {
     /// Whether the key is past its expiry at `now`.
     pub fn is_expired(&self, now: UnixMillis) -> bool {
-        self.record().is_expired(now)
+        latchkey_shared::is_expired_at(self.expiration, now)
     }
 
     /// The record the verify decision (and the edge) sees.

@@ -4,7 +4,8 @@
 //! pending times in one transaction every `LAST_USED_FLUSH_MS` (and once more on a clean
 //! shutdown). A crash loses at most the last interval's updates: `last_used_at` may then be
 //! older than the true last use by up to that interval. Reads merge the pending times, so the
-//! API shows the latest use at once.
+//! API shows the latest use at once, and the list filters on use (`never_used`,
+//! `last_used_before`) flush first, since they run in the database.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};

@@ -16,6 +16,8 @@ pub mod verify;
 mod base62;
 
 pub use key::{ApiKey, KeyError, KeyHash, KeyHint, KeyId, KeyPrefix};
-pub use record::{KeyRecord, RECORD_VERSION, RecordError, UnixMillis, kv_entry_name};
+pub use record::{
+    KeyRecord, RECORD_VERSION, RecordError, UnixMillis, is_expired_at, kv_entry_name,
+};
 pub use scope::{Scope, ScopeError, ScopePolicy, ScopeSet};
 pub use verify::{Verdict, decide, parse_presented};

@@ -72,8 +72,13 @@ impl KeyRecord {
 
     /// Whether the key is past its expiry at `now`.
     pub fn is_expired(&self, now: UnixMillis) -> bool {
-        self.expires_at.is_some_and(|at| now >= at)
+        is_expired_at(self.expires_at, now)
     }
+}
+
+/// The one expiry rule: a key expiring at `expires_at` is expired from that instant on.
+pub fn is_expired_at(expires_at: Option<UnixMillis>, now: UnixMillis) -> bool {
+    expires_at.is_some_and(|at| now >= at)
 }
 
 /// The KV entry name of a key's record: `k1:` followed by the key hash in hex. The `k1` names

@@ -8,13 +8,11 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use latchkey_shared::{KeyId, UnixMillis};
-
-use crate::service::Lifetime;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use super::error::{ApiError, Envelope};
-use crate::service::limits;
+use crate::service::{Lifetime, limits};
 
 /// A JSON request body of type `T`, or an error in envelope `E`.
 ///
