@@ -25,6 +25,109 @@ pub struct Config {
     pub scope_policy: ScopePolicy,
     /// `LAST_USED_FLUSH_MS`: how often verified keys' `last_used_at` is written.
     pub last_used_flush: Duration,
+    /// `KV_API_BASE`, `KV_NAMESPACE_ID`, `KV_API_TOKEN`: where key records are published;
+    /// `None` (both unset) turns publishing off.
+    pub kv: Option<KvConfig>,
+    /// `USAGE_SIGNING_SECRET`: the secret the edge signs usage reports with; `None` turns the
+    /// usage ingest endpoint off.
+    pub usage_secret: Option<UsageSecret>,
+}
+
+/// Where and how to write Workers KV through Cloudflare's REST API (or the local copy of it
+/// that `wrangler dev` serves).
+#[derive(Clone)]
+pub struct KvConfig {
+    /// The URL before `/storage/kv/namespaces/...`, without a trailing slash.
+    pub api_base: String,
+    /// The namespace id.
+    pub namespace_id: String,
+    /// The API token (`Authorization: Bearer`); unset for `wrangler dev`'s local API.
+    pub api_token: Option<String>,
+    /// `KV_REQUEST_TIMEOUT_MS`: the limit on one KV request.
+    pub request_timeout: Duration,
+    /// `KV_RETRY_MAX_MS`: the longest wait between retries.
+    pub retry_max: Duration,
+}
+
+impl std::fmt::Debug for KvConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvConfig")
+            .field("api_base", &self.api_base)
+            .field("namespace_id", &self.namespace_id)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvConfig {
+    /// Reads the KV settings alone (for `origin sync`, which needs no admin token).
+    pub fn from_env() -> Result<Option<Self>, ConfigError> {
+        Self::from_lookup(&|name| std::env::var(name).ok())
+    }
+
+    fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<Self>, ConfigError> {
+        let var = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let (api_base, namespace_id) = match (var("KV_API_BASE"), var("KV_NAMESPACE_ID")) {
+            (None, None) => return Ok(None),
+            (Some(base), Some(ns)) => (base, ns),
+            (None, Some(_)) => {
+                return Err(problem("KV_API_BASE", "is required with KV_NAMESPACE_ID"));
+            }
+            (Some(_), None) => {
+                return Err(problem("KV_NAMESPACE_ID", "is required with KV_API_BASE"));
+            }
+        };
+        if !(api_base.starts_with("http://") || api_base.starts_with("https://")) {
+            return Err(problem(
+                "KV_API_BASE",
+                format!(
+                    "{api_base:?} is not an http(s) URL such as https://api.cloudflare.com/client/v4/accounts/<account id>"
+                ),
+            ));
+        }
+        if !namespace_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(problem(
+                "KV_NAMESPACE_ID",
+                "must be letters, digits and dashes",
+            ));
+        }
+        let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            match var(name) {
+                None => Ok(Duration::from_millis(default)),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(ms) if (10..=600_000).contains(&ms) => Ok(Duration::from_millis(ms)),
+                    _ => Err(problem(
+                        name,
+                        format!("{v:?} is not a number of milliseconds from 10 to 600000"),
+                    )),
+                },
+            }
+        };
+        Ok(Some(Self {
+            api_base: api_base.trim_end_matches('/').to_owned(),
+            namespace_id,
+            api_token: var("KV_API_TOKEN"),
+            request_timeout: millis("KV_REQUEST_TIMEOUT_MS", 10_000)?,
+            retry_max: millis("KV_RETRY_MAX_MS", 10_000)?,
+        }))
+    }
+}
+
+/// The usage-report signing secret. Its `Debug` is redacted.
+#[derive(Clone)]
+pub struct UsageSecret(pub Vec<u8>);
+
+impl std::fmt::Debug for UsageSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageSecret(<redacted>)")
+    }
 }
 
 /// An admin bearer token. Its `Debug` is redacted; its label (a hash prefix) names it in the audit
@@ -177,6 +280,19 @@ impl Config {
                 catalogue,
             },
             last_used_flush,
+            kv: KvConfig::from_lookup(&var)?,
+            usage_secret: match var("USAGE_SIGNING_SECRET") {
+                None => None,
+                Some(v) if v.trim().len() >= MIN_ADMIN_TOKEN_LEN => {
+                    Some(UsageSecret(v.trim().as_bytes().to_vec()))
+                }
+                Some(_) => {
+                    return Err(problem(
+                        "USAGE_SIGNING_SECRET",
+                        format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters"),
+                    ));
+                }
+            },
         })
     }
 }

@@ -3,13 +3,17 @@
 //! A request's path through the code: [`http::router`] → admin check ([`http`]) → a handler in
 //! [`http::clerk`] or [`http::tutorial`] → [`service::KeyService`] (validation, scope policy,
 //! the shared verify decision) → [`store::KeyStore`] ([`store::SqliteStore`]: the `api_keys` row
-//! and its `audit_log` entry, in one transaction).
+//! its `audit_log` entry and its `kv_outbox` row, in one transaction) → [`publish::Publisher`]
+//! (the outbox drained into Workers KV through [`kv::KvClient`]), where the edge reads it.
 
 pub mod audit;
 pub mod config;
 pub mod http;
+pub mod kv;
 pub mod model;
+pub mod publish;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod sync;
 pub mod usage;

@@ -1,10 +1,11 @@
-//! The `origin` command: `origin serve`, `origin audit verify`.
+//! The `origin` command: `origin serve`, `origin audit verify`, `origin sync --full`.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use latchkey_origin::audit::ChainChecker;
-use latchkey_origin::config::Config;
+use latchkey_origin::config::{Config, KvConfig};
 use latchkey_origin::store::{KeyStore, SqliteStore};
 use tracing_subscriber::EnvFilter;
 
@@ -14,6 +15,8 @@ usage: origin <command>
 commands:
   serve          run the key service (configuration from the environment; see README)
   audit verify   check the audit log's hash chain; exits 1 if it is broken
+  sync --full    publish every key's current state to Workers KV (KV_API_BASE, KV_NAMESPACE_ID,
+                 KV_API_TOKEN), e.g. into a new namespace; safe while origin serves
 ";
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
             }
         }
         ["audit", "verify"] => runtime.block_on(audit_verify()),
+        ["sync", "--full"] => runtime.block_on(sync_full()),
         ["help" | "--help" | "-h"] => {
             out(USAGE);
             ExitCode::SUCCESS
@@ -81,6 +85,39 @@ async fn audit_verify() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(message) => fail(&message),
+    }
+}
+
+async fn sync_full() -> ExitCode {
+    let kv = match KvConfig::from_env() {
+        Ok(Some(kv)) => kv,
+        Ok(None) => {
+            return fail(
+                "sync needs KV_API_BASE and KV_NAMESPACE_ID (and KV_API_TOKEN for Cloudflare)",
+            );
+        }
+        Err(e) => return fail(&format!("configuration error: {e}")),
+    };
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://data/latchkey.db".into());
+    let store = match SqliteStore::open(&url).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => return fail(&format!("cannot open {url}: {e}")),
+    };
+    let result = latchkey_origin::sync::full(store.clone(), &kv).await;
+    store.close().await;
+    match result {
+        Ok(summary) => {
+            out(&format!(
+                "synced {} keys to KV namespace {} in {:.1} s ({} written by this command, the rest by the running origin; {} failed writes retried)\n",
+                summary.queued,
+                kv.namespace_id,
+                summary.elapsed.as_secs_f64(),
+                summary.published_here,
+                summary.retries
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(message) => fail(&format!("sync failed: {message}")),
     }
 }
 

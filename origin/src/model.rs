@@ -133,3 +133,21 @@ pub struct AuditEntry {
     /// Hash of this entry.
     pub hash: String,
 }
+
+/// A pending KV publication: key `key_id` changed, as of outbox sequence number `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Position in the outbox; later changes have larger numbers.
+    pub seq: i64,
+    /// The key whose state must reach KV.
+    pub key_id: KeyId,
+}
+
+/// The outbox's backlog.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Rows waiting.
+    pub pending: u64,
+    /// When the oldest waiting change was made.
+    pub oldest_enqueued_at: Option<UnixMillis>,
+}

@@ -1,5 +1,6 @@
 //! `origin serve`: wire configuration, storage, the service and the router, and run until
-//! SIGINT or SIGTERM, then flush pending usage and close the database.
+//! SIGINT or SIGTERM, then flush pending usage and close the database. The KV publisher runs
+//! beside the server; what it has not published stays in the outbox for the next start.
 
 use std::sync::Arc;
 
@@ -7,24 +8,60 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::http::ingest::UsageIngest;
 use crate::http::{AppState, router};
+use crate::kv::KvClient;
+use crate::publish::{self, Publisher, PublisherStatus};
 use crate::service::KeyService;
 use crate::store::{KeyStore, SqliteStore};
 
 /// Runs the service until a shutdown signal.
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let store: Arc<dyn KeyStore> = Arc::new(SqliteStore::open(&config.database_url).await?);
+    let sqlite = Arc::new(SqliteStore::open(&config.database_url).await?);
+    let store: Arc<dyn KeyStore> = sqlite.clone();
     let service = Arc::new(KeyService::new(
         store.clone(),
         config.key_prefix.clone(),
         config.scope_policy.clone(),
     ));
+    let publisher_status = Arc::new(PublisherStatus::new(config.kv.is_some()));
     let state = AppState {
         service: service.clone(),
         admin_tokens: config.admin_tokens.clone().into(),
+        publisher: publisher_status.clone(),
+        usage_ingest: config
+            .usage_secret
+            .clone()
+            .map(|secret| Arc::new(UsageIngest::new(secret))),
     };
+    if state.usage_ingest.is_none() {
+        tracing::info!("USAGE_SIGNING_SECRET is unset: POST /v1/usage (edge usage reports) is off");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let publisher = match &config.kv {
+        Some(kv) => {
+            let publisher = Publisher::new(
+                store.clone(),
+                KvClient::new(kv)?,
+                publisher_status,
+                kv.retry_max,
+            );
+            tracing::info!(kv_api_base = %kv.api_base, namespace = %kv.namespace_id, "publishing key records to Workers KV");
+            Some(tokio::spawn(publisher.run(
+                service.committed(),
+                publish::lock_path(sqlite.file()),
+                stop_rx.clone(),
+            )))
+        }
+        None => {
+            tracing::warn!(
+                "KV_API_BASE and KV_NAMESPACE_ID are unset: KV publishing is OFF; changes wait in \
+                 the outbox and the edge will not see them until publishing is configured"
+            );
+            None
+        }
+    };
     let flusher = tokio::spawn(flush_usage_periodically(
         service.clone(),
         config.last_used_flush,
@@ -45,6 +82,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!("shutting down: flushing last_used_at");
     let _ = stop_tx.send(true);
     let _ = flusher.await;
+    if let Some(publisher) = publisher {
+        let _ = publisher.await;
+    }
     if let Err(error) = service.flush_usage().await {
         tracing::error!(%error, "final last_used_at flush failed");
     }

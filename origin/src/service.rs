@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use latchkey_shared::{
-    ApiKey, KeyId, KeyPrefix, Scope, ScopeError, ScopePolicy, UnixMillis, Verdict, decide,
-    parse_presented,
+    ApiKey, KeyId, KeyPrefix, PRESENTED_MAX, REQUIRED_SCOPES_MAX, ScopeError, ScopePolicy,
+    UnixMillis, Verdict, decide, parse_presented, parse_required,
 };
 use serde_json::{Map, Value, json};
 
@@ -29,8 +29,8 @@ pub mod limits {
     pub const CREATED_BY_MAX: usize = 256;
     /// Longest `revocation_reason`, in characters.
     pub const REVOCATION_REASON_MAX: usize = 512;
-    /// Most scopes on one key (and required in one verification).
-    pub const SCOPES_MAX: usize = 64;
+    /// Most scopes on one key (the most one verification may require, too).
+    pub const SCOPES_MAX: usize = super::REQUIRED_SCOPES_MAX;
     /// Largest `claims` / `metadata` object, serialised, in bytes.
     pub const CLAIMS_MAX_BYTES: usize = 4096;
     /// Deepest nesting of `claims` / `metadata`.
@@ -42,7 +42,7 @@ pub mod limits {
     /// Largest request body, in bytes.
     pub const BODY_MAX_BYTES: usize = 64 * 1024;
     /// Longest presented secret looked at by verify; longer ones are malformed without parsing.
-    pub const SECRET_MAX: usize = 256;
+    pub const SECRET_MAX: usize = super::PRESENTED_MAX;
 }
 
 /// Why an operation failed. Only `Store` is the service's own fault.
@@ -161,6 +161,8 @@ pub struct KeyService {
     usage: UsageTracker,
     /// Changes to one key queue here instead of racing to the database (striped by key id).
     change_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Fired after every committed change, to wake the KV publisher at once.
+    committed: Arc<tokio::sync::Notify>,
 }
 
 /// Number of stripes in `change_locks`: changes to different keys rarely wait for each other.
@@ -177,12 +179,23 @@ impl KeyService {
             change_locks: (0..CHANGE_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            committed: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Fires after every committed change (the KV publisher waits on it).
+    pub fn committed(&self) -> Arc<tokio::sync::Notify> {
+        self.committed.clone()
     }
 
     /// The store, for health checks and shutdown.
     pub fn store(&self) -> &dyn KeyStore {
         self.store.as_ref()
+    }
+
+    /// Records a use of `id` reported by the edge (written with the next usage flush).
+    pub fn record_use(&self, id: &KeyId, at: UnixMillis) {
+        self.usage.touch(id, at);
     }
 
     /// Writes pending `last_used_at` times.
@@ -242,6 +255,7 @@ impl KeyService {
             }),
         };
         self.store.insert(&key, &event).await?;
+        self.committed.notify_one();
         Ok((key, secret))
     }
 
@@ -387,23 +401,8 @@ impl KeyService {
         presented: &str,
         required: &[String],
     ) -> Result<Verification, ServiceError> {
-        if required.len() > limits::SCOPES_MAX {
-            return Err(invalid(
-                "required_scopes",
-                format!("at most {} scopes", limits::SCOPES_MAX),
-            ));
-        }
-        let required: Vec<Scope> = required
-            .iter()
-            .map(|s| Scope::parse(s))
-            .collect::<Result<_, _>>()
-            .map_err(|e| invalid("required_scopes", e.to_string()))?;
-        if presented.len() > limits::SECRET_MAX {
-            return Ok(Verification {
-                verdict: Verdict::Malformed,
-                key: None,
-            });
-        }
+        let required =
+            parse_required(required).map_err(|e| invalid("required_scopes", e.to_string()))?;
         let secret = match parse_presented(presented) {
             Ok(secret) => secret,
             Err(verdict) => return Ok(Verification { verdict, key: None }),
@@ -466,6 +465,7 @@ impl KeyService {
                 details,
             };
             if self.store.replace(&next, current.revision, &event).await? {
+                self.committed.notify_one();
                 return Ok(self.with_usage(next));
             }
         }

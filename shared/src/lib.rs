@@ -7,10 +7,14 @@
 //! * [`scope`]: the scope grammar (documented there), matching and the operator's policy.
 //! * [`record`]: the versioned record published to the edge for each key.
 //! * [`verify`]: the one function that decides a verification.
+//! * [`route`]: the gateway's route rules (syntax documented there) and their matching.
+//! * [`sign`]: HMAC-SHA256 signatures for the edge's forwarded headers and usage reports.
 
 pub mod key;
 pub mod record;
+pub mod route;
 pub mod scope;
+pub mod sign;
 pub mod verify;
 
 mod base62;
@@ -19,5 +23,9 @@ pub use key::{ApiKey, KeyError, KeyHash, KeyHint, KeyId, KeyPrefix};
 pub use record::{
     KeyRecord, RECORD_VERSION, RecordError, UnixMillis, is_expired_at, kv_entry_name,
 };
+pub use route::{RouteError, RouteRule, RouteTable};
 pub use scope::{Scope, ScopeError, ScopePolicy, ScopeSet};
-pub use verify::{Verdict, decide, parse_presented};
+pub use verify::{
+    PRESENTED_MAX, REQUIRED_SCOPES_MAX, RequiredScopesError, Verdict, VerifyReport, decide,
+    parse_presented, parse_required,
+};

@@ -17,6 +17,43 @@ pub const RECORD_VERSION: u32 = 1;
 #[serde(transparent)]
 pub struct UnixMillis(pub i64);
 
+impl UnixMillis {
+    /// ISO-8601 in UTC with milliseconds, e.g. `2024-01-15T10:30:00.000Z`: the one time format
+    /// of both APIs, so origin and edge print a time identically.
+    pub fn to_iso8601(self) -> String {
+        let secs = self.0.div_euclid(1000);
+        let millis = self.0.rem_euclid(1000);
+        let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+        let second_of_day = secs.rem_euclid(86_400);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+            second_of_day / 3600,
+            second_of_day % 3600 / 60,
+            second_of_day % 60
+        )
+    }
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, valid for every `i64` day count this crate can produce).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 /// Why stored bytes are not a usable record.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -104,6 +141,21 @@ impl<'de> Deserialize<'de> for KeyId {
 mod tests {
     use super::*;
     use crate::scope::ScopePolicy;
+
+    #[test]
+    fn iso8601_matches_known_instants() {
+        let cases = [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (-1, "1969-12-31T23:59:59.999Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
+            (1_700_000_000_123, "2023-11-14T22:13:20.123Z"),
+            (4_102_444_799_999, "2099-12-31T23:59:59.999Z"),
+            (253_402_300_799_000, "9999-12-31T23:59:59.000Z"),
+        ];
+        for (millis, want) in cases {
+            assert_eq!(UnixMillis(millis).to_iso8601(), want, "{millis}");
+        }
+    }
 
     fn record() -> KeyRecord {
         KeyRecord {

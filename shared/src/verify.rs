@@ -1,8 +1,16 @@
 //! The one verification decision, shared by origin and edge so they can never disagree.
 
+use serde::Serialize;
+
 use crate::key::{ApiKey, KeyError};
 use crate::record::{KeyRecord, UnixMillis};
-use crate::scope::Scope;
+use crate::scope::{Scope, ScopeError};
+
+/// Most scopes one verification may require (the most a key may hold, too).
+pub const REQUIRED_SCOPES_MAX: usize = 64;
+
+/// Longest presented string that is parsed at all; anything longer is malformed unread.
+pub const PRESENTED_MAX: usize = 256;
 
 /// The outcome of verifying a presented key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +61,77 @@ impl From<KeyError> for Verdict {
 /// Parses a presented key: the first step of every verification. A `Malformed` verdict here
 /// means the caller must not look anything up: garbage costs no storage read.
 pub fn parse_presented(presented: &str) -> Result<ApiKey, Verdict> {
+    if presented.len() > PRESENTED_MAX {
+        return Err(Verdict::Malformed);
+    }
     ApiKey::parse(presented).map_err(Verdict::from)
+}
+
+/// Why a verification's `required_scopes` were refused (the request itself is bad, so this is
+/// an error for the caller, not a verdict on the key).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequiredScopesError {
+    /// More than [`REQUIRED_SCOPES_MAX`] scopes.
+    #[error("at most {REQUIRED_SCOPES_MAX} scopes")]
+    TooMany,
+    /// A scope does not parse (wildcards cannot be required).
+    #[error("{0}")]
+    Scope(#[from] ScopeError),
+}
+
+/// Parses the scopes a verification requires.
+pub fn parse_required<S: AsRef<str>>(required: &[S]) -> Result<Vec<Scope>, RequiredScopesError> {
+    if required.len() > REQUIRED_SCOPES_MAX {
+        return Err(RequiredScopesError::TooMany);
+    }
+    Ok(required
+        .iter()
+        .map(|s| Scope::parse(s.as_ref()))
+        .collect::<Result<_, _>>()?)
+}
+
+/// The answer to a verification as both origin's tutorial surface and the edge print it, so a
+/// client sees the same fields, named and formatted the same, wherever it asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// The key's id, when a record was found.
+    pub id: Option<String>,
+    /// Whether access should be granted.
+    pub valid: bool,
+    /// [`Verdict::code`].
+    pub code: &'static str,
+    /// Whether the key found was revoked.
+    pub revoked: bool,
+    /// The scopes the key found grants (empty when none was found).
+    pub scopes: Vec<String>,
+    /// For `INSUFFICIENT_SCOPE`: the required scopes the key lacks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing_scopes: Vec<String>,
+    /// When the key found expires, ISO-8601.
+    pub expires_at: Option<String>,
+}
+
+impl VerifyReport {
+    /// The report of `verdict`, reached from `record` (the record found, if any).
+    pub fn new(verdict: &Verdict, record: Option<&KeyRecord>) -> Self {
+        let missing_scopes = match verdict {
+            Verdict::InsufficientScope { missing } => {
+                missing.iter().map(|s| s.as_str().to_owned()).collect()
+            }
+            _ => Vec::new(),
+        };
+        Self {
+            id: record.map(|r| r.id.to_string()),
+            valid: verdict.is_valid(),
+            code: verdict.code(),
+            revoked: record.is_some_and(|r| r.revoked),
+            scopes: record.map(|r| r.scopes.to_strings()).unwrap_or_default(),
+            missing_scopes,
+            expires_at: record
+                .and_then(|r| r.expires_at)
+                .map(UnixMillis::to_iso8601),
+        }
+    }
 }
 
 /// Decides a verification from the record found for the key's hash (if any), the current time,

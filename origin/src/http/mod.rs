@@ -12,19 +12,21 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::AdminToken;
+use crate::publish::PublisherStatus;
 use crate::service::{KeyService, limits};
 use error::{ApiError, Clerk, Envelope, Tutorial};
 
 pub mod clerk;
 pub mod error;
 pub mod extract;
+pub mod ingest;
 pub mod tutorial;
 
 /// What every handler can reach.
@@ -34,6 +36,10 @@ pub struct AppState {
     pub service: Arc<KeyService>,
     /// Accepted admin tokens (digests only).
     pub admin_tokens: Arc<[AdminToken]>,
+    /// The KV publisher's counters, for `/healthz` and `/metrics`.
+    pub publisher: Arc<PublisherStatus>,
+    /// Verifies the edge's usage reports; `None` when `USAGE_SIGNING_SECRET` is unset.
+    pub usage_ingest: Option<Arc<ingest::UsageIngest>>,
 }
 
 /// The admin who made a request, by the non-secret label of their token.
@@ -47,7 +53,9 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", admin::<Clerk>(clerk_api, &state))
         .merge(admin::<Clerk>(clerk::routes(), &state))
         .merge(admin::<Tutorial>(tutorial::routes(), &state))
+        .route("/v1/usage", post(ingest::usage))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits::BODY_MAX_BYTES))
@@ -122,9 +130,16 @@ async fn log_request(req: Request, next: Next) -> Response {
     response
 }
 
+/// Liveness of the database, and the KV publisher's backlog (`pending`, `lag_ms`). A backlog
+/// does not make origin unhealthy: it keeps serving while KV is away.
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.service.store().ping().await {
-        Ok(()) => Json(json!({ "status": "ok" })).into_response(),
+    let store = state.service.store();
+    let checked = match store.ping().await {
+        Ok(()) => state.publisher.report(store).await,
+        Err(error) => Err(error),
+    };
+    match checked {
+        Ok(publisher) => Json(json!({ "status": "ok", "kv_publisher": publisher })).into_response(),
         Err(error) => {
             tracing::error!(%error, "health check failed");
             (
@@ -134,6 +149,46 @@ async fn healthz(State(state): State<AppState>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// The publisher's figures in the Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let store = state.service.store();
+    let report = match state.publisher.report(store).await {
+        Ok(report) => report,
+        Err(error) => {
+            tracing::error!(%error, "metrics: cannot read the outbox");
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    };
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "a lag in seconds needs no 53-bit precision"
+    )]
+    let lag_seconds = report.lag_ms as f64 / 1000.0;
+    let body = format!(
+        "# HELP latchkey_kv_outbox_pending Key changes not yet published to Workers KV.\n\
+         # TYPE latchkey_kv_outbox_pending gauge\n\
+         latchkey_kv_outbox_pending {}\n\
+         # HELP latchkey_kv_outbox_lag_seconds Age of the oldest unpublished key change.\n\
+         # TYPE latchkey_kv_outbox_lag_seconds gauge\n\
+         latchkey_kv_outbox_lag_seconds {lag_seconds:.3}\n\
+         # HELP latchkey_kv_published_total Key states written to Workers KV since start.\n\
+         # TYPE latchkey_kv_published_total counter\n\
+         latchkey_kv_published_total {}\n\
+         # HELP latchkey_kv_publish_failures_total Failed (and retried) KV writes since start.\n\
+         # TYPE latchkey_kv_publish_failures_total counter\n\
+         latchkey_kv_publish_failures_total {}\n",
+        report.pending, report.published, report.failures
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError<Clerk> {

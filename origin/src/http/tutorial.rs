@@ -5,16 +5,14 @@
 use axum::extract::{RawQuery, State};
 use axum::routing::{delete, get, patch, post};
 use axum::{Extension, Json, Router};
-use latchkey_shared::{UnixMillis, Verdict};
+use latchkey_shared::{UnixMillis, VerifyReport};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
-use time::macros::format_description;
 
 use super::error::{ApiError, Tutorial};
 use super::extract::{self, JsonBody, double_option};
 use super::{Actor, AppState};
-use crate::model::ListFilter;
+use crate::model::{ListFilter, StoredKey};
 use crate::service::{KeyChanges, NewKey, ServiceError, limits, system_now};
 
 type Result<T> = std::result::Result<Json<T>, ApiError<Tutorial>>;
@@ -30,14 +28,9 @@ pub fn routes() -> Router<AppState> {
         .route("/backend.api-keys.update", patch(update))
 }
 
-/// ISO-8601 in UTC with milliseconds, e.g. `2024-01-15T10:30:00.000Z`.
+/// ISO-8601 in UTC with milliseconds, e.g. `2024-01-15T10:30:00.000Z` (the edge prints the same).
 fn iso(t: UnixMillis) -> String {
-    let format =
-        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0) * 1_000_000)
-        .ok()
-        .and_then(|d| d.format(&format).ok())
-        .unwrap_or_default()
+    t.to_iso8601()
 }
 
 /// This surface calls claims `metadata`: name the field as the caller sent it.
@@ -129,16 +122,11 @@ struct VerifyRequest {
 
 #[derive(Debug, Serialize)]
 struct VerifyResponse {
-    id: Option<String>,
-    valid: bool,
-    code: &'static str,
-    revoked: bool,
-    scopes: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    missing_scopes: Vec<String>,
+    /// The fields the edge answers too, built by the same function.
+    #[serde(flatten)]
+    report: VerifyReport,
     created_at: Option<String>,
     last_used_at: Option<String>,
-    expires_at: Option<String>,
 }
 
 /// Always 200 for a well-formed request: `valid` and `code` say whether the key passes.
@@ -147,26 +135,14 @@ async fn verify(
     JsonBody(req, _): Body<VerifyRequest>,
 ) -> Result<VerifyResponse> {
     let outcome = state.service.verify(&req.key, &req.required_scopes).await?;
-    let missing_scopes = match &outcome.verdict {
-        Verdict::InsufficientScope { missing } => {
-            missing.iter().map(|s| s.as_str().to_owned()).collect()
-        }
-        _ => Vec::new(),
-    };
     let key = outcome.key;
     Ok(Json(VerifyResponse {
-        valid: outcome.verdict.is_valid(),
-        code: outcome.verdict.code(),
-        missing_scopes,
-        id: key.as_ref().map(|k| k.id.to_string()),
-        revoked: key.as_ref().is_some_and(|k| k.revoked),
-        scopes: key
-            .as_ref()
-            .map(|k| k.scopes.to_strings())
-            .unwrap_or_default(),
+        report: VerifyReport::new(
+            &outcome.verdict,
+            key.as_ref().map(StoredKey::record).as_ref(),
+        ),
         created_at: key.as_ref().map(|k| iso(k.created_at)),
         last_used_at: key.as_ref().and_then(|k| k.last_used_at).map(iso),
-        expires_at: key.as_ref().and_then(|k| k.expiration).map(iso),
     }))
 }
 

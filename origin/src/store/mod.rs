@@ -1,14 +1,16 @@
 //! Storage, behind one narrow interface so that a Postgres backend can be added beside SQLite.
 //!
 //! The contract every backend keeps:
-//! * a change to a key and its audit entry commit together, or neither does;
+//! * a change to a key, its audit entry and its KV outbox entry commit together, or none does;
 //! * a write is acknowledged only once it is durable (SQLite: WAL with `synchronous=FULL`);
 //! * no plaintext secret is ever passed in, so none can be stored.
 
 use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, UnixMillis};
 
-use crate::model::{AuditEntry, AuditEvent, KeyPage, ListFilter, StoredKey};
+use crate::model::{
+    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey,
+};
 
 pub mod sqlite;
 
@@ -70,6 +72,29 @@ pub trait KeyStore: Send + Sync + 'static {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// The oldest `limit` KV outbox entries, in order.
+    async fn outbox_peek(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;
+
+    /// Removes, for each entry, every outbox row of its key up to its `seq`: that key's state
+    /// as of then is in KV.
+    async fn outbox_ack(&self, published: &[OutboxEntry]) -> Result<(), StoreError>;
+
+    /// How many outbox rows wait (only those up to `up_to_seq`, if given), and the oldest one's
+    /// time.
+    async fn outbox_stats(&self, up_to_seq: Option<i64>) -> Result<OutboxStats, StoreError>;
+
+    /// Queues up to `limit` keys for publishing, in id order after `after`. Returns the last
+    /// key queued and its outbox `seq`, or `None` when no key is left.
+    async fn outbox_enqueue_all(
+        &self,
+        after: Option<&KeyId>,
+        limit: u32,
+        now: UnixMillis,
+    ) -> Result<Option<(KeyId, i64)>, StoreError>;
+
+    /// How many keys exist.
+    async fn count_keys(&self) -> Result<u64, StoreError>;
 
     /// Checks that the database answers (for `/healthz`).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -2,7 +2,7 @@
 //! fight over SQLite's lock) and a small pool of read-only connections (WAL lets them read while
 //! the writer commits).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -16,7 +16,9 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::{KeyStore, StoreError};
 use crate::audit;
-use crate::model::{AuditEntry, AuditEvent, KeyPage, ListFilter, StoredKey};
+use crate::model::{
+    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey,
+};
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
      expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, updated_at, revision";
@@ -26,6 +28,7 @@ const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, sc
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    file: Option<PathBuf>,
 }
 
 impl SqliteStore {
@@ -46,6 +49,7 @@ impl SqliteStore {
         {
             std::fs::create_dir_all(parent)?;
         }
+        let file = (!url.contains(":memory:")).then(|| options.get_filename().to_path_buf());
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -55,7 +59,16 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            file,
+        })
+    }
+
+    /// The database file (`None` for an in-memory database).
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
     }
 }
 
@@ -164,6 +177,20 @@ async fn append_audit(conn: &mut SqliteConnection, event: &AuditEvent) -> Result
     Ok(())
 }
 
+/// Announces a change of `id` to the KV publisher, inside the caller's transaction.
+async fn enqueue_publish(
+    conn: &mut SqliteConnection,
+    id: &KeyId,
+    at: UnixMillis,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO kv_outbox (key_id, enqueued_at) VALUES (?, ?)")
+        .bind(id.as_str())
+        .bind(at.0)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Adds the WHERE clause of `filter` (shared by the page query and the count).
 fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, filter: &ListFilter) {
     qb.push(" WHERE 1 = 1");
@@ -237,6 +264,7 @@ impl KeyStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         append_audit(&mut tx, event).await?;
+        enqueue_publish(&mut tx, &key.id, key.updated_at).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -273,6 +301,7 @@ impl KeyStore for SqliteStore {
             return Ok(false);
         }
         append_audit(&mut tx, event).await?;
+        enqueue_publish(&mut tx, &key.id, key.updated_at).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -380,6 +409,93 @@ impl KeyStore for SqliteStore {
                 },
             )
             .collect()
+    }
+
+    async fn outbox_peek(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT seq, key_id FROM kv_outbox ORDER BY seq LIMIT ?")
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await?;
+        rows.into_iter()
+            .map(|(seq, key_id)| {
+                let key_id = KeyId::parse(&key_id).map_err(|e| StoreError::Corrupt {
+                    id: format!("kv_outbox seq {seq}"),
+                    problem: e.to_string(),
+                })?;
+                Ok(OutboxEntry { seq, key_id })
+            })
+            .collect()
+    }
+
+    async fn outbox_ack(&self, published: &[OutboxEntry]) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for entry in published {
+            sqlx::query("DELETE FROM kv_outbox WHERE key_id = ? AND seq <= ?")
+                .bind(entry.key_id.as_str())
+                .bind(entry.seq)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn outbox_stats(&self, up_to_seq: Option<i64>) -> Result<OutboxStats, StoreError> {
+        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(enqueued_at) FROM kv_outbox WHERE ? IS NULL OR seq <= ?",
+        )
+        .bind(up_to_seq)
+        .bind(up_to_seq)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(OutboxStats {
+            pending: u64::try_from(pending).unwrap_or(0),
+            oldest_enqueued_at: oldest.map(UnixMillis),
+        })
+    }
+
+    async fn outbox_enqueue_all(
+        &self,
+        after: Option<&KeyId>,
+        limit: u32,
+        now: UnixMillis,
+    ) -> Result<Option<(KeyId, i64)>, StoreError> {
+        let after = after.map_or("", KeyId::as_str);
+        let mut tx = self.writer.begin().await?;
+        let last: Option<(String,)> = sqlx::query_as(
+            "SELECT id FROM (SELECT id FROM api_keys WHERE id > ? ORDER BY id LIMIT ?) \
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((last,)) = last else {
+            return Ok(None);
+        };
+        let queued = sqlx::query(
+            "INSERT INTO kv_outbox (key_id, enqueued_at) \
+             SELECT id, ? FROM api_keys WHERE id > ? AND id <= ? ORDER BY id",
+        )
+        .bind(now.0)
+        .bind(after)
+        .bind(&last)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let last = KeyId::parse(&last).map_err(|e| StoreError::Corrupt {
+            id: last.clone(),
+            problem: e.to_string(),
+        })?;
+        Ok(Some((last, queued.last_insert_rowid())))
+    }
+
+    async fn count_keys(&self) -> Result<u64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

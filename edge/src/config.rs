@@ -1,0 +1,136 @@
+//! The Worker's settings, read from `wrangler.toml` `[vars]` and secrets once per isolate.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use latchkey_shared::{RouteError, RouteTable};
+use worker::Env;
+
+/// Parsed settings. Cheap to clone (shared per isolate).
+#[derive(Debug)]
+pub(crate) struct Settings {
+    /// Gateway route rules (`ROUTES`); empty: the gateway refuses everything.
+    pub(crate) routes: RouteTable,
+    /// Where allowed gateway requests go (`UPSTREAM_URL`), without a trailing slash.
+    pub(crate) upstream: Option<String>,
+    /// Signs the identity headers sent upstream (`UPSTREAM_SIGNING_SECRET`, a secret).
+    pub(crate) upstream_secret: Option<Vec<u8>>,
+    /// Origin's usage ingest URL (`ORIGIN_USAGE_URL`); unset: usage is not reported.
+    pub(crate) usage_url: Option<String>,
+    /// Signs usage batches (`USAGE_SIGNING_SECRET`, a secret).
+    pub(crate) usage_secret: Vec<u8>,
+    /// How long uses gather in an isolate before a batch is sent (`USAGE_FLUSH_MS`).
+    pub(crate) usage_flush_ms: i64,
+    /// Whether to add the debug header counting KV reads (`DEBUG_HEADERS`, tests only).
+    pub(crate) debug_headers: bool,
+}
+
+/// The settings shared by every request of this isolate.
+pub(crate) type Config = Rc<Settings>;
+
+/// A setting that is missing or does not parse.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum ConfigError {
+    #[error("ROUTES: {0}")]
+    Routes(#[from] RouteError),
+    #[error("{0} is required when {1} is set")]
+    Missing(&'static str, &'static str),
+    #[error("{name} must be {expected}, got {value:?}")]
+    Invalid {
+        name: &'static str,
+        expected: &'static str,
+        value: String,
+    },
+}
+
+thread_local! {
+    // A Worker isolate runs one thread; vars and secrets are fixed for its lifetime.
+    static CONFIG: RefCell<Option<Result<Config, ConfigError>>> = const { RefCell::new(None) };
+}
+
+impl Settings {
+    /// This isolate's settings, parsed on first use. A bad setting fails every request with the
+    /// same clear error (logged once per request) rather than half-working.
+    pub(crate) fn for_isolate(env: &Env) -> Result<Config, ConfigError> {
+        CONFIG.with(|cell| {
+            cell.borrow_mut()
+                .get_or_insert_with(|| Self::parse(env).map(Rc::new))
+                .clone()
+        })
+    }
+
+    fn parse(env: &Env) -> Result<Self, ConfigError> {
+        let routes = RouteTable::parse(&text(env, "ROUTES").unwrap_or_default())?;
+        let upstream = text(env, "UPSTREAM_URL").map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(url) = upstream
+            .as_ref()
+            .filter(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+        {
+            return Err(ConfigError::Invalid {
+                name: "UPSTREAM_URL",
+                expected: "an http:// or https:// URL",
+                value: url.clone(),
+            });
+        }
+        let upstream_secret = text(env, "UPSTREAM_SIGNING_SECRET").map(String::into_bytes);
+        if !routes.is_empty() {
+            if upstream.is_none() {
+                return Err(ConfigError::Missing("UPSTREAM_URL", "ROUTES"));
+            }
+            if upstream_secret.is_none() {
+                return Err(ConfigError::Missing("UPSTREAM_SIGNING_SECRET", "ROUTES"));
+            }
+        }
+        let usage_url = text(env, "ORIGIN_USAGE_URL");
+        let usage_secret = match (&usage_url, text(env, "USAGE_SIGNING_SECRET")) {
+            (Some(_), None) => {
+                return Err(ConfigError::Missing(
+                    "USAGE_SIGNING_SECRET",
+                    "ORIGIN_USAGE_URL",
+                ));
+            }
+            (_, secret) => secret.unwrap_or_default().into_bytes(),
+        };
+        let usage_flush_ms = match text(env, "USAGE_FLUSH_MS") {
+            None => 10_000,
+            Some(v) => v
+                .parse::<i64>()
+                .ok()
+                // The send waits inside `ctx.wait_until`, which Cloudflare ends 30 s after the response.
+                .filter(|ms| (100..=25_000).contains(ms))
+                .ok_or(ConfigError::Invalid {
+                    name: "USAGE_FLUSH_MS",
+                    expected: "milliseconds between 100 and 25000",
+                    value: v,
+                })?,
+        };
+        let debug_headers = match text(env, "DEBUG_HEADERS").as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "DEBUG_HEADERS",
+                    expected: "true or false",
+                    value: other.to_owned(),
+                });
+            }
+        };
+        Ok(Self {
+            routes,
+            upstream,
+            upstream_secret,
+            usage_url,
+            usage_secret,
+            usage_flush_ms,
+            debug_headers,
+        })
+    }
+}
+
+/// A var or secret as text; unset and blank are the same.
+fn text(env: &Env, name: &str) -> Option<String> {
+    env.var(name)
+        .ok()
+        .map(|v| v.to_string())
+        .filter(|v| !v.trim().is_empty())
+}

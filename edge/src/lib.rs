@@ -1,0 +1,67 @@
+//! Latchkey's edge: a Cloudflare Worker that verifies partner API keys against Workers KV, with
+//! no call back to origin.
+//!
+//! Two ways in ([`fetch`] dispatches):
+//! * `POST /v1/api_keys/verify`: an edge answer with the same contract as origin's tutorial
+//!   verify ([`verify_api`]).
+//! * everything else is gateway traffic ([`gateway`]): a request carrying
+//!   `Authorization: Bearer <key>` is checked against the route rules and, if allowed, forwarded
+//!   to the upstream with signed identity headers.
+//!
+//! Both paths go through [`lookup::Lookup`], which parses the presented key first (garbage
+//! costs no KV read) and then makes the shared crate's one decision on the KV record.
+//! Successful verifications are reported to origin in batches ([`usage`]).
+
+use worker::{Context, Env, Method, Request, Response, Result, event};
+
+mod config;
+mod gateway;
+mod lookup;
+mod reply;
+mod usage;
+mod verify_api;
+
+use config::Settings;
+use lookup::Lookup;
+
+/// The path of the edge's own verify endpoint; gateway rules cannot claim it.
+pub const VERIFY_PATH: &str = "/v1/api_keys/verify";
+
+/// Debug header naming how many KV reads the request made: only sent when `DEBUG_HEADERS` is
+/// `true`, which the tests set to show that garbage keys cost none.
+const KV_READS_HEADER: &str = "x-latchkey-debug-kv-reads";
+
+/// The Worker's entry point.
+#[event(fetch)]
+pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
+    let config = match Settings::for_isolate(&env) {
+        Ok(config) => config,
+        Err(error) => {
+            worker::console_error!("latchkey edge is misconfigured: {error}");
+            return reply::error(503, "edge_misconfigured", &error.to_string());
+        }
+    };
+    let mut lookup = Lookup::new(&env);
+    let mut response = if req.path() == VERIFY_PATH {
+        if req.method() == Method::Post {
+            verify_api::handle(req, &mut lookup).await?
+        } else {
+            reply::error(
+                405,
+                "method_not_allowed",
+                "use POST for /v1/api_keys/verify",
+            )?
+        }
+    } else {
+        gateway::handle(req, &config, &mut lookup).await?
+    };
+    if usage::record(lookup.used_keys(), lookup.now()) {
+        ctx.wait_until(usage::send_after_interval(config.clone()));
+    }
+    if config.debug_headers {
+        response
+            .headers_mut()
+            .set(KV_READS_HEADER, &lookup.kv_reads().to_string())?;
+    }
+    Ok(response)
+}

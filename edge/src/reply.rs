@@ -1,0 +1,43 @@
+//! The edge's JSON answers. Errors use the tutorial surface's envelope
+//! (`{"success":false,"error":{code,message}}`), the contract of the verify endpoint.
+
+use serde::Serialize;
+use serde_json::json;
+use worker::{Headers, Response, Result};
+
+/// A JSON body with `status`.
+pub(crate) fn json<T: Serialize>(status: u16, body: &T) -> Result<Response> {
+    Ok(Response::from_json(body)?.with_status(status))
+}
+
+/// A JSON error with `status`, a stable `code` and a human-readable `message`.
+pub(crate) fn error(status: u16, code: &str, message: &str) -> Result<Response> {
+    json(
+        status,
+        &json!({ "success": false, "error": { "code": code, "message": message } }),
+    )
+}
+
+/// A JSON error naming the request `field` at fault.
+pub(crate) fn field_error(status: u16, code: &str, message: &str, field: &str) -> Result<Response> {
+    json(
+        status,
+        &json!({ "success": false, "error": { "code": code, "message": message, "field": field } }),
+    )
+}
+
+/// An error that also carries a `WWW-Authenticate` challenge (RFC 6750).
+pub(crate) fn challenge(
+    status: u16,
+    code: &str,
+    message: &str,
+    www_authenticate: &str,
+) -> Result<Response> {
+    let response = error(status, code, message)?;
+    let headers = Headers::new();
+    for (name, value) in response.headers().entries() {
+        headers.set(&name, &value)?;
+    }
+    headers.set("www-authenticate", www_authenticate)?;
+    Ok(response.with_headers(headers))
+}

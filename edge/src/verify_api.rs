@@ -1,0 +1,84 @@
+//! `POST /v1/api_keys/verify` at the edge: `{key, required_scopes?}` in, the shared
+//! [`VerifyReport`] out, exactly as origin's tutorial verify answers (minus the two fields only
+//! origin knows: `created_at` and `last_used_at`).
+
+use latchkey_shared::{VerifyReport, parse_required};
+use serde::Deserialize;
+use worker::{Request, Response, Result};
+
+use crate::lookup::Lookup;
+use crate::reply;
+
+/// Largest request body accepted, as at origin.
+const BODY_MAX_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    key: String,
+    #[serde(default)]
+    required_scopes: Vec<String>,
+}
+
+pub(crate) async fn handle(mut req: Request, lookup: &mut Lookup<'_>) -> Result<Response> {
+    let declared = req
+        .headers()
+        .get("content-length")?
+        .and_then(|l| l.parse::<usize>().ok());
+    if declared.is_some_and(|l| l > BODY_MAX_BYTES) {
+        return too_large();
+    }
+    let body = req.bytes().await?;
+    if body.len() > BODY_MAX_BYTES {
+        return too_large();
+    }
+    // As at origin, an empty body is an empty object (so the answer names the missing field).
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &body
+    };
+    let request: VerifyRequest = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(e) if e.is_data() => {
+            return reply::error(422, "form_param_invalid", &e.to_string());
+        }
+        Err(e) => {
+            return reply::error(
+                400,
+                "malformed_json",
+                &format!("the body is not valid JSON: {e}"),
+            );
+        }
+    };
+    let required = match parse_required(&request.required_scopes) {
+        Ok(required) => required,
+        Err(e) => {
+            return reply::field_error(
+                422,
+                "form_param_invalid",
+                &e.to_string(),
+                "required_scopes",
+            );
+        }
+    };
+    match lookup.verify(&request.key, &required).await {
+        Ok((verdict, record)) => reply::json(200, &VerifyReport::new(&verdict, record.as_ref())),
+        Err(unavailable) => {
+            worker::console_error!("verify denied, {unavailable}");
+            reply::error(
+                503,
+                "kv_unavailable",
+                "the key store cannot be read; try again",
+            )
+        }
+    }
+}
+
+fn too_large() -> Result<Response> {
+    reply::error(
+        413,
+        "body_too_large",
+        "the request body is larger than 64 KiB",
+    )
+}

@@ -1,0 +1,150 @@
+//! `POST /v1/usage`: the edge reports which keys verified there, so `last_used_at` stays true.
+//!
+//! Not an admin route: the edge holds no admin token. Instead each batch is signed with
+//! HMAC-SHA256 over a timestamp and the exact body (`USAGE_SIGNING_SECRET`, shared with the
+//! edge). A batch older or newer than five minutes, a bad signature and a replay of a batch
+//! already accepted are refused.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use latchkey_shared::sign::{self, MAX_CLOCK_SKEW_MS, SignatureError, header};
+use latchkey_shared::{KeyId, UnixMillis};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::error::{ApiError, Clerk};
+use crate::config::UsageSecret;
+use crate::service::system_now;
+
+/// Most uses in one batch (the edge sends at most its pending map, 10,000 keys).
+const USES_MAX: usize = 10_000;
+
+/// Verifies and de-duplicates usage batches.
+#[derive(Debug)]
+pub struct UsageIngest {
+    secret: UsageSecret,
+    /// Digests of accepted signatures, with the time they stop mattering (their timestamp plus
+    /// the skew window: after that the timestamp check refuses them anyway).
+    seen: Mutex<HashMap<[u8; 32], i64>>,
+}
+
+impl UsageIngest {
+    /// An ingest accepting batches signed with `secret`.
+    pub fn new(secret: UsageSecret) -> Self {
+        Self {
+            secret,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks a batch's signature and freshness, and that it was not accepted before.
+    fn admit(&self, headers: &HeaderMap, body: &[u8], now: UnixMillis) -> Result<(), Refusal> {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let timestamp = sign::verify_signed(
+            &self.secret.0,
+            text(header::TIMESTAMP),
+            text(header::SIGNATURE),
+            now,
+            |t| sign::usage_message(t, body),
+        )
+        .map_err(Refusal::Signature)?;
+        let digest: [u8; 32] = Sha256::digest(text(header::SIGNATURE).unwrap_or_default()).into();
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.retain(|_, until| *until >= now.0);
+        if seen.contains_key(&digest) {
+            return Err(Refusal::Replayed);
+        }
+        seen.insert(digest, timestamp.0 + MAX_CLOCK_SKEW_MS);
+        Ok(())
+    }
+}
+
+enum Refusal {
+    Signature(SignatureError),
+    Replayed,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    #[allow(
+        dead_code,
+        reason = "names the batch in the signed body so replays are distinct"
+    )]
+    batch: String,
+    uses: Vec<Use>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Use {
+    id: String,
+    at: i64,
+}
+
+/// Accepts a signed usage batch.
+pub async fn usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError<Clerk>> {
+    let Some(ingest) = &state.usage_ingest else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "usage_ingest_disabled",
+            "Usage reporting is off: set USAGE_SIGNING_SECRET on origin and the edge.",
+        ));
+    };
+    let now = system_now();
+    match ingest.admit(&headers, &body, now) {
+        Ok(()) => {}
+        Err(Refusal::Signature(e)) => {
+            tracing::warn!(error = %e, "usage batch refused");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "signature_invalid",
+                format!("The usage batch is not signed correctly: {e}."),
+            ));
+        }
+        Err(Refusal::Replayed) => {
+            tracing::warn!("usage batch replayed; refused");
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "replayed",
+                "This usage batch was already accepted.",
+            ));
+        }
+    }
+    let batch: Batch = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "form_param_invalid",
+            format!("The usage batch does not parse: {e}."),
+        )
+    })?;
+    if batch.uses.len() > USES_MAX {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "form_param_invalid",
+            format!("At most {USES_MAX} uses per batch."),
+        ));
+    }
+    let mut accepted = 0usize;
+    for entry in &batch.uses {
+        // A use in the future is clamped: a skewed edge clock cannot push last_used_at ahead.
+        if let Ok(id) = KeyId::parse(&entry.id) {
+            state
+                .service
+                .record_use(&id, UnixMillis(entry.at.min(now.0)));
+            accepted += 1;
+        }
+    }
+    Ok(Json(json!({ "accepted": accepted })))
+}

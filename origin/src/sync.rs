@@ -1,0 +1,163 @@
+//! `origin sync --full`: rebuild a KV namespace from the database, for a new namespace or after
+//! an incident. Safe while origin serves: it queues every key in the outbox (the same path as
+//! any change, so it can never write a stale state over a newer one) and then drains the
+//! outbox itself, or, when a running origin holds the publisher lock, watches it do so.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use latchkey_shared::KeyId;
+
+use crate::config::KvConfig;
+use crate::kv::KvClient;
+use crate::publish::{self, Publisher, PublisherStatus};
+use crate::service::system_now;
+use crate::store::{KeyStore, SqliteStore, StoreError};
+
+/// Keys queued per transaction.
+const ENQUEUE_CHUNK: u32 = 1000;
+
+/// What a full sync did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncSummary {
+    /// Keys queued for publishing.
+    pub queued: u64,
+    /// Keys written by this command (0 when a running origin published them).
+    pub published_here: u64,
+    /// Failed writes that were retried.
+    pub retries: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Runs a full sync of `store` into the namespace of `kv`.
+pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary, String> {
+    let started = Instant::now();
+    let client = KvClient::new(kv).map_err(|e| e.to_string())?;
+    let total = store.count_keys().await.map_err(|e| e.to_string())?;
+    let mut progress = Progress::new("queue", total);
+    let mut after: Option<KeyId> = None;
+    let mut last_seq = None;
+    let mut queued = 0u64;
+    while let Some((last, seq)) = store
+        .outbox_enqueue_all(after.as_ref(), ENQUEUE_CHUNK, system_now())
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        after = Some(last);
+        last_seq = Some(seq);
+        queued = queued.saturating_add(u64::from(ENQUEUE_CHUNK)).min(total);
+        progress.show(queued);
+    }
+    progress.finish(queued);
+    let Some(last_seq) = last_seq else {
+        return Ok(SyncSummary {
+            queued: 0,
+            published_here: 0,
+            retries: 0,
+            elapsed: started.elapsed(),
+        });
+    };
+
+    let pending = |store: Arc<SqliteStore>| async move {
+        store
+            .outbox_stats(Some(last_seq))
+            .await
+            .map(|s| s.pending)
+            .map_err(|e: StoreError| e.to_string())
+    };
+    let lock = publish::lock_path(store.file());
+    let held = match &lock {
+        Some(path) => publish::try_lock(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => None,
+    };
+    let mut progress = Progress::new("publish", queued);
+    let status = Arc::new(PublisherStatus::new(true));
+    let dyn_store: Arc<dyn KeyStore> = store.clone();
+    let publisher = Publisher::new(dyn_store, client, status.clone(), kv.retry_max);
+    let (mut published_here, mut retries) = (0u64, 0u64);
+    if held.is_none() && lock.is_some() {
+        tracing::info!(
+            "a running origin holds the publisher lock: it publishes, this command watches"
+        );
+    }
+    let mut failures_in_a_row = 0u32;
+    loop {
+        let left = pending(store.clone()).await?;
+        progress.show(queued.saturating_sub(left));
+        if left == 0 {
+            break;
+        }
+        if held.is_some() || lock.is_none() {
+            let outcome = publisher.publish_batch().await.map_err(|e| e.to_string())?;
+            published_here += u64::try_from(outcome.published).unwrap_or(0);
+            retries += u64::try_from(outcome.failed).unwrap_or(0);
+            if outcome.failed > 0 {
+                failures_in_a_row += 1;
+                let wait = kv
+                    .retry_max
+                    .min(Duration::from_millis(100 << failures_in_a_row.min(7)));
+                tokio::time::sleep(wait).await;
+            } else {
+                failures_in_a_row = 0;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    progress.finish(queued);
+    drop(held);
+    Ok(SyncSummary {
+        queued,
+        published_here,
+        retries,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// A progress bar on a terminal; a line every 10% otherwise (logs, CI).
+struct Progress {
+    label: &'static str,
+    total: u64,
+    tty: bool,
+    last_decile: u64,
+}
+
+impl Progress {
+    fn new(label: &'static str, total: u64) -> Self {
+        Self {
+            label,
+            total,
+            tty: std::io::stderr().is_terminal(),
+            last_decile: u64::MAX,
+        }
+    }
+
+    fn show(&mut self, done: u64) {
+        let percent = (done.min(self.total) * 100)
+            .checked_div(self.total)
+            .unwrap_or(100);
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let filled = usize::try_from(percent / 5).unwrap_or(20);
+            let _ = write!(
+                err,
+                "\r{:>8} [{:<20}] {percent:>3}% {done}/{}",
+                self.label,
+                "#".repeat(filled),
+                self.total
+            );
+        } else if percent / 10 != self.last_decile {
+            self.last_decile = percent / 10;
+            let _ = writeln!(err, "{}: {percent}% ({done}/{})", self.label, self.total);
+        }
+    }
+
+    fn finish(&mut self, done: u64) {
+        self.show(done);
+        if self.tty {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
