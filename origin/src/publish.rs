@@ -6,7 +6,7 @@
 //!   Rows are deleted only after KV accepted the write, so a crash or an outage only delays a
 //!   change, never loses it (a row may be published twice, which is harmless).
 //! * Promptness: every commit wakes the publisher (no polling delay); a slow poll is the
-//!   backstop.
+//!   backstop for rows queued by another process.
 //! * Failures: a failed write is retried with exponential backoff and jitter, capped at
 //!   `KV_RETRY_MAX_MS`; each request has a timeout (`KV_REQUEST_TIMEOUT_MS`).
 //! * One publisher per database: it holds an exclusive lock on `<database>.publisher.lock`,
@@ -35,8 +35,9 @@ const BATCH: u32 = 256;
 const CONCURRENCY: usize = 16;
 /// The first retry delay; it doubles up to `KV_RETRY_MAX_MS`.
 const RETRY_BASE: Duration = Duration::from_millis(100);
-/// How often the publisher looks at the outbox when nothing woke it.
-const IDLE_POLL: Duration = Duration::from_secs(30);
+/// How often the publisher looks at the outbox when nothing woke it. Commits in this process
+/// wake it at once; this catches rows another process queued (`origin sync --full`).
+const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Counters for `/healthz` and `/metrics`.
 #[derive(Debug, Default)]
@@ -138,7 +139,7 @@ impl Publisher {
     }
 
     /// Publishes until `stop` turns true: waits for the publisher lock, then drains the outbox
-    /// whenever `wake` fires (and every 30 s regardless).
+    /// whenever `wake` fires (and every second regardless).
     pub async fn run(
         self,
         wake: Arc<Notify>,

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
+pub mod edge;
+
 /// The admin token every test app accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token-aaaaaaaaaaaaaaaaaaaaaaaaaa";
 
@@ -195,6 +197,12 @@ impl TestApp {
         }
     }
 
+    /// Sets (or replaces) an environment variable for origin's next start.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_owned(), value.to_owned()));
+    }
+
     /// Starts origin again over the same database.
     pub async fn restart(&mut self) {
         self.stop().await;
@@ -209,10 +217,16 @@ impl TestApp {
 
     /// Runs `origin <args>` against this app's database.
     pub fn run_command(&self, args: &[&str]) -> std::process::Output {
+        self.run_command_with(args, &[])
+    }
+
+    /// Runs `origin <args>` against this app's database with extra environment variables.
+    pub fn run_command_with(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         Command::new(origin_binary())
             .args(args)
             .env_clear()
             .env("DATABASE_URL", self.database_url())
+            .envs(env.iter().copied())
             .output()
             .expect("run origin command")
     }

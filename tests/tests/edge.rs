@@ -1,0 +1,437 @@
+//! End to end: the real origin publishing into the real Worker's KV under `wrangler dev`, the
+//! gateway forwarding to a real upstream, and usage flowing back to origin.
+
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a failed test"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestApp;
+use common::edge::{Stack, report_measurement};
+use latchkey_shared::{ApiKey, KeyPrefix};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const PUBLISH_LIMIT: Duration = Duration::from_secs(15);
+const KV_READS: &str = "x-latchkey-debug-kv-reads";
+
+fn kv_reads(headers: &reqwest::header::HeaderMap) -> u32 {
+    headers
+        .get(KV_READS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("the debug header counting KV reads")
+}
+
+/// A well-formed key (valid checksum) that was never issued.
+fn unissued_key(prefix: &str) -> String {
+    let prefix = KeyPrefix::parse(prefix).expect("prefix");
+    let mut counter = 7u8;
+    let key = ApiKey::generate(&prefix, &mut |buf: &mut [u8]| {
+        for b in buf {
+            counter = counter.wrapping_mul(31).wrapping_add(17);
+            *b = counter;
+        }
+    });
+    key.expose().to_owned()
+}
+
+#[tokio::test]
+async fn gateway_forwards_allowed_requests_and_refuses_the_rest() {
+    let stack = Stack::start(&[]).await;
+    let edge = &stack.edge;
+    let (id, key) = stack.create(&["read:orders"], json!({})).await;
+    let (answer, _) = edge
+        .verify_until(&key, &[], PUBLISH_LIMIT, |b| b["valid"] == true)
+        .await;
+    assert_eq!(answer["id"], id);
+    assert_eq!(answer["scopes"], json!(["read:orders"]));
+
+    // Allowed: forwarded with the identity, signed; without the key or smuggled headers.
+    let r = TestApp::send(
+        edge.request(Method::GET, "/orders/42?expand=items")
+            .bearer_auth(&key)
+            .header("x-latchkey-subject", "someone-else")
+            .header("x-latchkey-admin", "true"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        r.body["upstream"], "demo",
+        "the upstream answered, its signature check passed"
+    );
+    assert_eq!(r.body["key_id"], id);
+    assert_eq!(r.body["subject"], "acme-corp");
+    assert_eq!(r.body["scopes"], "read:orders");
+    assert_eq!(r.body["path"], "/orders/42");
+    assert_eq!(r.body["query"], "expand=items");
+    assert_eq!(r.body["authorization_forwarded"], false);
+    assert_eq!(r.body["other_latchkey_headers"], json!([]));
+    assert_eq!(kv_reads(&r.headers), 1);
+
+    // A valid key without the route's scope: 403 naming the scope.
+    let r = edge.gateway(Method::POST, "/orders", Some(&key)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "insufficient_scope");
+    let challenge = r.headers["www-authenticate"].to_str().expect("ascii");
+    assert!(
+        challenge.contains(r#"error="insufficient_scope""#) && challenge.contains("write:orders"),
+        "{challenge}"
+    );
+
+    // No rule for the route: refused before any key is looked at (fail closed).
+    for (method, path) in [
+        (Method::GET, "/admin"),
+        (Method::DELETE, "/orders/1"),
+        (Method::GET, "/v1/api_keys"),
+    ] {
+        let r = edge.gateway(method.clone(), path, Some(&key)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::NOT_FOUND,
+            "{method} {path}: {:?}",
+            r.body
+        );
+        assert_eq!(r.body["error"]["code"], "route_not_found");
+        assert_eq!(kv_reads(&r.headers), 0);
+    }
+
+    // No key, garbage, a typo and a never-issued key: the same 401, which says nothing about
+    // whether a key exists. Only the well-formed one costs a KV read.
+    let mut typo = key.clone();
+    let last = typo.pop().expect("non-empty");
+    typo.push(if last == 'a' { 'b' } else { 'a' });
+    let cases: [(Option<&str>, u32); 5] = [
+        (None, 0),
+        (Some("garbage"), 0),
+        (Some(&"x".repeat(5000)), 0),
+        (Some(&typo), 0),
+        (Some(&unissued_key("sk_live")), 1),
+    ];
+    let mut bodies = Vec::new();
+    for (presented, reads) in cases {
+        let r = edge.gateway(Method::GET, "/orders/1", presented).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "{presented:?}: {:?}",
+            r.body
+        );
+        let challenge = r.headers["www-authenticate"].to_str().expect("ascii");
+        assert!(
+            challenge.starts_with("Bearer realm=\"latchkey\""),
+            "{challenge}"
+        );
+        assert_eq!(kv_reads(&r.headers), reads, "KV reads for {presented:?}");
+        if presented.is_some() {
+            bodies.push(r.body);
+        }
+    }
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "identical bodies: {bodies:?}"
+    );
+
+    // Two Authorization headers never make a valid key.
+    let r = TestApp::send(
+        edge.request(Method::GET, "/orders/1")
+            .header("authorization", format!("Bearer {key}"))
+            .header("authorization", format!("Bearer {key}")),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.body);
+
+    // Revoked: the gateway's 401 looks like any other.
+    stack.revoke(&id).await;
+    edge.verify_until(&key, &[], PUBLISH_LIMIT, |b| b["code"] == "REVOKED")
+        .await;
+    let r = edge.gateway(Method::GET, "/orders/1", Some(&key)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.body, bodies[0]);
+}
+
+#[tokio::test]
+async fn edge_follows_origin_changes_reports_usage_and_outlives_origin() {
+    let mut stack = Stack::start(&[]).await;
+    let (id, key) = stack
+        .create(&["read:orders", "write:orders"], json!({}))
+        .await;
+    stack
+        .edge
+        .verify_until(&key, &[], PUBLISH_LIMIT, |b| b["valid"] == true)
+        .await;
+
+    // A POST with a body goes through while the key holds write:orders.
+    let r = TestApp::send(
+        stack
+            .edge
+            .request(Method::POST, "/orders")
+            .bearer_auth(&key)
+            .body("{\"sku\":\"A-1\"}"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["body"], "{\"sku\":\"A-1\"}");
+    assert_eq!(r.body["method"], "POST");
+
+    // last_used_at at origin comes from edge traffic alone (origin verified nothing).
+    let started = std::time::Instant::now();
+    loop {
+        let k = stack.origin.get(&format!("/v1/api_keys/{id}")).await;
+        if k.body["last_used_at"].is_number() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "last_used_at never set: {:?}",
+            k.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Narrowing at origin reaches the edge: write:orders is gone.
+    let r = stack
+        .origin
+        .patch(
+            "/backend.api-keys.update",
+            json!({ "key_id": id, "scopes": ["read:orders"] }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let (answer, took) = stack
+        .edge
+        .verify_until(&key, &["write:orders"], PUBLISH_LIMIT, |b| {
+            b["code"] == "INSUFFICIENT_SCOPE"
+        })
+        .await;
+    assert_eq!(answer["missing_scopes"], json!(["write:orders"]));
+    report_measurement(&format!(
+        "scope narrowing reached the edge in {} ms",
+        took.as_millis()
+    ));
+    let r = stack
+        .edge
+        .gateway(Method::POST, "/orders", Some(&key))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    // Revocation: measured from origin's response to the edge's first denial.
+    let (other_id, other_key) = stack.create(&["read:orders"], json!({})).await;
+    stack
+        .edge
+        .verify_until(&other_key, &[], PUBLISH_LIMIT, |b| b["valid"] == true)
+        .await;
+    stack.revoke(&other_id).await;
+    let (answer, took) = stack
+        .edge
+        .verify_until(&other_key, &[], PUBLISH_LIMIT, |b| b["valid"] == false)
+        .await;
+    assert_eq!(
+        answer["code"], "REVOKED",
+        "a revoked record answers REVOKED, not NOT_FOUND"
+    );
+    assert_eq!(answer["revoked"], true);
+    report_measurement(&format!(
+        "revocation propagation (origin revoke response -> first edge denial): {} ms",
+        took.as_millis()
+    ));
+
+    // Origin stops; the edge keeps deciding from KV alone.
+    stack.origin.stop().await;
+    let r = stack.edge.verify(&key, &["read:orders"]).await;
+    assert_eq!(r.body["valid"], true, "{:?}", r.body);
+    let r = stack
+        .edge
+        .gateway(Method::GET, "/orders/7", Some(&key))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = stack.edge.verify(&other_key, &[]).await;
+    assert_eq!(r.body["code"], "REVOKED");
+}
+
+#[tokio::test]
+async fn edge_and_origin_decide_the_same_table_alike() {
+    let stack = Stack::start(&[]).await;
+    let (_, live) = stack
+        .create(&["read:orders", "write:orders"], json!({}))
+        .await;
+    let (revoked_id, revoked) = stack.create(&["read:orders"], json!({})).await;
+    let (_, expiring) = stack
+        .create(&["read:orders"], json!({ "seconds_until_expiration": 1 }))
+        .await;
+    let (_, dated) = stack
+        .create(
+            &["read:orders"],
+            json!({ "seconds_until_expiration": 86_400 }),
+        )
+        .await;
+    stack.revoke(&revoked_id).await;
+    stack.wait_published(PUBLISH_LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let mut typo = live.clone();
+    let last = typo.pop().expect("non-empty");
+    typo.push(if last == 'Z' { 'Y' } else { 'Z' });
+    let cases: Vec<(&str, String, Vec<&str>, &str)> = vec![
+        ("live, nothing required", live.clone(), vec![], "VALID"),
+        (
+            "live, scope held",
+            live.clone(),
+            vec!["read:orders"],
+            "VALID",
+        ),
+        (
+            "live, both held",
+            live.clone(),
+            vec!["write:orders", "read:orders"],
+            "VALID",
+        ),
+        (
+            "live, one missing",
+            live.clone(),
+            vec!["read:orders", "delete:orders"],
+            "INSUFFICIENT_SCOPE",
+        ),
+        (
+            "dated expiry, held",
+            dated.clone(),
+            vec!["read:orders"],
+            "VALID",
+        ),
+        ("revoked", revoked.clone(), vec![], "REVOKED"),
+        (
+            "revoked beats scope",
+            revoked.clone(),
+            vec!["admin:all"],
+            "REVOKED",
+        ),
+        ("expired", expiring.clone(), vec![], "EXPIRED"),
+        (
+            "expired beats scope",
+            expiring.clone(),
+            vec!["admin:all"],
+            "EXPIRED",
+        ),
+        ("never issued", unissued_key("sk_live"), vec![], "NOT_FOUND"),
+        (
+            "never issued, other prefix",
+            unissued_key("pk_test"),
+            vec![],
+            "NOT_FOUND",
+        ),
+        ("checksum typo", typo, vec![], "MALFORMED"),
+        ("garbage", "hello".into(), vec![], "MALFORMED"),
+        ("empty", String::new(), vec![], "MALFORMED"),
+        (
+            "too long",
+            format!("sk_live_{}", "a".repeat(300)),
+            vec![],
+            "MALFORMED",
+        ),
+    ];
+    let fields = [
+        "valid",
+        "code",
+        "id",
+        "revoked",
+        "scopes",
+        "missing_scopes",
+        "expires_at",
+    ];
+    for (label, key, required, want) in &cases {
+        let at_origin = stack
+            .origin
+            .post(
+                "/backend.api-keys.verify",
+                json!({ "key": key, "required_scopes": required }),
+            )
+            .await;
+        let at_edge = stack.edge.verify(key, required).await;
+        assert_eq!(
+            at_origin.status,
+            StatusCode::OK,
+            "{label}: {:?}",
+            at_origin.body
+        );
+        assert_eq!(
+            at_edge.status,
+            StatusCode::OK,
+            "{label}: {:?}",
+            at_edge.body
+        );
+        assert_eq!(at_origin.body["code"], *want, "{label} at origin");
+        for field in fields {
+            assert_eq!(
+                at_origin.body[field], at_edge.body[field],
+                "{label}: field {field}"
+            );
+        }
+    }
+
+    // Bad requests are refused alike: same status, same code, same field.
+    let bad: [(&str, Value); 4] = [
+        (
+            "wildcard required",
+            json!({ "key": live, "required_scopes": ["read:*"] }),
+        ),
+        (
+            "malformed scope",
+            json!({ "key": live, "required_scopes": ["READ ORDERS"] }),
+        ),
+        (
+            "65 scopes",
+            json!({ "key": live, "required_scopes": vec!["a:b"; 65] }),
+        ),
+        ("no key", json!({ "required_scopes": [] })),
+    ];
+    for (label, body) in bad {
+        let at_origin = stack
+            .origin
+            .post("/backend.api-keys.verify", body.clone())
+            .await;
+        let at_edge = TestApp::send(
+            stack
+                .edge
+                .request(Method::POST, "/v1/api_keys/verify")
+                .json(&body),
+        )
+        .await;
+        assert_eq!(
+            at_origin.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{label}: {:?}",
+            at_origin.body
+        );
+        assert_eq!(
+            at_edge.status, at_origin.status,
+            "{label}: {:?}",
+            at_edge.body
+        );
+        assert_eq!(
+            at_edge.body["error"]["code"], at_origin.body["error"]["code"],
+            "{label}"
+        );
+        if label != "no key" {
+            assert_eq!(
+                at_edge.body["error"]["field"], at_origin.body["error"]["field"],
+                "{label}"
+            );
+        }
+    }
+    let at_edge = TestApp::send(
+        stack
+            .edge
+            .request(Method::POST, "/v1/api_keys/verify")
+            .body("{\"key\":"),
+    )
+    .await;
+    assert_eq!(at_edge.status, StatusCode::BAD_REQUEST);
+    assert_eq!(at_edge.body["error"]["code"], "malformed_json");
+    let r = TestApp::send(stack.edge.request(Method::GET, "/v1/api_keys/verify")).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+}
