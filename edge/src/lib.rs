@@ -1,16 +1,17 @@
 //! Latchkey's edge: a Cloudflare Worker that verifies partner API keys against Workers KV, with
 //! no call back to origin.
 //!
-//! Two ways in ([`fetch`] dispatches):
+//! Two ways in (`fetch` dispatches):
 //! * `POST /v1/api_keys/verify`: an edge answer with the same contract as origin's tutorial
-//!   verify ([`verify_api`]).
-//! * everything else is gateway traffic ([`gateway`]): a request carrying
+//!   verify (`verify_api.rs`).
+//! * everything else is gateway traffic (`gateway.rs`): a request carrying
 //!   `Authorization: Bearer <key>` is checked against the route rules and, if allowed, forwarded
 //!   to the upstream with signed identity headers.
 //!
-//! Both paths go through [`lookup::Lookup`], which parses the presented key first (garbage
-//! costs no KV read) and then makes the shared crate's one decision on the KV record.
-//! Successful verifications are reported to origin in batches ([`usage`]).
+//! Both paths go through `lookup.rs`, which parses the presented key first (garbage costs no KV
+//! read) and then makes the shared crate's one decision on the KV record. Settings are parsed
+//! once per isolate (`config.rs`). Successful verifications are reported to origin in batches
+//! (`usage.rs`).
 
 use worker::{Context, Env, Method, Request, Response, Result, event};
 

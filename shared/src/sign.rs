@@ -16,7 +16,7 @@ type HmacSha256 = Hmac<Sha256>;
 pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
 /// Names of the headers the edge adds to a forwarded request. Any header with the
-/// [`HEADER_PREFIX`] that a client sends is removed before forwarding, so an upstream can trust
+/// [`header::HEADER_PREFIX`] that a client sends is removed before forwarding, so an upstream can trust
 /// every one it sees once the signature checks out.
 pub mod header {
     /// Prefix shared by every Latchkey header; the edge strips incoming headers with it.

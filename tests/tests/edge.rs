@@ -435,3 +435,40 @@ async fn edge_and_origin_decide_the_same_table_alike() {
     let r = TestApp::send(stack.edge.request(Method::GET, "/v1/api_keys/verify")).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
 }
+
+#[tokio::test]
+async fn a_bad_route_rule_refuses_every_request_and_names_the_rule() {
+    let mut edge = common::edge::Edge::on_free_port();
+    edge.var("ROUTES", "GET /orders/** read:orders\nFETCH /x")
+        .var("UPSTREAM_URL", "http://127.0.0.1:9");
+    edge.start_expecting_misconfiguration().await;
+    for path in ["/orders/1", "/v1/api_keys/verify"] {
+        let r = TestApp::send(
+            edge.request(Method::POST, path)
+                .json(&json!({ "key": "x" })),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{path}: {:?}",
+            r.body
+        );
+        assert_eq!(r.body["error"]["code"], "edge_misconfigured");
+        let message = r.body["error"]["message"].as_str().expect("message");
+        assert!(
+            message.contains("route rule 2") && message.contains("FETCH"),
+            "{message}"
+        );
+    }
+    // The Worker's console.error reaches wrangler's output shortly after the response.
+    let started = std::time::Instant::now();
+    while !edge.logs().contains("latchkey edge is misconfigured") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not logged:\n{}",
+            edge.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -73,12 +73,12 @@ async fn changes_made_while_kv_is_unreachable_are_published_once_it_returns() {
     let health = stack.origin.get("/healthz").await;
     assert_eq!(health.body["kv_publisher"]["pending"], 4, "{}", health.body);
 
-    // KV is back (same port, same persisted namespace): everything arrives, nothing twice.
-    stack.edge.start().await;
+    // KV is back (same port, same persisted namespace): everything arrives.
     let started = std::time::Instant::now();
+    stack.edge.start().await;
     stack.wait_published(PUBLISH_LIMIT).await;
     report_measurement(&format!(
-        "KV outage backlog of 4 changes published {} ms after the KV API returned",
+        "KV outage: the 4 changes made meanwhile were all in KV {} ms after wrangler dev was restarted (its start-up included)",
         started.elapsed().as_millis()
     ));
     let edge = &stack.edge;

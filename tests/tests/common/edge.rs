@@ -227,6 +227,15 @@ impl Edge {
     /// Starts `wrangler dev` from the repository's own `wrangler.toml`, and waits until the
     /// Worker answers.
     pub async fn start(&mut self) {
+        self.start_until(StatusCode::OK).await;
+    }
+
+    /// Starts a Worker whose settings are wrong: ready once it answers `503`.
+    pub async fn start_expecting_misconfiguration(&mut self) {
+        self.start_until(StatusCode::SERVICE_UNAVAILABLE).await;
+    }
+
+    async fn start_until(&mut self, ready: StatusCode) {
         assert!(self.group.is_none(), "already running");
         self.runs += 1;
         let log = self.log_path(self.runs);
@@ -259,7 +268,7 @@ impl Edge {
                 .json(&json!({ "key": "probe" }))
                 .send()
                 .await;
-            if probe.is_ok_and(|r| r.status() == StatusCode::OK) {
+            if probe.is_ok_and(|r| r.status() == ready) {
                 return;
             }
             assert!(
