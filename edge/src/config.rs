@@ -62,16 +62,7 @@ impl Settings {
     fn parse(env: &Env) -> Result<Self, ConfigError> {
         let routes = RouteTable::parse(&text(env, "ROUTES").unwrap_or_default())?;
         let upstream = text(env, "UPSTREAM_URL").map(|u| u.trim_end_matches('/').to_owned());
-        if let Some(url) = upstream
-            .as_ref()
-            .filter(|u| !(u.starts_with("http://") || u.starts_with("https://")))
-        {
-            return Err(ConfigError::Invalid {
-                name: "UPSTREAM_URL",
-                expected: "an http:// or https:// URL",
-                value: url.clone(),
-            });
-        }
+        check_url("UPSTREAM_URL", upstream.as_deref())?;
         let upstream_secret = text(env, "UPSTREAM_SIGNING_SECRET").map(String::into_bytes);
         if !routes.is_empty() {
             if upstream.is_none() {
@@ -82,6 +73,7 @@ impl Settings {
             }
         }
         let usage_url = text(env, "ORIGIN_USAGE_URL");
+        check_url("ORIGIN_USAGE_URL", usage_url.as_deref())?;
         let usage_secret = match (&usage_url, text(env, "USAGE_SIGNING_SECRET")) {
             (Some(_), None) => {
                 return Err(ConfigError::Missing(
@@ -124,6 +116,20 @@ impl Settings {
             usage_flush_ms,
             debug_headers,
         })
+    }
+}
+
+/// Refuses a set URL that is not http(s).
+fn check_url(name: &'static str, url: Option<&str>) -> Result<(), ConfigError> {
+    match url {
+        Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+            Err(ConfigError::Invalid {
+                name,
+                expected: "an http:// or https:// URL",
+                value: url.to_owned(),
+            })
+        }
+        _ => Ok(()),
     }
 }
 

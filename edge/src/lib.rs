@@ -56,7 +56,7 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     } else {
         gateway::handle(req, &config, &mut lookup).await?
     };
-    if usage::record(lookup.used_keys(), lookup.now()) {
+    if usage::record(&config, lookup.used_keys(), lookup.now()) {
         ctx.wait_until(usage::send_after_interval(config.clone()));
     }
     if config.debug_headers {

@@ -16,16 +16,20 @@ use serde::Serialize;
 use wasm_bindgen::JsValue;
 use worker::{Delay, Fetch, Headers, Method, Request, RequestInit};
 
-use crate::config::Config;
+use crate::config::{Config, Settings};
 
 /// Most distinct keys held between batches; beyond it, new keys wait for the next batch.
 const PENDING_MAX: usize = 10_000;
 
+/// How long a scheduled send may take before it is presumed cut off (Cloudflare ends
+/// `wait_until` work 30 s after the response) and a new one is scheduled.
+const SEND_GRACE_MS: i64 = 30_000;
+
 #[derive(Default)]
 struct Pending {
     uses: HashMap<String, i64>,
-    /// Whether a delayed send is already scheduled for the current uses.
-    scheduled: bool,
+    /// When the pending delayed send was scheduled, if one is.
+    scheduled_at: Option<i64>,
     /// Identifies this isolate's batches, so a replayed batch is recognisable.
     isolate: String,
     sent: u64,
@@ -48,10 +52,11 @@ struct Use {
     at: i64,
 }
 
-/// Records that `ids` verified at `now`. Returns true when the caller should schedule a send
-/// (the first use since the last batch).
-pub(crate) fn record(ids: &[KeyId], now: UnixMillis) -> bool {
-    if ids.is_empty() {
+/// Records that `ids` verified at `now`. Returns true when the caller should schedule a send:
+/// the first use since the last batch, or a scheduled send that never finished (the runtime
+/// may cut `wait_until` work short).
+pub(crate) fn record(config: &Settings, ids: &[KeyId], now: UnixMillis) -> bool {
+    if ids.is_empty() || config.usage_url.is_none() {
         return false;
     }
     PENDING.with(|cell| {
@@ -63,14 +68,18 @@ pub(crate) fn record(ids: &[KeyId], now: UnixMillis) -> bool {
             let at = pending.uses.entry(id.as_str().to_owned()).or_insert(now.0);
             *at = (*at).max(now.0);
         }
-        !std::mem::replace(&mut pending.scheduled, true)
+        let overdue = |at: i64| now.0 - at > config.usage_flush_ms + SEND_GRACE_MS;
+        if pending.scheduled_at.is_some_and(|at| !overdue(at)) {
+            return false;
+        }
+        pending.scheduled_at = Some(now.0);
+        true
     })
 }
 
 /// Waits one flush interval, then sends what gathered meanwhile.
 pub(crate) async fn send_after_interval(config: Config) {
     let Some(url) = config.usage_url.clone() else {
-        PENDING.with(|cell| cell.borrow_mut().uses.clear());
         return;
     };
     let wait = u64::try_from(config.usage_flush_ms).unwrap_or(10_000);
@@ -91,7 +100,7 @@ pub(crate) async fn send_after_interval(config: Config) {
 fn take_batch() -> Option<Batch> {
     PENDING.with(|cell| {
         let mut pending = cell.borrow_mut();
-        pending.scheduled = false;
+        pending.scheduled_at = None;
         if pending.uses.is_empty() {
             return None;
         }

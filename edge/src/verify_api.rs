@@ -2,8 +2,7 @@
 //! [`VerifyReport`] out, exactly as origin's tutorial verify answers (minus the two fields only
 //! origin knows: `created_at` and `last_used_at`).
 
-use latchkey_shared::{VerifyReport, parse_required};
-use serde::Deserialize;
+use latchkey_shared::{VerifyReport, VerifyRequest, parse_required};
 use worker::{Request, Response, Result};
 
 use crate::lookup::Lookup;
@@ -11,14 +10,6 @@ use crate::reply;
 
 /// Largest request body accepted, as at origin.
 const BODY_MAX_BYTES: usize = 64 * 1024;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VerifyRequest {
-    key: String,
-    #[serde(default)]
-    required_scopes: Vec<String>,
-}
 
 pub(crate) async fn handle(mut req: Request, lookup: &mut Lookup<'_>) -> Result<Response> {
     let declared = req

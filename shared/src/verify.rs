@@ -1,6 +1,6 @@
 //! The one verification decision, shared by origin and edge so they can never disagree.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::key::{ApiKey, KeyError};
 use crate::record::{KeyRecord, UnixMillis};
@@ -88,6 +88,18 @@ pub fn parse_required<S: AsRef<str>>(required: &[S]) -> Result<Vec<Scope>, Requi
         .iter()
         .map(|s| Scope::parse(s.as_ref()))
         .collect::<Result<_, _>>()?)
+}
+
+/// A verification request as origin's tutorial surface and the edge read it: the presented
+/// `key` and the scopes the caller requires (default none). Unknown fields are refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// The presented key, as the partner sent it.
+    pub key: String,
+    /// Scopes the key must hold (see [`parse_required`]).
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
 }
 
 /// The answer to a verification as both origin's tutorial surface and the edge print it, so a

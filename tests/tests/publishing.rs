@@ -141,17 +141,10 @@ async fn sync_full_rebuilds_a_namespace_alone_and_beside_a_running_origin() {
         ("KV_NAMESPACE_ID", KV_NAMESPACE_ID.to_owned()),
     ];
     let kv_env: Vec<(&str, &str)> = kv_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let out = origin.run_command_with(&["sync", "--full"], &kv_env);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("synced 40 keys")
-            && stdout.contains("(40 written by this command, 0 by the running origin"),
-        "{stdout}"
+    let stdout = sync_full(
+        &origin,
+        &kv_env,
+        "(40 written by this command, 0 by the running origin",
     );
     report_measurement(&format!("origin sync --full: {}", stdout.trim()));
     for (i, (id, key)) in keys.iter().enumerate() {
@@ -169,17 +162,10 @@ async fn sync_full_rebuilds_a_namespace_alone_and_beside_a_running_origin() {
         origin.set_env(name, value);
     }
     origin.restart().await;
-    let out = origin.run_command_with(&["sync", "--full"], &kv_env);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("synced 40 keys")
-            && stdout.contains("(0 written by this command, 40 by the running origin"),
-        "{stdout}"
+    sync_full(
+        &origin,
+        &kv_env,
+        "(0 written by this command, 40 by the running origin",
     );
     let health = origin.get("/healthz").await;
     assert_eq!(health.body["kv_publisher"]["pending"], 0, "{}", health.body);
@@ -188,4 +174,21 @@ async fn sync_full_rebuilds_a_namespace_alone_and_beside_a_running_origin() {
     let out = origin.run_command(&["sync", "--full"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("KV_API_BASE"));
+}
+
+/// Runs `origin sync --full` against `origin`'s database; checks that it succeeded, synced all
+/// 40 keys and says `who` wrote them. Returns its summary line.
+fn sync_full(origin: &TestApp, kv_env: &[(&str, &str)], who: &str) -> String {
+    let out = origin.run_command_with(&["sync", "--full"], kv_env);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("synced 40 keys") && stdout.contains(who),
+        "{stdout}"
+    );
+    stdout
 }

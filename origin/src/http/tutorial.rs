@@ -5,7 +5,7 @@
 use axum::extract::{RawQuery, State};
 use axum::routing::{delete, get, patch, post};
 use axum::{Extension, Json, Router};
-use latchkey_shared::{UnixMillis, VerifyReport};
+use latchkey_shared::{UnixMillis, VerifyReport, VerifyRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -110,14 +110,6 @@ async fn create(
         metadata: key.claims,
         expires_at: key.expiration.map(iso),
     }))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VerifyRequest {
-    key: String,
-    #[serde(default)]
-    required_scopes: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
