@@ -12,14 +12,14 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::put;
-use common::TestApp;
+use common::{TestApp, eventually};
 use latchkey_shared::{ApiKey, KeyRecord, kv_entry_name};
 use serde_json::{Value, json};
 
@@ -131,19 +131,7 @@ async fn publishes_through_rate_limits_and_server_errors_with_the_token_and_the_
         .await;
     assert_eq!(r.status, reqwest::StatusCode::OK, "{:?}", r.body);
 
-    let started = Instant::now();
-    let health = loop {
-        let health = app.get("/healthz").await;
-        if health.body["kv_publisher"]["pending"] == 0 {
-            break health;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "not published: {}",
-            health.body
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let health = app.wait_published(Duration::from_secs(20)).await;
     let publisher = &health.body["kv_publisher"];
     assert!(
         publisher["failures"].as_u64().expect("failures") >= 4,
@@ -186,30 +174,20 @@ async fn a_refused_token_is_reported_and_retried_until_it_works() {
     app.create_key("acme-corp", &["read:orders"]).await;
 
     // While refused, /healthz names Cloudflare's error.
-    let started = Instant::now();
-    loop {
+    let error = eventually(Duration::from_secs(10), || async {
         let health = app.get("/healthz").await;
         let error = health.body["kv_publisher"]["last_error"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
         if error.contains("Authentication error (10000)") {
-            assert!(error.contains("403"), "{error}");
-            break;
+            Ok(error)
+        } else {
+            Err(health.body.to_string())
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{}",
-            health.body
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let started = Instant::now();
-    while fake.lock().expect("lock").writes.is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "never published"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert!(error.contains("403"), "{error}");
+    app.wait_published(Duration::from_secs(20)).await;
+    assert_eq!(fake.lock().expect("lock").writes.len(), 1);
 }

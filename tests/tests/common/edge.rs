@@ -401,18 +401,6 @@ impl Stack {
 
     /// Waits until origin's outbox is empty (everything acknowledged is in KV).
     pub async fn wait_published(&self, limit: Duration) {
-        let started = Instant::now();
-        loop {
-            let health = self.origin.get("/healthz").await;
-            if health.body["kv_publisher"]["pending"] == 0 {
-                return;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "outbox not drained: {}",
-                health.body
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.origin.wait_published(limit).await;
     }
 }

@@ -301,6 +301,20 @@ impl TestApp {
         )
     }
 
+    /// Waits until the KV outbox is empty (everything acknowledged is in KV); returns the last
+    /// `/healthz` answer.
+    pub async fn wait_published(&self, limit: Duration) -> Reply {
+        eventually(limit, || async {
+            let health = self.get("/healthz").await;
+            if health.body["kv_publisher"]["pending"] == 0 {
+                Ok(health)
+            } else {
+                Err(format!("outbox not drained: {}", health.body))
+            }
+        })
+        .await
+    }
+
     /// All bytes of the database: main file, WAL and shared memory.
     pub fn database_bytes(&self) -> Vec<u8> {
         let mut all = Vec::new();
@@ -315,6 +329,24 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Polls `check` every 20 ms until it answers `Ok`, and returns that; fails the test with the
+/// last `Err` if `limit` passes first. For states that arrive asynchronously (KV publication,
+/// usage flushes, log lines).
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) => assert!(started.elapsed() < limit, "not within {limit:?}: {last}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
