@@ -3,7 +3,10 @@
 //! * [`clerk`]: the primary REST API, compatible with Clerk's Backend API for API keys, under
 //!   `/v1` and (for Clerk's SDK, which omits the version) at the root.
 //! * [`tutorial`]: the five calls of the Clerk tutorial our users start from, at its exact paths.
-//! * `GET /v1/audit_log` and `GET /healthz`.
+//! * `GET /v1/audit_log` (admin).
+//! * [`ingest`]: `POST /v1/usage`, the edge's usage reports, authenticated by HMAC signature
+//!   instead of an admin token.
+//! * `GET /healthz` (database and KV publisher backlog) and `GET /metrics` (Prometheus), open.
 
 use std::sync::Arc;
 use std::time::Instant;
