@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use latchkey_shared::{
-    ApiKey, KeyId, KeyPrefix, PRESENTED_MAX, REQUIRED_SCOPES_MAX, ScopeError, ScopePolicy,
-    UnixMillis, Verdict, decide, parse_presented, parse_required,
+    ApiKey, KeyId, KeyPrefix, KeyRecord, PRESENTED_MAX, REQUIRED_SCOPES_MAX, ScopeError,
+    ScopePolicy, UnixMillis, Verdict, decide, parse_presented, parse_required,
 };
 use serde_json::{Map, Value, json};
 
@@ -131,6 +131,8 @@ pub struct Verification {
     pub verdict: Verdict,
     /// The key, if the secret matched one.
     pub key: Option<StoredKey>,
+    /// The key's record as the decision saw it (the edge's view of the same key).
+    pub record: Option<KeyRecord>,
 }
 
 /// The time source. Real time in production; tests of the HTTP API use real time too.
@@ -405,18 +407,29 @@ impl KeyService {
             parse_required(required).map_err(|e| invalid("required_scopes", e.to_string()))?;
         let secret = match parse_presented(presented) {
             Ok(secret) => secret,
-            Err(verdict) => return Ok(Verification { verdict, key: None }),
+            Err(verdict) => {
+                return Ok(Verification {
+                    verdict,
+                    key: None,
+                    record: None,
+                });
+            }
         };
         let key = self.store.find_by_hash(&secret.hash()).await?;
         let now = system_now();
-        let verdict = decide(key.as_ref().map(StoredKey::record).as_ref(), now, &required);
+        let record = key.as_ref().map(StoredKey::record);
+        let verdict = decide(record.as_ref(), now, &required);
         let key = key.map(|k| {
             if verdict.is_valid() {
                 self.usage.touch(&k.id, now);
             }
             self.with_usage(k)
         });
-        Ok(Verification { verdict, key })
+        Ok(Verification {
+            verdict,
+            key,
+            record,
+        })
     }
 
     /// Audit log entries after `after_seq`, optionally for one key.

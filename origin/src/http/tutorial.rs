@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use super::error::{ApiError, Tutorial};
 use super::extract::{self, JsonBody, double_option};
 use super::{Actor, AppState};
-use crate::model::{ListFilter, StoredKey};
+use crate::model::ListFilter;
 use crate::service::{KeyChanges, NewKey, ServiceError, limits, system_now};
 
 type Result<T> = std::result::Result<Json<T>, ApiError<Tutorial>>;
@@ -129,10 +129,7 @@ async fn verify(
     let outcome = state.service.verify(&req.key, &req.required_scopes).await?;
     let key = outcome.key;
     Ok(Json(VerifyResponse {
-        report: VerifyReport::new(
-            &outcome.verdict,
-            key.as_ref().map(StoredKey::record).as_ref(),
-        ),
+        report: VerifyReport::new(&outcome.verdict, outcome.record.as_ref()),
         created_at: key.as_ref().map(|k| iso(k.created_at)),
         last_used_at: key.as_ref().and_then(|k| k.last_used_at).map(iso),
     }))
