@@ -31,6 +31,13 @@ pub struct Config {
     /// `USAGE_SIGNING_SECRET`: the secret the edge signs usage reports with; `None` turns the
     /// usage ingest endpoint off.
     pub usage_secret: Option<UsageSecret>,
+    /// `REQUEST_READ_TIMEOUT_MS`: how long a client may take to send a request's headers, and
+    /// then its body. Slower clients get 408 (body) or a closed connection (headers), so a
+    /// slow-loris client cannot hold a connection open for ever.
+    pub request_read_timeout: Duration,
+    /// `ADMIN_AUTH_FAILURES_PER_MINUTE`: wrong or malformed admin tokens accepted from one client
+    /// address per minute; beyond it the address gets 429 until the minute is over.
+    pub admin_auth_failures_per_minute: u32,
 }
 
 /// Where and how to write Workers KV through Cloudflare's REST API (or the local copy of it
@@ -270,6 +277,31 @@ impl Config {
             None => Duration::from_secs(5),
         };
 
+        let request_read_timeout = match var("REQUEST_READ_TIMEOUT_MS") {
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(ms) if (100..=600_000).contains(&ms) => Duration::from_millis(ms),
+                _ => {
+                    return Err(problem(
+                        "REQUEST_READ_TIMEOUT_MS",
+                        format!("{v:?} is not a number of milliseconds from 100 to 600000"),
+                    ));
+                }
+            },
+            None => Duration::from_secs(10),
+        };
+        let admin_auth_failures_per_minute = match var("ADMIN_AUTH_FAILURES_PER_MINUTE") {
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => n,
+                _ => {
+                    return Err(problem(
+                        "ADMIN_AUTH_FAILURES_PER_MINUTE",
+                        format!("{v:?} is not a number from 1 to 1000000"),
+                    ));
+                }
+            },
+            None => 20,
+        };
+
         Ok(Self {
             listen,
             database_url,
@@ -293,6 +325,8 @@ impl Config {
                     ));
                 }
             },
+            request_read_timeout,
+            admin_auth_failures_per_minute,
         })
     }
 }

@@ -15,6 +15,7 @@ usage: origin <command>
 commands:
   serve          run the key service (configuration from the environment; see README)
   audit verify   check the audit log's hash chain; exits 1 if it is broken
+  routes         print every HTTP route, its method and who may call it (JSON lines)
   sync --full    publish every key's current state to Workers KV (KV_API_BASE, KV_NAMESPACE_ID,
                  KV_API_TOKEN), e.g. into a new namespace; safe while origin serves
 ";
@@ -45,6 +46,15 @@ fn main() -> ExitCode {
             }
         }
         ["audit", "verify"] => runtime.block_on(audit_verify()),
+        ["routes"] => {
+            for route in latchkey_origin::http::route_list() {
+                match serde_json::to_string(&route) {
+                    Ok(line) => out(&format!("{line}\n")),
+                    Err(e) => return fail(&e.to_string()),
+                }
+            }
+            ExitCode::SUCCESS
+        }
         ["sync", "--full"] => runtime.block_on(sync_full()),
         ["help" | "--help" | "-h"] => {
             out(USAGE);

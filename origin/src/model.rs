@@ -102,10 +102,11 @@ pub struct AuditEvent {
     pub at: UnixMillis,
     /// Who: the admin token's label.
     pub actor: String,
-    /// What: `create`, `update` or `revoke`.
+    /// What: `create`, `update` or `revoke`; or a refused attempt, `create_refused` or
+    /// `update_refused`.
     pub action: &'static str,
-    /// Which key.
-    pub key_id: KeyId,
+    /// Which key (`None` for a refused create: no key exists).
+    pub key_id: Option<KeyId>,
     /// What changed (JSON object, never a secret).
     pub details: Value,
 }

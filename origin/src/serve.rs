@@ -3,9 +3,18 @@
 //! beside the server; what it has not published stays in the outbox for the next start.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tower::ServiceExt as _;
 
 use crate::config::Config;
 use crate::http::ingest::UsageIngest;
@@ -33,6 +42,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .usage_secret
             .clone()
             .map(|secret| Arc::new(UsageIngest::new(secret))),
+        admin_auth_failures_per_minute: config.admin_auth_failures_per_minute,
+        request_read_timeout: config.request_read_timeout,
     };
     if state.usage_ingest.is_none() {
         tracing::info!("USAGE_SIGNING_SECRET is unset: POST /v1/usage (edge usage reports) is off");
@@ -75,9 +86,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         admin_tokens = ?config.admin_tokens,
         "origin listening"
     );
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    serve_http(listener, router(state), config.request_read_timeout).await;
 
     tracing::info!("shutting down: flushing last_used_at");
     let _ = stop_tx.send(true);
@@ -91,6 +100,56 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     store.close().await;
     Ok(())
 }
+
+/// Serves HTTP/1.1 on `listener` until a shutdown signal, then lets requests in flight finish
+/// (for at most [`DRAIN_LIMIT`]).
+///
+/// Not `axum::serve`: it sets no timer, so hyper's header read timeout never fires and a client
+/// sending its headers a byte a minute would hold its connection for ever. Here headers must
+/// arrive within `read_timeout` (the body's own limit is in the JSON extractor), and each
+/// request carries its peer address for the admin failure limit.
+async fn serve_http(listener: TcpListener, app: axum::Router, read_timeout: Duration) {
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = app.clone().map_request(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req.map(Body::new)
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(read_timeout)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(DRAIN_LIMIT) => {
+            tracing::warn!("requests still running after {DRAIN_LIMIT:?}; stopping anyway");
+        }
+    }
+}
+
+/// Longest wait for requests in flight at shutdown.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 async fn flush_usage_periodically(
     service: Arc<KeyService>,

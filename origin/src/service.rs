@@ -31,6 +31,8 @@ pub mod limits {
     pub const REVOCATION_REASON_MAX: usize = 512;
     /// Most scopes on one key (the most one verification may require, too).
     pub const SCOPES_MAX: usize = super::REQUIRED_SCOPES_MAX;
+    /// Longest requested scope kept in the audit entry of a refused grant, in characters.
+    pub const SCOPE_AUDIT_CHARS_MAX: usize = 128;
     /// Largest `claims` / `metadata` object, serialised, in bytes.
     pub const CLAIMS_MAX_BYTES: usize = 4096;
     /// Deepest nesting of `claims` / `metadata`.
@@ -216,7 +218,7 @@ impl KeyService {
         let subject = text("subject", &new.subject, limits::SUBJECT_MAX)?;
         let description = optional_text("description", new.description, limits::DESCRIPTION_MAX)?;
         let created_by = optional_text("created_by", new.created_by, limits::CREATED_BY_MAX)?;
-        let scopes = self.grant(&new.scopes)?;
+        let scopes = self.grant(actor, None, &new.scopes).await?;
         let claims = new.claims.map(claims).transpose()?.flatten();
         let expiration = new
             .seconds_until_expiration
@@ -247,7 +249,7 @@ impl KeyService {
             at: now,
             actor: actor.to_owned(),
             action: "create",
-            key_id: key.id.clone(),
+            key_id: Some(key.id.clone()),
             details: json!({
                 "name": key.name,
                 "subject": key.subject,
@@ -305,11 +307,10 @@ impl KeyService {
             .description
             .map(|d| optional_text("description", d, limits::DESCRIPTION_MAX))
             .transpose()?;
-        let scopes = changes
-            .scopes
-            .as_deref()
-            .map(|s| self.grant(s))
-            .transpose()?;
+        let scopes = match changes.scopes.as_deref() {
+            Some(requested) => Some(self.grant(actor, Some(id), requested).await?),
+            None => None,
+        };
         let claims = changes
             .claims
             .map(|c| c.map(claims).transpose().map(Option::flatten))
@@ -474,7 +475,7 @@ impl KeyService {
                 at: now,
                 actor: actor.to_owned(),
                 action,
-                key_id: id.clone(),
+                key_id: Some(id.clone()),
                 details,
             };
             if self.store.replace(&next, current.revision, &event).await? {
@@ -492,16 +493,51 @@ impl KeyService {
         key
     }
 
-    fn grant(&self, scopes: &[String]) -> Result<latchkey_shared::ScopeSet, ServiceError> {
-        if scopes.len() > limits::SCOPES_MAX {
-            return Err(invalid(
-                "scopes",
-                format!("at most {} scopes", limits::SCOPES_MAX),
-            ));
+    /// Parses requested scopes under the policy (catalogue, wildcards). A refusal is written to
+    /// the audit log before it is returned, so attempts to escalate leave a trace.
+    async fn grant(
+        &self,
+        actor: &str,
+        key: Option<&KeyId>,
+        requested: &[String],
+    ) -> Result<latchkey_shared::ScopeSet, ServiceError> {
+        let refusal = if requested.len() > limits::SCOPES_MAX {
+            format!("at most {} scopes", limits::SCOPES_MAX)
+        } else {
+            match self.policy.parse_grants(requested) {
+                Ok(granted) => return Ok(granted),
+                Err(e) => {
+                    let e: ScopeError = e;
+                    e.to_string()
+                }
+            }
+        };
+        let event = AuditEvent {
+            at: system_now(),
+            actor: actor.to_owned(),
+            action: if key.is_some() {
+                "update_refused"
+            } else {
+                "create_refused"
+            },
+            key_id: key.cloned(),
+            details: json!({
+                "field": "scopes",
+                "reason": refusal,
+                // Scopes are not secrets; keep the entry bounded whatever was sent.
+                "requested": requested
+                    .iter()
+                    .take(limits::SCOPES_MAX)
+                    .map(|s| s.chars().take(limits::SCOPE_AUDIT_CHARS_MAX).collect::<String>())
+                    .collect::<Vec<_>>(),
+                "requested_count": requested.len(),
+            }),
+        };
+        if let Err(error) = self.store.record_refusal(&event).await {
+            // The caller still gets the refusal; the missing audit entry is an operator matter.
+            tracing::error!(%error, "could not audit a refused scope grant");
         }
-        self.policy
-            .parse_grants(scopes)
-            .map_err(|e: ScopeError| invalid("scopes", e.to_string()))
+        Err(invalid("scopes", refusal))
     }
 }
 

@@ -2,15 +2,15 @@
 //! `@clerk/backend`'s `apiKeys` client works against origin unchanged. Times are unix ms.
 
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::http::{Method, StatusCode};
+use axum::{Extension, Json};
 use latchkey_shared::{KeyId, UnixMillis, Verdict};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, Clerk};
 use super::extract::{self, JsonBody, KeyIdPath, double_option};
+use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::{AuditEntry, ListFilter, StoredKey};
 use crate::service::{KeyChanges, NewKey, system_now};
@@ -18,17 +18,18 @@ use crate::service::{KeyChanges, NewKey, system_now};
 type Result<T> = std::result::Result<Json<T>, ApiError<Clerk>>;
 type Body<T> = JsonBody<T, Clerk>;
 
-/// `/api_keys` routes (mounted under `/v1` and at the root).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api_keys", post(create).get(list))
-        .route("/api_keys/verify", post(verify))
-        .route(
-            "/api_keys/{id}",
-            get(show).patch(update).delete(refuse_delete),
-        )
-        .route("/api_keys/{id}/revoke", post(revoke))
-        .route("/api_keys/{id}/secret", get(refuse_secret))
+/// Adds the `/api_keys` routes under `base` (`/v1`, and `""` for Clerk's SDK).
+pub fn routes(table: Routes, base: &str) -> Routes {
+    let keys = format!("{base}/api_keys");
+    table
+        .admin::<Clerk, _, _>(Method::POST, &keys, create)
+        .admin::<Clerk, _, _>(Method::GET, &keys, list)
+        .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/verify"), verify)
+        .admin::<Clerk, _, _>(Method::GET, &format!("{keys}/{{id}}"), show)
+        .admin::<Clerk, _, _>(Method::PATCH, &format!("{keys}/{{id}}"), update)
+        .admin::<Clerk, _, _>(Method::DELETE, &format!("{keys}/{{id}}"), refuse_delete)
+        .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/revoke"), revoke)
+        .admin::<Clerk, _, _>(Method::GET, &format!("{keys}/{{id}}/secret"), refuse_secret)
 }
 
 /// Clerk's SDK has `apiKeys.delete`; Latchkey never deletes a key (its audit trail would dangle).

@@ -2,6 +2,7 @@
 //! surface, naming the field where there is one.
 
 use std::marker::PhantomData;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
@@ -29,24 +30,7 @@ where
     type Rejection = ApiError<E>;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!(
-                        "The request body is larger than {} bytes.",
-                        limits::BODY_MAX_BYTES
-                    ),
-                )
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed_request",
-                    "The request body could not be read.",
-                )
-            }
-        })?;
+        let RawBody(bytes, _) = RawBody::<E>::from_request(req, state).await?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {
@@ -55,6 +39,64 @@ where
         parse_json(bytes).map(|t| Self(t, PhantomData))
     }
 }
+
+/// How long a request body may take to arrive (`REQUEST_READ_TIMEOUT_MS`); the router puts it
+/// in every request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline(pub Duration);
+
+/// The raw request body, at most [`limits::BODY_MAX_BYTES`], arrived within the
+/// [`BodyDeadline`]; or an error in envelope `E` (413, 408, 400).
+#[derive(Debug)]
+pub struct RawBody<E>(pub Bytes, pub PhantomData<E>);
+
+impl<S, E> FromRequest<S> for RawBody<E>
+where
+    S: Send + Sync,
+    E: Envelope,
+{
+    type Rejection = ApiError<E>;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let deadline = req
+            .extensions()
+            .get::<BodyDeadline>()
+            .map_or(DEFAULT_BODY_DEADLINE, |d| d.0);
+        let read = tokio::time::timeout(deadline, Bytes::from_request(req, state)).await;
+        let Ok(read) = read else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "The request body did not arrive within {} ms.",
+                    deadline.as_millis()
+                ),
+            ));
+        };
+        read.map(|bytes| Self(bytes, PhantomData))
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!(
+                            "The request body is larger than {} bytes.",
+                            limits::BODY_MAX_BYTES
+                        ),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "malformed_request",
+                        "The request body could not be read.",
+                    )
+                }
+            })
+    }
+}
+
+/// The body deadline where the router set none (handlers called directly).
+const DEFAULT_BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 fn parse_json<T: DeserializeOwned, E>(bytes: &[u8]) -> Result<T, ApiError<E>> {
     let malformed = |e: &serde_json::Error| {

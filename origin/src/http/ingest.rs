@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use latchkey_shared::sign::{self, MAX_CLOCK_SKEW_MS, SignatureError, header};
@@ -20,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::error::{ApiError, Clerk};
+use super::extract::RawBody;
 use crate::config::UsageSecret;
 use crate::service::system_now;
 
@@ -93,7 +93,7 @@ struct Use {
 pub async fn usage(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body, _): RawBody<Clerk>,
 ) -> Result<Json<Value>, ApiError<Clerk>> {
     let Some(ingest) = &state.usage_ingest else {
         return Err(ApiError::new(

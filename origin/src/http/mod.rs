@@ -12,24 +12,26 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::config::AdminToken;
 use crate::publish::PublisherStatus;
 use crate::service::{KeyService, limits};
-use error::{ApiError, Clerk, Envelope, Tutorial};
+use admin::AdminGuard;
+use error::{ApiError, Clerk};
+use extract::BodyDeadline;
+use routes::{RouteInfo, Routes};
 
+pub mod admin;
 pub mod clerk;
 pub mod error;
 pub mod extract;
 pub mod ingest;
+pub mod routes;
 pub mod tutorial;
 
 /// What every handler can reach.
@@ -43,6 +45,10 @@ pub struct AppState {
     pub publisher: Arc<PublisherStatus>,
     /// Verifies the edge's usage reports; `None` when `USAGE_SIGNING_SECRET` is unset.
     pub usage_ingest: Option<Arc<ingest::UsageIngest>>,
+    /// Failed admin authentications allowed per client address and minute.
+    pub admin_auth_failures_per_minute: u32,
+    /// How long a request body may take to arrive.
+    pub request_read_timeout: std::time::Duration,
 }
 
 /// The admin who made a request, by the non-secret label of their token.
@@ -51,69 +57,35 @@ pub struct Actor(pub String);
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    let clerk_api = clerk::routes().route("/audit_log", get(clerk::audit_log));
-    Router::new()
-        .nest("/v1", admin::<Clerk>(clerk_api, &state))
-        .merge(admin::<Clerk>(clerk::routes(), &state))
-        .merge(admin::<Tutorial>(tutorial::routes(), &state))
-        .route("/v1/usage", post(ingest::usage))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+    let guard = AdminGuard::new(
+        state.admin_tokens.clone(),
+        state.admin_auth_failures_per_minute,
+    );
+    let (routes, _) = table(guard).finish();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits::BODY_MAX_BYTES))
+        .layer(Extension(BodyDeadline(state.request_read_timeout)))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
 
-/// Puts admin authentication in front of every route of `routes`.
-fn admin<E: Envelope>(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
-    routes.route_layer(middleware::from_fn_with_state(
-        state.admin_tokens.clone(),
-        require_admin::<E>,
-    ))
+/// Every route, its method and who may call it (what `origin routes` prints).
+pub fn route_list() -> Vec<RouteInfo> {
+    table(AdminGuard::new(Arc::from([]), 1)).finish().1
 }
 
-/// Requires exactly one `Authorization: Bearer <token>` header naming a configured admin token.
-/// Every configured token is compared, in constant time, so timing reveals nothing.
-async fn require_admin<E: Envelope>(
-    State(tokens): State<Arc<[AdminToken]>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return ApiError::<E>::unauthorized(
-            "Send exactly one `Authorization: Bearer <admin token>` header.",
-        )
-        .into_response();
-    };
-    let presented = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let Some(presented) = presented else {
-        return ApiError::<E>::unauthorized(
-            "The Authorization header must be `Bearer <admin token>`.",
-        )
-        .into_response();
-    };
-    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-    let mut matched: Option<&AdminToken> = None;
-    for token in tokens.iter() {
-        if bool::from(token.digest().ct_eq(&digest)) {
-            matched = Some(token);
-        }
-    }
-    match matched {
-        Some(token) => {
-            req.extensions_mut().insert(Actor(token.label().to_owned()));
-            next.run(req).await
-        }
-        None => ApiError::<E>::unauthorized("The admin token is not valid.").into_response(),
-    }
+/// The one place routes are added.
+fn table(guard: AdminGuard) -> Routes {
+    let table = Routes::new(guard);
+    let table = clerk::routes(table, "/v1");
+    let table = clerk::routes(table, "");
+    tutorial::routes(table)
+        .admin::<Clerk, _, _>(Method::GET, "/v1/audit_log", clerk::audit_log)
+        .signed(Method::POST, "/v1/usage", ingest::usage)
+        .open(Method::GET, "/healthz", healthz)
+        .open(Method::GET, "/metrics", metrics)
 }
 
 /// Logs method, path, status and latency. Never headers, query strings or bodies: they can

@@ -3,14 +3,15 @@
 //! for list, and a verify that answers 200 with `valid:false` and a reason `code` for a bad key.
 
 use axum::extract::{RawQuery, State};
-use axum::routing::{delete, get, patch, post};
-use axum::{Extension, Json, Router};
+use axum::http::Method;
+use axum::{Extension, Json};
 use latchkey_shared::{UnixMillis, VerifyReport, VerifyRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, Tutorial};
 use super::extract::{self, JsonBody, double_option};
+use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::ListFilter;
 use crate::service::{KeyChanges, NewKey, ServiceError, limits, system_now};
@@ -18,14 +19,14 @@ use crate::service::{KeyChanges, NewKey, ServiceError, limits, system_now};
 type Result<T> = std::result::Result<Json<T>, ApiError<Tutorial>>;
 type Body<T> = JsonBody<T, Tutorial>;
 
-/// The tutorial's routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/backend.api-keys.create", post(create))
-        .route("/backend.api-keys.verify", post(verify))
-        .route("/backend.api-keys.list", get(list))
-        .route("/backend.api-keys.revoke", delete(revoke))
-        .route("/backend.api-keys.update", patch(update))
+/// Adds the tutorial's routes.
+pub fn routes(table: Routes) -> Routes {
+    table
+        .admin::<Tutorial, _, _>(Method::POST, "/backend.api-keys.create", create)
+        .admin::<Tutorial, _, _>(Method::POST, "/backend.api-keys.verify", verify)
+        .admin::<Tutorial, _, _>(Method::GET, "/backend.api-keys.list", list)
+        .admin::<Tutorial, _, _>(Method::DELETE, "/backend.api-keys.revoke", revoke)
+        .admin::<Tutorial, _, _>(Method::PATCH, "/backend.api-keys.update", update)
 }
 
 /// ISO-8601 in UTC with milliseconds, e.g. `2024-01-15T10:30:00.000Z` (the edge prints the same).

@@ -44,6 +44,9 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Stores a new key and its `create` audit entry.
     async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError>;
 
+    /// Appends the audit entry of a refused attempt (nothing else changes).
+    async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError>;
+
     /// Replaces a key's state, with its audit entry, if the stored revision is still
     /// `expected_revision`. Returns `false` (and writes nothing) if someone changed it first.
     async fn replace(

@@ -150,14 +150,14 @@ async fn append_audit(conn: &mut SqliteConnection, event: &AuditEvent) -> Result
     let (prev_seq, prev_hash) = last.unwrap_or_else(|| (0, audit::GENESIS_HASH.to_owned()));
     let seq = prev_seq + 1;
     let details = event.details.to_string();
-    let key_id = event.key_id.as_str();
+    let key_id = event.key_id.as_ref().map(KeyId::as_str);
     let hash = audit::entry_hash(
         &prev_hash,
         seq,
         event.at.0,
         &event.actor,
         event.action,
-        Some(key_id),
+        key_id,
         &details,
     );
     sqlx::query(
@@ -237,6 +237,13 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, filter: &ListFilter) {
 
 #[async_trait]
 impl KeyStore for SqliteStore {
+    async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        append_audit(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
         sqlx::query(

@@ -1,0 +1,384 @@
+//! Access: every admin route (enumerated from origin's own route table) refuses bad admin
+//! tokens, failed admin authentication is rate-limited per client address, signed routes refuse
+//! unsigned, wrongly signed and replayed requests, a near-miss key takes the same path as an
+//! unknown one, and refused scope escalations are audited.
+
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers: a failure is a failed test"
+)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use common::{ADMIN_TOKEN, TestApp, origin_binary};
+use latchkey_shared::sign::{self, header};
+use latchkey_shared::{ApiKey, KeyPrefix, UnixMillis};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const USAGE_SECRET: &str = "usage-secret-for-access-tests-000000";
+
+/// `origin routes`: the table the router is built from.
+fn route_table() -> Vec<Value> {
+    let output = Command::new(origin_binary())
+        .arg("routes")
+        .output()
+        .expect("run origin routes");
+    assert!(output.status.success(), "origin routes failed");
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON route per line"))
+        .collect()
+}
+
+fn routes_with(table: &[Value], access: &str) -> Vec<(Method, String)> {
+    table
+        .iter()
+        .filter(|r| r["access"] == access)
+        .map(|r| {
+            let method = Method::from_bytes(r["method"].as_str().expect("method").as_bytes())
+                .expect("HTTP method");
+            (method, r["path"].as_str().expect("path").to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_admin_route_in_the_route_table_refuses_bad_admin_tokens() {
+    let table = route_table();
+    let admin = routes_with(&table, "admin");
+    assert!(
+        admin.len() >= 20,
+        "the table lists the admin API: {table:?}"
+    );
+    // Only these may be called without credentials; a new route must be added here on purpose.
+    let mut open: Vec<String> = routes_with(&table, "open")
+        .iter()
+        .map(|(m, p)| format!("{m} {p}"))
+        .collect();
+    open.sort();
+    assert_eq!(open, ["GET /healthz", "GET /metrics"]);
+    assert_eq!(
+        routes_with(&table, "signed"),
+        [(Method::POST, "/v1/usage".to_owned())]
+    );
+    assert_eq!(
+        table.len(),
+        admin.len() + 3,
+        "every route has an access class"
+    );
+
+    let app = TestApp::builder()
+        .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "1000000")
+        .env("USAGE_SIGNING_SECRET", USAGE_SECRET)
+        .start()
+        .await;
+    let (id, _) = app.create_key("acme", &[]).await;
+    let before = app.get(&format!("/v1/api_keys/{id}")).await.body;
+    let wrong = "x".repeat(ADMIN_TOKEN.len());
+    let bad_headers: Vec<Vec<String>> = vec![
+        vec![],
+        vec![format!("Bearer {wrong}")],
+        vec![format!("Basic {ADMIN_TOKEN}")],
+        vec![ADMIN_TOKEN.to_owned()],
+        vec!["Bearer".to_owned()],
+        vec!["Bearer ".to_owned()],
+        vec![format!("Bearer {}", &ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1])],
+        vec![format!("Bearer {ADMIN_TOKEN}x")],
+        vec![format!("Bearer {}", ADMIN_TOKEN.to_uppercase())],
+        vec![
+            format!("Bearer {ADMIN_TOKEN}"),
+            format!("Bearer {ADMIN_TOKEN}"),
+        ],
+        vec![format!("Bearer {ADMIN_TOKEN}"), format!("Bearer {wrong}")],
+    ];
+    let mut checked = 0;
+    for (method, pattern) in &admin {
+        let path = pattern.replace("{id}", &id);
+        for headers in &bad_headers {
+            let mut req = app
+                .request(method.clone(), &path)
+                .json(&json!({"name": "x", "key_id": id, "secret": "x"}));
+            for h in headers {
+                req = req.header("authorization", h);
+            }
+            let r = TestApp::send(req).await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {headers:?}: {}",
+                r.body
+            );
+            assert_eq!(
+                r.headers.get("www-authenticate").map(|v| v.to_str().ok()),
+                Some(Some("Bearer"))
+            );
+            assert!(r.body.is_object(), "JSON error body: {}", r.body);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, admin.len() * bad_headers.len());
+    eprintln!(
+        "access: {} admin routes x {} bad Authorization headers = {checked} requests, all 401",
+        admin.len(),
+        bad_headers.len()
+    );
+
+    // The signed route refuses unsigned and wrongly signed requests, whatever admin token.
+    for (method, path) in routes_with(&table, "signed") {
+        let body = br#"{"batch":"b1","uses":[]}"#;
+        let now = UnixMillis(
+            i64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_millis(),
+            )
+            .expect("ms"),
+        );
+        let wrong_signature = sign::sign(
+            b"not-the-usage-secret-0000000000",
+            &sign::usage_message(now, body),
+        );
+        let attempts: Vec<Vec<(&str, String)>> = vec![
+            vec![],
+            vec![("authorization", format!("Bearer {ADMIN_TOKEN}"))],
+            vec![(header::TIMESTAMP, now.0.to_string())],
+            vec![
+                (header::TIMESTAMP, now.0.to_string()),
+                (header::SIGNATURE, wrong_signature),
+            ],
+            vec![
+                (header::TIMESTAMP, now.0.to_string()),
+                (header::SIGNATURE, "00".repeat(32)),
+            ],
+        ];
+        for headers in attempts {
+            let mut req = app.request(method.clone(), &path).body(body.to_vec());
+            for (name, value) in &headers {
+                req = req.header(*name, value);
+            }
+            let r = TestApp::send(req).await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {headers:?}: {}",
+                r.body
+            );
+            assert_eq!(r.body["errors"][0]["code"], "signature_invalid");
+        }
+        // Signed right: accepted once, refused when replayed.
+        let signature = sign::sign(USAGE_SECRET.as_bytes(), &sign::usage_message(now, body));
+        let send = || {
+            TestApp::send(
+                app.request(method.clone(), &path)
+                    .header(header::TIMESTAMP, now.0.to_string())
+                    .header(header::SIGNATURE, &signature)
+                    .body(body.to_vec()),
+            )
+        };
+        assert_eq!(send().await.status, StatusCode::OK);
+        let replay = send().await;
+        assert_eq!(replay.status, StatusCode::CONFLICT);
+        assert_eq!(replay.body["errors"][0]["code"], "replayed");
+    }
+
+    // None of it changed anything.
+    assert_eq!(app.get(&format!("/v1/api_keys/{id}")).await.body, before);
+    let health = TestApp::send(app.request(Method::GET, "/healthz")).await;
+    assert_eq!(health.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn failed_admin_authentication_is_rate_limited_per_client_address() {
+    let app = TestApp::builder()
+        .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "5")
+        .start()
+        .await;
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(IpAddr::from(ip))
+            .build()
+            .expect("client")
+    };
+    let attacker = from([127, 0, 0, 2]);
+    let bystander = from([127, 0, 0, 3]);
+    let list = format!("{}/v1/api_keys", app.base);
+    let call = |client: &reqwest::Client, token: &str| {
+        let req = client.get(&list).bearer_auth(token);
+        TestApp::send(req)
+    };
+
+    // A missing header is not a guess: it is never counted.
+    for _ in 0..10 {
+        let r = TestApp::send(attacker.get(&list)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(call(&attacker, ADMIN_TOKEN).await.status, StatusCode::OK);
+
+    // Five wrong tokens are answered 401; then the address is refused with 429, even with the
+    // right token, and told when to come back.
+    for i in 0..5 {
+        let r = call(&attacker, &format!("guess-{i}-aaaaaaaaaaaaaaaaaaaaaaaa")).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "guess {i}");
+    }
+    for token in ["guess-6-aaaaaaaaaaaaaaaaaaaaaaaa", ADMIN_TOKEN] {
+        let r = call(&attacker, token).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+        assert_eq!(r.body["errors"][0]["code"], "too_many_failed_attempts");
+        let retry_after: u64 = r.headers["retry-after"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds");
+        assert!((1..=61).contains(&retry_after), "Retry-After {retry_after}");
+    }
+    // Another address is not affected.
+    assert_eq!(call(&bystander, ADMIN_TOKEN).await.status, StatusCode::OK);
+    assert!(app.logs().contains("admin authentication failed"));
+}
+
+/// Rebuilds `key` with the body character at `at` replaced, and a valid checksum: a key one
+/// character away from an issued one that passes every syntactic check.
+fn near_miss(key: &str, at: usize) -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let sep = key.rfind('_').expect("prefix");
+    let body = &key.as_bytes()[sep + 1..sep + 1 + 32];
+    let mut indices: Vec<u8> = body
+        .iter()
+        .map(|c| u8::try_from(ALPHABET.iter().position(|a| a == c).expect("base62")).expect("< 62"))
+        .collect();
+    indices[at] = (indices[at] + 1) % 62;
+    // `generate` maps each random byte below 248 to ALPHABET[byte % 62]: feed it the indices.
+    let mut fed = false;
+    let prefix = KeyPrefix::parse(&key[..sep]).expect("prefix");
+    let rebuilt = ApiKey::generate(&prefix, &mut |buf: &mut [u8]| {
+        assert!(!fed, "one fill is enough");
+        fed = true;
+        buf.fill(0);
+        buf[..32].copy_from_slice(&indices);
+    });
+    rebuilt.expose().to_owned()
+}
+
+#[tokio::test]
+async fn a_near_miss_key_is_answered_exactly_like_an_unknown_key() {
+    let app = TestApp::start().await;
+    let (_, secret) = app.create_key("acme", &[]).await;
+    assert_eq!(app.verify(&secret, &[]).await.status, StatusCode::OK);
+
+    let unknown = near_miss(
+        &ApiKey::generate(&KeyPrefix::default(), &mut |b| b.fill(7))
+            .expose()
+            .to_owned(),
+        0,
+    );
+    let near_first = near_miss(&secret, 0);
+    let near_last = near_miss(&secret, 31);
+    assert_ne!(near_first, secret);
+    let lookups = |logs: &str| logs.matches("WHERE secret_hash = ?").count();
+    let mut answers = Vec::new();
+    for presented in [&unknown, &near_first, &near_last] {
+        let before = lookups(&app.logs());
+        let r = app.verify(presented, &[]).await;
+        // Each is looked up by its hash, once: there is no comparison with a stored secret
+        // that could stop early at the first differing character.
+        assert_eq!(lookups(&app.logs()) - before, 1, "one lookup by hash");
+        answers.push((r.status, r.body));
+    }
+    assert_eq!(answers[0].0, StatusCode::NOT_FOUND);
+    assert_eq!(answers[0], answers[1], "near miss at the first character");
+    assert_eq!(answers[0], answers[2], "near miss at the last character");
+
+    // A typo that breaks the checksum is refused before any lookup.
+    let mut typo = secret.clone().into_bytes();
+    typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).expect("ascii");
+    let before = lookups(&app.logs());
+    let r = app.verify(&typo, &[]).await;
+    assert_eq!(r.body["errors"][0]["code"], "api_key_malformed");
+    assert_eq!(
+        lookups(&app.logs()),
+        before,
+        "no lookup for a malformed key"
+    );
+}
+
+#[tokio::test]
+async fn scope_escalation_is_refused_and_audited() {
+    let app = TestApp::builder()
+        .env("SCOPE_CATALOGUE", "read:orders,write:orders")
+        .env("SCOPE_WILDCARDS", "false")
+        .start()
+        .await;
+    let (id, _) = app.create_key("acme", &["read:orders"]).await;
+    let attempts = [
+        json!(["read:orders", "admin:all"]),
+        json!(["*"]),
+        json!(["read:*"]),
+        json!(["read:orders", "reаd:orders"]), // Cyrillic а: a look-alike, not in the catalogue
+    ];
+    for scopes in &attempts {
+        let r = app
+            .patch(&format!("/v1/api_keys/{id}"), json!({ "scopes": scopes }))
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{scopes}: {}",
+            r.body
+        );
+        assert_eq!(r.body["errors"][0]["meta"]["param_name"], "scopes");
+    }
+    let r = app
+        .post(
+            "/v1/api_keys",
+            json!({"name": "n", "subject": "s", "scopes": ["billing:write"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // The key is unchanged; every refusal is in the audit log, with who tried and what.
+    assert_eq!(
+        app.get(&format!("/v1/api_keys/{id}")).await.body["scopes"],
+        json!(["read:orders"])
+    );
+    let log = app.get("/v1/audit_log?limit=100").await.body;
+    let entries = log["data"].as_array().expect("audit entries");
+    let refused: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["action"] == "update_refused")
+        .collect();
+    assert_eq!(refused.len(), attempts.len(), "{log}");
+    for (entry, scopes) in refused.iter().zip(&attempts) {
+        assert_eq!(entry["key_id"], id.as_str());
+        assert_eq!(entry["details"]["requested"], *scopes);
+        assert!(
+            entry["actor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("admin:"))
+        );
+    }
+    let create_refused: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["action"] == "create_refused")
+        .collect();
+    assert_eq!(create_refused.len(), 1);
+    assert_eq!(create_refused[0]["key_id"], Value::Null);
+    assert_eq!(
+        create_refused[0]["details"]["requested"],
+        json!(["billing:write"])
+    );
+    // The chain still verifies with the refusals in it.
+    let out = app.run_command(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
