@@ -273,9 +273,7 @@ async fn a_near_miss_key_is_answered_exactly_like_an_unknown_key() {
     assert_eq!(app.verify(&secret, &[]).await.status, StatusCode::OK);
 
     let unknown = near_miss(
-        &ApiKey::generate(&KeyPrefix::default(), &mut |b| b.fill(7))
-            .expose()
-            .to_owned(),
+        ApiKey::generate(&KeyPrefix::default(), &mut |b| b.fill(7)).expose(),
         0,
     );
     let near_first = near_miss(&secret, 0);
