@@ -108,6 +108,15 @@ fn parse_json<T: DeserializeOwned, E>(bytes: &[u8]) -> Result<T, ApiError<E>> {
     };
     // Syntax first (trailing data included), so broken JSON is a 400 whatever its content.
     serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| malformed(&e))?;
+    // serde would fill a struct from an array (`[]` is a valid update that changes nothing):
+    // every body of this API is an object, so anything else is refused before it is read.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "form_param_invalid",
+            "The request body must be a JSON object.",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|error| {
         let path = error.path().to_string();
@@ -179,15 +188,57 @@ where
     Option::<T>::deserialize(de).map(Some)
 }
 
-/// Query string pairs, in order. Malformed encodings are a 400 naming the problem.
+/// Query string pairs, in order. Malformed encodings are a 400 naming the problem: a `%` not
+/// followed by two hex digits, bytes that are not UTF-8 once decoded, a repeated name. (`serde_urlencoded`
+/// would quietly turn both into other text, and a filter would then match nothing.)
 pub fn query_pairs<E>(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError<E>> {
-    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| {
+    let malformed = |what: &str| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_query",
-            format!("The query string is malformed: {e}"),
+            format!("The query string is malformed: {what}."),
         )
-    })
+    };
+    let mut pairs = Vec::new();
+    for part in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = part.split_once('=').unwrap_or((part, ""));
+        let decode = |text: &str| {
+            percent_decode(text)
+                .ok_or_else(|| malformed("a `%` must be followed by two hex digits"))
+                .and_then(|bytes| {
+                    String::from_utf8(bytes).map_err(|_| malformed("it is not UTF-8 once decoded"))
+                })
+        };
+        let name = decode(name)?;
+        // Every parameter is single-valued: a repeat would silently pick one of them.
+        if pairs.iter().any(|(seen, _)| *seen == name) {
+            return Err(malformed(&format!(
+                "`{}` is given more than once",
+                name.chars().take(64).collect::<String>()
+            )));
+        }
+        pairs.push((name, decode(value)?));
+    }
+    Ok(pairs)
+}
+
+/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XY` a byte. `None` for a
+/// broken escape.
+fn percent_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'+' => b' ',
+            b'%' => {
+                let hi = char::from(bytes.next()?).to_digit(16)?;
+                let lo = char::from(bytes.next()?).to_digit(16)?;
+                u8::try_from(hi * 16 + lo).ok()?
+            }
+            other => other,
+        });
+    }
+    Some(out)
 }
 
 /// A query parameter parse error.

@@ -21,6 +21,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 pub mod edge;
+pub mod hostile;
 
 /// The admin token every test app accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token-aaaaaaaaaaaaaaaaaaaaaaaaaa";
