@@ -121,6 +121,9 @@ struct Probe {
 
 const AUTH: &str = "Authorization";
 
+/// Raw header lines: name and value bytes.
+type Headers = Vec<(&'static str, Vec<u8>)>;
+
 fn bearer() -> Vec<u8> {
     format!("Bearer {ADMIN_TOKEN}").into_bytes()
 }
@@ -259,7 +262,7 @@ fn corpus(id: &str, secret: &str) -> Vec<Probe> {
     }
 
     let long_token = format!("Bearer {}", "a".repeat(8_000));
-    let auth_variants: Vec<(&str, Vec<(&str, Vec<u8>)>)> = vec![
+    let auth_variants: Vec<(&str, Headers)> = vec![
         ("no Authorization", vec![]),
         (
             "doubled valid Authorization",
@@ -421,7 +424,7 @@ async fn hundreds_of_hostile_requests_get_json_4xx_and_change_nothing() {
     for probe in &probes {
         let reply = hostile::exchange(
             &addr,
-            &[probe.bytes.clone()],
+            std::slice::from_ref(&probe.bytes),
             Duration::ZERO,
             Duration::from_secs(10),
         )
