@@ -144,11 +144,11 @@ impl<E> From<ServiceError> for ApiError<E> {
 impl<E> From<StoreError> for ApiError<E> {
     fn from(error: StoreError) -> Self {
         tracing::error!(%error, "storage failure");
-        if is_unavailable(&error) {
+        if let Some(why) = unavailable(&error) {
             return Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage_unavailable",
-                "The key store cannot take writes right now; retry later.",
+                format!("The key store cannot take writes right now ({why}); retry later."),
             );
         }
         Self::new(
@@ -159,21 +159,29 @@ impl<E> From<StoreError> for ApiError<E> {
     }
 }
 
-/// Storage conditions that are temporary and not the request's fault: a full disk, a read-only
-/// file, a lock held too long, no free connection.
-fn is_unavailable(error: &StoreError) -> bool {
+/// Storage conditions that are temporary and not the request's fault, with a short reason an
+/// operator can act on: a full disk, a read-only file, a lock held too long, no free connection.
+fn unavailable(error: &StoreError) -> Option<&'static str> {
     match error {
-        StoreError::Database(
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
-        ) => true,
+        StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
+            Some("no database connection is free")
+        }
+        StoreError::Database(sqlx::Error::Io(_)) => Some("an I/O error"),
         StoreError::Database(sqlx::Error::Database(db)) => {
-            // SQLite primary result codes: BUSY 5, LOCKED 6, READONLY 8, IOERR 10, FULL 13, CANTOPEN 14.
+            // SQLite primary result codes.
             let primary = db
                 .code()
                 .and_then(|c| c.parse::<i32>().ok())
                 .map(|c| c & 0xff);
-            matches!(primary, Some(5 | 6 | 8 | 10 | 13 | 14))
+            match primary {
+                Some(5 | 6) => Some("the database is locked"),
+                Some(8) => Some("the database is read-only"),
+                Some(10) => Some("a disk I/O error"),
+                Some(13) => Some("the disk is full"),
+                Some(14) => Some("the database file cannot be opened"),
+                _ => None,
+            }
         }
-        _ => false,
+        _ => None,
     }
 }

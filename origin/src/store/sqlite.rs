@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, ScopeSet, UnixMillis};
 use serde_json::{Map, Value};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -235,17 +236,78 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, filter: &ListFilter) {
     }
 }
 
+/// One write transaction on the writer connection, begun and ended by hand rather than with
+/// sqlx's `Transaction`.
+///
+/// After SQLITE_FULL or SQLITE_IOERR, SQLite may roll a transaction back by itself. sqlx's
+/// transaction depth does not learn of it, so its next `begin()` on that connection issues a
+/// SAVEPOINT inside a transaction that never commits: every later write is answered as
+/// committed, seen by nobody else, and lost when the connection closes. (The disk-full test
+/// found exactly that.) Here a transaction that did not end cleanly closes its connection, and
+/// the next write starts on a fresh one.
+struct WriteTx {
+    conn: PoolConnection<Sqlite>,
+    ended: bool,
+}
+
+impl WriteTx {
+    /// `BEGIN IMMEDIATE`: takes the write lock at once, so a busy database fails here, before
+    /// any work, rather than at the first write.
+    async fn begin(pool: &SqlitePool) -> Result<Self, StoreError> {
+        let mut conn = pool.acquire().await?;
+        if let Err(error) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+            conn.close_on_drop();
+            return Err(error.into());
+        }
+        Ok(Self { conn, ended: false })
+    }
+
+    async fn commit(mut self) -> Result<(), StoreError> {
+        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        self.ended = true;
+        Ok(())
+    }
+
+    async fn rollback(mut self) -> Result<(), StoreError> {
+        sqlx::query("ROLLBACK").execute(&mut *self.conn).await?;
+        self.ended = true;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Its state is unknown: closing the connection rolls back whatever is open.
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer).await?;
         append_audit(&mut tx, event).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer).await?;
         sqlx::query(
             "INSERT INTO api_keys (id, secret_hash, hint, name, subject, description, scopes, claims, \
              created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, \
@@ -282,7 +344,7 @@ impl KeyStore for SqliteStore {
         expected_revision: i64,
         event: &AuditEvent,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer).await?;
         let updated = sqlx::query(
             "UPDATE api_keys SET name = ?, subject = ?, description = ?, scopes = ?, claims = ?, \
              expiration = ?, revoked = ?, revoked_at = ?, revocation_reason = ?, updated_at = ?, \
@@ -354,7 +416,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn record_usage(&self, usage: &[(KeyId, UnixMillis)]) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer).await?;
         for (id, at) in usage {
             sqlx::query(
                 "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
@@ -436,7 +498,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn outbox_ack(&self, published: &[OutboxEntry]) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer).await?;
         for entry in published {
             sqlx::query("DELETE FROM kv_outbox WHERE key_id = ? AND seq <= ?")
                 .bind(entry.key_id.as_str())
@@ -469,7 +531,7 @@ impl KeyStore for SqliteStore {
         now: UnixMillis,
     ) -> Result<Option<(KeyId, i64)>, StoreError> {
         let after = after.map_or("", KeyId::as_str);
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer).await?;
         let last: Option<(String,)> = sqlx::query_as(
             "SELECT id FROM (SELECT id FROM api_keys WHERE id > ? ORDER BY id LIMIT ?) \
              ORDER BY id DESC LIMIT 1",
@@ -479,6 +541,7 @@ impl KeyStore for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((last,)) = last else {
+            tx.rollback().await?;
             return Ok(None);
         };
         let queued = sqlx::query(
