@@ -80,15 +80,9 @@ impl KvClient {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| KvError::Unreachable(e.without_url().to_string()))?;
+        let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| KvError::Unreachable(e.without_url().to_string()))?;
+        let body = response.bytes().await.map_err(unreachable)?;
         let envelope: Option<Envelope> = serde_json::from_slice(&body).ok();
         match envelope {
             Some(envelope) if status.is_success() && envelope.success => Ok(()),
@@ -131,4 +125,25 @@ mod tests {
         assert_eq!(percent_encode("k1:ab09"), "k1%3Aab09");
         assert_eq!(percent_encode("a/b ?%"), "a%2Fb%20%3F%25");
     }
+}
+
+/// Names what went wrong in a request that got no answer (refused connection, timeout, or
+/// something else) with its error chain, without the URL (it names the account).
+fn unreachable(error: reqwest::Error) -> KvError {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "cannot connect"
+    } else {
+        "no answer"
+    };
+    let error = error.without_url();
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    KvError::Unreachable(format!("{kind} ({chain})"))
 }
