@@ -116,17 +116,6 @@ fn percent_encode(name: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::percent_encode;
-
-    #[test]
-    fn key_names_are_encoded_for_the_path() {
-        assert_eq!(percent_encode("k1:ab09"), "k1%3Aab09");
-        assert_eq!(percent_encode("a/b ?%"), "a%2Fb%20%3F%25");
-    }
-}
-
 /// Names what went wrong in a request that got no answer (refused connection, timeout, or
 /// something else) with its error chain, without the URL (it names the account).
 fn unreachable(error: reqwest::Error) -> KvError {
@@ -146,4 +135,15 @@ fn unreachable(error: reqwest::Error) -> KvError {
         source = cause.source();
     }
     KvError::Unreachable(format!("{kind} ({chain})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_encode;
+
+    #[test]
+    fn key_names_are_encoded_for_the_path() {
+        assert_eq!(percent_encode("k1:ab09"), "k1%3Aab09");
+        assert_eq!(percent_encode("a/b ?%"), "a%2Fb%20%3F%25");
+    }
 }
