@@ -29,6 +29,16 @@ pub(crate) async fn handle(mut req: Request, lookup: &mut Lookup<'_>) -> Result<
     } else {
         &body
     };
+    // serde would read `["key", []]` as the struct: like origin, take objects only.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    {
+        return reply::error(
+            422,
+            "form_param_invalid",
+            "the request body must be a JSON object",
+        );
+    }
     let request: VerifyRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(e) if e.is_data() => {

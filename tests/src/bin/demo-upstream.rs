@@ -59,6 +59,8 @@ async fn main() -> std::process::ExitCode {
 
 async fn echo(State(secret): State<Secret>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    // One line per request: the tests count them to prove what never reached the upstream.
+    log(&format!("request {} {}", parts.method, parts.uri.path()));
     let body: Bytes = axum::body::to_bytes(body, 1 << 20)
         .await
         .unwrap_or_default();

@@ -159,6 +159,17 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// How many requests the upstream has received (it logs one line per request).
+    pub fn calls(&self) -> usize {
+        std::fs::read_to_string(self._dir.path().join("upstream.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("request "))
+            .count()
+    }
+}
+
 impl Drop for Upstream {
     fn drop(&mut self) {
         if let Some(group) = self.group.take() {
@@ -208,6 +219,11 @@ impl Edge {
         self
     }
 
+    /// Where `wrangler dev` persists the local KV (`--persist-to`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// The KV REST API base that origin's publisher writes to.
     pub fn kv_api_base(&self) -> String {
         format!("{}/cdn-cgi/explorer/api", self.base)
@@ -246,7 +262,7 @@ impl Edge {
             .args(["dev", "--ip", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--inspector-port", &free_port().to_string()])
             .arg("--persist-to")
-            .arg(self.dir.path().join("state"));
+            .arg(self.state_dir());
         for (name, value) in &self.vars {
             cmd.args(["--var", &format!("{name}:{value}")]);
         }
