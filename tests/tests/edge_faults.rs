@@ -26,7 +26,7 @@ use common::hostile;
 use latchkey_shared::{ApiKey, kv_entry_name};
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PUBLISH_LIMIT: Duration = Duration::from_secs(15);
 
