@@ -160,10 +160,14 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// Everything the upstream logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("upstream.log")).unwrap_or_default()
+    }
+
     /// How many requests the upstream has received (it logs one line per request).
     pub fn calls(&self) -> usize {
-        std::fs::read_to_string(self._dir.path().join("upstream.log"))
-            .unwrap_or_default()
+        self.log()
             .lines()
             .filter(|l| l.starts_with("request "))
             .count()
@@ -258,6 +262,8 @@ impl Edge {
         let mut cmd = Command::new(repo_root().join("node_modules/.bin/wrangler"));
         cmd.current_dir(repo_root())
             .env("WRANGLER_SEND_METRICS", "false")
+            // The most verbose level: the secrets test scans these logs.
+            .env("WRANGLER_LOG", "debug")
             .env("CI", "1")
             .args(["dev", "--ip", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--inspector-port", &free_port().to_string()])
