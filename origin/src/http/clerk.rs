@@ -333,3 +333,16 @@ pub(super) async fn audit_log(
         .flatten();
     Ok(Json(AuditPage { data, next_after }))
 }
+
+/// Parses `bytes` as each of this surface's JSON request bodies, as the handlers do; returns
+/// how many accepted it (for the `origin_body` fuzz target).
+pub(crate) fn parse_bodies(bytes: &[u8]) -> usize {
+    [
+        usize::from(extract::parse_json::<CreateRequest, Clerk>(bytes).is_ok()),
+        usize::from(extract::parse_json::<UpdateRequest, Clerk>(bytes).is_ok()),
+        usize::from(extract::parse_json::<RevokeRequest, Clerk>(bytes).is_ok()),
+        usize::from(extract::parse_json::<VerifyRequest, Clerk>(bytes).is_ok()),
+    ]
+    .iter()
+    .sum()
+}

@@ -98,7 +98,7 @@ where
 /// The body deadline where the router set none (handlers called directly).
 const DEFAULT_BODY_DEADLINE: Duration = Duration::from_secs(10);
 
-fn parse_json<T: DeserializeOwned, E>(bytes: &[u8]) -> Result<T, ApiError<E>> {
+pub(crate) fn parse_json<T: DeserializeOwned, E>(bytes: &[u8]) -> Result<T, ApiError<E>> {
     let malformed = |e: &serde_json::Error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -71,6 +71,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Parses `bytes` as every JSON request body of the API and, if it is UTF-8, as a query
+/// string, exactly as the handlers would; returns how many parsers accepted it. For the
+/// `origin_body` fuzz target: whatever the bytes, this must not panic.
+#[doc(hidden)]
+pub fn parse_request_bodies(bytes: &[u8]) -> usize {
+    let query = std::str::from_utf8(bytes).ok().map_or(0, |q| {
+        usize::from(extract::query_pairs::<Clerk>(Some(q)).is_ok())
+    });
+    clerk::parse_bodies(bytes) + tutorial::parse_bodies(bytes) + query
+}
+
 /// Every route, its method and who may call it (what `origin routes` prints).
 pub fn route_list() -> Vec<RouteInfo> {
     table(AdminGuard::new(Arc::from([]), 1)).finish().1

@@ -284,3 +284,16 @@ async fn update(
         updated_at: iso(key.updated_at),
     }))
 }
+
+/// Parses `bytes` as each of this surface's JSON request bodies, as the handlers do; returns
+/// how many accepted it (for the `origin_body` fuzz target).
+pub(crate) fn parse_bodies(bytes: &[u8]) -> usize {
+    [
+        usize::from(extract::parse_json::<CreateRequest, Tutorial>(bytes).is_ok()),
+        usize::from(extract::parse_json::<UpdateRequest, Tutorial>(bytes).is_ok()),
+        usize::from(extract::parse_json::<RevokeRequest, Tutorial>(bytes).is_ok()),
+        usize::from(extract::parse_json::<VerifyRequest, Tutorial>(bytes).is_ok()),
+    ]
+    .iter()
+    .sum()
+}

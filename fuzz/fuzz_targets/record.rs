@@ -1,0 +1,26 @@
+//! The KV record decoder, as the edge runs it on whatever KV holds: never panics; a decoded
+//! record re-encodes to one that decodes equal; the decision on it never says valid for a
+//! revoked or expired record.
+#![no_main]
+
+use latchkey_shared::{KeyRecord, UnixMillis, Verdict, decide};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|input: (i64, &[u8])| {
+    let (now, bytes) = input;
+    let Ok(record) = KeyRecord::from_json(bytes) else {
+        return;
+    };
+    let again =
+        KeyRecord::from_json(record.to_json().as_bytes()).expect("re-encoded record decodes");
+    assert_eq!(again, record);
+    let now = UnixMillis(now);
+    let verdict = decide(Some(&record), now, &[]);
+    if record.revoked {
+        assert_eq!(verdict, Verdict::Revoked);
+    } else if record.is_expired(now) {
+        assert_eq!(verdict, Verdict::Expired);
+    } else {
+        assert!(verdict.is_valid());
+    }
+});
