@@ -123,11 +123,11 @@ async fn every_admin_route_in_the_route_table_refuses_bad_admin_tokens() {
         }
     }
     assert_eq!(checked, admin.len() * bad_headers.len());
-    eprintln!(
-        "access: {} admin routes x {} bad Authorization headers = {checked} requests, all 401",
+    common::edge::report_measurement(&format!(
+        "admin access: {} admin routes x {} bad Authorization headers = {checked} requests, all 401",
         admin.len(),
         bad_headers.len()
-    );
+    ));
 
     // The signed route refuses unsigned and wrongly signed requests, whatever admin token.
     for (method, path) in routes_with(&table, "signed") {

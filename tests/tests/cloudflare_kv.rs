@@ -361,9 +361,9 @@ async fn revocations_during_every_kind_of_kv_outage_all_reach_kv_in_order() {
         assert_eq!(last.1, current["revoked"].as_bool().expect("bool"), "{id}");
         assert_eq!(last.1, n < 5, "keys 0-4 were revoked during the outage");
     }
-    eprintln!(
-        "kv outage: refused connections, timeouts, 429s and 500s; {failures} failed writes retried, \
+    common::edge::report_measurement(&format!(
+        "KV API faults: refused connections, timeouts, 429s and 500s; {failures} failed writes retried, \
          {} accepted; 5 revocations made during the outage all in KV, in order",
         writes.len()
-    );
+    ));
 }
