@@ -1,5 +1,8 @@
 //! HTTP: the router, admin authentication, and the two API surfaces over one [`KeyService`].
 //!
+//! Every route is added in [`table`] through [`routes::Routes`], which records who may call it
+//! ([`routes::Access`]); admin routes are guarded by [`admin::require_admin`].
+//!
 //! * [`clerk`]: the primary REST API, compatible with Clerk's Backend API for API keys, under
 //!   `/v1` and (for Clerk's SDK, which omits the version) at the root.
 //! * [`tutorial`]: the five calls of the Clerk tutorial our users start from, at its exact paths.
