@@ -1,6 +1,6 @@
 //! HTTP: the router, admin authentication, and the two API surfaces over one [`KeyService`].
 //!
-//! Every route is added in [`table`] through [`routes::Routes`], which records who may call it
+//! Every route is added in one function, `table`, through [`routes::Routes`], which records who may call it
 //! ([`routes::Access`]); admin routes are guarded by [`admin::require_admin`].
 //!
 //! * [`clerk`]: the primary REST API, compatible with Clerk's Backend API for API keys, under
