@@ -17,5 +17,5 @@ if [ -f "$out" ] && [ -f build/index.js ] && [ -z "${FORCE_BUILD:-}" ] \
   echo "edge: build is up to date ($out)" >&2
   exit 0
 fi
-worker-build --release "$@"
+worker-build --profile worker "$@"
 touch "$out"

@@ -95,10 +95,17 @@ async fn forward(
         // Config parsing requires both when there are routes; this is unreachable in practice.
         return reply::error(503, "edge_misconfigured", "no upstream is configured");
     };
-    let url = req.url()?;
-    let target = match url.query() {
-        Some(query) => format!("{upstream}{}?{query}", url.path()),
-        None => format!("{upstream}{}", url.path()),
+    // The path as the runtime parsed it, and the query from the raw URL: `Request::url()` would
+    // parse the URL again with the `url` crate, whose IDNA tables alone would put the Worker over
+    // its size budget.
+    let path = req.path();
+    let raw_url = req.inner().url();
+    let target = match raw_url.split_once('?') {
+        Some((_, query)) => {
+            let query = query.split_once('#').map_or(query, |(q, _)| q);
+            format!("{upstream}{path}?{query}")
+        }
+        None => format!("{upstream}{path}"),
     };
     let headers = Headers::new();
     for (name, value) in req.headers().entries() {
@@ -114,7 +121,7 @@ async fn forward(
     let message = sign::gateway_message(
         now,
         method.as_ref(),
-        url.path(),
+        &path,
         record.id.as_str(),
         &record.subject,
         &scopes,
