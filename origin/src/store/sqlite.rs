@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, ScopeSet, UnixMillis};
 use serde_json::{Map, Value};
 use sqlx::pool::PoolConnection;
+use tokio::sync::{mpsc, oneshot};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -30,6 +31,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     file: Option<PathBuf>,
+    /// Key changes go to the group-commit task.
+    changes: mpsc::Sender<Pending>,
 }
 
 impl SqliteStore {
@@ -60,11 +63,26 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
+        let (changes, queue) = mpsc::channel(4 * GROUP_MAX);
+        tokio::spawn(group_commit(writer.clone(), queue));
         Ok(Self {
             writer,
             reader,
             file,
+            changes,
         })
+    }
+
+    /// Hands `change` to the group-commit task and waits until it is on disk.
+    async fn commit(&self, change: Change) -> Result<bool, StoreError> {
+        let (done, outcome) = oneshot::channel();
+        self.changes
+            .send(Pending { change, done })
+            .await
+            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?;
+        outcome
+            .await
+            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?
     }
 
     /// The database file (`None` for an in-memory database).
@@ -297,45 +315,150 @@ impl Drop for WriteTx {
     }
 }
 
+/// A key change (with its audit entry and outbox row) waiting for the next group commit.
+#[derive(Debug)]
+enum Change {
+    Insert(StoredKey, AuditEvent),
+    /// The new state, the revision it replaces, the audit event.
+    Replace(StoredKey, i64, AuditEvent),
+    /// A refused attempt: its audit entry alone.
+    Refusal(AuditEvent),
+}
+
+/// A change and where its outcome goes.
+struct Pending {
+    change: Change,
+    done: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// Most changes committed together.
+const GROUP_MAX: usize = 512;
+
+/// Group commit: one task writes key changes. It takes every change waiting when it starts a
+/// transaction (they queued while the previous commit was syncing to disk) and commits them
+/// together, so a burst of concurrent writes costs one `fsync`, not one each. Nobody is answered
+/// before the commit that holds their change is on disk.
+///
+/// If anything in a batch fails, the batch is rolled back and each of its changes is retried in
+/// a transaction of its own, so one bad change never fails the others and each caller gets its
+/// own outcome.
+async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_MAX {
+            match queue.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        match apply_together(&pool, &batch).await {
+            Ok(outcomes) => {
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = pending.done.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, changes = batch.len(), "group commit failed; committing one by one");
+                for pending in batch {
+                    let outcome = apply_alone(&pool, &pending.change).await;
+                    let _ = pending.done.send(outcome);
+                }
+            }
+        }
+    }
+}
+
+async fn apply_together(pool: &SqlitePool, batch: &[Pending]) -> Result<Vec<bool>, StoreError> {
+    let mut tx = WriteTx::begin(pool).await?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for pending in batch {
+        outcomes.push(apply(&mut tx, &pending.change).await?);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+async fn apply_alone(pool: &SqlitePool, change: &Change) -> Result<bool, StoreError> {
+    let mut tx = WriteTx::begin(pool).await?;
+    let outcome = apply(&mut tx, change).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Writes one change inside the caller's transaction. `false`: a `Replace` found another
+/// revision, and nothing was written.
+async fn apply(conn: &mut SqliteConnection, change: &Change) -> Result<bool, StoreError> {
+    match change {
+        Change::Insert(key, event) => {
+            sqlx::query(
+                "INSERT INTO api_keys (id, secret_hash, hint, name, subject, description, scopes, claims, \
+                 created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, \
+                 updated_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(key.id.as_str())
+            .bind(key.hash.as_bytes().as_slice())
+            .bind(&key.hint)
+            .bind(&key.name)
+            .bind(&key.subject)
+            .bind(&key.description)
+            .bind(json_text(&key.scopes))
+            .bind(key.claims.as_ref().map(json_text))
+            .bind(&key.created_by)
+            .bind(key.expiration.map(|t| t.0))
+            .bind(key.revoked)
+            .bind(key.revoked_at.map(|t| t.0))
+            .bind(&key.revocation_reason)
+            .bind(key.last_used_at.map(|t| t.0))
+            .bind(key.created_at.0)
+            .bind(key.updated_at.0)
+            .bind(key.revision)
+            .execute(&mut *conn)
+            .await?;
+            append_audit(conn, event).await?;
+            enqueue_publish(conn, &key.id, key.updated_at).await?;
+        }
+        Change::Replace(key, expected_revision, event) => {
+            let updated = sqlx::query(
+                "UPDATE api_keys SET name = ?, subject = ?, description = ?, scopes = ?, claims = ?, \
+                 expiration = ?, revoked = ?, revoked_at = ?, revocation_reason = ?, updated_at = ?, \
+                 revision = ? WHERE id = ? AND revision = ?",
+            )
+            .bind(&key.name)
+            .bind(&key.subject)
+            .bind(&key.description)
+            .bind(json_text(&key.scopes))
+            .bind(key.claims.as_ref().map(json_text))
+            .bind(key.expiration.map(|t| t.0))
+            .bind(key.revoked)
+            .bind(key.revoked_at.map(|t| t.0))
+            .bind(&key.revocation_reason)
+            .bind(key.updated_at.0)
+            .bind(key.revision)
+            .bind(key.id.as_str())
+            .bind(expected_revision)
+            .execute(&mut *conn)
+            .await?;
+            if updated.rows_affected() == 0 {
+                return Ok(false);
+            }
+            append_audit(conn, event).await?;
+            enqueue_publish(conn, &key.id, key.updated_at).await?;
+        }
+        Change::Refusal(event) => append_audit(conn, event).await?,
+    }
+    Ok(true)
+}
+
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.writer).await?;
-        append_audit(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(())
+        self.commit(Change::Refusal(event.clone())).await.map(|_| ())
     }
 
     async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.writer).await?;
-        sqlx::query(
-            "INSERT INTO api_keys (id, secret_hash, hint, name, subject, description, scopes, claims, \
-             created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, \
-             updated_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(key.id.as_str())
-        .bind(key.hash.as_bytes().as_slice())
-        .bind(&key.hint)
-        .bind(&key.name)
-        .bind(&key.subject)
-        .bind(&key.description)
-        .bind(json_text(&key.scopes))
-        .bind(key.claims.as_ref().map(json_text))
-        .bind(&key.created_by)
-        .bind(key.expiration.map(|t| t.0))
-        .bind(key.revoked)
-        .bind(key.revoked_at.map(|t| t.0))
-        .bind(&key.revocation_reason)
-        .bind(key.last_used_at.map(|t| t.0))
-        .bind(key.created_at.0)
-        .bind(key.updated_at.0)
-        .bind(key.revision)
-        .execute(&mut *tx)
-        .await?;
-        append_audit(&mut tx, event).await?;
-        enqueue_publish(&mut tx, &key.id, key.updated_at).await?;
-        tx.commit().await?;
-        Ok(())
+        self.commit(Change::Insert(key.clone(), event.clone()))
+            .await
+            .map(|_| ())
     }
 
     async fn replace(
@@ -344,35 +467,8 @@ impl KeyStore for SqliteStore {
         expected_revision: i64,
         event: &AuditEvent,
     ) -> Result<bool, StoreError> {
-        let mut tx = WriteTx::begin(&self.writer).await?;
-        let updated = sqlx::query(
-            "UPDATE api_keys SET name = ?, subject = ?, description = ?, scopes = ?, claims = ?, \
-             expiration = ?, revoked = ?, revoked_at = ?, revocation_reason = ?, updated_at = ?, \
-             revision = ? WHERE id = ? AND revision = ?",
-        )
-        .bind(&key.name)
-        .bind(&key.subject)
-        .bind(&key.description)
-        .bind(json_text(&key.scopes))
-        .bind(key.claims.as_ref().map(json_text))
-        .bind(key.expiration.map(|t| t.0))
-        .bind(key.revoked)
-        .bind(key.revoked_at.map(|t| t.0))
-        .bind(&key.revocation_reason)
-        .bind(key.updated_at.0)
-        .bind(key.revision)
-        .bind(key.id.as_str())
-        .bind(expected_revision)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        append_audit(&mut tx, event).await?;
-        enqueue_publish(&mut tx, &key.id, key.updated_at).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.commit(Change::Replace(key.clone(), expected_revision, event.clone()))
+            .await
     }
 
     async fn get(&self, id: &KeyId) -> Result<Option<StoredKey>, StoreError> {
