@@ -10,11 +10,11 @@ use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, ScopeSet, UnixMillis};
 use serde_json::{Map, Value};
 use sqlx::pool::PoolConnection;
-use tokio::sync::{mpsc, oneshot};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{KeyStore, StoreError};
 use crate::audit;
@@ -452,7 +452,9 @@ async fn apply(conn: &mut SqliteConnection, change: &Change) -> Result<bool, Sto
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        self.commit(Change::Refusal(event.clone())).await.map(|_| ())
+        self.commit(Change::Refusal(event.clone()))
+            .await
+            .map(|_| ())
     }
 
     async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError> {
@@ -467,8 +469,12 @@ impl KeyStore for SqliteStore {
         expected_revision: i64,
         event: &AuditEvent,
     ) -> Result<bool, StoreError> {
-        self.commit(Change::Replace(key.clone(), expected_revision, event.clone()))
-            .await
+        self.commit(Change::Replace(
+            key.clone(),
+            expected_revision,
+            event.clone(),
+        ))
+        .await
     }
 
     async fn get(&self, id: &KeyId) -> Result<Option<StoredKey>, StoreError> {

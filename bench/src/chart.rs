@@ -1,0 +1,91 @@
+//! The latency chart in BENCHMARKS.md: one panel per side (origin, edge), each load's latency
+//! percentiles beside its ceilings', on a logarithmic millisecond axis.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+
+use crate::Series;
+
+/// DejaVu Sans, from Debian's `fonts-dejavu-core` (`./dev bench` installs it if missing).
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(90, 90, 90),
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+];
+
+pub(crate) fn draw(series: &[Series], out: &Path) {
+    let font: &'static [u8] = Box::leak(
+        std::fs::read(FONT)
+            .unwrap_or_else(|e| panic!("{FONT}: {e} (install fonts-dejavu-core)"))
+            .into_boxed_slice(),
+    );
+    if register_font("sans-serif", FontStyle::Normal, font).is_err() {
+        panic!("{FONT} is not a usable font");
+    }
+    let root = BitMapBackend::new(out, (1400, 600)).into_drawing_area();
+    root.fill(&WHITE).expect("fill");
+    let mut panels: Vec<&str> = series.iter().map(|s| s.panel).collect();
+    panels.dedup();
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (area, panel) in areas.iter().zip(&panels) {
+        let mine: Vec<&Series> = series.iter().filter(|s| s.panel == *panel).collect();
+        let max = mine
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .fold(0.1f64, f64::max);
+        let min = mine
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|v| *v > 0.0)
+            .fold(max, f64::min);
+        let mut chart = ChartBuilder::on(area)
+            .caption(*panel, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(40f64..100f64, (min * 0.8..max * 1.3).log_scale())
+            .expect("chart");
+        chart
+            .configure_mesh()
+            .x_desc("percentile")
+            .y_desc("latency (ms, log)")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .expect("mesh");
+        for (i, s) in mine.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            let dashed = s.label.starts_with("ceiling");
+            let style = if dashed {
+                colour.stroke_width(2)
+            } else {
+                colour.stroke_width(3)
+            };
+            chart
+                .draw_series(LineSeries::new(s.points.iter().copied(), style))
+                .expect("line")
+                .label(s.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3))
+                });
+            chart
+                .draw_series(s.points.iter().map(|p| Circle::new(*p, 4, colour.filled())))
+                .expect("points");
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .expect("legend");
+    }
+    root.present().expect("write the chart");
+}

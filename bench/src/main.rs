@@ -1,0 +1,876 @@
+//! `./dev bench [--quick]`: measures Latchkey against its ceilings and rewrites the results in
+//! BENCHMARKS.md (the table and `bench/latency.png`).
+//!
+//! Every figure is a median over rounds run side by side with its ceiling, and every target is
+//! a ratio against that ceiling, because the machine is shared and noisy. Nothing here is a
+//! test: a missed target is reported, not failed.
+
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a command-line benchmark driver: it prints, stops with a message when a step fails, and its figures are approximate"
+)]
+
+mod chart;
+mod load;
+mod seed;
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use load::{Load, Run};
+use serde_json::{Value, json};
+
+/// What a run measures, and how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mode {
+    pub(crate) quick: bool,
+}
+
+impl Mode {
+    /// Keys in the origin database.
+    fn keys(self) -> u64 {
+        if self.quick { 100_000 } else { 1_000_000 }
+    }
+    /// Rounds of each load, interleaved with its ceiling.
+    fn rounds(self) -> usize {
+        if self.quick { 1 } else { 3 }
+    }
+    /// Length of one load run.
+    fn duration(self) -> Duration {
+        Duration::from_secs(if self.quick { 3 } else { 8 })
+    }
+}
+
+/// One line of the results table.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) figure: String,
+    pub(crate) value: String,
+    pub(crate) ceiling: String,
+    pub(crate) ratio: Option<f64>,
+    pub(crate) target: String,
+    pub(crate) pass: Option<bool>,
+}
+
+/// Latency percentiles of one load, for the chart.
+#[derive(Debug, Clone)]
+pub(crate) struct Series {
+    pub(crate) panel: &'static str,
+    pub(crate) label: String,
+    /// (percentile, milliseconds)
+    pub(crate) points: Vec<(f64, f64)>,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    series: Vec<Series>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, row: Row) {
+        eprintln!(
+            "  {:<48} {:>16}  ceiling {:>14}  {}",
+            row.figure,
+            row.value,
+            row.ceiling,
+            row.pass.map_or("", |p| if p { "pass" } else { "MISS" })
+        );
+        self.rows.push(row);
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+fn step(name: &str) {
+    eprintln!("\x1b[1m==> bench: {name}\x1b[0m");
+}
+
+/// Runs a command in the repository root; fails the bench if it fails.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.current_dir(root()).output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child process in its own process group, ended (with its children) on drop.
+pub(crate) struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns `cmd` and waits for a stdout line containing `marker`; returns the line. Its
+    /// stderr goes to `log`.
+    pub(crate) fn spawn(cmd: Command, marker: &str, log: &Path) -> (Self, String) {
+        Self::spawn_watching(cmd, marker, log, false)
+    }
+
+    /// As [`Proc::spawn`], for a program that logs to stderr: waits on stderr, stdout to `log`.
+    pub(crate) fn spawn_stderr(cmd: Command, marker: &str, log: &Path) -> (Self, String) {
+        Self::spawn_watching(cmd, marker, log, true)
+    }
+
+    fn spawn_watching(mut cmd: Command, marker: &str, log: &Path, stderr: bool) -> (Self, String) {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(log).expect("log");
+        cmd.current_dir(root())
+            .stdin(Stdio::null())
+            .process_group(0);
+        if stderr {
+            cmd.stdout(log).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(Stdio::piped()).stderr(log);
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        let pipe: Box<dyn std::io::Read + Send> = if stderr {
+            Box::new(child.stderr.take().expect("stderr"))
+        } else {
+            Box::new(child.stdout.take().expect("stdout"))
+        };
+        let mut lines = BufReader::new(pipe).lines();
+        let line = loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains(marker) => break line,
+                Some(Ok(_)) => {}
+                _ => panic!("{cmd:?} ended before printing {marker:?}"),
+            }
+        };
+        // Keep draining the pipe so the child never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        (Self { child }, line)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        for signal in ["-TERM", "-KILL"] {
+            let _ = Command::new("kill")
+                .args([signal, "--", &group])
+                .stderr(Stdio::null())
+                .status();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn ratio_row(figure: &str, value: f64, ceiling: f64, unit: &str, at_least: f64) -> Row {
+    let ratio = value / ceiling;
+    Row {
+        figure: figure.into(),
+        value: format!("{value:.0} {unit}"),
+        ceiling: format!("{ceiling:.0} {unit}"),
+        ratio: Some(ratio),
+        target: format!("≥ {:.0}% of ceiling", at_least * 100.0),
+        pass: Some(ratio >= at_least),
+    }
+}
+
+fn main() {
+    let mode = Mode {
+        quick: std::env::args().any(|a| a == "--quick"),
+    };
+    let started = Instant::now();
+    let work = std::env::temp_dir().join(format!("latchkey-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let mut report = Report::default();
+
+    micro(&mut report, mode);
+    wasm(&mut report, mode, &work);
+    let fixture = origin(&mut report, mode, &work);
+    edge(&mut report, mode, &work, &fixture);
+    revocation(&mut report, mode);
+
+    let png = root().join("bench/latency.png");
+    chart::draw(&report.series, &png);
+    write_results(&report, mode, started.elapsed());
+    let _ = std::fs::remove_dir_all(&work);
+    let missed = report.rows.iter().filter(|r| r.pass == Some(false)).count();
+    eprintln!(
+        "bench: done in {:.0} s; {} targets held, {missed} missed; results in BENCHMARKS.md",
+        started.elapsed().as_secs_f64(),
+        report.rows.iter().filter(|r| r.pass == Some(true)).count()
+    );
+}
+
+/// 1. Criterion micro-benchmarks of the decision, natively.
+fn micro(report: &mut Report, mode: Mode) {
+    step("micro (criterion, native)");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "bench",
+        "--locked",
+        "-p",
+        "latchkey-shared",
+        "--bench",
+        "decide",
+        "--",
+    ]);
+    if mode.quick {
+        cmd.args(["--warm-up-time", "1", "--measurement-time", "2"]);
+    }
+    run(&mut cmd);
+    let ns = |name: &str| -> f64 {
+        let path = target_dir().join(format!("criterion/{name}/new/estimates.json"));
+        let text = std::fs::read_to_string(&path).expect("criterion estimates");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        v["median"]["point_estimate"].as_f64().expect("median")
+    };
+    let anchor = ns("sha256_of_key");
+    for (name, label) in [
+        ("key_parse_and_checksum", "key parse + checksum"),
+        ("key_hash", "SHA-256 of a key (KeyHash)"),
+        ("scope_parse", "scope parse"),
+        ("allows_in_20_scopes", "`allows` ×2 on a 20-scope set"),
+    ] {
+        let v = ns(name);
+        report.row(Row {
+            figure: format!("micro: {label}"),
+            value: format!("{v:.0} ns/op"),
+            ceiling: format!("{anchor:.0} ns (SHA-256)"),
+            ratio: Some(v / anchor),
+            target: String::new(),
+            pass: None,
+        });
+    }
+    let decision = ns("verify_decision");
+    report.row(Row {
+        figure: "micro: whole verify decision".into(),
+        value: format!("{decision:.0} ns/op"),
+        ceiling: format!("{anchor:.0} ns (SHA-256 of ~50 B)"),
+        ratio: Some(decision / anchor),
+        target: "≤ 3× one SHA-256".into(),
+        pass: Some(decision / anchor <= 3.0),
+    });
+}
+
+/// 2. The same operations compiled to wasm under Node, beside native; the Worker's size and
+///    compile/instantiate time.
+fn wasm(report: &mut Report, mode: Mode, work: &Path) {
+    step("wasm (the decision under Node beside native; the Worker's size and start-up)");
+    run(Command::new(env!("CARGO")).args([
+        "build",
+        "--locked",
+        "-p",
+        "latchkey-bench-wasm",
+        "--target",
+        "wasm32-unknown-unknown",
+        "--profile",
+        "worker",
+    ]));
+    run(&mut Command::new(root().join("edge/build.sh")));
+    let module = target_dir().join("wasm32-unknown-unknown/worker/latchkey_bench_wasm.wasm");
+    let glue_dir = work.join("wasm");
+    run(Command::new(wasm_bindgen())
+        .args(["--target", "nodejs", "--out-dir"])
+        .arg(&glue_dir)
+        .arg(&module));
+    let worker = root().join("edge/build/index_bg.wasm");
+    let n: u32 = if mode.quick { 20_000 } else { 100_000 };
+    let out = run(Command::new("node")
+        .arg(root().join("bench/wasm.mjs"))
+        .arg(glue_dir.join("latchkey_bench_wasm.js"))
+        .arg(&worker)
+        .arg(n.to_string())
+        .arg(latchkey_bench_wasm::OPS.join(",")));
+    let v: Value = serde_json::from_str(out.trim()).expect("wasm.mjs JSON");
+    for (op, name) in latchkey_bench_wasm::OPS.iter().enumerate() {
+        let op = u32::try_from(op).expect("op");
+        let native = median(
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(latchkey_bench_wasm::run(op, n));
+                    t.elapsed().as_nanos() as f64 / f64::from(n)
+                })
+                .collect(),
+        );
+        let wasm_ns = v["ops"][name].as_f64().expect("per-op ns");
+        report.row(Row {
+            figure: format!("wasm (Node): {name}"),
+            value: format!("{wasm_ns:.0} ns/op"),
+            ceiling: format!("{native:.0} ns native"),
+            ratio: Some(wasm_ns / native),
+            target: String::new(),
+            pass: None,
+        });
+    }
+    let raw = std::fs::metadata(&worker).expect("worker wasm").len();
+    let gzip =
+        run(Command::new("sh").args(["-c", &format!("gzip -9c {} | wc -c", worker.display())]))
+            .trim()
+            .parse::<u64>()
+            .expect("gzip size");
+    report.row(Row {
+        figure: "Worker wasm after wasm-opt, raw (gzip)".into(),
+        value: format!("{raw} B ({gzip} B)"),
+        ceiling: "400,000 B".into(),
+        ratio: Some(raw as f64 / 400_000.0),
+        target: "< 400 KB raw".into(),
+        pass: Some(raw < 400_000),
+    });
+    report.row(Row {
+        figure: "Worker wasm compile + instantiate (Node)".into(),
+        value: format!(
+            "{:.1} + {:.1} ms",
+            v["compile_ms"].as_f64().unwrap_or(f64::NAN),
+            v["instantiate_ms"].as_f64().unwrap_or(f64::NAN)
+        ),
+        ceiling: String::new(),
+        ratio: None,
+        target: String::new(),
+        pass: None,
+    });
+}
+
+/// What the origin step leaves for the edge step: a valid key and its KV record.
+pub(crate) struct Fixture {
+    pub(crate) secret: String,
+    pub(crate) record_name: String,
+    pub(crate) record_json: String,
+    /// The ceiling server, kept running: it is the gateway's upstream in the edge step.
+    pub(crate) _ceiling: Proc,
+    pub(crate) ceiling_url: String,
+}
+
+/// 3 and 6. Origin over HTTP on loopback, against the constant-JSON axum ceiling, over a
+///    database of `mode.keys()` keys; origin's peak RSS.
+fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
+    step("origin (release build, seed, load against the axum ceiling)");
+    run(Command::new(env!("CARGO")).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "latchkey-origin",
+        "-p",
+        "latchkey-bench",
+        "--bin",
+        "origin",
+        "--bin",
+        "bench-ceiling",
+    ]));
+    let db = work.join("bench.db");
+    let seeded = Instant::now();
+    let seed = seed::seed(&db, mode.keys());
+    report.notes.push(format!(
+        "Seeded {} keys ({} subjects) in {:.1} s.",
+        mode.keys(),
+        seed::SUBJECTS,
+        seeded.elapsed().as_secs_f64()
+    ));
+    let release = target_dir().join("release");
+    let token = "bench-admin-token-0000000000000000000000";
+    let mut origin_cmd = Command::new(release.join("origin"));
+    origin_cmd
+        .arg("serve")
+        .env_clear()
+        .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+        .env("ADMIN_TOKEN", token)
+        .env("ORIGIN_LISTEN", "127.0.0.1:0")
+        // The default log level: one line per request, as in production.
+        .env("RUST_LOG", "info")
+        .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "1000000");
+    // Origin logs to stderr; its "listening" line is what we wait for.
+    let (origin, line) =
+        Proc::spawn_stderr(origin_cmd, "origin listening", &work.join("origin.log"));
+    let origin_url = format!(
+        "http://{}",
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .expect("listen=")
+    );
+    let (ceiling, line) = Proc::spawn(
+        Command::new(release.join("bench-ceiling")),
+        "listen=",
+        &work.join("ceiling.log"),
+    );
+    let ceiling_url = format!("http://{}", line.trim_start_matches("listen="));
+
+    let auth = format!("Bearer {token}");
+    let json = "application/json";
+    let ceiling_load = Load::get(&format!("{ceiling_url}/"));
+    let valid = Load::post(
+        &format!("{origin_url}/v1/api_keys/verify"),
+        &json!({ "secret": seed.secret }).to_string(),
+    )
+    .header("authorization", &auth)
+    .header("content-type", json);
+    let garbage = Load::post(
+        &format!("{origin_url}/v1/api_keys/verify"),
+        &json!({ "secret": "sk_live_not-a-key" }).to_string(),
+    )
+    .header("authorization", &auth)
+    .header("content-type", json);
+    let create = Load::post(
+        &format!("{origin_url}/v1/api_keys"),
+        r#"{"name":"bench","subject":"partner-bench","scopes":["read:orders"]}"#,
+    )
+    .header("authorization", &auth)
+    .header("content-type", json)
+    .connections(64);
+    let list = Load::get(&format!(
+        "{origin_url}/v1/api_keys?subject={}&limit=10",
+        seed.subject
+    ))
+    .header("authorization", &auth);
+
+    let mut runs: [Vec<Run>; 5] = Default::default();
+    for _ in 0..mode.rounds() {
+        for (i, load) in [&ceiling_load, &valid, &garbage, &create, &list]
+            .iter()
+            .enumerate()
+        {
+            runs[i].push(load.run(mode.duration()));
+        }
+    }
+    let [
+        ceiling_runs,
+        valid_runs,
+        garbage_runs,
+        create_runs,
+        list_runs,
+    ] = runs;
+    let ceiling_rps = median(ceiling_runs.iter().map(|r| r.rps).collect());
+    let valid_rps = median(valid_runs.iter().map(|r| r.rps).collect());
+    let garbage_rps = median(garbage_runs.iter().map(|r| r.rps).collect());
+    let create_rps = median(create_runs.iter().map(|r| r.rps).collect());
+    let list_rps = median(list_runs.iter().map(|r| r.rps).collect());
+    // Latency at half of each one's own peak rate (a loaded but unsaturated service).
+    let half = |load: &Load, rps: f64| load.clone().rate(rps / 2.0).run(mode.duration());
+    let valid_half = half(&valid, valid_rps);
+    let list_half = half(&list, list_rps);
+    let ceiling_half = half(&ceiling_load, ceiling_rps);
+    let garbage_half = half(&garbage, garbage_rps);
+    let rss_kb = peak_rss_kb(origin.pid());
+
+    report.row(ratio_row(
+        "origin verify, valid key",
+        valid_rps,
+        ceiling_rps,
+        "req/s",
+        0.5,
+    ));
+    report.row(Row {
+        figure: "origin verify p99 at half its peak rate".into(),
+        value: format!("{:.2} ms", valid_half.p99_ms),
+        ceiling: format!("{:.2} ms", ceiling_half.p99_ms),
+        ratio: Some(valid_half.p99_ms / ceiling_half.p99_ms),
+        target: "< 5 ms".into(),
+        pass: Some(valid_half.p99_ms < 5.0),
+    });
+    report.row(ratio_row(
+        "origin verify, garbage key",
+        garbage_rps,
+        ceiling_rps,
+        "req/s",
+        0.8,
+    ));
+    report.row(Row {
+        figure: "origin create, durable (64 concurrent clients)".into(),
+        value: format!("{create_rps:.0} keys/s"),
+        ceiling: format!("{ceiling_rps:.0} req/s"),
+        ratio: Some(create_rps / ceiling_rps),
+        target: "≥ 2,000 keys/s".into(),
+        pass: Some(create_rps >= 2000.0),
+    });
+    report.row(Row {
+        figure: format!(
+            "origin list, one page by subject, {} keys, p99 at half peak",
+            mode.keys()
+        ),
+        value: format!("{:.2} ms ({list_rps:.0} req/s peak)", list_half.p99_ms),
+        ceiling: format!("{:.2} ms", ceiling_half.p99_ms),
+        ratio: Some(list_half.p99_ms / ceiling_half.p99_ms),
+        target: "p99 < 10 ms".into(),
+        pass: Some(list_half.p99_ms < 10.0),
+    });
+    report.row(Row {
+        figure: format!("origin peak RSS, {} keys, after the loads", mode.keys()),
+        value: format!("{:.0} MB", rss_kb as f64 / 1024.0),
+        ceiling: String::new(),
+        ratio: None,
+        target: "< 250 MB".into(),
+        pass: Some(rss_kb < 250 * 1024),
+    });
+    for (label, run) in [
+        ("ceiling (constant JSON)", &ceiling_half),
+        ("verify, valid key", &valid_half),
+        ("verify, garbage key", &garbage_half),
+        ("list by subject", &list_half),
+    ] {
+        report.series.push(Series {
+            panel: "origin (half of peak rate)",
+            label: label.into(),
+            points: run.percentiles.clone(),
+        });
+    }
+    drop(origin);
+    Fixture {
+        record_name: seed.record_name,
+        record_json: seed.record_json,
+        secret: seed.secret,
+        _ceiling: ceiling,
+        ceiling_url,
+    }
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 4. The edge: our Worker and two minimal Rust Workers (one KV get; a constant body), served
+///    by workerd directly through Miniflare, and through `wrangler dev`'s proxy.
+fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
+    step("edge (Worker and ceiling Workers under Miniflare, and under wrangler dev)");
+    run(&mut Command::new(root().join("bench/workers/build.sh")));
+    let config = json!({
+        "record_name": fixture.record_name,
+        "record_json": fixture.record_json,
+        "upstream": fixture.ceiling_url,
+        "root": root(),
+    });
+    let config_path = work.join("edge.json");
+    std::fs::write(&config_path, config.to_string()).expect("edge config");
+    let mut node = Command::new("node");
+    node.arg(root().join("bench/edge.mjs")).arg(&config_path);
+    let (miniflare, line) = Proc::spawn(node, "ports=", &work.join("miniflare.log"));
+    let ports: Value = serde_json::from_str(line.trim_start_matches("ports=")).expect("ports JSON");
+    let at = |name: &str| format!("http://127.0.0.1:{}", ports[name]);
+    measure_edge(
+        report,
+        mode,
+        "Miniflare (workerd direct)",
+        &at("edge"),
+        &at("kv_get"),
+        &at("constant"),
+        &fixture.secret,
+    );
+    drop(miniflare);
+
+    // The same three under `wrangler dev`, whose proxy caps throughput here.
+    let mut servers = Vec::new();
+    let mut bases = Vec::new();
+    for (config, vars) in [
+        (
+            "wrangler.toml",
+            vec![
+                ("UPSTREAM_URL", fixture.ceiling_url.clone()),
+                (
+                    "UPSTREAM_SIGNING_SECRET",
+                    "bench-upstream-secret-000000000000".into(),
+                ),
+                ("ORIGIN_USAGE_URL", String::new()),
+            ],
+        ),
+        (
+            "bench/workers/kv-get/wrangler.toml",
+            vec![("RECORD_NAME", fixture.record_name.clone())],
+        ),
+        ("bench/workers/constant/wrangler.toml", vec![]),
+    ] {
+        let port = free_port();
+        let state = work.join(format!("wrangler-{port}"));
+        let mut cmd = Command::new(root().join("node_modules/.bin/wrangler"));
+        cmd.env("WRANGLER_SEND_METRICS", "false")
+            .env("CI", "1")
+            .args([
+                "dev",
+                "--config",
+                config,
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .args(["--inspector-port", &free_port().to_string()])
+            .arg("--persist-to")
+            .arg(&state);
+        for (name, value) in vars {
+            cmd.args(["--var", &format!("{name}:{value}")]);
+        }
+        let (server, _) = Proc::spawn(cmd, "Ready on", &work.join(format!("wrangler-{port}.log")));
+        let base = format!("http://127.0.0.1:{port}");
+        // Put the record into this server's local KV through its KV REST API.
+        let url = format!(
+            "{base}/cdn-cgi/explorer/api/storage/kv/namespaces/00000000000000000000000000000000/values/{}",
+            fixture.record_name
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !run(Command::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "--data-binary",
+            &fixture.record_json,
+            &url,
+        ]))
+        .starts_with('2')
+        {
+            assert!(
+                Instant::now() < deadline,
+                "wrangler dev KV did not accept the record"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        servers.push(server);
+        bases.push(base);
+    }
+    measure_edge(
+        report,
+        mode,
+        "wrangler dev (through its proxy)",
+        &bases[0],
+        &bases[1],
+        &bases[2],
+        &fixture.secret,
+    );
+    drop(servers);
+}
+
+#[allow(clippy::too_many_arguments, reason = "one call site per runner")]
+fn measure_edge(
+    report: &mut Report,
+    mode: Mode,
+    runner: &'static str,
+    edge: &str,
+    kv_get: &str,
+    constant: &str,
+    secret: &str,
+) {
+    let json = "application/json";
+    let verify = Load::post(
+        &format!("{edge}/v1/api_keys/verify"),
+        &json!({ "key": secret }).to_string(),
+    )
+    .header("content-type", json);
+    let gateway = Load::get(&format!("{edge}/orders/42"))
+        .header("authorization", &format!("Bearer {secret}"));
+    let garbage = Load::post(
+        &format!("{edge}/v1/api_keys/verify"),
+        r#"{"key":"sk_live_not-a-key"}"#,
+    )
+    .header("content-type", json);
+    let kv_ceiling = Load::get(&format!("{kv_get}/"));
+    let constant_ceiling = Load::get(&format!("{constant}/"));
+    // Warm every isolate first.
+    for load in [&verify, &gateway, &garbage, &kv_ceiling, &constant_ceiling] {
+        load.run(Duration::from_secs(1));
+    }
+    let mut runs: [Vec<Run>; 5] = Default::default();
+    for _ in 0..mode.rounds() {
+        for (i, load) in [&kv_ceiling, &verify, &gateway, &constant_ceiling, &garbage]
+            .iter()
+            .enumerate()
+        {
+            runs[i].push(load.run(mode.duration()));
+        }
+    }
+    let rps: Vec<f64> = runs
+        .iter()
+        .map(|r| median(r.iter().map(|x| x.rps).collect()))
+        .collect();
+    let [kv, verify_rps, gateway_rps, constant_rps, garbage_rps] =
+        [rps[0], rps[1], rps[2], rps[3], rps[4]];
+    report.row(ratio_row(
+        &format!("edge verify, valid key — {runner}"),
+        verify_rps,
+        kv,
+        "req/s",
+        0.85,
+    ));
+    report.row(ratio_row(
+        &format!("edge gateway, valid key — {runner}"),
+        gateway_rps,
+        kv,
+        "req/s",
+        0.70,
+    ));
+    report.row(ratio_row(
+        &format!("edge verify, garbage key — {runner}"),
+        garbage_rps,
+        constant_rps,
+        "req/s",
+        0.90,
+    ));
+    if runner.starts_with("Miniflare") {
+        for (label, i) in [
+            ("ceiling: one KV get", 0),
+            ("verify, valid key", 1),
+            ("gateway, valid key", 2),
+            ("ceiling: constant body", 3),
+            ("verify, garbage key", 4),
+        ] {
+            let run = runs[i].last().expect("a run");
+            report.series.push(Series {
+                panel: "edge under Miniflare (peak rate)",
+                label: label.into(),
+                points: run.percentiles.clone(),
+            });
+        }
+    }
+}
+
+/// The wasm-bindgen CLI `./dev setup` installs (the version in Cargo.lock).
+fn wasm_bindgen() -> PathBuf {
+    std::env::var_os("WASM_BINDGEN_BIN").map_or_else(
+        || {
+            std::env::var_os("HOME").map_or_else(
+                || PathBuf::from("wasm-bindgen"),
+                |h| PathBuf::from(h).join(".cargo/bin/wasm-bindgen"),
+            )
+        },
+        PathBuf::from,
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// 5. Revocation propagation over 200 revocations, through the end-to-end test.
+fn revocation(report: &mut Report, _mode: Mode) {
+    step("revocation propagation (200 revocations, origin -> KV -> the Worker under wrangler dev)");
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "test",
+            "--locked",
+            "-p",
+            "latchkey-tests",
+            "--test",
+            "edge",
+            "edge_follows_origin_changes",
+            "--",
+            "--nocapture",
+        ])
+        .env("LATCHKEY_REVOCATIONS", "200")
+        .current_dir(root())
+        .output()
+        .expect("cargo test");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.contains("MEASURED revocation propagation"))
+        .unwrap_or_else(|| panic!("no revocation figure in:\n{text}"));
+    let figure = |name: &str| -> f64 {
+        line.split(&format!("{name} "))
+            .nth(1)
+            .and_then(|rest| rest.split(" ms").next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (p50, p99, max) = (figure("p50"), figure("p99"), figure("max"));
+    report.row(Row {
+        figure: "revocation propagation, local, 200 revocations".into(),
+        value: format!("p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms"),
+        ceiling: String::new(),
+        ratio: None,
+        target: "p99 < 250 ms".into(),
+        pass: Some(p99 < 250.0),
+    });
+}
+
+/// Rewrites the results section of BENCHMARKS.md (between its markers).
+fn write_results(report: &Report, mode: Mode, took: Duration) {
+    let path = root().join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).expect("BENCHMARKS.md");
+    let (start, end) = ("<!-- results:start -->", "<!-- results:end -->");
+    let (Some(a), Some(b)) = (text.find(start), text.find(end)) else {
+        panic!("BENCHMARKS.md lacks the {start} / {end} markers");
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let date = run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let mut out = String::new();
+    let _ = writeln!(out, "{start}");
+    let _ = writeln!(
+        out,
+        "\nRun: {} ({} mode, {:.0} s), {cores} cores ({cpu}), {} keys at origin.\n",
+        date.trim(),
+        if mode.quick { "quick" } else { "full" },
+        took.as_secs_f64(),
+        mode.keys()
+    );
+    let _ = writeln!(out, "| figure | value | ceiling | ratio | target | |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for r in &report.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            r.figure,
+            r.value,
+            r.ceiling,
+            r.ratio.map_or(String::new(), |x| format!("{x:.2}")),
+            r.target,
+            r.pass.map_or("", |p| if p { "pass" } else { "**miss**" })
+        );
+    }
+    for note in &report.notes {
+        let _ = writeln!(out, "\n{note}");
+    }
+    let _ = writeln!(out, "\n![latency percentiles](bench/latency.png)\n");
+    let _ = write!(out, "{end}");
+    let rewritten = format!("{}{}{}", &text[..a], out, &text[b + end.len()..]);
+    std::fs::write(&path, rewritten).expect("write BENCHMARKS.md");
+}

@@ -1,0 +1,16 @@
+//! Ceiling for valid-key traffic at the edge: the unavoidable work, one KV get of a key's
+//! record (named by the `RECORD_NAME` binding), returned as it is. Nothing else.
+
+use worker::{Context, Env, Request, Response, Result, event};
+
+#[event(fetch)]
+async fn fetch(_req: Request, env: Env, _ctx: Context) -> Result<Response> {
+    let name = env.var("RECORD_NAME")?.to_string();
+    let record = env
+        .kv("KEYS")?
+        .get(&name)
+        .bytes()
+        .await?
+        .unwrap_or_default();
+    Response::from_bytes(record)
+}
