@@ -102,22 +102,29 @@ fn table(guard: AdminGuard) -> Routes {
         .open(Method::GET, "/metrics", metrics)
 }
 
-/// Logs method, path, status and latency. Never headers, query strings or bodies: they can
-/// carry secrets.
+/// Logs method, path, status and latency; never headers, query strings or bodies, which can
+/// carry secrets. Every request at `debug` (an access log: `RUST_LOG=latchkey_origin::http=debug`);
+/// slow ones and server errors at `warn`. A line per request at the default level cost a quarter
+/// of verify throughput in the benchmarks (BENCHMARKS.md), for lines nobody reads.
 async fn log_request(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let response = next.run(req).await;
-    tracing::info!(
-        %method,
-        path = %path.chars().take(200).collect::<String>(),
-        status = response.status().as_u16(),
-        ms = started.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    let path = path.chars().take(200).collect::<String>();
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    if status >= 500 || elapsed >= SLOW_REQUEST {
+        tracing::warn!(%method, %path, status, ms, "request (slow or failed)");
+    } else {
+        tracing::debug!(%method, %path, status, ms, "request");
+    }
     response
 }
+
+/// Requests slower than this are logged at `warn`.
+const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Liveness of the database, and the KV publisher's backlog (`pending`, `lag_ms`). A backlog
 /// does not make origin unhealthy: it keeps serving while KV is away.

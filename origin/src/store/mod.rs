@@ -22,6 +22,14 @@ pub enum StoreError {
     /// The database refused or failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The synchronous read path (verify's lookup by hash) failed; `code` is SQLite's result code.
+    #[error("database error (SQLite code {code}): {message}")]
+    Sqlite {
+        /// SQLite's extended result code.
+        code: i32,
+        /// Its message.
+        message: String,
+    },
     /// Migrations failed at start.
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,6 +35,8 @@ pub struct SqliteStore {
     file: Option<PathBuf>,
     /// Key changes go to the group-commit task.
     changes: mpsc::Sender<Pending>,
+    /// Verify's lookup by hash (`None` for an in-memory database).
+    hot: Option<Arc<HotReads>>,
 }
 
 impl SqliteStore {
@@ -65,11 +69,23 @@ impl SqliteStore {
             .await?;
         let (changes, queue) = mpsc::channel(4 * GROUP_MAX);
         tokio::spawn(group_commit(writer.clone(), queue));
+        // Where the synchronous connections cannot open (a read-only filesystem, say), verify
+        // reads through the sqlx pool like everything else: slower, as correct.
+        let hot = file
+            .as_deref()
+            .and_then(|path| match HotReads::open(path, HOT_READERS) {
+                Ok(hot) => Some(Arc::new(hot)),
+                Err(error) => {
+                    tracing::warn!(%error, "verify lookups go through the pool");
+                    None
+                }
+            });
         Ok(Self {
             writer,
             reader,
             file,
             changes,
+            hot,
         })
     }
 
@@ -88,6 +104,108 @@ impl SqliteStore {
     /// The database file (`None` for an in-memory database).
     pub fn file(&self) -> Option<&Path> {
         self.file.as_deref()
+    }
+}
+
+/// Read-only connections for verify's lookup by hash, used synchronously on the calling thread.
+///
+/// Verify is the hot path, and the lookup itself takes a few microseconds against the
+/// `secret_hash` index; through sqlx it also took two thread hand-offs (to the connection's
+/// worker thread and back), which profiling showed to be most of verify's cost (BENCHMARKS.md).
+/// Holding a tokio worker for that long is cheaper than the hand-offs.
+struct HotReads {
+    connections: Vec<std::sync::Mutex<rusqlite::Connection>>,
+    next: AtomicUsize,
+}
+
+/// Connections in [`HotReads`]: more than the cores, so a lookup rarely waits for one.
+const HOT_READERS: usize = 4;
+
+impl std::fmt::Debug for HotReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HotReads({} connections)", self.connections.len())
+    }
+}
+
+const FIND_BY_HASH: &str = "SELECT id, secret_hash, hint, name, subject, description, scopes, \
+     claims, created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, \
+     created_at, updated_at, revision FROM api_keys WHERE secret_hash = ?";
+
+impl HotReads {
+    fn open(path: &Path, n: usize) -> Result<Self, StoreError> {
+        use rusqlite::OpenFlags;
+        let connections = (0..n)
+            .map(|_| {
+                let conn = rusqlite::Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(Duration::from_secs(5))?;
+                Ok(std::sync::Mutex::new(conn))
+            })
+            .collect::<Result<_, rusqlite::Error>>()
+            .map_err(sqlite_error)?;
+        Ok(Self {
+            connections,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError> {
+        // The statement, for trace logs (the access tests count lookups by it).
+        tracing::trace!(statement = FIND_BY_HASH, "lookup by hash");
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.connections.len();
+        // A free connection if there is one, else wait for ours.
+        let conn = (0..n)
+            .find_map(|i| self.connections[(start + i) % n].try_lock().ok())
+            .unwrap_or_else(|| {
+                self.connections[start % n]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            });
+        let mut statement = conn.prepare_cached(FIND_BY_HASH).map_err(sqlite_error)?;
+        let mut rows = statement
+            .query([hash.as_bytes().as_slice()])
+            .map_err(sqlite_error)?;
+        let Some(row) = rows.next().map_err(sqlite_error)? else {
+            return Ok(None);
+        };
+        let row = key_row(row).map_err(sqlite_error)?;
+        StoredKey::try_from(row).map(Some)
+    }
+}
+
+fn key_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok(KeyRow {
+        id: row.get(0)?,
+        secret_hash: row.get(1)?,
+        hint: row.get(2)?,
+        name: row.get(3)?,
+        subject: row.get(4)?,
+        description: row.get(5)?,
+        scopes: row.get(6)?,
+        claims: row.get(7)?,
+        created_by: row.get(8)?,
+        expiration: row.get(9)?,
+        revoked: row.get(10)?,
+        revoked_at: row.get(11)?,
+        revocation_reason: row.get(12)?,
+        last_used_at: row.get(13)?,
+        created_at: row.get(14)?,
+        updated_at: row.get(15)?,
+        revision: row.get(16)?,
+    })
+}
+
+fn sqlite_error(error: rusqlite::Error) -> StoreError {
+    let code = match &error {
+        rusqlite::Error::SqliteFailure(e, _) => e.extended_code,
+        _ => 1,
+    };
+    StoreError::Sqlite {
+        code,
+        message: error.to_string(),
     }
 }
 
@@ -487,6 +605,9 @@ impl KeyStore for SqliteStore {
     }
 
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError> {
+        if let Some(hot) = &self.hot {
+            return hot.find_by_hash(hash);
+        }
         let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = ?");
         let row: Option<KeyRow> = sqlx::query_as(&sql)
             .bind(hash.as_bytes().as_slice())
