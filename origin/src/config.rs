@@ -142,13 +142,13 @@ impl std::fmt::Debug for UsageSecret {
 #[derive(Clone)]
 pub struct AdminToken {
     digest: [u8; 32],
-    label: String,
+    label: std::sync::Arc<str>,
 }
 
 impl AdminToken {
     fn new(token: &str) -> Self {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let label = format!("admin:{}", &hex::encode(digest)[..12]);
+        let label = format!("admin:{}", &hex::encode(digest)[..12]).into();
         Self { digest, label }
     }
 
@@ -160,6 +160,11 @@ impl AdminToken {
     /// The non-secret label, `admin:` + first 12 hex digits of the token's SHA-256.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The label, shared (attached to every request it authenticates).
+    pub fn shared_label(&self) -> std::sync::Arc<str> {
+        self.label.clone()
     }
 }
 

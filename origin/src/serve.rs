@@ -18,7 +18,7 @@ use tower::ServiceExt as _;
 
 use crate::config::Config;
 use crate::http::ingest::UsageIngest;
-use crate::http::{AppState, router};
+use crate::http::{AppParts, AppState, router};
 use crate::kv::KvClient;
 use crate::publish::{self, Publisher, PublisherStatus};
 use crate::service::KeyService;
@@ -34,7 +34,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         config.scope_policy.clone(),
     ));
     let publisher_status = Arc::new(PublisherStatus::new(config.kv.is_some()));
-    let state = AppState {
+    let state = AppState::from(AppParts {
         service: service.clone(),
         admin_tokens: config.admin_tokens.clone().into(),
         publisher: publisher_status.clone(),
@@ -44,7 +44,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .map(|secret| Arc::new(UsageIngest::new(secret))),
         admin_auth_failures_per_minute: config.admin_auth_failures_per_minute,
         request_read_timeout: config.request_read_timeout,
-    };
+    });
     if state.usage_ingest.is_none() {
         tracing::info!("USAGE_SIGNING_SECRET is unset: POST /v1/usage (edge usage reports) is off");
     }

@@ -135,7 +135,7 @@ pub async fn require_admin<E: Envelope>(
     }
     match matched {
         Some(token) => {
-            req.extensions_mut().insert(Actor(token.label().to_owned()));
+            req.extensions_mut().insert(Actor(token.shared_label()));
             next.run(req).await
         }
         None => refuse("The admin token is not valid."),

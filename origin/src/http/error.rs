@@ -3,10 +3,9 @@
 
 use std::marker::PhantomData;
 
-use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use crate::service::ServiceError;
 use crate::store::StoreError;
@@ -14,7 +13,25 @@ use crate::store::StoreError;
 /// How a surface wraps an error.
 pub trait Envelope: Send + Sync + 'static {
     /// The JSON body for an error.
-    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Value;
+    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Vec<u8>;
+}
+
+/// The error object both envelopes share (serialised from borrowed text: an error answer on the
+/// verify hot path builds no intermediate JSON tree).
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    code: &'a str,
+    message: &'a str,
+    long_message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<Meta<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Meta<'a> {
+    param_name: &'a str,
 }
 
 /// Clerk's Backend API envelope: `{"errors":[{"code","message","long_message","meta"}]}`.
@@ -22,12 +39,19 @@ pub trait Envelope: Send + Sync + 'static {
 pub enum Clerk {}
 
 impl Envelope for Clerk {
-    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Value {
-        let mut error = json!({ "code": code, "message": message, "long_message": long_message });
-        if let Some(field) = field {
-            error["meta"] = json!({ "param_name": field });
+    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            errors: [ErrorObject<'a>; 1],
         }
-        json!({ "errors": [error] })
+        let error = ErrorObject {
+            code,
+            message,
+            long_message,
+            meta: field.map(|param_name| Meta { param_name }),
+            field: None,
+        };
+        serde_json::to_vec(&Body { errors: [error] }).unwrap_or_default()
     }
 }
 
@@ -37,12 +61,24 @@ impl Envelope for Clerk {
 pub enum Tutorial {}
 
 impl Envelope for Tutorial {
-    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Value {
-        let mut error = json!({ "code": code, "message": message, "long_message": long_message });
-        if let Some(field) = field {
-            error["field"] = json!(field);
+    fn body(code: &str, message: &str, long_message: &str, field: Option<&str>) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            success: bool,
+            error: ErrorObject<'a>,
         }
-        json!({ "success": false, "error": error })
+        let error = ErrorObject {
+            code,
+            message,
+            long_message,
+            meta: None,
+            field,
+        };
+        serde_json::to_vec(&Body {
+            success: false,
+            error,
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -106,7 +142,15 @@ impl<E: Envelope> IntoResponse for ApiError<E> {
             &self.long_message,
             self.field.as_deref(),
         );
-        let mut response = (self.status, Json(body)).into_response();
+        let mut response = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -37,9 +37,25 @@ pub mod ingest;
 pub mod routes;
 pub mod tutorial;
 
-/// What every handler can reach.
+/// What every handler can reach. Cloned for every request (axum's `State`), so it is one `Arc`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl From<AppParts> for AppState {
+    fn from(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct AppParts {
     /// The key service.
     pub service: Arc<KeyService>,
     /// Accepted admin tokens (digests only).
@@ -56,7 +72,7 @@ pub struct AppState {
 
 /// The admin who made a request, by the non-secret label of their token.
 #[derive(Debug, Clone)]
-pub struct Actor(pub String);
+pub struct Actor(pub Arc<str>);
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
@@ -108,17 +124,21 @@ fn table(guard: AdminGuard) -> Routes {
 /// of verify throughput in the benchmarks (BENCHMARKS.md), for lines nobody reads.
 async fn log_request(req: Request, next: Next) -> Response {
     let started = Instant::now();
+    // Cheap clones (shared bytes), so the common case (nothing logged) allocates nothing.
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let uri = req.uri().clone();
     let response = next.run(req).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    let path = path.chars().take(200).collect::<String>();
-    let ms = elapsed.as_secs_f64() * 1000.0;
-    if status >= 500 || elapsed >= SLOW_REQUEST {
-        tracing::warn!(%method, %path, status, ms, "request (slow or failed)");
-    } else {
-        tracing::debug!(%method, %path, status, ms, "request");
+    let failed_or_slow = status >= 500 || elapsed >= SLOW_REQUEST;
+    if failed_or_slow || tracing::enabled!(tracing::Level::DEBUG) {
+        let path = uri.path().chars().take(200).collect::<String>();
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        if failed_or_slow {
+            tracing::warn!(%method, %path, status, ms, "request (slow or failed)");
+        } else {
+            tracing::debug!(%method, %path, status, ms, "request");
+        }
     }
     response
 }
