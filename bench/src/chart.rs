@@ -11,6 +11,9 @@ use crate::Series;
 /// DejaVu Sans, from Debian's `fonts-dejavu-core` (`./dev bench` installs it if missing).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
+/// The percentiles on the x axis, evenly spaced (the tail matters as much as the median).
+const LABELS: [&str; 7] = ["p50", "p75", "p90", "p95", "p99", "p99.9", "p99.99"];
+
 const COLOURS: [RGBColor; 6] = [
     RGBColor(90, 90, 90),
     RGBColor(31, 119, 180),
@@ -50,10 +53,23 @@ pub(crate) fn draw(series: &[Series], out: &Path) {
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(40f64..100f64, (min * 0.8..max * 1.3).log_scale())
+            .build_cartesian_2d(
+                -0.3f64..(LABELS.len() as f64 - 0.7),
+                (min * 0.8..max * 1.3).log_scale(),
+            )
             .expect("chart");
         chart
             .configure_mesh()
+            .x_labels(LABELS.len())
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 0.01 && i >= 0.0 {
+                    LABELS.get(i as usize).map_or(String::new(), |l| (*l).to_owned())
+                } else {
+                    String::new()
+                }
+            })
+            .y_max_light_lines(1)
             .x_desc("percentile")
             .y_desc("latency (ms, log)")
             .label_style(("sans-serif", 14))
@@ -67,15 +83,21 @@ pub(crate) fn draw(series: &[Series], out: &Path) {
             } else {
                 colour.stroke_width(3)
             };
+            let points: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as f64, p.1))
+                .collect();
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), style))
+                .draw_series(LineSeries::new(points.iter().copied(), style))
                 .expect("line")
                 .label(s.label.clone())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3))
                 });
             chart
-                .draw_series(s.points.iter().map(|p| Circle::new(*p, 4, colour.filled())))
+                .draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled())))
                 .expect("points");
         }
         chart
