@@ -64,7 +64,9 @@ pub(crate) fn draw(series: &[Series], out: &Path) {
             .x_label_formatter(&|x| {
                 let i = x.round();
                 if (x - i).abs() < 0.01 && i >= 0.0 {
-                    LABELS.get(i as usize).map_or(String::new(), |l| (*l).to_owned())
+                    LABELS
+                        .get(i as usize)
+                        .map_or(String::new(), |l| (*l).to_owned())
                 } else {
                     String::new()
                 }

@@ -153,7 +153,11 @@ async fn forward(
             );
         }
     };
-    // A fetched response's headers are immutable; copy them so the edge can add its own.
+    if !config.debug_headers {
+        // Passed through as it is: nothing is added to it.
+        return Ok(upstream_response);
+    }
+    // A fetched response's headers are immutable; copy them so the debug header can be added.
     let headers = Headers::new();
     for (name, value) in upstream_response.headers().entries() {
         headers.append(&name, &value)?;

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 use serde_json::json;
-use worker::{Headers, Response, Result};
+use worker::{Response, Result};
 
 /// A JSON body with `status`.
 pub(crate) fn json<T: Serialize>(status: u16, body: &T) -> Result<Response> {
@@ -33,11 +33,9 @@ pub(crate) fn challenge(
     message: &str,
     www_authenticate: &str,
 ) -> Result<Response> {
-    let response = error(status, code, message)?;
-    let headers = Headers::new();
-    for (name, value) in response.headers().entries() {
-        headers.set(&name, &value)?;
-    }
-    headers.set("www-authenticate", www_authenticate)?;
-    Ok(response.with_headers(headers))
+    let mut response = error(status, code, message)?;
+    response
+        .headers_mut()
+        .set("www-authenticate", www_authenticate)?;
+    Ok(response)
 }
