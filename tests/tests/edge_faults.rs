@@ -20,9 +20,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::TestApp;
 use common::edge::{KV_NAMESPACE_ID, Stack, report_measurement};
 use common::hostile;
+use common::{TestApp, files_under};
 use latchkey_shared::{ApiKey, kv_entry_name};
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
@@ -189,26 +189,9 @@ fn corpus(valid_key: &str) -> Vec<Probe> {
     probes
 }
 
-/// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
-
 /// The files of the local KV's stored values, under `wrangler dev --persist-to`.
 fn kv_blobs(state: &Path) -> Vec<PathBuf> {
-    walk(state)
+    files_under(state)
         .into_iter()
         .filter(|p| p.components().any(|c| c.as_os_str() == "blobs"))
         .collect()

@@ -13,31 +13,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::edge::{KV_NAMESPACE_ID, Stack, UPSTREAM_SECRET, USAGE_SECRET, report_measurement};
-use common::{ADMIN_TOKEN, TestApp, contains_bytes};
+use common::{ADMIN_TOKEN, TestApp, contains_bytes, files_under};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 const SECOND_ADMIN_TOKEN: &str = "rotated-admin-token-eeeeeeeeeeeeeeeeeeeeeeee";
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
 
 #[tokio::test]
 async fn no_secret_or_admin_token_is_stored_logged_or_published() {

@@ -1,55 +1,23 @@
 //! The verify hot path, piece by piece, beside its physical anchor: one SHA-256 of a ~50-byte
-//! key. `./dev bench` runs these and writes the medians into BENCHMARKS.md.
+//! key (criterion). `./dev bench` runs these and writes the medians into BENCHMARKS.md.
 
 #![allow(clippy::expect_used, missing_docs, reason = "benchmark harness")]
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use latchkey_shared::{
-    ApiKey, KeyId, KeyPrefix, KeyRecord, RECORD_VERSION, Scope, ScopePolicy, UnixMillis, decide,
-    parse_presented, parse_required,
-};
+use latchkey_bench_wasm::{Inputs, inputs};
+use latchkey_shared::{ApiKey, Scope, UnixMillis, decide, parse_presented};
 use sha2::{Digest, Sha256};
 
-/// A key from a fixed "random" source, so every run measures the same input.
-fn key() -> String {
-    let mut n = 0u8;
-    ApiKey::generate(&KeyPrefix::default(), &mut |buf: &mut [u8]| {
-        for b in buf {
-            n = n.wrapping_mul(31).wrapping_add(7);
-            *b = n % 248;
-        }
-    })
-    .expose()
-    .to_owned()
-}
-
-/// A record holding 20 scopes, the two required ones last in order.
-fn record() -> KeyRecord {
-    let mut scopes: Vec<String> = (0..18).map(|i| format!("read:resource{i:02}")).collect();
-    scopes.push("write:orders".into());
-    scopes.push("write:webhooks".into());
-    KeyRecord {
-        v: RECORD_VERSION,
-        id: KeyId::parse("key_0123456789abcdefABCD").expect("id"),
-        subject: "acme-corp".into(),
-        scopes: ScopePolicy::default()
-            .parse_grants(&scopes)
-            .expect("scopes"),
-        revoked: false,
-        revoked_at: None,
-        expires_at: Some(UnixMillis(i64::MAX / 2)),
-        revision: 3,
-    }
-}
-
 fn benches(c: &mut Criterion) {
-    let text = key();
+    let Inputs {
+        key: text,
+        record,
+        required,
+    } = inputs();
     assert_eq!(text.len(), 46, "a ~50-byte key, as the anchor assumes");
     let parsed = ApiKey::parse(&text).expect("key");
-    let record = record();
-    let required = parse_required(&["write:orders", "write:webhooks"]).expect("required");
     let now = UnixMillis(1_800_000_000_000);
 
     c.bench_function("sha256_of_key", |b| {
