@@ -269,43 +269,46 @@ impl Config {
             }
         };
 
-        let last_used_flush = match var("LAST_USED_FLUSH_MS") {
-            Some(v) => match v.trim().parse::<u64>() {
-                Ok(ms) if (10..=3_600_000).contains(&ms) => Duration::from_millis(ms),
-                _ => {
-                    return Err(problem(
-                        "LAST_USED_FLUSH_MS",
-                        format!("{v:?} is not a number of milliseconds from 10 to 3600000"),
-                    ));
+        let number =
+            |name: &'static str, range: std::ops::RangeInclusive<u64>, default: u64, what: &str| {
+                match var(name) {
+                    None => Ok(default),
+                    Some(v) => v
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| range.contains(n))
+                        .ok_or_else(|| {
+                            problem(
+                                name,
+                                format!(
+                                    "{v:?} is not a number of {what} from {} to {}",
+                                    range.start(),
+                                    range.end()
+                                ),
+                            )
+                        }),
                 }
-            },
-            None => Duration::from_secs(5),
-        };
-
-        let request_read_timeout = match var("REQUEST_READ_TIMEOUT_MS") {
-            Some(v) => match v.trim().parse::<u64>() {
-                Ok(ms) if (100..=600_000).contains(&ms) => Duration::from_millis(ms),
-                _ => {
-                    return Err(problem(
-                        "REQUEST_READ_TIMEOUT_MS",
-                        format!("{v:?} is not a number of milliseconds from 100 to 600000"),
-                    ));
-                }
-            },
-            None => Duration::from_secs(10),
-        };
-        let admin_auth_failures_per_minute = match var("ADMIN_AUTH_FAILURES_PER_MINUTE") {
-            Some(v) => match v.trim().parse::<u32>() {
-                Ok(n) if (1..=1_000_000).contains(&n) => n,
-                _ => {
-                    return Err(problem(
-                        "ADMIN_AUTH_FAILURES_PER_MINUTE",
-                        format!("{v:?} is not a number from 1 to 1000000"),
-                    ));
-                }
-            },
-            None => 20,
-        };
+            };
+        let last_used_flush = Duration::from_millis(number(
+            "LAST_USED_FLUSH_MS",
+            10..=3_600_000,
+            5_000,
+            "milliseconds",
+        )?);
+        let request_read_timeout = Duration::from_millis(number(
+            "REQUEST_READ_TIMEOUT_MS",
+            100..=600_000,
+            10_000,
+            "milliseconds",
+        )?);
+        let admin_auth_failures_per_minute = u32::try_from(number(
+            "ADMIN_AUTH_FAILURES_PER_MINUTE",
+            1..=1_000_000,
+            20,
+            "failures",
+        )?)
+        .unwrap_or(u32::MAX);
 
         Ok(Self {
             listen,
