@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use latchkey_shared::{
-    ApiKey, KeyId, KeyPrefix, KeyRecord, PRESENTED_MAX, REQUIRED_SCOPES_MAX, ScopeError,
-    ScopePolicy, UnixMillis, Verdict, decide, parse_presented, parse_required,
+    ApiKey, KeyId, KeyPrefix, KeyRecord, PRESENTED_MAX, REQUIRED_SCOPES_MAX, ScopePolicy,
+    UnixMillis, Verdict, decide, parse_presented, parse_required,
 };
 use serde_json::{Map, Value, json};
 
@@ -506,10 +506,7 @@ impl KeyService {
         } else {
             match self.policy.parse_grants(requested) {
                 Ok(granted) => return Ok(granted),
-                Err(e) => {
-                    let e: ScopeError = e;
-                    e.to_string()
-                }
+                Err(e) => e.to_string(),
             }
         };
         let event = AuditEvent {

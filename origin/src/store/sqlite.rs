@@ -116,6 +116,8 @@ impl SqliteStore {
 struct HotReads {
     connections: Vec<std::sync::Mutex<rusqlite::Connection>>,
     next: AtomicUsize,
+    /// The lookup, with the same column list as every other key query (`KEY_COLUMNS`).
+    find_by_hash: String,
 }
 
 /// Connections in [`HotReads`]: more than the cores, so a lookup rarely waits for one.
@@ -126,10 +128,6 @@ impl std::fmt::Debug for HotReads {
         write!(f, "HotReads({} connections)", self.connections.len())
     }
 }
-
-const FIND_BY_HASH: &str = "SELECT id, secret_hash, hint, name, subject, description, scopes, \
-     claims, created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, \
-     created_at, updated_at, revision FROM api_keys WHERE secret_hash = ?";
 
 impl HotReads {
     fn open(path: &Path, n: usize) -> Result<Self, StoreError> {
@@ -148,12 +146,13 @@ impl HotReads {
         Ok(Self {
             connections,
             next: AtomicUsize::new(0),
+            find_by_hash: format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = ?"),
         })
     }
 
     fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError> {
         // The statement, for trace logs (the access tests count lookups by it).
-        tracing::trace!(statement = FIND_BY_HASH, "lookup by hash");
+        tracing::trace!(statement = %self.find_by_hash, "lookup by hash");
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.connections.len();
         // A free connection if there is one, else wait for ours.
@@ -164,7 +163,9 @@ impl HotReads {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
             });
-        let mut statement = conn.prepare_cached(FIND_BY_HASH).map_err(sqlite_error)?;
+        let mut statement = conn
+            .prepare_cached(&self.find_by_hash)
+            .map_err(sqlite_error)?;
         let mut rows = statement
             .query([hash.as_bytes().as_slice()])
             .map_err(sqlite_error)?;
@@ -176,25 +177,26 @@ impl HotReads {
     }
 }
 
+/// Reads a row of `KEY_COLUMNS` by column name, as sqlx's `FromRow` does for the other queries.
 fn key_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow {
-        id: row.get(0)?,
-        secret_hash: row.get(1)?,
-        hint: row.get(2)?,
-        name: row.get(3)?,
-        subject: row.get(4)?,
-        description: row.get(5)?,
-        scopes: row.get(6)?,
-        claims: row.get(7)?,
-        created_by: row.get(8)?,
-        expiration: row.get(9)?,
-        revoked: row.get(10)?,
-        revoked_at: row.get(11)?,
-        revocation_reason: row.get(12)?,
-        last_used_at: row.get(13)?,
-        created_at: row.get(14)?,
-        updated_at: row.get(15)?,
-        revision: row.get(16)?,
+        id: row.get("id")?,
+        secret_hash: row.get("secret_hash")?,
+        hint: row.get("hint")?,
+        name: row.get("name")?,
+        subject: row.get("subject")?,
+        description: row.get("description")?,
+        scopes: row.get("scopes")?,
+        claims: row.get("claims")?,
+        created_by: row.get("created_by")?,
+        expiration: row.get("expiration")?,
+        revoked: row.get("revoked")?,
+        revoked_at: row.get("revoked_at")?,
+        revocation_reason: row.get("revocation_reason")?,
+        last_used_at: row.get("last_used_at")?,
+        created_at: row.get("created_at")?,
+        updated_at: row.get("updated_at")?,
+        revision: row.get("revision")?,
     })
 }
 
