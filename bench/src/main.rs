@@ -397,7 +397,7 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
         .env("DATABASE_URL", format!("sqlite://{}", db.display()))
         .env("ADMIN_TOKEN", token)
         .env("ORIGIN_LISTEN", "127.0.0.1:0")
-        // The default log level: one line per request, as in production.
+        // The default log level (requests themselves are logged at debug).
         .env("RUST_LOG", "info")
         .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "1000000");
     // Origin logs to stderr; its "listening" line is what we wait for.
