@@ -13,7 +13,8 @@
 //! once per isolate (`config.rs`). Successful verifications are reported to origin in batches
 //! (`usage.rs`).
 
-use worker::{Context, Env, Method, Request, Response, Result, event};
+use worker::worker_sys::web_sys::Response;
+use worker::{Context, Env, Method, Request, Result, event};
 
 mod config;
 mod gateway;
@@ -43,7 +44,7 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         }
     };
     let mut lookup = Lookup::new(&env);
-    let mut response = if req.path() == VERIFY_PATH {
+    let response = if req.path() == VERIFY_PATH {
         if req.method() == Method::Post {
             verify_api::handle(req, &mut lookup).await?
         } else {
@@ -61,7 +62,7 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     }
     if config.debug_headers {
         response
-            .headers_mut()
+            .headers()
             .set(KV_READS_HEADER, &lookup.kv_reads().to_string())?;
     }
     Ok(response)

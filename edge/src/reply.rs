@@ -1,13 +1,19 @@
 //! The edge's JSON answers. Errors use the tutorial surface's envelope
 //! (`{"success":false,"error":{code,message}}`), the contract of the verify endpoint.
+//!
+//! Handlers answer with the runtime's own `Response` (`web_sys::Response`), so an upstream's
+//! response can be passed through as it is; these build ours.
 
 use serde::Serialize;
 use serde_json::json;
-use worker::{Response, Result};
+use worker::Result;
+use worker::worker_sys::web_sys::Response;
 
 /// A JSON body with `status`.
 pub(crate) fn json<T: Serialize>(status: u16, body: &T) -> Result<Response> {
-    Ok(Response::from_json(body)?.with_status(status))
+    Ok(worker::Response::from_json(body)?
+        .with_status(status)
+        .into())
 }
 
 /// A JSON error with `status`, a stable `code` and a human-readable `message`.
@@ -33,9 +39,9 @@ pub(crate) fn challenge(
     message: &str,
     www_authenticate: &str,
 ) -> Result<Response> {
-    let mut response = error(status, code, message)?;
+    let response = error(status, code, message)?;
     response
-        .headers_mut()
+        .headers()
         .set("www-authenticate", www_authenticate)?;
     Ok(response)
 }

@@ -3,7 +3,8 @@
 //! origin knows: `created_at` and `last_used_at`).
 
 use latchkey_shared::{VerifyReport, VerifyRequest, parse_required};
-use worker::{Request, Response, Result};
+use worker::worker_sys::web_sys::Response;
+use worker::{Request, Result};
 
 use crate::lookup::Lookup;
 use crate::reply;
