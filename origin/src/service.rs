@@ -420,11 +420,15 @@ impl KeyService {
         let now = system_now();
         let record = key.as_ref().map(StoredKey::record);
         let verdict = decide(record.as_ref(), now, &required);
-        let key = key.map(|k| {
-            if verdict.is_valid() {
-                self.usage.touch(&k.id, now);
-            }
-            self.with_usage(k)
+        let key = key.map(|mut k| {
+            // One trip to the tracker: the use just recorded, or the pending one.
+            let pending = if verdict.is_valid() {
+                Some(self.usage.touch(&k.id, now))
+            } else {
+                self.usage.pending(&k.id)
+            };
+            k.last_used_at = k.last_used_at.max(pending);
+            k
         });
         Ok(Verification {
             verdict,

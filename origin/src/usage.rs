@@ -8,44 +8,60 @@
 //! `last_used_before`) flush first, since they run in the database.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use latchkey_shared::{KeyId, UnixMillis};
 
 use crate::store::{KeyStore, StoreError};
 
 /// Pending `last_used_at` times, newest per key.
+///
+/// A key already pending is touched under the shared (read) lock with an atomic maximum, so
+/// verifications of a busy key on several threads do not queue for a lock; only a key's first
+/// use since the last flush takes the write lock.
 #[derive(Debug, Default)]
 pub struct UsageTracker {
-    pending: Mutex<HashMap<KeyId, UnixMillis>>,
+    pending: RwLock<HashMap<KeyId, AtomicI64>>,
 }
 
 impl UsageTracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, UnixMillis>> {
-        // The map holds plain data; a panic elsewhere cannot leave it inconsistent.
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    // The map holds plain data; a panic elsewhere cannot leave it inconsistent.
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<KeyId, AtomicI64>> {
+        self.pending.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a use of `id` at `at`.
-    pub fn touch(&self, id: &KeyId, at: UnixMillis) {
-        let mut pending = self.lock();
-        match pending.get_mut(id) {
-            Some(t) => *t = (*t).max(at),
-            None => {
-                pending.insert(id.clone(), at);
-            }
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<KeyId, AtomicI64>> {
+        self.pending.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a use of `id` at `at`; returns the newest pending use of `id` (`at` or later).
+    pub fn touch(&self, id: &KeyId, at: UnixMillis) -> UnixMillis {
+        if let Some(t) = self.read().get(id) {
+            return UnixMillis(t.fetch_max(at.0, Ordering::Relaxed).max(at.0));
         }
+        let mut pending = self.write();
+        let t = pending
+            .entry(id.clone())
+            .or_insert_with(|| AtomicI64::new(at.0));
+        UnixMillis(t.fetch_max(at.0, Ordering::Relaxed).max(at.0))
     }
 
     /// The pending (not yet written) last use of `id`, if any.
     pub fn pending(&self, id: &KeyId) -> Option<UnixMillis> {
-        self.lock().get(id).copied()
+        self.read()
+            .get(id)
+            .map(|t| UnixMillis(t.load(Ordering::Relaxed)))
     }
 
     /// Writes every pending time in one transaction. On failure the times go back into the
     /// map (keeping any newer use that arrived meanwhile), to be retried at the next flush.
     pub async fn flush(&self, store: &dyn KeyStore) -> Result<usize, StoreError> {
-        let batch: Vec<(KeyId, UnixMillis)> = self.lock().drain().collect();
+        let batch: Vec<(KeyId, UnixMillis)> = self
+            .write()
+            .drain()
+            .map(|(id, t)| (id, UnixMillis(t.into_inner())))
+            .collect();
         if batch.is_empty() {
             return Ok(0);
         }
@@ -69,10 +85,10 @@ mod tests {
     fn touch_keeps_the_newest_time() {
         let t = UsageTracker::default();
         let id = KeyId::parse("key_0123456789abcdefABCD").expect("valid");
-        t.touch(&id, UnixMillis(20));
-        t.touch(&id, UnixMillis(10));
+        assert_eq!(t.touch(&id, UnixMillis(20)), UnixMillis(20));
+        assert_eq!(t.touch(&id, UnixMillis(10)), UnixMillis(20));
         assert_eq!(t.pending(&id), Some(UnixMillis(20)));
-        t.touch(&id, UnixMillis(30));
+        assert_eq!(t.touch(&id, UnixMillis(30)), UnixMillis(30));
         assert_eq!(t.pending(&id), Some(UnixMillis(30)));
     }
 }

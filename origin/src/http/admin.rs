@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,10 @@ pub struct FailureLimiter {
     per_window: u32,
     window: Duration,
     windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// When the last block of any address ends, in nanoseconds after `epoch`: until some
+    /// address is blocked, every admin request passes without taking the lock.
+    blocks_end: AtomicU64,
+    epoch: Instant,
 }
 
 impl FailureLimiter {
@@ -56,11 +61,20 @@ impl FailureLimiter {
             per_window,
             window,
             windows: Mutex::new(HashMap::new()),
+            blocks_end: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// If `ip` used up its failures, how long until it may try again.
     pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        if self.nanos(now) >= self.blocks_end.load(Ordering::Relaxed) {
+            return None;
+        }
         let windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         let (started, failures) = windows.get(&ip)?;
         let ends = *started + self.window;
@@ -78,6 +92,10 @@ impl FailureLimiter {
             *entry = (now, 0);
         }
         entry.1 = entry.1.saturating_add(1);
+        if entry.1 >= self.per_window {
+            let ends = self.nanos(entry.0 + self.window);
+            self.blocks_end.fetch_max(ends, Ordering::Relaxed);
+        }
     }
 }
 
