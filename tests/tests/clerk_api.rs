@@ -608,3 +608,60 @@ async fn concurrent_revokes_and_updates_lose_nothing() {
     assert_eq!(revokes, 1);
     assert!(app.run_command(&["audit", "verify"]).status.success());
 }
+
+/// Verify reads through connections that keep their database snapshot from one lookup to the
+/// next (`HotReads` in origin's store/sqlite.rs). While other clients keep those connections
+/// busy with the same key, every acknowledged change must show in the very next verify.
+#[tokio::test]
+async fn verify_sees_each_acknowledged_change_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let app = TestApp::start().await;
+    let (id, secret) = app.create_key("acme", &["read:orders"]).await;
+    let changed = AtomicBool::new(false);
+    let busy = || async {
+        let mut lookups = 0u32;
+        while !changed.load(Ordering::Relaxed) {
+            let r = app.verify(&secret, &[]).await;
+            assert!(
+                r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND,
+                "{:?}",
+                r.body
+            );
+            lookups += 1;
+        }
+        lookups
+    };
+    let changes = async {
+        let scopes = ["read:orders", "write:orders"];
+        for round in 0..40 {
+            let (new, old) = (scopes[round % 2], scopes[(round + 1) % 2]);
+            let r = app
+                .patch(&format!("/v1/api_keys/{id}"), json!({ "scopes": [new] }))
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+            let now = app.verify(&secret, &[new]).await;
+            assert_eq!(now.status, StatusCode::OK, "round {round}: {:?}", now.body);
+            let before = app.verify(&secret, &[old]).await;
+            assert_eq!(
+                before.status,
+                StatusCode::FORBIDDEN,
+                "round {round}: the scope just removed still verified: {:?}",
+                before.body
+            );
+        }
+        let r = app
+            .post(&format!("/v1/api_keys/{id}/revoke"), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let gone = app.verify(&secret, &[]).await;
+        assert_eq!(gone.body["errors"][0]["code"], "api_key_revoked");
+        changed.store(true, Ordering::Relaxed);
+    };
+    let (a, b, c, ()) = tokio::join!(busy(), busy(), busy(), changes);
+    assert!(
+        a + b + c >= 120,
+        "the other clients verified only {} times",
+        a + b + c
+    );
+}

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, ScopeSet, UnixMillis};
@@ -37,6 +37,8 @@ pub struct SqliteStore {
     changes: mpsc::Sender<Pending>,
     /// Verify's lookup by hash (`None` for an in-memory database).
     hot: Option<Arc<HotReads>>,
+    /// Write transactions this process has committed (see [`HotReads`]).
+    commits: Arc<AtomicU64>,
 }
 
 impl SqliteStore {
@@ -67,25 +69,31 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
+        let commits = Arc::new(AtomicU64::new(0));
         let (changes, queue) = mpsc::channel(4 * GROUP_MAX);
-        tokio::spawn(group_commit(writer.clone(), queue));
+        tokio::spawn(group_commit(writer.clone(), commits.clone(), queue));
         // Where the synchronous connections cannot open (a read-only filesystem, say), verify
         // reads through the sqlx pool like everything else: slower, as correct.
-        let hot = file
-            .as_deref()
-            .and_then(|path| match HotReads::open(path, HOT_READERS) {
-                Ok(hot) => Some(Arc::new(hot)),
+        let hot = file.as_deref().and_then(|path| {
+            match HotReads::open(path, HOT_READERS, commits.clone()) {
+                Ok(hot) => {
+                    let hot = Arc::new(hot);
+                    tokio::spawn(end_old_snapshots(Arc::downgrade(&hot)));
+                    Some(hot)
+                }
                 Err(error) => {
                     tracing::warn!(%error, "verify lookups go through the pool");
                     None
                 }
-            });
+            }
+        });
         Ok(Self {
             writer,
             reader,
             file,
             changes,
             hot,
+            commits,
         })
     }
 
@@ -113,15 +121,45 @@ impl SqliteStore {
 /// `secret_hash` index; through sqlx it also took two thread hand-offs (to the connection's
 /// worker thread and back), which profiling showed to be most of verify's cost (BENCHMARKS.md).
 /// Holding a tokio worker for that long is cheaper than the hand-offs.
+///
+/// Each connection also keeps its read transaction (its snapshot of the database) open from
+/// one lookup to the next: beginning and ending one per lookup took WAL read locks (a process
+/// mutex and `fcntl`) that two threads fought over, and profiling put that at 60% of the
+/// lookup. A snapshot is reused only while it is current: every write transaction of this
+/// process bumps `commits` after its COMMIT and before anyone is answered, and a lookup that
+/// sees a count other than its snapshot's starts a new one. So a verify that starts after a
+/// revocation was acknowledged always sees it. Writers in other processes are not counted;
+/// for them (and so that an idle connection does not hold back WAL checkpoints) no snapshot
+/// is used or kept for longer than [`SNAPSHOT_MAX_AGE`].
 struct HotReads {
-    connections: Vec<std::sync::Mutex<rusqlite::Connection>>,
+    connections: Vec<std::sync::Mutex<HotConnection>>,
     next: AtomicUsize,
     /// The lookup, with the same column list as every other key query (`KEY_COLUMNS`).
     find_by_hash: String,
+    commits: Arc<AtomicU64>,
 }
 
 /// Connections in [`HotReads`]: more than the cores, so a lookup rarely waits for one.
 const HOT_READERS: usize = 4;
+
+/// Longest a hot connection's snapshot is used or kept.
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_millis(20);
+
+struct HotConnection {
+    conn: rusqlite::Connection,
+    /// The open read transaction: the commit count read before it began, and when.
+    snapshot: Option<(u64, Instant)>,
+}
+
+impl HotConnection {
+    /// Ends the read transaction, if one is open. If COMMIT fails, the connection is left in
+    /// autocommit by ROLLBACK, which cannot leave a read transaction open.
+    fn end_snapshot(&mut self) {
+        if self.snapshot.take().is_some() && self.conn.execute_batch("COMMIT").is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
 
 impl std::fmt::Debug for HotReads {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,7 +168,7 @@ impl std::fmt::Debug for HotReads {
 }
 
 impl HotReads {
-    fn open(path: &Path, n: usize) -> Result<Self, StoreError> {
+    fn open(path: &Path, n: usize, commits: Arc<AtomicU64>) -> Result<Self, StoreError> {
         use rusqlite::OpenFlags;
         let connections = (0..n)
             .map(|_| {
@@ -139,7 +177,10 @@ impl HotReads {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 conn.busy_timeout(Duration::from_secs(5))?;
-                Ok(std::sync::Mutex::new(conn))
+                Ok(std::sync::Mutex::new(HotConnection {
+                    conn,
+                    snapshot: None,
+                }))
             })
             .collect::<Result<_, rusqlite::Error>>()
             .map_err(sqlite_error)?;
@@ -147,6 +188,7 @@ impl HotReads {
             connections,
             next: AtomicUsize::new(0),
             find_by_hash: format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = ?"),
+            commits,
         })
     }
 
@@ -156,16 +198,37 @@ impl HotReads {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.connections.len();
         // A free connection if there is one, else wait for ours.
-        let conn = (0..n)
+        let mut hot = (0..n)
             .find_map(|i| self.connections[(start + i) % n].try_lock().ok())
             .unwrap_or_else(|| {
                 self.connections[start % n]
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
             });
-        let mut statement = conn
-            .prepare_cached(&self.find_by_hash)
-            .map_err(sqlite_error)?;
+        // Read before BEGIN: the snapshot (taken at the first read below) then holds at least
+        // every commit counted so far.
+        let commits = self.commits.load(Ordering::Acquire);
+        let current = hot.snapshot.is_some_and(|(counted, began)| {
+            counted == commits && began.elapsed() < SNAPSHOT_MAX_AGE
+        });
+        if !current {
+            hot.end_snapshot();
+            hot.conn.execute_batch("BEGIN").map_err(sqlite_error)?;
+            hot.snapshot = Some((commits, Instant::now()));
+        }
+        let found = Self::lookup(&hot.conn, &self.find_by_hash, hash);
+        if found.is_err() {
+            hot.end_snapshot();
+        }
+        found
+    }
+
+    fn lookup(
+        conn: &rusqlite::Connection,
+        sql: &str,
+        hash: &KeyHash,
+    ) -> Result<Option<StoredKey>, StoreError> {
+        let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
         let mut rows = statement
             .query([hash.as_bytes().as_slice()])
             .map_err(sqlite_error)?;
@@ -175,28 +238,87 @@ impl HotReads {
         let row = key_row(row).map_err(sqlite_error)?;
         StoredKey::try_from(row).map(Some)
     }
+
+    /// Ends the snapshots that have not been used for [`SNAPSHOT_MAX_AGE`]. A connection in
+    /// use is skipped: its lookup renews or ends its snapshot itself.
+    fn end_old_snapshots(&self) {
+        for connection in &self.connections {
+            if let Ok(mut hot) = connection.try_lock()
+                && hot
+                    .snapshot
+                    .is_some_and(|(_, began)| began.elapsed() >= SNAPSHOT_MAX_AGE)
+            {
+                hot.end_snapshot();
+            }
+        }
+    }
 }
 
-/// Reads a row of `KEY_COLUMNS` by column name, as sqlx's `FromRow` does for the other queries.
+/// Ends idle snapshots every [`SNAPSHOT_MAX_AGE`] until the store is dropped.
+async fn end_old_snapshots(hot: std::sync::Weak<HotReads>) {
+    let mut every = tokio::time::interval(SNAPSHOT_MAX_AGE);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(hot) = hot.upgrade() else { return };
+        hot.end_old_snapshots();
+    }
+}
+
+/// The position of column `name` in [`KEY_COLUMNS`], worked out at compile time: rows are read
+/// by position (reading by name searched the 17 names for every column of every verify), and a
+/// name that is not in the list fails the build.
+#[allow(
+    clippy::panic,
+    reason = "only ever evaluated in const blocks: a name not in the list fails the build"
+)]
+const fn column(name: &str) -> usize {
+    let columns = KEY_COLUMNS.as_bytes();
+    let name = name.as_bytes();
+    let (mut index, mut start, mut i) = (0, 0, 0);
+    while i <= columns.len() {
+        if i == columns.len() || columns[i] == b',' {
+            let mut first = start;
+            while first < i && columns[first] == b' ' {
+                first += 1;
+            }
+            if i - first == name.len() {
+                let mut k = 0;
+                while k < name.len() && columns[first + k] == name[k] {
+                    k += 1;
+                }
+                if k == name.len() {
+                    return index;
+                }
+            }
+            index += 1;
+            start = i + 1;
+        }
+        i += 1;
+    }
+    panic!("not a column of KEY_COLUMNS");
+}
+
+/// Reads a row of `KEY_COLUMNS`, each column by its name's position.
 fn key_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow {
-        id: row.get("id")?,
-        secret_hash: row.get("secret_hash")?,
-        hint: row.get("hint")?,
-        name: row.get("name")?,
-        subject: row.get("subject")?,
-        description: row.get("description")?,
-        scopes: row.get("scopes")?,
-        claims: row.get("claims")?,
-        created_by: row.get("created_by")?,
-        expiration: row.get("expiration")?,
-        revoked: row.get("revoked")?,
-        revoked_at: row.get("revoked_at")?,
-        revocation_reason: row.get("revocation_reason")?,
-        last_used_at: row.get("last_used_at")?,
-        created_at: row.get("created_at")?,
-        updated_at: row.get("updated_at")?,
-        revision: row.get("revision")?,
+        id: row.get(const { column("id") })?,
+        secret_hash: row.get(const { column("secret_hash") })?,
+        hint: row.get(const { column("hint") })?,
+        name: row.get(const { column("name") })?,
+        subject: row.get(const { column("subject") })?,
+        description: row.get(const { column("description") })?,
+        scopes: row.get(const { column("scopes") })?,
+        claims: row.get(const { column("claims") })?,
+        created_by: row.get(const { column("created_by") })?,
+        expiration: row.get(const { column("expiration") })?,
+        revoked: row.get(const { column("revoked") })?,
+        revoked_at: row.get(const { column("revoked_at") })?,
+        revocation_reason: row.get(const { column("revocation_reason") })?,
+        last_used_at: row.get(const { column("last_used_at") })?,
+        created_at: row.get(const { column("created_at") })?,
+        updated_at: row.get(const { column("updated_at") })?,
+        revision: row.get(const { column("revision") })?,
     })
 }
 
@@ -383,25 +505,37 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, filter: &ListFilter) {
 /// committed, seen by nobody else, and lost when the connection closes. (The disk-full test
 /// found exactly that.) Here a transaction that did not end cleanly closes its connection, and
 /// the next write starts on a fresh one.
+///
+/// Every commit is counted in `commits` before the caller goes on, which is what tells verify's
+/// hot connections that their snapshot is out of date ([`HotReads`]).
 struct WriteTx {
     conn: PoolConnection<Sqlite>,
+    commits: Arc<AtomicU64>,
     ended: bool,
 }
 
 impl WriteTx {
     /// `BEGIN IMMEDIATE`: takes the write lock at once, so a busy database fails here, before
     /// any work, rather than at the first write.
-    async fn begin(pool: &SqlitePool) -> Result<Self, StoreError> {
+    async fn begin(pool: &SqlitePool, commits: &Arc<AtomicU64>) -> Result<Self, StoreError> {
         let mut conn = pool.acquire().await?;
         if let Err(error) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
             conn.close_on_drop();
             return Err(error.into());
         }
-        Ok(Self { conn, ended: false })
+        Ok(Self {
+            conn,
+            commits: commits.clone(),
+            ended: false,
+        })
     }
 
     async fn commit(mut self) -> Result<(), StoreError> {
-        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        // Counted even if COMMIT fails: SQLite may have committed before reporting an error,
+        // and a needless new snapshot costs only a few microseconds.
+        let committed = sqlx::query("COMMIT").execute(&mut *self.conn).await;
+        self.commits.fetch_add(1, Ordering::Release);
+        committed?;
         self.ended = true;
         Ok(())
     }
@@ -462,7 +596,11 @@ const GROUP_MAX: usize = 512;
 /// If anything in a batch fails, the batch is rolled back and each of its changes is retried in
 /// a transaction of its own, so one bad change never fails the others and each caller gets its
 /// own outcome.
-async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
+async fn group_commit(
+    pool: SqlitePool,
+    commits: Arc<AtomicU64>,
+    mut queue: mpsc::Receiver<Pending>,
+) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < GROUP_MAX {
@@ -471,7 +609,7 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        match apply_together(&pool, &batch).await {
+        match apply_together(&pool, &commits, &batch).await {
             Ok(outcomes) => {
                 for (pending, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = pending.done.send(Ok(outcome));
@@ -480,7 +618,7 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
             Err(error) => {
                 tracing::debug!(%error, changes = batch.len(), "group commit failed; committing one by one");
                 for pending in batch {
-                    let outcome = apply_alone(&pool, &pending.change).await;
+                    let outcome = apply_alone(&pool, &commits, &pending.change).await;
                     let _ = pending.done.send(outcome);
                 }
             }
@@ -488,8 +626,12 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
     }
 }
 
-async fn apply_together(pool: &SqlitePool, batch: &[Pending]) -> Result<Vec<bool>, StoreError> {
-    let mut tx = WriteTx::begin(pool).await?;
+async fn apply_together(
+    pool: &SqlitePool,
+    commits: &Arc<AtomicU64>,
+    batch: &[Pending],
+) -> Result<Vec<bool>, StoreError> {
+    let mut tx = WriteTx::begin(pool, commits).await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for pending in batch {
         outcomes.push(apply(&mut tx, &pending.change).await?);
@@ -498,8 +640,12 @@ async fn apply_together(pool: &SqlitePool, batch: &[Pending]) -> Result<Vec<bool
     Ok(outcomes)
 }
 
-async fn apply_alone(pool: &SqlitePool, change: &Change) -> Result<bool, StoreError> {
-    let mut tx = WriteTx::begin(pool).await?;
+async fn apply_alone(
+    pool: &SqlitePool,
+    commits: &Arc<AtomicU64>,
+    change: &Change,
+) -> Result<bool, StoreError> {
+    let mut tx = WriteTx::begin(pool, commits).await?;
     let outcome = apply(&mut tx, change).await?;
     tx.commit().await?;
     Ok(outcome)
@@ -641,7 +787,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn record_usage(&self, usage: &[(KeyId, UnixMillis)]) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.writer).await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         for (id, at) in usage {
             sqlx::query(
                 "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
@@ -723,7 +869,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn outbox_ack(&self, published: &[OutboxEntry]) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.writer).await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         for entry in published {
             sqlx::query("DELETE FROM kv_outbox WHERE key_id = ? AND seq <= ?")
                 .bind(entry.key_id.as_str())
@@ -756,7 +902,7 @@ impl KeyStore for SqliteStore {
         now: UnixMillis,
     ) -> Result<Option<(KeyId, i64)>, StoreError> {
         let after = after.map_or("", KeyId::as_str);
-        let mut tx = WriteTx::begin(&self.writer).await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         let last: Option<(String,)> = sqlx::query_as(
             "SELECT id FROM (SELECT id FROM api_keys WHERE id > ? ORDER BY id LIMIT ?) \
              ORDER BY id DESC LIMIT 1",
