@@ -9,6 +9,11 @@ use latchkey_origin::config::{Config, KvConfig};
 use latchkey_origin::store::{KeyStore, SqliteStore};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than the system allocator: a request makes a few dozen small allocations,
+/// and glibc's malloc and free were 16% of verify's CPU time in the profile (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage: origin <command>
 
