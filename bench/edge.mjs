@@ -1,6 +1,7 @@
-// Serves the built Worker and the two ceiling Workers straight from workerd through Miniflare's
-// API (no `wrangler dev` proxy in front), each with local KV holding one key's record. Prints
-// `ports={...}` once all three answer, then serves until killed. Usage: node edge.mjs config.json
+// Serves the built Worker and the minimal ceiling and floor Workers straight from workerd
+// through Miniflare's API (no `wrangler dev` proxy in front), each with local KV holding one
+// key's record. Prints `ports={...}` once all of them answer, then serves until killed.
+// Usage: node edge.mjs config.json
 import fs from "node:fs";
 import { Miniflare } from "miniflare";
 
@@ -30,6 +31,10 @@ const workers = {
   kv_get: {
     dir: `${config.root}/bench/workers/kv-get/build`,
     bindings: { RECORD_NAME: config.record_name },
+  },
+  kv_fetch: {
+    dir: `${config.root}/bench/workers/kv-fetch/build`,
+    bindings: { RECORD_NAME: config.record_name, UPSTREAM_URL: config.upstream },
   },
   constant: { dir: `${config.root}/bench/workers/constant/build`, bindings: {} },
 };

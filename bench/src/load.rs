@@ -67,6 +67,19 @@ impl Load {
         self
     }
 
+    /// The same request (method, path, query, headers, body) sent to the server at `base`
+    /// (`http://host:port`) instead: how a ceiling gets exactly the traffic it is compared with.
+    pub(crate) fn sent_to(&self, base: &str) -> Self {
+        let after_scheme = self.url.find("://").map_or(0, |i| i + 3);
+        let path = self.url[after_scheme..]
+            .find('/')
+            .map_or("/", |i| &self.url[after_scheme + i..]);
+        Self {
+            url: format!("{base}{path}"),
+            ..self.clone()
+        }
+    }
+
     /// Sends at most `rps` requests per second instead of as many as possible.
     pub(crate) fn rate(mut self, rps: f64) -> Self {
         self.rate = Some(rps.max(1.0));

@@ -42,11 +42,11 @@ impl Mode {
     }
     /// Rounds of each load, interleaved with its ceiling.
     fn rounds(self) -> usize {
-        if self.quick { 1 } else { 3 }
+        if self.quick { 1 } else { 5 }
     }
     /// Length of one load run.
     fn duration(self) -> Duration {
-        Duration::from_secs(if self.quick { 3 } else { 8 })
+        Duration::from_secs(if self.quick { 3 } else { 5 })
     }
 }
 
@@ -196,8 +196,18 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-fn ratio_row(figure: &str, value: f64, ceiling: f64, unit: &str, at_least: f64) -> Row {
-    let ratio = value / ceiling;
+/// A load against its ceiling, from runs made in pairs (the ceiling's run right before the
+/// load's, in every round): the ratio is the median of the rounds' ratios, so a machine that
+/// slows down between rounds moves both sides of a ratio, not one.
+fn ratio_row(figure: &str, runs: &[Run], ceiling_runs: &[Run], unit: &str, at_least: f64) -> Row {
+    let value = median(runs.iter().map(|r| r.rps).collect());
+    let ceiling = median(ceiling_runs.iter().map(|r| r.rps).collect());
+    let ratio = median(
+        runs.iter()
+            .zip(ceiling_runs)
+            .map(|(run, ceiling)| run.rps / ceiling.rps)
+            .collect(),
+    );
     Row {
         figure: figure.into(),
         value: format!("{value:.0} {unit}"),
@@ -208,30 +218,69 @@ fn ratio_row(figure: &str, value: f64, ceiling: f64, unit: &str, at_least: f64) 
     }
 }
 
+/// The steps, in the order a full run takes them; `--only STEP` runs one of them.
+const STEPS: [&str; 5] = ["micro", "wasm", "origin", "edge", "revocation"];
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = Mode {
-        quick: std::env::args().any(|a| a == "--quick"),
+        quick: args.iter().any(|a| a == "--quick"),
     };
+    // `--only STEP`: one step, for working on it. Its figures are printed, and BENCHMARKS.md is
+    // left alone: a partial table would mix runs.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|i| args.get(i + 1).cloned().unwrap_or_default());
+    if let Some(step) = &only {
+        assert!(
+            STEPS.contains(&step.as_str()),
+            "--only takes one of {STEPS:?}, not {step:?}"
+        );
+    }
+    let wanted = |step: &str| only.as_deref().is_none_or(|o| o == step);
     let started = Instant::now();
     let work = std::env::temp_dir().join(format!("latchkey-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
     let mut report = Report::default();
 
-    micro(&mut report, mode);
-    wasm(&mut report, mode, &work);
-    let fixture = origin(&mut report, mode, &work);
-    edge(&mut report, mode, &work, &fixture);
-    revocation(&mut report, mode);
+    if wanted("micro") {
+        micro(&mut report, mode);
+    }
+    if wanted("wasm") {
+        wasm(&mut report, mode, &work);
+    }
+    if wanted("origin") || wanted("edge") {
+        // Only the origin step needs the full database; the edge step needs one key.
+        let keys = if wanted("origin") { mode.keys() } else { 1_000 };
+        let fixture = prepare(&mut report, keys, &work);
+        if wanted("origin") {
+            origin(&mut report, mode, &work, &fixture);
+        }
+        if wanted("edge") {
+            edge(&mut report, mode, &work, &fixture);
+        }
+    }
+    if wanted("revocation") {
+        revocation(&mut report, mode);
+    }
 
-    let png = root().join("bench/latency.png");
-    chart::draw(&report.series, &png);
-    write_results(&report, mode, started.elapsed());
+    if only.is_none() {
+        let png = root().join("bench/latency.png");
+        chart::draw(&report.series, &png);
+        write_results(&report, mode, started.elapsed());
+    }
     let _ = std::fs::remove_dir_all(&work);
     let missed = report.rows.iter().filter(|r| r.pass == Some(false)).count();
     eprintln!(
-        "bench: done in {:.0} s; {} targets held, {missed} missed; results in BENCHMARKS.md",
+        "bench: done in {:.0} s; {} targets held, {missed} missed; {}",
         started.elapsed().as_secs_f64(),
-        report.rows.iter().filter(|r| r.pass == Some(true)).count()
+        report.rows.iter().filter(|r| r.pass == Some(true)).count(),
+        if only.is_none() {
+            "results in BENCHMARKS.md"
+        } else {
+            "BENCHMARKS.md left as it was (--only)"
+        }
     );
 }
 
@@ -352,20 +401,22 @@ fn wasm(report: &mut Report, mode: Mode, work: &Path) {
     });
 }
 
-/// What the origin step leaves for the edge step: a valid key and its KV record.
+/// What the origin and edge steps share: the seeded database, a valid key and its KV record,
+/// and the constant-JSON ceiling server (origin's ceiling, and the gateway's upstream).
 pub(crate) struct Fixture {
+    pub(crate) db: PathBuf,
+    pub(crate) keys: u64,
     pub(crate) secret: String,
+    pub(crate) subject: String,
     pub(crate) record_name: String,
     pub(crate) record_json: String,
-    /// The ceiling server, kept running: it is the gateway's upstream in the edge step.
     pub(crate) _ceiling: Proc,
     pub(crate) ceiling_url: String,
 }
 
-/// 3 and 6. Origin over HTTP on loopback, against the constant-JSON axum ceiling, over a
-///    database of `mode.keys()` keys; origin's peak RSS.
-fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
-    step("origin (release build, seed, load against the axum ceiling)");
+/// Builds origin and the ceiling in release mode, seeds `keys` keys and starts the ceiling.
+fn prepare(report: &mut Report, keys: u64, work: &Path) -> Fixture {
+    step("prepare (release build, seed, the axum ceiling server)");
     run(Command::new(env!("CARGO")).args([
         "build",
         "--release",
@@ -381,20 +432,40 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
     ]));
     let db = work.join("bench.db");
     let seeded = Instant::now();
-    let seed = seed::seed(&db, mode.keys());
+    let seed = seed::seed(&db, keys);
     report.notes.push(format!(
-        "Seeded {} keys ({} subjects) in {:.1} s.",
-        mode.keys(),
+        "Seeded {keys} keys ({} subjects) in {:.1} s.",
         seed::SUBJECTS,
         seeded.elapsed().as_secs_f64()
     ));
+    let (ceiling, line) = Proc::spawn(
+        Command::new(target_dir().join("release/bench-ceiling")),
+        "listen=",
+        &work.join("ceiling.log"),
+    );
+    Fixture {
+        db,
+        keys,
+        secret: seed.secret,
+        subject: seed.subject,
+        record_name: seed.record_name,
+        record_json: seed.record_json,
+        _ceiling: ceiling,
+        ceiling_url: format!("http://{}", line.trim_start_matches("listen=")),
+    }
+}
+
+/// 3 and 6. Origin over HTTP on loopback, against the constant-JSON axum ceiling, over a
+///    database of `mode.keys()` keys; origin's peak RSS.
+fn origin(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
+    step("origin (load against the axum ceiling)");
     let release = target_dir().join("release");
     let token = "bench-admin-token-0000000000000000000000";
     let mut origin_cmd = Command::new(release.join("origin"));
     origin_cmd
         .arg("serve")
         .env_clear()
-        .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+        .env("DATABASE_URL", format!("sqlite://{}", fixture.db.display()))
         .env("ADMIN_TOKEN", token)
         .env("ORIGIN_LISTEN", "127.0.0.1:0")
         // The default log level (requests themselves are logged at debug).
@@ -409,19 +480,13 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
             .find_map(|w| w.strip_prefix("listen="))
             .expect("listen=")
     );
-    let (ceiling, line) = Proc::spawn(
-        Command::new(release.join("bench-ceiling")),
-        "listen=",
-        &work.join("ceiling.log"),
-    );
-    let ceiling_url = format!("http://{}", line.trim_start_matches("listen="));
+    let ceiling_url = &fixture.ceiling_url;
 
     let auth = format!("Bearer {token}");
     let json = "application/json";
-    let ceiling_load = Load::get(&format!("{ceiling_url}/"));
     let valid = Load::post(
         &format!("{origin_url}/v1/api_keys/verify"),
-        &json!({ "secret": seed.secret }).to_string(),
+        &json!({ "secret": fixture.secret }).to_string(),
     )
     .header("authorization", &auth)
     .header("content-type", json);
@@ -440,15 +505,26 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
     .connections(64);
     let list = Load::get(&format!(
         "{origin_url}/v1/api_keys?subject={}&limit=10",
-        seed.subject
+        fixture.subject
     ))
     .header("authorization", &auth);
 
-    let mut runs: [Vec<Run>; 5] = Default::default();
+    // The ceiling is sent the very same requests as the verify loads (it ignores them, but
+    // hyper still reads them), each run beside the load it is compared with.
+    let ceiling_load = valid.sent_to(ceiling_url);
+    let garbage_ceiling_load = garbage.sent_to(ceiling_url);
+    let mut runs: [Vec<Run>; 6] = Default::default();
     for _ in 0..mode.rounds() {
-        for (i, load) in [&ceiling_load, &valid, &garbage, &create, &list]
-            .iter()
-            .enumerate()
+        for (i, load) in [
+            &ceiling_load,
+            &valid,
+            &garbage_ceiling_load,
+            &garbage,
+            &create,
+            &list,
+        ]
+        .iter()
+        .enumerate()
         {
             runs[i].push(load.run(mode.duration()));
         }
@@ -456,6 +532,7 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
     let [
         ceiling_runs,
         valid_runs,
+        garbage_ceiling_runs,
         garbage_runs,
         create_runs,
         list_runs,
@@ -475,8 +552,8 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
 
     report.row(ratio_row(
         "origin verify, valid key",
-        valid_rps,
-        ceiling_rps,
+        &valid_runs,
+        &ceiling_runs,
         "req/s",
         0.5,
     ));
@@ -490,8 +567,8 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
     });
     report.row(ratio_row(
         "origin verify, garbage key",
-        garbage_rps,
-        ceiling_rps,
+        &garbage_runs,
+        &garbage_ceiling_runs,
         "req/s",
         0.8,
     ));
@@ -506,7 +583,7 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
     report.row(Row {
         figure: format!(
             "origin list, one page by subject, {} keys, p99 at half peak",
-            mode.keys()
+            fixture.keys
         ),
         value: format!("{:.2} ms ({list_rps:.0} req/s peak)", list_half.p99_ms),
         ceiling: format!("{:.2} ms", ceiling_half.p99_ms),
@@ -515,7 +592,7 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
         pass: Some(list_half.p99_ms < 10.0),
     });
     report.row(Row {
-        figure: format!("origin peak RSS, {} keys, after the loads", mode.keys()),
+        figure: format!("origin peak RSS, {} keys, after the loads", fixture.keys),
         value: format!("{:.0} MB", rss_kb as f64 / 1024.0),
         ceiling: String::new(),
         ratio: None,
@@ -535,13 +612,6 @@ fn origin(report: &mut Report, mode: Mode, work: &Path) -> Fixture {
         });
     }
     drop(origin);
-    Fixture {
-        record_name: seed.record_name,
-        record_json: seed.record_json,
-        secret: seed.secret,
-        _ceiling: ceiling,
-        ceiling_url,
-    }
 }
 
 fn peak_rss_kb(pid: u32) -> u64 {
@@ -595,15 +665,18 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
     measure_edge(
         report,
         mode,
-        "Miniflare (workerd direct)",
-        &at("edge"),
-        &at("kv_get"),
-        &at("constant"),
+        &EdgeUnderTest {
+            runner: "Miniflare (workerd direct)",
+            edge: &at("edge"),
+            kv_get: &at("kv_get"),
+            kv_fetch: &at("kv_fetch"),
+            constant: &at("constant"),
+        },
         &fixture.secret,
     );
     drop(miniflare);
 
-    // The same three under `wrangler dev`, whose proxy caps throughput here.
+    // The same four under `wrangler dev`, whose proxy caps throughput here.
     let mut servers = Vec::new();
     let mut bases = Vec::new();
     for (config, vars) in [
@@ -621,6 +694,13 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
         (
             "bench/workers/kv-get/wrangler.toml",
             vec![("RECORD_NAME", fixture.record_name.clone())],
+        ),
+        (
+            "bench/workers/kv-fetch/wrangler.toml",
+            vec![
+                ("RECORD_NAME", fixture.record_name.clone()),
+                ("UPSTREAM_URL", fixture.ceiling_url.clone()),
+            ],
         ),
         ("bench/workers/constant/wrangler.toml", vec![]),
     ] {
@@ -678,25 +758,38 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
     measure_edge(
         report,
         mode,
-        "wrangler dev (through its proxy)",
-        &bases[0],
-        &bases[1],
-        &bases[2],
+        &EdgeUnderTest {
+            runner: "wrangler dev (through its proxy)",
+            edge: &bases[0],
+            kv_get: &bases[1],
+            kv_fetch: &bases[2],
+            constant: &bases[3],
+        },
         &fixture.secret,
     );
     drop(servers);
 }
 
-#[allow(clippy::too_many_arguments, reason = "one call site per runner")]
-fn measure_edge(
-    report: &mut Report,
-    mode: Mode,
+/// The edge's URLs under one runner: our Worker and the minimal Workers it is compared with.
+struct EdgeUnderTest<'a> {
     runner: &'static str,
-    edge: &str,
-    kv_get: &str,
-    constant: &str,
-    secret: &str,
-) {
+    edge: &'a str,
+    /// One KV get of the record, returned as is: the ceiling for valid-key traffic.
+    kv_get: &'a str,
+    /// One KV get, then one fetch of the upstream: the floor under the gateway's valid traffic.
+    kv_fetch: &'a str,
+    /// A constant body: the ceiling for garbage traffic.
+    constant: &'a str,
+}
+
+fn measure_edge(report: &mut Report, mode: Mode, at: &EdgeUnderTest<'_>, secret: &str) {
+    let EdgeUnderTest {
+        runner,
+        edge,
+        kv_get,
+        kv_fetch,
+        constant,
+    } = *at;
     let json = "application/json";
     let verify = Load::post(
         &format!("{edge}/v1/api_keys/verify"),
@@ -713,53 +806,88 @@ fn measure_edge(
     // Garbage at the gateway: the key is in a header, so no body is read (401).
     let gateway_garbage =
         Load::get(&format!("{edge}/orders/42")).header("authorization", "Bearer sk_live_not-a-key");
-    let kv_ceiling = Load::get(&format!("{kv_get}/"));
-    let constant_ceiling = Load::get(&format!("{constant}/"));
-    let loads = [
-        &kv_ceiling,
-        &verify,
-        &gateway,
-        &constant_ceiling,
-        &garbage,
-        &gateway_garbage,
+    // Each load is run beside its ceiling, and the ceiling is sent the very same requests
+    // (method, path, headers, body): it ignores them, but the runtime still receives them.
+    let pairs = [
+        ("edge verify, valid key", &verify, kv_get, 0.85),
+        ("edge gateway, valid key", &gateway, kv_get, 0.70),
+        ("edge verify, garbage key", &garbage, constant, 0.90),
+        (
+            "edge gateway, garbage key (401)",
+            &gateway_garbage,
+            constant,
+            0.90,
+        ),
     ];
+    // In every round: each ceiling right before its load, and the floor right after the
+    // gateway. `at[i]` is where pair i's ceiling run sits; its load's run is next.
+    let mut loads: Vec<Load> = Vec::new();
+    let mut at = Vec::new();
+    for (_, load, ceiling, _) in &pairs {
+        at.push(loads.len());
+        loads.push(load.sent_to(ceiling));
+        loads.push((*load).clone());
+        if std::ptr::eq(*load, &gateway) {
+            loads.push(gateway.sent_to(kv_fetch));
+        }
+    }
+    let (gateway_at, floor_at) = (at[1] + 1, at[1] + 2);
     // Warm every isolate first.
-    for load in loads {
+    for load in &loads {
         load.run(Duration::from_secs(1));
     }
-    let mut runs: [Vec<Run>; 6] = Default::default();
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); loads.len()];
     for _ in 0..mode.rounds() {
         for (i, load) in loads.iter().enumerate() {
             runs[i].push(load.run(mode.duration()));
         }
     }
-    let rps: Vec<f64> = runs
-        .iter()
-        .map(|r| median(r.iter().map(|x| x.rps).collect()))
-        .collect();
-    let (kv, constant_rps) = (rps[0], rps[3]);
-    for (figure, i, ceiling, at_least) in [
-        ("edge verify, valid key", 1, kv, 0.85),
-        ("edge gateway, valid key", 2, kv, 0.70),
-        ("edge verify, garbage key", 4, constant_rps, 0.90),
-        ("edge gateway, garbage key (401)", 5, constant_rps, 0.90),
-    ] {
-        report.row(ratio_row(
+    for ((figure, _, ceiling, at_least), &i) in pairs.iter().zip(&at) {
+        let mut row = ratio_row(
             &format!("{figure} — {runner}"),
-            rps[i],
-            ceiling,
+            &runs[i + 1],
+            &runs[i],
             "req/s",
-            at_least,
-        ));
+            *at_least,
+        );
+        let what = if *ceiling == kv_get {
+            "one KV get"
+        } else {
+            "constant body"
+        };
+        row.ceiling = format!("{} ({what})", row.ceiling);
+        report.row(row);
     }
+    let mut floor = ratio_row(
+        &format!("edge gateway floor: one KV get + one upstream fetch, minimal Worker — {runner}"),
+        &runs[floor_at],
+        &runs[at[1]],
+        "req/s",
+        0.0,
+    );
+    let gateway_to_floor = median(
+        runs[gateway_at]
+            .iter()
+            .zip(&runs[floor_at])
+            .map(|(gateway, floor)| gateway.rps / floor.rps)
+            .collect(),
+    );
+    floor.ceiling = format!("{} (one KV get)", floor.ceiling);
+    floor.target = format!(
+        "our gateway: {:.0}% of this floor",
+        100.0 * gateway_to_floor
+    );
+    floor.pass = None;
+    report.row(floor);
     if runner.starts_with("Miniflare") {
         for (label, i) in [
-            ("ceiling: one KV get", 0),
-            ("verify, valid key", 1),
-            ("gateway, valid key", 2),
-            ("ceiling: constant body", 3),
-            ("verify, garbage key", 4),
-            ("gateway, garbage key", 5),
+            ("ceiling: one KV get (verify requests)", at[0]),
+            ("verify, valid key", at[0] + 1),
+            ("gateway, valid key", gateway_at),
+            ("floor: KV get + upstream fetch", floor_at),
+            ("ceiling: constant body (verify requests)", at[2]),
+            ("verify, garbage key", at[2] + 1),
+            ("gateway, garbage key", at[3] + 1),
         ] {
             let run = runs[i].last().expect("a run");
             report.series.push(Series {

@@ -1,9 +1,14 @@
-//! Ceiling for garbage-key traffic at the edge: a constant JSON body, no KV read.
+//! Ceiling for garbage-key traffic at the edge: the request body read (if it has one), then a
+//! constant JSON body. No KV read.
 
 use worker::{Context, Env, Request, Response, Result, event};
 
 #[event(fetch)]
-async fn fetch(_req: Request, _env: Env, _ctx: Context) -> Result<Response> {
+async fn fetch(mut req: Request, _env: Env, _ctx: Context) -> Result<Response> {
+    // Unread, the body makes workerd drop the keep-alive connection after answering.
+    if req.inner().body().is_some() {
+        req.bytes().await?;
+    }
     Response::from_json(&CONSTANT)
 }
 

@@ -1,10 +1,15 @@
-//! Ceiling for valid-key traffic at the edge: the unavoidable work, one KV get of a key's
-//! record (named by the `RECORD_NAME` binding), returned as it is. Nothing else.
+//! Ceiling for valid-key traffic at the edge: the unavoidable work, the request body read (if
+//! it has one) and one KV get of a key's record (named by the `RECORD_NAME` binding), returned
+//! as it is. Nothing else.
 
 use worker::{Context, Env, Request, Response, Result, event};
 
 #[event(fetch)]
-async fn fetch(_req: Request, env: Env, _ctx: Context) -> Result<Response> {
+async fn fetch(mut req: Request, env: Env, _ctx: Context) -> Result<Response> {
+    // Unread, the body makes workerd drop the keep-alive connection after answering.
+    if req.inner().body().is_some() {
+        req.bytes().await?;
+    }
     let name = env.var("RECORD_NAME")?.to_string();
     let record = env
         .kv("KEYS")?
