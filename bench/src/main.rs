@@ -292,7 +292,7 @@ fn micro(report: &mut Report, mode: Mode) {
         "bench",
         "--locked",
         "-p",
-        "latchkey-shared",
+        "latchkey-bench-wasm",
         "--bench",
         "decide",
         "--",
