@@ -420,15 +420,14 @@ impl KeyService {
         let now = system_now();
         let record = key.as_ref().map(StoredKey::record);
         let verdict = decide(record.as_ref(), now, &required);
-        let key = key.map(|mut k| {
+        let key = key.map(|k| {
             // One trip to the tracker: the use just recorded, or the pending one.
             let pending = if verdict.is_valid() {
                 Some(self.usage.touch(&k.id, now))
             } else {
                 self.usage.pending(&k.id)
             };
-            k.last_used_at = k.last_used_at.max(pending);
-            k
+            with_pending_use(k, pending)
         });
         Ok(Verification {
             verdict,
@@ -490,11 +489,9 @@ impl KeyService {
         Err(ServiceError::Conflict)
     }
 
-    fn with_usage(&self, mut key: StoredKey) -> StoredKey {
-        if let Some(pending) = self.usage.pending(&key.id) {
-            key.last_used_at = key.last_used_at.max(Some(pending));
-        }
-        key
+    fn with_usage(&self, key: StoredKey) -> StoredKey {
+        let pending = self.usage.pending(&key.id);
+        with_pending_use(key, pending)
     }
 
     /// Parses requested scopes under the policy (catalogue, wildcards). A refusal is written to
@@ -540,6 +537,12 @@ impl KeyService {
         }
         Err(invalid("scopes", refusal))
     }
+}
+
+/// `key` with its `last_used_at` moved up to a use not yet written (`usage.rs`), if later.
+fn with_pending_use(mut key: StoredKey, pending: Option<UnixMillis>) -> StoredKey {
+    key.last_used_at = key.last_used_at.max(pending);
+    key
 }
 
 fn expiry(now: UnixMillis, lifetime: Lifetime) -> Result<Option<UnixMillis>, ServiceError> {
