@@ -2,6 +2,14 @@
 // through Miniflare's API (no `wrangler dev` proxy in front), each with local KV holding one
 // key's record. Prints `ports={...}` once all of them answer, then serves until killed.
 // Usage: node edge.mjs config.json
+//
+// Miniflare's outbound shim is off (`stripCfConnectingIp: false`) for the Workers measured
+// against each other. By default Miniflare sends every `fetch` a Worker makes through a JS
+// Worker of its own that copies the request's headers to drop `CF-Connecting-IP` and then
+// fetches again: a second Request, a second Headers and a service hop on every upstream call,
+// which production's runtime does not have. The ceilings make no fetch, so only the gateway and
+// its floor were paying it. `edge_shim` and `kv_fetch_shim` keep Miniflare's default, so the
+// results still show what it costs.
 import fs from "node:fs";
 import { Miniflare } from "miniflare";
 
@@ -38,6 +46,8 @@ const workers = {
   },
   constant: { dir: `${config.root}/bench/workers/constant/build`, bindings: {} },
 };
+workers.edge_shim = { ...workers.edge, outboundShim: true };
+workers.kv_fetch_shim = { ...workers.kv_fetch, outboundShim: true };
 
 // Cold start under workerd: a fresh Miniflare (a new workerd process) until ready, then its first
 // request (a garbage key: no KV read), for our Worker and the constant Worker. Medians of 5.
@@ -53,6 +63,7 @@ for (const name of ["edge", "constant"]) {
       compatibilityDate: "2025-01-01",
       kvNamespaces: { KEYS: NAMESPACE },
       bindings: workers[name].bindings,
+      stripCfConnectingIp: false,
     });
     await mf.ready;
     ready.push(performance.now() - t);
@@ -76,6 +87,7 @@ for (const [name, w] of Object.entries(workers)) {
     compatibilityDate: "2025-01-01",
     kvNamespaces: { KEYS: NAMESPACE },
     bindings: w.bindings,
+    stripCfConnectingIp: w.outboundShim === true,
     host: "127.0.0.1",
     port: 0,
   });

@@ -623,10 +623,13 @@ fn peak_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// 4. The edge: our Worker and two minimal Rust Workers (one KV get; a constant body), served
-///    by workerd directly through Miniflare, and through `wrangler dev`'s proxy.
+/// 4. The edge: our Worker, two minimal Rust Workers (one KV get; a constant body) and the
+///    gateway's floor (one KV get, one fetch), served by workerd directly through Miniflare,
+///    through `wrangler dev`'s proxy, and through wrangler's dev server with DevTools off.
 fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
-    step("edge (Worker and ceiling Workers under Miniflare, and under wrangler dev)");
+    step(
+        "edge (Worker and ceiling Workers under Miniflare, wrangler dev, and wrangler without DevTools)",
+    );
     run(&mut Command::new(root().join("bench/workers/build.sh")));
     let config = json!({
         "record_name": fixture.record_name,
@@ -671,103 +674,144 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
             kv_get: &at("kv_get"),
             kv_fetch: &at("kv_fetch"),
             constant: &at("constant"),
+            shimmed: Some(Shimmed {
+                edge: &at("edge_shim"),
+                kv_fetch: &at("kv_fetch_shim"),
+            }),
         },
         &fixture.secret,
     );
     drop(miniflare);
 
-    // The same four under `wrangler dev`, whose proxy caps throughput here.
-    let mut servers = Vec::new();
-    let mut bases = Vec::new();
-    for (config, vars) in [
-        (
-            "wrangler.toml",
-            vec![
-                ("UPSTREAM_URL", fixture.ceiling_url.clone()),
-                (
-                    "UPSTREAM_SIGNING_SECRET",
-                    "bench-upstream-secret-000000000000".into(),
-                ),
-                ("ORIGIN_USAGE_URL", String::new()),
-            ],
-        ),
-        (
-            "bench/workers/kv-get/wrangler.toml",
-            vec![("RECORD_NAME", fixture.record_name.clone())],
-        ),
-        (
-            "bench/workers/kv-fetch/wrangler.toml",
-            vec![
-                ("RECORD_NAME", fixture.record_name.clone()),
-                ("UPSTREAM_URL", fixture.ceiling_url.clone()),
-            ],
-        ),
-        ("bench/workers/constant/wrangler.toml", vec![]),
-    ] {
-        let port = free_port();
-        let state = work.join(format!("wrangler-{port}"));
-        let mut cmd = Command::new(root().join("node_modules/.bin/wrangler"));
-        cmd.env("WRANGLER_SEND_METRICS", "false")
-            .env("CI", "1")
-            .args([
-                "dev",
-                "--config",
-                config,
-                "--ip",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .args(["--inspector-port", &free_port().to_string()])
-            .arg("--persist-to")
-            .arg(&state);
-        for (name, value) in vars {
-            cmd.args(["--var", &format!("{name}:{value}")]);
-        }
-        let (server, _) = Proc::spawn(cmd, "Ready on", &work.join(format!("wrangler-{port}.log")));
-        let base = format!("http://127.0.0.1:{port}");
-        // Put the record into this server's local KV through its KV REST API.
-        let url = format!(
-            "{base}/cdn-cgi/explorer/api/storage/kv/namespaces/00000000000000000000000000000000/values/{}",
-            fixture.record_name
+    // The same four under `wrangler dev`, whose proxy caps throughput here; then under its dev
+    // server with DevTools off, which only the gateway and its floor notice.
+    for runner in [WranglerDev::Command, WranglerDev::WithoutDevTools] {
+        let (servers, bases) = runner.serve_all(work, fixture);
+        measure_edge(
+            report,
+            mode,
+            &EdgeUnderTest {
+                runner: runner.label(),
+                edge: &bases[0],
+                kv_get: &bases[1],
+                kv_fetch: &bases[2],
+                constant: &bases[3],
+                shimmed: None,
+            },
+            &fixture.secret,
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !run(Command::new("curl").args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "PUT",
-            "--data-binary",
-            &fixture.record_json,
-            &url,
-        ]))
-        .starts_with('2')
-        {
-            assert!(
-                Instant::now() < deadline,
-                "wrangler dev KV did not accept the record"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        servers.push(server);
-        bases.push(base);
+        drop(servers);
     }
-    measure_edge(
-        report,
-        mode,
-        &EdgeUnderTest {
-            runner: "wrangler dev (through its proxy)",
-            edge: &bases[0],
-            kv_get: &bases[1],
-            kv_fetch: &bases[2],
-            constant: &bases[3],
-        },
-        &fixture.secret,
-    );
-    drop(servers);
+}
+
+/// Two ways of serving a Worker with wrangler's local dev server.
+#[derive(Clone, Copy)]
+enum WranglerDev {
+    /// The `wrangler dev` command, as `./dev run` uses it.
+    Command,
+    /// Wrangler's dev server with its inspector off (`bench/wrangler-dev.mjs`): `wrangler dev`
+    /// always enables DevTools network events, which cost every `fetch` a Worker makes.
+    WithoutDevTools,
+}
+
+impl WranglerDev {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Command => "wrangler dev (through its proxy)",
+            Self::WithoutDevTools => "wrangler's dev server, DevTools off",
+        }
+    }
+
+    /// Serves our Worker, then the one-KV-get, floor and constant Workers, each with the key's
+    /// record in its local KV. Returns the servers (stopped when dropped) and their base URLs.
+    fn serve_all(self, work: &Path, fixture: &Fixture) -> (Vec<Proc>, Vec<String>) {
+        let mut servers = Vec::new();
+        let mut bases = Vec::new();
+        for (config, vars) in [
+            (
+                "wrangler.toml",
+                vec![
+                    ("UPSTREAM_URL", fixture.ceiling_url.clone()),
+                    (
+                        "UPSTREAM_SIGNING_SECRET",
+                        "bench-upstream-secret-000000000000".into(),
+                    ),
+                    ("ORIGIN_USAGE_URL", String::new()),
+                ],
+            ),
+            (
+                "bench/workers/kv-get/wrangler.toml",
+                vec![("RECORD_NAME", fixture.record_name.clone())],
+            ),
+            (
+                "bench/workers/kv-fetch/wrangler.toml",
+                vec![
+                    ("RECORD_NAME", fixture.record_name.clone()),
+                    ("UPSTREAM_URL", fixture.ceiling_url.clone()),
+                ],
+            ),
+            ("bench/workers/constant/wrangler.toml", vec![]),
+        ] {
+            let port = free_port();
+            let state = work.join(format!("wrangler-{port}"));
+            let vars = vars.iter().map(|(name, value)| format!("{name}:{value}"));
+            let mut cmd = match self {
+                Self::Command => {
+                    let mut cmd = Command::new(root().join("node_modules/.bin/wrangler"));
+                    cmd.args(["dev", "--config", config, "--ip", "127.0.0.1"])
+                        .args(["--port", &port.to_string()])
+                        .args(["--inspector-port", &free_port().to_string()])
+                        .arg("--persist-to")
+                        .arg(&state);
+                    for var in vars {
+                        cmd.args(["--var", &var]);
+                    }
+                    cmd
+                }
+                Self::WithoutDevTools => {
+                    let mut cmd = Command::new("node");
+                    cmd.arg(root().join("bench/wrangler-dev.mjs"))
+                        .args([config, &port.to_string()])
+                        .arg(&state)
+                        .args(vars);
+                    cmd
+                }
+            };
+            cmd.env("WRANGLER_SEND_METRICS", "false").env("CI", "1");
+            let (server, _) =
+                Proc::spawn(cmd, "Ready on", &work.join(format!("wrangler-{port}.log")));
+            let base = format!("http://127.0.0.1:{port}");
+            // Put the record into this server's local KV through its KV REST API.
+            let url = format!(
+                "{base}/cdn-cgi/explorer/api/storage/kv/namespaces/00000000000000000000000000000000/values/{}",
+                fixture.record_name
+            );
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !run(Command::new("curl").args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+                "--data-binary",
+                &fixture.record_json,
+                &url,
+            ]))
+            .starts_with('2')
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "wrangler's KV did not accept the record"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            servers.push(server);
+            bases.push(base);
+        }
+        (servers, bases)
+    }
 }
 
 /// The edge's URLs under one runner: our Worker and the minimal Workers it is compared with.
@@ -780,6 +824,16 @@ struct EdgeUnderTest<'a> {
     kv_fetch: &'a str,
     /// A constant body: the ceiling for garbage traffic.
     constant: &'a str,
+    /// Under Miniflare: our Worker and the floor again, with Miniflare's default outbound shim
+    /// (a JS Worker that copies every fetched request's headers and fetches again; see
+    /// `bench/edge.mjs`), to show what that local-only layer costs the gateway.
+    shimmed: Option<Shimmed<'a>>,
+}
+
+/// Our Worker and the gateway floor with Miniflare's outbound shim on.
+struct Shimmed<'a> {
+    edge: &'a str,
+    kv_fetch: &'a str,
 }
 
 fn measure_edge(report: &mut Report, mode: Mode, at: &EdgeUnderTest<'_>, secret: &str) {
@@ -789,6 +843,7 @@ fn measure_edge(report: &mut Report, mode: Mode, at: &EdgeUnderTest<'_>, secret:
         kv_get,
         kv_fetch,
         constant,
+        ref shimmed,
     } = *at;
     let json = "application/json";
     let verify = Load::post(
@@ -829,6 +884,10 @@ fn measure_edge(report: &mut Report, mode: Mode, at: &EdgeUnderTest<'_>, secret:
         loads.push((*load).clone());
         if std::ptr::eq(*load, &gateway) {
             loads.push(gateway.sent_to(kv_fetch));
+            if let Some(shimmed) = shimmed {
+                loads.push(gateway.sent_to(shimmed.edge));
+                loads.push(gateway.sent_to(shimmed.kv_fetch));
+            }
         }
     }
     let (gateway_at, floor_at) = (at[1] + 1, at[1] + 2);
@@ -879,6 +938,24 @@ fn measure_edge(report: &mut Report, mode: Mode, at: &EdgeUnderTest<'_>, secret:
     );
     floor.pass = None;
     report.row(floor);
+    if shimmed.is_some() {
+        for (figure, i) in [
+            (
+                "edge gateway, valid key — Miniflare with its outbound shim (its default)",
+                floor_at + 1,
+            ),
+            (
+                "edge gateway floor — Miniflare with its outbound shim (its default)",
+                floor_at + 2,
+            ),
+        ] {
+            let mut row = ratio_row(figure, &runs[i], &runs[at[1]], "req/s", 0.0);
+            row.ceiling = format!("{} (one KV get)", row.ceiling);
+            row.target = "information: a local-only layer (bench/edge.mjs)".into();
+            row.pass = None;
+            report.row(row);
+        }
+    }
     if runner.starts_with("Miniflare") {
         for (label, i) in [
             ("ceiling: one KV get (verify requests)", at[0]),
