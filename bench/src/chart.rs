@@ -14,13 +14,16 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 /// The percentiles on the x axis, evenly spaced (the tail matters as much as the median).
 const LABELS: [&str; 7] = ["p50", "p75", "p90", "p95", "p99", "p99.9", "p99.99"];
 
-const COLOURS: [RGBColor; 6] = [
+/// One colour per line of a panel: the edge panel has seven.
+const COLOURS: [RGBColor; 8] = [
     RGBColor(90, 90, 90),
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
 ];
 
 pub(crate) fn draw(series: &[Series], out: &Path) {
