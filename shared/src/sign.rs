@@ -15,6 +15,86 @@ type HmacSha256 = Hmac<Sha256>;
 /// How far a signed message's timestamp may be from the receiver's clock, either way.
 pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
+/// Shortest signing secret accepted, in bytes, after trimming (see [`SigningSecret::parse`]).
+pub const SECRET_MIN_LEN: usize = 32;
+
+/// A secret that signs messages between Latchkey's parts (`UPSTREAM_SIGNING_SECRET`,
+/// `USAGE_SIGNING_SECRET`, …). Origin and the edge read every such setting with the same rule,
+/// [`SigningSecret::parse`], so the two sides can never disagree about its bytes. Its `Debug`
+/// is redacted.
+///
+/// ```
+/// use latchkey_shared::sign::{SecretError, SigningSecret};
+///
+/// let secret = SigningSecret::parse("  0123456789abcdef0123456789abcdef\n").unwrap();
+/// assert_eq!(secret.as_bytes(), b"0123456789abcdef0123456789abcdef");
+/// assert_eq!(format!("{secret:?}"), "SigningSecret(<redacted>)");
+/// assert_eq!(SigningSecret::parse("short"), Err(SecretError::TooShort { len: 5 }));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningSecret(Vec<u8>);
+
+/// Why a signing secret was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    /// Fewer than [`SECRET_MIN_LEN`] bytes once trimmed.
+    #[error("must be at least {SECRET_MIN_LEN} characters (e.g. `openssl rand -hex 32`), got {len}")]
+    TooShort {
+        /// Its length in bytes, trimmed.
+        len: usize,
+    },
+    /// It holds a control character inside it (a pasted line break, a NUL).
+    #[error("must not contain control characters")]
+    ControlCharacter,
+}
+
+impl SigningSecret {
+    /// The one rule for reading a secret setting: ASCII white space at both ends is removed
+    /// (a trailing newline from `echo` or a file), nothing else is changed, and what remains
+    /// must be at least [`SECRET_MIN_LEN`] bytes with no control characters.
+    pub fn parse(text: &str) -> Result<Self, SecretError> {
+        let trimmed = text.trim_matches(|c: char| c.is_ascii_whitespace());
+        if trimmed.chars().any(char::is_control) {
+            return Err(SecretError::ControlCharacter);
+        }
+        if trimmed.len() < SECRET_MIN_LEN {
+            return Err(SecretError::TooShort { len: trimmed.len() });
+        }
+        Ok(Self(trimmed.as_bytes().to_vec()))
+    }
+
+    /// The secret's bytes, the HMAC key.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningSecret(<redacted>)")
+    }
+}
+
+/// The first two roles, by name, that were given the same secret: each role needs its own, or a
+/// message signed for one could be passed off as the other.
+///
+/// ```
+/// use latchkey_shared::sign::{SigningSecret, shared_secret};
+///
+/// let a = SigningSecret::parse(&"a".repeat(32)).unwrap();
+/// let b = SigningSecret::parse(&"b".repeat(32)).unwrap();
+/// assert_eq!(shared_secret(&[("X", a.as_bytes()), ("Y", b.as_bytes())]), None);
+/// assert_eq!(shared_secret(&[("X", a.as_bytes()), ("Y", a.as_bytes())]), Some(("X", "Y")));
+/// ```
+pub fn shared_secret<'a>(roles: &[(&'a str, &[u8])]) -> Option<(&'a str, &'a str)> {
+    roles.iter().enumerate().find_map(|(i, (first, a))| {
+        roles[i + 1..]
+            .iter()
+            .find(|(_, b)| a == b)
+            .map(|(second, _)| (*first, *second))
+    })
+}
+
 /// Names of the headers the edge adds to a forwarded request. Any header with the
 /// [`header::HEADER_PREFIX`] that a client sends is removed before forwarding, so an upstream can trust
 /// every one it sees once the signature checks out.
@@ -88,7 +168,7 @@ pub fn verify_signed(
         .and_then(|t| t.trim().parse::<i64>().ok())
         .map(UnixMillis)
         .ok_or(SignatureError::BadTimestamp)?;
-    if (now.0 - timestamp.0).abs() > MAX_CLOCK_SKEW_MS {
+    if !within_skew(now, timestamp) {
         return Err(SignatureError::Stale);
     }
     let signature = signature
@@ -98,6 +178,12 @@ pub fn verify_signed(
         .verify_slice(&signature)
         .map_err(|_| SignatureError::Mismatch)?;
     Ok(timestamp)
+}
+
+/// Whether `timestamp` is within [`MAX_CLOCK_SKEW_MS`] of `now`, for any two values: the
+/// distance is taken with `abs_diff`, which cannot overflow on an untrusted extreme.
+pub fn within_skew(now: UnixMillis, timestamp: UnixMillis) -> bool {
+    now.0.abs_diff(timestamp.0) <= MAX_CLOCK_SKEW_MS.unsigned_abs()
 }
 
 fn mac(secret: &[u8], message: &[u8]) -> HmacSha256 {
@@ -163,6 +249,23 @@ mod tests {
             check(Some(&ts), Some(&wrong_secret), b"{}"),
             Err(SignatureError::Mismatch)
         );
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_an_overflow() {
+        for extreme in [i64::MIN, i64::MIN + 1, -1, 0, i64::MAX] {
+            let ts = extreme.to_string();
+            assert_eq!(
+                check(Some(&ts), Some("00"), b"{}"),
+                Err(SignatureError::Stale),
+                "{extreme}"
+            );
+        }
+        let (min, max) = (UnixMillis(i64::MIN), UnixMillis(i64::MAX));
+        assert!(!within_skew(min, max) && !within_skew(max, min));
+        assert!(within_skew(min, min) && within_skew(max, max));
+        assert!(within_skew(min, UnixMillis(i64::MIN + MAX_CLOCK_SKEW_MS)));
+        assert!(!within_skew(max, UnixMillis(i64::MAX - MAX_CLOCK_SKEW_MS - 1)));
     }
 
     #[test]
