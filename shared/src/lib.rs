@@ -8,13 +8,16 @@
 //! * [`record`]: the versioned record published to the edge for each key.
 //! * [`verify`]: the one function that decides a verification.
 //! * [`route`]: the gateway's route rules (syntax documented there) and their matching.
-//! * [`sign`]: HMAC-SHA256 signatures for the edge's forwarded headers and usage reports.
+//! * [`target`]: the gateway's canonical request path and its closed method table.
+//! * [`sign`]: HMAC-SHA256 signatures for the edge's forwarded headers and usage reports, the
+//!   upstream's check of them ([`sign::gateway::GatewayVerifier`]), and the one rule for secrets.
 
 pub mod key;
 pub mod record;
 pub mod route;
 pub mod scope;
 pub mod sign;
+pub mod target;
 pub mod verify;
 
 mod base62;

@@ -23,9 +23,7 @@
 //! fails closed.
 
 use crate::scope::{Scope, ScopeError};
-
-/// The methods a rule may name.
-const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+use crate::target::METHODS;
 
 /// Why a rule table did not parse. `line` counts from 1 over the rules as written (each
 /// `;`-separated rule counts as its own line).

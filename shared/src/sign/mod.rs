@@ -1,9 +1,11 @@
 //! HMAC-SHA256 signatures for the two messages the edge sends that someone else must trust:
-//! the identity headers it adds to a forwarded gateway request (checked by the upstream), and
-//! the usage batches it reports to origin (checked by origin).
+//! the identity headers it adds to a forwarded gateway request (checked by the upstream with
+//! [`gateway::GatewayVerifier`]), and the usage batches it reports to origin (checked by
+//! origin with [`verify_signed`]).
 //!
 //! Each signature covers a timestamp, so a receiver can refuse stale messages, and a canonical
-//! string in which every field sits on its own line: no field can be moved into another.
+//! encoding in which no field can be moved into another. Every secret is read with one rule,
+//! [`SigningSecret::parse`].
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -38,7 +40,9 @@ pub struct SigningSecret(Vec<u8>);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretError {
     /// Fewer than [`SECRET_MIN_LEN`] bytes once trimmed.
-    #[error("must be at least {SECRET_MIN_LEN} characters (e.g. `openssl rand -hex 32`), got {len}")]
+    #[error(
+        "must be at least {SECRET_MIN_LEN} characters (e.g. `openssl rand -hex 32`), got {len}"
+    )]
     TooShort {
         /// Its length in bytes, trimmed.
         len: usize,
@@ -95,23 +99,8 @@ pub fn shared_secret<'a>(roles: &[(&'a str, &[u8])]) -> Option<(&'a str, &'a str
     })
 }
 
-/// Names of the headers the edge adds to a forwarded request. Any header with the
-/// [`header::HEADER_PREFIX`] that a client sends is removed before forwarding, so an upstream can trust
-/// every one it sees once the signature checks out.
-pub mod header {
-    /// Prefix shared by every Latchkey header; the edge strips incoming headers with it.
-    pub const HEADER_PREFIX: &str = "x-latchkey-";
-    /// The verified key's public id.
-    pub const KEY_ID: &str = "x-latchkey-key-id";
-    /// The verified key's subject (the partner it was issued to).
-    pub const SUBJECT: &str = "x-latchkey-subject";
-    /// The verified key's granted scopes, space-separated.
-    pub const SCOPES: &str = "x-latchkey-scopes";
-    /// Milliseconds since the Unix epoch when the edge signed the request.
-    pub const TIMESTAMP: &str = "x-latchkey-timestamp";
-    /// Lowercase hex HMAC-SHA256 of the canonical string (see [`super::gateway_message`]).
-    pub const SIGNATURE: &str = "x-latchkey-signature";
-}
+pub mod gateway;
+pub use gateway::header;
 
 /// Why a signed message was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,22 +114,6 @@ pub enum SignatureError {
     /// The signature is missing, not hex, or does not match.
     #[error("the signature does not match")]
     Mismatch,
-}
-
-/// The canonical string the edge signs for a forwarded request. The method and path are
-/// included so a signed set of headers cannot be replayed against another route.
-pub fn gateway_message(
-    timestamp: UnixMillis,
-    method: &str,
-    path: &str,
-    key_id: &str,
-    subject: &str,
-    scopes: &str,
-) -> String {
-    format!(
-        "latchkey-gateway-v1\n{}\n{method}\n{path}\n{key_id}\n{subject}\n{scopes}",
-        timestamp.0
-    )
 }
 
 /// The canonical string for a usage batch: the timestamp and the exact body bytes.
@@ -265,7 +238,10 @@ mod tests {
         assert!(!within_skew(min, max) && !within_skew(max, min));
         assert!(within_skew(min, min) && within_skew(max, max));
         assert!(within_skew(min, UnixMillis(i64::MIN + MAX_CLOCK_SKEW_MS)));
-        assert!(!within_skew(max, UnixMillis(i64::MAX - MAX_CLOCK_SKEW_MS - 1)));
+        assert!(!within_skew(
+            max,
+            UnixMillis(i64::MAX - MAX_CLOCK_SKEW_MS - 1)
+        ));
     }
 
     #[test]
