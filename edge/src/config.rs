@@ -3,6 +3,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use latchkey_shared::sign::{SigningSecret, shared_secret};
+use latchkey_shared::target::UpstreamUrl;
 use latchkey_shared::{RouteError, RouteTable};
 use worker::Env;
 
@@ -11,19 +13,25 @@ use worker::Env;
 pub(crate) struct Settings {
     /// Gateway route rules (`ROUTES`); empty: the gateway refuses everything.
     pub(crate) routes: RouteTable,
-    /// Where allowed gateway requests go (`UPSTREAM_URL`), without a trailing slash.
-    pub(crate) upstream: Option<String>,
+    /// Where allowed gateway requests go (`UPSTREAM_URL`): https, or http to loopback only.
+    pub(crate) upstream: Option<UpstreamUrl>,
     /// Signs the identity headers sent upstream (`UPSTREAM_SIGNING_SECRET`, a secret).
-    pub(crate) upstream_secret: Option<Vec<u8>>,
+    pub(crate) upstream_secret: Option<SigningSecret>,
+    /// Largest gateway request body forwarded (`GATEWAY_BODY_MAX_BYTES`): the body is read
+    /// whole to sign its digest.
+    pub(crate) gateway_body_max: usize,
     /// Origin's usage ingest URL (`ORIGIN_USAGE_URL`); unset: usage is not reported.
     pub(crate) usage_url: Option<String>,
-    /// Signs usage batches (`USAGE_SIGNING_SECRET`, a secret).
-    pub(crate) usage_secret: Vec<u8>,
+    /// Signs usage batches (`USAGE_SIGNING_SECRET`, a secret); set when `usage_url` is.
+    pub(crate) usage_secret: Option<SigningSecret>,
     /// How long uses gather in an isolate before a batch is sent (`USAGE_FLUSH_MS`).
     pub(crate) usage_flush_ms: i64,
     /// Whether to add the debug header counting KV reads (`DEBUG_HEADERS`, tests only).
     pub(crate) debug_headers: bool,
 }
+
+/// `GATEWAY_BODY_MAX_BYTES` when unset: 1 MiB.
+const DEFAULT_GATEWAY_BODY_MAX: usize = 1 << 20;
 
 /// The settings shared by every request of this isolate.
 pub(crate) type Config = Rc<Settings>;
@@ -41,6 +49,11 @@ pub(crate) enum ConfigError {
         expected: &'static str,
         value: String,
     },
+    /// A problem whose value must not be echoed (a secret), or needs no echo.
+    #[error("{name} {problem}")]
+    Refused { name: &'static str, problem: String },
+    #[error("{0} and {1} must be different secrets")]
+    SharedSecret(&'static str, &'static str),
 }
 
 thread_local! {
@@ -61,9 +74,15 @@ impl Settings {
 
     fn parse(env: &Env) -> Result<Self, ConfigError> {
         let routes = RouteTable::parse(&text(env, "ROUTES").unwrap_or_default())?;
-        let upstream = text(env, "UPSTREAM_URL").map(|u| u.trim_end_matches('/').to_owned());
-        check_url("UPSTREAM_URL", upstream.as_deref())?;
-        let upstream_secret = text(env, "UPSTREAM_SIGNING_SECRET").map(String::into_bytes);
+        let upstream = text(env, "UPSTREAM_URL")
+            .map(|url| {
+                UpstreamUrl::parse(&url).map_err(|e| ConfigError::Refused {
+                    name: "UPSTREAM_URL",
+                    problem: format!("{e}, got {url:?}"),
+                })
+            })
+            .transpose()?;
+        let upstream_secret = secret(env, "UPSTREAM_SIGNING_SECRET")?;
         if !routes.is_empty() {
             if upstream.is_none() {
                 return Err(ConfigError::Missing("UPSTREAM_URL", "ROUTES"));
@@ -74,14 +93,33 @@ impl Settings {
         }
         let usage_url = text(env, "ORIGIN_USAGE_URL");
         check_url("ORIGIN_USAGE_URL", usage_url.as_deref())?;
-        let usage_secret = match (&usage_url, text(env, "USAGE_SIGNING_SECRET")) {
-            (Some(_), None) => {
-                return Err(ConfigError::Missing(
-                    "USAGE_SIGNING_SECRET",
-                    "ORIGIN_USAGE_URL",
-                ));
-            }
-            (_, secret) => secret.unwrap_or_default().into_bytes(),
+        let usage_secret = secret(env, "USAGE_SIGNING_SECRET")?;
+        if usage_url.is_some() && usage_secret.is_none() {
+            return Err(ConfigError::Missing(
+                "USAGE_SIGNING_SECRET",
+                "ORIGIN_USAGE_URL",
+            ));
+        }
+        if let (Some(a), Some(b)) = (&upstream_secret, &usage_secret)
+            && let Some((a, b)) = shared_secret(&[
+                ("UPSTREAM_SIGNING_SECRET", a.as_bytes()),
+                ("USAGE_SIGNING_SECRET", b.as_bytes()),
+            ])
+        {
+            return Err(ConfigError::SharedSecret(a, b));
+        }
+        let gateway_body_max = match text(env, "GATEWAY_BODY_MAX_BYTES") {
+            None => DEFAULT_GATEWAY_BODY_MAX,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                // Workers accept request bodies of 100 MB at most (the paid plans' floor).
+                .filter(|bytes| (1..=100_000_000).contains(bytes))
+                .ok_or(ConfigError::Invalid {
+                    name: "GATEWAY_BODY_MAX_BYTES",
+                    expected: "a number of bytes from 1 to 100000000",
+                    value: v,
+                })?,
         };
         let usage_flush_ms = match text(env, "USAGE_FLUSH_MS") {
             None => 10_000,
@@ -111,6 +149,7 @@ impl Settings {
             routes,
             upstream,
             upstream_secret,
+            gateway_body_max,
             usage_url,
             usage_secret,
             usage_flush_ms,
@@ -131,6 +170,19 @@ fn check_url(name: &'static str, url: Option<&str>) -> Result<(), ConfigError> {
         }
         _ => Ok(()),
     }
+}
+
+/// A signing secret, read with the one rule origin uses too (`SigningSecret::parse`); unset and
+/// blank are the same.
+fn secret(env: &Env, name: &'static str) -> Result<Option<SigningSecret>, ConfigError> {
+    text(env, name)
+        .map(|value| {
+            SigningSecret::parse(&value).map_err(|e| ConfigError::Refused {
+                name,
+                problem: e.to_string(),
+            })
+        })
+        .transpose()
 }
 
 /// A var or secret as text; unset and blank are the same.

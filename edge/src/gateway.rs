@@ -5,26 +5,31 @@
 //! get the same 401.
 
 use js_sys::futures::JsFuture;
-use latchkey_shared::sign::{self, header};
+use latchkey_shared::sign::gateway::{SignedRequest, content_sha256, header};
+use latchkey_shared::target::RequestTarget;
 use latchkey_shared::{KeyRecord, Verdict};
 use wasm_bindgen::JsCast;
 use worker::worker_sys::web_sys;
-use worker::{Headers, Method, Request, Result};
+use worker::{Headers, Request, Result};
 
+use crate::body;
 use crate::config::Settings;
 use crate::lookup::Lookup;
 use crate::reply;
 
 const REALM: &str = "latchkey";
 
+/// Handles a gateway request whose method is known and whose path is canonical (`fetch`
+/// checked both): the path that is matched here is the one signed and forwarded.
 pub(crate) async fn handle(
     req: Request,
+    method: &str,
+    target: RequestTarget<'_>,
     config: &Settings,
     lookup: &mut Lookup<'_>,
 ) -> Result<web_sys::Response> {
-    let method = req.method();
-    let path = req.path();
-    let Some(rule) = config.routes.find(method.as_ref(), &path) else {
+    let path = target.path;
+    let Some(rule) = config.routes.find(method, path) else {
         return reply::error(
             404,
             "route_not_found",
@@ -40,7 +45,7 @@ pub(crate) async fn handle(
     let (verdict, record) = match lookup.verify(&presented, rule.required_scopes()).await {
         Ok(outcome) => outcome,
         Err(unavailable) => {
-            worker::console_error!("gateway denied {} {path}, {unavailable}", method.as_ref());
+            worker::console_error!("gateway denied {method} {path}, {unavailable}");
             return reply::error(
                 503,
                 "kv_unavailable",
@@ -49,7 +54,9 @@ pub(crate) async fn handle(
         }
     };
     match (verdict, record) {
-        (Verdict::Valid, Some(record)) => forward(req, config, lookup, &record).await,
+        (Verdict::Valid, Some(record)) => {
+            forward(req, method, target, config, lookup, &record).await
+        }
         (Verdict::InsufficientScope { missing }, _) => {
             let scopes: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
             let scopes = scopes.join(" ");
@@ -85,17 +92,20 @@ fn unauthorized(code: &str, message: &str) -> Result<web_sys::Response> {
     )
 }
 
-/// Sends the request upstream: same method, path, query and body; the partner's credentials
-/// and any client-sent `x-latchkey-*` headers removed; identity headers added and signed. The
-/// upstream's response is returned as the runtime gave it, not rebuilt.
+/// Sends the request upstream: same method, canonical path, query and body; the partner's
+/// credentials and any client-sent `x-latchkey-*` headers removed; identity headers added and
+/// signed (version 2: `latchkey_shared::sign::gateway`). The upstream's response is returned
+/// as the runtime gave it, not rebuilt.
 ///
-/// This is the gateway's hot path, and its cost is almost all runtime objects, not Rust code:
-/// the headers are copied by the runtime in one call (not entry by entry across the wasm
+/// The body is read whole (up to `GATEWAY_BODY_MAX_BYTES`) because its digest is signed. The
+/// headers are copied by the runtime in one call (not entry by entry across the wasm
 /// boundary), the runtime's `fetch` gets a URL and an init (not a `Request` it would copy
 /// again), and the response goes back untouched (`worker::Response` would rebuild it around a
 /// new stream).
 async fn forward(
-    req: Request,
+    mut req: Request,
+    method: &str,
+    target: RequestTarget<'_>,
     config: &Settings,
     lookup: &Lookup<'_>,
     record: &KeyRecord,
@@ -104,17 +114,29 @@ async fn forward(
         // Config parsing requires both when there are routes; this is unreachable in practice.
         return reply::error(503, "edge_misconfigured", "no upstream is configured");
     };
-    // The path as the runtime parsed it, and the query from the raw URL: `Request::url()` would
-    // parse the URL again with the `url` crate, whose IDNA tables alone would put the Worker over
-    // its size budget.
-    let path = req.path();
-    let raw_url = req.inner().url();
-    let target = match raw_url.split_once('?') {
-        Some((_, query)) => {
-            let query = query.split_once('#').map_or(query, |(q, _)| q);
-            format!("{upstream}{path}?{query}")
+    // GET and HEAD are forwarded without a body, as before; others with the one signed.
+    let body = if matches!(method, "GET" | "HEAD") {
+        Vec::new()
+    } else {
+        match body::read_capped(&mut req, config.gateway_body_max).await? {
+            Some(body) => body,
+            None => {
+                return reply::error(
+                    413,
+                    "body_too_large",
+                    &format!(
+                        "the request body is larger than {} bytes",
+                        config.gateway_body_max
+                    ),
+                );
+            }
         }
-        None => format!("{upstream}{path}"),
+    };
+    let forwarded_path = format!("{}{}", upstream.path(), target.path);
+    let url = if target.query.is_empty() {
+        format!("{}{}", upstream.base(), target.path)
+    } else {
+        format!("{}{}?{}", upstream.base(), target.path, target.query)
     };
     let headers = Headers(web_sys::Headers::new_with_headers(&req.headers().0)?);
     // Names come back lower-cased; collected first, since deleting while iterating skips some.
@@ -127,34 +149,33 @@ async fn forward(
     for name in &dropped {
         headers.delete(name)?;
     }
-    let method = req.method();
     let scopes = record.scopes.to_strings().join(" ");
-    let now = lookup.now();
-    let message = sign::gateway_message(
-        now,
-        method.as_ref(),
-        &path,
-        record.id.as_str(),
-        &record.subject,
-        &scopes,
-    );
-    headers.set(header::KEY_ID, record.id.as_str())?;
-    headers.set(header::SUBJECT, &record.subject)?;
-    headers.set(header::SCOPES, &scopes)?;
-    headers.set(header::TIMESTAMP, &now.0.to_string())?;
-    headers.set(header::SIGNATURE, &sign::sign(secret, message.as_bytes()))?;
+    let request_id = random_uuid()?;
+    let digest = content_sha256(&body);
+    let signed = SignedRequest {
+        timestamp: lookup.now(),
+        request_id: &request_id,
+        method,
+        path: &forwarded_path,
+        query: target.query,
+        content_sha256: &digest,
+        key_id: record.id.as_str(),
+        subject: &record.subject,
+        scopes: &scopes,
+    };
+    for (name, value) in signed.headers(secret) {
+        headers.set(name, &value)?;
+    }
 
     let init = web_sys::RequestInit::new();
-    init.set_method(method.as_ref());
+    init.set_method(method);
     init.set_headers(&headers.0);
     init.set_redirect(web_sys::RequestRedirect::Manual);
-    if !matches!(method, Method::Get | Method::Head)
-        && let Some(body) = req.inner().body()
-    {
-        init.set_body(&body);
+    if !matches!(method, "GET" | "HEAD") {
+        init.set_body(&js_sys::Uint8Array::from(body.as_slice()).into());
     }
     let global: web_sys::WorkerGlobalScope = js_sys::global().unchecked_into();
-    let upstream_response = match JsFuture::from(global.fetch_with_str_and_init(&target, &init))
+    let upstream_response = match JsFuture::from(global.fetch_with_str_and_init(&url, &init))
         .await
         .and_then(JsCast::dyn_into::<web_sys::Response>)
     {
@@ -180,4 +201,15 @@ async fn forward(
         upstream_response.body().as_ref(),
         &init,
     )?)
+}
+
+/// A fresh request id: `crypto.randomUUID()` (122 random bits from the runtime's CSPRNG).
+fn random_uuid() -> Result<String> {
+    let crypto = js_sys::Reflect::get(&js_sys::global(), &"crypto".into())?;
+    let random_uuid: js_sys::Function =
+        js_sys::Reflect::get(&crypto, &"randomUUID".into())?.dyn_into()?;
+    random_uuid
+        .call0(&crypto)?
+        .as_string()
+        .ok_or_else(|| worker::Error::RustError("crypto.randomUUID() gave no string".into()))
 }

@@ -8,14 +8,19 @@
 //!   `Authorization: Bearer <key>` is checked against the route rules and, if allowed, forwarded
 //!   to the upstream with signed identity headers.
 //!
+//! Before either, the method must be a known one and the path canonical
+//! (`latchkey_shared::target`): anything else is refused before any KV read.
+//!
 //! Both paths go through `lookup.rs`, which parses the presented key first (garbage costs no KV
 //! read) and then makes the shared crate's one decision on the KV record. Settings are parsed
 //! once per isolate (`config.rs`). Successful verifications are reported to origin in batches
 //! (`usage.rs`).
 
+use latchkey_shared::target::{self, RequestTarget};
 use worker::worker_sys::web_sys::Response;
-use worker::{Context, Env, Method, Request, Result, event};
+use worker::{Context, Env, Request, Result, event};
 
+mod body;
 mod config;
 mod gateway;
 mod lookup;
@@ -44,18 +49,32 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         }
     };
     let mut lookup = Lookup::new(&env);
-    let response = if req.path() == VERIFY_PATH {
-        if req.method() == Method::Post {
-            verify_api::handle(req, &mut lookup).await?
-        } else {
-            reply::error(
-                405,
-                "method_not_allowed",
-                "use POST for /v1/api_keys/verify",
-            )?
-        }
+    // The method as sent and the URL as the runtime holds it: workers-rs's `Method` maps
+    // methods it does not know (PROPFIND, PURGE, …) to GET, and `Request::path` decodes.
+    let method = req.inner().method();
+    let url = req.inner().url();
+    let response = if !target::is_known_method(&method) {
+        reply::error(
+            405,
+            "method_not_allowed",
+            &format!("the method must be one of {}", target::METHODS.join(" ")),
+        )?
     } else {
-        gateway::handle(req, &config, &mut lookup).await?
+        match RequestTarget::from_url(&url) {
+            Err(e) => reply::error(400, "ambiguous_path", &e.to_string())?,
+            Ok(target) if target.path == VERIFY_PATH => {
+                if method == "POST" {
+                    verify_api::handle(req, &mut lookup).await?
+                } else {
+                    reply::error(
+                        405,
+                        "method_not_allowed",
+                        "use POST for /v1/api_keys/verify",
+                    )?
+                }
+            }
+            Ok(target) => gateway::handle(req, &method, target, &config, &mut lookup).await?,
+        }
     };
     if usage::record(&config, lookup.used_keys(), lookup.now()) {
         ctx.wait_until(usage::send_after_interval(config.clone()));

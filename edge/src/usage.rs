@@ -79,14 +79,14 @@ pub(crate) fn record(config: &Settings, ids: &[KeyId], now: UnixMillis) -> bool 
 
 /// Waits one flush interval, then sends what gathered meanwhile.
 pub(crate) async fn send_after_interval(config: Config) {
-    let Some(url) = config.usage_url.clone() else {
+    let (Some(url), Some(secret)) = (config.usage_url.clone(), config.usage_secret.clone()) else {
         return;
     };
     let wait = u64::try_from(config.usage_flush_ms).unwrap_or(10_000);
     Delay::from(std::time::Duration::from_millis(wait)).await;
     let Some(batch) = take_batch() else { return };
     let now = i64::try_from(worker::Date::now().as_millis()).unwrap_or(i64::MAX);
-    match post(&url, &config.usage_secret, &batch, UnixMillis(now)).await {
+    match post(&url, secret.as_bytes(), &batch, UnixMillis(now)).await {
         Ok(()) => {}
         Err(e) => {
             worker::console_error!(

@@ -6,6 +6,7 @@ use latchkey_shared::{VerifyReport, VerifyRequest, parse_required};
 use worker::worker_sys::web_sys::Response;
 use worker::{Request, Result};
 
+use crate::body;
 use crate::lookup::Lookup;
 use crate::reply;
 
@@ -13,17 +14,9 @@ use crate::reply;
 const BODY_MAX_BYTES: usize = 64 * 1024;
 
 pub(crate) async fn handle(mut req: Request, lookup: &mut Lookup<'_>) -> Result<Response> {
-    let declared = req
-        .headers()
-        .get("content-length")?
-        .and_then(|l| l.parse::<usize>().ok());
-    if declared.is_some_and(|l| l > BODY_MAX_BYTES) {
+    let Some(body) = body::read_capped(&mut req, BODY_MAX_BYTES).await? else {
         return too_large();
-    }
-    let body = req.bytes().await?;
-    if body.len() > BODY_MAX_BYTES {
-        return too_large();
-    }
+    };
     // As at origin, an empty body is an empty object (so the answer names the missing field).
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"

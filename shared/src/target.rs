@@ -167,6 +167,95 @@ fn check_escape(escape: &str, value: u8) -> Result<(), PathError> {
     Ok(())
 }
 
+/// The gateway's `UPSTREAM_URL`: where allowed requests go.
+///
+/// ```
+/// use latchkey_shared::target::{UpstreamUrl, UpstreamUrlError};
+///
+/// let url = UpstreamUrl::parse("https://api.internal.example/v2/").unwrap();
+/// assert_eq!((url.base(), url.path()), ("https://api.internal.example/v2", "/v2"));
+/// assert!(UpstreamUrl::parse("http://127.0.0.1:8788").is_ok());
+/// assert_eq!(UpstreamUrl::parse("http://api.example"), Err(UpstreamUrlError::NotTls));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    base: String,
+    path_start: usize,
+}
+
+/// Why an `UPSTREAM_URL` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamUrlError {
+    /// Not `http://` or `https://`, or no host.
+    #[error("must be an https:// URL (http:// only for a loopback address)")]
+    Scheme,
+    /// `http://` to a host other than `localhost`, `127.0.0.0/8` or `[::1]`: the signed
+    /// identity headers would cross the network in the clear.
+    #[error("must use https:// unless the host is loopback (localhost, 127.0.0.0/8, [::1])")]
+    NotTls,
+    /// It has a query, a fragment or user information, or its path is not canonical.
+    #[error(
+        "must be scheme://host[:port][/path] with a canonical path, no query, fragment or user"
+    )]
+    Shape,
+}
+
+impl UpstreamUrl {
+    /// Parses the setting. A trailing `/` is dropped.
+    pub fn parse(text: &str) -> Result<Self, UpstreamUrlError> {
+        let text = text.trim().trim_end_matches('/');
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = text.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(UpstreamUrlError::Scheme);
+        };
+        let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+        if authority.is_empty() {
+            return Err(UpstreamUrlError::Scheme);
+        }
+        if authority.contains(['@', '?', '#']) || path.contains(['?', '#']) {
+            return Err(UpstreamUrlError::Shape);
+        }
+        if !path.is_empty() && check_path(path).is_err() {
+            return Err(UpstreamUrlError::Shape);
+        }
+        if !tls && !is_loopback_host(authority) {
+            return Err(UpstreamUrlError::NotTls);
+        }
+        Ok(Self {
+            base: text.to_owned(),
+            path_start: text.len() - path.len(),
+        })
+    }
+
+    /// The URL without a trailing `/`: a request's path is appended to it.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The URL's own path (empty for none): the upstream receives it before the request's path.
+    pub fn path(&self) -> &str {
+        &self.base[self.path_start..]
+    }
+}
+
+/// Whether an authority (`host[:port]`) names a loopback host.
+fn is_loopback_host(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, rest)) if rest.is_empty() || rest.starts_with(':') => host,
+            _ => return false,
+        },
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +343,50 @@ mod tests {
             if path.starts_with('/') {
                 assert_eq!(RequestTarget::from_url(&url), Err(want), "{url:?}");
             }
+        }
+    }
+
+    #[test]
+    fn upstream_urls_need_tls_outside_loopback() {
+        let ok: &[(&str, &str, &str)] = &[
+            ("https://api.example.com", "https://api.example.com", ""),
+            ("https://api.example.com/", "https://api.example.com", ""),
+            (
+                "https://api.example.com:8443/v2/",
+                "https://api.example.com:8443/v2",
+                "/v2",
+            ),
+            ("http://127.0.0.1:8788", "http://127.0.0.1:8788", ""),
+            ("http://127.9.9.9", "http://127.9.9.9", ""),
+            (
+                "http://localhost:3000/api",
+                "http://localhost:3000/api",
+                "/api",
+            ),
+            ("http://[::1]:8080", "http://[::1]:8080", ""),
+        ];
+        for (text, base, path) in ok {
+            let url = UpstreamUrl::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!((url.base(), url.path()), (*base, *path), "{text}");
+        }
+        let refused: &[(&str, UpstreamUrlError)] = &[
+            ("http://api.example.com", UpstreamUrlError::NotTls),
+            ("http://10.0.0.5:8080", UpstreamUrlError::NotTls),
+            ("http://128.0.0.1", UpstreamUrlError::NotTls),
+            ("http://localhost.evil.example", UpstreamUrlError::NotTls),
+            ("http://127.0.0.1.evil.example", UpstreamUrlError::NotTls),
+            ("http://[::2]", UpstreamUrlError::NotTls),
+            ("http://[::1]evil", UpstreamUrlError::NotTls),
+            ("ftp://127.0.0.1", UpstreamUrlError::Scheme),
+            ("127.0.0.1:8788", UpstreamUrlError::Scheme),
+            ("https://", UpstreamUrlError::Scheme),
+            ("https://user@api.example.com", UpstreamUrlError::Shape),
+            ("http://127.0.0.1@evil.example", UpstreamUrlError::Shape),
+            ("https://api.example.com/v2?x=1", UpstreamUrlError::Shape),
+            ("https://api.example.com/a/../b", UpstreamUrlError::Shape),
+        ];
+        for (text, want) in refused {
+            assert_eq!(UpstreamUrl::parse(text).as_ref(), Err(want), "{text}");
         }
     }
 

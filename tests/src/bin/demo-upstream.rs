@@ -1,27 +1,35 @@
 //! A small upstream API for the edge gateway, used by `./dev run` and the end-to-end tests.
 //!
 //! It does what a real upstream behind Latchkey should: it trusts the `x-latchkey-*` identity
-//! headers only after checking their HMAC-SHA256 signature and timestamp, and it answers with
-//! what it saw, so a test can assert the edge forwarded the right identity, path, query and
-//! body, and never the partner's key.
+//! headers only after `GatewayVerifier` checked them (signature over method, path, query, body
+//! digest and identity; timestamp; request id never seen before), and it answers with what it
+//! saw, so a test can assert the edge forwarded the right identity, path, query and body, and
+//! never the partner's key. It logs one line per request with the method and the request
+//! target exactly as received (`request GET /orders/1?x=2`), before any check.
 //!
 //! Environment: `UPSTREAM_LISTEN` (default 127.0.0.1:8788), `UPSTREAM_SIGNING_SECRET`
 //! (required). It logs `demo upstream listening listen=ADDR` once bound.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use latchkey_shared::UnixMillis;
-use latchkey_shared::sign::{self, header};
+use latchkey_shared::sign::SigningSecret;
+use latchkey_shared::sign::gateway::{GatewayVerifier, Received, header};
 use serde_json::json;
 
-#[derive(Clone)]
-struct Secret(std::sync::Arc<Vec<u8>>);
+/// Request ids remembered for replay protection: ten minutes at about 1,600 requests/s.
+const REPLAY_CAPACITY: usize = 1_000_000;
+
+/// Largest body read.
+const BODY_MAX: usize = 100 << 20;
+
+type Verifier = Arc<Mutex<GatewayVerifier>>;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
@@ -29,13 +37,14 @@ async fn main() -> std::process::ExitCode {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8788)));
-    let Some(secret) = std::env::var("UPSTREAM_SIGNING_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty())
-    else {
-        log("UPSTREAM_SIGNING_SECRET is required");
-        return std::process::ExitCode::FAILURE;
-    };
+    let secret =
+        match SigningSecret::parse(&std::env::var("UPSTREAM_SIGNING_SECRET").unwrap_or_default()) {
+            Ok(secret) => secret,
+            Err(e) => {
+                log(&format!("UPSTREAM_SIGNING_SECRET {e}"));
+                return std::process::ExitCode::FAILURE;
+            }
+        };
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -47,7 +56,10 @@ async fn main() -> std::process::ExitCode {
     log(&format!("demo upstream listening listen={bound}"));
     let app = Router::new()
         .fallback(echo)
-        .with_state(Secret(std::sync::Arc::new(secret.into_bytes())));
+        .with_state(Arc::new(Mutex::new(GatewayVerifier::new(
+            secret,
+            REPLAY_CAPACITY,
+        ))));
     match axum::serve(listener, app).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -57,75 +69,76 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn echo(State(secret): State<Secret>, request: Request) -> Response {
+async fn echo(State(verifier): State<Verifier>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    // One line per request: the tests count them to prove what never reached the upstream.
-    log(&format!("request {} {}", parts.method, parts.uri.path()));
-    let body: Bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let headers = &parts.headers;
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
+    // One line per request, as received: the tests read them to prove what reached the upstream.
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), ToString::to_string);
+    log(&format!("request {} {target}", parts.method));
+    let Ok(body) = axum::body::to_bytes(body, BODY_MAX).await else {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            axum::Json(json!({ "error": "body too large or cut short" })),
+        )
+            .into_response();
     };
+    let headers = &parts.headers;
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let now = UnixMillis(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
     );
-    let path = parts.uri.path();
-    let checked = sign::verify_signed(
-        &secret.0,
-        headers.get(header::TIMESTAMP).and_then(|v| v.to_str().ok()),
-        headers.get(header::SIGNATURE).and_then(|v| v.to_str().ok()),
-        now,
-        |t| {
-            sign::gateway_message(
-                t,
-                parts.method.as_str(),
-                path,
-                text(header::KEY_ID),
-                text(header::SUBJECT),
-                text(header::SCOPES),
+    let received = Received {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or_default(),
+        body: &body,
+    };
+    let checked = verifier
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .verify(&received, text, now);
+    let identity = match checked {
+        Ok(identity) => identity,
+        Err(e) => {
+            log(&format!("refused {} {target}: {e}", parts.method));
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(
+                    json!({ "error": format!("identity headers not signed by the edge: {e}") }),
+                ),
             )
-            .into_bytes()
-        },
-    );
-    if let Err(e) = checked {
-        return (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(json!({ "error": format!("identity headers not signed by the edge: {e}") })),
-        )
-            .into_response();
-    }
+                .into_response();
+        }
+    };
     axum::Json(json!({
         "upstream": "demo",
         "method": parts.method.as_str(),
-        "path": path,
+        "path": received.path,
         "query": parts.uri.query(),
-        "key_id": text(header::KEY_ID),
-        "subject": text(header::SUBJECT),
-        "scopes": text(header::SCOPES),
+        "key_id": identity.key_id,
+        "subject": identity.subject,
+        "scopes": identity.scopes.join(" "),
+        "request_id": identity.request_id,
         "authorization_forwarded": headers.contains_key("authorization"),
         "other_latchkey_headers": other_latchkey_headers(headers),
+        // What a replay needs: the tests send these again with another body or query.
+        "identity_headers": header::ALL
+            .iter()
+            .map(|name| (name.to_string(), json!(text(name))))
+            .collect::<serde_json::Map<_, _>>(),
         "body": String::from_utf8_lossy(&body),
     }))
     .into_response()
 }
 
-/// `x-latchkey-*` headers other than the five the edge sets: a client trying to smuggle one in
+/// `x-latchkey-*` headers other than the ones the edge sets: a client trying to smuggle one in
 /// must find it gone.
 fn other_latchkey_headers(headers: &HeaderMap) -> Vec<String> {
-    let ours = [
-        header::KEY_ID,
-        header::SUBJECT,
-        header::SCOPES,
-        header::TIMESTAMP,
-        header::SIGNATURE,
-    ];
+    let ours = header::ALL;
     headers
         .keys()
         .map(|k| k.as_str().to_owned())

@@ -151,11 +151,21 @@ pub fn bad_ids() -> Vec<&'static str> {
 #[derive(Debug)]
 pub struct RawReply {
     pub status: u16,
+    /// The status line and headers, as received.
+    pub head: String,
     pub body: Vec<u8>,
     pub elapsed: Duration,
 }
 
 impl RawReply {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
     /// The body as JSON, if it is.
     pub fn json(&self) -> Option<Value> {
         serde_json::from_slice(&self.body).ok()
@@ -242,6 +252,7 @@ pub async fn exchange(
     }
     Ok(Some(RawReply {
         status,
+        head,
         body,
         elapsed: started.elapsed(),
     }))
