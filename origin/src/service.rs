@@ -574,15 +574,24 @@ fn expires_at(now: UnixMillis, seconds: i64) -> Result<UnixMillis, ServiceError>
     Ok(UnixMillis(now.0 + seconds * 1000))
 }
 
-/// A required single-line text field: trimmed, non-empty, bounded, no control characters.
+/// A required single-line text field (a name, a subject): trimmed, non-empty, bounded, and no
+/// control character at all, not even a newline or a tab: a subject travels in a header and in
+/// signed messages, where a line break could pass for a field boundary.
 fn text(field: &'static str, value: &str, max: usize) -> Result<String, ServiceError> {
     let value = value.trim();
     if value.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            "must not contain control characters (line breaks and tabs included)",
+        ));
+    }
     bounded(field, value, max)
 }
 
+/// An optional free-text field (a description, a reason): newlines and tabs are allowed.
 fn optional_text(
     field: &'static str,
     value: Option<String>,

@@ -96,6 +96,26 @@ async fn malformed_bodies_are_400_and_bad_fields_422_with_the_field_named() {
             "form_param_invalid",
             Some("subject"),
         ),
+        // A line break or tab in a single-line field could pass for a field boundary in a
+        // header or a signed message: refused (these were accepted before).
+        (
+            b"{\"name\":\"n\",\"subject\":\"acme\\nread:admin\"}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "form_param_invalid",
+            Some("subject"),
+        ),
+        (
+            b"{\"name\":\"n\",\"subject\":\"acme\\u0085x\"}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "form_param_invalid",
+            Some("subject"),
+        ),
+        (
+            b"{\"name\":\"a\\tb\",\"subject\":\"s\"}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "form_param_invalid",
+            Some("name"),
+        ),
         (
             b"{\"name\":5,\"subject\":\"s\"}",
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -32,6 +32,11 @@ use latchkey_shared::target::check_path;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+/// What `wrangler dev`'s proxy Worker answers in the Worker's place when the Worker answered
+/// before reading a body the proxy was still sending it (a `413` here). Production has no such
+/// proxy.
+const PROXY_GAVE_UP: &str = "restarted mid-request";
+
 const PUBLISH_LIMIT: Duration = Duration::from_secs(15);
 const ANSWER_LIMIT: Duration = Duration::from_secs(10);
 
@@ -120,10 +125,9 @@ async fn the_gateway_forwards_one_canonical_path_and_its_signature_cannot_be_rep
         let addr = addr.clone();
         let label = format!("{method} {target}");
         async move {
-            hostile::exchange(&addr, &[bytes], Duration::ZERO, ANSWER_LIMIT)
+            tokio::time::timeout(ANSWER_LIMIT, roundtrip(&addr, &bytes))
                 .await
-                .unwrap_or_else(|e| panic!("{label}: {e}"))
-                .unwrap_or_else(|| panic!("{label}: closed without an answer"))
+                .unwrap_or_else(|_| panic!("{label}: no answer within {ANSWER_LIMIT:?}"))
         }
     };
 
@@ -286,43 +290,103 @@ async fn the_gateway_forwards_one_canonical_path_and_its_signature_cannot_be_rep
     let big = vec![b'x'; (1 << 20) + 1];
     let calls = stack.upstream.calls();
     let r = send("POST", "/orders", &big).await;
-    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        r.status == 413 || (r.status == 503 && text.contains(PROXY_GAVE_UP)),
+        "{} {text}",
+        r.status
+    );
     assert_eq!(stack.upstream.calls(), calls, "not forwarded");
 
     report_measurement(&format!(
-        "gateway paths: {refused} ambiguous requests refused (400) and {} resolved by workerd to an unrouted path (404), all with 0 KV reads and none forwarded; {unknown_methods} unknown methods refused; {} canonical paths forwarded byte for byte; 4 replays of signed headers refused",
+        "gateway paths: {refused} ambiguous requests refused (400, 0 KV reads); {} resolved by workerd before the Worker ran ({} to an unrouted path, 404; the rest forwarded as the routed path that was matched); nothing outside the rules reached the upstream; {unknown_methods} unknown methods refused; {} canonical paths forwarded byte for byte; 4 replays of signed headers refused",
         resolved_by_runtime.len(),
+        resolved_by_runtime
+            .iter()
+            .filter(|r| r.ends_with("404"))
+            .count(),
         CANONICAL.len()
     ));
 }
 
 /// Sends `pieces` and then keeps the connection open without finishing the request; returns
-/// the status of the answer that arrives meanwhile (the server need not close).
+/// the status of the answer that arrives meanwhile (the server need not close, nor read on).
 async fn status_while_sending(addr: &str, pieces: &[Vec<u8>]) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    for piece in pieces {
-        if stream.write_all(piece).await.is_err() {
-            break; // the server stopped reading: its answer is waiting
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let pieces = pieces.to_vec();
+    // Written apart from the reading: once the server stops reading, a write may block.
+    let writer = tokio::spawn(async move {
+        for piece in pieces {
+            if wr.write_all(&piece).await.is_err() {
+                break;
+            }
         }
-    }
+        std::future::pending::<()>().await;
+    });
     let read_head = async {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
-            match stream.read(&mut byte).await {
+            match rd.read(&mut byte).await {
                 Ok(1) => head.push(byte[0]),
                 _ => break,
             }
         }
         head
     };
-    let head = tokio::time::timeout(ANSWER_LIMIT, read_head)
-        .await
-        .expect("an answer while the body is still coming");
+    let head = tokio::time::timeout(ANSWER_LIMIT, read_head).await;
+    writer.abort();
+    let head = head.expect("an answer while the body is still coming");
     let head = String::from_utf8_lossy(&head).to_string();
     head.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {head:?}"))
+}
+
+/// Sends one raw request and reads one answer by its `Content-Length` (the server may keep the
+/// connection open for a while after it, `Connection: close` or not).
+async fn roundtrip(addr: &str, request: &[u8]) -> hostile::RawReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("send");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(
+            n > 0,
+            "closed before an answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut reply = hostile::RawReply {
+        status: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {head:?}")),
+        head,
+        body: buf[head_end + 4..].to_vec(),
+        elapsed: Duration::ZERO,
+    };
+    let length: usize = reply
+        .header("content-length")
+        .and_then(|l| l.parse().ok())
+        .expect("a Content-Length");
+    while reply.body.len() < length {
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed inside the body");
+        reply.body.extend_from_slice(&chunk[..n]);
+    }
+    reply.elapsed = started.elapsed();
+    reply
 }
