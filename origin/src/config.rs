@@ -38,7 +38,8 @@ pub struct Config {
     /// slow-loris client cannot hold a connection open for ever.
     pub request_read_timeout: Duration,
     /// `ADMIN_AUTH_FAILURES_PER_MINUTE`: wrong or malformed admin tokens accepted from one client
-    /// address per minute; beyond it the address gets 429 until the minute is over.
+    /// address per minute; beyond it the address's wrong tokens get 429 until the minute is over
+    /// (a right token always passes).
     pub admin_auth_failures_per_minute: u32,
     /// `TRUSTED_PROXIES`: proxies whose `X-Forwarded-For` names the client for the failed
     /// admin authentication limit, and which the per-address connection cap does not apply to.

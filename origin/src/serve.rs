@@ -304,10 +304,9 @@ impl RefusalLog {
             cap = setting,
             limit,
             client = %peer.ip(),
-            refused = count.unlogged,
-            "connection refused: {setting} ({limit}) open connections reached; closed at once \
-             ({} refused since the last such line; at most one line per {}s)",
-            count.unlogged,
+            refused_since_last_line = count.unlogged,
+            "connection refused: too many open connections, closed at once (one such line per cap \
+             every {}s at most)",
             REFUSAL_LOG_EVERY.as_secs()
         );
         count.last_line = Some(now);

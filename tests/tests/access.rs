@@ -283,8 +283,14 @@ async fn failed_admin_authentication_is_limited_per_client_but_a_right_token_alw
     assert_eq!(call(&bystander, ADMIN_TOKEN).await.status, StatusCode::OK);
     // Each counted failure is logged; refusals over the limit are not (a flood cannot flood
     // the log).
-    let logged = app.logs().matches("admin authentication failed").count();
+    let logs = app.logs();
+    let logged = logs.matches("admin authentication failed").count();
     assert_eq!(logged, 21, "20 from the attacker, 1 from the bystander");
+    assert_eq!(
+        logs.matches("used up its failures").count(),
+        1,
+        "the 20th says so"
+    );
 }
 
 #[tokio::test]

@@ -180,3 +180,29 @@ async fn open_connections_are_capped_per_client_address_but_not_for_a_trusted_pr
     drop(a.pop());
     assert_served_soon(&app, [127, 0, 0, 2]).await;
 }
+
+#[tokio::test]
+async fn an_idle_connection_does_not_hold_its_place_for_ever() {
+    let app = TestApp::builder()
+        .env("MAX_CONNECTIONS", "1")
+        .env("REQUEST_READ_TIMEOUT_MS", "300")
+        .env("RUST_LOG", "info")
+        .start()
+        .await;
+    let mut idle = hold(&app, [127, 0, 0, 2], 1).await;
+    assert_refused(&app, [127, 0, 0, 3], "the cap is one").await;
+    // The held connection sends nothing more: origin closes it once the next request's headers
+    // are overdue (REQUEST_READ_TIMEOUT_MS), which frees its place.
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), idle[0].read(&mut buf))
+        .await
+        .expect("origin closed the idle connection within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed: {read:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the timeout: {:?}",
+        started.elapsed()
+    );
+    assert_served_soon(&app, [127, 0, 0, 3]).await;
+}

@@ -84,6 +84,9 @@ struct Window {
 pub enum Failure {
     /// Counted: answer 401.
     Counted,
+    /// Counted, and it used up the client's failures: answer 401; its next failures in the
+    /// window get 429.
+    LimitReached,
     /// The client already used up its failures: answer 429, retry after this long.
     Blocked(Duration),
 }
@@ -112,7 +115,7 @@ impl FailureLimiter {
                     return Failure::Blocked(ends - now);
                 }
                 window.failures = window.failures.saturating_add(1);
-                return Failure::Counted;
+                return self.counted(window.failures);
             }
         }
         // A new window (the first failure, or the last window ended); evicts the least recently
@@ -124,7 +127,15 @@ impl FailureLimiter {
                 failures: 1,
             },
         );
-        Failure::Counted
+        self.counted(1)
+    }
+
+    fn counted(&self, failures: u32) -> Failure {
+        if failures >= self.per_window {
+            Failure::LimitReached
+        } else {
+            Failure::Counted
+        }
     }
 
     /// How many clients are tracked.
@@ -162,6 +173,15 @@ pub async fn require_admin<E: Envelope>(
             Failure::Blocked(wait) => too_many_failures::<E>(wait),
             Failure::Counted => {
                 tracing::warn!(%client, %peer, "admin authentication failed");
+                ApiError::<E>::unauthorized(message).into_response()
+            }
+            Failure::LimitReached => {
+                tracing::warn!(
+                    %client,
+                    %peer,
+                    "admin authentication failed; the client used up its failures: its wrong \
+                     tokens get 429 (not logged) until its minute is over"
+                );
                 ApiError::<E>::unauthorized(message).into_response()
             }
         }
@@ -243,7 +263,7 @@ mod tests {
         let steps: &[(&str, Instant, Failure, &str)] = &[
             ("10.0.0.1", t0, Failure::Counted, "first failure"),
             ("10.0.0.1", t0, Failure::Counted, "second"),
-            ("10.0.0.1", t0, Failure::Counted, "third: the limit"),
+            ("10.0.0.1", t0, Failure::LimitReached, "third: the limit"),
             ("10.0.0.1", t0, Failure::Blocked(WINDOW), "over the limit"),
             ("10.0.0.2", t0, Failure::Counted, "another address"),
             (
@@ -255,7 +275,7 @@ mod tests {
             ("10.0.0.1", later, Failure::Counted, "a new window"),
             ("2001:db8:1:2::1", t0, Failure::Counted, "IPv6"),
             ("2001:db8:1:2::2", t0, Failure::Counted, "same /64"),
-            ("2001:db8:1:2:ffff::", t0, Failure::Counted, "same /64"),
+            ("2001:db8:1:2:ffff::", t0, Failure::LimitReached, "same /64"),
             (
                 "2001:db8:1:2::9",
                 t0,
@@ -269,7 +289,7 @@ mod tests {
                 Failure::Counted,
                 "IPv4-mapped is the IPv4 client (its second failure)",
             ),
-            ("10.0.0.2", t0, Failure::Counted, "third"),
+            ("10.0.0.2", t0, Failure::LimitReached, "third"),
             ("10.0.0.2", t0, Failure::Blocked(WINDOW), "over"),
         ];
         for (client, at, expected, why) in steps {
@@ -286,6 +306,8 @@ mod tests {
         limiter.fail(blocked, now);
         limiter.fail(blocked, now);
         assert!(matches!(limiter.fail(blocked, now), Failure::Blocked(_)));
+        let quiet = ip("192.0.2.2");
+        assert_eq!(limiter.fail(quiet, now), Failure::Counted);
         // A flood of distinct IPv6 /64s: the table never grows past its capacity.
         for i in 0..10_000u64 {
             let address = Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(i) << 64) | 1);
@@ -300,6 +322,9 @@ mod tests {
             }
         }
         assert_eq!(limiter.tracked(), capacity.get());
+        // The client that failed once and then went quiet was forgotten: it starts afresh (one
+        // failure, not the two that would reach its limit).
+        assert_eq!(limiter.fail(quiet, now), Failure::Counted);
         // Addresses within one /64 take one entry, however many there are.
         let limiter = FailureLimiter::new(1_000_000, WINDOW, capacity);
         for i in 0..5_000u64 {
