@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use latchkey_shared::{KeyPrefix, Scope, ScopePolicy};
+
+use crate::http::client::TrustedProxies;
 use sha2::{Digest, Sha256};
 
 /// Shortest admin token accepted: anything shorter is guessable.
@@ -36,8 +38,17 @@ pub struct Config {
     /// slow-loris client cannot hold a connection open for ever.
     pub request_read_timeout: Duration,
     /// `ADMIN_AUTH_FAILURES_PER_MINUTE`: wrong or malformed admin tokens accepted from one client
-    /// address per minute; beyond it the address gets 429 until the minute is over.
+    /// address per minute; beyond it the address's wrong tokens get 429 until the minute is over
+    /// (a right token always passes).
     pub admin_auth_failures_per_minute: u32,
+    /// `TRUSTED_PROXIES`: proxies whose `X-Forwarded-For` names the client for the failed
+    /// admin authentication limit, and which the per-address connection cap does not apply to.
+    pub trusted_proxies: TrustedProxies,
+    /// `MAX_CONNECTIONS`: open connections served at once; more are closed at once.
+    pub max_connections: usize,
+    /// `MAX_CONNECTIONS_PER_ADDRESS`: open connections served at once from one client address
+    /// (IPv6: one /64); a trusted proxy has no cap of its own.
+    pub max_connections_per_address: usize,
 }
 
 /// Where and how to write Workers KV through Cloudflare's REST API (or the local copy of it
@@ -309,6 +320,14 @@ impl Config {
             "failures",
         )?)
         .unwrap_or(u32::MAX);
+        let trusted_proxies = TrustedProxies::parse(&var("TRUSTED_PROXIES").unwrap_or_default())
+            .map_err(|e| problem("TRUSTED_PROXIES", e))?;
+        let connections = |name: &'static str, default: u64| {
+            number(name, 1..=1_000_000, default, "connections")
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+        };
+        let max_connections = connections("MAX_CONNECTIONS", 1024)?;
+        let max_connections_per_address = connections("MAX_CONNECTIONS_PER_ADDRESS", 256)?;
 
         Ok(Self {
             listen,
@@ -335,6 +354,9 @@ impl Config {
             },
             request_read_timeout,
             admin_auth_failures_per_minute,
+            trusted_proxies,
+            max_connections,
+            max_connections_per_address,
         })
     }
 }
@@ -362,6 +384,11 @@ mod tests {
         assert_eq!(c.key_prefix.as_str(), "sk_live");
         assert_eq!(c.admin_tokens.len(), 1);
         assert!(!c.scope_policy.wildcards);
+        assert!(c.trusted_proxies.is_empty());
+        assert_eq!(
+            (c.max_connections, c.max_connections_per_address),
+            (1024, 256)
+        );
     }
 
     #[test]
@@ -392,6 +419,24 @@ mod tests {
             (
                 &[("ADMIN_TOKEN", TOKEN), ("LAST_USED_FLUSH_MS", "0")],
                 "LAST_USED_FLUSH_MS:",
+            ),
+            (
+                &[
+                    ("ADMIN_TOKEN", TOKEN),
+                    ("TRUSTED_PROXIES", "10.0.0.0/8, proxy"),
+                ],
+                "TRUSTED_PROXIES: \"proxy\"",
+            ),
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("MAX_CONNECTIONS", "0")],
+                "MAX_CONNECTIONS:",
+            ),
+            (
+                &[
+                    ("ADMIN_TOKEN", TOKEN),
+                    ("MAX_CONNECTIONS_PER_ADDRESS", "lots"),
+                ],
+                "MAX_CONNECTIONS_PER_ADDRESS:",
             ),
         ];
         for (vars, expected) in cases {

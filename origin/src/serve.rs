@@ -2,8 +2,10 @@
 //! SIGINT or SIGTERM, then flush pending usage and close the database. The KV publisher runs
 //! beside the server; what it has not published stays in the outbox for the next start.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -17,6 +19,7 @@ use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 use crate::config::Config;
+use crate::http::client::{TrustedProxies, client_key};
 use crate::http::ingest::UsageIngest;
 use crate::http::{AppParts, AppState, router};
 use crate::kv::KvClient;
@@ -43,6 +46,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .clone()
             .map(|secret| Arc::new(UsageIngest::new(secret))),
         admin_auth_failures_per_minute: config.admin_auth_failures_per_minute,
+        trusted_proxies: config.trusted_proxies.clone(),
         request_read_timeout: config.request_read_timeout,
     });
     if state.usage_ingest.is_none() {
@@ -86,7 +90,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         admin_tokens = ?config.admin_tokens,
         "origin listening"
     );
-    serve_http(listener, router(state), config.request_read_timeout).await;
+    let limits = ConnectionLimits::new(
+        config.max_connections,
+        config.max_connections_per_address,
+        config.trusted_proxies.clone(),
+    );
+    serve_http(listener, router(state), config.request_read_timeout, limits).await;
 
     tracing::info!("shutting down: flushing last_used_at");
     let _ = stop_tx.send(true);
@@ -108,7 +117,20 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 /// sending its headers a byte a minute would hold its connection for ever. Here headers must
 /// arrive within `read_timeout` (the body's own limit is in the JSON extractor), and each
 /// request carries its peer address for the admin failure limit.
-async fn serve_http(listener: TcpListener, app: axum::Router, read_timeout: Duration) {
+///
+/// A connection over `limits` (all open connections, or those of its client address) is closed
+/// at once, before a byte is read: it holds nothing, and the client sees the connection closed
+/// (or reset, if its request had already arrived), as from a server at capacity. Which cap bit
+/// is logged at `warn`, at most once per [`REFUSAL_LOG_EVERY`] per cap, with how many
+/// connections were refused since the last line.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    read_timeout: Duration,
+    limits: ConnectionLimits,
+) {
+    let limits = Arc::new(limits);
+    let mut refusals = RefusalLog::default();
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
@@ -124,6 +146,14 @@ async fn serve_http(listener: TcpListener, app: axum::Router, read_timeout: Dura
             },
             () = &mut shutdown => break,
         };
+        let slot = match limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(cap) => {
+                drop(stream);
+                refusals.refused(cap, peer, &limits, Instant::now());
+                continue;
+            }
+        };
         let service = app.clone().map_request(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
             req.map(Body::new)
@@ -137,6 +167,7 @@ async fn serve_http(listener: TcpListener, app: axum::Router, read_timeout: Dura
             if let Err(error) = connection.await {
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -150,6 +181,138 @@ async fn serve_http(listener: TcpListener, app: axum::Router, read_timeout: Dura
 
 /// Longest wait for requests in flight at shutdown.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Caps on open connections (`MAX_CONNECTIONS`, `MAX_CONNECTIONS_PER_ADDRESS`). Only clients
+/// with open connections are tracked, so the table holds at most `max` entries; admitting and
+/// releasing are O(1) under one short lock.
+struct ConnectionLimits {
+    max: usize,
+    per_address: usize,
+    proxies: TrustedProxies,
+    open: Mutex<OpenConnections>,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    total: usize,
+    by_client: HashMap<IpAddr, usize>,
+}
+
+/// Which cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cap {
+    Total,
+    PerAddress,
+}
+
+impl ConnectionLimits {
+    fn new(max: usize, per_address: usize, proxies: TrustedProxies) -> Self {
+        Self {
+            max,
+            per_address,
+            proxies,
+            open: Mutex::default(),
+        }
+    }
+
+    /// Admits a connection from `peer`, or names the cap it is over. A trusted proxy carries
+    /// many clients' connections, so only the total cap applies to it.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<ConnectionSlot, Cap> {
+        let client = (!self.proxies.contains(peer)).then(|| client_key(peer));
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.total >= self.max {
+            return Err(Cap::Total);
+        }
+        if let Some(client) = client {
+            let count = open.by_client.entry(client).or_insert(0);
+            if *count >= self.per_address {
+                return Err(Cap::PerAddress);
+            }
+            *count += 1;
+        }
+        open.total += 1;
+        Ok(ConnectionSlot {
+            limits: Arc::clone(self),
+            client,
+        })
+    }
+
+    fn limit(&self, cap: Cap) -> (&'static str, usize) {
+        match cap {
+            Cap::Total => ("MAX_CONNECTIONS", self.max),
+            Cap::PerAddress => ("MAX_CONNECTIONS_PER_ADDRESS", self.per_address),
+        }
+    }
+}
+
+/// One admitted connection; released when dropped.
+struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    client: Option<IpAddr>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .limits
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.total = open.total.saturating_sub(1);
+        if let Some(client) = self.client
+            && let Some(count) = open.by_client.get_mut(&client)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.by_client.remove(&client);
+            }
+        }
+    }
+}
+
+/// At most one `warn` line per cap this often, however many connections are refused.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limits the refusal log lines (the accept loop is one task: no lock).
+#[derive(Default)]
+struct RefusalLog {
+    total: RefusalCount,
+    per_address: RefusalCount,
+}
+
+#[derive(Default)]
+struct RefusalCount {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, cap: Cap, peer: SocketAddr, limits: &ConnectionLimits, now: Instant) {
+        let count = match cap {
+            Cap::Total => &mut self.total,
+            Cap::PerAddress => &mut self.per_address,
+        };
+        count.unlogged = count.unlogged.saturating_add(1);
+        if count
+            .last_line
+            .is_some_and(|at| now.saturating_duration_since(at) < REFUSAL_LOG_EVERY)
+        {
+            return;
+        }
+        let (setting, limit) = limits.limit(cap);
+        tracing::warn!(
+            cap = setting,
+            limit,
+            client = %peer.ip(),
+            refused_since_last_line = count.unlogged,
+            "connection refused: too many open connections, closed at once (one such line per cap \
+             every {}s at most)",
+            REFUSAL_LOG_EVERY.as_secs()
+        );
+        count.last_line = Some(now);
+        count.unlogged = 0;
+    }
+}
 
 async fn flush_usage_periodically(
     service: Arc<KeyService>,
@@ -190,5 +353,52 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_capped_in_total_and_per_client_and_released_on_drop() {
+        let proxies = TrustedProxies::parse("10.0.0.1").expect("valid");
+        let limits = Arc::new(ConnectionLimits::new(5, 2, proxies));
+        let ip = |s: &str| -> IpAddr { s.parse().expect("address") };
+        let a1 = limits.admit(ip("192.0.2.1")).expect("first");
+        let a2 = limits
+            .admit(ip("::ffff:192.0.2.1"))
+            .expect("second (IPv4-mapped is IPv4)");
+        assert!(matches!(
+            limits.admit(ip("192.0.2.1")),
+            Err(Cap::PerAddress)
+        ));
+        let b = limits.admit(ip("2001:db8:0:1::1")).expect("IPv6");
+        drop(
+            limits
+                .admit(ip("2001:db8:0:1::2"))
+                .expect("released at once"),
+        );
+        let b2 = limits
+            .admit(ip("2001:db8:0:1::3"))
+            .expect("the /64's second");
+        assert!(
+            matches!(limits.admit(ip("2001:db8:0:1::4")), Err(Cap::PerAddress)),
+            "one /64 is one client"
+        );
+        // A trusted proxy has no cap of its own, only the total.
+        let p1 = limits.admit(ip("10.0.0.1")).expect("proxy");
+        assert!(
+            matches!(limits.admit(ip("10.0.0.1")), Err(Cap::Total)),
+            "5 open"
+        );
+        drop(a1);
+        let p2 = limits.admit(ip("10.0.0.1")).expect("proxy's second");
+        drop(a2);
+        let p3 = limits.admit(ip("10.0.0.1")).expect("proxy's third");
+        drop((b, b2, p1, p2, p3));
+        let open = limits.open.lock().expect("lock");
+        assert_eq!(open.total, 0);
+        assert!(open.by_client.is_empty(), "closed clients are forgotten");
     }
 }

@@ -194,20 +194,43 @@ async fn every_admin_route_in_the_route_table_refuses_bad_admin_tokens() {
     assert_eq!(health.status, StatusCode::OK);
 }
 
+/// A client bound to one loopback source address.
+fn client_from(ip: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(IpAddr::from(ip))
+        .build()
+        .expect("client")
+}
+
+/// The `Retry-After` of a 429 `too_many_failed_attempts`, checked to be within the minute.
+fn assert_refused_for_a_while(r: &common::Reply, what: &str) {
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{what}: {}",
+        r.body
+    );
+    assert_eq!(
+        r.body["errors"][0]["code"], "too_many_failed_attempts",
+        "{what}"
+    );
+    let retry_after: u64 = r.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (1..=61).contains(&retry_after),
+        "{what}: Retry-After {retry_after}"
+    );
+}
+
 #[tokio::test]
-async fn failed_admin_authentication_is_rate_limited_per_client_address() {
-    let app = TestApp::builder()
-        .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "5")
-        .start()
-        .await;
-    let from = |ip: [u8; 4]| {
-        reqwest::Client::builder()
-            .local_address(IpAddr::from(ip))
-            .build()
-            .expect("client")
-    };
-    let attacker = from([127, 0, 0, 2]);
-    let bystander = from([127, 0, 0, 3]);
+async fn failed_admin_authentication_is_limited_per_client_but_a_right_token_always_passes() {
+    // The default limit (20 a minute).
+    let app = TestApp::start().await;
+    let attacker = client_from([127, 0, 0, 2]);
+    let bystander = client_from([127, 0, 0, 3]);
     let list = format!("{}/v1/api_keys", app.base);
     let call = |client: &reqwest::Client, token: &str| {
         let req = client.get(&list).bearer_auth(token);
@@ -215,32 +238,149 @@ async fn failed_admin_authentication_is_rate_limited_per_client_address() {
     };
 
     // A missing header is not a guess: it is never counted.
-    for _ in 0..10 {
+    for _ in 0..30 {
         let r = TestApp::send(attacker.get(&list)).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
     assert_eq!(call(&attacker, ADMIN_TOKEN).await.status, StatusCode::OK);
 
-    // Five wrong tokens are answered 401; then the address is refused with 429, even with the
-    // right token, and told when to come back.
-    for i in 0..5 {
+    // Twenty wrong tokens are answered 401; then the address's wrong and malformed tokens are
+    // refused with 429 and told when to come back.
+    for i in 0..20 {
         let r = call(&attacker, &format!("guess-{i}-aaaaaaaaaaaaaaaaaaaaaaaa")).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "guess {i}");
     }
-    for token in ["guess-6-aaaaaaaaaaaaaaaaaaaaaaaa", ADMIN_TOKEN] {
-        let r = call(&attacker, token).await;
-        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
-        assert_eq!(r.body["errors"][0]["code"], "too_many_failed_attempts");
-        let retry_after: u64 = r.headers["retry-after"]
-            .to_str()
-            .expect("ascii")
-            .parse()
-            .expect("seconds");
-        assert!((1..=61).contains(&retry_after), "Retry-After {retry_after}");
+    let r = call(&attacker, "guess-21-aaaaaaaaaaaaaaaaaaaaaaaa").await;
+    assert_refused_for_a_while(&r, "a wrong token over the limit");
+    let r = TestApp::send(
+        attacker
+            .get(&list)
+            .header("authorization", format!("Basic {ADMIN_TOKEN}")),
+    )
+    .await;
+    assert_refused_for_a_while(&r, "a malformed header over the limit");
+
+    // The right token from the same address is never refused: anyone sharing an address (a
+    // proxy, a tunnel) could otherwise lock the admins out.
+    for _ in 0..3 {
+        let r = call(&attacker, ADMIN_TOKEN).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "right token while blocked: {}",
+            r.body
+        );
+        let r = call(&attacker, "guess-22-aaaaaaaaaaaaaaaaaaaaaaaa").await;
+        assert_refused_for_a_while(&r, "and the next wrong one is still refused");
     }
     // Another address is not affected.
+    assert_eq!(
+        call(&bystander, "guess-b-aaaaaaaaaaaaaaaaaaaaaaaa")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(call(&bystander, ADMIN_TOKEN).await.status, StatusCode::OK);
-    assert!(app.logs().contains("admin authentication failed"));
+    // Each counted failure is logged; refusals over the limit are not (a flood cannot flood
+    // the log).
+    let logs = app.logs();
+    let logged = logs.matches("admin authentication failed").count();
+    assert_eq!(logged, 21, "20 from the attacker, 1 from the bystander");
+    assert_eq!(
+        logs.matches("used up its failures").count(),
+        1,
+        "the 20th says so"
+    );
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_is_limited_apart() {
+    // 127.0.0.2 is the proxy (a TLS terminator or tunnel on this host); 127.0.0.3 is not.
+    let app = TestApp::builder()
+        .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "3")
+        .env("TRUSTED_PROXIES", "127.0.0.2/32, 10.0.0.0/8")
+        .start()
+        .await;
+    let proxy = client_from([127, 0, 0, 2]);
+    let untrusted = client_from([127, 0, 0, 3]);
+    let list = format!("{}/v1/api_keys", app.base);
+    let via = |client: &reqwest::Client, xff: &str, token: &str| {
+        let req = client
+            .get(&list)
+            .header("x-forwarded-for", xff)
+            .bearer_auth(token);
+        TestApp::send(req)
+    };
+    let wrong = "wrong-admin-token-aaaaaaaaaaaaaaaaaaaa";
+
+    // One forwarded client uses up its failures...
+    for _ in 0..3 {
+        assert_eq!(
+            via(&proxy, "203.0.113.7", wrong).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_refused_for_a_while(&via(&proxy, "203.0.113.7", wrong).await, "client A");
+    // ...and writing another address to the left of the proxy's entry does not dodge it (the
+    // proxy appends what it saw: the rightmost untrusted entry is the client).
+    assert_refused_for_a_while(
+        &via(&proxy, "198.51.100.99, 203.0.113.7", wrong).await,
+        "client A with a spoofed entry before the proxy's",
+    );
+    assert_refused_for_a_while(
+        &via(&proxy, "203.0.113.7, 10.1.2.3", wrong).await,
+        "client A through a second trusted proxy",
+    );
+    // Its right token passes.
+    assert_eq!(
+        via(&proxy, "203.0.113.7", ADMIN_TOKEN).await.status,
+        StatusCode::OK
+    );
+    // Another client through the same proxy is not affected; nor is the proxy's own address.
+    assert_eq!(
+        via(&proxy, "203.0.113.8", wrong).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        TestApp::send(proxy.get(&list).bearer_auth(wrong))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // IPv6 clients are one client per /64.
+    for i in 1..=3 {
+        assert_eq!(
+            via(&proxy, &format!("2001:db8:1:2::{i}"), wrong)
+                .await
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_refused_for_a_while(
+        &via(&proxy, "2001:db8:1:2:ffff::9", wrong).await,
+        "another address in the same /64",
+    );
+    assert_eq!(
+        via(&proxy, "2001:db8:1:3::1", wrong).await.status,
+        StatusCode::UNAUTHORIZED,
+        "the next /64"
+    );
+
+    // An untrusted peer's X-Forwarded-For is ignored: a new address in it every time does not
+    // dodge the limit of the peer.
+    for i in 0..3 {
+        let r = via(&untrusted, &format!("192.0.2.{i}"), wrong).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "untrusted try {i}");
+    }
+    assert_refused_for_a_while(
+        &via(&untrusted, "192.0.2.200", wrong).await,
+        "untrusted peer with a fresh X-Forwarded-For",
+    );
+    assert!(
+        app.logs().contains("client=203.0.113.7"),
+        "the log names the forwarded client"
+    );
 }
 
 /// Rebuilds `key` with the body character at `at` replaced, and a valid checksum: a key one

@@ -31,6 +31,7 @@ use routes::{RouteInfo, Routes};
 
 pub mod admin;
 pub mod clerk;
+pub mod client;
 pub mod error;
 pub mod extract;
 pub mod ingest;
@@ -66,6 +67,8 @@ pub struct AppParts {
     pub usage_ingest: Option<Arc<ingest::UsageIngest>>,
     /// Failed admin authentications allowed per client address and minute.
     pub admin_auth_failures_per_minute: u32,
+    /// Proxies whose `X-Forwarded-For` names the client (for the failed-authentication limit).
+    pub trusted_proxies: client::TrustedProxies,
     /// How long a request body may take to arrive.
     pub request_read_timeout: std::time::Duration,
 }
@@ -79,6 +82,7 @@ pub fn router(state: AppState) -> Router {
     let guard = AdminGuard::new(
         state.admin_tokens.clone(),
         state.admin_auth_failures_per_minute,
+        state.trusted_proxies.clone(),
     );
     let (routes, _) = table(guard).finish();
     routes
@@ -103,7 +107,13 @@ pub fn parse_request_bodies(bytes: &[u8]) -> usize {
 
 /// Every route, its method and who may call it (what `origin routes` prints).
 pub fn route_list() -> Vec<RouteInfo> {
-    table(AdminGuard::new(Arc::from([]), 1)).finish().1
+    table(AdminGuard::new(
+        Arc::from([]),
+        1,
+        client::TrustedProxies::default(),
+    ))
+    .finish()
+    .1
 }
 
 /// The one place routes are added.

@@ -160,6 +160,13 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// Stops the upstream (the gateway then answers `502 upstream_unavailable`).
+    pub fn stop(&mut self) {
+        if let Some(group) = self.group.take() {
+            group.stop();
+        }
+    }
+
     /// Everything the upstream logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("upstream.log")).unwrap_or_default()
@@ -223,6 +230,12 @@ impl Edge {
         self
     }
 
+    /// Where wrangler writes its own debug log files (`WRANGLER_LOG_PATH`; by default they go
+    /// to `~/.wrangler/logs/`, out of the test's reach).
+    pub fn debug_log_dir(&self) -> PathBuf {
+        self.dir.path().join("wrangler-debug-logs")
+    }
+
     /// Where `wrangler dev` persists the local KV (`--persist-to`).
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
@@ -264,6 +277,7 @@ impl Edge {
             .env("WRANGLER_SEND_METRICS", "false")
             // The most verbose level: the secrets test scans these logs.
             .env("WRANGLER_LOG", "debug")
+            .env("WRANGLER_LOG_PATH", self.debug_log_dir())
             .env("CI", "1")
             .args(["dev", "--ip", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--inspector-port", &free_port().to_string()])
