@@ -54,6 +54,13 @@ pub struct KvConfig {
     pub request_timeout: Duration,
     /// `KV_RETRY_MAX_MS`: the longest wait between retries.
     pub retry_max: Duration,
+    /// `KV_VERIFY_DELAY_MS`: how long after a write with an unknown outcome (timeout, dropped
+    /// connection, 5xx) its key is read back from KV, so that a late-applied stale write is
+    /// found and overwritten.
+    pub verify_delay: Duration,
+    /// `KV_RECONCILE_INTERVAL_S`: how often KV is compared with the database in full (`None`
+    /// for `0`: never).
+    pub reconcile_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for KvConfig {
@@ -123,6 +130,20 @@ impl KvConfig {
             api_token: var("KV_API_TOKEN"),
             request_timeout: millis("KV_REQUEST_TIMEOUT_MS", 10_000)?,
             retry_max: millis("KV_RETRY_MAX_MS", 10_000)?,
+            verify_delay: millis("KV_VERIFY_DELAY_MS", 90_000)?,
+            reconcile_interval: match var("KV_RECONCILE_INTERVAL_S") {
+                None => Some(Duration::from_secs(3600)),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(0) => None,
+                    Ok(s) if s <= 604_800 => Some(Duration::from_secs(s)),
+                    _ => {
+                        return Err(problem(
+                            "KV_RECONCILE_INTERVAL_S",
+                            format!("{v:?} is not a number of seconds from 0 (off) to 604800"),
+                        ));
+                    }
+                },
+            },
         }))
     }
 }

@@ -56,7 +56,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 store.clone(),
                 KvClient::new(kv)?,
                 publisher_status,
-                kv.retry_max,
+                kv,
             );
             tracing::info!(kv_api_base = %kv.api_base, namespace = %kv.namespace_id, "publishing key records to Workers KV");
             Some(tokio::spawn(publisher.run(
