@@ -272,7 +272,32 @@ fn unreachable(error: reqwest::Error) -> KvError {
 
 #[cfg(test)]
 mod tests {
-    use super::percent_encode;
+    use super::{KvError, percent_encode};
+
+    #[test]
+    fn only_writes_that_may_have_landed_have_an_unknown_outcome() {
+        let refused = |status| KvError::Refused {
+            status,
+            message: String::new(),
+        };
+        let no_answer = |timed_out| KvError::NoAnswer {
+            timed_out,
+            detail: String::new(),
+        };
+        let cases = [
+            (KvError::Unreachable(String::new()), false, "unreachable"),
+            (no_answer(true), true, "timeout"),
+            (no_answer(false), true, "no_answer"),
+            (refused(429), false, "rate_limited"),
+            (refused(403), false, "refused"),
+            (refused(500), true, "http_error"),
+            (refused(504), true, "http_error"),
+        ];
+        for (error, unknown, state) in cases {
+            assert_eq!(error.outcome_unknown(), unknown, "{error:?}");
+            assert_eq!(error.state(), state, "{error:?}");
+        }
+    }
 
     #[test]
     fn key_names_are_encoded_for_the_path() {

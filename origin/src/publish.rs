@@ -277,13 +277,12 @@ impl Publisher {
                 next_verify = Instant::now() + IDLE_POLL;
                 if let Err(error) = self.verify_due().await {
                     tracing::warn!(%error, "cannot read the KV read-back list; will retry");
-                    self.status.set_error(STORE_ERROR, format!("kv_verify: {error}"));
+                    self.status
+                        .set_error(STORE_ERROR, format!("kv_verify: {error}"));
                 }
             }
-            if let Some(reconcile) = reconcile.as_mut() {
-                if Instant::now() >= reconcile.next_at {
-                    self.reconcile_step(reconcile).await;
-                }
+            if let Some(reconcile) = reconcile.as_mut().filter(|r| Instant::now() >= r.next_at) {
+                self.reconcile_step(reconcile).await;
             }
             let wait = match self.publish_batch().await {
                 Ok(outcome) if outcome.failed == 0 => {
@@ -301,7 +300,8 @@ impl Publisher {
                 Ok(_) => backoff(&mut failures_in_a_row, self.retry_max),
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the KV outbox; will retry");
-                    self.status.set_error(STORE_ERROR, format!("outbox: {error}"));
+                    self.status
+                        .set_error(STORE_ERROR, format!("outbox: {error}"));
                     backoff(&mut failures_in_a_row, self.retry_max)
                 }
             };
@@ -499,11 +499,16 @@ impl Publisher {
         reconcile.next_at = now + RECONCILE_PACE;
         let started = *reconcile.pass_started.get_or_insert(now);
         let limit = u32::try_from(BULK_GET_MAX).unwrap_or(100);
-        let keys = match self.store.keys_after(reconcile.cursor.as_ref(), limit).await {
+        let keys = match self
+            .store
+            .keys_after(reconcile.cursor.as_ref(), limit)
+            .await
+        {
             Ok(keys) => keys,
             Err(error) => {
                 tracing::warn!(%error, "reconciliation cannot read keys; will retry");
-                self.status.set_error(STORE_ERROR, format!("reconcile: {error}"));
+                self.status
+                    .set_error(STORE_ERROR, format!("reconcile: {error}"));
                 return;
             }
         };
@@ -553,7 +558,8 @@ impl Publisher {
             );
             if let Err(error) = self.store.outbox_enqueue(&behind, system_now()).await {
                 tracing::warn!(%error, "reconciliation cannot queue keys; will retry");
-                self.status.set_error(STORE_ERROR, format!("reconcile: {error}"));
+                self.status
+                    .set_error(STORE_ERROR, format!("reconcile: {error}"));
                 return;
             }
         }

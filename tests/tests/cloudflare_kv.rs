@@ -67,11 +67,9 @@ impl Fake {
     /// same name, which is then applied after it.
     fn apply(&mut self, write: Write) {
         let revision = record_revision(&write.body);
-        if let Some((name, held_revision, release)) = &self.held {
-            if *name == write.name && revision > *held_revision {
-                release.notify_one();
-                self.held = None;
-            }
+        let newer = |(name, held, _): &(String, u64, _)| *name == write.name && revision > *held;
+        if let Some((_, _, release)) = self.held.take_if(|h| newer(h)) {
+            release.notify_one();
         }
         self.values.insert(write.name.clone(), write.body.clone());
         self.writes.push(write);
@@ -104,7 +102,9 @@ async fn get_value(
     fake.reads += 1;
     match fake.values.get(&name) {
         Some(value) => (StatusCode::OK, value.clone()).into_response(),
-        None => envelope_error(StatusCode::NOT_FOUND, 10009, "get: 'key not found'").into_response(),
+        None => {
+            envelope_error(StatusCode::NOT_FOUND, 10009, "get: 'key not found'").into_response()
+        }
     }
 }
 

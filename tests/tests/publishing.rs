@@ -106,9 +106,8 @@ async fn reconciliation_puts_back_a_revocation_that_local_kv_lost() {
     let (id, key) = stack.create(&["read:orders"], json!({})).await;
     let (_, other) = stack.create(&["read:orders"], json!({})).await;
     stack.wait_published(PUBLISH_LIMIT).await;
-    let entry = latchkey_shared::kv_entry_name(
-        &latchkey_shared::ApiKey::parse(&key).expect("key").hash(),
-    );
+    let entry =
+        latchkey_shared::kv_entry_name(&latchkey_shared::ApiKey::parse(&key).expect("key").hash());
     let kv_value = format!(
         "{}/storage/kv/namespaces/{KV_NAMESPACE_ID}/values/{entry}",
         stack.edge.kv_api_base()

@@ -112,7 +112,8 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn verify_schedule(&self, keys: &[KeyId], due_at: UnixMillis) -> Result<(), StoreError>;
 
     /// Up to `limit` read-backs due at `now`, the most overdue first.
-    async fn verify_due(&self, now: UnixMillis, limit: u32) -> Result<Vec<VerifyEntry>, StoreError>;
+    async fn verify_due(&self, now: UnixMillis, limit: u32)
+    -> Result<Vec<VerifyEntry>, StoreError>;
 
     /// Ends a read-back that found KV current, unless it was asked for again meanwhile (its
     /// `due_at` moved).

@@ -967,7 +967,11 @@ impl KeyStore for SqliteStore {
         Ok(())
     }
 
-    async fn verify_due(&self, now: UnixMillis, limit: u32) -> Result<Vec<VerifyEntry>, StoreError> {
+    async fn verify_due(
+        &self,
+        now: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<VerifyEntry>, StoreError> {
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT key_id, due_at, attempts FROM kv_verify WHERE due_at <= ? ORDER BY due_at LIMIT ?",
         )
