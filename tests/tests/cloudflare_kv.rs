@@ -510,7 +510,7 @@ async fn a_timed_out_write_applied_late_cannot_undo_a_revocation() {
         .env("KV_API_TOKEN", TOKEN)
         .env("KV_RETRY_MAX_MS", "200")
         .env("KV_REQUEST_TIMEOUT_MS", "300")
-        .env("KV_VERIFY_DELAY_MS", "1000")
+        .env("KV_VERIFY_DELAY_MS", "2000")
         .env("KV_RECONCILE_INTERVAL_S", "0")
         .start()
         .await;
@@ -542,6 +542,7 @@ async fn a_timed_out_write_applied_late_cannot_undo_a_revocation() {
         }
     })
     .await;
+    let landed = std::time::Instant::now();
     let stale = kv_record(&fake, &secret).expect("a value");
     assert_eq!(
         (stale.revision, stale.revoked),
@@ -575,8 +576,9 @@ async fn a_timed_out_write_applied_late_cannot_undo_a_revocation() {
     let reads = fake.lock().expect("lock").reads;
     common::edge::report_measurement(&format!(
         "KV late write: a timed-out write applied after the revocation's retry was found by the \
-         read-back {} ms later and overwritten; {reads} reads, publisher {fixed}",
-        1000
+         read-back (KV_VERIFY_DELAY_MS=2000), overwritten and read back again, all within {} ms of landing; {reads} reads, \
+         publisher {fixed}",
+        landed.elapsed().as_millis()
     ));
 }
 
