@@ -435,4 +435,35 @@ mod tests {
             "Debug must not leak the token"
         );
     }
+
+    #[test]
+    fn kv_read_back_and_reconciliation_settings() {
+        let kv = [
+            ("ADMIN_TOKEN", TOKEN),
+            ("KV_API_BASE", "http://127.0.0.1:1/x"),
+            ("KV_NAMESPACE_ID", "ns"),
+        ];
+        let c = load(&kv).expect("valid");
+        let c = c.kv.expect("kv on");
+        assert_eq!(c.verify_delay, Duration::from_secs(90));
+        assert_eq!(c.reconcile_interval, Some(Duration::from_secs(3600)));
+        let off = [&kv[..], &[("KV_RECONCILE_INTERVAL_S", "0")]].concat();
+        assert_eq!(
+            load(&off)
+                .expect("valid")
+                .kv
+                .expect("kv")
+                .reconcile_interval,
+            None
+        );
+        for (var, bad) in [
+            ("KV_VERIFY_DELAY_MS", "0"),
+            ("KV_RECONCILE_INTERVAL_S", "-1"),
+            ("KV_RECONCILE_INTERVAL_S", "604801"),
+        ] {
+            let vars = [&kv[..], &[(var, bad)]].concat();
+            let err = load(&vars).expect_err("invalid");
+            assert!(err.starts_with(var), "{err}");
+        }
+    }
 }

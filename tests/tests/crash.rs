@@ -244,7 +244,14 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
         .unwrap_or(20);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut stack = Stack::start(&[("ORIGIN_LISTEN", &listen), ("KV_RETRY_MAX_MS", "200")]).await;
+    // Reconciliation off: it would repair a change the outbox lost, and hide that loss from the
+    // edge check below.
+    let mut stack = Stack::start(&[
+        ("ORIGIN_LISTEN", &listen),
+        ("KV_RETRY_MAX_MS", "200"),
+        ("KV_RECONCILE_INTERVAL_S", "0"),
+    ])
+    .await;
     let base = stack.origin.base.clone();
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
