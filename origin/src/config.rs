@@ -65,6 +65,13 @@ pub struct KvConfig {
     pub request_timeout: Duration,
     /// `KV_RETRY_MAX_MS`: the longest wait between retries.
     pub retry_max: Duration,
+    /// `KV_VERIFY_DELAY_MS`: how long after a write with an unknown outcome (timeout, dropped
+    /// connection, 5xx) its key is read back from KV, so that a late-applied stale write is
+    /// found and overwritten.
+    pub verify_delay: Duration,
+    /// `KV_RECONCILE_INTERVAL_S`: how often KV is compared with the database in full (`None`
+    /// for `0`: never).
+    pub reconcile_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for KvConfig {
@@ -134,6 +141,20 @@ impl KvConfig {
             api_token: var("KV_API_TOKEN"),
             request_timeout: millis("KV_REQUEST_TIMEOUT_MS", 10_000)?,
             retry_max: millis("KV_RETRY_MAX_MS", 10_000)?,
+            verify_delay: millis("KV_VERIFY_DELAY_MS", 90_000)?,
+            reconcile_interval: match var("KV_RECONCILE_INTERVAL_S") {
+                None => Some(Duration::from_secs(3600)),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(0) => None,
+                    Ok(s) if s <= 604_800 => Some(Duration::from_secs(s)),
+                    _ => {
+                        return Err(problem(
+                            "KV_RECONCILE_INTERVAL_S",
+                            format!("{v:?} is not a number of seconds from 0 (off) to 604800"),
+                        ));
+                    }
+                },
+            },
         }))
     }
 }
@@ -458,5 +479,36 @@ mod tests {
             !format!("{c:?}").contains(TOKEN),
             "Debug must not leak the token"
         );
+    }
+
+    #[test]
+    fn kv_read_back_and_reconciliation_settings() {
+        let kv = [
+            ("ADMIN_TOKEN", TOKEN),
+            ("KV_API_BASE", "http://127.0.0.1:1/x"),
+            ("KV_NAMESPACE_ID", "ns"),
+        ];
+        let c = load(&kv).expect("valid");
+        let c = c.kv.expect("kv on");
+        assert_eq!(c.verify_delay, Duration::from_secs(90));
+        assert_eq!(c.reconcile_interval, Some(Duration::from_secs(3600)));
+        let off = [&kv[..], &[("KV_RECONCILE_INTERVAL_S", "0")]].concat();
+        assert_eq!(
+            load(&off)
+                .expect("valid")
+                .kv
+                .expect("kv")
+                .reconcile_interval,
+            None
+        );
+        for (var, bad) in [
+            ("KV_VERIFY_DELAY_MS", "0"),
+            ("KV_RECONCILE_INTERVAL_S", "-1"),
+            ("KV_RECONCILE_INTERVAL_S", "604801"),
+        ] {
+            let vars = [&kv[..], &[(var, bad)]].concat();
+            let err = load(&vars).expect_err("invalid");
+            assert!(err.starts_with(var), "{err}");
+        }
     }
 }

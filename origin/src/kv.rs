@@ -2,19 +2,33 @@
 //! value as the raw body, the wire format of Cloudflare's KV REST API. The same client writes
 //! to Cloudflare (`https://api.cloudflare.com/client/v4/accounts/<account id>`) and to the
 //! local copy of that API inside `wrangler dev` (`http://127.0.0.1:<port>/cdn-cgi/explorer/api`).
+//! Reads (`GET …/values/{name}`, `POST …/bulk/get`) serve the publisher's read-backs and its
+//! reconciliation of KV with the database.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::config::KvConfig;
 
-/// Why a write did not land. Every kind is retried; `Display` is for logs (no token in it).
+/// Why a request did not succeed. Every kind is retried; `Display` is for logs and the admin
+/// status (no token in it), [`KvError::state`] for the open `/healthz`.
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
-    /// No answer: refused, reset, or timed out.
+    /// The connection could not be made: nothing was sent, so nothing can land later.
     #[error("KV API unreachable: {0}")]
     Unreachable(String),
+    /// Sent, but no answer came (timed out, or the connection dropped): the write may still be
+    /// applied, at any later time.
+    #[error("KV API gave no answer: {detail}")]
+    NoAnswer {
+        /// Whether the request timed out (rather than the connection dropping).
+        timed_out: bool,
+        /// What happened, for logs.
+        detail: String,
+    },
     /// The API answered with an error status or `success: false`.
     #[error("KV API answered {status}: {message}")]
     Refused {
@@ -25,21 +39,65 @@ pub enum KvError {
     },
 }
 
+impl KvError {
+    /// Whether a write that failed this way may still have been applied (or be applied later):
+    /// it was sent and got no answer, or a server error (a gateway may answer 5xx while the
+    /// write goes on behind it). Such a write is not done: its key is read back later.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Unreachable(_) => false,
+            Self::NoAnswer { .. } => true,
+            Self::Refused { status, .. } => *status >= 500,
+        }
+    }
+
+    /// A coarse state, without any detail of the request (for the open `/healthz`):
+    /// `unreachable`, `timeout`, `no_answer`, `rate_limited`, `refused` (another 4xx) or
+    /// `http_error` (5xx or an answer that is not the API's).
+    pub fn state(&self) -> &'static str {
+        match self {
+            Self::Unreachable(_) => "unreachable",
+            Self::NoAnswer {
+                timed_out: true, ..
+            } => "timeout",
+            Self::NoAnswer { .. } => "no_answer",
+            Self::Refused { status: 429, .. } => "rate_limited",
+            Self::Refused { status, .. } if (400..500).contains(status) => "refused",
+            Self::Refused { .. } => "http_error",
+        }
+    }
+}
+
 /// The KV REST API of one namespace.
 #[derive(Debug, Clone)]
 pub struct KvClient {
     http: reqwest::Client,
     values_url: String,
+    bulk_get_url: String,
     token: Option<String>,
 }
 
 /// Cloudflare's response envelope.
 #[derive(Debug, Deserialize)]
-struct Envelope {
+struct Envelope<T = serde::de::IgnoredAny> {
     success: bool,
     #[serde(default)]
     errors: Vec<ApiMessage>,
+    #[serde(default = "Option::default")]
+    result: Option<T>,
 }
+
+/// The `result` of `bulk/get`: each requested name with its value, `null` when absent.
+#[derive(Debug, Deserialize)]
+struct BulkValues {
+    values: HashMap<String, Option<String>>,
+}
+
+/// Cloudflare's error code for a namespace that does not exist.
+const NAMESPACE_NOT_FOUND: i64 = 10013;
+
+/// Most names one `bulk/get` request may ask for (Cloudflare's limit).
+pub const BULK_GET_MAX: usize = 100;
 
 #[derive(Debug, Deserialize)]
 struct ApiMessage {
@@ -64,6 +122,10 @@ impl KvClient {
                 "{}/storage/kv/namespaces/{}/values",
                 config.api_base, config.namespace_id
             ),
+            bulk_get_url: format!(
+                "{}/storage/kv/namespaces/{}/bulk/get",
+                config.api_base, config.namespace_id
+            ),
             token: config.api_token.clone(),
         })
     }
@@ -72,20 +134,82 @@ impl KvClient {
     pub async fn put(&self, name: &str, value: String) -> Result<(), KvError> {
         // Key names are URL-encoded in the path, as Cloudflare asks (`k1:` has a colon).
         let url = format!("{}/{}", self.values_url, percent_encode(name));
-        let mut request = self
+        let request = self
             .http
             .put(url)
             .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
             .body(value);
+        let (status, body) = self.send(request).await?;
+        self.envelope::<serde::de::IgnoredAny>(status, &body)
+            .map(|_| ())
+    }
+
+    /// Reads the value under `name`: `None` when KV has none (404 with Cloudflare's error).
+    /// The value is returned raw, as it was written.
+    pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let url = format!("{}/{}", self.values_url, percent_encode(name));
+        let (status, body) = self.send(self.http.get(url)).await?;
+        if status.is_success() {
+            return Ok(Some(body));
+        }
+        if status == reqwest::StatusCode::NOT_FOUND {
+            // "No such value" answers 404 (Cloudflare: code 10009, "key not found"); so does a
+            // wrong namespace (code 10013), which is a refusal, not an answer about the value.
+            let envelope: Option<Envelope> = serde_json::from_slice(&body).ok();
+            if !envelope.is_some_and(|e| e.errors.iter().any(|m| m.code == NAMESPACE_NOT_FOUND)) {
+                return Ok(None);
+            }
+        }
+        match self.envelope::<serde::de::IgnoredAny>(status, &body) {
+            Err(error) => Err(error),
+            Ok(_) => Err(KvError::Refused {
+                status: status.as_u16(),
+                message: "unexpected answer to a read".into(),
+            }),
+        }
+    }
+
+    /// Reads up to [`BULK_GET_MAX`] values in one request (`POST …/bulk/get`, text values):
+    /// each name with its value, `None` for a name KV has no value for.
+    pub async fn bulk_get(
+        &self,
+        names: &[String],
+    ) -> Result<HashMap<String, Option<String>>, KvError> {
+        let request = self.http.post(&self.bulk_get_url).json(&serde_json::json!({
+            "keys": names,
+            "type": "text",
+        }));
+        let (status, body) = self.send(request).await?;
+        let values = self
+            .envelope::<BulkValues>(status, &body)?
+            .map(|r| r.values)
+            .unwrap_or_default();
+        Ok(values)
+    }
+
+    /// Sends `request` with the token; the status and the whole body.
+    async fn send(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, Vec<u8>), KvError> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let body = response.bytes().await.map_err(unreachable)?;
-        let envelope: Option<Envelope> = serde_json::from_slice(&body).ok();
+        Ok((status, body.to_vec()))
+    }
+
+    /// The `result` of a successful answer in Cloudflare's envelope, or the error it names.
+    fn envelope<T: DeserializeOwned>(
+        &self,
+        status: reqwest::StatusCode,
+        body: &[u8],
+    ) -> Result<Option<T>, KvError> {
+        let envelope: Option<Envelope<T>> = serde_json::from_slice(body).ok();
         match envelope {
-            Some(envelope) if status.is_success() && envelope.success => Ok(()),
+            Some(envelope) if status.is_success() && envelope.success => Ok(envelope.result),
             Some(envelope) => Err(KvError::Refused {
                 status: status.as_u16(),
                 message: envelope
@@ -96,7 +220,13 @@ impl KvClient {
                     .join("; "),
             }),
             None => Err(KvError::Refused {
-                status: status.as_u16(),
+                // An answer that is not the API's (a proxy's page, a truncated body): its
+                // outcome is as unknown as a 5xx's.
+                status: if status.is_success() {
+                    502
+                } else {
+                    status.as_u16()
+                },
                 message: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
             }),
         }
@@ -117,15 +247,10 @@ fn percent_encode(name: &str) -> String {
 }
 
 /// Names what went wrong in a request that got no answer (refused connection, timeout, or
-/// something else) with its error chain, without the URL (it names the account).
+/// something else) with its error chain, without the URL (it names the account). A request
+/// whose connection could not be made was never sent; any other was, and may still land.
 fn unreachable(error: reqwest::Error) -> KvError {
-    let kind = if error.is_timeout() {
-        "timed out"
-    } else if error.is_connect() {
-        "cannot connect"
-    } else {
-        "no answer"
-    };
+    let (connect, timed_out) = (error.is_connect(), error.is_timeout());
     let error = error.without_url();
     let mut chain = error.to_string();
     let mut source = std::error::Error::source(&error);
@@ -134,12 +259,45 @@ fn unreachable(error: reqwest::Error) -> KvError {
         chain.push_str(&cause.to_string());
         source = cause.source();
     }
-    KvError::Unreachable(format!("{kind} ({chain})"))
+    if connect {
+        KvError::Unreachable(format!("cannot connect ({chain})"))
+    } else {
+        let kind = if timed_out { "timed out" } else { "no answer" };
+        KvError::NoAnswer {
+            timed_out,
+            detail: format!("{kind} ({chain})"),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::percent_encode;
+    use super::{KvError, percent_encode};
+
+    #[test]
+    fn only_writes_that_may_have_landed_have_an_unknown_outcome() {
+        let refused = |status| KvError::Refused {
+            status,
+            message: String::new(),
+        };
+        let no_answer = |timed_out| KvError::NoAnswer {
+            timed_out,
+            detail: String::new(),
+        };
+        let cases = [
+            (KvError::Unreachable(String::new()), false, "unreachable"),
+            (no_answer(true), true, "timeout"),
+            (no_answer(false), true, "no_answer"),
+            (refused(429), false, "rate_limited"),
+            (refused(403), false, "refused"),
+            (refused(500), true, "http_error"),
+            (refused(504), true, "http_error"),
+        ];
+        for (error, unknown, state) in cases {
+            assert_eq!(error.outcome_unknown(), unknown, "{error:?}");
+            assert_eq!(error.state(), state, "{error:?}");
+        }
+    }
 
     #[test]
     fn key_names_are_encoded_for_the_path() {

@@ -152,3 +152,14 @@ pub struct OutboxStats {
     /// When the oldest waiting change was made.
     pub oldest_enqueued_at: Option<UnixMillis>,
 }
+
+/// A key whose KV value must be read back at `due_at`: a write of it had an unknown outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyEntry {
+    /// The key.
+    pub key_id: KeyId,
+    /// When to read its value back (unix ms).
+    pub due_at: UnixMillis,
+    /// Read-backs so far that found KV behind (or could not read it).
+    pub attempts: u32,
+}

@@ -9,6 +9,15 @@
 //!   backstop for rows queued by another process.
 //! * Failures: a failed write is retried with exponential backoff and jitter, capped at
 //!   `KV_RETRY_MAX_MS`; each request has a timeout (`KV_REQUEST_TIMEOUT_MS`).
+//! * Unknown outcomes: a write that was sent but got no answer (timeout, dropped connection)
+//!   or a 5xx may still be applied later, after a newer write of the same key, and KV keeps
+//!   the last write. So it is never taken as done: its key is recorded in `kv_verify` (in the
+//!   database, before anything else) and, `KV_VERIFY_DELAY_MS` later, read back from KV; if
+//!   the value's revision is not the database's, the key is queued again and read back again.
+//! * Reconciliation: every `KV_RECONCILE_INTERVAL_S`, every key's KV value is compared with the
+//!   database in `bulk/get` batches of 100, one batch a second at most (a quarter of
+//!   Cloudflare's 1,200 requests per five minutes), and keys that differ are queued again.
+//!   This also covers writes that were in flight when a process died.
 //! * One publisher per database: it holds an exclusive lock on `<database>.publisher.lock`,
 //!   so a second origin or `origin sync` cannot interleave stale writes with it.
 
@@ -17,14 +26,15 @@ use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use latchkey_shared::kv_entry_name;
+use latchkey_shared::{KeyId, KeyRecord, UnixMillis, kv_entry_name};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
-use crate::kv::{KvClient, KvError};
+use crate::config::KvConfig;
+use crate::kv::{BULK_GET_MAX, KvClient, KvError};
 use crate::model::OutboxEntry;
 use crate::service::system_now;
 use crate::store::{KeyStore, StoreError};
@@ -38,30 +48,59 @@ const RETRY_BASE: Duration = Duration::from_millis(100);
 /// How often the publisher looks at the outbox when nothing woke it. Commits in this process
 /// wake it at once; this catches rows another process queued (`origin sync --full`).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// The least time between two reconciliation batches (one `bulk/get` of 100 keys each): at
+/// most 300 requests per five minutes, a quarter of Cloudflare's limit for a token.
+const RECONCILE_PACE: Duration = Duration::from_secs(1);
 
-/// Counters for `/healthz` and `/metrics`.
+/// Counters for `/healthz`, `/metrics` and the admin status.
 #[derive(Debug, Default)]
 pub struct PublisherStatus {
     enabled: bool,
     published: AtomicU64,
     failures: AtomicU64,
-    last_error: Mutex<Option<String>>,
+    verified: AtomicU64,
+    rewrites: AtomicU64,
+    reconciled: AtomicU64,
+    reconcile_passes: AtomicU64,
+    last_error: Mutex<Option<LastError>>,
 }
 
-/// What `/healthz` shows of the publisher.
+/// The last failure: a coarse state for everyone, the detail for admins and logs.
+#[derive(Debug, Clone)]
+struct LastError {
+    state: &'static str,
+    detail: String,
+}
+
+/// What `/healthz` shows of the publisher: counts and states, never an error's text (that
+/// names hosts, ports and the API's messages; admins see it at `GET /v1/status`).
 #[derive(Debug, Serialize)]
 pub struct PublisherReport {
     /// Whether KV publishing is configured.
     pub enabled: bool,
+    /// `ok`, or how the last attempt failed: `unreachable`, `timeout`, `no_answer`,
+    /// `rate_limited`, `refused`, `http_error` or `store_error`.
+    pub state: &'static str,
     /// Key changes not yet in KV.
     pub pending: u64,
     /// Age of the oldest unpublished change, in milliseconds (0 when none waits).
     pub lag_ms: i64,
+    /// Keys to be read back from KV because a write of theirs had an unknown outcome.
+    pub verifications_pending: u64,
     /// KV writes that succeeded since start.
     pub published: u64,
-    /// KV writes that failed (and were retried) since start.
+    /// KV requests that failed (and were retried) since start.
     pub failures: u64,
-    /// The last failure, if the last attempt failed.
+    /// Read-backs that found KV current since start.
+    pub verified: u64,
+    /// Keys found behind in KV (by a read-back or reconciliation) and queued again since start.
+    pub rewrites: u64,
+    /// Keys compared by reconciliation since start.
+    pub reconciled: u64,
+    /// Full reconciliation passes finished since start.
+    pub reconcile_passes: u64,
+    /// The last failure's text: only in the admin status (`GET /v1/status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
 
@@ -74,32 +113,74 @@ impl PublisherStatus {
         }
     }
 
-    /// The current backlog, read from the outbox.
+    /// The current backlog, read from the outbox, without error text (for `/healthz`).
     pub async fn report(&self, store: &dyn KeyStore) -> Result<PublisherReport, StoreError> {
         let stats = store.outbox_stats(None).await?;
+        let verifications_pending = store.verify_pending().await?;
         let lag_ms = stats
             .oldest_enqueued_at
             .map_or(0, |at| (system_now().0 - at.0).max(0));
+        let last = self.last_error();
         Ok(PublisherReport {
             enabled: self.enabled,
+            state: last.as_ref().map_or("ok", |e| e.state),
             pending: stats.pending,
             lag_ms,
+            verifications_pending,
             published: self.published.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
-            last_error: self
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            verified: self.verified.load(Ordering::Relaxed),
+            rewrites: self.rewrites.load(Ordering::Relaxed),
+            reconciled: self.reconciled.load(Ordering::Relaxed),
+            reconcile_passes: self.reconcile_passes.load(Ordering::Relaxed),
+            last_error: None,
         })
     }
 
-    fn set_error(&self, error: Option<String>) {
+    /// [`Self::report`] with the last failure's text (for admins).
+    pub async fn detailed_report(
+        &self,
+        store: &dyn KeyStore,
+    ) -> Result<PublisherReport, StoreError> {
+        let mut report = self.report(store).await?;
+        report.last_error = self.last_error().map(|e| e.detail);
+        Ok(report)
+    }
+
+    fn last_error(&self) -> Option<LastError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_error(&self, state: &'static str, detail: String) {
         *self
             .last_error
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = error;
+            .unwrap_or_else(PoisonError::into_inner) = Some(LastError { state, detail });
     }
+
+    fn set_kv_error(&self, error: &KvError) {
+        self.set_error(error.state(), error.to_string());
+    }
+
+    /// Clears the last failure; `only_store` clears it only if the store caused it.
+    fn clear_error(&self, only_store: bool) {
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !only_store || last.as_ref().is_some_and(|e| e.state == STORE_ERROR) {
+            *last = None;
+        }
+    }
+}
+
+const STORE_ERROR: &str = "store_error";
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 /// What one batch achieved.
@@ -113,6 +194,28 @@ pub struct BatchOutcome {
     pub failed: usize,
 }
 
+/// What one round of read-backs achieved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyOutcome {
+    /// Keys whose KV value matched the database: done.
+    pub verified: usize,
+    /// Keys found behind (or absent) in KV: queued again, to be read back again.
+    pub behind: usize,
+    /// Keys whose read failed: to be read back again.
+    pub failed: usize,
+}
+
+/// Where a reconciliation pass is.
+#[derive(Debug)]
+struct Reconcile {
+    /// The last key compared in the current pass (`None` at the start of a pass).
+    cursor: Option<KeyId>,
+    /// When the current pass started, if one runs.
+    pass_started: Option<Instant>,
+    /// When the next batch (or the next pass) may start.
+    next_at: Instant,
+}
+
 /// Drains the outbox into KV.
 #[derive(Clone)]
 pub struct Publisher {
@@ -120,26 +223,32 @@ pub struct Publisher {
     kv: KvClient,
     status: Arc<PublisherStatus>,
     retry_max: Duration,
+    verify_delay: Duration,
+    reconcile_interval: Option<Duration>,
 }
 
 impl Publisher {
-    /// A publisher writing through `kv`, counting into `status`.
+    /// A publisher writing through `kv`, counting into `status`, with the retry, read-back
+    /// and reconciliation settings of `config`.
     pub fn new(
         store: Arc<dyn KeyStore>,
         kv: KvClient,
         status: Arc<PublisherStatus>,
-        retry_max: Duration,
+        config: &KvConfig,
     ) -> Self {
         Self {
             store,
             kv,
             status,
-            retry_max,
+            retry_max: config.retry_max,
+            verify_delay: config.verify_delay,
+            reconcile_interval: config.reconcile_interval,
         }
     }
 
     /// Publishes until `stop` turns true: waits for the publisher lock, then drains the outbox
-    /// whenever `wake` fires (and every second regardless).
+    /// whenever `wake` fires (and every second regardless). About once a second it also reads
+    /// back the keys due for it and, when reconciliation is on, compares one batch of keys.
     pub async fn run(
         self,
         wake: Arc<Notify>,
@@ -154,9 +263,26 @@ impl Publisher {
             None => None,
         };
         let mut failures_in_a_row = 0u32;
+        let mut next_verify = Instant::now();
+        let mut reconcile = self.reconcile_interval.map(|interval| Reconcile {
+            cursor: None,
+            pass_started: None,
+            next_at: Instant::now() + interval,
+        });
         loop {
             if *stop.borrow() {
                 return;
+            }
+            if Instant::now() >= next_verify {
+                next_verify = Instant::now() + IDLE_POLL;
+                if let Err(error) = self.verify_due().await {
+                    tracing::warn!(%error, "cannot read the KV read-back list; will retry");
+                    self.status
+                        .set_error(STORE_ERROR, format!("kv_verify: {error}"));
+                }
+            }
+            if let Some(reconcile) = reconcile.as_mut().filter(|r| Instant::now() >= r.next_at) {
+                self.reconcile_step(reconcile).await;
             }
             let wait = match self.publish_batch().await {
                 Ok(outcome) if outcome.failed == 0 => {
@@ -164,7 +290,7 @@ impl Publisher {
                     if outcome.rows > 0 {
                         continue;
                     }
-                    self.status.set_error(None);
+                    self.status.clear_error(true);
                     tokio::select! {
                         () = wake.notified() => continue,
                         () = tokio::time::sleep(IDLE_POLL) => continue,
@@ -174,7 +300,8 @@ impl Publisher {
                 Ok(_) => backoff(&mut failures_in_a_row, self.retry_max),
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the KV outbox; will retry");
-                    self.status.set_error(Some(format!("outbox: {error}")));
+                    self.status
+                        .set_error(STORE_ERROR, format!("outbox: {error}"));
                     backoff(&mut failures_in_a_row, self.retry_max)
                 }
             };
@@ -211,7 +338,8 @@ impl Publisher {
     }
 
     /// Publishes one batch of the outbox: reads the oldest rows, writes each key's current
-    /// state once, and deletes the rows of the keys KV accepted.
+    /// state once, and deletes the rows of the keys KV accepted. A key whose write had an
+    /// unknown outcome keeps its rows (it is retried) and is recorded for a read-back first.
     pub async fn publish_batch(&self) -> Result<BatchOutcome, StoreError> {
         let rows = self.store.outbox_peek(BATCH).await?;
         let mut keys: Vec<OutboxEntry> = Vec::with_capacity(rows.len());
@@ -226,8 +354,8 @@ impl Publisher {
             }
         }
         let mut published = Vec::with_capacity(keys.len());
+        let mut unknown = Vec::new();
         let mut failed = 0;
-        let mut last_error = None;
         for chunk in keys.chunks(CONCURRENCY) {
             let mut writes = JoinSet::new();
             for entry in chunk {
@@ -240,9 +368,18 @@ impl Publisher {
             while let Some(joined) = writes.join_next().await {
                 match joined {
                     Ok((entry, Ok(()))) => published.push(entry),
-                    Ok((entry, Err(error))) => {
-                        tracing::warn!(key_id = %entry.key_id, %error, "KV publish failed; will retry");
-                        last_error = Some(error);
+                    Ok((entry, Err(KeyFailure::Kv(error)))) => {
+                        let outcome_unknown = error.outcome_unknown();
+                        tracing::warn!(key_id = %entry.key_id, %error, outcome_unknown, "KV publish failed; will retry");
+                        if outcome_unknown {
+                            unknown.push(entry.key_id.clone());
+                        }
+                        self.status.set_kv_error(&error);
+                        failed += 1;
+                    }
+                    Ok((entry, Err(KeyFailure::Store(error)))) => {
+                        tracing::warn!(key_id = %entry.key_id, %error, "cannot read a key to publish; will retry");
+                        self.status.set_error(STORE_ERROR, format!("key: {error}"));
                         failed += 1;
                     }
                     Err(join_error) => {
@@ -252,25 +389,199 @@ impl Publisher {
                 }
             }
         }
+        // Recorded before anything else: a stale write may land at any time from now on.
+        self.store
+            .verify_schedule(&unknown, later(system_now(), self.verify_delay))
+            .await?;
         if !published.is_empty() {
             self.store.outbox_ack(&published).await?;
+            if failed == 0 {
+                self.status.clear_error(false);
+            }
         }
-        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         self.status
             .published
             .fetch_add(count(published.len()), Ordering::Relaxed);
         self.status
             .failures
             .fetch_add(count(failed), Ordering::Relaxed);
-        if let Some(error) = last_error {
-            self.status.set_error(Some(error));
-        }
         Ok(BatchOutcome {
             rows: rows.len(),
             published: published.len(),
             failed,
         })
     }
+
+    /// Reads back the keys whose read-back is due, in one request (a `GET` for one key,
+    /// `bulk/get` for up to 100): a key whose KV value carries the database's revision is done;
+    /// any other is queued again and read back again later, as is every key of a failed read.
+    pub async fn verify_due(&self) -> Result<VerifyOutcome, StoreError> {
+        let limit = u32::try_from(BULK_GET_MAX).unwrap_or(100);
+        let due = self.store.verify_due(system_now(), limit).await?;
+        let mut outcome = VerifyOutcome::default();
+        let mut keys = Vec::with_capacity(due.len());
+        for entry in &due {
+            match self.store.get(&entry.key_id).await? {
+                Some(key) => keys.push((entry, key)),
+                None => self.store.verify_done(entry).await?,
+            }
+        }
+        if keys.is_empty() {
+            return Ok(outcome);
+        }
+        let names: Vec<String> = keys.iter().map(|(_, k)| kv_entry_name(&k.hash)).collect();
+        let read = match names.as_slice() {
+            [name] => self.kv.get(name).await.map(|value| {
+                HashMap::from([(
+                    name.clone(),
+                    value.map(|v| String::from_utf8_lossy(&v).into_owned()),
+                )])
+            }),
+            _ => self.kv.bulk_get(&names).await,
+        };
+        let now = system_now();
+        let again = later(now, self.verify_delay);
+        match read {
+            Err(error) => {
+                tracing::warn!(keys = keys.len(), %error, "KV read-back failed; will retry");
+                self.status.set_kv_error(&error);
+                for (entry, _) in &keys {
+                    self.store.verify_retry(entry, again).await?;
+                }
+                outcome.failed = keys.len();
+                self.status.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(values) => {
+                self.status.clear_error(false);
+                let mut behind = Vec::new();
+                for ((entry, key), name) in keys.iter().zip(&names) {
+                    let expected = key.record().revision;
+                    let found = values
+                        .get(name)
+                        .and_then(Option::as_deref)
+                        .and_then(|v| KeyRecord::from_json(v.as_bytes()).ok())
+                        .map(|r| r.revision);
+                    if found == Some(expected) {
+                        tracing::debug!(key_id = %key.id, revision = expected, "KV read-back: current");
+                        self.store.verify_done(entry).await?;
+                        outcome.verified += 1;
+                    } else {
+                        tracing::warn!(
+                            key_id = %key.id, kv_revision = ?found, revision = expected,
+                            "KV read-back: the value is not the current state (a late write \
+                             landed, or it was lost); publishing it again"
+                        );
+                        behind.push(key.id.clone());
+                    }
+                }
+                self.store.outbox_enqueue(&behind, now).await?;
+                for (entry, key) in &keys {
+                    if behind.contains(&key.id) {
+                        self.store.verify_retry(entry, again).await?;
+                    }
+                }
+                outcome.behind = behind.len();
+            }
+        }
+        self.status
+            .verified
+            .fetch_add(count(outcome.verified), Ordering::Relaxed);
+        self.status
+            .rewrites
+            .fetch_add(count(outcome.behind), Ordering::Relaxed);
+        Ok(outcome)
+    }
+
+    /// One reconciliation batch: up to 100 keys after the cursor, compared with KV in one
+    /// `bulk/get`; keys whose KV value does not carry the database's revision are queued again.
+    async fn reconcile_step(&self, reconcile: &mut Reconcile) {
+        let now = Instant::now();
+        reconcile.next_at = now + RECONCILE_PACE;
+        let started = *reconcile.pass_started.get_or_insert(now);
+        let limit = u32::try_from(BULK_GET_MAX).unwrap_or(100);
+        let keys = match self
+            .store
+            .keys_after(reconcile.cursor.as_ref(), limit)
+            .await
+        {
+            Ok(keys) => keys,
+            Err(error) => {
+                tracing::warn!(%error, "reconciliation cannot read keys; will retry");
+                self.status
+                    .set_error(STORE_ERROR, format!("reconcile: {error}"));
+                return;
+            }
+        };
+        let Some(last) = keys.last().map(|k| k.id.clone()) else {
+            // The pass is over: the next starts an interval after this one started.
+            self.status.reconcile_passes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                "KV reconciliation pass finished"
+            );
+            reconcile.cursor = None;
+            reconcile.pass_started = None;
+            if let Some(interval) = self.reconcile_interval {
+                reconcile.next_at = (started + interval).max(now + RECONCILE_PACE);
+            }
+            return;
+        };
+        let names: Vec<String> = keys.iter().map(|k| kv_entry_name(&k.hash)).collect();
+        let values = match self.kv.bulk_get(&names).await {
+            Ok(values) => values,
+            Err(error) => {
+                tracing::warn!(%error, "reconciliation cannot read KV; will retry");
+                self.status.set_kv_error(&error);
+                self.status.failures.fetch_add(1, Ordering::Relaxed);
+                reconcile.next_at = Instant::now() + self.retry_max.max(RECONCILE_PACE);
+                return;
+            }
+        };
+        self.status.clear_error(false);
+        let behind: Vec<KeyId> = keys
+            .iter()
+            .zip(&names)
+            .filter(|(key, name)| {
+                let found = values
+                    .get(*name)
+                    .and_then(Option::as_deref)
+                    .and_then(|v| KeyRecord::from_json(v.as_bytes()).ok())
+                    .map(|r| r.revision);
+                found != Some(key.record().revision)
+            })
+            .map(|(key, _)| key.id.clone())
+            .collect();
+        if !behind.is_empty() {
+            tracing::warn!(
+                keys = ?behind,
+                "reconciliation: KV differs from the database; publishing these keys again"
+            );
+            if let Err(error) = self.store.outbox_enqueue(&behind, system_now()).await {
+                tracing::warn!(%error, "reconciliation cannot queue keys; will retry");
+                self.status
+                    .set_error(STORE_ERROR, format!("reconcile: {error}"));
+                return;
+            }
+        }
+        self.status
+            .reconciled
+            .fetch_add(count(keys.len()), Ordering::Relaxed);
+        self.status
+            .rewrites
+            .fetch_add(count(behind.len()), Ordering::Relaxed);
+        reconcile.cursor = Some(last);
+    }
+}
+
+/// `at` plus `delay`, saturating.
+fn later(at: UnixMillis, delay: Duration) -> UnixMillis {
+    UnixMillis(at.0.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// Why one key was not published.
+enum KeyFailure {
+    Store(StoreError),
+    Kv(KvError),
 }
 
 /// Writes one key's current state to KV.
@@ -278,15 +589,15 @@ async fn publish_key(
     store: &dyn KeyStore,
     kv: &KvClient,
     entry: &OutboxEntry,
-) -> Result<(), String> {
-    let Some(key) = store.get(&entry.key_id).await.map_err(|e| e.to_string())? else {
+) -> Result<(), KeyFailure> {
+    let Some(key) = store.get(&entry.key_id).await.map_err(KeyFailure::Store)? else {
         // Keys are never deleted; a missing row means a hand-edited database. Nothing to send.
         tracing::warn!(key_id = %entry.key_id, "outbox names a key that does not exist; skipping");
         return Ok(());
     };
     kv.put(&kv_entry_name(&key.hash), key.record().to_json())
         .await
-        .map_err(|e: KvError| e.to_string())
+        .map_err(KeyFailure::Kv)
 }
 
 /// The next retry delay: doubling from 100 ms up to `max`, with full jitter in its upper half

@@ -56,12 +56,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let publisher = match &config.kv {
         Some(kv) => {
-            let publisher = Publisher::new(
-                store.clone(),
-                KvClient::new(kv)?,
-                publisher_status,
-                kv.retry_max,
-            );
+            let publisher = Publisher::new(store.clone(), KvClient::new(kv)?, publisher_status, kv);
             tracing::info!(kv_api_base = %kv.api_base, namespace = %kv.namespace_id, "publishing key records to Workers KV");
             Some(tokio::spawn(publisher.run(
                 service.committed(),

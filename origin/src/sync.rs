@@ -1,7 +1,10 @@
 //! `origin sync --full`: rebuild a KV namespace from the database, for a new namespace or after
 //! an incident. Safe while origin serves: it queues every key in the outbox (the same path as
 //! any change, so it can never write a stale state over a newer one) and then drains the
-//! outbox itself, or, when a running origin holds the publisher lock, watches it do so.
+//! outbox itself, or, when a running origin holds the publisher lock, watches it do so. When
+//! it publishes itself, it also waits for the read-backs its own writes asked for (a write with
+//! an unknown outcome is read back `KV_VERIFY_DELAY_MS` later), so it never ends with a late
+//! stale write unchecked.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
@@ -75,7 +78,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
     let mut progress = Progress::new("publish", queued);
     let status = Arc::new(PublisherStatus::new(true));
     let dyn_store: Arc<dyn KeyStore> = store.clone();
-    let publisher = Publisher::new(dyn_store, client, status.clone(), kv.retry_max);
+    let publisher = Publisher::new(dyn_store, client, status.clone(), kv);
     let (mut published_here, mut retries) = (0u64, 0u64);
     if held.is_none() && lock.is_some() {
         tracing::info!(
@@ -107,6 +110,28 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
         }
     }
     progress.finish(queued);
+    if held.is_some() || lock.is_none() {
+        let mut announced = false;
+        loop {
+            let left = store.verify_pending().await.map_err(|e| e.to_string())?;
+            if left == 0 {
+                break;
+            }
+            if !announced {
+                tracing::info!(
+                    keys = left,
+                    delay_ms = u64::try_from(kv.verify_delay.as_millis()).unwrap_or(u64::MAX),
+                    "some writes had an unknown outcome: reading their keys back from KV after KV_VERIFY_DELAY_MS"
+                );
+                announced = true;
+            }
+            publisher.verify_due().await.map_err(|e| e.to_string())?;
+            let outcome = publisher.publish_batch().await.map_err(|e| e.to_string())?;
+            published_here += u64::try_from(outcome.published).unwrap_or(0);
+            retries += u64::try_from(outcome.failed).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     drop(held);
     Ok(SyncSummary {
         queued,

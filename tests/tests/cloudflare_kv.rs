@@ -1,7 +1,9 @@
 //! Origin's publisher against Cloudflare's public KV REST API, which cannot run here: a fake
 //! that speaks its wire format (the path under `/client/v4/accounts/<account>`, the bearer
 //! token, the raw value body, and the `{success, errors, messages, result}` envelope, with 429
-//! and 500 answers for a while).
+//! and 500 answers for a while). Like KV it keeps the last write applied to each name, serves
+//! it back (`GET …/values/{name}`, `POST …/bulk/get`), and can hold a write and apply it late:
+//! after the client timed out and after a newer write of the same name landed.
 
 #![allow(
     clippy::expect_used,
@@ -11,6 +13,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +21,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::put;
+use axum::routing::{post, put};
 use common::{TestApp, eventually};
 use latchkey_shared::{ApiKey, KeyRecord, kv_entry_name};
 use serde_json::{Value, json};
@@ -44,61 +47,169 @@ struct Fake {
     outage: Option<(StatusCode, Value)>,
     /// While set, requests are held without an answer (origin's request timeout must fire).
     hang: bool,
+    /// Writes applied, in order.
     writes: Vec<Write>,
+    /// What KV holds: the last write applied to each name.
+    values: HashMap<String, String>,
+    /// The next write is held (no answer) and applied late: right after a write of the same
+    /// name with a higher revision is applied.
+    hold_next_write: bool,
+    /// The held write, waiting: its name, revision and release.
+    held: Option<(String, u64, Arc<tokio::sync::Notify>)>,
+    /// Held writes applied late.
+    late_applied: usize,
+    /// Reads served (single and bulk).
+    reads: usize,
+}
+
+impl Fake {
+    /// Applies a write as KV does (the last one wins), releasing a held older write of the
+    /// same name, which is then applied after it.
+    fn apply(&mut self, write: Write) {
+        let revision = record_revision(&write.body);
+        let newer = |(name, held, _): &(String, u64, _)| *name == write.name && revision > *held;
+        if let Some((_, _, release)) = self.held.take_if(|h| newer(h)) {
+            release.notify_one();
+        }
+        self.values.insert(write.name.clone(), write.body.clone());
+        self.writes.push(write);
+    }
+}
+
+fn record_revision(body: &str) -> u64 {
+    KeyRecord::from_json(body.as_bytes()).map_or(0, |r| r.revision)
+}
+
+fn envelope_error(status: StatusCode, code: i64, message: &str) -> (StatusCode, axum::Json<Value>) {
+    (
+        status,
+        axum::Json(
+            json!({ "success": false, "errors": [{ "code": code, "message": message }], "messages": [], "result": null }),
+        ),
+    )
+}
+
+/// `GET …/values/{name}`: the raw value, or Cloudflare's 404 ("key not found", code 10009).
+async fn get_value(
+    State(fake): State<Shared>,
+    Path((account, namespace, name)): Path<(String, String, String)>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut fake = fake.lock().expect("lock");
+    if account != ACCOUNT || namespace != NAMESPACE {
+        return envelope_error(StatusCode::NOT_FOUND, 10013, "namespace not found").into_response();
+    }
+    fake.reads += 1;
+    match fake.values.get(&name) {
+        Some(value) => (StatusCode::OK, value.clone()).into_response(),
+        None => {
+            envelope_error(StatusCode::NOT_FOUND, 10009, "get: 'key not found'").into_response()
+        }
+    }
+}
+
+/// `POST …/bulk/get`: `{"keys": [...], "type": "text"}` → `result.values`, `null` when absent.
+async fn bulk_get(
+    State(fake): State<Shared>,
+    Path((account, namespace)): Path<(String, String)>,
+    axum::Json(request): axum::Json<Value>,
+) -> (StatusCode, axum::Json<Value>) {
+    let mut fake = fake.lock().expect("lock");
+    if account != ACCOUNT || namespace != NAMESPACE {
+        return envelope_error(StatusCode::NOT_FOUND, 10013, "namespace not found");
+    }
+    let names = request["keys"].as_array().cloned().unwrap_or_default();
+    if names.len() > 100 || request["type"] != "text" {
+        return envelope_error(StatusCode::BAD_REQUEST, 10001, "bad bulk get");
+    }
+    fake.reads += 1;
+    let values: serde_json::Map<String, Value> = names
+        .iter()
+        .filter_map(Value::as_str)
+        .map(|name| (name.to_owned(), json!(fake.values.get(name))))
+        .collect();
+    (
+        StatusCode::OK,
+        axum::Json(
+            json!({ "success": true, "errors": [], "messages": [], "result": { "values": values } }),
+        ),
+    )
 }
 
 type Shared = Arc<Mutex<Fake>>;
 
 async fn put_value(
-    State(fake): State<Shared>,
+    State(shared): State<Shared>,
     Path((account, namespace, name)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, axum::Json<Value>) {
-    if fake.lock().expect("lock").hang {
+    if shared.lock().expect("lock").hang {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
-    let mut fake = fake.lock().expect("lock");
-    if let Some((status, errors)) = fake.outage.clone() {
-        fake.refused += 1;
-        return (
-            status,
-            axum::Json(
-                json!({ "success": false, "errors": errors, "messages": [], "result": null }),
-            ),
-        );
-    }
-    if account != ACCOUNT || namespace != NAMESPACE {
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(
-                json!({ "success": false, "errors": [{ "code": 10013, "message": "namespace not found" }], "messages": [], "result": null }),
-            ),
-        );
-    }
-    if fake.refused < fake.failures.len() {
-        let (status, errors) = fake.failures[fake.refused].clone();
-        fake.refused += 1;
-        return (
-            status,
-            axum::Json(
-                json!({ "success": false, "errors": errors, "messages": [], "result": null }),
-            ),
-        );
-    }
-    fake.writes.push(Write {
-        name,
-        authorization: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned(),
-        body: String::from_utf8_lossy(&body).into_owned(),
+    let ok = || {
+        (
+            StatusCode::OK,
+            axum::Json(json!({ "success": true, "errors": [], "messages": [], "result": {} })),
+        )
+    };
+    let held = {
+        let mut fake = shared.lock().expect("lock");
+        if let Some((status, errors)) = fake.outage.clone() {
+            fake.refused += 1;
+            return (
+                status,
+                axum::Json(
+                    json!({ "success": false, "errors": errors, "messages": [], "result": null }),
+                ),
+            );
+        }
+        if account != ACCOUNT || namespace != NAMESPACE {
+            return envelope_error(StatusCode::NOT_FOUND, 10013, "namespace not found");
+        }
+        if fake.refused < fake.failures.len() {
+            let (status, errors) = fake.failures[fake.refused].clone();
+            fake.refused += 1;
+            return (
+                status,
+                axum::Json(
+                    json!({ "success": false, "errors": errors, "messages": [], "result": null }),
+                ),
+            );
+        }
+        let write = Write {
+            name,
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+        if !fake.hold_next_write {
+            fake.apply(write);
+            return ok();
+        }
+        // Held: no answer now (the client times out); applied late, in a task of its own so
+        // that the client giving up does not cancel it.
+        fake.hold_next_write = false;
+        let release = Arc::new(tokio::sync::Notify::new());
+        fake.held = Some((
+            write.name.clone(),
+            record_revision(&write.body),
+            release.clone(),
+        ));
+        (write, release)
+    };
+    let (write, release) = held;
+    let late = tokio::spawn(async move {
+        release.notified().await;
+        let mut fake = shared.lock().expect("lock");
+        fake.apply(write);
+        fake.late_applied += 1;
     });
-    (
-        StatusCode::OK,
-        axum::Json(json!({ "success": true, "errors": [], "messages": [], "result": {} })),
-    )
+    let _ = late.await;
+    ok()
 }
 
 async fn start_fake(failures: Vec<(StatusCode, Value)>) -> (String, Shared) {
@@ -120,7 +231,11 @@ async fn start_fake_on(
     let app = Router::new()
         .route(
             "/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}/values/{name}",
-            put(put_value),
+            put(put_value).get(get_value),
+        )
+        .route(
+            "/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}/bulk/get",
+            post(bulk_get),
         )
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
@@ -207,9 +322,9 @@ async fn a_refused_token_is_reported_and_retried_until_it_works() {
         .await;
     app.create_key("acme-corp", &["read:orders"]).await;
 
-    // While refused, /healthz names Cloudflare's error.
+    // While refused, the admin status names Cloudflare's error; /healthz says "refused".
     let error = eventually(Duration::from_secs(10), || async {
-        let health = app.get("/healthz").await;
+        let health = app.get("/v1/status").await;
         let error = health.body["kv_publisher"]["last_error"]
             .as_str()
             .unwrap_or_default()
@@ -222,24 +337,33 @@ async fn a_refused_token_is_reported_and_retried_until_it_works() {
     })
     .await;
     assert!(error.contains("403"), "{error}");
+    let open = open_publisher(&app).await;
+    assert_eq!(open["state"], "refused", "{open}");
+    assert!(open.get("last_error").is_none(), "{open}");
     app.wait_published(Duration::from_secs(20)).await;
     assert_eq!(fake.lock().expect("lock").writes.len(), 1);
 }
 
-/// `/healthz`'s publisher section.
-async fn publisher(app: &TestApp) -> Value {
-    app.get("/healthz").await.body["kv_publisher"].clone()
+/// `/healthz`'s publisher section, asked without a token as anyone may.
+async fn open_publisher(app: &TestApp) -> Value {
+    let health = TestApp::send(app.request(reqwest::Method::GET, "/healthz")).await;
+    assert_eq!(health.status, reqwest::StatusCode::OK, "{:?}", health.body);
+    health.body["kv_publisher"].clone()
 }
 
-/// Waits until `/healthz` reports a publish error containing `needle`, with changes pending.
-async fn outage_reported(app: &TestApp, needle: &str) -> Value {
+/// `/healthz`'s publisher section.
+async fn publisher(app: &TestApp) -> Value {
+    open_publisher(app).await
+}
+
+/// Waits until `/healthz` reports the publisher in `state`, with changes pending.
+async fn outage_reported(app: &TestApp, state: &str) -> Value {
     eventually(Duration::from_secs(15), || async {
         let p = publisher(app).await;
-        let error = p["last_error"].as_str().unwrap_or_default().to_lowercase();
-        if error.contains(needle) && p["pending"].as_u64() > Some(0) {
+        if p["state"] == state && p["pending"].as_u64() > Some(0) {
             Ok(p)
         } else {
-            Err(format!("waiting for {needle:?}: {p}"))
+            Err(format!("waiting for {state:?}: {p}"))
         }
     })
     .await
@@ -286,7 +410,7 @@ async fn revocations_during_every_kind_of_kv_outage_all_reach_kv_in_order() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     revoke(keys[0].0.clone()).await;
     revoke(keys[1].0.clone()).await;
-    let first = outage_reported(&app, "cannot connect").await;
+    let first = outage_reported(&app, "unreachable").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let later = publisher(&app).await;
     assert!(
@@ -298,19 +422,19 @@ async fn revocations_during_every_kind_of_kv_outage_all_reach_kv_in_order() {
     let (_, fake, _serving) = start_fake_on(&addr, Vec::new()).await;
     fake.lock().expect("lock").hang = true;
     revoke(keys[2].0.clone()).await;
-    outage_reported(&app, "timed out").await;
+    outage_reported(&app, "timeout").await;
 
     // 3. Rate limited, then 4. server errors, each for a while, with revocations meanwhile.
     let phases = [
         (
             StatusCode::TOO_MANY_REQUESTS,
             json!([{ "code": 10429, "message": "Too many requests" }]),
-            "429",
+            "rate_limited",
         ),
         (
             StatusCode::INTERNAL_SERVER_ERROR,
             json!([{ "code": 10001, "message": "Internal error" }]),
-            "500",
+            "http_error",
         ),
     ];
     for (i, (status, errors, needle)) in phases.into_iter().enumerate() {
@@ -366,4 +490,190 @@ async fn revocations_during_every_kind_of_kv_outage_all_reach_kv_in_order() {
          {} accepted; 5 revocations made during the outage all in KV, in order",
         writes.len()
     ));
+}
+
+/// What the fake KV holds for `secret`'s key: its record, if any.
+fn kv_record(fake: &Shared, secret: &str) -> Option<KeyRecord> {
+    let name = kv_entry_name(&ApiKey::parse(secret).expect("issued key").hash());
+    let fake = fake.lock().expect("lock");
+    fake.values
+        .get(&name)
+        .map(|body| KeyRecord::from_json(body.as_bytes()).expect("a record"))
+}
+
+#[tokio::test]
+async fn a_timed_out_write_applied_late_cannot_undo_a_revocation() {
+    let (base, fake) = start_fake(Vec::new()).await;
+    let app = TestApp::builder()
+        .env("KV_API_BASE", &base)
+        .env("KV_NAMESPACE_ID", NAMESPACE)
+        .env("KV_API_TOKEN", TOKEN)
+        .env("KV_RETRY_MAX_MS", "200")
+        .env("KV_REQUEST_TIMEOUT_MS", "300")
+        .env("KV_VERIFY_DELAY_MS", "2000")
+        .env("KV_RECONCILE_INTERVAL_S", "0")
+        .start()
+        .await;
+    // The key's first write (revision 1, live) reaches KV but gets no answer: origin times out.
+    fake.lock().expect("lock").hold_next_write = true;
+    let (id, secret) = app.create_key("acme-corp", &["read:orders"]).await;
+    eventually(Duration::from_secs(10), || async {
+        if fake.lock().expect("lock").held.is_some() {
+            Ok(())
+        } else {
+            Err("the first write has not arrived".to_owned())
+        }
+    })
+    .await;
+    // Revoked meanwhile; the retry writes the revoked state (revision 2) and KV accepts it,
+    // and then the held write (revision 1) is applied, late, over it.
+    let r = app
+        .post(&format!("/v1/api_keys/{id}/revoke"), json!({}))
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{:?}", r.body);
+    let current = app.get(&format!("/v1/api_keys/{id}")).await.body;
+    let revision = 2;
+    assert_eq!(current["revoked"], true);
+    eventually(Duration::from_secs(10), || async {
+        if fake.lock().expect("lock").late_applied == 1 {
+            Ok(())
+        } else {
+            Err("the held write has not been applied".to_owned())
+        }
+    })
+    .await;
+    let landed = std::time::Instant::now();
+    let stale = kv_record(&fake, &secret).expect("a value");
+    assert_eq!(
+        (stale.revision, stale.revoked),
+        (1, false),
+        "the late write landed over the revocation"
+    );
+    // The write whose outcome was unknown was not taken as done: its key is read back.
+    let p = open_publisher(&app).await;
+    assert!(p["verifications_pending"].as_u64() >= Some(1), "{p}");
+
+    // Read back after KV_VERIFY_DELAY_MS, found behind, written again: KV ends revoked.
+    let fixed = eventually(Duration::from_secs(15), || async {
+        let record = kv_record(&fake, &secret).expect("a value");
+        let p = open_publisher(&app).await;
+        if record.revision == revision
+            && record.revoked
+            && p["verifications_pending"] == 0
+            && p["pending"] == 0
+        {
+            Ok(p)
+        } else {
+            Err(format!(
+                "KV holds revision {} (revoked: {}), origin {revision} (revoked); publisher {p}",
+                record.revision, record.revoked
+            ))
+        }
+    })
+    .await;
+    assert!(fixed["rewrites"].as_u64() >= Some(1), "{fixed}");
+    assert!(fixed["verified"].as_u64() >= Some(1), "{fixed}");
+    let reads = fake.lock().expect("lock").reads;
+    common::edge::report_measurement(&format!(
+        "KV late write: a timed-out write applied after the revocation's retry was found by the \
+         read-back (KV_VERIFY_DELAY_MS=2000), overwritten and read back again, all within {} ms of landing; {reads} reads, \
+         publisher {fixed}",
+        landed.elapsed().as_millis()
+    ));
+}
+
+#[tokio::test]
+async fn reconciliation_finds_and_rewrites_a_value_kv_lost_or_holds_stale() {
+    let (base, fake) = start_fake(Vec::new()).await;
+    let app = TestApp::builder()
+        .env("KV_API_BASE", &base)
+        .env("KV_NAMESPACE_ID", NAMESPACE)
+        .env("KV_API_TOKEN", TOKEN)
+        .env("KV_RETRY_MAX_MS", "200")
+        .env("KV_RECONCILE_INTERVAL_S", "1")
+        .start()
+        .await;
+    let (lost_id, lost) = app.create_key("acme-corp", &["read:orders"]).await;
+    let (stale_id, stale) = app.create_key("acme-corp", &["read:orders"]).await;
+    let (_, untouched) = app.create_key("acme-corp", &["read:orders"]).await;
+    let old = {
+        app.wait_published(Duration::from_secs(10)).await;
+        let name = kv_entry_name(&ApiKey::parse(&stale).expect("key").hash());
+        fake.lock().expect("lock").values[&name].clone()
+    };
+    let r = app
+        .post(&format!("/v1/api_keys/{stale_id}/revoke"), json!({}))
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{:?}", r.body);
+    app.wait_published(Duration::from_secs(10)).await;
+    // Behind origin's back: one value disappears, another goes back to its old state.
+    {
+        let mut fake = fake.lock().expect("lock");
+        fake.values
+            .remove(&kv_entry_name(&ApiKey::parse(&lost).expect("key").hash()));
+        fake.values.insert(
+            kv_entry_name(&ApiKey::parse(&stale).expect("key").hash()),
+            old,
+        );
+    }
+    let p = eventually(Duration::from_secs(15), || async {
+        let p = open_publisher(&app).await;
+        let lost_now = kv_record(&fake, &lost);
+        let stale_now = kv_record(&fake, &stale);
+        match (&lost_now, &stale_now) {
+            (Some(l), Some(s)) if l.revision == 1 && s.revoked && s.revision == 2 => Ok(p),
+            _ => Err(format!("KV: {lost_now:?} / {stale_now:?}; publisher {p}")),
+        }
+    })
+    .await;
+    assert_eq!(kv_record(&fake, &untouched).expect("kept").revision, 1);
+    assert!(p["rewrites"].as_u64() >= Some(2), "{p}");
+    assert!(p["reconciled"].as_u64() >= Some(3), "{p}");
+    let _ = lost_id;
+}
+
+#[tokio::test]
+async fn healthz_shows_states_not_error_text_which_admins_see() {
+    // Cloudflare's answer names an internal host and port: a detail for admins, not for all.
+    let detail = "storage backend kv-store-7.internal:7000 unavailable";
+    let (base, fake) = start_fake(Vec::new()).await;
+    fake.lock().expect("lock").outage = Some((
+        StatusCode::INTERNAL_SERVER_ERROR,
+        json!([{ "code": 10001, "message": detail }]),
+    ));
+    let app = TestApp::builder()
+        .env("KV_API_BASE", &base)
+        .env("KV_NAMESPACE_ID", NAMESPACE)
+        .env("KV_API_TOKEN", TOKEN)
+        .env("KV_RETRY_MAX_MS", "200")
+        .start()
+        .await;
+    app.create_key("acme-corp", &["read:orders"]).await;
+    let p = eventually(Duration::from_secs(10), || async {
+        let p = open_publisher(&app).await;
+        if p["failures"].as_u64() >= Some(2) {
+            Ok(p)
+        } else {
+            Err(format!("no failure yet: {p}"))
+        }
+    })
+    .await;
+    let open = TestApp::send(app.request(reqwest::Method::GET, "/healthz")).await;
+    let text = open.body.to_string();
+    assert!(
+        !text.contains("kv-store-7") && !text.contains("7000") && !text.contains(&base),
+        "/healthz shows error text: {text}"
+    );
+    assert_eq!(p["state"], "http_error", "{p}");
+    // Admins see it in full; nobody else gets in.
+    let status = app.get("/v1/status").await;
+    assert_eq!(status.status, reqwest::StatusCode::OK, "{:?}", status.body);
+    let last = status.body["kv_publisher"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(last.contains(detail), "{}", status.body);
+    let anonymous = TestApp::send(app.request(reqwest::Method::GET, "/v1/status")).await;
+    assert_eq!(anonymous.status, reqwest::StatusCode::UNAUTHORIZED);
+    // And the log has it, for operators.
+    assert!(app.logs().contains("kv-store-7.internal:7000"));
 }

@@ -59,11 +59,14 @@ async fn changes_made_while_kv_is_unreachable_are_published_once_it_returns() {
         publisher["failures"].as_u64().expect("failures") > 0,
         "{publisher}"
     );
+    assert_eq!(publisher["state"], "unreachable", "{publisher}");
+    let status = stack.origin.get("/v1/status").await;
     assert!(
-        publisher["last_error"]
+        status.body["kv_publisher"]["last_error"]
             .as_str()
-            .is_some_and(|e| e.contains("unreachable")),
-        "{publisher}"
+            .is_some_and(|e| e.contains("cannot connect")),
+        "{}",
+        status.body
     );
     let metrics = TestApp::send(stack.origin.request(reqwest::Method::GET, "/metrics")).await;
     assert_eq!(metrics.status, StatusCode::OK);
@@ -95,6 +98,58 @@ async fn changes_made_while_kv_is_unreachable_are_published_once_it_returns() {
     assert_eq!(r.body["code"], "VALID", "{:?}", r.body);
     let r = edge.verify(&added.1, &[]).await;
     assert_eq!(r.body["code"], "VALID", "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn reconciliation_puts_back_a_revocation_that_local_kv_lost() {
+    let stack = Stack::start(&[("KV_RECONCILE_INTERVAL_S", "1")]).await;
+    let (id, key) = stack.create(&["read:orders"], json!({})).await;
+    let (_, other) = stack.create(&["read:orders"], json!({})).await;
+    stack.wait_published(PUBLISH_LIMIT).await;
+    let entry =
+        latchkey_shared::kv_entry_name(&latchkey_shared::ApiKey::parse(&key).expect("key").hash());
+    let kv_value = format!(
+        "{}/storage/kv/namespaces/{KV_NAMESPACE_ID}/values/{entry}",
+        stack.edge.kv_api_base()
+    );
+    let http = reqwest::Client::new();
+    let live = http
+        .get(&kv_value)
+        .send()
+        .await
+        .expect("read KV")
+        .bytes()
+        .await
+        .expect("body");
+    stack.revoke(&id).await;
+    stack.wait_published(PUBLISH_LIMIT).await;
+    assert_eq!(stack.edge.verify(&key, &[]).await.body["code"], "REVOKED");
+
+    // A stale write lands after the revocation (as a timed-out write applied late would).
+    let put = http
+        .put(&kv_value)
+        .body(live.to_vec())
+        .send()
+        .await
+        .expect("write KV");
+    assert!(put.status().is_success());
+    assert_eq!(stack.edge.verify(&key, &[]).await.body["code"], "VALID");
+
+    // Reconciliation compares KV (wrangler's bulk/get) with the database and writes it back.
+    let (_, took) = stack
+        .edge
+        .verify_until(&key, &[], PUBLISH_LIMIT, |b| b["code"] == "REVOKED")
+        .await;
+    assert_eq!(stack.edge.verify(&other, &[]).await.body["code"], "VALID");
+    let health = stack.origin.get("/healthz").await;
+    let publisher = &health.body["kv_publisher"];
+    assert!(publisher["rewrites"].as_u64() >= Some(1), "{publisher}");
+    assert!(publisher["reconciled"].as_u64() >= Some(2), "{publisher}");
+    report_measurement(&format!(
+        "KV reconciliation (local KV, KV_RECONCILE_INTERVAL_S=1): a stale value written over a \
+         revocation was put back {} ms later",
+        took.as_millis()
+    ));
 }
 
 #[tokio::test]

@@ -9,7 +9,9 @@
 //! * `GET /v1/audit_log` (admin).
 //! * [`ingest`]: `POST /v1/usage`, the edge's usage reports, authenticated by HMAC signature
 //!   instead of an admin token.
-//! * `GET /healthz` (database and KV publisher backlog) and `GET /metrics` (Prometheus), open.
+//! * `GET /healthz` (database and KV publisher backlog) and `GET /metrics` (Prometheus), open:
+//!   counts and states only, never an error's text.
+//! * `GET /v1/status` (admin): the same, with the KV publisher's last error in full.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -123,6 +125,7 @@ fn table(guard: AdminGuard) -> Routes {
     let table = clerk::routes(table, "");
     tutorial::routes(table)
         .admin::<Clerk, _, _>(Method::GET, "/v1/audit_log", clerk::audit_log)
+        .admin::<Clerk, _, _>(Method::GET, "/v1/status", status)
         .signed(Method::POST, "/v1/usage", ingest::usage)
         .open(Method::GET, "/healthz", healthz)
         .open(Method::GET, "/metrics", metrics)
@@ -156,11 +159,23 @@ async fn log_request(req: Request, next: Next) -> Response {
 /// Requests slower than this are logged at `warn`.
 const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Liveness of the database, and the KV publisher's backlog (`pending`, `lag_ms`). A backlog
-/// does not make origin unhealthy: it keeps serving while KV is away.
+/// Liveness of the database, and the KV publisher's backlog (`pending`, `lag_ms`) and state.
+/// A backlog does not make origin unhealthy: it keeps serving while KV is away. Open, so it
+/// shows counts and states only: an error's text (hosts, ports, the API's messages) is in the
+/// log and in the admin status.
 async fn healthz(State(state): State<AppState>) -> Response {
+    health(&state, false).await
+}
+
+/// `GET /v1/status` (admin): `/healthz` with the KV publisher's last error in full.
+async fn status(State(state): State<AppState>) -> Response {
+    health(&state, true).await
+}
+
+async fn health(state: &AppState, detailed: bool) -> Response {
     let store = state.service.store();
     let checked = match store.ping().await {
+        Ok(()) if detailed => state.publisher.detailed_report(store).await,
         Ok(()) => state.publisher.report(store).await,
         Err(error) => Err(error),
     };
@@ -204,8 +219,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
          latchkey_kv_published_total {}\n\
          # HELP latchkey_kv_publish_failures_total Failed (and retried) KV writes since start.\n\
          # TYPE latchkey_kv_publish_failures_total counter\n\
-         latchkey_kv_publish_failures_total {}\n",
-        report.pending, report.published, report.failures
+         latchkey_kv_publish_failures_total {}\n\
+         # HELP latchkey_kv_verify_pending Keys to read back from KV after a write with an unknown outcome.\n\
+         # TYPE latchkey_kv_verify_pending gauge\n\
+         latchkey_kv_verify_pending {}\n\
+         # HELP latchkey_kv_rewrites_total Keys found behind in KV and published again since start.\n\
+         # TYPE latchkey_kv_rewrites_total counter\n\
+         latchkey_kv_rewrites_total {}\n",
+        report.pending,
+        report.published,
+        report.failures,
+        report.verifications_pending,
+        report.rewrites
     );
     (
         [(

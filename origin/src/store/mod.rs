@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, UnixMillis};
 
 use crate::model::{
-    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey,
+    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey, VerifyEntry,
 };
 
 pub mod sqlite;
@@ -103,6 +103,35 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: u32,
         now: UnixMillis,
     ) -> Result<Option<(KeyId, i64)>, StoreError>;
+
+    /// Queues `keys` for publishing again (their KV value was found behind the database).
+    async fn outbox_enqueue(&self, keys: &[KeyId], now: UnixMillis) -> Result<(), StoreError>;
+
+    /// Asks for each of `keys` to be read back from KV at `due_at` (a later time already asked
+    /// for is kept).
+    async fn verify_schedule(&self, keys: &[KeyId], due_at: UnixMillis) -> Result<(), StoreError>;
+
+    /// Up to `limit` read-backs due at `now`, the most overdue first.
+    async fn verify_due(&self, now: UnixMillis, limit: u32)
+    -> Result<Vec<VerifyEntry>, StoreError>;
+
+    /// Ends a read-back that found KV current, unless it was asked for again meanwhile (its
+    /// `due_at` moved).
+    async fn verify_done(&self, entry: &VerifyEntry) -> Result<(), StoreError>;
+
+    /// Asks for a read-back again at `due_at`, counting one more attempt.
+    async fn verify_retry(&self, entry: &VerifyEntry, due_at: UnixMillis)
+    -> Result<(), StoreError>;
+
+    /// How many read-backs wait.
+    async fn verify_pending(&self) -> Result<u64, StoreError>;
+
+    /// Up to `limit` keys in id order after `after` (for reconciling KV with the database).
+    async fn keys_after(
+        &self,
+        after: Option<&KeyId>,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError>;
 
     /// How many keys exist.
     async fn count_keys(&self) -> Result<u64, StoreError>;

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{KeyStore, StoreError};
 use crate::audit;
 use crate::model::{
-    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey,
+    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey, VerifyEntry,
 };
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
@@ -930,6 +930,117 @@ impl KeyStore for SqliteStore {
             problem: e.to_string(),
         })?;
         Ok(Some((last, queued.last_insert_rowid())))
+    }
+
+    async fn outbox_enqueue(&self, keys: &[KeyId], now: UnixMillis) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        for key in keys {
+            sqlx::query("INSERT INTO kv_outbox (key_id, enqueued_at) VALUES (?, ?)")
+                .bind(key.as_str())
+                .bind(now.0)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn verify_schedule(&self, keys: &[KeyId], due_at: UnixMillis) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        for key in keys {
+            sqlx::query(
+                "INSERT INTO kv_verify (key_id, due_at) VALUES (?, ?) \
+                 ON CONFLICT (key_id) DO UPDATE SET due_at = MAX(due_at, excluded.due_at)",
+            )
+            .bind(key.as_str())
+            .bind(due_at.0)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn verify_due(
+        &self,
+        now: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<VerifyEntry>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT key_id, due_at, attempts FROM kv_verify WHERE due_at <= ? ORDER BY due_at LIMIT ?",
+        )
+        .bind(now.0)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(key_id, due_at, attempts)| {
+                let key_id = KeyId::parse(&key_id).map_err(|e| StoreError::Corrupt {
+                    id: format!("kv_verify {key_id}"),
+                    problem: e.to_string(),
+                })?;
+                Ok(VerifyEntry {
+                    key_id,
+                    due_at: UnixMillis(due_at),
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                })
+            })
+            .collect()
+    }
+
+    async fn verify_done(&self, entry: &VerifyEntry) -> Result<(), StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        sqlx::query("DELETE FROM kv_verify WHERE key_id = ? AND due_at = ?")
+            .bind(entry.key_id.as_str())
+            .bind(entry.due_at.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn verify_retry(
+        &self,
+        entry: &VerifyEntry,
+        due_at: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        sqlx::query(
+            "UPDATE kv_verify SET due_at = MAX(due_at, ?), attempts = attempts + 1 WHERE key_id = ?",
+        )
+        .bind(due_at.0)
+        .bind(entry.key_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn verify_pending(&self) -> Result<u64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM kv_verify")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn keys_after(
+        &self,
+        after: Option<&KeyId>,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id > ? ORDER BY id LIMIT ?");
+        let rows: Vec<KeyRow> = sqlx::query_as(&sql)
+            .bind(after.map_or("", KeyId::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.into_iter().map(StoredKey::try_from).collect()
     }
 
     async fn count_keys(&self) -> Result<u64, StoreError> {
