@@ -1,6 +1,6 @@
 //! No secret at rest: after a full run (create on both surfaces, verify at origin and at the
 //! edge, the gateway, update, revoke, usage reports, admin token rotation, `sync --full`), every
-//! issued key, every admin token and both signing secrets are searched for in the database
+//! issued key, every admin token, both signing secrets and the audit chain key are searched for in the database
 //! file and its WAL, every log at its most verbose level (origin at `trace`, wrangler at
 //! `debug`, the upstream, `sync`), every file of the Worker's local KV and the audit log.
 //! Zero hits, with positive controls proving the scan reads the right places.
@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::edge::{KV_NAMESPACE_ID, Stack, UPSTREAM_SECRET, USAGE_SECRET, report_measurement};
-use common::{ADMIN_TOKEN, TestApp, contains_bytes, files_under};
+use common::{ADMIN_TOKEN, AUDIT_CHAIN_KEY, TestApp, contains_bytes, files_under};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -184,6 +184,7 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
     needles.push(("admin token 2".into(), SECOND_ADMIN_TOKEN.into()));
     needles.push(("usage signing secret".into(), USAGE_SECRET.into()));
     needles.push(("upstream signing secret".into(), UPSTREAM_SECRET.into()));
+    needles.push(("audit chain key".into(), AUDIT_CHAIN_KEY.into()));
 
     let mut hits = Vec::new();
     for (place, bytes) in &scanned {
