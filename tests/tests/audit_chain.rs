@@ -286,28 +286,32 @@ async fn entries_from_before_the_key_are_counted_and_anchored() {
     assert_eq!(broken.status.code(), Some(1), "{}", text(&broken));
 }
 
-/// A database whose chain was rewritten as unkeyed while checkpoints exist: origin refuses to
-/// vouch for it by anchoring it, and says so.
+/// A database whose chain was rewritten as unkeyed while checkpoints exist, or whose newest
+/// entries were deleted: origin refuses to write onto it (which would vouch for it), and says
+/// so.
 #[tokio::test]
-async fn origin_will_not_anchor_a_chain_rewritten_behind_its_back() {
-    let mut app = TestApp::start().await;
-    history(&app).await;
-    app.stop().await;
-    tamper(&app, "rewrite");
-    let mut cmd = Command::new(origin_binary());
-    cmd.arg("serve")
-        .env_clear()
-        .env("ORIGIN_LISTEN", "127.0.0.1:0")
-        .env("DATABASE_URL", app.database_url())
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY);
-    let out = refused_start(cmd);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("origin audit verify"),
-        "{}",
-        text(&out)
-    );
+async fn origin_will_not_write_onto_a_chain_changed_behind_its_back() {
+    for mode in ["rewrite", "delete-newest"] {
+        let mut app = TestApp::start().await;
+        history(&app).await;
+        app.stop().await;
+        tamper(&app, mode);
+        let mut cmd = Command::new(origin_binary());
+        cmd.arg("serve")
+            .env_clear()
+            .env("ORIGIN_LISTEN", "127.0.0.1:0")
+            .env("DATABASE_URL", app.database_url())
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY);
+        let out = refused_start(cmd);
+        eprintln!("{mode}: {}", text(&out));
+        assert!(!out.status.success(), "{mode}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("origin audit verify"),
+            "{mode}: {}",
+            text(&out)
+        );
+    }
 }
 
 #[test]

@@ -240,11 +240,24 @@ async fn anchor_chain(
     )
     .fetch_optional(writer)
     .await?;
+    let verify_hint = "run `origin audit verify` (with the same DATABASE_URL and AUDIT_CHAIN_KEY)";
+    let last = newest.as_ref().map_or(0, |row| row.0);
+    if let Some(checkpoint) = chain.newest_checkpoint()
+        && checkpoint > last
+    {
+        return Err(StoreError::Audit(format!(
+            "the audit log ends at entry {last}, but {} holds a checkpoint for entry \
+             {checkpoint}: its newest entries were deleted (if the database was restored from an \
+             older copy, archive the checkpoint file with the copy it belongs to); {verify_hint}",
+            chain
+                .checkpoint_path()
+                .map_or_else(String::new, |p| p.display().to_string())
+        )));
+    }
     let Some(row) = newest else {
         return Ok(());
     };
     let (seq, at, actor, action, key_id, details, prev_hash, hash, version) = row;
-    let verify_hint = "run `origin audit verify` (with the same DATABASE_URL and AUDIT_CHAIN_KEY)";
     match version {
         audit::CHAIN_KEYED => {
             let expected = audit::entry_mac(
