@@ -48,7 +48,11 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
     runtime.block_on(async {
         let url = format!("sqlite://{}", db.display());
         // Origin's migrations, exactly as origin runs them.
-        SqliteStore::open(&url).await.expect("open").close().await;
+        SqliteStore::open(&url, None)
+            .await
+            .expect("open")
+            .close()
+            .await;
         let options = url
             .parse::<SqliteConnectOptions>()
             .expect("url")

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use latchkey_shared::sign::{SigningSecret, shared_secret};
 use latchkey_shared::{KeyPrefix, Scope, ScopePolicy};
 
 use crate::http::client::TrustedProxies;
@@ -32,7 +33,13 @@ pub struct Config {
     pub kv: Option<KvConfig>,
     /// `USAGE_SIGNING_SECRET`: the secret the edge signs usage reports with; `None` turns the
     /// usage ingest endpoint off.
-    pub usage_secret: Option<UsageSecret>,
+    pub usage_secret: Option<SigningSecret>,
+    /// `AUDIT_CHAIN_KEY`: the key of the audit log's chain (HMAC-SHA256); never stored in the
+    /// database or logged.
+    pub audit_chain_key: SigningSecret,
+    /// `AUDIT_CHECKPOINT_FILE`: where the audit chain's checkpoints are appended; `None`: beside
+    /// the database (`<database>.audit-checkpoints`).
+    pub audit_checkpoint_file: Option<std::path::PathBuf>,
     /// `REQUEST_READ_TIMEOUT_MS`: how long a client may take to send a request's headers, and
     /// then its body. Slower clients get 408 (body) or a closed connection (headers), so a
     /// slow-loris client cannot hold a connection open for ever.
@@ -156,16 +163,6 @@ impl KvConfig {
                 },
             },
         }))
-    }
-}
-
-/// The usage-report signing secret. Its `Debug` is redacted.
-#[derive(Clone)]
-pub struct UsageSecret(pub Vec<u8>);
-
-impl std::fmt::Debug for UsageSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("UsageSecret(<redacted>)")
     }
 }
 
@@ -350,6 +347,25 @@ impl Config {
         let max_connections = connections("MAX_CONNECTIONS", 1024)?;
         let max_connections_per_address = connections("MAX_CONNECTIONS_PER_ADDRESS", 256)?;
 
+        let usage_secret = var("USAGE_SIGNING_SECRET")
+            .map(|v| SigningSecret::parse(&v))
+            .transpose()
+            .map_err(|e| problem("USAGE_SIGNING_SECRET", e.to_string()))?;
+        let audit_chain_key = audit_chain_key(&var)?;
+        // Each role its own secret (the same admin token listed twice is harmless).
+        let mut roles: Vec<(&'static str, &[u8])> =
+            vec![("AUDIT_CHAIN_KEY", audit_chain_key.as_bytes())];
+        if let Some(usage) = &usage_secret {
+            roles.push(("USAGE_SIGNING_SECRET", usage.as_bytes()));
+        }
+        let mut token_texts: Vec<&str> = tokens.split(',').map(str::trim).collect();
+        token_texts.sort_unstable();
+        token_texts.dedup();
+        roles.extend(token_texts.iter().map(|t| ("ADMIN_TOKEN", t.as_bytes())));
+        if let Some((first, second)) = shared_secret(&roles) {
+            return Err(distinct(first, second));
+        }
+
         Ok(Self {
             listen,
             database_url,
@@ -361,18 +377,10 @@ impl Config {
             },
             last_used_flush,
             kv: KvConfig::from_lookup(&var)?,
-            usage_secret: match var("USAGE_SIGNING_SECRET") {
-                None => None,
-                Some(v) if v.trim().len() >= MIN_ADMIN_TOKEN_LEN => {
-                    Some(UsageSecret(v.trim().as_bytes().to_vec()))
-                }
-                Some(_) => {
-                    return Err(problem(
-                        "USAGE_SIGNING_SECRET",
-                        format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters"),
-                    ));
-                }
-            },
+            usage_secret,
+            audit_chain_key,
+            audit_checkpoint_file: var("AUDIT_CHECKPOINT_FILE")
+                .map(|v| std::path::PathBuf::from(v.trim())),
             request_read_timeout,
             admin_auth_failures_per_minute,
             trusted_proxies,
@@ -382,19 +390,121 @@ impl Config {
     }
 }
 
+/// Reads `AUDIT_CHAIN_KEY` (required), with the one rule for secrets.
+pub fn audit_chain_key(var: &dyn Fn(&str) -> Option<String>) -> Result<SigningSecret, ConfigError> {
+    let key = var("AUDIT_CHAIN_KEY").ok_or_else(|| {
+        problem(
+            "AUDIT_CHAIN_KEY",
+            "is required: the key of the audit log's chain, kept outside the database \
+             (generate one with `openssl rand -hex 32`, and keep it: the log's entries verify \
+             only with it)",
+        )
+    })?;
+    SigningSecret::parse(&key).map_err(|e| problem("AUDIT_CHAIN_KEY", e.to_string()))
+}
+
+/// Two settings that hold one secret, by name.
+fn distinct(first: &'static str, second: &'static str) -> ConfigError {
+    if first == second {
+        return problem(first, "two entries hold the same secret");
+    }
+    let var = if second == "ADMIN_TOKEN" {
+        first
+    } else {
+        second
+    };
+    let other = if var == first { second } else { first };
+    problem(
+        var,
+        format!(
+            "holds the same secret as {other}: each role needs its own secret, or a message made for one could be passed off as the other"
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
+    const AUDIT_KEY: &str = "audit-chain-key-for-config-tests-0000";
+
+    /// Loads `vars`, with an audit chain key unless `vars` sets one (`""`: none).
     fn load(vars: &[(&str, &str)]) -> Result<Config, String> {
         Config::from_lookup(|name| {
             vars.iter()
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| (*v).to_owned())
+                .or_else(|| (name == "AUDIT_CHAIN_KEY").then(|| AUDIT_KEY.to_owned()))
         })
         .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn secrets_follow_one_rule_and_each_role_has_its_own() {
+        let usage = "usage-signing-secret-for-config-tests";
+        let c = load(&[
+            ("ADMIN_TOKEN", TOKEN),
+            ("USAGE_SIGNING_SECRET", &format!("  {usage}\n")),
+        ])
+        .expect("valid");
+        assert_eq!(c.audit_chain_key.as_bytes(), AUDIT_KEY.as_bytes());
+        assert_eq!(
+            c.usage_secret.as_ref().map(SigningSecret::as_bytes),
+            Some(usage.as_bytes()),
+            "trimmed by the one rule"
+        );
+        assert!(!format!("{c:?}").contains(AUDIT_KEY), "Debug is redacted");
+        let long_token = "t".repeat(40);
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case<'_>] = &[
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("AUDIT_CHAIN_KEY", "")],
+                &["AUDIT_CHAIN_KEY: is required"],
+            ),
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("AUDIT_CHAIN_KEY", "short")],
+                &["AUDIT_CHAIN_KEY: must be at least 32"],
+            ),
+            (
+                &[
+                    ("ADMIN_TOKEN", TOKEN),
+                    ("USAGE_SIGNING_SECRET", &"u".repeat(31)),
+                ],
+                &["USAGE_SIGNING_SECRET: must be at least 32"],
+            ),
+            (
+                &[("ADMIN_TOKEN", TOKEN), ("USAGE_SIGNING_SECRET", AUDIT_KEY)],
+                &["USAGE_SIGNING_SECRET:", "AUDIT_CHAIN_KEY"],
+            ),
+            (
+                &[
+                    ("ADMIN_TOKEN", &format!("{TOKEN},{long_token}")),
+                    ("AUDIT_CHAIN_KEY", &long_token),
+                ],
+                &["AUDIT_CHAIN_KEY:", "ADMIN_TOKEN"],
+            ),
+            (
+                &[
+                    ("ADMIN_TOKEN", &long_token),
+                    ("USAGE_SIGNING_SECRET", &long_token),
+                ],
+                &["USAGE_SIGNING_SECRET:", "ADMIN_TOKEN"],
+            ),
+        ];
+        for (vars, expected) in cases {
+            let err = load(vars).expect_err("invalid");
+            for word in *expected {
+                assert!(err.contains(word), "{err} should name {word}");
+            }
+            assert!(
+                !err.contains(AUDIT_KEY) && !err.contains(&long_token),
+                "{err}"
+            );
+        }
+        // The same admin token listed twice is not two roles sharing one.
+        assert!(load(&[("ADMIN_TOKEN", &format!("{TOKEN},{TOKEN}"))]).is_ok());
     }
 
     #[test]

@@ -4,8 +4,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use latchkey_origin::audit::ChainChecker;
-use latchkey_origin::config::{Config, KvConfig};
+use std::path::PathBuf;
+
+use latchkey_origin::audit::{self, ChainChecker, Checkpoints};
+use latchkey_origin::config::{self, Config, KvConfig};
 use latchkey_origin::store::{KeyStore, SqliteStore};
 use tracing_subscriber::EnvFilter;
 
@@ -19,7 +21,8 @@ usage: origin <command>
 
 commands:
   serve          run the key service (configuration from the environment; see README)
-  audit verify   check the audit log's hash chain; exits 1 if it is broken
+  audit verify   check the audit log's chain (AUDIT_CHAIN_KEY) against its checkpoints
+                 (AUDIT_CHECKPOINT_FILE); exits 1 if anything is wrong
   routes         print every HTTP route, its method and who may call it (JSON lines)
   sync --full    publish every key's current state to Workers KV (KV_API_BASE, KV_NAMESPACE_ID,
                  KV_API_TOKEN), e.g. into a new namespace; safe while origin serves
@@ -73,12 +76,41 @@ fn main() -> ExitCode {
 }
 
 async fn audit_verify() -> ExitCode {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://data/latchkey.db".into());
-    let store = match SqliteStore::open(&url).await {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let url = env("DATABASE_URL").unwrap_or_else(|| "sqlite://data/latchkey.db".into());
+    let key = match config::audit_chain_key(&env) {
+        Ok(key) => key,
+        Err(e) => return fail(&format!("configuration error: {e}")),
+    };
+    let checkpoint_file = env("AUDIT_CHECKPOINT_FILE")
+        .map(|f| PathBuf::from(f.trim()))
+        .or_else(|| {
+            SqliteStore::database_file(&url)
+                .ok()
+                .flatten()
+                .map(|db| audit::default_checkpoint_path(&db))
+        });
+    let text = match &checkpoint_file {
+        None => String::new(),
+        Some(file) => match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return fail(&format!("cannot read {}: {e}", file.display())),
+        },
+    };
+    let where_ = checkpoint_file.as_ref().map_or_else(
+        || "no checkpoint file".to_owned(),
+        |f| f.display().to_string(),
+    );
+    let checkpoints = match Checkpoints::parse(&key, &text) {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("audit log BROKEN: {e} ({where_})")),
+    };
+    let store = match SqliteStore::open(&url, None).await {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot open {url}: {e}")),
     };
-    let mut checker = ChainChecker::default();
+    let mut checker = ChainChecker::new(Some(&key), &checkpoints);
     let mut after = 0;
     let verdict = loop {
         let batch = match store.audit_log(None, after, 500).await {
@@ -86,7 +118,9 @@ async fn audit_verify() -> ExitCode {
             Err(e) => break Err(format!("cannot read the audit log: {e}")),
         };
         let Some(last) = batch.last() else {
-            break Ok(checker.checked());
+            break checker
+                .finish()
+                .map_err(|e| format!("audit log BROKEN: {e} (checkpoints: {where_})"));
         };
         after = last.seq;
         if let Err(e) = batch.iter().try_for_each(|entry| checker.check(entry)) {
@@ -95,8 +129,31 @@ async fn audit_verify() -> ExitCode {
     };
     store.close().await;
     match verdict {
-        Ok(n) => {
-            out(&format!("audit log OK: {n} entries, chain intact\n"));
+        Ok(s) => {
+            let mut report = format!(
+                "audit log OK: {} entries, chain intact ({} keyed with AUDIT_CHAIN_KEY, {} unkeyed from before it)",
+                s.entries, s.keyed, s.unkeyed
+            );
+            if let Some(newest) = s.newest_checkpoint {
+                report.push_str(&format!(
+                    "; {} checkpoints in {where_}, the newest for entry {newest}",
+                    checkpoints.len()
+                ));
+                if s.last_seq > newest {
+                    report.push_str(&format!(
+                        " (entries {}-{} have no checkpoint yet: their deletion would not be detected)",
+                        newest + 1,
+                        s.last_seq
+                    ));
+                }
+            }
+            if checkpoints.unreadable > 0 {
+                report.push_str(&format!(
+                    "; {} unreadable checkpoint lines ignored (torn writes)",
+                    checkpoints.unreadable
+                ));
+            }
+            out(&format!("{report}\n"));
             ExitCode::SUCCESS
         }
         Err(message) => fail(&message),
@@ -114,7 +171,7 @@ async fn sync_full() -> ExitCode {
         Err(e) => return fail(&format!("configuration error: {e}")),
     };
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://data/latchkey.db".into());
-    let store = match SqliteStore::open(&url).await {
+    let store = match SqliteStore::open(&url, None).await {
         Ok(s) => Arc::new(s),
         Err(e) => return fail(&format!("cannot open {url}: {e}")),
     };

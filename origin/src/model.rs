@@ -131,8 +131,12 @@ pub struct AuditEntry {
     pub details_json: String,
     /// Hash of the previous entry (`0`×64 for the first).
     pub prev_hash: String,
-    /// Hash of this entry.
+    /// Hash of this entry: an HMAC keyed with `AUDIT_CHAIN_KEY` (chain version 2), or for
+    /// entries from before the key, a SHA-256 (version 1; see `audit.rs`).
     pub hash: String,
+    /// The chain version the hash was made with (`audit::CHAIN_KEYED` or `CHAIN_UNKEYED`).
+    #[serde(skip)]
+    pub chain: i64,
 }
 
 /// A pending KV publication: key `key_id` changed, as of outbox sequence number `seq`.

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt as _;
 
+use crate::audit::{self, AuditChain};
 use crate::config::Config;
 use crate::http::client::{TrustedProxies, client_key};
 use crate::http::ingest::UsageIngest;
@@ -29,7 +30,28 @@ use crate::store::{KeyStore, SqliteStore};
 
 /// Runs the service until a shutdown signal.
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let sqlite = Arc::new(SqliteStore::open(&config.database_url).await?);
+    let checkpoints = config.audit_checkpoint_file.clone().or_else(|| {
+        SqliteStore::database_file(&config.database_url)
+            .ok()
+            .flatten()
+            .map(|db| audit::default_checkpoint_path(&db))
+    });
+    match &checkpoints {
+        Some(file) => {
+            tracing::info!(file = %file.display(), "audit checkpoints are appended to this file and logged")
+        }
+        None => tracing::warn!(
+            "audit checkpoints are only logged (an in-memory database and no AUDIT_CHECKPOINT_FILE)"
+        ),
+    }
+    let chain = Arc::new(AuditChain::new(config.audit_chain_key.clone(), checkpoints));
+    let sqlite = Arc::new(SqliteStore::open(&config.database_url, Some(chain)).await?);
+    let durability = sqlite.durability().await?;
+    tracing::info!(
+        journal_mode = %durability.journal_mode,
+        synchronous = %durability.synchronous_name(),
+        "database durability"
+    );
     let store: Arc<dyn KeyStore> = sqlite.clone();
     let service = Arc::new(KeyService::new(
         store.clone(),

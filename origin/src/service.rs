@@ -202,6 +202,17 @@ impl KeyService {
         self.usage.touch(id, at);
     }
 
+    /// Admits a usage batch the edge signed, named by its MAC, once: `false` if it was
+    /// admitted before (a replay). It is remembered until `until`, across restarts.
+    pub async fn admit_usage_batch(
+        &self,
+        mac: &[u8; 32],
+        until: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        self.store.remember_usage_batch(mac, until, now).await
+    }
+
     /// Writes pending `last_used_at` times.
     pub async fn flush_usage(&self) -> Result<usize, StoreError> {
         self.usage.flush(self.store.as_ref()).await

@@ -19,6 +19,7 @@ export async function startOrigin(): Promise<Origin> {
       ORIGIN_LISTEN: '127.0.0.1:0',
       DATABASE_URL: `sqlite://${join(dir, 'latchkey.db')}`,
       ADMIN_TOKEN,
+      AUDIT_CHAIN_KEY: 'node-test-audit-chain-key-dddddddddddddddd',
       RUST_LOG: 'info',
     },
     stdio: ['ignore', 'ignore', 'pipe'],

@@ -2,9 +2,10 @@
 //! edge, the gateway, update, revoke, usage reports, admin token rotation, `sync --full`) and
 //! its failure paths (a KV record the edge cannot read, the upstream down, wrong admin tokens up
 //! to 429, the database locked so writes answer 503), every issued key, every 12-character
-//! window of every key's random body, every admin token and both signing secrets are searched
-//! for in the database file and its WAL, every log at its most verbose level (origin at
-//! `trace`, wrangler at `debug` and its own debug log files, the upstream, `sync`), every file of
+//! window of every key's random body, every admin token, both signing secrets and the audit
+//! chain key are searched for in the database file and its WAL, the audit checkpoints, every
+//! log at its most verbose level (origin at `trace`, wrangler at `debug` and its own debug log
+//! files, the upstream, `sync`), every file of
 //! the Worker's local KV, wrangler's `.wrangler/` folder and the audit log; so is anything shaped
 //! like a key, which would catch a key the test never saw (one made by a create that failed).
 //! Zero hits, with positive controls proving the scan reads the right places.
@@ -26,7 +27,7 @@ use std::time::Duration;
 use common::edge::{
     KV_NAMESPACE_ID, Stack, UPSTREAM_SECRET, USAGE_SECRET, repo_root, report_measurement,
 };
-use common::{ADMIN_TOKEN, TestApp, contains_bytes, files_under};
+use common::{ADMIN_TOKEN, AUDIT_CHAIN_KEY, TestApp, contains_bytes, files_under};
 use latchkey_shared::{ApiKey, kv_entry_name};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -380,6 +381,7 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
     needles.push(("admin token 2".into(), SECOND_ADMIN_TOKEN.into()));
     needles.push(("usage signing secret".into(), USAGE_SECRET.into()));
     needles.push(("upstream signing secret".into(), UPSTREAM_SECRET.into()));
+    needles.push(("audit chain key".into(), AUDIT_CHAIN_KEY.into()));
 
     let fragments = fragments(&bodies);
     // The fragment search finds what it looks for (a control on the matcher itself).

@@ -143,3 +143,48 @@ async fn without_a_usage_secret_the_endpoint_is_off() {
     assert_eq!(r.body["errors"][0]["code"], "usage_ingest_disabled");
     assert!(app.logs().contains("USAGE_SIGNING_SECRET is unset"));
 }
+
+/// The replay guard keys on what was signed, not on how the signature is spelled: the same MAC
+/// in upper case (hex decoding accepts both) is the same batch.
+#[tokio::test]
+async fn a_replay_with_the_mac_in_upper_case_is_refused() {
+    let app = TestApp::builder()
+        .env("USAGE_SIGNING_SECRET", USAGE_SECRET)
+        .start()
+        .await;
+    let body = br#"{"batch":"isolate-upper","uses":[]}"#;
+    let (t, s) = signed(USAGE_SECRET, now(), body);
+    let first = post(&app, body, t.clone(), s.clone()).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let upper = s.clone().map(|s| s.to_ascii_uppercase());
+    let replay = post(&app, body, t.clone(), upper).await;
+    assert_eq!(replay.status, StatusCode::CONFLICT, "{:?}", replay.body);
+    assert_eq!(replay.body["errors"][0]["code"], "replayed");
+    // The same timestamp written another way (a leading zero) is the same message.
+    let padded = t.map(|t| format!("0{t}"));
+    let replay = post(&app, body, padded, s).await;
+    assert_eq!(replay.status, StatusCode::CONFLICT, "{:?}", replay.body);
+}
+
+/// Accepted batches are remembered in the database: a replay after `kill -9` and a restart is
+/// still refused.
+#[tokio::test]
+async fn a_replay_after_a_crash_and_restart_is_refused() {
+    let mut app = TestApp::builder()
+        .env("USAGE_SIGNING_SECRET", USAGE_SECRET)
+        .start()
+        .await;
+    let body = br#"{"batch":"isolate-restart","uses":[]}"#;
+    let (t, s) = signed(USAGE_SECRET, now(), body);
+    let first = post(&app, body, t.clone(), s.clone()).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    app.kill();
+    app.start_again().await;
+    let replay = post(&app, body, t, s).await;
+    assert_eq!(replay.status, StatusCode::CONFLICT, "{:?}", replay.body);
+    // A new batch is still accepted.
+    let body = br#"{"batch":"isolate-restart-2","uses":[]}"#;
+    let (t, s) = signed(USAGE_SECRET, now(), body);
+    let next = post(&app, body, t, s).await;
+    assert_eq!(next.status, StatusCode::OK, "{:?}", next.body);
+}

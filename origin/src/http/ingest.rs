@@ -4,24 +4,26 @@
 //! HMAC-SHA256 over a timestamp and the exact body (`USAGE_SIGNING_SECRET`, shared with the
 //! edge). A batch older or newer than five minutes, a bad signature and a replay of a batch
 //! already accepted are refused.
-
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+//!
+//! The replay guard keys on what was signed: the decoded 32-byte MAC, a function of the
+//! timestamp's value and the body, so neither another spelling of the signature (upper-case
+//! hex) nor of the timestamp (a leading zero) makes a replay look new. Accepted MACs are kept
+//! in the database until their timestamp leaves the skew window, so a restart does not open a
+//! window for replays either.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use latchkey_shared::sign::{self, MAX_CLOCK_SKEW_MS, SignatureError, header};
+use latchkey_shared::sign::{self, MAX_CLOCK_SKEW_MS, SignatureError, SigningSecret, header};
 use latchkey_shared::{KeyId, UnixMillis};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::error::{ApiError, Clerk};
 use super::extract::RawBody;
-use crate::config::UsageSecret;
-use crate::service::system_now;
+use crate::service::{KeyService, system_now};
+use crate::store::StoreError;
 
 /// Most uses in one batch (the edge sends at most its pending map, 10,000 keys).
 const USES_MAX: usize = 10_000;
@@ -29,46 +31,51 @@ const USES_MAX: usize = 10_000;
 /// Verifies and de-duplicates usage batches.
 #[derive(Debug)]
 pub struct UsageIngest {
-    secret: UsageSecret,
-    /// Digests of accepted signatures, with the time they stop mattering (their timestamp plus
-    /// the skew window: after that the timestamp check refuses them anyway).
-    seen: Mutex<HashMap<[u8; 32], i64>>,
+    secret: SigningSecret,
 }
 
 impl UsageIngest {
     /// An ingest accepting batches signed with `secret`.
-    pub fn new(secret: UsageSecret) -> Self {
-        Self {
-            secret,
-            seen: Mutex::new(HashMap::new()),
-        }
+    pub fn new(secret: SigningSecret) -> Self {
+        Self { secret }
     }
 
     /// Checks a batch's signature and freshness, and that it was not accepted before.
-    fn admit(&self, headers: &HeaderMap, body: &[u8], now: UnixMillis) -> Result<(), Refusal> {
+    async fn admit(
+        &self,
+        service: &KeyService,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: UnixMillis,
+    ) -> Result<(), Refusal> {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let timestamp = sign::verify_signed(
-            &self.secret.0,
+            self.secret.as_bytes(),
             text(header::TIMESTAMP),
             text(header::SIGNATURE),
             now,
             |t| sign::usage_message(t, body),
         )
         .map_err(Refusal::Signature)?;
-        let digest: [u8; 32] = Sha256::digest(text(header::SIGNATURE).unwrap_or_default()).into();
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        seen.retain(|_, until| *until >= now.0);
-        if seen.contains_key(&digest) {
-            return Err(Refusal::Replayed);
+        // The signature verified, so it decodes to the 32 bytes of the MAC.
+        let mac: [u8; 32] = text(header::SIGNATURE)
+            .and_then(|s| hex::decode(s.trim()).ok())
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or(Refusal::Signature(SignatureError::Mismatch))?;
+        // Past this, the timestamp check refuses the batch anyway.
+        let until = UnixMillis(timestamp.0.saturating_add(MAX_CLOCK_SKEW_MS));
+        match service.admit_usage_batch(&mac, until, now).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Refusal::Replayed),
+            Err(error) => Err(Refusal::Store(error)),
         }
-        seen.insert(digest, timestamp.0 + MAX_CLOCK_SKEW_MS);
-        Ok(())
     }
 }
 
 enum Refusal {
     Signature(SignatureError),
     Replayed,
+    Store(StoreError),
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,8 +110,9 @@ pub async fn usage(
         ));
     };
     let now = system_now();
-    match ingest.admit(&headers, &body, now) {
+    match ingest.admit(&state.service, &headers, &body, now).await {
         Ok(()) => {}
+        Err(Refusal::Store(error)) => return Err(error.into()),
         Err(Refusal::Signature(e)) => {
             tracing::warn!(error = %e, "usage batch refused");
             return Err(ApiError::new(

@@ -44,6 +44,12 @@ pub enum StoreError {
     /// Creating the database's folder failed.
     #[error("cannot create database folder: {0}")]
     Io(#[from] std::io::Error),
+    /// The audit chain cannot be appended to (no key, or its newest entry does not verify).
+    #[error("audit log: {0}")]
+    Audit(String),
+    /// The database does not run with the settings that make a commit durable.
+    #[error("not durable: {0}")]
+    NotDurable(String),
 }
 
 /// Everything the key service needs from storage.
@@ -75,6 +81,17 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Moves `last_used_at` forward (never back) for a batch of keys, in one transaction.
     async fn record_usage(&self, usage: &[(KeyId, UnixMillis)]) -> Result<(), StoreError>;
+
+    /// Records that the usage batch whose MAC is `mac` was accepted, and remembers it until
+    /// `until` (then its timestamp is refused anyway); forgets batches whose `until` is before
+    /// `now`. Durable before it returns, so a replay after a restart is refused too. Returns
+    /// `false`, and records nothing, if the batch was accepted before: a replay.
+    async fn remember_usage_batch(
+        &self,
+        mac: &[u8; 32],
+        until: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError>;
 
     /// Audit entries after `after_seq`, oldest first, optionally for one key.
     async fn audit_log(

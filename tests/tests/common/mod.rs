@@ -26,6 +26,9 @@ pub mod hostile;
 /// The admin token every test app accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token-aaaaaaaaaaaaaaaaaaaaaaaaaa";
 
+/// The audit chain's key every test app and every `origin` command of a test uses.
+pub const AUDIT_CHAIN_KEY: &str = "test-audit-chain-key-dddddddddddddddddddd";
+
 /// Builds the `origin` binary once per test process (a no-op when it is fresh) and returns its path.
 pub fn origin_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -58,12 +61,19 @@ pub fn origin_binary() -> &'static Path {
 #[derive(Default, Clone)]
 pub struct TestAppBuilder {
     env: Vec<(String, String)>,
+    umask: Option<u32>,
 }
 
 impl TestAppBuilder {
     /// Sets an environment variable for origin.
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Runs origin under this file-creation mask (through `sh -c 'umask …; exec …'`).
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.umask = Some(mask);
         self
     }
 
@@ -75,6 +85,7 @@ impl TestAppBuilder {
             dir,
             child: None,
             env: self.env,
+            umask: self.umask,
             http: reqwest::Client::new(),
             runs: 0,
         };
@@ -90,6 +101,7 @@ pub struct TestApp {
     dir: tempfile::TempDir,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    umask: Option<u32>,
     http: reqwest::Client,
     runs: u32,
 }
@@ -115,6 +127,16 @@ impl TestApp {
         self.dir.path().join("latchkey.db")
     }
 
+    /// Where origin writes the audit chain's checkpoints by default: beside the database.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.dir.path().join("latchkey.db.audit-checkpoints")
+    }
+
+    /// The app's temporary folder.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     pub fn database_url(&self) -> String {
         format!("sqlite://{}", self.db_path().display())
     }
@@ -134,12 +156,22 @@ impl TestApp {
         self.runs += 1;
         let log_path = self.log_path(self.runs);
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = Command::new(origin_binary());
+        let mut cmd = match self.umask {
+            None => Command::new(origin_binary()),
+            Some(mask) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.arg("-c")
+                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
+                    .arg(origin_binary());
+                sh
+            }
+        };
         cmd.arg("serve")
             .env_clear()
             .env("ORIGIN_LISTEN", "127.0.0.1:0")
             .env("DATABASE_URL", self.database_url())
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY)
             .env("RUST_LOG", "trace")
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
@@ -227,6 +259,7 @@ impl TestApp {
             .args(args)
             .env_clear()
             .env("DATABASE_URL", self.database_url())
+            .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY)
             .envs(env.iter().copied())
             .output()
             .expect("run origin command")
