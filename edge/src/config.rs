@@ -76,9 +76,11 @@ impl Settings {
         let routes = RouteTable::parse(&text(env, "ROUTES").unwrap_or_default())?;
         let upstream = text(env, "UPSTREAM_URL")
             .map(|url| {
+                // The value is not echoed: a URL may carry credentials, and this message is
+                // every client's answer while the edge is misconfigured.
                 UpstreamUrl::parse(&url).map_err(|e| ConfigError::Refused {
                     name: "UPSTREAM_URL",
-                    problem: format!("{e}, got {url:?}"),
+                    problem: e.to_string(),
                 })
             })
             .transpose()?;
@@ -158,14 +160,13 @@ impl Settings {
     }
 }
 
-/// Refuses a set URL that is not http(s).
+/// Refuses a set URL that is not http(s), without echoing it (it may carry credentials).
 fn check_url(name: &'static str, url: Option<&str>) -> Result<(), ConfigError> {
     match url {
         Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
-            Err(ConfigError::Invalid {
+            Err(ConfigError::Refused {
                 name,
-                expected: "an http:// or https:// URL",
-                value: url.to_owned(),
+                problem: "must be an http:// or https:// URL".to_owned(),
             })
         }
         _ => Ok(()),

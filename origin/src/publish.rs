@@ -68,6 +68,8 @@ pub struct PublisherStatus {
 /// The last failure: a coarse state for everyone, the detail for admins and logs.
 #[derive(Debug, Clone)]
 struct LastError {
+    /// Which step failed (`PUBLISH`, `STORE_ERROR`'s steps, `RECONCILE_READ`).
+    source: &'static str,
     state: &'static str,
     detail: String,
 }
@@ -154,15 +156,23 @@ impl PublisherStatus {
             .clone()
     }
 
-    fn set_error(&self, state: &'static str, detail: String) {
+    fn set_error(&self, source: &'static str, state: &'static str, detail: String) {
         *self
             .last_error
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(LastError { state, detail });
+            .unwrap_or_else(PoisonError::into_inner) = Some(LastError {
+            source,
+            state,
+            detail,
+        });
     }
 
     fn set_kv_error(&self, error: &KvError) {
-        self.set_error(error.state(), error.to_string());
+        self.set_error(PUBLISH, error.state(), error.to_string());
+    }
+
+    fn set_store_error(&self, detail: String) {
+        self.set_error(STORE_ERROR, STORE_ERROR, detail);
     }
 
     /// Clears the last failure; `only_store` clears it only if the store caused it.
@@ -175,9 +185,24 @@ impl PublisherStatus {
             *last = None;
         }
     }
+
+    /// Clears the last failure if `source` caused it.
+    fn clear_error_from(&self, source: &'static str) {
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.as_ref().is_some_and(|e| e.source == source) {
+            *last = None;
+        }
+    }
 }
 
 const STORE_ERROR: &str = "store_error";
+/// The source of a failed write or read-back of the publisher.
+const PUBLISH: &str = "publish";
+/// The source of a failed read of the reconciler.
+const RECONCILE_READ: &str = "reconcile_read";
 
 fn count(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
@@ -277,8 +302,7 @@ impl Publisher {
                 next_verify = Instant::now() + IDLE_POLL;
                 if let Err(error) = self.verify_due().await {
                     tracing::warn!(%error, "cannot read the KV read-back list; will retry");
-                    self.status
-                        .set_error(STORE_ERROR, format!("kv_verify: {error}"));
+                    self.status.set_store_error(format!("kv_verify: {error}"));
                 }
             }
             if let Some(reconcile) = reconcile.as_mut().filter(|r| Instant::now() >= r.next_at) {
@@ -300,8 +324,7 @@ impl Publisher {
                 Ok(_) => backoff(&mut failures_in_a_row, self.retry_max),
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the KV outbox; will retry");
-                    self.status
-                        .set_error(STORE_ERROR, format!("outbox: {error}"));
+                    self.status.set_store_error(format!("outbox: {error}"));
                     backoff(&mut failures_in_a_row, self.retry_max)
                 }
             };
@@ -379,7 +402,7 @@ impl Publisher {
                     }
                     Ok((entry, Err(KeyFailure::Store(error)))) => {
                         tracing::warn!(key_id = %entry.key_id, %error, "cannot read a key to publish; will retry");
-                        self.status.set_error(STORE_ERROR, format!("key: {error}"));
+                        self.status.set_store_error(format!("key: {error}"));
                         failed += 1;
                     }
                     Err(join_error) => {
@@ -507,8 +530,7 @@ impl Publisher {
             Ok(keys) => keys,
             Err(error) => {
                 tracing::warn!(%error, "reconciliation cannot read keys; will retry");
-                self.status
-                    .set_error(STORE_ERROR, format!("reconcile: {error}"));
+                self.status.set_store_error(format!("reconcile: {error}"));
                 return;
             }
         };
@@ -531,13 +553,16 @@ impl Publisher {
             Ok(values) => values,
             Err(error) => {
                 tracing::warn!(%error, "reconciliation cannot read KV; will retry");
-                self.status.set_kv_error(&error);
+                self.status
+                    .set_error(RECONCILE_READ, error.state(), error.to_string());
                 self.status.failures.fetch_add(1, Ordering::Relaxed);
                 reconcile.next_at = Instant::now() + self.retry_max.max(RECONCILE_PACE);
                 return;
             }
         };
-        self.status.clear_error(false);
+        // A read that works says nothing of writes (a token may read but not write): only the
+        // reconciler's own read failure is cleared here.
+        self.status.clear_error_from(RECONCILE_READ);
         let behind: Vec<KeyId> = keys
             .iter()
             .zip(&names)
@@ -558,8 +583,7 @@ impl Publisher {
             );
             if let Err(error) = self.store.outbox_enqueue(&behind, system_now()).await {
                 tracing::warn!(%error, "reconciliation cannot queue keys; will retry");
-                self.status
-                    .set_error(STORE_ERROR, format!("reconcile: {error}"));
+                self.status.set_store_error(format!("reconcile: {error}"));
                 return;
             }
         }

@@ -12,8 +12,9 @@
 //! * has no `;` (path parameters, which Java servers strip: `/orders/x/..;/admin`), no `\`,
 //!   no dot segment (`.` or `..`) and no empty segment (`//`); only the last segment may be
 //!   empty (a trailing `/`);
-//! * escapes only what must be escaped, in upper-case hex: an escape of a letter, digit or
-//!   `-._~` is not canonical (`%41` for `A`, `%2e` for `.`), lower-case hex is not canonical,
+//! * escapes only what must be escaped, in upper-case hex: an escape of a character that may
+//!   stand unescaped (a letter, a digit, `-._~!$&'()*+,=:@`) is not canonical (`%41` for `A`,
+//!   `%2e` for `.`, `%3A` for `:`), lower-case hex is not canonical,
 //!   and escapes of `/`, `\`, `;`, `%` (a double encoding such as `%252F`), `?`, `#` and of
 //!   control characters (`%00`) are refused outright;
 //! * decodes to valid UTF-8 (so an overlong `%C0%AF` is refused).
@@ -97,8 +98,14 @@ impl<'a> RequestTarget<'a> {
     /// runtime hands it to the Worker. The fragment is dropped; the path must be canonical.
     pub fn from_url(url: &'a str) -> Result<Self, PathError> {
         let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-        let start = after_scheme.find('/').ok_or(PathError::NotAbsolute)?;
+        // The authority ends at the first `/`, `?` or `#`; the path must begin right there.
+        let start = after_scheme
+            .find(['/', '?', '#'])
+            .ok_or(PathError::NotAbsolute)?;
         let target = &after_scheme[start..];
+        if !target.starts_with('/') {
+            return Err(PathError::NotAbsolute);
+        }
         let target = target.split_once('#').map_or(target, |(t, _)| t);
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         check_path(path)?;
@@ -159,9 +166,10 @@ fn check_escape(escape: &str, value: u8) -> Result<(), PathError> {
     if forbidden {
         return Err(PathError::ForbiddenEscape(escape.to_ascii_uppercase()));
     }
-    let unreserved = value.is_ascii_alphanumeric() || b"-._~".contains(&value);
+    // A character that may stand unescaped must: otherwise `/a:b` and `/a%3Ab` would be two
+    // spellings of one path, and a rule naming one would not see the other.
     let lower_hex = escape.bytes().any(|h| h.is_ascii_lowercase());
-    if unreserved || lower_hex {
+    if is_path_char(value) || lower_hex {
         return Err(PathError::NonCanonicalEscape(escape.to_owned()));
     }
     Ok(())
@@ -313,6 +321,13 @@ mod tests {
             ("/orders/%3F", forbidden("%3F")),
             ("/orders/%23", forbidden("%23")),
             ("/orders/%41", non_canonical("%41")),
+            ("/v1/keys%3Arotate", non_canonical("%3A")),
+            ("/orders/%40x", non_canonical("%40")),
+            ("/orders/%2C", non_canonical("%2C")),
+            ("/orders/%21", non_canonical("%21")),
+            ("/orders/%2B", non_canonical("%2B")),
+            ("/orders/%3D", non_canonical("%3D")),
+            ("/orders/%27", non_canonical("%27")),
             ("/orders/%7e", non_canonical("%7e")),
             ("/orders/%c3%a9", non_canonical("%c3")),
             ("/orders/%C0%AF", NotUtf8),
@@ -343,6 +358,10 @@ mod tests {
             if path.starts_with('/') {
                 assert_eq!(RequestTarget::from_url(&url), Err(want), "{url:?}");
             }
+        }
+        // The path begins where the authority ends, never inside a query or fragment.
+        for url in ["https://h?x=/admin", "https://h#/admin", "https://h"] {
+            assert_eq!(RequestTarget::from_url(url), Err(NotAbsolute), "{url}");
         }
     }
 

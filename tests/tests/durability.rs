@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ADMIN_TOKEN, TestApp, contains_bytes, origin_binary};
+use common::{ADMIN_TOKEN, TestApp, contains_bytes, eventually, origin_binary};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -113,7 +113,17 @@ async fn last_used_at_is_flushed_in_batches_and_on_shutdown() {
     let (id, secret) = fast.create_key("acme", &[]).await;
     assert_eq!(verify_code(&fast, &secret).await, "VALID");
     let used = fast.get(&format!("/v1/api_keys/{id}")).await.body["last_used_at"].clone();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The event, not a guess at its time: the batch writer logs each flush (at debug).
+    let fast_ref = &fast;
+    eventually(Duration::from_secs(10), || async move {
+        let logs = fast_ref.logs();
+        if logs.contains("flushed last_used_at") {
+            Ok(())
+        } else {
+            Err(format!("no flush logged yet:\n{logs}"))
+        }
+    })
+    .await;
     fast.kill();
     fast.start_again().await;
     assert_eq!(

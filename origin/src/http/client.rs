@@ -69,15 +69,17 @@ impl TrustedProxies {
         let mut leftmost_trusted = None;
         let mut hops = 0;
         for value in headers.get_all("x-forwarded-for").iter().rev() {
-            let Ok(list) = value.to_str() else {
-                return peer;
-            };
-            for entry in list.rsplit(',') {
+            // Entry by entry from the right, on the raw bytes: bytes a client wrote to the left
+            // (not UTF-8, say) must not spoil the proxies' entries to their right.
+            for entry in value.as_bytes().rsplit(|b| *b == b',') {
                 hops += 1;
                 if hops > MAX_HOPS {
                     return leftmost_trusted.unwrap_or(peer);
                 }
-                let Some(hop) = parse_hop(entry.trim()) else {
+                let Some(hop) = std::str::from_utf8(entry)
+                    .ok()
+                    .and_then(|e| parse_hop(e.trim()))
+                else {
                     return peer;
                 };
                 if !self.contains(hop) {
@@ -166,6 +168,12 @@ mod tests {
                 "garbage where the proxy writes: the peer",
             ),
             ("127.0.0.1", &[b"\xff"], "127.0.0.1", "not UTF-8: the peer"),
+            (
+                "127.0.0.1",
+                &[b"\xff\xfe, 203.0.113.7"],
+                "203.0.113.7",
+                "bytes a client wrote (not UTF-8) do not spoil the proxy's entry",
+            ),
             (
                 "127.0.0.1",
                 &[b"203.0.113.7:4711"],

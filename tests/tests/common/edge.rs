@@ -46,12 +46,29 @@ fn build_worker() {
     });
 }
 
-/// A free loopback port (bound, then released for the child to take).
+/// A loopback port for a child that must be told its port (wrangler cannot take a bound
+/// listener). It is bound to check it is free, then released, so another process could take it
+/// before the child binds it; two things keep that from happening here: the port lies below the
+/// kernel's ephemeral range, where no process binding port 0 (origin, the demo upstream) and no
+/// outgoing connection's source port can land, and a per-process counter keeps the tests of one
+/// binary from picking the same one. Should wrangler still find it taken, it would serve on
+/// another port, which [`Edge::start`] detects.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Below Linux's default ephemeral range (32768-60999) and above the well-known services.
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Test binaries run one after another; the process id spreads them over the span anyway.
+    let start = u16::try_from(std::process::id() % u32::from(SPAN)).expect("fits");
+    for _ in 0..SPAN {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) % SPAN;
+        let port = FIRST + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Prints a measured figure where it shows even when the test passes (the test harness
@@ -287,7 +304,7 @@ impl Edge {
             cmd.args(["--var", &format!("{name}:{value}")]);
         }
         let mut group = Group::spawn(cmd, &log);
-        wait_for_line(
+        let ready_line = wait_for_line(
             &log,
             "Ready on",
             &mut group,
@@ -295,6 +312,13 @@ impl Edge {
             Duration::from_secs(90),
         );
         self.group = Some(group);
+        // wrangler moves to another port when the one it was given is taken: then this edge's
+        // address (already handed to origin) would name someone else's server.
+        assert!(
+            ready_line.trim_end().ends_with(&format!(":{}", self.port)),
+            "wrangler dev did not get port {} ({ready_line}): another process took it",
+            self.port
+        );
         // Ready means listening; wait for the Worker itself to answer.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

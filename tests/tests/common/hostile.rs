@@ -147,6 +147,47 @@ pub fn bad_ids() -> Vec<&'static str> {
     ]
 }
 
+/// Paths under the routed `/orders/**` that must never be forwarded: each one can be read as
+/// a path outside the rules by some server, or is not written the one canonical way.
+pub const AMBIGUOUS_PATHS: &[&str] = &[
+    "/orders/..%2Fadmin",
+    "/orders/..%2fadmin",
+    "/orders/%2e%2e%2fadmin",
+    "/orders/%2e%2e/admin",
+    "/orders/%2E%2E/admin",
+    "/orders/.%2e/admin",
+    "/orders/%2e/admin",
+    "/orders/..%5cadmin",
+    "/orders/..%5Cadmin",
+    "/orders/..\\admin",
+    "/orders/x/..;/admin",
+    "/orders;/../admin",
+    "/orders/1;jsessionid=x",
+    "/orders/..%3B/admin",
+    "/orders/..%252Fadmin",
+    "/orders/%252e%252e/admin",
+    "/orders/%00/admin",
+    "/orders/x%00",
+    "/orders/%0d%0aX-Injected:%201",
+    "/orders/%C0%AF../admin",
+    "/orders/%c0%ae%c0%ae/admin",
+    "/orders/%E0%80%AE%E0%80%AE/admin",
+    "/orders/%FF",
+    "/orders/%41dmin",
+    "/orders/1%3Acancel",
+    "/orders/%40admin",
+    "/orders/1%2C2",
+    "/orders/%21",
+    "/orders/%2",
+    "/orders/%zz",
+    "/orders/../admin",
+    "/orders/./1",
+    "/orders/1/..",
+    "/orders//admin",
+    "/orders/1%3Fx=1",
+    "/orders/1%23frag",
+];
+
 /// One answer read off the wire.
 #[derive(Debug)]
 pub struct RawReply {
