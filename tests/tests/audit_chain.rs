@@ -345,6 +345,20 @@ async fn entries_from_before_the_key_are_anchored_by_the_operator() {
     tamper(&app, "edit-first");
     let broken = app.run_command(&["audit", "verify"]);
     assert_eq!(broken.status.code(), Some(1), "{}", text(&broken));
+
+    // Rewritten whole as unkeyed, anchor included, and the checkpoints deleted: the operator's
+    // command will not anchor it again, since an `audit_chain_keyed` entry shows that the chain
+    // was keyed once.
+    tamper(&app, "legacy");
+    std::fs::remove_file(app.checkpoint_path()).expect("remove the checkpoints");
+    let reanchor = app.run_command(&["audit", "anchor"]);
+    assert_eq!(reanchor.status.code(), Some(1), "{}", text(&reanchor));
+    assert!(
+        String::from_utf8_lossy(&reanchor.stderr)
+            .contains("entry 5 is an unkeyed `audit_chain_keyed` entry"),
+        "{}",
+        text(&reanchor)
+    );
 }
 
 /// The review's attack: someone who can write the database but has no key rewrites every

@@ -117,7 +117,7 @@ impl SqliteStore {
         sqlx::migrate!("./migrations").run(&writer).await?;
         let commits = Arc::new(AtomicU64::new(0));
         if let Some(chain) = &chain {
-            anchor_chain(&writer, chain).await?;
+            check_chain_at_start(&writer, chain).await?;
         }
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
@@ -329,7 +329,7 @@ fn make_database_private(file: &Path) {
 /// the key (the operator anchors it once with `origin audit anchor`) or was rewritten without
 /// the key, and origin cannot tell which, so it never anchors one itself. Ends with a
 /// checkpoint of the newest entry.
-async fn anchor_chain(writer: &SqlitePool, chain: &AuditChain) -> Result<(), StoreError> {
+async fn check_chain_at_start(writer: &SqlitePool, chain: &AuditChain) -> Result<(), StoreError> {
     let newest: Option<AuditRow> = sqlx::query_as(
         "SELECT seq, at, actor, action, key_id, details, prev_hash, hash, chain FROM audit_log \
          ORDER BY seq DESC LIMIT 1",
