@@ -11,8 +11,15 @@
 //! **Chain version 1** (entries written before the key existed): `hash = SHA-256(fields)`,
 //! unkeyed. Anyone who can write the database can recompute it, so such entries prove only
 //! what the first keyed entry after them vouches for: that they were there, as they are, when
-//! the key was introduced (origin appends an `audit_chain_keyed` entry at its first start with
-//! the key). An unkeyed entry after a keyed one is refused (a rewrite without the key).
+//! they were anchored. Anchoring is the operator's explicit, one-time step (`origin audit
+//! anchor` appends an `audit_chain_keyed` entry), never automatic: to origin, a chain that ends
+//! with unkeyed entries looks the same whether it predates the key or was rewritten without it,
+//! so `origin serve` refuses to start on one. An unkeyed entry after a keyed one is refused (a
+//! rewrite without the key).
+//!
+//! **Keys the log does not account for.** Every key is created with a `create` entry, so
+//! `origin audit verify` also refuses a database holding keys without one: a key inserted
+//! behind origin's back, or a log wiped (with its checkpoints) and maybe written again.
 //!
 //! **Checkpoints.** A keyed chain still cannot show that its newest entries were deleted: what
 //! is left is a valid chain. So after every commit that appended entries, origin appends a
@@ -43,7 +50,7 @@ pub const CHAIN_UNKEYED: i64 = 1;
 /// Chain version of entries MACed with `AUDIT_CHAIN_KEY`.
 pub const CHAIN_KEYED: i64 = 2;
 
-/// The audit action origin appends when it first runs with a key over unkeyed entries.
+/// The audit action `origin audit anchor` appends onto unkeyed entries from before the key.
 pub const ACTION_CHAIN_KEYED: &str = "audit_chain_keyed";
 
 /// What an entry's hash covers, in either version.
@@ -188,7 +195,7 @@ pub enum ChainError {
     },
     /// Only unkeyed entries, and nothing that vouches for them.
     #[error(
-        "all {entries} entries are unkeyed (written before AUDIT_CHAIN_KEY existed) and no keyed entry or checkpoint vouches for them: anyone who could write the database could have rewritten them; run origin serve with AUDIT_CHAIN_KEY once to anchor them"
+        "all {entries} entries are unkeyed (written before AUDIT_CHAIN_KEY existed) and no keyed entry or checkpoint vouches for them: anyone who could write the database could have rewritten them; if this database was written before AUDIT_CHAIN_KEY existed, check them and run `origin audit anchor` once"
     )]
     Unanchored {
         /// How many.
@@ -199,6 +206,24 @@ pub enum ChainError {
         "no checkpoint vouches for the chain: a deletion of its newest entries could not be detected (check AUDIT_CHECKPOINT_FILE)"
     )]
     NoCheckpoint,
+    /// No audit entries, yet keys: each was created with one, so the log was wiped.
+    #[error(
+        "the audit log is empty but the database holds {keys} keys, each created with an audit entry: the log was wiped"
+    )]
+    Wiped {
+        /// How many keys.
+        keys: u64,
+    },
+    /// Keys without a `create` entry in the log.
+    #[error(
+        "{keys} keys have no create entry in the audit log (the first: {example}): they were inserted behind origin's back, or the log was wiped and written again"
+    )]
+    Unaccounted {
+        /// How many keys.
+        keys: u64,
+        /// The first of them.
+        example: String,
+    },
     /// A checkpoint line whose MAC does not verify.
     #[error(
         "checkpoint on line {line}: its MAC does not verify with AUDIT_CHAIN_KEY (forged, or another key)"
@@ -319,6 +344,9 @@ pub struct ChainSummary {
     pub last_seq: i64,
     /// The newest checkpointed entry, if any.
     pub newest_checkpoint: Option<i64>,
+    /// The first keyed entry after unkeyed ones (the one that anchored them): its `seq`, `at`
+    /// and action.
+    pub anchor: Option<(i64, i64, String)>,
 }
 
 /// Checks a chain entry by entry, in `seq` order, so a long log never has to fit in memory.
@@ -330,6 +358,7 @@ pub struct ChainChecker<'a> {
     last_seq: i64,
     keyed: u64,
     unkeyed: u64,
+    anchor: Option<(i64, i64, String)>,
 }
 
 impl<'a> ChainChecker<'a> {
@@ -342,6 +371,7 @@ impl<'a> ChainChecker<'a> {
             last_seq: 0,
             keyed: 0,
             unkeyed: 0,
+            anchor: None,
         }
     }
 
@@ -383,6 +413,9 @@ impl<'a> ChainChecker<'a> {
                         hint: ", or written with another AUDIT_CHAIN_KEY",
                     });
                 }
+                if self.keyed == 0 && self.unkeyed > 0 {
+                    self.anchor = Some((e.seq, e.at, e.action.clone()));
+                }
                 self.keyed += 1;
             }
             chain => return Err(ChainError::UnknownVersion { seq: e.seq, chain }),
@@ -423,8 +456,25 @@ impl<'a> ChainChecker<'a> {
             unkeyed: self.unkeyed,
             last_seq: self.last_seq,
             newest_checkpoint,
+            anchor: self.anchor,
         })
     }
+}
+
+/// What `origin audit anchor` anchored: unkeyed entries `1..=entries`, now vouched for by the
+/// keyed entry `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchored {
+    /// How many unkeyed entries (they are entries 1 to this).
+    pub entries: i64,
+    /// When the first and the newest of them were written (unix ms).
+    pub written: (i64, i64),
+    /// Their actions, and how many of each.
+    pub actions: BTreeMap<String, u64>,
+    /// The newest unkeyed entry's hash.
+    pub hash: String,
+    /// The keyed `audit_chain_keyed` entry appended onto them.
+    pub seq: i64,
 }
 
 /// The audit chain's key and where its checkpoints go: what the store needs to append entries.
@@ -742,6 +792,7 @@ mod tests {
         let entries = chain_of(5, 3, &key());
         let summary = verify(&entries, &checkpoints_at(&entries, &[5])).expect("anchored");
         assert_eq!((summary.unkeyed, summary.keyed), (3, 2));
+        assert_eq!(summary.anchor, Some((4, 40, "create".into())));
         // An edit of an unkeyed entry, rechained, breaks the first keyed one.
         let mut edited = entries.clone();
         edited[0].actor = "x".into();

@@ -1,4 +1,5 @@
-//! The `origin` command: `origin serve`, `origin audit verify`, `origin sync --full`.
+//! The `origin` command: `origin serve`, `origin audit verify`, `origin audit anchor`,
+//! `origin sync --full`.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -6,7 +7,7 @@ use std::sync::Arc;
 
 use std::path::PathBuf;
 
-use latchkey_origin::audit::{self, ChainChecker, Checkpoints};
+use latchkey_origin::audit::{self, AuditChain, ChainChecker, ChainError, Checkpoints};
 use latchkey_origin::config::{self, Config, KvConfig};
 use latchkey_origin::store::{KeyStore, SqliteStore};
 use tracing_subscriber::EnvFilter;
@@ -22,7 +23,12 @@ usage: origin <command>
 commands:
   serve          run the key service (configuration from the environment; see README)
   audit verify   check the audit log's chain (AUDIT_CHAIN_KEY) against its checkpoints
-                 (AUDIT_CHECKPOINT_FILE); exits 1 if anything is wrong
+                 (AUDIT_CHECKPOINT_FILE) and the keys it accounts for; exits 1 if anything
+                 is wrong
+  audit anchor   once, for a database written before AUDIT_CHAIN_KEY existed: check its
+                 unkeyed entries and chain a keyed entry onto them (origin serve refuses to
+                 start until then); prints what it anchored. Never on a database that ran with
+                 the key: unkeyed entries at its end mean the log was rewritten
   routes         print every HTTP route, its method and who may call it (JSON lines)
   sync --full    publish every key's current state to Workers KV (KV_API_BASE, KV_NAMESPACE_ID,
                  KV_API_TOKEN), e.g. into a new namespace; safe while origin serves
@@ -54,6 +60,7 @@ fn main() -> ExitCode {
             }
         }
         ["audit", "verify"] => runtime.block_on(audit_verify()),
+        ["audit", "anchor"] => runtime.block_on(audit_anchor()),
         ["routes"] => {
             for route in latchkey_origin::http::route_list() {
                 match serde_json::to_string(&route) {
@@ -75,22 +82,96 @@ fn main() -> ExitCode {
     }
 }
 
-async fn audit_verify() -> ExitCode {
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let url = env("DATABASE_URL").unwrap_or_else(|| "sqlite://data/latchkey.db".into());
-    let key = match config::audit_chain_key(&env) {
-        Ok(key) => key,
-        Err(e) => return fail(&format!("configuration error: {e}")),
+/// What the `audit` commands read from the environment.
+struct AuditEnv {
+    url: String,
+    key: latchkey_shared::sign::SigningSecret,
+    checkpoint_file: Option<PathBuf>,
+}
+
+impl AuditEnv {
+    fn from_env() -> Result<Self, String> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let url = env("DATABASE_URL").unwrap_or_else(|| "sqlite://data/latchkey.db".into());
+        let key = config::audit_chain_key(&env).map_err(|e| format!("configuration error: {e}"))?;
+        let checkpoint_file = env("AUDIT_CHECKPOINT_FILE")
+            .map(|f| PathBuf::from(f.trim()))
+            .or_else(|| {
+                SqliteStore::database_file(&url)
+                    .ok()
+                    .flatten()
+                    .map(|db| audit::default_checkpoint_path(&db))
+            });
+        Ok(Self {
+            url,
+            key,
+            checkpoint_file,
+        })
+    }
+
+    fn checkpoints_where(&self) -> String {
+        self.checkpoint_file.as_ref().map_or_else(
+            || "no checkpoint file".to_owned(),
+            |f| f.display().to_string(),
+        )
+    }
+}
+
+async fn audit_anchor() -> ExitCode {
+    let env = match AuditEnv::from_env() {
+        Ok(env) => env,
+        Err(e) => return fail(&e),
     };
-    let checkpoint_file = env("AUDIT_CHECKPOINT_FILE")
-        .map(|f| PathBuf::from(f.trim()))
-        .or_else(|| {
-            SqliteStore::database_file(&url)
+    let where_ = env.checkpoints_where();
+    let store = match SqliteStore::open(&env.url, None).await {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot open {}: {e}", env.url)),
+    };
+    let chain = AuditChain::new(env.key, env.checkpoint_file);
+    let anchored = store.anchor_unkeyed(&chain).await;
+    store.close().await;
+    match anchored {
+        Ok(a) => {
+            let actions = a
+                .actions
+                .iter()
+                .map(|(action, n)| format!("{n} {action}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            out(&format!(
+                "anchored {n} unkeyed entries (1-{n}, written {from} to {to}: {actions}; the newest hash {hash}) with keyed entry {seq} ({action}), checkpointed in {where_}\n\
+                 From now on they cannot be changed unnoticed; what happened to them before now cannot be proven. Check them (GET /v1/audit_log) and run `origin audit verify`.\n",
+                n = a.entries,
+                from = datetime(a.written.0),
+                to = datetime(a.written.1),
+                hash = a.hash,
+                seq = a.seq,
+                action = audit::ACTION_CHAIN_KEYED,
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Unix milliseconds as RFC 3339 (UTC), or the number if it is out of range.
+fn datetime(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
-                .flatten()
-                .map(|db| audit::default_checkpoint_path(&db))
-        });
-    let text = match &checkpoint_file {
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+async fn audit_verify() -> ExitCode {
+    let env = match AuditEnv::from_env() {
+        Ok(env) => env,
+        Err(e) => return fail(&e),
+    };
+    let (url, key) = (&env.url, &env.key);
+    let text = match &env.checkpoint_file {
         None => String::new(),
         Some(file) => match std::fs::read_to_string(file) {
             Ok(text) => text,
@@ -98,19 +179,16 @@ async fn audit_verify() -> ExitCode {
             Err(e) => return fail(&format!("cannot read {}: {e}", file.display())),
         },
     };
-    let where_ = checkpoint_file.as_ref().map_or_else(
-        || "no checkpoint file".to_owned(),
-        |f| f.display().to_string(),
-    );
-    let checkpoints = match Checkpoints::parse(&key, &text) {
+    let where_ = env.checkpoints_where();
+    let checkpoints = match Checkpoints::parse(key, &text) {
         Ok(c) => c,
         Err(e) => return fail(&format!("audit log BROKEN: {e} ({where_})")),
     };
-    let store = match SqliteStore::open(&url, None).await {
+    let store = match SqliteStore::open(url, None).await {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot open {url}: {e}")),
     };
-    let mut checker = ChainChecker::new(Some(&key), &checkpoints);
+    let mut checker = ChainChecker::new(Some(key), &checkpoints);
     let mut after = 0;
     let verdict = loop {
         let batch = match store.audit_log(None, after, 500).await {
@@ -127,6 +205,12 @@ async fn audit_verify() -> ExitCode {
             break Err(format!("audit log BROKEN: {e}"));
         }
     };
+    // Every key is created with a `create` entry: keys without one were inserted behind
+    // origin's back, or the log was wiped (with its checkpoints, nothing else would show it).
+    let verdict = match verdict {
+        Ok(s) => accounted_keys(&store, s.entries).await.map(|()| s),
+        Err(e) => Err(e),
+    };
     store.close().await;
     match verdict {
         Ok(s) => {
@@ -134,6 +218,12 @@ async fn audit_verify() -> ExitCode {
                 "audit log OK: {} entries, chain intact ({} keyed with AUDIT_CHAIN_KEY, {} unkeyed from before it)",
                 s.entries, s.keyed, s.unkeyed
             );
+            if let Some((seq, at, action)) = &s.anchor {
+                report.push_str(&format!(
+                    "; the unkeyed entries were anchored by entry {seq} ({action}) at {}",
+                    datetime(*at)
+                ));
+            }
             if let Some(newest) = s.newest_checkpoint {
                 report.push_str(&format!(
                     "; {} checkpoints in {where_}, the newest for entry {newest}",
@@ -157,6 +247,21 @@ async fn audit_verify() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(message) => fail(&message),
+    }
+}
+
+/// Whether the audit log (of `entries` entries, its chain verified) accounts for every key.
+/// One query, one snapshot: a key created meanwhile comes with its `create` entry.
+async fn accounted_keys(store: &SqliteStore, entries: u64) -> Result<(), String> {
+    let broken = |e: ChainError| format!("audit log BROKEN: {e}");
+    match store.keys_without_create().await {
+        Ok((0, _)) => Ok(()),
+        Ok((keys, _)) if entries == 0 => Err(broken(ChainError::Wiped { keys })),
+        Ok((keys, example)) => Err(broken(ChainError::Unaccounted {
+            keys,
+            example: example.unwrap_or_default(),
+        })),
+        Err(e) => Err(format!("cannot read the keys: {e}")),
     }
 }
 

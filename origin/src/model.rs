@@ -134,8 +134,8 @@ pub struct AuditEntry {
     /// Hash of this entry: an HMAC keyed with `AUDIT_CHAIN_KEY` (chain version 2), or for
     /// entries from before the key, a SHA-256 (version 1; see `audit.rs`).
     pub hash: String,
-    /// The chain version the hash was made with (`audit::CHAIN_KEYED` or `CHAIN_UNKEYED`).
-    #[serde(skip)]
+    /// The chain version the hash was made with: 2 (`audit::CHAIN_KEYED`, an HMAC with
+    /// `AUDIT_CHAIN_KEY`) or 1 (`CHAIN_UNKEYED`, from before the key). Served as `chain`.
     pub chain: i64,
 }
 

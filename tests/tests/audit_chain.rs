@@ -68,6 +68,16 @@ elif mode == "rewrite":
     rechain(True)
 elif mode == "legacy":
     rechain(True)
+elif mode == "wipe":
+    c.execute("DELETE FROM audit_log")
+elif mode == "backdoor-key":
+    # A key inserted directly, without origin and so without an audit entry: a copy of an
+    # existing key's row under a new id and secret hash.
+    cols = [r[1] for r in c.execute("PRAGMA table_info(api_keys)")]
+    row = list(c.execute("SELECT * FROM api_keys LIMIT 1").fetchone())
+    row[cols.index("id")] = "key_backdoor0000000000000"
+    row[cols.index("secret_hash")] = bytes(range(32))
+    c.execute("INSERT INTO api_keys (%s) VALUES (%s)" % (", ".join(cols), ", ".join("?" * len(cols))), row)
 elif mode == "edit-first":
     c.execute("UPDATE audit_log SET actor = 'admin:someone-else' WHERE seq = 1")
 else:
@@ -245,11 +255,24 @@ async fn verify_needs_the_right_key_and_the_checkpoints() {
     );
 }
 
+/// `origin serve` over `app`'s database, as the test app runs it (for [`refused_start`]).
+fn serve_command(app: &TestApp) -> Command {
+    let mut cmd = Command::new(origin_binary());
+    cmd.arg("serve")
+        .env_clear()
+        .env("ORIGIN_LISTEN", "127.0.0.1:0")
+        .env("DATABASE_URL", app.database_url())
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY);
+    cmd
+}
+
 /// A database from before the key existed: its entries are unkeyed (chain version 1). Alone,
-/// nothing vouches for them; once origin runs with the key, it appends a keyed entry chained
-/// onto them, and from then on they cannot be rewritten unnoticed either.
+/// nothing vouches for them, and origin will not start on them: the operator anchors them once
+/// with `origin audit anchor`, which appends a keyed entry chained onto them, and from then on
+/// they cannot be rewritten unnoticed either.
 #[tokio::test]
-async fn entries_from_before_the_key_are_counted_and_anchored() {
+async fn entries_from_before_the_key_are_anchored_by_the_operator() {
     let mut app = TestApp::start().await;
     history(&app).await;
     app.stop().await;
@@ -258,10 +281,39 @@ async fn entries_from_before_the_key_are_counted_and_anchored() {
     std::fs::remove_file(app.checkpoint_path()).expect("remove the checkpoints");
     let unanchored = app.run_command(&["audit", "verify"]);
     assert_eq!(unanchored.status.code(), Some(1), "{}", text(&unanchored));
+    let stderr = String::from_utf8_lossy(&unanchored.stderr);
     assert!(
-        String::from_utf8_lossy(&unanchored.stderr).contains("4 entries are unkeyed"),
+        stderr.contains("4 entries are unkeyed") && stderr.contains("origin audit anchor"),
         "{}",
         text(&unanchored)
+    );
+
+    // Never anchored automatically: origin refuses to start and names the command.
+    let refused = refused_start(serve_command(&app));
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("origin audit anchor"),
+        "{}",
+        text(&refused)
+    );
+
+    // The operator anchors them, and is told what was anchored.
+    let anchored = app.run_command(&["audit", "anchor"]);
+    eprintln!("anchor: {}", text(&anchored));
+    assert!(anchored.status.success(), "{}", text(&anchored));
+    let stdout = String::from_utf8_lossy(&anchored.stdout);
+    assert!(
+        stdout.contains("anchored 4 unkeyed entries (1-4") && stdout.contains("with keyed entry 5"),
+        "{}",
+        text(&anchored)
+    );
+    // Once only: the chain now ends with a keyed entry.
+    let again = app.run_command(&["audit", "anchor"]);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("nothing to anchor"),
+        "{}",
+        text(&again)
     );
 
     app.start_again().await;
@@ -271,11 +323,20 @@ async fn entries_from_before_the_key_are_counted_and_anchored() {
         "{:?}",
         log.body
     );
+    // Each entry says which chain version its hash is.
+    let chains: Vec<_> = log.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|e| e["chain"].clone())
+        .collect();
+    assert_eq!(chains, [json!(1), json!(1), json!(1), json!(1), json!(2)]);
     app.stop().await;
     let ok = app.run_command(&["audit", "verify"]);
     assert!(ok.status.success(), "{}", text(&ok));
+    let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(
-        String::from_utf8_lossy(&ok.stdout).contains("4 unkeyed"),
+        stdout.contains("4 unkeyed") && stdout.contains("anchored by entry 5"),
         "{}",
         text(&ok)
     );
@@ -284,6 +345,91 @@ async fn entries_from_before_the_key_are_counted_and_anchored() {
     tamper(&app, "edit-first");
     let broken = app.run_command(&["audit", "verify"]);
     assert_eq!(broken.status.code(), Some(1), "{}", text(&broken));
+
+    // Rewritten whole as unkeyed, anchor included, and the checkpoints deleted: the operator's
+    // command will not anchor it again, since an `audit_chain_keyed` entry shows that the chain
+    // was keyed once.
+    tamper(&app, "legacy");
+    std::fs::remove_file(app.checkpoint_path()).expect("remove the checkpoints");
+    let reanchor = app.run_command(&["audit", "anchor"]);
+    assert_eq!(reanchor.status.code(), Some(1), "{}", text(&reanchor));
+    assert!(
+        String::from_utf8_lossy(&reanchor.stderr)
+            .contains("entry 5 is an unkeyed `audit_chain_keyed` entry"),
+        "{}",
+        text(&reanchor)
+    );
+}
+
+/// The review's attack: someone who can write the database but has no key rewrites every
+/// entry as unkeyed (version 1, hashes recomputed) and deletes the checkpoint file beside it.
+/// Origin must not anchor that on its own at the next start (which made `audit verify`
+/// answer OK); it refuses to start, and verify keeps failing.
+#[tokio::test]
+async fn a_log_rewritten_as_unkeyed_is_not_anchored_at_start() {
+    let mut app = TestApp::start().await;
+    history(&app).await;
+    app.stop().await;
+    tamper(&app, "rewrite");
+    std::fs::remove_file(app.checkpoint_path()).expect("remove the checkpoints");
+    let out = refused_start(serve_command(&app));
+    eprintln!("serve: {}", text(&out));
+    let verify = app.run_command(&["audit", "verify"]);
+    eprintln!("verify: {}", text(&verify));
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unkeyed") && stderr.contains("origin audit anchor"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
+}
+
+/// Keys the audit log does not account for: every key is created with a `create` entry, so a
+/// key without one was inserted behind origin's back, or the log was wiped (with the checkpoint
+/// file, nothing else would show it).
+#[tokio::test]
+async fn keys_without_their_create_entry_fail_verification() {
+    let mut failures = Vec::new();
+    for (case, expected) in [
+        (
+            "wipe",
+            "the audit log is empty but the database holds 2 keys",
+        ),
+        ("wipe-then-serve", "2 keys have no create entry"),
+        (
+            "backdoor-key",
+            "1 keys have no create entry in the audit log (the first: key_backdoor",
+        ),
+    ] {
+        let mut app = TestApp::start().await;
+        history(&app).await;
+        app.stop().await;
+        if case == "backdoor-key" {
+            tamper(&app, case);
+        } else {
+            tamper(&app, "wipe");
+            std::fs::remove_file(app.checkpoint_path()).expect("remove the checkpoints");
+        }
+        if case == "wipe-then-serve" {
+            // Origin writes a fresh keyed chain, with checkpoints, onto the wiped log.
+            app.start_again().await;
+            app.create_key("initech", &["read:orders"]).await;
+            app.stop().await;
+        }
+        let out = app.run_command(&["audit", "verify"]);
+        eprintln!("{case}: {}", text(&out));
+        if out.status.code() != Some(1) || !String::from_utf8_lossy(&out.stderr).contains(expected)
+        {
+            failures.push(format!("{case}: {}", text(&out)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "not detected:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// A database whose chain was rewritten as unkeyed while checkpoints exist, or whose newest
@@ -296,20 +442,22 @@ async fn origin_will_not_write_onto_a_chain_changed_behind_its_back() {
         history(&app).await;
         app.stop().await;
         tamper(&app, mode);
-        let mut cmd = Command::new(origin_binary());
-        cmd.arg("serve")
-            .env_clear()
-            .env("ORIGIN_LISTEN", "127.0.0.1:0")
-            .env("DATABASE_URL", app.database_url())
-            .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY);
-        let out = refused_start(cmd);
+        let out = refused_start(serve_command(&app));
         eprintln!("{mode}: {}", text(&out));
         assert!(!out.status.success(), "{mode}: {}", text(&out));
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("origin audit verify"),
             "{mode}: {}",
             text(&out)
+        );
+        // Nor will the operator's command anchor it.
+        let anchor = app.run_command(&["audit", "anchor"]);
+        eprintln!("{mode}, anchor: {}", text(&anchor));
+        assert_eq!(anchor.status.code(), Some(1), "{mode}: {}", text(&anchor));
+        assert!(
+            String::from_utf8_lossy(&anchor.stderr).contains("checkpoint"),
+            "{mode}: {}",
+            text(&anchor)
         );
     }
 }

@@ -2,6 +2,7 @@
 //! fight over SQLite's lock) and a small pool of read-only connections (WAL lets them read while
 //! the writer commits).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{KeyStore, StoreError};
-use crate::audit::{self, AuditChain};
+use crate::audit::{self, Anchored, AuditChain, ChainChecker, Checkpoints};
 use crate::model::{
     AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey, VerifyEntry,
 };
@@ -83,8 +84,9 @@ impl Durability {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url`, and runs the embedded migrations.
     /// Without `chain`, the store can read the audit log but not append to it (`origin audit
-    /// verify`, `origin sync`). With it, the chain's newest entry must verify with its key,
-    /// and unkeyed entries from before the key are anchored by a keyed entry.
+    /// verify`, `origin audit anchor`, `origin sync`). With it, the chain's newest entry must
+    /// verify with its key: a chain that ends with unkeyed entries is refused (see
+    /// [`SqliteStore::anchor_unkeyed`]).
     pub async fn open(url: &str, chain: Option<Arc<AuditChain>>) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
@@ -115,7 +117,7 @@ impl SqliteStore {
         sqlx::migrate!("./migrations").run(&writer).await?;
         let commits = Arc::new(AtomicU64::new(0));
         if let Some(chain) = &chain {
-            anchor_chain(&writer, &commits, chain).await?;
+            check_chain_at_start(&writer, chain).await?;
         }
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
@@ -177,6 +179,104 @@ impl SqliteStore {
         ))
     }
 
+    /// Keys the audit log does not account for: how many have no `create` entry, and the
+    /// first of them (every key is created with one).
+    pub async fn keys_without_create(&self) -> Result<(u64, Option<String>), StoreError> {
+        let (n, first): (i64, Option<String>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(id) FROM api_keys k WHERE NOT EXISTS \
+             (SELECT 1 FROM audit_log a WHERE a.key_id = k.id AND a.action = 'create')",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok((u64::try_from(n).unwrap_or(0), first))
+    }
+
+    /// `origin audit anchor`: the operator's one-time step for a database written before
+    /// `AUDIT_CHAIN_KEY` existed. Checks, in one write transaction, that the log is an intact
+    /// chain of unkeyed entries (none of them an `audit_chain_keyed` entry, which only a keyed
+    /// chain has) with no checkpoints taken of it, then appends a keyed `audit_chain_keyed`
+    /// entry chained onto them and checkpoints it. Refuses anything else, naming why.
+    pub async fn anchor_unkeyed(&self, chain: &AuditChain) -> Result<Anchored, StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        let newest: Option<(i64, i64)> =
+            sqlx::query_as("SELECT seq, chain FROM audit_log ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let last = newest.map_or(0, |(seq, _)| seq);
+        refuse_truncated(chain, last)?;
+        let newest_chain = match newest {
+            None => {
+                return Err(StoreError::Audit(
+                    "nothing to anchor: the audit log is empty".into(),
+                ));
+            }
+            Some((_, chain)) => chain,
+        };
+        if newest_chain != audit::CHAIN_UNKEYED {
+            return Err(StoreError::Audit(format!(
+                "nothing to anchor: the newest audit entry ({last}) is keyed (anchored already, \
+                 or written with AUDIT_CHAIN_KEY); {VERIFY_HINT}"
+            )));
+        }
+        refuse_checkpointed(chain, last)?;
+        let none = Checkpoints::default();
+        let mut checker = ChainChecker::new(Some(chain.key()), &none);
+        let mut actions = BTreeMap::<String, u64>::new();
+        let mut written = (0, 0);
+        let mut hash = String::new();
+        let mut after = 0;
+        loop {
+            let rows: Vec<AuditRow> = sqlx::query_as(
+                "SELECT seq, at, actor, action, key_id, details, prev_hash, hash, chain \
+                 FROM audit_log WHERE seq > ? ORDER BY seq LIMIT 500",
+            )
+            .bind(after)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let entry = audit_entry(row)?;
+                checker.check(&entry).map_err(|e| {
+                    StoreError::Audit(format!("not anchored, the chain does not hold: {e}"))
+                })?;
+                if entry.action == audit::ACTION_CHAIN_KEYED {
+                    return Err(StoreError::Audit(format!(
+                        "not anchored: entry {} is an unkeyed `{}` entry, which only a keyed chain \
+                         has: the log was keyed once and rewritten without the key; {VERIFY_HINT}",
+                        entry.seq,
+                        audit::ACTION_CHAIN_KEYED
+                    )));
+                }
+                if entry.seq == 1 {
+                    written.0 = entry.at;
+                }
+                written.1 = entry.at;
+                *actions.entry(entry.action).or_default() += 1;
+                after = entry.seq;
+                hash = entry.hash;
+            }
+        }
+        let event = AuditEvent {
+            at: UnixMillis(system_millis()),
+            actor: "origin".into(),
+            action: audit::ACTION_CHAIN_KEYED,
+            key_id: None,
+            details: serde_json::json!({ "unkeyed_entries": last, "unkeyed_hash": hash }),
+        };
+        let (seq, keyed_hash, at) = append_audit(&mut tx, Some(chain), &event).await?;
+        tx.commit().await?;
+        chain.checkpoint(seq, &keyed_hash, at);
+        Ok(Anchored {
+            entries: last,
+            written,
+            actions,
+            hash,
+            seq,
+        })
+    }
+
     /// The writer connection's durability settings, as SQLite reports them.
     pub async fn durability(&self) -> Result<Durability, StoreError> {
         durability(&self.writer).await
@@ -223,37 +323,21 @@ fn make_database_private(file: &Path) {
     }
 }
 
-/// At start with a key: the newest entry must verify with it (else the key changed, or the
-/// log was edited: refuse to write onto it), and a chain that ends with unkeyed entries from
-/// before the key gets a keyed entry chained onto them, so that from now on they cannot be
-/// rewritten unnoticed either. That is refused if checkpoints exist: they were taken from a
-/// keyed chain, so unkeyed entries at its end mean it was rewritten. Ends with a checkpoint of
-/// the newest entry.
-async fn anchor_chain(
-    writer: &SqlitePool,
-    commits: &Arc<AtomicU64>,
-    chain: &AuditChain,
-) -> Result<(), StoreError> {
+/// At start with a key: the log must not end before the newest checkpoint (entries deleted),
+/// and its newest entry must verify with the key (else the key changed, or the log was edited:
+/// refuse to write onto it). A chain that ends with unkeyed entries is refused too: it predates
+/// the key (the operator anchors it once with `origin audit anchor`) or was rewritten without
+/// the key, and origin cannot tell which, so it never anchors one itself. Ends with a
+/// checkpoint of the newest entry.
+async fn check_chain_at_start(writer: &SqlitePool, chain: &AuditChain) -> Result<(), StoreError> {
     let newest: Option<AuditRow> = sqlx::query_as(
         "SELECT seq, at, actor, action, key_id, details, prev_hash, hash, chain FROM audit_log \
          ORDER BY seq DESC LIMIT 1",
     )
     .fetch_optional(writer)
     .await?;
-    let verify_hint = "run `origin audit verify` (with the same DATABASE_URL and AUDIT_CHAIN_KEY)";
     let last = newest.as_ref().map_or(0, |row| row.0);
-    if let Some(checkpoint) = chain.newest_checkpoint()
-        && checkpoint > last
-    {
-        return Err(StoreError::Audit(format!(
-            "the audit log ends at entry {last}, but {} holds a checkpoint for entry \
-             {checkpoint}: its newest entries were deleted (if the database was restored from an \
-             older copy, archive the checkpoint file with the copy it belongs to); {verify_hint}",
-            chain
-                .checkpoint_path()
-                .map_or_else(String::new, |p| p.display().to_string())
-        )));
-    }
+    refuse_truncated(chain, last)?;
     let Some(row) = newest else {
         return Ok(());
     };
@@ -275,45 +359,60 @@ async fn anchor_chain(
             if !audit::same(&expected, &hash) {
                 return Err(StoreError::Audit(format!(
                     "the newest audit entry ({seq}) does not verify with AUDIT_CHAIN_KEY: the key \
-                     is not the one the log was written with, or the entry was edited; {verify_hint}"
+                     is not the one the log was written with, or the entry was edited; {VERIFY_HINT}"
                 )));
             }
             chain.checkpoint(seq, &hash, at);
+            Ok(())
         }
         audit::CHAIN_UNKEYED => {
-            if let Some(path) = chain.checkpoint_path()
-                && std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
-            {
-                return Err(StoreError::Audit(format!(
-                    "the newest audit entry ({seq}) is unkeyed, but {} holds checkpoints of a keyed \
-                     chain: the log was rewritten without the key; {verify_hint}",
-                    path.display()
-                )));
-            }
-            let event = AuditEvent {
-                at: UnixMillis(system_millis()),
-                actor: "origin".into(),
-                action: audit::ACTION_CHAIN_KEYED,
-                key_id: None,
-                details: serde_json::json!({ "unkeyed_entries": seq }),
-            };
-            let mut tx = WriteTx::begin(writer, commits).await?;
-            let appended = append_audit(&mut tx, Some(chain), &event).await?;
-            tx.commit().await?;
-            chain.checkpoint(appended.0, &appended.1, appended.2);
-            tracing::warn!(
-                unkeyed_entries = seq,
-                "the audit log's {seq} entries from before AUDIT_CHAIN_KEY are now chained to a keyed entry; \
-                 they prove only that they were there, as they are, from now on"
-            );
+            refuse_checkpointed(chain, seq)?;
+            Err(StoreError::Audit(format!(
+                "the newest audit entry ({seq}) is unkeyed, and origin never anchors unkeyed \
+                 entries itself: if this database was written before AUDIT_CHAIN_KEY existed, run \
+                 `origin audit anchor` once (same DATABASE_URL and AUDIT_CHAIN_KEY) and read what \
+                 it anchors; if it ever ran with AUDIT_CHAIN_KEY, its log was rewritten without \
+                 the key: do not anchor it, restore the database from a backup and {VERIFY_HINT}"
+            )))
         }
-        other => {
-            return Err(StoreError::Audit(format!(
-                "the newest audit entry ({seq}) has chain version {other}, unknown to this build"
-            )));
-        }
+        other => Err(StoreError::Audit(format!(
+            "the newest audit entry ({seq}) has chain version {other}, unknown to this build"
+        ))),
     }
-    Ok(())
+}
+
+const VERIFY_HINT: &str =
+    "run `origin audit verify` (with the same DATABASE_URL and AUDIT_CHAIN_KEY)";
+
+/// Refuses a log that ends at `last`, before the newest checkpoint at the end of the
+/// checkpoint file: its newest entries were deleted.
+fn refuse_truncated(chain: &AuditChain, last: i64) -> Result<(), StoreError> {
+    match chain.newest_checkpoint() {
+        Some(checkpoint) if checkpoint > last => Err(StoreError::Audit(format!(
+            "the audit log ends at entry {last}, but {} holds a checkpoint for entry \
+             {checkpoint}: its newest entries were deleted (if the database was restored from an \
+             older copy, archive the checkpoint file with the copy it belongs to); {VERIFY_HINT}",
+            chain
+                .checkpoint_path()
+                .map_or_else(String::new, |p| p.display().to_string())
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses unkeyed entries at the end of a chain that has checkpoints: they were taken from a
+/// keyed chain, so it was rewritten without the key.
+fn refuse_checkpointed(chain: &AuditChain, seq: i64) -> Result<(), StoreError> {
+    match chain.checkpoint_path() {
+        Some(path) if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) => {
+            Err(StoreError::Audit(format!(
+                "the newest audit entry ({seq}) is unkeyed, but {} holds checkpoints of a keyed \
+                 chain: the log was rewritten without the key; {VERIFY_HINT}",
+                path.display()
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn system_millis() -> i64 {
@@ -334,6 +433,26 @@ type AuditRow = (
     String,
     i64,
 );
+
+fn audit_entry(row: AuditRow) -> Result<AuditEntry, StoreError> {
+    let (seq, at, actor, action, key_id, details_json, prev_hash, hash, chain) = row;
+    let details = serde_json::from_str(&details_json).map_err(|e| StoreError::Corrupt {
+        id: format!("audit_log seq {seq}"),
+        problem: e.to_string(),
+    })?;
+    Ok(AuditEntry {
+        seq,
+        at,
+        actor,
+        action,
+        key_id,
+        details,
+        details_json,
+        prev_hash,
+        hash,
+        chain,
+    })
+}
 
 /// Read-only connections for verify's lookup by hash, used synchronously on the calling thread.
 ///
@@ -1094,29 +1213,7 @@ impl KeyStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.into_iter()
-            .map(
-                |(seq, at, actor, action, key_id, details_json, prev_hash, hash, chain)| {
-                    let details =
-                        serde_json::from_str(&details_json).map_err(|e| StoreError::Corrupt {
-                            id: format!("audit_log seq {seq}"),
-                            problem: e.to_string(),
-                        })?;
-                    Ok(AuditEntry {
-                        seq,
-                        at,
-                        actor,
-                        action,
-                        key_id,
-                        details,
-                        details_json,
-                        prev_hash,
-                        hash,
-                        chain,
-                    })
-                },
-            )
-            .collect()
+        rows.into_iter().map(audit_entry).collect()
     }
 
     async fn outbox_peek(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
