@@ -163,10 +163,14 @@ impl Settings {
 /// Refuses a set URL that is not http(s), without echoing it (it may carry credentials).
 fn check_url(name: &'static str, url: Option<&str>) -> Result<(), ConfigError> {
     match url {
-        Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+        Some(url)
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.contains(['@', '?', '#']) =>
+        {
             Err(ConfigError::Refused {
                 name,
-                problem: "must be an http:// or https:// URL".to_owned(),
+                problem: "must be an http:// or https:// URL with no user, query or fragment"
+                    .to_owned(),
             })
         }
         _ => Ok(()),

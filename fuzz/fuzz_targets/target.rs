@@ -1,11 +1,17 @@
 //! The gateway's request target (`latchkey_shared::target`): never panics on any URL, and a
-//! path it accepts has one reading only: no dot or empty segment, no `;` or `\`, no escape of
-//! a character that may stand unescaped or of `/ \ ; % ? #` or a control character, upper-case
-//! hex, and it decodes to UTF-8.
+//! path it accepts has one spelling only. Two oracles: decoding the path and encoding it again
+//! the one canonical way (escape exactly what cannot stand unescaped, upper-case hex) gives
+//! back the very same path; and the path has no dot or empty segment, no `;` or `\`, no escape
+//! of `/ \ ; % ? #` or of a control character, and decodes to UTF-8.
 #![no_main]
 
 use latchkey_shared::target::{RequestTarget, check_path};
 use libfuzzer_sys::fuzz_target;
+
+/// May stand unescaped in a path (RFC 3986 `pchar` and `/`, less `;`).
+fn plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@/".contains(&b)
+}
 
 fuzz_target!(|url: &str| {
     let Ok(target) = RequestTarget::from_url(url) else {
@@ -20,17 +26,17 @@ fuzz_target!(|url: &str| {
         assert!(*segment != "." && *segment != "..", "{path:?}");
         assert!(!segment.is_empty() || i + 1 == segments.len(), "{path:?}");
     }
+    // Decode, independently of the parser.
     let mut decoded = Vec::new();
     let bytes = path.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = &path[i + 1..i + 3];
-            assert!(hex.bytes().all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h)));
-            let value = u8::from_str_radix(hex, 16).expect("hex");
-            let plain = value.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&value);
-            let ambiguous = value.is_ascii_control() || b"/\\;%?#".contains(&value);
-            assert!(!plain && !ambiguous, "{path:?}: %{hex}");
+            let value = u8::from_str_radix(&path[i + 1..i + 3], 16).expect("hex");
+            assert!(
+                !value.is_ascii_control() && !b"/\\;%?#".contains(&value),
+                "{path:?}: an ambiguous escape"
+            );
             decoded.push(value);
             i += 3;
         } else {
@@ -39,4 +45,14 @@ fuzz_target!(|url: &str| {
         }
     }
     assert!(std::str::from_utf8(&decoded).is_ok(), "{path:?}");
+    // Encode the one canonical way: the same path, or it had two spellings.
+    let mut canonical = String::new();
+    for b in decoded {
+        if plain(b) {
+            canonical.push(char::from(b));
+        } else {
+            canonical.push_str(&format!("%{b:02X}"));
+        }
+    }
+    assert_eq!(canonical, path, "two spellings of one path");
 });

@@ -68,7 +68,8 @@ pub struct PublisherStatus {
 /// The last failure: a coarse state for everyone, the detail for admins and logs.
 #[derive(Debug, Clone)]
 struct LastError {
-    /// Which step failed (`PUBLISH`, `STORE_ERROR`'s steps, `RECONCILE_READ`).
+    /// Which step failed (`PUBLISH`, `OUTBOX`, `READ_BACK`, `VERIFY_LIST`, `RECONCILE_READ`,
+    /// `RECONCILE_STORE`): only that step working again clears it.
     source: &'static str,
     state: &'static str,
     detail: String,
@@ -171,19 +172,8 @@ impl PublisherStatus {
         self.set_error(PUBLISH, error.state(), error.to_string());
     }
 
-    fn set_store_error(&self, detail: String) {
-        self.set_error(STORE_ERROR, STORE_ERROR, detail);
-    }
-
-    /// Clears the last failure; `only_store` clears it only if the store caused it.
-    fn clear_error(&self, only_store: bool) {
-        let mut last = self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if !only_store || last.as_ref().is_some_and(|e| e.state == STORE_ERROR) {
-            *last = None;
-        }
+    fn set_store_error(&self, source: &'static str, detail: String) {
+        self.set_error(source, STORE_ERROR, detail);
     }
 
     /// Clears the last failure if `source` caused it.
@@ -199,10 +189,20 @@ impl PublisherStatus {
 }
 
 const STORE_ERROR: &str = "store_error";
-/// The source of a failed write or read-back of the publisher.
+// Where a failure came from: a step that works again clears only its own failure, so a read that
+// works never hides a write that still fails.
+/// A KV write, or reading the keys to write.
 const PUBLISH: &str = "publish";
-/// The source of a failed read of the reconciler.
+/// Reading the outbox.
+const OUTBOX: &str = "outbox";
+/// A KV read-back.
+const READ_BACK: &str = "read_back";
+/// Reading or updating the read-back list.
+const VERIFY_LIST: &str = "verify_list";
+/// A KV read of the reconciler.
 const RECONCILE_READ: &str = "reconcile_read";
+/// The reconciler's reads and writes of the database.
+const RECONCILE_STORE: &str = "reconcile_store";
 
 fn count(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
@@ -300,9 +300,13 @@ impl Publisher {
             }
             if Instant::now() >= next_verify {
                 next_verify = Instant::now() + IDLE_POLL;
-                if let Err(error) = self.verify_due().await {
-                    tracing::warn!(%error, "cannot read the KV read-back list; will retry");
-                    self.status.set_store_error(format!("kv_verify: {error}"));
+                match self.verify_due().await {
+                    Ok(_) => self.status.clear_error_from(VERIFY_LIST),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the KV read-back list; will retry");
+                        self.status
+                            .set_store_error(VERIFY_LIST, format!("kv_verify: {error}"));
+                    }
                 }
             }
             if let Some(reconcile) = reconcile.as_mut().filter(|r| Instant::now() >= r.next_at) {
@@ -314,7 +318,7 @@ impl Publisher {
                     if outcome.rows > 0 {
                         continue;
                     }
-                    self.status.clear_error(true);
+                    self.status.clear_error_from(OUTBOX);
                     tokio::select! {
                         () = wake.notified() => continue,
                         () = tokio::time::sleep(IDLE_POLL) => continue,
@@ -324,7 +328,8 @@ impl Publisher {
                 Ok(_) => backoff(&mut failures_in_a_row, self.retry_max),
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the KV outbox; will retry");
-                    self.status.set_store_error(format!("outbox: {error}"));
+                    self.status
+                        .set_store_error(OUTBOX, format!("outbox: {error}"));
                     backoff(&mut failures_in_a_row, self.retry_max)
                 }
             };
@@ -402,7 +407,8 @@ impl Publisher {
                     }
                     Ok((entry, Err(KeyFailure::Store(error)))) => {
                         tracing::warn!(key_id = %entry.key_id, %error, "cannot read a key to publish; will retry");
-                        self.status.set_store_error(format!("key: {error}"));
+                        self.status
+                            .set_store_error(PUBLISH, format!("key: {error}"));
                         failed += 1;
                     }
                     Err(join_error) => {
@@ -419,7 +425,8 @@ impl Publisher {
         if !published.is_empty() {
             self.store.outbox_ack(&published).await?;
             if failed == 0 {
-                self.status.clear_error(false);
+                self.status.clear_error_from(PUBLISH);
+                self.status.clear_error_from(OUTBOX);
             }
         }
         self.status
@@ -467,7 +474,8 @@ impl Publisher {
         match read {
             Err(error) => {
                 tracing::warn!(keys = keys.len(), %error, "KV read-back failed; will retry");
-                self.status.set_kv_error(&error);
+                self.status
+                    .set_error(READ_BACK, error.state(), error.to_string());
                 for (entry, _) in &keys {
                     self.store.verify_retry(entry, again).await?;
                 }
@@ -475,7 +483,7 @@ impl Publisher {
                 self.status.failures.fetch_add(1, Ordering::Relaxed);
             }
             Ok(values) => {
-                self.status.clear_error(false);
+                self.status.clear_error_from(READ_BACK);
                 let mut behind = Vec::new();
                 for ((entry, key), name) in keys.iter().zip(&names) {
                     let expected = key.record().revision;
@@ -527,10 +535,14 @@ impl Publisher {
             .keys_after(reconcile.cursor.as_ref(), limit)
             .await
         {
-            Ok(keys) => keys,
+            Ok(keys) => {
+                self.status.clear_error_from(RECONCILE_STORE);
+                keys
+            }
             Err(error) => {
                 tracing::warn!(%error, "reconciliation cannot read keys; will retry");
-                self.status.set_store_error(format!("reconcile: {error}"));
+                self.status
+                    .set_store_error(RECONCILE_STORE, format!("reconcile: {error}"));
                 return;
             }
         };
@@ -583,7 +595,8 @@ impl Publisher {
             );
             if let Err(error) = self.store.outbox_enqueue(&behind, system_now()).await {
                 tracing::warn!(%error, "reconciliation cannot queue keys; will retry");
-                self.status.set_store_error(format!("reconcile: {error}"));
+                self.status
+                    .set_store_error(RECONCILE_STORE, format!("reconcile: {error}"));
                 return;
             }
         }

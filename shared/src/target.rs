@@ -82,7 +82,7 @@ pub enum PathError {
     #[error("the request path contains a broken percent escape")]
     BrokenEscape,
     /// An escape that is not how the character is normally written (lower-case hex, or an
-    /// escaped letter, digit or `-._~`).
+    /// escape of a character that may stand unescaped: a letter, a digit, `-._~!$&'()*+,=:@`).
     #[error("the request path contains a non-canonical escape {0}")]
     NonCanonicalEscape(String),
     /// An escape of `/`, `\`, `;`, `%`, `?`, `#` or a control character.
@@ -97,7 +97,18 @@ impl<'a> RequestTarget<'a> {
     /// The target of an absolute URL (`scheme://authority/path?query#fragment`), as the
     /// runtime hands it to the Worker. The fragment is dropped; the path must be canonical.
     pub fn from_url(url: &'a str) -> Result<Self, PathError> {
-        let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+        // A scheme is only ever at the start: `/a?x=h://b` is a path and a query.
+        let after_scheme = match url.split_once("://") {
+            Some((scheme, rest))
+                if scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) =>
+            {
+                rest
+            }
+            _ => url,
+        };
         // The authority ends at the first `/`, `?` or `#`; the path must begin right there.
         let start = after_scheme
             .find(['/', '?', '#'])
@@ -288,6 +299,7 @@ mod tests {
             ("http://h/orders/..x/x..", "/orders/..x/x..", ""),
             ("http://h/orders#frag?no", "/orders", ""),
             ("/relative/only?q", "/relative/only", "q"),
+            ("/a?x=h://b/c", "/a", "x=h://b/c"),
         ];
         for (url, path, query) in cases {
             assert_eq!(

@@ -397,7 +397,10 @@ async fn keys_without_their_create_entry_fail_verification() {
             "wipe",
             "the audit log is empty but the database holds 2 keys",
         ),
-        ("wipe-then-serve", "2 keys have no create entry"),
+        (
+            "wipe-then-serve",
+            "the audit log is empty but the database holds 2 keys",
+        ),
         (
             "backdoor-key",
             "1 keys have no create entry in the audit log (the first: key_backdoor",
@@ -413,10 +416,13 @@ async fn keys_without_their_create_entry_fail_verification() {
             std::fs::remove_file(app.checkpoint_path()).expect("remove the checkpoints");
         }
         if case == "wipe-then-serve" {
-            // Origin writes a fresh keyed chain, with checkpoints, onto the wiped log.
-            app.start_again().await;
-            app.create_key("initech", &["read:orders"]).await;
-            app.stop().await;
+            // Origin will not write a fresh keyed chain, with checkpoints, onto the wiped log
+            // (it did before, and only `audit verify` could tell afterwards).
+            let out = refused_start(serve_command(&app));
+            eprintln!("{case}, serve: {}", text(&out));
+            if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains(expected) {
+                failures.push(format!("{case}, serve: {}", text(&out)));
+            }
         }
         let out = app.run_command(&["audit", "verify"]);
         eprintln!("{case}: {}", text(&out));

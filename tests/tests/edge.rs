@@ -485,3 +485,56 @@ async fn a_bad_route_rule_refuses_every_request_and_names_the_rule() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn bad_secrets_and_a_cleartext_upstream_refuse_every_request_and_name_the_setting() {
+    let mut edge = common::edge::Edge::on_free_port();
+    let long = "s".repeat(40);
+    // (setting, value, what the message must name) — each on its own start.
+    let cases: [(&str, &str, &str); 4] = [
+        (
+            "UPSTREAM_SIGNING_SECRET",
+            "too-short-secret",
+            "UPSTREAM_SIGNING_SECRET must be at least 32",
+        ),
+        ("USAGE_SIGNING_SECRET", &long, "must be different secrets"),
+        (
+            "UPSTREAM_URL",
+            "http://api.example.com:8080",
+            "UPSTREAM_URL must use https://",
+        ),
+        (
+            "UPSTREAM_URL",
+            "https://user:hunter2@api.example.com",
+            "UPSTREAM_URL must be scheme://host",
+        ),
+    ];
+    edge.var("ROUTES", "GET /orders/** read:orders")
+        .var("UPSTREAM_URL", "http://127.0.0.1:9")
+        .var("UPSTREAM_SIGNING_SECRET", &long);
+    for (name, value, expected) in cases {
+        edge.var(name, value);
+        edge.start_expecting_misconfiguration().await;
+        let r = TestApp::send(edge.request(Method::GET, "/orders/1")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{name}: {:?}",
+            r.body
+        );
+        assert_eq!(r.body["error"]["code"], "edge_misconfigured");
+        let message = r.body["error"]["message"].as_str().expect("message");
+        assert!(message.contains(expected), "{name}: {message}");
+        assert!(
+            !message.contains(value),
+            "{name}: the value is never echoed: {message}"
+        );
+        edge.stop();
+        // Back to a good value before the next case breaks another setting.
+        match name {
+            "UPSTREAM_SIGNING_SECRET" => edge.var(name, &long),
+            "USAGE_SIGNING_SECRET" => edge.var(name, &"u".repeat(40)),
+            _ => edge.var(name, "http://127.0.0.1:9"),
+        };
+    }
+}

@@ -173,7 +173,7 @@ fn corpus(valid_key: &str) -> Vec<Probe> {
     // Paths that are not canonical under a routed prefix (whatever the client library leaves of
     // them): refused before any key is looked at. `gateway_paths.rs` sends them raw.
     for path in hostile::AMBIGUOUS_PATHS {
-        let mut p = probe(format!("gateway GET {path}"), Method::GET, path, b"");
+        let mut p = probe(format!("ambiguous GET {path}"), Method::GET, path, b"");
         p.headers
             .push(("authorization", b"Bearer garbage".to_vec()));
         probes.push(p);
@@ -236,6 +236,16 @@ async fn hostile_requests_and_kv_faults_at_the_edge_never_let_anything_through()
             .await
             .unwrap_or_else(|_| panic!("{}: no answer within 10 s", p.label));
         *by_status.entry(r.status.as_u16()).or_default() += 1;
+        if let Some(path) = p.label.strip_prefix("ambiguous GET ") {
+            // Unless the client library rewrote it on the way (it resolves dot segments and
+            // reads `\` as `/`), the path reached the Worker as written: refused as such.
+            let sent =
+                reqwest::Url::parse(&format!("{}{path}", edge.base)).map(|u| u.path().to_owned());
+            if sent.as_deref() == Ok(path) {
+                assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}: {}", p.label, r.body);
+                assert_eq!(r.body["error"]["code"], "ambiguous_path", "{}", p.label);
+            }
+        }
         if r.status == StatusCode::NOT_IMPLEMENTED
             && !latchkey_shared::target::is_known_method(p.method.as_str())
         {

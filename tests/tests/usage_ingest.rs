@@ -188,3 +188,24 @@ async fn a_replay_after_a_crash_and_restart_is_refused() {
     let next = post(&app, body, t, s).await;
     assert_eq!(next.status, StatusCode::OK, "{:?}", next.body);
 }
+
+#[tokio::test]
+async fn extreme_timestamps_are_refused_as_stale_without_overflow() {
+    // `(now - timestamp).abs()` on an untrusted i64 overflowed (a panic in a debug build, a
+    // wrong answer in release); the skew check now takes `abs_diff`.
+    let app = TestApp::builder()
+        .env("USAGE_SIGNING_SECRET", USAGE_SECRET)
+        .start()
+        .await;
+    let body = json!({ "batch": "extreme", "uses": [] }).to_string();
+    for at in [i64::MIN, i64::MIN + 1, i64::MAX] {
+        let (t, s) = signed(USAGE_SECRET, UnixMillis(at), body.as_bytes());
+        let r = post(&app, body.as_bytes(), t, s).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{at}: {:?}", r.body);
+        assert_eq!(r.body["errors"][0]["code"], "signature_invalid", "{at}");
+        let message = r.body["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("too far"), "{at}: {message}");
+    }
+    assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
+    assert!(!app.logs().contains("panicked"), "{}", app.logs());
+}

@@ -339,6 +339,17 @@ async fn check_chain_at_start(writer: &SqlitePool, chain: &AuditChain) -> Result
     let last = newest.as_ref().map_or(0, |row| row.0);
     refuse_truncated(chain, last)?;
     let Some(row) = newest else {
+        // Every key is created with an audit entry: keys without any entry mean a wiped log,
+        // and a fresh chain must not be written over the wipe.
+        let keys: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(writer)
+            .await?;
+        if keys > 0 {
+            return Err(StoreError::Audit(format!(
+                "the audit log is empty but the database holds {keys} keys: the log was wiped; \
+                 restore the database from a backup and {VERIFY_HINT}"
+            )));
+        }
         return Ok(());
     };
     let (seq, at, actor, action, key_id, details, prev_hash, hash, version) = row;

@@ -130,7 +130,9 @@ fn wait_for_line(
     let deadline = Instant::now() + limit;
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(marker)) {
+        // Whole lines only: the last one may still be being written.
+        let complete = text.rsplit_once('\n').map_or("", |(done, _)| done);
+        if let Some(line) = complete.lines().find(|l| l.contains(marker)) {
             return line.to_owned();
         }
         if let Some(status) = group.exited() {
