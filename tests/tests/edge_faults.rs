@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::edge::{KV_NAMESPACE_ID, Stack, report_measurement};
+use common::edge::{Stack, report_measurement};
 use common::hostile;
 use common::{TestApp, files_under};
 use latchkey_shared::{ApiKey, kv_entry_name};
@@ -312,27 +312,9 @@ async fn hostile_requests_and_kv_faults_at_the_edge_never_let_anything_through()
 
     // KV holds a record this build cannot read: deny with 503, at verify and at the gateway.
     let entry = kv_entry_name(&ApiKey::parse(&key).expect("key").hash());
-    let kv_value = format!(
-        "{}/storage/kv/namespaces/{KV_NAMESPACE_ID}/values/{entry}",
-        edge.kv_api_base()
-    );
-    let http = reqwest::Client::new();
-    let good = http
-        .get(&kv_value)
-        .send()
-        .await
-        .expect("read KV")
-        .bytes()
-        .await
-        .expect("body");
+    let good = edge.read_kv(&entry).await;
     for garbage in [&b"{not json"[..], br#"{"v":99,"id":"x"}"#, b""] {
-        let put = http
-            .put(&kv_value)
-            .body(garbage.to_vec())
-            .send()
-            .await
-            .expect("write KV");
-        assert!(put.status().is_success());
+        edge.write_kv(&entry, garbage).await;
         let r = edge.verify(&key, &[]).await;
         assert_eq!(
             r.status,
@@ -350,13 +332,7 @@ async fn hostile_requests_and_kv_faults_at_the_edge_never_let_anything_through()
         "nothing forwarded while KV was unreadable"
     );
     // Origin's full sync writes the true record back; the key works again.
-    let put = http
-        .put(&kv_value)
-        .body(good.clone())
-        .send()
-        .await
-        .expect("restore");
-    assert!(put.status().is_success());
+    edge.write_kv(&entry, &good).await;
     assert_eq!(edge.verify(&key, &[]).await.body["valid"], true);
 
     // The stored value itself disappears from under KV (its index entry remains). Local KV

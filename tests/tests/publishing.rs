@@ -108,31 +108,13 @@ async fn reconciliation_puts_back_a_revocation_that_local_kv_lost() {
     stack.wait_published(PUBLISH_LIMIT).await;
     let entry =
         latchkey_shared::kv_entry_name(&latchkey_shared::ApiKey::parse(&key).expect("key").hash());
-    let kv_value = format!(
-        "{}/storage/kv/namespaces/{KV_NAMESPACE_ID}/values/{entry}",
-        stack.edge.kv_api_base()
-    );
-    let http = reqwest::Client::new();
-    let live = http
-        .get(&kv_value)
-        .send()
-        .await
-        .expect("read KV")
-        .bytes()
-        .await
-        .expect("body");
+    let live = stack.edge.read_kv(&entry).await;
     stack.revoke(&id).await;
     stack.wait_published(PUBLISH_LIMIT).await;
     assert_eq!(stack.edge.verify(&key, &[]).await.body["code"], "REVOKED");
 
     // A stale write lands after the revocation (as a timed-out write applied late would).
-    let put = http
-        .put(&kv_value)
-        .body(live.to_vec())
-        .send()
-        .await
-        .expect("write KV");
-    assert!(put.status().is_success());
+    stack.edge.write_kv(&entry, &live).await;
     assert_eq!(stack.edge.verify(&key, &[]).await.body["code"], "VALID");
 
     // Reconciliation compares KV (wrangler's bulk/get) with the database and writes it back.

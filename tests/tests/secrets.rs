@@ -178,16 +178,7 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
     // KV holds a record the edge cannot read: 503 kv_unavailable at verify and the gateway.
     // (`sync --full` below writes the true record back.)
     let entry = kv_entry_name(&ApiKey::parse(&secrets[2]).expect("key").hash());
-    let put = reqwest::Client::new()
-        .put(format!(
-            "{}/storage/kv/namespaces/{KV_NAMESPACE_ID}/values/{entry}",
-            stack.edge.kv_api_base()
-        ))
-        .body("{not json")
-        .send()
-        .await
-        .expect("write KV");
-    assert!(put.status().is_success());
+    stack.edge.write_kv(&entry, b"{not json").await;
     let r = stack.edge.verify(&secrets[2], &[]).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
     assert_eq!(r.body["error"]["code"], "kv_unavailable");

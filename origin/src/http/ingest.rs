@@ -49,7 +49,7 @@ impl UsageIngest {
         now: UnixMillis,
     ) -> Result<(), Refusal> {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let timestamp = sign::verify_signed(
+        let verified = sign::verify_signed(
             self.secret.as_bytes(),
             text(header::TIMESTAMP),
             text(header::SIGNATURE),
@@ -57,14 +57,10 @@ impl UsageIngest {
             |t| sign::usage_message(t, body),
         )
         .map_err(Refusal::Signature)?;
-        // The signature verified, so it decodes to the 32 bytes of the MAC.
-        let mac: [u8; 32] = text(header::SIGNATURE)
-            .and_then(|s| hex::decode(s.trim()).ok())
-            .and_then(|bytes| bytes.try_into().ok())
-            .ok_or(Refusal::Signature(SignatureError::Mismatch))?;
-        // Past this, the timestamp check refuses the batch anyway.
-        let until = UnixMillis(timestamp.0.saturating_add(MAX_CLOCK_SKEW_MS));
-        match service.admit_usage_batch(&mac, until, now).await {
+        // Keyed on the decoded MAC (what was signed), not its text; past `until` the timestamp
+        // check refuses the batch anyway.
+        let until = UnixMillis(verified.timestamp.0.saturating_add(MAX_CLOCK_SKEW_MS));
+        match service.admit_usage_batch(&verified.mac, until, now).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(Refusal::Replayed),
             Err(error) => Err(Refusal::Store(error)),

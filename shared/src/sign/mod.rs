@@ -128,15 +128,24 @@ pub fn sign(secret: &[u8], message: &[u8]) -> String {
     hex::encode(mac(secret, message).finalize().into_bytes())
 }
 
+/// A signature [`verify_signed`] accepted: what replay guards key on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// The signed timestamp.
+    pub timestamp: UnixMillis,
+    /// The MAC's 32 bytes, decoded: one value per signed message, however its hex was written.
+    pub mac: [u8; 32],
+}
+
 /// Checks a signature made by [`sign`] in constant time, and that `timestamp` (the raw header
-/// value) is within [`MAX_CLOCK_SKEW_MS`] of `now`. Returns the parsed timestamp.
+/// value) is within [`MAX_CLOCK_SKEW_MS`] of `now`. Returns the timestamp and the decoded MAC.
 pub fn verify_signed(
     secret: &[u8],
     timestamp: Option<&str>,
     signature: Option<&str>,
     now: UnixMillis,
     message: impl FnOnce(UnixMillis) -> Vec<u8>,
-) -> Result<UnixMillis, SignatureError> {
+) -> Result<Verified, SignatureError> {
     let timestamp = timestamp
         .and_then(|t| t.trim().parse::<i64>().ok())
         .map(UnixMillis)
@@ -144,13 +153,17 @@ pub fn verify_signed(
     if !within_skew(now, timestamp) {
         return Err(SignatureError::Stale);
     }
-    let signature = signature
+    let mac_bytes: [u8; 32] = signature
         .and_then(|s| hex::decode(s.trim()).ok())
+        .and_then(|bytes| bytes.try_into().ok())
         .ok_or(SignatureError::Mismatch)?;
     mac(secret, &message(timestamp))
-        .verify_slice(&signature)
+        .verify_slice(&mac_bytes)
         .map_err(|_| SignatureError::Mismatch)?;
-    Ok(timestamp)
+    Ok(Verified {
+        timestamp,
+        mac: mac_bytes,
+    })
 }
 
 /// Whether `timestamp` is within [`MAX_CLOCK_SKEW_MS`] of `now`, for any two values: the
@@ -178,7 +191,21 @@ mod tests {
         sig: Option<&str>,
         body: &[u8],
     ) -> Result<UnixMillis, SignatureError> {
-        verify_signed(b"secret", ts, sig, NOW, |t| usage_message(t, body))
+        verify_signed(b"secret", ts, sig, NOW, |t| usage_message(t, body)).map(|v| v.timestamp)
+    }
+
+    #[test]
+    fn the_mac_is_returned_decoded_so_its_spelling_does_not_matter() {
+        let sig = sign(b"secret", &usage_message(NOW, b"{}"));
+        let ts = NOW.0.to_string();
+        let lower = verify_signed(b"secret", Some(&ts), Some(&sig), NOW, |t| {
+            usage_message(t, b"{}")
+        });
+        let upper = verify_signed(b"secret", Some(&ts), Some(&sig.to_uppercase()), NOW, |t| {
+            usage_message(t, b"{}")
+        });
+        assert_eq!(lower, upper);
+        assert_eq!(lower.map(|v| hex::encode(v.mac)), Ok(sig));
     }
 
     #[test]

@@ -265,6 +265,36 @@ impl Edge {
         format!("{}/cdn-cgi/explorer/api", self.base)
     }
 
+    fn kv_value_url(&self, entry: &str) -> String {
+        format!(
+            "{}/storage/kv/namespaces/{KV_NAMESPACE_ID}/values/{entry}",
+            self.kv_api_base()
+        )
+    }
+
+    /// The value of KV entry `entry`, read through the local KV REST API (as origin reads it).
+    pub async fn read_kv(&self, entry: &str) -> Vec<u8> {
+        let response = self
+            .http
+            .get(self.kv_value_url(entry))
+            .send()
+            .await
+            .expect("read KV");
+        response.bytes().await.expect("KV value").to_vec()
+    }
+
+    /// Writes `value` to KV entry `entry` behind origin's back.
+    pub async fn write_kv(&self, entry: &str, value: &[u8]) {
+        let put = self
+            .http
+            .put(self.kv_value_url(entry))
+            .body(value.to_vec())
+            .send()
+            .await
+            .expect("write KV");
+        assert!(put.status().is_success(), "KV write: {}", put.status());
+    }
+
     fn log_path(&self, run: u32) -> PathBuf {
         self.dir.path().join(format!("wrangler-{run}.log"))
     }
