@@ -13,6 +13,7 @@
 //!   upstream's check of them ([`sign::gateway::GatewayVerifier`]), and the one rule for secrets.
 
 pub mod key;
+pub mod ledger;
 pub mod record;
 pub mod route;
 pub mod scope;

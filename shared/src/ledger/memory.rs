@@ -1,0 +1,810 @@
+//! An isolate's memory of key records, kept complete by the ledger (sans-IO: the edge does the
+//! fetching and calls these methods with what it got).
+//!
+//! Two maps, both by KV entry name:
+//! * **ledger entries** (`pinned`): the newest record of every key the ledger listed within its
+//!   retention window. They are never evicted for space, because KV may still serve an older
+//!   value for these keys; past the retention window they move to the hot cache. Too many of
+//!   them (`ledger_max_keys`) and memory gives up (see below).
+//! * **the hot cache**: records (or their absence) read from KV, bounded by `hot_max_keys`
+//!   (least recently used out first) and `hot_ttl_ms`.
+//!
+//! **Invariant: memory answers only while the ledger proves it complete** ([`Memory::trusted`]):
+//! a sync that reached the ledger's head is at most `sync_max_age_ms` old, and origin's
+//! watermark is at most `watermark_max_age_ms` old. Otherwise [`Memory::recall`] says
+//! [`Recall::Untrusted`], the hot cache is dropped, and the caller reads KV per request, still
+//! letting no KV value older (by `revision`) than a ledger entry of the same key win
+//! ([`Memory::merge`]): never worse than KV alone.
+//!
+//! ```
+//! use latchkey_shared::ledger::memory::{Memory, Recall, Settings};
+//! use latchkey_shared::ledger::{Tail, LEDGER_VERSION};
+//! use latchkey_shared::UnixMillis;
+//!
+//! let mut memory = Memory::new(Settings::default());
+//! let now = UnixMillis(1_000_000);
+//! let name = format!("k1:{}", "a".repeat(64));
+//! assert!(matches!(memory.recall(&name, now), Recall::Untrusted));
+//! // The first sync asks for everything the ledger keeps, and here it holds nothing.
+//! let after = memory.start_sync(now).expect("due");
+//! assert_eq!(after, 0);
+//! let tail = Tail {
+//!     v: LEDGER_VERSION, after: 0, entries: vec![], more: false, head: 0,
+//!     watermark: Some(now), served_at: now, retention_ms: 600_000,
+//! };
+//! memory.apply(&tail, now).expect("applies");
+//! assert!(memory.trusted(now));
+//! // Trusted, but this key was never read: read KV once, then memory answers.
+//! assert!(matches!(memory.recall(&name, now), Recall::Unknown));
+//! memory.remember(&name, None, now);
+//! assert!(matches!(memory.recall(&name, now), Recall::Known(None)));
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use hashlink::LruCache;
+
+use super::Tail;
+use crate::record::{KeyRecord, UnixMillis};
+
+/// How memory is bounded and when it is trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// How often the ledger is polled (`LEDGER_POLL_MS`).
+    pub poll_ms: i64,
+    /// The newest complete sync may be at most this old (`LEDGER_MAX_AGE_MS`).
+    pub sync_max_age_ms: i64,
+    /// Origin's watermark may be at most this old (`WATERMARK_MAX_AGE_MS`).
+    pub watermark_max_age_ms: i64,
+    /// Most records read from KV kept (`MEMORY_MAX_KEYS`).
+    pub hot_max_keys: usize,
+    /// How long a record read from KV is kept (`MEMORY_TTL_MS`).
+    pub hot_ttl_ms: i64,
+    /// Most ledger entries kept (`LEDGER_MAX_KEYS`); beyond it memory is not trusted.
+    pub ledger_max_keys: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            poll_ms: 1000,
+            sync_max_age_ms: 3000,
+            watermark_max_age_ms: 5000,
+            hot_max_keys: 10_000,
+            hot_ttl_ms: 300_000,
+            ledger_max_keys: 100_000,
+        }
+    }
+}
+
+/// A sync that has not answered after this long is taken as lost (its request ended without
+/// reporting back), so another may start.
+const IN_FLIGHT_MAX_MS: i64 = 10_000;
+
+/// The longest wait after failed syncs.
+const BACKOFF_MAX_MS: i64 = 30_000;
+
+/// After too many ledger entries, how many poll intervals to wait before loading again.
+const OVERFLOW_PAUSE_POLLS: i64 = 10;
+
+/// What memory knows of one key.
+#[derive(Debug)]
+pub enum Recall {
+    /// Memory is trusted and knows the key's state (`None`: there is no such key).
+    Known(Option<Rc<KeyRecord>>),
+    /// Memory is trusted but does not hold this key: read KV, then [`Memory::remember`].
+    Unknown,
+    /// Memory cannot be trusted now: read KV, then [`Memory::merge`].
+    Untrusted,
+}
+
+/// Why a ledger answer was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// The answer starts after this isolate's cursor: the entries in between were pruned (or,
+    /// for a shared answer, are older than it covers). Memory starts over from the ledger's start.
+    #[error("the ledger no longer holds every entry after {cursor} (it starts after {after})")]
+    Gap {
+        /// This isolate's cursor.
+        cursor: u64,
+        /// Where the answer starts.
+        after: u64,
+    },
+    /// The ledger's head is behind the cursor: it was wiped or replaced. Memory starts over.
+    #[error("the ledger's head {head} is behind this isolate's cursor {cursor}")]
+    Rewound {
+        /// The ledger's head.
+        head: u64,
+        /// This isolate's cursor.
+        cursor: u64,
+    },
+    /// Entries out of order or missing in the middle: not a ledger answer to trust.
+    #[error("the ledger answer is not contiguous")]
+    Malformed,
+    /// More ledger entries than `ledger_max_keys`: memory gives up for a while.
+    #[error("the ledger holds more keys than this isolate may keep")]
+    Overflow,
+}
+
+#[derive(Debug)]
+struct Pinned {
+    record: Rc<KeyRecord>,
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct Hot {
+    record: Option<Rc<KeyRecord>>,
+    fetched_at: UnixMillis,
+}
+
+/// Counters, for debug headers and benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Syncs started.
+    pub syncs: u64,
+    /// Syncs that failed.
+    pub failures: u64,
+    /// Times memory stopped being trusted and dropped its hot cache.
+    pub trust_lost: u64,
+    /// Ledger entries held.
+    pub ledger_keys: usize,
+    /// Records (or absences) read from KV held.
+    pub hot_keys: usize,
+}
+
+/// One isolate's memory (see the module docs).
+#[derive(Debug)]
+pub struct Memory {
+    settings: Settings,
+    /// The last ledger sequence number applied; `None` until the first answer since a start over.
+    cursor: Option<u64>,
+    /// Whether the last applied answer reached the ledger's head.
+    caught_up: bool,
+    /// The ledger's clock when it last answered up to its head.
+    synced_at: Option<UnixMillis>,
+    watermark: Option<UnixMillis>,
+    retention_ms: i64,
+    pinned: HashMap<String, Pinned>,
+    /// Ledger entries by age, to move them to the hot cache after the retention window.
+    pinned_order: VecDeque<(UnixMillis, u64, String)>,
+    hot: LruCache<String, Hot>,
+    /// When the sync in flight started.
+    in_flight: Option<UnixMillis>,
+    last_attempt: Option<UnixMillis>,
+    next_attempt: UnixMillis,
+    failures_in_a_row: u32,
+    was_trusted: bool,
+    stats: MemoryStats,
+}
+
+impl Memory {
+    /// Empty memory: untrusted until the first sync reaches the ledger's head.
+    pub fn new(settings: Settings) -> Self {
+        let hot = LruCache::new(settings.hot_max_keys.max(1));
+        Self {
+            settings,
+            cursor: None,
+            caught_up: false,
+            synced_at: None,
+            watermark: None,
+            retention_ms: 0,
+            pinned: HashMap::new(),
+            pinned_order: VecDeque::new(),
+            hot,
+            in_flight: None,
+            last_attempt: None,
+            next_attempt: UnixMillis(i64::MIN),
+            failures_in_a_row: 0,
+            was_trusted: false,
+            stats: MemoryStats::default(),
+        }
+    }
+
+    /// The settings memory was made with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Whether memory may answer at `now`: the ledger was read up to its head at most
+    /// `sync_max_age_ms` ago, and origin's watermark is at most `watermark_max_age_ms` old (and
+    /// not from further in the future than that: a clock that far off proves nothing).
+    pub fn trusted(&self, now: UnixMillis) -> bool {
+        let fresh = |at: Option<UnixMillis>, max: i64| {
+            at.is_some_and(|at| now.0.abs_diff(at.0) <= max.unsigned_abs())
+        };
+        self.caught_up
+            && fresh(self.synced_at, self.settings.sync_max_age_ms)
+            && fresh(self.watermark, self.settings.watermark_max_age_ms)
+    }
+
+    /// What memory knows of `name` at `now`. When memory is not trusted, the hot cache is
+    /// dropped first.
+    pub fn recall(&mut self, name: &str, now: UnixMillis) -> Recall {
+        if !self.check_trust(now) {
+            return Recall::Untrusted;
+        }
+        if let Some(pinned) = self.pinned.get(name) {
+            return Recall::Known(Some(pinned.record.clone()));
+        }
+        let ttl = self.settings.hot_ttl_ms;
+        match self.hot.get(name) {
+            Some(hot) if now.0.saturating_sub(hot.fetched_at.0) <= ttl => {
+                Recall::Known(hot.record.clone())
+            }
+            Some(_) => {
+                self.hot.remove(name);
+                Recall::Unknown
+            }
+            None => Recall::Unknown,
+        }
+    }
+
+    /// The record to decide with, given what KV answered: the ledger's entry for `name` when KV
+    /// has none or an older revision, else KV's. Remembers nothing.
+    pub fn merge(&self, name: &str, kv: Option<KeyRecord>) -> Option<Rc<KeyRecord>> {
+        match (self.pinned.get(name), kv) {
+            (Some(pinned), Some(kv)) if kv.revision > pinned.record.revision => Some(Rc::new(kv)),
+            (Some(pinned), _) => Some(pinned.record.clone()),
+            (None, kv) => kv.map(Rc::new),
+        }
+    }
+
+    /// Merges a KV answer read at `now` ([`Self::merge`]) and, if memory is still trusted,
+    /// keeps it in the hot cache.
+    pub fn remember(
+        &mut self,
+        name: &str,
+        kv: Option<KeyRecord>,
+        now: UnixMillis,
+    ) -> Option<Rc<KeyRecord>> {
+        let record = self.merge(name, kv);
+        if self.check_trust(now) && !self.pinned.contains_key(name) {
+            self.hot.insert(
+                name.to_owned(),
+                Hot {
+                    record: record.clone(),
+                    fetched_at: now,
+                },
+            );
+        }
+        record
+    }
+
+    /// Starts a sync if one is due at `now` and none is in flight: returns the sequence number
+    /// to ask the ledger for entries after (0: everything it keeps). The caller must then call
+    /// [`Self::apply`] or [`Self::failed`].
+    pub fn start_sync(&mut self, now: UnixMillis) -> Option<u64> {
+        if self
+            .in_flight
+            .is_some_and(|started| now.0.saturating_sub(started.0) < IN_FLIGHT_MAX_MS)
+        {
+            return None;
+        }
+        if now.0 < self.next_attempt.0 {
+            return None;
+        }
+        let due = !self.caught_up
+            || self
+                .last_attempt
+                .is_none_or(|at| now.0.saturating_sub(at.0) >= self.settings.poll_ms);
+        if !due {
+            return None;
+        }
+        self.in_flight = Some(now);
+        self.last_attempt = Some(now);
+        self.stats.syncs += 1;
+        Some(self.cursor.unwrap_or(0))
+    }
+
+    /// Whether this isolate is caught up, so a shared answer (one covering only recent entries)
+    /// may do instead of asking the ledger for entries after the cursor.
+    pub fn may_share(&self) -> bool {
+        self.caught_up && self.cursor.is_some()
+    }
+
+    /// Applies a ledger answer received at `now`. On [`SyncError::Gap`] from a shared answer
+    /// the caller should ask the ledger directly; [`Self::apply`] leaves the sync in flight
+    /// for that (call [`Self::failed`] to give up).
+    pub fn apply(&mut self, tail: &Tail, now: UnixMillis) -> Result<(), SyncError> {
+        let result = self.apply_inner(tail, now);
+        match &result {
+            Ok(()) => {
+                self.in_flight = None;
+                self.failures_in_a_row = 0;
+                self.next_attempt = UnixMillis(i64::MIN);
+            }
+            Err(SyncError::Gap { .. }) if self.cursor.is_some() => {}
+            Err(SyncError::Gap { .. } | SyncError::Rewound { .. }) => {
+                self.in_flight = None;
+            }
+            Err(SyncError::Malformed) => self.failed(now, false),
+            Err(SyncError::Overflow) => {
+                self.in_flight = None;
+                self.next_attempt = UnixMillis(
+                    now.0
+                        .saturating_add(self.settings.poll_ms.saturating_mul(OVERFLOW_PAUSE_POLLS)),
+                );
+            }
+        }
+        result
+    }
+
+    /// Starts over from the ledger's start after a [`SyncError::Gap`] that a direct answer
+    /// confirmed (entries were pruned): ledger entries are kept (they are still true), the
+    /// cursor is forgotten.
+    pub fn restart(&mut self) {
+        self.cursor = None;
+        self.caught_up = false;
+        self.in_flight = None;
+    }
+
+    /// A sync failed at `now` (the ledger unreachable, or `overloaded`): backs off, doubling
+    /// from the poll interval (from five times it when overloaded) up to 30 s.
+    pub fn failed(&mut self, now: UnixMillis, overloaded: bool) {
+        self.in_flight = None;
+        self.stats.failures += 1;
+        self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+        let base = if overloaded {
+            self.settings.poll_ms.saturating_mul(5)
+        } else {
+            self.settings.poll_ms
+        };
+        let exponent = (self.failures_in_a_row - 1).min(8);
+        let wait = base.saturating_mul(1 << exponent).min(BACKOFF_MAX_MS);
+        self.next_attempt = UnixMillis(now.0.saturating_add(wait));
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MemoryStats {
+        MemoryStats {
+            ledger_keys: self.pinned.len(),
+            hot_keys: self.hot.len(),
+            ..self.stats
+        }
+    }
+
+    fn check_trust(&mut self, now: UnixMillis) -> bool {
+        let trusted = self.trusted(now);
+        if !trusted {
+            if self.was_trusted {
+                self.stats.trust_lost += 1;
+            }
+            self.hot.clear();
+        }
+        self.was_trusted = trusted;
+        trusted
+    }
+
+    fn apply_inner(&mut self, tail: &Tail, now: UnixMillis) -> Result<(), SyncError> {
+        if self.cursor.is_some() && Some(tail.served_at) < self.synced_at {
+            // An older answer than one already applied (a shared copy): it teaches nothing.
+            return Ok(());
+        }
+        if let Some(cursor) = self.cursor {
+            if tail.head < cursor {
+                self.restart();
+                return Err(SyncError::Rewound {
+                    head: tail.head,
+                    cursor,
+                });
+            }
+            if tail.after > cursor {
+                return Err(SyncError::Gap {
+                    cursor,
+                    after: tail.after,
+                });
+            }
+        }
+        let mut cursor = self.cursor.unwrap_or(tail.after);
+        for entry in &tail.entries {
+            if entry.seq <= cursor {
+                continue; // already applied (a shared answer overlaps)
+            }
+            if entry.seq != cursor + 1 {
+                return Err(SyncError::Malformed);
+            }
+            self.pin(entry);
+            cursor = entry.seq;
+        }
+        if !tail.more && cursor != tail.head {
+            return Err(SyncError::Malformed);
+        }
+        self.cursor = Some(cursor);
+        self.retention_ms = i64::try_from(tail.retention_ms).unwrap_or(i64::MAX);
+        if tail.watermark > self.watermark {
+            self.watermark = tail.watermark;
+        }
+        self.caught_up = !tail.more;
+        if self.caught_up && Some(tail.served_at) > self.synced_at {
+            self.synced_at = Some(tail.served_at);
+        }
+        self.unpin_older_than(tail.served_at, now);
+        if self.pinned.len() > self.settings.ledger_max_keys {
+            self.pinned.clear();
+            self.pinned_order.clear();
+            self.restart();
+            return Err(SyncError::Overflow);
+        }
+        Ok(())
+    }
+
+    fn pin(&mut self, entry: &super::Entry) {
+        let newer = self
+            .pinned
+            .get(&entry.name)
+            .is_none_or(|p| entry.record.revision >= p.record.revision);
+        if newer {
+            self.hot.remove(&entry.name);
+            self.pinned.insert(
+                entry.name.clone(),
+                Pinned {
+                    record: Rc::new(entry.record.clone()),
+                    seq: entry.seq,
+                },
+            );
+            self.pinned_order
+                .push_back((entry.at, entry.seq, entry.name.clone()));
+        }
+    }
+
+    /// Moves ledger entries older than the retention window (by the ledger's clock) to the hot
+    /// cache: KV has caught up with them.
+    fn unpin_older_than(&mut self, ledger_now: UnixMillis, now: UnixMillis) {
+        let horizon = ledger_now.0.saturating_sub(self.retention_ms);
+        while let Some((at, seq, _)) = self.pinned_order.front() {
+            if at.0 >= horizon {
+                break;
+            }
+            let (seq, name) = (*seq, self.pinned_order.pop_front().map(|e| e.2));
+            let Some(name) = name else { break };
+            if self.pinned.get(&name).is_some_and(|p| p.seq == seq)
+                && let Some(pinned) = self.pinned.remove(&name)
+            {
+                self.hot.insert(
+                    name,
+                    Hot {
+                        record: Some(pinned.record),
+                        fetched_at: now,
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Entry, LEDGER_VERSION};
+    use crate::{KeyId, ScopePolicy};
+
+    fn name(c: char) -> String {
+        format!("k1:{}", c.to_string().repeat(64))
+    }
+
+    fn record(revision: u64, revoked: bool) -> KeyRecord {
+        KeyRecord {
+            v: crate::RECORD_VERSION,
+            id: KeyId::parse("key_0123456789abcdefABCD").expect("valid id"),
+            subject: "acme".into(),
+            scopes: ScopePolicy::default()
+                .parse_grants(&["read:orders"])
+                .expect("valid"),
+            revoked,
+            revoked_at: None,
+            expires_at: None,
+            revision,
+        }
+    }
+
+    fn entry(seq: u64, at: i64, name: &str, record: KeyRecord) -> Entry {
+        Entry {
+            seq,
+            at: UnixMillis(at),
+            name: name.to_owned(),
+            record,
+        }
+    }
+
+    fn tail(after: u64, entries: Vec<Entry>, head: u64, at: i64) -> Tail {
+        Tail {
+            v: LEDGER_VERSION,
+            after,
+            entries,
+            more: false,
+            head,
+            watermark: Some(UnixMillis(at)),
+            served_at: UnixMillis(at),
+            retention_ms: 600_000,
+        }
+    }
+
+    fn synced(at: i64) -> Memory {
+        let mut memory = Memory::new(Settings::default());
+        assert_eq!(memory.start_sync(UnixMillis(at)), Some(0));
+        memory
+            .apply(&tail(0, vec![], 0, at), UnixMillis(at))
+            .expect("applies");
+        memory
+    }
+
+    fn known(recall: Recall) -> Option<u64> {
+        match recall {
+            Recall::Known(record) => record.map(|r| r.revision),
+            other => panic!("expected Known, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn trust_needs_a_complete_fresh_sync_and_a_fresh_watermark() {
+        let at = 1_000_000;
+        let memory = synced(at);
+        // (time of asking, expected)
+        let cases = [
+            (at, true),
+            (at + 3000, true),
+            (at + 3001, false), // the sync is too old
+            (at - 3000, true),
+        ];
+        for (now, expected) in cases {
+            assert_eq!(memory.trusted(UnixMillis(now)), expected, "{now}");
+        }
+        // A fresh sync with an old watermark (origin silent) is not enough.
+        let mut memory = Memory::new(Settings::default());
+        memory.start_sync(UnixMillis(at));
+        let mut t = tail(0, vec![], 0, at);
+        t.watermark = Some(UnixMillis(at - 5001));
+        memory.apply(&t, UnixMillis(at)).expect("applies");
+        assert!(!memory.trusted(UnixMillis(at)));
+        t.watermark = None;
+        assert!(!Memory::new(Settings::default()).trusted(UnixMillis(at)));
+        // A partial answer (`more`) is not complete.
+        let mut memory = Memory::new(Settings::default());
+        memory.start_sync(UnixMillis(at));
+        let mut t = tail(0, vec![entry(1, at, &name('a'), record(1, false))], 2, at);
+        t.more = true;
+        memory.apply(&t, UnixMillis(at)).expect("applies");
+        assert!(!memory.trusted(UnixMillis(at)));
+    }
+
+    #[test]
+    fn ledger_entries_win_over_older_kv_values() {
+        let at = 1_000_000;
+        let mut memory = synced(at);
+        let now = UnixMillis(at + 10);
+        memory.start_sync(UnixMillis(at + 1000));
+        memory
+            .apply(
+                &tail(
+                    0,
+                    vec![entry(1, at, &name('a'), record(2, true))],
+                    1,
+                    at + 1000,
+                ),
+                now,
+            )
+            .expect("applies");
+        assert_eq!(known(memory.recall(&name('a'), now)), Some(2));
+        // KV still serves revision 1 (stale): the ledger's revision 2 wins; a newer KV wins.
+        let cases = [(Some(1), Some(2)), (None, Some(2)), (Some(3), Some(3))];
+        for (kv, expected) in cases {
+            let merged = memory.merge(&name('a'), kv.map(|r| record(r, false)));
+            assert_eq!(merged.map(|r| r.revision), expected, "{kv:?}");
+        }
+        // A KV read that lands after the ledger entry does not replace it.
+        memory.remember(&name('a'), Some(record(1, false)), now);
+        assert_eq!(known(memory.recall(&name('a'), now)), Some(2));
+    }
+
+    #[test]
+    fn kv_answers_are_kept_only_while_trusted_and_for_their_lifetime() {
+        let at = 1_000_000;
+        let mut memory = synced(at);
+        let now = UnixMillis(at + 1);
+        assert!(matches!(memory.recall(&name('b'), now), Recall::Unknown));
+        memory.remember(&name('b'), Some(record(5, false)), now);
+        assert_eq!(known(memory.recall(&name('b'), now)), Some(5));
+        // Untrusted (no sync for too long): memory says so and drops the hot cache.
+        let late = UnixMillis(at + 10_000);
+        assert!(matches!(memory.recall(&name('b'), late), Recall::Untrusted));
+        memory.remember(&name('c'), None, late);
+        assert_eq!(memory.stats().hot_keys, 0);
+        assert_eq!(memory.stats().trust_lost, 1);
+        // Lifetime: with a long trust window, an entry older than hot_ttl_ms is read again.
+        let mut memory = Memory::new(Settings {
+            hot_ttl_ms: 100,
+            ..Settings::default()
+        });
+        memory.start_sync(UnixMillis(at));
+        memory
+            .apply(&tail(0, vec![], 0, at), UnixMillis(at))
+            .expect("applies");
+        memory.remember(&name('b'), None, UnixMillis(at));
+        assert_eq!(known(memory.recall(&name('b'), UnixMillis(at + 100))), None);
+        assert!(matches!(
+            memory.recall(&name('b'), UnixMillis(at + 101)),
+            Recall::Unknown
+        ));
+    }
+
+    #[test]
+    fn the_hot_cache_is_bounded() {
+        let at = 1_000_000;
+        let mut memory = Memory::new(Settings {
+            hot_max_keys: 2,
+            ..Settings::default()
+        });
+        memory.start_sync(UnixMillis(at));
+        memory
+            .apply(&tail(0, vec![], 0, at), UnixMillis(at))
+            .expect("applies");
+        for c in ['a', 'b', 'c'] {
+            memory.remember(&name(c), None, UnixMillis(at));
+        }
+        assert_eq!(memory.stats().hot_keys, 2);
+        assert!(matches!(
+            memory.recall(&name('a'), UnixMillis(at)),
+            Recall::Unknown
+        ));
+    }
+
+    #[test]
+    fn syncs_are_paced_single_and_back_off() {
+        let at = 1_000_000;
+        let mut memory = Memory::new(Settings::default());
+        assert_eq!(memory.start_sync(UnixMillis(at)), Some(0));
+        assert_eq!(memory.start_sync(UnixMillis(at + 5)), None, "one in flight");
+        memory
+            .apply(&tail(7, vec![], 7, at), UnixMillis(at))
+            .expect("applies");
+        assert_eq!(memory.start_sync(UnixMillis(at + 999)), None, "not due");
+        assert_eq!(memory.start_sync(UnixMillis(at + 1000)), Some(7));
+        memory.failed(UnixMillis(at + 1000), false);
+        assert_eq!(
+            memory.start_sync(UnixMillis(at + 1999)),
+            None,
+            "backing off"
+        );
+        assert_eq!(memory.start_sync(UnixMillis(at + 2000)), Some(7));
+        memory.failed(UnixMillis(at + 2000), true);
+        assert_eq!(
+            memory.start_sync(UnixMillis(at + 11_999)),
+            None,
+            "overloaded"
+        );
+        assert_eq!(memory.start_sync(UnixMillis(at + 12_000)), Some(7));
+        // A sync that never reports back stops blocking after a while.
+        assert_eq!(memory.start_sync(UnixMillis(at + 21_999)), None);
+        assert_eq!(memory.start_sync(UnixMillis(at + 22_000)), Some(7));
+        assert_eq!(memory.stats().syncs, 5);
+    }
+
+    #[test]
+    fn gaps_rewinds_and_malformed_answers() {
+        let at = 1_000_000;
+        // Pruned past the cursor: a gap; the caller restarts from the ledger's start.
+        let mut memory = synced(at);
+        memory.start_sync(UnixMillis(at + 1000));
+        let err = memory.apply(&tail(5, vec![], 9, at + 1000), UnixMillis(at + 1000));
+        assert_eq!(
+            err,
+            Err(SyncError::Gap {
+                cursor: 0,
+                after: 5
+            })
+        );
+        memory.restart();
+        assert_eq!(memory.start_sync(UnixMillis(at + 1001)), Some(0));
+        memory
+            .apply(&tail(5, vec![], 5, at + 1001), UnixMillis(at + 1001))
+            .expect("a fresh start accepts any start");
+        // A ledger whose head went back (wiped): start over.
+        memory.start_sync(UnixMillis(at + 2001));
+        let err = memory.apply(&tail(0, vec![], 2, at + 2001), UnixMillis(at + 2001));
+        assert_eq!(err, Err(SyncError::Rewound { head: 2, cursor: 5 }));
+        assert_eq!(memory.start_sync(UnixMillis(at + 2002)), Some(0));
+        // A hole in the middle, or an answer that stops short of its head.
+        let cases = [
+            tail(0, vec![entry(2, at, &name('a'), record(1, false))], 2, at),
+            tail(0, vec![entry(1, at, &name('a'), record(1, false))], 3, at),
+        ];
+        for t in cases {
+            let mut memory = Memory::new(Settings::default());
+            memory.start_sync(UnixMillis(at));
+            assert_eq!(memory.apply(&t, UnixMillis(at)), Err(SyncError::Malformed));
+            assert!(!memory.trusted(UnixMillis(at)));
+        }
+    }
+
+    #[test]
+    fn overlapping_shared_answers_apply_once() {
+        let at = 1_000_000;
+        let mut memory = synced(at);
+        let e1 = entry(1, at, &name('a'), record(1, false));
+        let e2 = entry(2, at, &name('a'), record(2, true));
+        memory.start_sync(UnixMillis(at + 1000));
+        memory
+            .apply(
+                &tail(0, vec![e1.clone(), e2.clone()], 2, at + 1000),
+                UnixMillis(at + 1000),
+            )
+            .expect("applies");
+        // An older shared answer (cached before the direct one) must not roll the key back
+        // nor pass for a wiped ledger.
+        memory.start_sync(UnixMillis(at + 2000));
+        memory
+            .apply(
+                &tail(0, vec![e1.clone()], 1, at + 500),
+                UnixMillis(at + 2000),
+            )
+            .expect("ignored");
+        assert_eq!(
+            known(memory.recall(&name('a'), UnixMillis(at + 2000))),
+            Some(2)
+        );
+        // A newer shared answer overlapping what was applied adds only what is new.
+        let e3 = entry(3, at, &name('b'), record(1, false));
+        memory.start_sync(UnixMillis(at + 4000));
+        memory
+            .apply(
+                &tail(0, vec![e1, e2, e3], 3, at + 4000),
+                UnixMillis(at + 4000),
+            )
+            .expect("applies");
+        assert_eq!(
+            known(memory.recall(&name('b'), UnixMillis(at + 4000))),
+            Some(1)
+        );
+        assert_eq!(
+            known(memory.recall(&name('a'), UnixMillis(at + 4000))),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn entries_past_retention_move_to_the_hot_cache_and_overflow_gives_up() {
+        let at = 1_000_000;
+        let mut memory = synced(at);
+        memory.start_sync(UnixMillis(at + 1000));
+        memory
+            .apply(
+                &tail(
+                    0,
+                    vec![entry(1, at, &name('a'), record(1, false))],
+                    1,
+                    at + 1000,
+                ),
+                UnixMillis(at + 1000),
+            )
+            .expect("applies");
+        assert_eq!(memory.stats().ledger_keys, 1);
+        let later = at + 600_001;
+        memory.start_sync(UnixMillis(later));
+        memory
+            .apply(&tail(1, vec![], 1, later), UnixMillis(later))
+            .expect("applies");
+        assert_eq!(memory.stats().ledger_keys, 0);
+        assert_eq!(known(memory.recall(&name('a'), UnixMillis(later))), Some(1));
+
+        let mut memory = Memory::new(Settings {
+            ledger_max_keys: 1,
+            ..Settings::default()
+        });
+        memory.start_sync(UnixMillis(at));
+        let t = tail(
+            0,
+            vec![
+                entry(1, at, &name('a'), record(1, false)),
+                entry(2, at, &name('b'), record(1, false)),
+            ],
+            2,
+            at,
+        );
+        assert_eq!(memory.apply(&t, UnixMillis(at)), Err(SyncError::Overflow));
+        assert!(!memory.trusted(UnixMillis(at)));
+        assert_eq!(memory.start_sync(UnixMillis(at + 9_999)), None, "paused");
+        assert_eq!(memory.start_sync(UnixMillis(at + 10_000)), Some(0));
+    }
+}
