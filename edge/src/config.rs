@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use latchkey_shared::ledger::memory::Settings as MemorySettings;
 use latchkey_shared::sign::{SigningSecret, shared_secret};
 use latchkey_shared::target::UpstreamUrl;
 use latchkey_shared::{RouteError, RouteTable};
@@ -26,8 +27,29 @@ pub(crate) struct Settings {
     pub(crate) usage_secret: Option<SigningSecret>,
     /// How long uses gather in an isolate before a batch is sent (`USAGE_FLUSH_MS`).
     pub(crate) usage_flush_ms: i64,
-    /// Whether to add the debug header counting KV reads (`DEBUG_HEADERS`, tests only).
+    /// Whether to add the debug headers (KV reads, ledger fetches, memory) (`DEBUG_HEADERS`,
+    /// tests and benchmarks only).
     pub(crate) debug_headers: bool,
+    /// Checks origin's ledger appends (`LEDGER_SIGNING_SECRET`, a secret); unset: no ledger, no
+    /// memory, one KV read per verification as before.
+    pub(crate) ledger_secret: Option<SigningSecret>,
+    /// How the isolate's memory is kept and trusted; set when `ledger_secret` is.
+    pub(crate) ledger: Option<LedgerSettings>,
+}
+
+/// The isolate memory's settings (see `memory.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct LedgerSettings {
+    /// Poll interval, bounds and trust windows (`LEDGER_POLL_MS`, `LEDGER_MAX_AGE_MS`,
+    /// `WATERMARK_MAX_AGE_MS`, `MEMORY_MAX_KEYS`, `MEMORY_TTL_MS`, `LEDGER_MAX_KEYS`).
+    pub(crate) memory: MemorySettings,
+    /// Answer 503 instead of reading KV when memory is not trusted (`LEDGER_STRICT`).
+    pub(crate) strict: bool,
+    /// Share each poll with the location's other isolates through the Cache API
+    /// (`LEDGER_SHARE_POLLS`).
+    pub(crate) share_polls: bool,
+    /// How long a request waits for a poll while memory is not trusted (`LEDGER_TIMEOUT_MS`).
+    pub(crate) timeout_ms: u64,
 }
 
 /// `GATEWAY_BODY_MAX_BYTES` when unset: 1 MiB.
@@ -102,14 +124,22 @@ impl Settings {
                 "ORIGIN_USAGE_URL",
             ));
         }
-        if let (Some(a), Some(b)) = (&upstream_secret, &usage_secret)
-            && let Some((a, b)) = shared_secret(&[
-                ("UPSTREAM_SIGNING_SECRET", a.as_bytes()),
-                ("USAGE_SIGNING_SECRET", b.as_bytes()),
-            ])
-        {
+        let ledger_secret = secret(env, "LEDGER_SIGNING_SECRET")?;
+        let secrets: Vec<(&'static str, &[u8])> = [
+            ("UPSTREAM_SIGNING_SECRET", &upstream_secret),
+            ("USAGE_SIGNING_SECRET", &usage_secret),
+            ("LEDGER_SIGNING_SECRET", &ledger_secret),
+        ]
+        .into_iter()
+        .filter_map(|(name, secret)| secret.as_ref().map(|s| (name, s.as_bytes())))
+        .collect();
+        if let Some((a, b)) = shared_secret(&secrets) {
             return Err(ConfigError::SharedSecret(a, b));
         }
+        let ledger = ledger_secret
+            .is_some()
+            .then(|| ledger_settings(env))
+            .transpose()?;
         let gateway_body_max = match text(env, "GATEWAY_BODY_MAX_BYTES") {
             None => DEFAULT_GATEWAY_BODY_MAX,
             Some(v) => v
@@ -136,17 +166,7 @@ impl Settings {
                     value: v,
                 })?,
         };
-        let debug_headers = match text(env, "DEBUG_HEADERS").as_deref() {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => {
-                return Err(ConfigError::Invalid {
-                    name: "DEBUG_HEADERS",
-                    expected: "true or false",
-                    value: other.to_owned(),
-                });
-            }
-        };
+        let debug_headers = flag(env, "DEBUG_HEADERS", false)?;
         Ok(Self {
             routes,
             upstream,
@@ -156,7 +176,111 @@ impl Settings {
             usage_secret,
             usage_flush_ms,
             debug_headers,
+            ledger_secret,
+            ledger,
         })
+    }
+}
+
+/// The memory settings, each with its default and its allowed range.
+fn ledger_settings(env: &Env) -> Result<LedgerSettings, ConfigError> {
+    let defaults = MemorySettings::default();
+    let poll_ms = number(env, "LEDGER_POLL_MS", defaults.poll_ms, 100, 60_000)?;
+    let sync_max_age_ms = number(
+        env,
+        "LEDGER_MAX_AGE_MS",
+        defaults.sync_max_age_ms,
+        200,
+        600_000,
+    )?;
+    if sync_max_age_ms < 2 * poll_ms {
+        return Err(ConfigError::Refused {
+            name: "LEDGER_MAX_AGE_MS",
+            problem: "must be at least twice LEDGER_POLL_MS".into(),
+        });
+    }
+    let memory = MemorySettings {
+        poll_ms,
+        sync_max_age_ms,
+        watermark_max_age_ms: number(
+            env,
+            "WATERMARK_MAX_AGE_MS",
+            defaults.watermark_max_age_ms,
+            1000,
+            600_000,
+        )?,
+        hot_max_keys: count(env, "MEMORY_MAX_KEYS", defaults.hot_max_keys, 1, 1_000_000)?,
+        hot_ttl_ms: number(env, "MEMORY_TTL_MS", defaults.hot_ttl_ms, 1000, 86_400_000)?,
+        ledger_max_keys: count(
+            env,
+            "LEDGER_MAX_KEYS",
+            defaults.ledger_max_keys,
+            1,
+            1_000_000,
+        )?,
+    };
+    // Checked here too (the object reads it for itself) so a bad value is refused loudly.
+    number(
+        env,
+        "LEDGER_RETENTION_MS",
+        crate::ledger::DEFAULT_RETENTION_MS,
+        1000,
+        86_400_000,
+    )?;
+    Ok(LedgerSettings {
+        memory,
+        strict: flag(env, "LEDGER_STRICT", false)?,
+        share_polls: flag(env, "LEDGER_SHARE_POLLS", true)?,
+        timeout_ms: number(env, "LEDGER_TIMEOUT_MS", 1000, 50, 10_000)?.unsigned_abs(),
+    })
+}
+
+/// An integer setting in `min..=max`, `default` when unset.
+fn number(
+    env: &Env,
+    name: &'static str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ConfigError> {
+    match text(env, name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| ConfigError::Refused {
+                name,
+                problem: format!("must be a whole number from {min} to {max}, got {v:?}"),
+            }),
+    }
+}
+
+/// A count setting in `min..=max`, `default` when unset.
+fn count(
+    env: &Env,
+    name: &'static str,
+    default: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    number(env, name, as_i64(default), as_i64(min), as_i64(max))
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+/// A `true`/`false` setting, `default` when unset.
+fn flag(env: &Env, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match text(env, name).as_deref() {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(ConfigError::Invalid {
+            name,
+            expected: "true or false",
+            value: other.to_owned(),
+        }),
     }
 }
 

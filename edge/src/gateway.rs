@@ -46,11 +46,8 @@ pub(crate) async fn handle(
         Ok(outcome) => outcome,
         Err(unavailable) => {
             worker::console_error!("gateway denied {method} {path}, {unavailable}");
-            return reply::error(
-                503,
-                "kv_unavailable",
-                "the key store cannot be read; try again",
-            );
+            let (code, message) = unavailable.reply();
+            return reply::error(503, code, message);
         }
     };
     match (verdict, record) {

@@ -16,6 +16,7 @@
 //! once per isolate (`config.rs`). Successful verifications are reported to origin in batches
 //! (`usage.rs`).
 
+use latchkey_shared::ledger as ledger_api;
 use latchkey_shared::target::{self, RequestTarget};
 use worker::worker_sys::web_sys::Response;
 use worker::{Context, Env, Request, Result, event};
@@ -23,7 +24,9 @@ use worker::{Context, Env, Request, Result, event};
 mod body;
 mod config;
 mod gateway;
+mod ledger;
 mod lookup;
+mod memory;
 mod reply;
 mod usage;
 mod verify_api;
@@ -37,6 +40,11 @@ pub const VERIFY_PATH: &str = "/v1/api_keys/verify";
 /// Debug header naming how many KV reads the request made: only sent when `DEBUG_HEADERS` is
 /// `true`, which the tests set to show that garbage keys cost none.
 const KV_READS_HEADER: &str = "x-latchkey-debug-kv-reads";
+/// Debug header: how many requests this isolate has made to the ledger object so far.
+const LEDGER_FETCHES_HEADER: &str = "x-latchkey-debug-ledger-fetches";
+/// Debug header: where the request's key record came from (`hit`, `miss`, `untrusted`, `off`,
+/// `none`).
+const MEMORY_HEADER: &str = "x-latchkey-debug-memory";
 
 /// The Worker's entry point.
 #[event(fetch)]
@@ -48,11 +56,12 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
             return reply::error(503, "edge_misconfigured", &error.to_string());
         }
     };
-    let mut lookup = Lookup::new(&env);
     // The method as sent and the URL as the runtime holds it: workers-rs's `Method` maps
     // methods it does not know (PROPFIND, PURGE, …) to GET, and `Request::path` decodes.
     let method = req.inner().method();
     let url = req.inner().url();
+    let host = host_of(&url).to_owned();
+    let mut lookup = Lookup::new(&env, &config, &host);
     let response = if !target::is_known_method(&method) {
         reply::error(
             405,
@@ -73,16 +82,38 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
                     )?
                 }
             }
+            Ok(target) if target.path == ledger_api::APPEND_PATH => {
+                if method == "POST" {
+                    ledger::append(req, &env, &config, lookup.now()).await?
+                } else {
+                    reply::error(
+                        405,
+                        "method_not_allowed",
+                        "use POST to append to the ledger",
+                    )?
+                }
+            }
             Ok(target) => gateway::handle(req, &method, target, &config, &mut lookup).await?,
         }
     };
     if usage::record(&config, lookup.used_keys(), lookup.now()) {
         ctx.wait_until(usage::send_after_interval(config.clone()));
     }
+    if let (Some(after), Some(settings)) = (lookup.background_sync(), config.ledger.clone()) {
+        let (env, host) = (env.clone(), host.clone());
+        ctx.wait_until(async move { memory::sync(env, &settings, after, host).await });
+    }
     if config.debug_headers {
-        response
-            .headers()
-            .set(KV_READS_HEADER, &lookup.kv_reads().to_string())?;
+        let headers = response.headers();
+        headers.set(KV_READS_HEADER, &lookup.kv_reads().to_string())?;
+        headers.set(LEDGER_FETCHES_HEADER, &memory::ledger_fetches().to_string())?;
+        headers.set(MEMORY_HEADER, lookup.source().as_str())?;
     }
     Ok(response)
+}
+
+/// The host (and port) of an absolute URL: a name for the location's cache keys.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split(['/', '?', '#']).next().unwrap_or_default()
 }

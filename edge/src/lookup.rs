@@ -1,40 +1,102 @@
-//! One key check at the edge: parse, read the KV record, decide. Counts its KV reads and
-//! remembers which keys passed, for the usage report.
+//! One key check at the edge: parse, recall the record from the isolate's memory or read it
+//! from KV, decide. Counts its KV reads and remembers which keys passed, for the usage report.
+//!
+//! With a ledger (`LEDGER_SIGNING_SECRET` set), memory answers while the ledger proves it
+//! complete (`memory.rs`); otherwise, or while memory is not trusted, every check reads KV, and
+//! a ledger entry newer than KV's value still wins.
 
+use std::rc::Rc;
+
+use latchkey_shared::ledger::memory::Recall;
 use latchkey_shared::{
     KeyId, KeyRecord, Scope, UnixMillis, Verdict, decide, kv_entry_name, parse_presented,
 };
-use worker::{Date, Env};
+use worker::Env;
+
+use crate::config::{Config, LedgerSettings};
+use crate::{ledger, memory};
 
 /// The KV namespace binding named in `wrangler.toml`.
 pub(crate) const KV_BINDING: &str = "KEYS";
 
-/// KV could not be read, or held a record this build cannot read: the caller must deny
-/// (fail closed), never allow.
+/// The key's state could not be established: the caller must deny (fail closed), never allow.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Unavailable {
     #[error("KV read failed: {0}")]
     Kv(String),
     #[error("the KV record for key {0} is unreadable: {1}")]
     Record(String, String),
+    /// `LEDGER_STRICT`: memory is not trusted, and KV alone is not enough.
+    #[error("the ledger cannot prove this isolate's memory complete (strict mode)")]
+    Ledger,
 }
 
-/// The per-request view of KV.
+impl Unavailable {
+    /// The error code and message for the client (503).
+    pub(crate) fn reply(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Kv(_) | Self::Record(..) => {
+                ("kv_unavailable", "the key store cannot be read; try again")
+            }
+            Self::Ledger => (
+                "ledger_unavailable",
+                "the edge cannot confirm the key's current state; try again",
+            ),
+        }
+    }
+}
+
+/// Where this request's record came from (the debug header `x-latchkey-debug-memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// No key was looked up (garbage, or the request did not get that far).
+    None,
+    /// No ledger: KV, as always.
+    Off,
+    /// Memory answered.
+    Hit,
+    /// Memory was trusted but did not hold the key: KV, then remembered.
+    Miss,
+    /// Memory was not trusted: KV, merged with ledger entries.
+    Untrusted,
+}
+
+impl Source {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Off => "off",
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Untrusted => "untrusted",
+        }
+    }
+}
+
+/// The per-request view of memory and KV.
 pub(crate) struct Lookup<'a> {
     env: &'a Env,
+    ledger: Option<&'a LedgerSettings>,
+    host: &'a str,
     now: UnixMillis,
     kv_reads: u32,
     used: Vec<KeyId>,
+    source: Source,
+    /// A poll to run after the response (memory was trusted, so nobody waited for it).
+    background_sync: Option<u64>,
 }
 
 impl<'a> Lookup<'a> {
-    pub(crate) fn new(env: &'a Env) -> Self {
-        let now = i64::try_from(Date::now().as_millis()).unwrap_or(i64::MAX);
+    pub(crate) fn new(env: &'a Env, config: &'a Config, host: &'a str) -> Self {
         Self {
             env,
-            now: UnixMillis(now),
+            ledger: config.ledger.as_ref(),
+            host,
+            now: ledger::now(),
             kv_reads: 0,
             used: Vec::new(),
+            source: Source::None,
+            background_sync: None,
         }
     }
 
@@ -48,40 +110,101 @@ impl<'a> Lookup<'a> {
         self.kv_reads
     }
 
+    /// Where the record came from.
+    pub(crate) fn source(&self) -> Source {
+        self.source
+    }
+
     /// The keys that verified successfully in this request.
     pub(crate) fn used_keys(&self) -> &[KeyId] {
         &self.used
     }
 
+    /// A ledger poll to run after the response: the cursor to poll after.
+    pub(crate) fn background_sync(&self) -> Option<u64> {
+        self.background_sync
+    }
+
     /// Verifies `presented` against `required`. A presented string that is not a well-formed
-    /// key (syntax, length or checksum) is `Malformed` without touching KV.
+    /// key (syntax, length or checksum) is `Malformed` without touching memory or KV.
     pub(crate) async fn verify(
         &mut self,
         presented: &str,
         required: &[Scope],
-    ) -> Result<(Verdict, Option<KeyRecord>), Unavailable> {
+    ) -> Result<(Verdict, Option<Rc<KeyRecord>>), Unavailable> {
         let key = match parse_presented(presented) {
             Ok(key) => key,
             Err(verdict) => return Ok((verdict, None)),
         };
+        let name = kv_entry_name(&key.hash());
+        let record = match self.ledger {
+            None => {
+                self.source = Source::Off;
+                self.read_kv(&name, key.hint().as_str()).await?.map(Rc::new)
+            }
+            Some(settings) => self.recall(settings, &name, key.hint().as_str()).await?,
+        };
+        let verdict = decide(record.as_deref(), self.now, required);
+        if let (true, Some(record)) = (verdict.is_valid(), &record) {
+            self.used.push(record.id.clone());
+        }
+        Ok((verdict, record))
+    }
+
+    async fn recall(
+        &mut self,
+        settings: &'a LedgerSettings,
+        name: &str,
+        hint: &str,
+    ) -> Result<Option<Rc<KeyRecord>>, Unavailable> {
+        let now = self.now;
+        let (due, trusted) = memory::with(settings, |m| (m.start_sync(now), m.trusted(now)));
+        let mut asked_at = now;
+        if let Some(after) = due {
+            if trusted {
+                self.background_sync = Some(after);
+            } else {
+                memory::sync_waiting(self.env.clone(), settings, after, self.host.to_owned()).await;
+                asked_at = ledger::now();
+            }
+        }
+        match memory::with(settings, |m| m.recall(name, asked_at)) {
+            Recall::Known(record) => {
+                self.source = Source::Hit;
+                Ok(record)
+            }
+            Recall::Unknown => {
+                self.source = Source::Miss;
+                let kv = self.read_kv(name, hint).await?;
+                Ok(memory::with(settings, |m| {
+                    m.remember(name, kv, ledger::now())
+                }))
+            }
+            Recall::Untrusted => {
+                self.source = Source::Untrusted;
+                if settings.strict {
+                    return Err(Unavailable::Ledger);
+                }
+                let kv = self.read_kv(name, hint).await?;
+                Ok(memory::with(settings, |m| m.merge(name, kv)))
+            }
+        }
+    }
+
+    async fn read_kv(&mut self, name: &str, hint: &str) -> Result<Option<KeyRecord>, Unavailable> {
         let kv = self
             .env
             .kv(KV_BINDING)
             .map_err(|e| Unavailable::Kv(e.to_string()))?;
         self.kv_reads += 1;
         let bytes = kv
-            .get(&kv_entry_name(&key.hash()))
+            .get(name)
             .bytes()
             .await
             .map_err(|e| Unavailable::Kv(e.to_string()))?;
-        let record = bytes
+        bytes
             .map(|b| KeyRecord::from_json(&b))
             .transpose()
-            .map_err(|e| Unavailable::Record(key.hint().as_str().to_owned(), e.to_string()))?;
-        let verdict = decide(record.as_ref(), self.now, required);
-        if let (true, Some(record)) = (verdict.is_valid(), &record) {
-            self.used.push(record.id.clone());
-        }
-        Ok((verdict, record))
+            .map_err(|e| Unavailable::Record(hint.to_owned(), e.to_string()))
     }
 }

@@ -58,14 +58,11 @@ pub(crate) async fn handle(mut req: Request, lookup: &mut Lookup<'_>) -> Result<
         }
     };
     match lookup.verify(&request.key, &required).await {
-        Ok((verdict, record)) => reply::json(200, &VerifyReport::new(&verdict, record.as_ref())),
+        Ok((verdict, record)) => reply::json(200, &VerifyReport::new(&verdict, record.as_deref())),
         Err(unavailable) => {
             worker::console_error!("verify denied, {unavailable}");
-            reply::error(
-                503,
-                "kv_unavailable",
-                "the key store cannot be read; try again",
-            )
+            let (code, message) = unavailable.reply();
+            reply::error(503, code, message)
         }
     }
 }

@@ -1,0 +1,368 @@
+//! The change ledger: one Durable Object (SQLite storage) holding an append-only,
+//! sequence-numbered log of recent key-record changes, and the Worker route origin appends to.
+//!
+//! * `POST /v1/ledger/changes` (origin → Worker, [`append`]): an [`AppendBatch`] signed with
+//!   `LEDGER_SIGNING_SECRET` over [`append_message`]; stale or bad signatures get 401, a replay
+//!   (the same MAC again) 409. The Worker checks the signature, the object the replay.
+//! * Inside the object: `POST /append` appends, `GET /tail?after=N` answers every entry after
+//!   `N` ([`Tail`]), `GET /tail?recent_ms=W` every entry appended in the last `W` ms (the
+//!   shared poll of a location, see `memory.rs`).
+//!
+//! Invariants: sequence numbers are 1, 2, 3, … with no gaps and never reused (the head is kept
+//! apart from the entries, so pruning everything does not restart them); entries older than the
+//! retention window are pruned and `pruned_through` names the last one pruned, so a reader
+//! whose cursor is older learns it missed entries; the watermark only moves forward.
+
+use latchkey_shared::ledger::{
+    APPEND_BODY_MAX_BYTES, AppendAnswer, AppendBatch, Entry, LEDGER_VERSION, TAIL_MAX_ENTRIES,
+    Tail, append_message,
+};
+use latchkey_shared::sign::{self, MAX_CLOCK_SKEW_MS};
+use latchkey_shared::{KeyRecord, UnixMillis};
+use serde::Deserialize;
+use worker::worker_sys::web_sys;
+use worker::{
+    DurableObject, Env, Headers, Method, Request, RequestInit, Response, Result, SqlStorage, State,
+    durable_object,
+};
+
+use crate::body;
+use crate::config::Settings;
+use crate::reply;
+
+/// The Durable Object binding named in `wrangler.toml`.
+pub(crate) const LEDGER_BINDING: &str = "LEDGER";
+/// The one ledger instance's name.
+const INSTANCE: &str = "global";
+/// The Worker → object header carrying the verified MAC (hex), the replay guard's key.
+const MAC_HEADER: &str = "x-latchkey-ledger-mac";
+/// Until when (ms) the MAC must be remembered: its timestamp plus the allowed skew.
+const UNTIL_HEADER: &str = "x-latchkey-ledger-until";
+/// `LEDGER_RETENTION_MS` when unset: ten minutes, well above KV's propagation bound.
+pub(crate) const DEFAULT_RETENTION_MS: i64 = 600_000;
+
+/// `POST /v1/ledger/changes`: checks the signature and the body, then appends in the object.
+pub(crate) async fn append(
+    mut req: Request,
+    env: &Env,
+    config: &Settings,
+    now: UnixMillis,
+) -> Result<web_sys::Response> {
+    let Some(secret) = &config.ledger_secret else {
+        return reply::error(
+            404,
+            "ledger_disabled",
+            "this edge has no ledger (LEDGER_SIGNING_SECRET is not set)",
+        );
+    };
+    let Some(body) = body::read_capped(&mut req, APPEND_BODY_MAX_BYTES).await? else {
+        return reply::error(413, "body_too_large", "the append body is too large");
+    };
+    let headers = req.headers();
+    let verified = match sign::verify_signed(
+        secret.as_bytes(),
+        headers.get(sign::header::TIMESTAMP)?.as_deref(),
+        headers.get(sign::header::SIGNATURE)?.as_deref(),
+        now,
+        |timestamp| append_message(timestamp, &body),
+    ) {
+        Ok(verified) => verified,
+        Err(e) => return reply::error(401, "bad_signature", &e.to_string()),
+    };
+    if let Err(e) = AppendBatch::parse(&body) {
+        return reply::error(400, "bad_ledger_batch", &e.to_string());
+    }
+    let inner = Headers::new();
+    inner.set("content-type", "application/json")?;
+    inner.set(MAC_HEADER, &hex(&verified.mac))?;
+    inner.set(
+        UNTIL_HEADER,
+        &verified
+            .timestamp
+            .0
+            .saturating_add(MAX_CLOCK_SKEW_MS)
+            .to_string(),
+    )?;
+    let mut init = RequestInit::new();
+    init.with_method(Method::Post)
+        .with_headers(inner)
+        .with_body(Some(js_sys::Uint8Array::from(body.as_slice()).into()));
+    let request = Request::new_with_init("https://ledger/append", &init)?;
+    match stub(env)?.fetch_with_request(request).await {
+        Ok(response) => Ok(response.into()),
+        Err(e) => {
+            worker::console_error!("ledger append failed: {e}");
+            reply::error(
+                503,
+                "ledger_unavailable",
+                "the ledger cannot be reached; retry",
+            )
+        }
+    }
+}
+
+/// The one ledger instance.
+pub(crate) fn stub(env: &Env) -> Result<worker::Stub> {
+    env.durable_object(LEDGER_BINDING)?
+        .id_from_name(INSTANCE)?
+        .get_stub()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ledger object.
+#[durable_object]
+pub struct Ledger {
+    sql: SqlStorage,
+    retention_ms: i64,
+}
+
+impl DurableObject for Ledger {
+    fn new(state: State, env: Env) -> Self {
+        let sql = state.storage().sql();
+        for statement in SCHEMA {
+            if let Err(e) = sql.exec(statement, None) {
+                worker::console_error!("ledger schema: {e}");
+            }
+        }
+        let retention_ms = env
+            .var("LEDGER_RETENTION_MS")
+            .ok()
+            .and_then(|v| v.to_string().parse::<i64>().ok())
+            .filter(|ms| (1000..=86_400_000).contains(ms))
+            .unwrap_or(DEFAULT_RETENTION_MS);
+        Self { sql, retention_ms }
+    }
+
+    async fn fetch(&self, mut req: Request) -> Result<Response> {
+        let now = now();
+        let url = req.url()?;
+        let result = match (req.method(), url.path()) {
+            (Method::Post, "/append") => {
+                let mac = req.headers().get(MAC_HEADER)?.unwrap_or_default();
+                let until = req
+                    .headers()
+                    .get(UNTIL_HEADER)?
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(now.0);
+                let body = req.bytes().await?;
+                self.append(&mac, until, &body, now)
+            }
+            (Method::Get, "/tail") => {
+                let query: TailQuery = serde_urlencoded_query(url.query().unwrap_or_default());
+                self.tail(&query, now)
+            }
+            _ => Response::error("not found", 404),
+        };
+        result.or_else(|e| {
+            worker::console_error!("ledger: {e}");
+            Response::error("ledger error", 500)
+        })
+    }
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS entries (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, \
+     name TEXT NOT NULL, record TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS entries_by_time ON entries (at)",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS seen (mac TEXT PRIMARY KEY, until INTEGER NOT NULL)",
+];
+
+#[derive(Debug, Default, Deserialize)]
+struct TailQuery {
+    after: Option<u64>,
+    recent_ms: Option<i64>,
+}
+
+/// Parses `after=N` / `recent_ms=W` (anything else is ignored; a bad number is absent).
+fn serde_urlencoded_query(query: &str) -> TailQuery {
+    let mut parsed = TailQuery::default();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("after", v)) => parsed.after = v.parse().ok(),
+            Some(("recent_ms", v)) => parsed.recent_ms = v.parse().ok(),
+            _ => {}
+        }
+    }
+    parsed
+}
+
+#[derive(Deserialize)]
+struct Row {
+    seq: i64,
+    at: i64,
+    name: String,
+    record: String,
+}
+
+#[derive(Deserialize)]
+struct Value {
+    value: Option<i64>,
+}
+
+impl Ledger {
+    fn meta(&self, name: &str) -> Result<i64> {
+        let rows: Vec<Value> = self
+            .sql
+            .exec("SELECT value FROM meta WHERE name = ?", vec![name.into()])?
+            .to_array()?;
+        Ok(rows.first().and_then(|r| r.value).unwrap_or(0))
+    }
+
+    fn set_meta(&self, name: &str, value: i64) -> Result<()> {
+        self.sql.exec(
+            "INSERT INTO meta (name, value) VALUES (?, ?) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            vec![name.into(), value.into()],
+        )?;
+        Ok(())
+    }
+
+    /// Appends a verified batch (the Worker checked its signature): refuses a MAC seen before,
+    /// gives each change the next sequence number, moves the watermark forward, prunes.
+    /// Synchronous from the first read to the last write, so it is one atomic step.
+    fn append(&self, mac: &str, until: i64, body: &[u8], now: UnixMillis) -> Result<Response> {
+        let Ok(batch) = AppendBatch::parse(body) else {
+            return Response::error("bad batch", 400);
+        };
+        if mac.len() != 64 {
+            return Response::error("missing MAC", 400);
+        }
+        self.sql
+            .exec("DELETE FROM seen WHERE until < ?", vec![now.0.into()])?;
+        let seen: Vec<Value> = self
+            .sql
+            .exec(
+                "SELECT 1 AS value FROM seen WHERE mac = ?",
+                vec![mac.into()],
+            )?
+            .to_array()?;
+        if !seen.is_empty() {
+            return Response::from_json(&serde_json::json!({
+                "success": false,
+                "error": { "code": "replayed", "message": "this append was accepted before" }
+            }))
+            .map(|r| r.with_status(409));
+        }
+        self.sql.exec(
+            "INSERT INTO seen (mac, until) VALUES (?, ?)",
+            vec![mac.into(), until.max(now.0).into()],
+        )?;
+        let mut head = self.meta("head")?;
+        for change in &batch.changes {
+            head += 1;
+            self.sql.exec(
+                "INSERT INTO entries (seq, at, name, record) VALUES (?, ?, ?, ?)",
+                vec![
+                    head.into(),
+                    now.0.into(),
+                    change.name.as_str().into(),
+                    change.record.to_json().into(),
+                ],
+            )?;
+        }
+        self.set_meta("head", head)?;
+        if let Some(watermark) = batch.watermark
+            && watermark.0 > self.meta("watermark")?
+        {
+            self.set_meta("watermark", watermark.0)?;
+            self.set_meta("has_watermark", 1)?;
+        }
+        self.prune(now)?;
+        Response::from_json(&AppendAnswer {
+            v: LEDGER_VERSION,
+            appended: batch.changes.len() as u64,
+            head: u64::try_from(head).unwrap_or(0),
+        })
+    }
+
+    /// Drops entries older than the retention window, remembering the last one dropped.
+    fn prune(&self, now: UnixMillis) -> Result<()> {
+        let horizon = now.0.saturating_sub(self.retention_ms);
+        let last: Vec<Value> = self
+            .sql
+            .exec(
+                "SELECT MAX(seq) AS value FROM entries WHERE at < ?",
+                vec![horizon.into()],
+            )?
+            .to_array()?;
+        if let Some(last) = last.first().and_then(|r| r.value) {
+            self.sql
+                .exec("DELETE FROM entries WHERE seq <= ?", vec![last.into()])?;
+            if last > self.meta("pruned_through")? {
+                self.set_meta("pruned_through", last)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn tail(&self, query: &TailQuery, now: UnixMillis) -> Result<Response> {
+        self.prune(now)?;
+        let pruned_through = self.meta("pruned_through")?;
+        let head = self.meta("head")?;
+        let after = match (query.after, query.recent_ms) {
+            (Some(after), _) => i64::try_from(after).unwrap_or(i64::MAX),
+            (None, Some(recent)) => {
+                let older: Vec<Value> = self
+                    .sql
+                    .exec(
+                        "SELECT MAX(seq) AS value FROM entries WHERE at < ?",
+                        vec![now.0.saturating_sub(recent.max(0)).into()],
+                    )?
+                    .to_array()?;
+                older.first().and_then(|r| r.value).unwrap_or(0)
+            }
+            (None, None) => 0,
+        }
+        .max(pruned_through)
+        .min(head);
+        let limit = i64::try_from(TAIL_MAX_ENTRIES).unwrap_or(1000);
+        let rows: Vec<Row> = self
+            .sql
+            .exec(
+                "SELECT seq, at, name, record FROM entries WHERE seq > ? ORDER BY seq LIMIT ?",
+                vec![after.into(), limit.into()],
+            )?
+            .to_array()?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let record = KeyRecord::from_json(row.record.as_bytes())
+                .map_err(|e| worker::Error::RustError(format!("entry {}: {e}", row.seq)))?;
+            entries.push(Entry {
+                seq: u64::try_from(row.seq).unwrap_or(0),
+                at: UnixMillis(row.at),
+                name: row.name,
+                record,
+            });
+        }
+        let last = entries
+            .last()
+            .map_or(after, |e| i64::try_from(e.seq).unwrap_or(0));
+        let watermark = (self.meta("has_watermark")? == 1)
+            .then(|| self.meta("watermark").map(UnixMillis))
+            .transpose()?;
+        let tail = Tail {
+            v: LEDGER_VERSION,
+            after: u64::try_from(after).unwrap_or(0),
+            entries,
+            more: last < head,
+            head: u64::try_from(head).unwrap_or(0),
+            watermark,
+            served_at: now,
+            retention_ms: u64::try_from(self.retention_ms).unwrap_or(0),
+        };
+        let mut response = Response::ok(tail.to_json())?;
+        response
+            .headers_mut()
+            .set("content-type", "application/json")?;
+        Ok(response)
+    }
+}
+
+/// The runtime's clock.
+pub(crate) fn now() -> UnixMillis {
+    UnixMillis(i64::try_from(worker::Date::now().as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,152 @@
+//! The isolate's memory of key records ([`latchkey_shared::ledger::memory`]), kept complete by
+//! polling the ledger.
+//!
+//! * Polls happen inside requests, at most one in flight per isolate. While memory is trusted
+//!   the poll runs after the response (`ctx.wait_until`) and no request waits for it; while it
+//!   is not (a cold isolate, the ledger unreachable, origin silent), the request that starts a
+//!   poll waits for it, at most `LEDGER_TIMEOUT_MS`, and then decides with KV if memory is
+//!   still not trusted (or answers 503 with `LEDGER_STRICT`).
+//! * Sharing (`LEDGER_SHARE_POLLS`, on by default): an isolate that is caught up reads the
+//!   location's copy of "every entry of the last minute" from the Cache API, keyed by poll
+//!   interval, so the ledger sees about one poll per location per interval. The Cache API does
+//!   nothing on `*.workers.dev`: there every isolate asks the ledger itself. An answer that does
+//!   not reach back to the isolate's cursor is followed by a direct request.
+
+use std::cell::{Cell, RefCell};
+
+use futures_util::future::{Either, select};
+use latchkey_shared::UnixMillis;
+use latchkey_shared::ledger::Tail;
+use latchkey_shared::ledger::memory::{Memory, SyncError};
+use worker::{Cache, Delay, Env, Response};
+
+use crate::config::LedgerSettings;
+use crate::ledger::{self, now};
+
+/// How far back a shared poll reaches: an isolate caught up within this window can use it.
+const SHARED_WINDOW_MS: i64 = 60_000;
+
+thread_local! {
+    static MEMORY: RefCell<Option<Memory>> = const { RefCell::new(None) };
+    /// Requests this isolate made to the ledger object (debug header, benchmarks).
+    static LEDGER_FETCHES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Runs `f` on this isolate's memory, made on first use.
+pub(crate) fn with<T>(settings: &LedgerSettings, f: impl FnOnce(&mut Memory) -> T) -> T {
+    MEMORY.with(|cell| {
+        let mut memory = cell.borrow_mut();
+        f(memory.get_or_insert_with(|| Memory::new(settings.memory.clone())))
+    })
+}
+
+/// How many requests this isolate made to the ledger object.
+pub(crate) fn ledger_fetches() -> u64 {
+    LEDGER_FETCHES.with(Cell::get)
+}
+
+/// One poll of the ledger for entries after `after` (what `Memory::start_sync` returned), applied
+/// to memory. `host` names the location's cache key (the request's own host).
+pub(crate) async fn sync(env: Env, settings: &LedgerSettings, after: u64, host: String) {
+    let started = now();
+    let share = settings.share_polls && with(settings, |m| m.may_share());
+    let mut answer = if share {
+        shared_tail(&env, settings, &host, started).await
+    } else {
+        direct_tail(&env, after).await
+    };
+    for attempt in 0..2 {
+        let tail = match answer {
+            Ok(tail) => tail,
+            Err(error) => {
+                worker::console_warn!("ledger poll failed: {error}");
+                let overloaded = error.to_string().contains("overloaded");
+                with(settings, |m| m.failed(now(), overloaded));
+                return;
+            }
+        };
+        match with(settings, |m| m.apply(&tail, now())) {
+            Ok(()) => return,
+            Err(SyncError::Gap { .. }) if share && attempt == 0 => {
+                answer = direct_tail(&env, after).await;
+            }
+            Err(SyncError::Gap { cursor, after }) => {
+                worker::console_warn!(
+                    "ledger pruned past this isolate's cursor {cursor} (it starts after {after}); reloading"
+                );
+                with(settings, Memory::restart);
+                return;
+            }
+            Err(error) => {
+                worker::console_warn!("ledger answer not applied: {error}");
+                return;
+            }
+        }
+    }
+}
+
+/// Like [`sync`], but gives up after `LEDGER_TIMEOUT_MS`: the poll counts as failed (so the
+/// next one backs off) and the request decides without it.
+pub(crate) async fn sync_waiting(env: Env, settings: &LedgerSettings, after: u64, host: String) {
+    let poll = Box::pin(sync(env, settings, after, host));
+    let timeout = Box::pin(Delay::from(std::time::Duration::from_millis(
+        settings.timeout_ms,
+    )));
+    if let Either::Right(_) = select(poll, timeout).await {
+        worker::console_warn!(
+            "ledger poll took longer than LEDGER_TIMEOUT_MS; deciding without it"
+        );
+        with(settings, |m| m.failed(now(), false));
+    }
+}
+
+async fn direct_tail(env: &Env, after: u64) -> worker::Result<Tail> {
+    fetch_tail(env, &format!("https://ledger/tail?after={after}")).await
+}
+
+async fn fetch_tail(env: &Env, url: &str) -> worker::Result<Tail> {
+    LEDGER_FETCHES.with(|n| n.set(n.get() + 1));
+    let mut response = ledger::stub(env)?.fetch_with_str(url).await?;
+    if response.status_code() != 200 {
+        return Err(worker::Error::RustError(format!(
+            "the ledger answered {}",
+            response.status_code()
+        )));
+    }
+    let body = response.bytes().await?;
+    Tail::parse(&body).map_err(|e| worker::Error::RustError(e.to_string()))
+}
+
+/// The location's shared copy of the last minute of entries, fetched from the ledger (and put
+/// in the cache for the other isolates) when this poll interval has none yet.
+async fn shared_tail(
+    env: &Env,
+    settings: &LedgerSettings,
+    host: &str,
+    now: UnixMillis,
+) -> worker::Result<Tail> {
+    let bucket = now.0 / settings.memory.poll_ms.max(1);
+    let key = format!("https://{host}/__latchkey/ledger-tail/{bucket}");
+    let cache = Cache::default();
+    if let Ok(Some(mut hit)) = cache.get(key.as_str(), true).await
+        && let Ok(body) = hit.bytes().await
+        && let Ok(tail) = Tail::parse(&body)
+    {
+        return Ok(tail);
+    }
+    let tail = fetch_tail(
+        env,
+        &format!("https://ledger/tail?recent_ms={SHARED_WINDOW_MS}"),
+    )
+    .await?;
+    let max_age = (settings.memory.poll_ms / 1000).max(1);
+    if let Ok(mut copy) = Response::ok(tail.to_json()) {
+        let headers = copy.headers_mut();
+        let _ = headers.set("content-type", "application/json");
+        let _ = headers.set("cache-control", &format!("max-age={max_age}"));
+        if let Err(e) = cache.put(key.as_str(), copy).await {
+            worker::console_warn!("ledger poll not shared: {e}");
+        }
+    }
+    Ok(tail)
+}
