@@ -69,8 +69,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             poll_ms: 1000,
-            sync_max_age_ms: 3000,
-            watermark_max_age_ms: 5000,
+            sync_max_age_ms: 2000,
+            watermark_max_age_ms: 3000,
             hot_max_keys: 10_000,
             hot_ttl_ms: 300_000,
             ledger_max_keys: 100_000,
@@ -544,9 +544,9 @@ mod tests {
         // (time of asking, expected)
         let cases = [
             (at, true),
-            (at + 3000, true),
-            (at + 3001, false), // the sync is too old
-            (at - 3000, true),
+            (at + 2000, true),
+            (at + 2001, false), // the sync is too old
+            (at - 2000, true),
         ];
         for (now, expected) in cases {
             assert_eq!(memory.trusted(UnixMillis(now)), expected, "{now}");
@@ -555,7 +555,7 @@ mod tests {
         let mut memory = Memory::new(Settings::default());
         memory.start_sync(UnixMillis(at));
         let mut t = tail(0, vec![], 0, at);
-        t.watermark = Some(UnixMillis(at - 5001));
+        t.watermark = Some(UnixMillis(at - 3001));
         memory.apply(&t, UnixMillis(at)).expect("applies");
         assert!(!memory.trusted(UnixMillis(at)));
         t.watermark = None;

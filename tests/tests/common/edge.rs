@@ -24,6 +24,8 @@ pub const KV_NAMESPACE_ID: &str = "00000000000000000000000000000000";
 pub const UPSTREAM_SECRET: &str = "test-upstream-signing-secret-bbbbbbbbbbbb";
 /// The usage signing secret shared by the edge and origin in tests.
 pub const USAGE_SECRET: &str = "test-usage-signing-secret-cccccccccccccc";
+/// The ledger signing secret shared by origin and the edge in tests.
+pub const LEDGER_SECRET: &str = "test-ledger-signing-secret-dddddddddddd";
 
 /// The repository root (wrangler.toml, node_modules).
 pub fn repo_root() -> PathBuf {
@@ -69,6 +71,19 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port in {FIRST}..{}", FIRST + SPAN);
+}
+
+/// A well-formed key (valid checksum) that was never issued.
+pub fn unissued_key(prefix: &str) -> String {
+    let prefix = latchkey_shared::KeyPrefix::parse(prefix).expect("prefix");
+    let mut counter = 7u8;
+    let key = latchkey_shared::ApiKey::generate(&prefix, &mut |buf: &mut [u8]| {
+        for b in buf {
+            counter = counter.wrapping_mul(31).wrapping_add(17);
+            *b = counter;
+        }
+    });
+    key.expose().to_owned()
 }
 
 /// Prints a measured figure where it shows even when the test passes (the test harness
@@ -215,6 +230,8 @@ pub struct Edge {
     pub base: String,
     port: u16,
     vars: Vec<(String, String)>,
+    /// Start without the ledger's Durable Object binding (see [`Edge::without_ledger_object`]).
+    no_ledger_object: bool,
     dir: tempfile::TempDir,
     group: Option<Group>,
     runs: u32,
@@ -232,9 +249,11 @@ impl Edge {
             vars: vec![
                 ("UPSTREAM_SIGNING_SECRET".into(), UPSTREAM_SECRET.into()),
                 ("USAGE_SIGNING_SECRET".into(), USAGE_SECRET.into()),
+                ("LEDGER_SIGNING_SECRET".into(), LEDGER_SECRET.into()),
                 ("DEBUG_HEADERS".into(), "true".into()),
                 ("USAGE_FLUSH_MS".into(), "300".into()),
             ],
+            no_ledger_object: false,
             dir: tempfile::tempdir().expect("temp dir"),
             group: None,
             runs: 0,
@@ -247,6 +266,24 @@ impl Edge {
         self.vars.retain(|(k, _)| k != name);
         self.vars.push((name.to_owned(), value.to_owned()));
         self
+    }
+
+    /// Removes a `[vars]` value or secret for the Worker's next start.
+    pub fn unset_var(&mut self, name: &str) -> &mut Self {
+        self.vars.retain(|(k, _)| k != name);
+        self
+    }
+
+    /// From the next start, runs the Worker from a copy of `wrangler.toml` without the ledger's
+    /// Durable Object binding: the ledger is unreachable, as when the object cannot be reached.
+    pub fn without_ledger_object(&mut self) -> &mut Self {
+        self.no_ledger_object = true;
+        self
+    }
+
+    /// The address origin appends ledger changes to.
+    pub fn ledger_url(&self) -> String {
+        format!("{}{}", self.base, latchkey_shared::ledger::APPEND_PATH)
     }
 
     /// Where wrangler writes its own debug log files (`WRANGLER_LOG_PATH`; by default they go
@@ -332,6 +369,9 @@ impl Edge {
             .args(["--inspector-port", &free_port().to_string()])
             .arg("--persist-to")
             .arg(self.state_dir());
+        if self.no_ledger_object {
+            cmd.arg("--config").arg(self.config_without_ledger_object());
+        }
         for (name, value) in &self.vars {
             cmd.args(["--var", &format!("{name}:{value}")]);
         }
@@ -370,6 +410,32 @@ impl Edge {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A copy of `wrangler.toml` without the Durable Object binding and its migration (and
+    /// without the build step: the Worker is already built), next to the original so that its
+    /// relative paths still hold.
+    fn config_without_ledger_object(&self) -> PathBuf {
+        let text =
+            std::fs::read_to_string(repo_root().join("wrangler.toml")).expect("wrangler.toml");
+        let mut out = String::new();
+        let mut skipping = false;
+        for line in text.lines() {
+            if line.starts_with('[') {
+                skipping = matches!(
+                    line.trim(),
+                    "[[durable_objects.bindings]]" | "[[migrations]]" | "[build]"
+                );
+            }
+            if !skipping {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        assert!(!out.contains("LEDGER\""), "the binding is gone");
+        let path = repo_root().join(format!(".wrangler-no-ledger-{}.toml", self.port));
+        std::fs::write(&path, out).expect("write the config copy");
+        path
     }
 
     /// Stops wrangler, workerd and everything else in their process group.
@@ -445,6 +511,12 @@ pub struct Stack {
 impl Stack {
     /// Starts all three. `origin_env` adds to origin's environment.
     pub async fn start(origin_env: &[(&str, &str)]) -> Self {
+        Self::start_with(origin_env, &[]).await
+    }
+
+    /// Starts all three; `origin_env` adds to origin's environment, `edge_vars` to the Worker's
+    /// vars (an empty value unsets one).
+    pub async fn start_with(origin_env: &[(&str, &str)], edge_vars: &[(&str, &str)]) -> Self {
         let upstream = Upstream::start();
         let mut edge = Edge::on_free_port();
         let mut builder = TestApp::builder()
@@ -452,6 +524,8 @@ impl Stack {
             .env("KV_NAMESPACE_ID", KV_NAMESPACE_ID)
             .env("KV_RETRY_MAX_MS", "500")
             .env("USAGE_SIGNING_SECRET", USAGE_SECRET)
+            .env("LEDGER_URL", &edge.ledger_url())
+            .env("LEDGER_SIGNING_SECRET", LEDGER_SECRET)
             .env("LAST_USED_FLUSH_MS", "100");
         for (name, value) in origin_env {
             builder = builder.env(name, value);
@@ -459,6 +533,13 @@ impl Stack {
         let origin = builder.start().await;
         edge.var("UPSTREAM_URL", &upstream.base)
             .var("ORIGIN_USAGE_URL", &format!("{}/v1/usage", origin.base));
+        for (name, value) in edge_vars {
+            if value.is_empty() {
+                edge.unset_var(name);
+            } else {
+                edge.var(name, value);
+            }
+        }
         edge.start().await;
         Self {
             origin,

@@ -1,0 +1,560 @@
+//! The change ledger end to end: the real origin appending to the real Worker's Durable Object
+//! under `wrangler dev`, isolates answering from memory, and KV made stale on purpose.
+//!
+//! Local KV is immediately consistent, so a location whose KV still serves an old value is made
+//! by hand: the test writes the old, valid record back into local KV after origin published the
+//! new one. The edge must follow the ledger, not KV.
+
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a failed test"
+)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::edge::{Edge, LEDGER_SECRET, Stack, report_measurement};
+use common::{TestApp, eventually};
+use latchkey_shared::ledger::{APPEND_PATH, append_message};
+use latchkey_shared::sign::{self, header};
+use latchkey_shared::{ApiKey, UnixMillis, kv_entry_name};
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no {name} header"))
+}
+
+fn kv_reads(headers: &HeaderMap) -> u32 {
+    header_text(headers, "x-latchkey-debug-kv-reads")
+        .parse()
+        .expect("a number")
+}
+
+fn memory(headers: &HeaderMap) -> &str {
+    header_text(headers, "x-latchkey-debug-memory")
+}
+
+fn ledger_fetches(headers: &HeaderMap) -> u64 {
+    header_text(headers, "x-latchkey-debug-ledger-fetches")
+        .parse()
+        .expect("a number")
+}
+
+/// The KV entry name of a key's secret.
+fn entry_name(secret: &str) -> String {
+    kv_entry_name(&ApiKey::parse(secret).expect("a key").hash())
+}
+
+/// Nearest-rank percentiles of `ms` (sorted here): p50, p99, max.
+fn percentiles(ms: &mut [f64]) -> (f64, f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    let rank = |p: usize| ms[(p * ms.len()).div_ceil(100).clamp(1, ms.len()) - 1];
+    (rank(50), rank(99), ms[ms.len() - 1])
+}
+
+/// How many times to repeat each timed change (`LATCHKEY_REVOCATIONS`; `./dev bench` asks for
+/// more).
+fn repetitions() -> usize {
+    std::env::var("LATCHKEY_REVOCATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+/// Polls the edge until `done` holds; the time from `since`.
+async fn edge_until(
+    edge: &Edge,
+    key: &str,
+    required: &[&str],
+    since: Instant,
+    done: impl Fn(&Value) -> bool,
+) -> (Value, f64) {
+    loop {
+        let reply = edge.verify(key, required).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        if done(&reply.body) {
+            return (reply.body, since.elapsed().as_secs_f64() * 1000.0);
+        }
+        assert!(
+            since.elapsed() < LIMIT,
+            "the edge did not change within {LIMIT:?}; last answer {}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn hot_keys_are_answered_from_memory_and_stale_kv_never_wins() {
+    let stack = Stack::start(&[]).await;
+    let edge = &stack.edge;
+    let (_, key) = stack
+        .create(&["read:orders", "write:orders"], json!({}))
+        .await;
+    edge.verify_until(&key, &[], LIMIT, |b| b["valid"] == true)
+        .await;
+
+    // The key came through the ledger: memory answers, with no KV read, again and again.
+    for _ in 0..3 {
+        let r = edge.verify(&key, &["read:orders"]).await;
+        assert_eq!(r.body["valid"], true, "{:?}", r.body);
+        assert_eq!(kv_reads(&r.headers), 0);
+        assert_eq!(memory(&r.headers), "hit");
+    }
+    // A never-issued key: one KV read, then memory knows it is absent.
+    let unissued = common::edge::unissued_key("sk_live");
+    let first = edge.verify(&unissued, &[]).await;
+    assert_eq!(first.body["code"], "NOT_FOUND");
+    assert_eq!(
+        (kv_reads(&first.headers), memory(&first.headers)),
+        (1, "miss")
+    );
+    let second = edge.verify(&unissued, &[]).await;
+    assert_eq!(second.body["code"], "NOT_FOUND");
+    assert_eq!(
+        (kv_reads(&second.headers), memory(&second.headers)),
+        (0, "hit")
+    );
+    // The gateway too.
+    let r = edge.gateway(Method::GET, "/orders/1", Some(&key)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(kv_reads(&r.headers), 0);
+
+    // Revocations with stale KV: origin revokes, publishes everywhere, and then the key's old,
+    // valid record is written back into KV, as a location whose KV cache still held it would
+    // serve it. Timed from origin's answer to the edge's first denial.
+    let n = repetitions();
+    let mut keys = Vec::new();
+    for _ in 0..n {
+        keys.push(stack.create(&["read:orders"], json!({})).await);
+    }
+    stack.wait_published(LIMIT).await;
+    let mut revoke_ms = Vec::new();
+    for (id, secret) in &keys {
+        let name = entry_name(secret);
+        edge.verify_until(secret, &[], LIMIT, |b| b["valid"] == true)
+            .await;
+        let valid_record = edge.read_kv(&name).await;
+        stack.revoke(id).await;
+        let revoked_at = Instant::now();
+        // Once KV holds the revocation, put the old value back.
+        eventually(LIMIT, || async {
+            let now = edge.read_kv(&name).await;
+            if String::from_utf8_lossy(&now).contains("\"revoked\":true") {
+                Ok(())
+            } else {
+                Err("not published yet".to_owned())
+            }
+        })
+        .await;
+        edge.write_kv(&name, &valid_record).await;
+        let (answer, ms) = edge_until(edge, secret, &[], revoked_at, |b| b["valid"] == false).await;
+        assert_eq!(answer["code"], "REVOKED");
+        revoke_ms.push(ms);
+        // It stays denied: stale KV never wins.
+        let again = edge.verify(secret, &[]).await;
+        assert_eq!(again.body["code"], "REVOKED");
+    }
+    let (p50, p99, max) = percentiles(&mut revoke_ms);
+    report_measurement(&format!(
+        "ledger revocation with stale KV (origin revoke response -> first edge denial), {n} \
+         revocations: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+    ));
+
+    // Scope narrowings with stale KV, the same way.
+    let mut narrow_ms = Vec::new();
+    for (_, _) in keys.iter().take(n.min(10)) {
+        let (id, secret) = stack
+            .create(&["read:orders", "write:orders"], json!({}))
+            .await;
+        let name = entry_name(&secret);
+        edge.verify_until(&secret, &["write:orders"], LIMIT, |b| b["valid"] == true)
+            .await;
+        stack.wait_published(LIMIT).await;
+        let wide_record = edge.read_kv(&name).await;
+        let r = stack
+            .origin
+            .patch(
+                "/backend.api-keys.update",
+                json!({ "key_id": id, "scopes": ["read:orders"] }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let narrowed_at = Instant::now();
+        stack.wait_published(LIMIT).await;
+        edge.write_kv(&name, &wide_record).await;
+        let (answer, ms) = edge_until(edge, &secret, &["write:orders"], narrowed_at, |b| {
+            b["code"] == "INSUFFICIENT_SCOPE"
+        })
+        .await;
+        assert_eq!(answer["missing_scopes"], json!(["write:orders"]));
+        narrow_ms.push(ms);
+        let r = edge.gateway(Method::POST, "/orders", Some(&secret)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    }
+    let (p50, p99, max) = percentiles(&mut narrow_ms);
+    report_measurement(&format!(
+        "ledger scope narrowing with stale KV, {} narrowings: p50 {p50:.1} ms, p99 {p99:.1} ms, \
+         max {max:.1} ms",
+        narrow_ms.len()
+    ));
+
+    // Memory survives its own limits: ledger fetches stay about one per poll interval.
+    let before = ledger_fetches(&edge.verify(&key, &[]).await.headers);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let r = edge.verify(&key, &[]).await;
+        assert_eq!(r.body["valid"], true);
+    }
+    let after = ledger_fetches(&edge.verify(&key, &[]).await.headers);
+    let seconds = started.elapsed().as_secs_f64();
+    let per_second = (after - before) as f64 / seconds;
+    report_measurement(&format!(
+        "ledger fetches under sustained load: {} in {seconds:.1} s ({per_second:.2}/s, poll 1/s)",
+        after - before
+    ));
+    assert!(
+        after - before <= seconds.ceil() as u64 + 1,
+        "at most one poll per interval: {} polls in {seconds:.1} s",
+        after - before
+    );
+}
+
+#[tokio::test]
+async fn a_key_whose_record_never_reached_kv_is_found_through_the_ledger() {
+    // Origin's KV sink points nowhere: only the ledger carries changes to the edge.
+    let closed = format!("http://127.0.0.1:{}", common::edge::free_port());
+    let stack = Stack::start(&[("KV_API_BASE", &closed)]).await;
+    let edge = &stack.edge;
+    let n = repetitions().min(10);
+    let mut create_ms = Vec::new();
+    for _ in 0..n {
+        let (id, secret) = stack.create(&["read:orders"], json!({})).await;
+        let created_at = Instant::now();
+        let (answer, ms) = edge_until(edge, &secret, &[], created_at, |b| b["valid"] == true).await;
+        assert_eq!(answer["id"], id);
+        create_ms.push(ms);
+        assert!(
+            edge.read_kv(&entry_name(&secret)).await.is_empty()
+                || !String::from_utf8_lossy(&edge.read_kv(&entry_name(&secret)).await)
+                    .contains(&id),
+            "the record is not in KV"
+        );
+    }
+    let (p50, p99, max) = percentiles(&mut create_ms);
+    report_measurement(&format!(
+        "new key found through the ledger alone (never in KV), {n} keys: p50 {p50:.1} ms, \
+         p99 {p99:.1} ms, max {max:.1} ms"
+    ));
+    // KV's rows wait, the ledger's are done: one sink down does not hold the other.
+    let health = stack.origin.get("/healthz").await;
+    assert!(
+        health.body["kv_publisher"]["pending"].as_u64() >= Some(n as u64),
+        "{}",
+        health.body
+    );
+    assert_eq!(
+        health.body["ledger_publisher"]["pending"], 0,
+        "{}",
+        health.body
+    );
+}
+
+#[tokio::test]
+async fn origin_silent_or_ledger_pruned_falls_back_to_kv_and_still_decides_right() {
+    let mut stack = Stack::start(&[]).await;
+    let (_, good) = stack.create(&["read:orders"], json!({})).await;
+    let (bad_id, bad) = stack.create(&["read:orders"], json!({})).await;
+    stack
+        .edge
+        .verify_until(&bad, &[], LIMIT, |b| b["valid"] == true)
+        .await;
+    stack
+        .edge
+        .verify_until(&good, &[], LIMIT, |b| b["valid"] == true)
+        .await;
+    stack.wait_published(LIMIT).await;
+    let bad_name = entry_name(&bad);
+    let valid_record = stack.edge.read_kv(&bad_name).await;
+
+    // KV turns stale for a revoked key, then origin goes silent: its watermark ages, memory is
+    // dropped, KV is read per request, and the ledger's revocation still beats stale KV.
+    stack.revoke(&bad_id).await;
+    stack.wait_published(LIMIT).await;
+    stack
+        .edge
+        .verify_until(&bad, &[], LIMIT, |b| b["code"] == "REVOKED")
+        .await;
+    stack.edge.write_kv(&bad_name, &valid_record).await;
+    stack.origin.stop().await;
+    eventually(LIMIT, || async {
+        let r = stack.edge.verify(&good, &[]).await;
+        if memory(&r.headers) == "untrusted" {
+            Ok(())
+        } else {
+            Err(format!("still trusted: {}", memory(&r.headers)))
+        }
+    })
+    .await;
+    let r = stack.edge.verify(&good, &["read:orders"]).await;
+    assert_eq!(r.body["valid"], true, "KV decides: {:?}", r.body);
+    assert_eq!((kv_reads(&r.headers), memory(&r.headers)), (1, "untrusted"));
+    let r = stack.edge.verify(&bad, &[]).await;
+    assert_eq!(
+        r.body["code"], "REVOKED",
+        "stale KV lost to the ledger: {:?}",
+        r.body
+    );
+    let r = stack
+        .edge
+        .gateway(Method::GET, "/orders/1", Some(&bad))
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Strict: the same state answers 503 and forwards nothing.
+    stack.edge.stop();
+    stack.edge.var("LEDGER_STRICT", "true");
+    stack.edge.start().await;
+    let calls = stack.upstream.calls();
+    let r = stack.edge.verify(&good, &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "ledger_unavailable");
+    let r = stack
+        .edge
+        .gateway(Method::GET, "/orders/1", Some(&good))
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(stack.upstream.calls(), calls, "nothing forwarded");
+
+    // Origin back: its watermark makes memory trusted again, strict or not.
+    stack.origin.start_again().await;
+    let r = eventually(LIMIT, || async {
+        let r = stack.edge.verify(&good, &[]).await;
+        if r.status == StatusCode::OK && r.body["valid"] == true {
+            Ok(r)
+        } else {
+            Err(format!("{:?}", r.body))
+        }
+    })
+    .await;
+    assert_ne!(memory(&r.headers), "untrusted");
+
+    // Pruned: with a retention of one second, the isolate sleeps (no requests) while origin
+    // revokes a key; its cursor is then older than anything the ledger keeps. It notices,
+    // decides from KV meanwhile, and reloads.
+    stack.edge.stop();
+    stack
+        .edge
+        .var("LEDGER_STRICT", "false")
+        .var("LEDGER_RETENTION_MS", "1000");
+    stack.edge.start().await;
+    let (other_id, other) = stack.create(&["read:orders"], json!({})).await;
+    stack
+        .edge
+        .verify_until(&other, &[], LIMIT, |b| b["valid"] == true)
+        .await;
+    stack
+        .edge
+        .verify_until(&good, &[], LIMIT, |b| b["valid"] == true)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    stack.revoke(&other_id).await;
+    stack.wait_published(LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = stack.edge.verify(&other, &[]).await;
+    assert_eq!(r.body["code"], "REVOKED", "{:?}", r.body);
+    eventually(LIMIT, || async {
+        let r = stack.edge.verify(&good, &[]).await;
+        if memory(&r.headers) == "hit" && r.body["valid"] == true {
+            Ok(())
+        } else {
+            Err(format!(
+                "memory did not recover: {} {}",
+                memory(&r.headers),
+                r.body
+            ))
+        }
+    })
+    .await;
+    assert!(
+        stack
+            .edge
+            .logs()
+            .contains("ledger pruned past this isolate's cursor"),
+        "the isolate saw the gap"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_ledger_means_kv_per_request_or_503_when_strict() {
+    let upstream = common::edge::Upstream::start();
+    let mut edge = Edge::on_free_port();
+    edge.without_ledger_object()
+        .var("UPSTREAM_URL", &upstream.base)
+        .unset_var("ORIGIN_USAGE_URL");
+    edge.start().await;
+    let key = common::edge::unissued_key("sk_live");
+    let r = edge.verify(&key, &[]).await;
+    assert_eq!(r.body["code"], "NOT_FOUND", "{:?}", r.body);
+    assert_eq!((kv_reads(&r.headers), memory(&r.headers)), (1, "untrusted"));
+    let r = edge.verify(&key, &[]).await;
+    assert_eq!((kv_reads(&r.headers), memory(&r.headers)), (1, "untrusted"));
+    assert!(
+        edge.logs().contains("ledger poll failed"),
+        "the failure is logged"
+    );
+
+    edge.stop();
+    edge.var("LEDGER_STRICT", "true");
+    edge.start().await;
+    let r = edge.verify(&key, &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "ledger_unavailable");
+    let r = edge.gateway(Method::GET, "/orders/1", Some(&key)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(upstream.calls(), 0, "nothing forwarded");
+}
+
+/// Signs an append as origin does.
+fn signed(body: &[u8], timestamp: i64, secret: &str) -> (String, String) {
+    let signature = sign::sign(
+        secret.as_bytes(),
+        &append_message(UnixMillis(timestamp), body),
+    );
+    (timestamp.to_string(), signature)
+}
+
+async fn append(edge: &Edge, body: &[u8], timestamp: &str, signature: &str) -> (StatusCode, Value) {
+    let r = TestApp::send(
+        edge.request(Method::POST, APPEND_PATH)
+            .header(header::TIMESTAMP, timestamp)
+            .header(header::SIGNATURE, signature)
+            .body(body.to_vec()),
+    )
+    .await;
+    (r.status, r.body)
+}
+
+#[tokio::test]
+async fn the_ledger_route_takes_only_fresh_signed_appends() {
+    let mut edge = Edge::on_free_port();
+    edge.unset_var("ORIGIN_USAGE_URL").var("ROUTES", "");
+    edge.start().await;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits");
+    let body = br#"{"v":1,"changes":[]}"#;
+    let (ts, sig) = signed(body, now, LEDGER_SECRET);
+    let (status, answer) = append(&edge, body, &ts, &sig).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["appended"], 0);
+    // (what, body, timestamp, signature, expected status, expected code)
+    let other = signed(body, now, "another-secret-that-is-long-enough-0000");
+    let stale = signed(body, now - 6 * 60 * 1000, LEDGER_SECRET);
+    let v2 = br#"{"v":2,"changes":[]}"#;
+    let v2_signed = signed(v2, now + 1, LEDGER_SECRET);
+    let bad_name = br#"{"v":1,"changes":[{"name":"k1:zz","record":{}}]}"#;
+    let bad_name_signed = signed(bad_name, now + 2, LEDGER_SECRET);
+    let cases: Vec<(&str, &[u8], String, String, u16, &str)> = vec![
+        ("replay", body, ts.clone(), sig.clone(), 409, "replayed"),
+        (
+            "replay, upper-case hex",
+            body,
+            ts.clone(),
+            sig.to_uppercase(),
+            409,
+            "replayed",
+        ),
+        (
+            "another secret",
+            body,
+            other.0.clone(),
+            other.1.clone(),
+            401,
+            "bad_signature",
+        ),
+        (
+            "stale timestamp",
+            body,
+            stale.0.clone(),
+            stale.1.clone(),
+            401,
+            "bad_signature",
+        ),
+        (
+            "body changed",
+            br#"{"v":1,"changes":[] }"#,
+            ts.clone(),
+            sig.clone(),
+            401,
+            "bad_signature",
+        ),
+        (
+            "no signature",
+            body,
+            ts.clone(),
+            String::new(),
+            401,
+            "bad_signature",
+        ),
+        (
+            "extreme timestamp",
+            body,
+            i64::MIN.to_string(),
+            sig.clone(),
+            401,
+            "bad_signature",
+        ),
+        (
+            "unknown version",
+            v2,
+            v2_signed.0.clone(),
+            v2_signed.1.clone(),
+            400,
+            "bad_ledger_batch",
+        ),
+        (
+            "bad entry name",
+            bad_name,
+            bad_name_signed.0.clone(),
+            bad_name_signed.1.clone(),
+            400,
+            "bad_ledger_batch",
+        ),
+    ];
+    for (what, body, ts, sig, status, code) in cases {
+        let (got, answer) = append(&edge, body, &ts, &sig).await;
+        assert_eq!(got.as_u16(), status, "{what}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{what}: {answer}");
+    }
+    let big = vec![b' '; latchkey_shared::ledger::APPEND_BODY_MAX_BYTES + 1];
+    let (got, _) = append(&edge, &big, &ts, &sig).await;
+    assert_eq!(got, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = TestApp::send(edge.request(Method::GET, APPEND_PATH)).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+
+    // An edge without the ledger secret has no ledger route.
+    edge.stop();
+    edge.unset_var("LEDGER_SIGNING_SECRET");
+    edge.start().await;
+    let (got, answer) = append(&edge, body, &ts, &sig).await;
+    assert_eq!(got, StatusCode::NOT_FOUND, "{answer}");
+    assert_eq!(answer["error"]["code"], "ledger_disabled");
+    let r = edge
+        .verify(&common::edge::unissued_key("sk_live"), &[])
+        .await;
+    assert_eq!(memory(&r.headers), "off");
+}
