@@ -204,12 +204,18 @@ struct Value {
 }
 
 impl Ledger {
-    fn meta(&self, name: &str) -> Result<i64> {
+    /// A counter of the `meta` table, `None` if never set.
+    fn meta_opt(&self, name: &str) -> Result<Option<i64>> {
         let rows: Vec<Value> = self
             .sql
             .exec("SELECT value FROM meta WHERE name = ?", vec![name.into()])?
             .to_array()?;
-        Ok(rows.first().and_then(|r| r.value).unwrap_or(0))
+        Ok(rows.first().and_then(|r| r.value))
+    }
+
+    /// A counter of the `meta` table, 0 if never set.
+    fn meta(&self, name: &str) -> Result<i64> {
+        Ok(self.meta_opt(name)?.unwrap_or(0))
     }
 
     fn set_meta(&self, name: &str, value: i64) -> Result<()> {
@@ -266,10 +272,9 @@ impl Ledger {
         }
         self.set_meta("head", head)?;
         if let Some(watermark) = batch.watermark
-            && watermark.0 > self.meta("watermark")?
+            && self.meta_opt("watermark")?.is_none_or(|w| watermark.0 > w)
         {
             self.set_meta("watermark", watermark.0)?;
-            self.set_meta("has_watermark", 1)?;
         }
         self.prune(now)?;
         Response::from_json(&AppendAnswer {
@@ -300,7 +305,6 @@ impl Ledger {
     }
 
     fn tail(&self, query: &TailQuery, now: UnixMillis) -> Result<Response> {
-        self.prune(now)?;
         let pruned_through = self.meta("pruned_through")?;
         let head = self.meta("head")?;
         let after = match (query.after, query.recent_ms) {
@@ -341,9 +345,7 @@ impl Ledger {
         let last = entries
             .last()
             .map_or(after, |e| i64::try_from(e.seq).unwrap_or(0));
-        let watermark = (self.meta("has_watermark")? == 1)
-            .then(|| self.meta("watermark").map(UnixMillis))
-            .transpose()?;
+        let watermark = self.meta_opt("watermark")?.map(UnixMillis);
         let tail = Tail {
             v: LEDGER_VERSION,
             after: u64::try_from(after).unwrap_or(0),
