@@ -18,7 +18,10 @@
 //! million GB-s, an object billed at 128 MB while it is active (always, at these rates); SQLite
 //! rows: 25 billion read and 50 million written a month included.
 
-#![allow(clippy::print_stdout, reason = "a command-line tool that prints a table")]
+#![allow(
+    clippy::print_stdout,
+    reason = "a command-line tool that prints a table"
+)]
 
 /// Requests per location per interval when isolates share polls (cache misses racing).
 const SHARED_RACE: f64 = 1.5;
