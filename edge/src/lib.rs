@@ -60,8 +60,7 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     // methods it does not know (PROPFIND, PURGE, …) to GET, and `Request::path` decodes.
     let method = req.inner().method();
     let url = req.inner().url();
-    let host = host_of(&url).to_owned();
-    let mut lookup = Lookup::new(&env, &config, &host);
+    let mut lookup = Lookup::new(&env, &config);
     let response = if !target::is_known_method(&method) {
         reply::error(
             405,
@@ -100,8 +99,8 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         ctx.wait_until(usage::send_after_interval(config.clone()));
     }
     if let (Some(after), Some(settings)) = (lookup.background_sync(), config.ledger.clone()) {
-        let (env, host) = (env.clone(), host.clone());
-        ctx.wait_until(async move { memory::sync(env, &settings, after, host).await });
+        let env = env.clone();
+        ctx.wait_until(async move { memory::sync(env, &settings, after).await });
     }
     if config.debug_headers {
         let headers = response.headers();
@@ -110,10 +109,4 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         headers.set(MEMORY_HEADER, lookup.source().as_str())?;
     }
     Ok(response)
-}
-
-/// The host (and port) of an absolute URL: a name for the location's cache keys.
-fn host_of(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.split(['/', '?', '#']).next().unwrap_or_default()
 }

@@ -77,7 +77,6 @@ impl Source {
 pub(crate) struct Lookup<'a> {
     env: &'a Env,
     ledger: Option<&'a LedgerSettings>,
-    host: &'a str,
     now: UnixMillis,
     kv_reads: u32,
     used: Vec<KeyId>,
@@ -87,11 +86,10 @@ pub(crate) struct Lookup<'a> {
 }
 
 impl<'a> Lookup<'a> {
-    pub(crate) fn new(env: &'a Env, config: &'a Config, host: &'a str) -> Self {
+    pub(crate) fn new(env: &'a Env, config: &'a Config) -> Self {
         Self {
             env,
             ledger: config.ledger.as_ref(),
-            host,
             now: ledger::now(),
             kv_reads: 0,
             used: Vec::new(),
@@ -164,7 +162,7 @@ impl<'a> Lookup<'a> {
             if trusted {
                 self.background_sync = Some(after);
             } else {
-                memory::sync_waiting(self.env.clone(), settings, after, self.host.to_owned()).await;
+                memory::sync_waiting(self.env.clone(), settings, after).await;
                 asked_at = ledger::now();
             }
         }

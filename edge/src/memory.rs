@@ -8,7 +8,9 @@
 //!   still not trusted (or answers 503 with `LEDGER_STRICT`).
 //! * Sharing (`LEDGER_SHARE_POLLS`, on by default): an isolate that is caught up reads the
 //!   location's copy of "every entry of the last minute" from the Cache API, keyed by poll
-//!   interval, so the ledger sees about one poll per location per interval. The Cache API does
+//!   interval, so the ledger sees about one poll per location per interval. The copy lives in a
+//!   cache of its own (`caches.open`), apart from the zone's default cache, so no public request
+//!   can read it, whatever the Worker's routes. The Cache API does
 //!   nothing on `*.workers.dev`: there every isolate asks the ledger itself. An answer that does
 //!   not reach back to the isolate's cursor is followed by a direct request.
 
@@ -45,13 +47,16 @@ pub(crate) fn ledger_fetches() -> u64 {
     LEDGER_FETCHES.with(Cell::get)
 }
 
+/// The Cache API cache holding the shared polls.
+const SHARED_CACHE: &str = "latchkey-ledger";
+
 /// One poll of the ledger for entries after `after` (what `Memory::start_sync` returned), applied
-/// to memory. `host` names the location's cache key (the request's own host).
-pub(crate) async fn sync(env: Env, settings: &LedgerSettings, after: u64, host: String) {
+/// to memory.
+pub(crate) async fn sync(env: Env, settings: &LedgerSettings, after: u64) {
     let started = now();
     let share = settings.share_polls && with(settings, |m| m.may_share());
     let mut answer = if share {
-        shared_tail(&env, settings, &host, started).await
+        shared_tail(&env, settings, started).await
     } else {
         direct_tail(&env, after).await
     };
@@ -87,8 +92,8 @@ pub(crate) async fn sync(env: Env, settings: &LedgerSettings, after: u64, host: 
 
 /// Like [`sync`], but gives up after `LEDGER_TIMEOUT_MS`: the poll counts as failed (so the
 /// next one backs off) and the request decides without it.
-pub(crate) async fn sync_waiting(env: Env, settings: &LedgerSettings, after: u64, host: String) {
-    let poll = Box::pin(sync(env, settings, after, host));
+pub(crate) async fn sync_waiting(env: Env, settings: &LedgerSettings, after: u64) {
+    let poll = Box::pin(sync(env, settings, after));
     let timeout = Box::pin(Delay::from(std::time::Duration::from_millis(
         settings.timeout_ms,
     )));
@@ -122,12 +127,11 @@ async fn fetch_tail(env: &Env, url: &str) -> worker::Result<Tail> {
 async fn shared_tail(
     env: &Env,
     settings: &LedgerSettings,
-    host: &str,
     now: UnixMillis,
 ) -> worker::Result<Tail> {
     let bucket = now.0 / settings.memory.poll_ms.max(1);
-    let key = format!("https://{host}/__latchkey/ledger-tail/{bucket}");
-    let cache = Cache::default();
+    let key = format!("https://ledger.latchkey.invalid/tail/{bucket}");
+    let cache = Cache::open(SHARED_CACHE.to_owned()).await;
     if let Ok(Some(mut hit)) = cache.get(key.as_str(), true).await
         && let Ok(body) = hit.bytes().await
         && let Ok(tail) = Tail::parse(&body)
