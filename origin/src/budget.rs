@@ -17,7 +17,7 @@
 //!
 //! Waiting never fails and never spins: a caller sleeps until the next token is due.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,6 +29,10 @@ pub const WINDOW: Duration = Duration::from_secs(300);
 pub const CLOUDFLARE_LIMIT: u32 = 1200;
 /// The pause after a 429 that carries no usable `Retry-After`: Cloudflare's whole penalty.
 const DEFAULT_PENALTY: Duration = WINDOW;
+
+/// [`ApiBudget::acquire`] after [`ApiBudget::close`]: shutting down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
 
 /// Requests per [`WINDOW`], paced; shared by every request one publisher makes.
 #[derive(Debug)]
@@ -42,6 +46,9 @@ pub struct ApiBudget {
     rate_limited: AtomicU64,
     waits: AtomicU64,
     sent_total: AtomicU64,
+    /// Set at shutdown: waiting callers give up (their request is not sent).
+    closed: AtomicBool,
+    woken: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -100,26 +107,39 @@ impl ApiBudget {
             rate_limited: AtomicU64::new(0),
             waits: AtomicU64::new(0),
             sent_total: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            woken: tokio::sync::Notify::new(),
         }
     }
 
     /// Takes one request's token, waiting (asleep) while the budget is spent or a 429's pause
-    /// lasts.
-    pub async fn acquire(&self) {
+    /// lasts. `Err` only once [`Self::close`]d (shutdown): then the request must not be sent.
+    pub async fn acquire(&self) -> Result<(), Closed> {
         let mut waited = false;
         loop {
-            let wait = self.take(Instant::now(), 0.0);
-            match wait {
-                None => return,
-                Some(wait) => {
-                    if !waited {
-                        waited = true;
-                        self.waits.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(wait).await;
-                }
+            let woken = self.woken.notified();
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Closed);
+            }
+            let Some(wait) = self.take(Instant::now(), 0.0) else {
+                return Ok(());
+            };
+            if !waited {
+                waited = true;
+                self.waits.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = woken => {}
             }
         }
+    }
+
+    /// Shutdown: every waiting and later [`Self::acquire`] gives up at once, so a 429's pause
+    /// of minutes does not hold the process.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.woken.notify_waiters();
     }
 
     /// Whether a request now would leave at least half the burst and no pause lasts: work
@@ -337,6 +357,23 @@ mod tests {
             (report.limit, report.used, report.remaining),
             (None, 5000, None)
         );
+    }
+
+    #[tokio::test]
+    async fn closing_releases_a_caller_waiting_out_a_429() {
+        let budget = std::sync::Arc::new(ApiBudget::new(Some(1000)));
+        budget.throttled(None);
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.acquire().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        budget.close();
+        let result = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("released at once")
+            .expect("joined");
+        assert_eq!(result, Err(Closed));
     }
 
     #[test]

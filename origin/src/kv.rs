@@ -241,7 +241,10 @@ impl KvClient {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        self.budget.acquire().await;
+        self.budget
+            .acquire()
+            .await
+            .map_err(|_| KvError::Unreachable("shutting down: the request was not sent".into()))?;
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {

@@ -324,6 +324,18 @@ impl Publisher {
             },
             None => None,
         };
+        // At shutdown, a request waiting for the budget (a 429's pause lasts minutes) gives up.
+        let budget = self.kv.budget();
+        let mut stopping = stop.clone();
+        let closer = tokio::spawn(async move {
+            while !*stopping.borrow_and_update() {
+                if stopping.changed().await.is_err() {
+                    break;
+                }
+            }
+            budget.close();
+        });
+        let _closer = AbortOnDrop(closer);
         let mut failures_in_a_row = 0u32;
         let mut next_verify = Instant::now();
         let mut reconcile = self.reconcile_interval.map(|interval| Reconcile {
@@ -742,6 +754,15 @@ impl Publisher {
 /// `at` plus `delay`, saturating.
 fn later(at: UnixMillis, delay: Duration) -> UnixMillis {
     UnixMillis(at.0.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Where the bulk request starting at `start` ends: at most [`BULK_PUT_MAX`] pairs and
