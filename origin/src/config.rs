@@ -79,7 +79,24 @@ pub struct KvConfig {
     /// `KV_RECONCILE_INTERVAL_S`: how often KV is compared with the database in full (`None`
     /// for `0`: never).
     pub reconcile_interval: Option<Duration>,
+    /// `KV_WRITE_MODE`: one bulk request per batch of changes, or one request per key.
+    pub write_mode: WriteMode,
+    /// `KV_API_BUDGET`: API requests per five minutes (`None`: unlimited, for `wrangler dev`'s
+    /// local API).
+    pub api_budget: Option<u32>,
 }
+
+/// How the publisher writes KV (`KV_WRITE_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// `PUT …/bulk`: up to 10,000 keys per request (Cloudflare).
+    Bulk,
+    /// `PUT …/values/{name}`: one request per key (`wrangler dev`'s local API has no bulk write).
+    PerKey,
+}
+
+/// The path of `wrangler dev`'s local copy of the KV API.
+const LOCAL_API_PATH: &str = "/cdn-cgi/explorer/api";
 
 impl std::fmt::Debug for KvConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,8 +159,39 @@ impl KvConfig {
                 },
             }
         };
+        let api_base = api_base.trim_end_matches('/').to_owned();
+        let local = api_base.ends_with(LOCAL_API_PATH);
+        let write_mode = match var("KV_WRITE_MODE").as_deref() {
+            None | Some("auto") if local => WriteMode::PerKey,
+            None | Some("auto" | "bulk") => WriteMode::Bulk,
+            Some("per_key") => WriteMode::PerKey,
+            Some(other) => {
+                return Err(problem(
+                    "KV_WRITE_MODE",
+                    format!("{other:?} is not auto, bulk or per_key"),
+                ));
+            }
+        };
+        let api_budget = match var("KV_API_BUDGET").as_deref() {
+            None if local => None,
+            None => Some(1000),
+            Some("unlimited") => None,
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if (10..=crate::budget::CLOUDFLARE_LIMIT).contains(&n) => Some(n),
+                _ => {
+                    return Err(problem(
+                        "KV_API_BUDGET",
+                        format!(
+                            "{v:?} is not a number of requests per five minutes from 10 to 1200 (Cloudflare's limit), or unlimited"
+                        ),
+                    ));
+                }
+            },
+        };
         Ok(Some(Self {
-            api_base: api_base.trim_end_matches('/').to_owned(),
+            api_base,
+            write_mode,
+            api_budget,
             namespace_id,
             api_token: var("KV_API_TOKEN"),
             request_timeout: millis("KV_REQUEST_TIMEOUT_MS", 10_000)?,
@@ -611,6 +659,9 @@ mod tests {
             None
         );
         for (var, bad) in [
+            ("KV_WRITE_MODE", "sometimes"),
+            ("KV_API_BUDGET", "1201"),
+            ("KV_API_BUDGET", "0"),
             ("KV_VERIFY_DELAY_MS", "0"),
             ("KV_RECONCILE_INTERVAL_S", "-1"),
             ("KV_RECONCILE_INTERVAL_S", "604801"),
@@ -619,5 +670,41 @@ mod tests {
             let err = load(&vars).expect_err("invalid");
             assert!(err.starts_with(var), "{err}");
         }
+    }
+
+    #[test]
+    fn kv_write_mode_and_budget_follow_the_api_unless_set() {
+        let cloudflare = [
+            ("ADMIN_TOKEN", TOKEN),
+            (
+                "KV_API_BASE",
+                "https://api.cloudflare.com/client/v4/accounts/0123",
+            ),
+            ("KV_NAMESPACE_ID", "ns"),
+        ];
+        let kv = |vars: &[(&str, &str)]| load(vars).expect("valid").kv.expect("kv on");
+        let c = kv(&cloudflare);
+        assert_eq!((c.write_mode, c.api_budget), (WriteMode::Bulk, Some(1000)));
+        let local = [
+            ("ADMIN_TOKEN", TOKEN),
+            ("KV_API_BASE", "http://127.0.0.1:8787/cdn-cgi/explorer/api/"),
+            ("KV_NAMESPACE_ID", "ns"),
+        ];
+        let c = kv(&local);
+        assert_eq!((c.write_mode, c.api_budget), (WriteMode::PerKey, None));
+        let set = [
+            &cloudflare[..],
+            &[("KV_WRITE_MODE", "per_key"), ("KV_API_BUDGET", "600")],
+        ]
+        .concat();
+        let c = kv(&set);
+        assert_eq!((c.write_mode, c.api_budget), (WriteMode::PerKey, Some(600)));
+        let set = [
+            &local[..],
+            &[("KV_WRITE_MODE", "bulk"), ("KV_API_BUDGET", "unlimited")],
+        ]
+        .concat();
+        let c = kv(&set);
+        assert_eq!((c.write_mode, c.api_budget), (WriteMode::Bulk, None));
     }
 }

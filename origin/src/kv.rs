@@ -4,13 +4,20 @@
 //! local copy of that API inside `wrangler dev` (`http://127.0.0.1:<port>/cdn-cgi/explorer/api`).
 //! Reads (`GET …/values/{name}`, `POST …/bulk/get`) serve the publisher's read-backs and its
 //! reconciliation of KV with the database.
+//!
+//! Writes go one request per key (`PUT …/values/{name}`, the only write `wrangler dev`'s local
+//! API has) or many keys per request (`PUT …/bulk`, up to 10,000 pairs and 100 MB: Cloudflare).
+//! Every request first takes a token from the client's [`ApiBudget`], and a 429 pauses every
+//! request of the client until its `Retry-After`.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::budget::{ApiBudget, parse_retry_after};
 use crate::config::KvConfig;
 
 /// Why a request did not succeed. Every kind is retried; `Display` is for logs and the admin
@@ -73,8 +80,10 @@ impl KvError {
 pub struct KvClient {
     http: reqwest::Client,
     values_url: String,
+    bulk_url: String,
     bulk_get_url: String,
     token: Option<String>,
+    budget: Arc<ApiBudget>,
 }
 
 /// Cloudflare's response envelope.
@@ -93,11 +102,24 @@ struct BulkValues {
     values: HashMap<String, Option<String>>,
 }
 
+/// The `result` of a bulk write: the keys it did not write (to be written again).
+#[derive(Debug, Deserialize)]
+struct BulkWritten {
+    #[serde(default)]
+    unsuccessful_keys: Vec<String>,
+}
+
 /// Cloudflare's error code for a namespace that does not exist.
 const NAMESPACE_NOT_FOUND: i64 = 10013;
 
 /// Most names one `bulk/get` request may ask for (Cloudflare's limit).
 pub const BULK_GET_MAX: usize = 100;
+
+/// Most pairs one bulk write may carry (Cloudflare's limit).
+pub const BULK_PUT_MAX: usize = 10_000;
+
+/// Most bytes one bulk write's body may have: half Cloudflare's 100 MB, for headroom.
+pub const BULK_PUT_MAX_BYTES: usize = 50 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 struct ApiMessage {
@@ -108,7 +130,8 @@ struct ApiMessage {
 }
 
 impl KvClient {
-    /// A client for the namespace `config` names.
+    /// A client for the namespace `config` names, with a request budget of its own
+    /// (`KV_API_BUDGET`).
     pub fn new(config: &KvConfig) -> Result<Self, KvError> {
         let http = reqwest::Client::builder()
             .timeout(config.request_timeout)
@@ -122,12 +145,35 @@ impl KvClient {
                 "{}/storage/kv/namespaces/{}/values",
                 config.api_base, config.namespace_id
             ),
+            bulk_url: format!(
+                "{}/storage/kv/namespaces/{}/bulk",
+                config.api_base, config.namespace_id
+            ),
             bulk_get_url: format!(
                 "{}/storage/kv/namespaces/{}/bulk/get",
                 config.api_base, config.namespace_id
             ),
             token: config.api_token.clone(),
+            budget: Arc::new(ApiBudget::new(config.api_budget)),
         })
+    }
+
+    /// The request budget every request of this client spends from.
+    pub fn budget(&self) -> Arc<ApiBudget> {
+        self.budget.clone()
+    }
+
+    /// Writes many `(name, value)` pairs in one request (`PUT …/bulk`, at most
+    /// [`BULK_PUT_MAX`] pairs): the names KV reports it did not write (`unsuccessful_keys`).
+    pub async fn put_bulk(&self, pairs: &[(String, String)]) -> Result<Vec<String>, KvError> {
+        let body: Vec<serde_json::Value> = pairs
+            .iter()
+            .map(|(key, value)| serde_json::json!({ "key": key, "value": value }))
+            .collect();
+        let request = self.http.put(&self.bulk_url).json(&body);
+        let (status, body) = self.send(request).await?;
+        let written = self.envelope::<BulkWritten>(status, &body)?;
+        Ok(written.map(|w| w.unsuccessful_keys).unwrap_or_default())
     }
 
     /// Writes `value` under `name`, replacing what was there.
@@ -195,8 +241,24 @@ impl KvClient {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
+        self.budget
+            .acquire()
+            .await
+            .map_err(|_| KvError::Unreachable("shutting down: the request was not sent".into()))?;
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            tracing::warn!(
+                retry_after_s = retry_after.map(|d| d.as_secs()),
+                "KV API rate limit hit (429): every request waits until Retry-After (300 s when absent)"
+            );
+            self.budget.throttled(retry_after);
+        }
         let body = response.bytes().await.map_err(unreachable)?;
         Ok((status, body.to_vec()))
     }

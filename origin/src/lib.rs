@@ -7,6 +7,7 @@
 //! (the outbox drained into Workers KV through [`kv::KvClient`]), where the edge reads it.
 
 pub mod audit;
+pub mod budget;
 pub mod config;
 pub mod http;
 pub mod kv;

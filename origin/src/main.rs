@@ -285,13 +285,14 @@ async fn sync_full() -> ExitCode {
     match result {
         Ok(summary) => {
             out(&format!(
-                "synced {} keys to KV namespace {} in {:.1} s ({} written by this command, {} by the running origin; {} failed writes retried)\n",
+                "synced {} keys to KV namespace {} in {:.1} s ({} written by this command, {} by the running origin; {} failed writes retried; {} KV API requests)\n",
                 summary.queued,
                 kv.namespace_id,
                 summary.elapsed.as_secs_f64(),
                 summary.published_here,
                 summary.queued.saturating_sub(summary.published_here),
-                summary.retries
+                summary.retries,
+                summary.requests
             ));
             ExitCode::SUCCESS
         }

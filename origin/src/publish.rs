@@ -1,6 +1,15 @@
 //! The KV publisher: drains the outbox (`kv_outbox`, written in the same transaction as every
 //! key change) into Workers KV, so the edge learns every create, update and revocation.
 //!
+//! * Writes: with `KV_WRITE_MODE=bulk` (Cloudflare) a batch of up to 5,000 outbox rows is
+//!   written in one `PUT …/bulk` request; with `per_key` (`wrangler dev`'s local API, which
+//!   has no bulk write) each key is one `PUT …/values/{name}`, 16 at a time. A bulk request
+//!   with an unknown outcome puts all its keys on the read-back list; keys it reports as
+//!   `unsuccessful_keys` stay in the outbox and are written again.
+//! * Budget: every Cloudflare API request (writes, read-backs, reconciliation reads) spends
+//!   from one request budget (`KV_API_BUDGET` per five minutes, paced; see `budget.rs`), and a
+//!   429 pauses them all until its `Retry-After`. Reconciliation reads only while the budget
+//!   has plenty left, so they never starve writes.
 //! * Order: the outbox is read oldest first. Several changes of one key in a batch are
 //!   coalesced: the key's current state is read and written once, which is the newest state.
 //!   Rows are deleted only after KV accepted the write, so a crash or an outage only delays a
@@ -21,11 +30,11 @@
 //! * One publisher per database: it holds an exclusive lock on `<database>.publisher.lock`,
 //!   so a second origin or `origin sync` cannot interleave stale writes with it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use latchkey_shared::{KeyId, KeyRecord, UnixMillis, kv_entry_name};
@@ -33,14 +42,18 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
-use crate::config::KvConfig;
-use crate::kv::{BULK_GET_MAX, KvClient, KvError};
+use crate::budget::{ApiBudget, BudgetReport};
+use crate::config::{KvConfig, WriteMode};
+use crate::kv::{BULK_GET_MAX, BULK_PUT_MAX, BULK_PUT_MAX_BYTES, KvClient, KvError};
 use crate::model::OutboxEntry;
 use crate::service::system_now;
 use crate::store::{KeyStore, StoreError};
 
-/// Outbox rows read per batch.
+/// Outbox rows read per batch, one request per key (`KV_WRITE_MODE=per_key`).
 const BATCH: u32 = 256;
+/// Outbox rows read per batch written in bulk: one request (a few hundred bytes per key, so
+/// far below the 10,000 pairs and 100 MB a bulk write may carry).
+const BULK_BATCH: u32 = 5000;
 /// KV writes in flight at once.
 const CONCURRENCY: usize = 16;
 /// The first retry delay; it doubles up to `KV_RETRY_MAX_MS`.
@@ -63,6 +76,7 @@ pub struct PublisherStatus {
     reconciled: AtomicU64,
     reconcile_passes: AtomicU64,
     last_error: Mutex<Option<LastError>>,
+    budget: OnceLock<Arc<ApiBudget>>,
 }
 
 /// The last failure: a coarse state for everyone, the detail for admins and logs.
@@ -102,6 +116,9 @@ pub struct PublisherReport {
     pub reconciled: u64,
     /// Full reconciliation passes finished since start.
     pub reconcile_passes: u64,
+    /// The Cloudflare API request budget: limit, use, and any 429 pause (`null` until the
+    /// publisher runs).
+    pub api_budget: Option<BudgetReport>,
     /// The last failure's text: only in the admin status (`GET /v1/status`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -136,6 +153,7 @@ impl PublisherStatus {
             rewrites: self.rewrites.load(Ordering::Relaxed),
             reconciled: self.reconciled.load(Ordering::Relaxed),
             reconcile_passes: self.reconcile_passes.load(Ordering::Relaxed),
+            api_budget: self.budget.get().map(|b| b.report()),
             last_error: None,
         })
     }
@@ -148,6 +166,11 @@ impl PublisherStatus {
         let mut report = self.report(store).await?;
         report.last_error = self.last_error().map(|e| e.detail);
         Ok(report)
+    }
+
+    /// Shows `budget` in the reports (the first one attached stays).
+    pub fn attach_budget(&self, budget: Arc<ApiBudget>) {
+        let _ = self.budget.set(budget);
     }
 
     fn last_error(&self) -> Option<LastError> {
@@ -250,6 +273,18 @@ pub struct Publisher {
     retry_max: Duration,
     verify_delay: Duration,
     reconcile_interval: Option<Duration>,
+    write_mode: WriteMode,
+}
+
+/// What writing one batch's keys achieved.
+#[derive(Default)]
+struct Written {
+    /// Keys KV accepted (or that need no write): their rows are acknowledged.
+    published: Vec<OutboxEntry>,
+    /// Keys whose write had an unknown outcome: read back later.
+    unknown: Vec<KeyId>,
+    /// Keys not written (left in the outbox).
+    failed: usize,
 }
 
 impl Publisher {
@@ -261,6 +296,7 @@ impl Publisher {
         status: Arc<PublisherStatus>,
         config: &KvConfig,
     ) -> Self {
+        status.attach_budget(kv.budget());
         Self {
             store,
             kv,
@@ -268,6 +304,7 @@ impl Publisher {
             retry_max: config.retry_max,
             verify_delay: config.verify_delay,
             reconcile_interval: config.reconcile_interval,
+            write_mode: config.write_mode,
         }
     }
 
@@ -287,6 +324,18 @@ impl Publisher {
             },
             None => None,
         };
+        // At shutdown, a request waiting for the budget (a 429's pause lasts minutes) gives up.
+        let budget = self.kv.budget();
+        let mut stopping = stop.clone();
+        let closer = tokio::spawn(async move {
+            while !*stopping.borrow_and_update() {
+                if stopping.changed().await.is_err() {
+                    break;
+                }
+            }
+            budget.close();
+        });
+        let _closer = AbortOnDrop(closer);
         let mut failures_in_a_row = 0u32;
         let mut next_verify = Instant::now();
         let mut reconcile = self.reconcile_interval.map(|interval| Reconcile {
@@ -369,7 +418,11 @@ impl Publisher {
     /// state once, and deletes the rows of the keys KV accepted. A key whose write had an
     /// unknown outcome keeps its rows (it is retried) and is recorded for a read-back first.
     pub async fn publish_batch(&self) -> Result<BatchOutcome, StoreError> {
-        let rows = self.store.outbox_peek(BATCH).await?;
+        let limit = match self.write_mode {
+            WriteMode::Bulk => BULK_BATCH,
+            WriteMode::PerKey => BATCH,
+        };
+        let rows = self.store.outbox_peek(limit).await?;
         let mut keys: Vec<OutboxEntry> = Vec::with_capacity(rows.len());
         let mut position: HashMap<_, usize> = HashMap::new();
         for row in &rows {
@@ -381,43 +434,14 @@ impl Publisher {
                 }
             }
         }
-        let mut published = Vec::with_capacity(keys.len());
-        let mut unknown = Vec::new();
-        let mut failed = 0;
-        for chunk in keys.chunks(CONCURRENCY) {
-            let mut writes = JoinSet::new();
-            for entry in chunk {
-                let (store, kv, entry) = (self.store.clone(), self.kv.clone(), entry.clone());
-                writes.spawn(async move {
-                    let result = publish_key(&*store, &kv, &entry).await;
-                    (entry, result)
-                });
-            }
-            while let Some(joined) = writes.join_next().await {
-                match joined {
-                    Ok((entry, Ok(()))) => published.push(entry),
-                    Ok((entry, Err(KeyFailure::Kv(error)))) => {
-                        let outcome_unknown = error.outcome_unknown();
-                        tracing::warn!(key_id = %entry.key_id, %error, outcome_unknown, "KV publish failed; will retry");
-                        if outcome_unknown {
-                            unknown.push(entry.key_id.clone());
-                        }
-                        self.status.set_kv_error(&error);
-                        failed += 1;
-                    }
-                    Ok((entry, Err(KeyFailure::Store(error)))) => {
-                        tracing::warn!(key_id = %entry.key_id, %error, "cannot read a key to publish; will retry");
-                        self.status
-                            .set_store_error(PUBLISH, format!("key: {error}"));
-                        failed += 1;
-                    }
-                    Err(join_error) => {
-                        tracing::error!(%join_error, "KV publish task failed");
-                        failed += 1;
-                    }
-                }
-            }
-        }
+        let Written {
+            published,
+            unknown,
+            failed,
+        } = match self.write_mode {
+            WriteMode::Bulk => self.write_bulk(&keys).await,
+            WriteMode::PerKey => self.write_per_key(&keys).await,
+        };
         // Recorded before anything else: a stale write may land at any time from now on.
         self.store
             .verify_schedule(&unknown, later(system_now(), self.verify_delay))
@@ -440,6 +464,119 @@ impl Publisher {
             published: published.len(),
             failed,
         })
+    }
+
+    /// Writes each key in a request of its own, [`CONCURRENCY`] at a time.
+    async fn write_per_key(&self, keys: &[OutboxEntry]) -> Written {
+        let mut written = Written::default();
+        for chunk in keys.chunks(CONCURRENCY) {
+            let mut writes = JoinSet::new();
+            for entry in chunk {
+                let (store, kv, entry) = (self.store.clone(), self.kv.clone(), entry.clone());
+                writes.spawn(async move {
+                    let result = publish_key(&*store, &kv, &entry).await;
+                    (entry, result)
+                });
+            }
+            while let Some(joined) = writes.join_next().await {
+                match joined {
+                    Ok((entry, Ok(()))) => written.published.push(entry),
+                    Ok((entry, Err(KeyFailure::Kv(error)))) => {
+                        let outcome_unknown = error.outcome_unknown();
+                        tracing::warn!(key_id = %entry.key_id, %error, outcome_unknown, "KV publish failed; will retry");
+                        if outcome_unknown {
+                            written.unknown.push(entry.key_id.clone());
+                        }
+                        self.status.set_kv_error(&error);
+                        written.failed += 1;
+                    }
+                    Ok((entry, Err(KeyFailure::Store(error)))) => {
+                        tracing::warn!(key_id = %entry.key_id, %error, "cannot read a key to publish; will retry");
+                        self.status
+                            .set_store_error(PUBLISH, format!("key: {error}"));
+                        written.failed += 1;
+                    }
+                    Err(join_error) => {
+                        tracing::error!(%join_error, "KV publish task failed");
+                        written.failed += 1;
+                    }
+                }
+            }
+        }
+        written
+    }
+
+    /// Writes the keys' current states in bulk requests: one for a whole batch, unless it
+    /// passes [`BULK_PUT_MAX`] pairs or [`BULK_PUT_MAX_BYTES`].
+    async fn write_bulk(&self, keys: &[OutboxEntry]) -> Written {
+        let mut written = Written::default();
+        let mut pairs: Vec<(String, String)> = Vec::with_capacity(keys.len());
+        let mut entries: Vec<&OutboxEntry> = Vec::with_capacity(keys.len());
+        for entry in keys {
+            match self.store.get(&entry.key_id).await {
+                Ok(Some(key)) => {
+                    pairs.push((kv_entry_name(&key.hash), key.record().to_json()));
+                    entries.push(entry);
+                }
+                Ok(None) => {
+                    // Keys are never deleted; a missing row means a hand-edited database.
+                    tracing::warn!(key_id = %entry.key_id, "outbox names a key that does not exist; skipping");
+                    written.published.push(entry.clone());
+                }
+                Err(error) => {
+                    tracing::warn!(key_id = %entry.key_id, %error, "cannot read a key to publish; will retry");
+                    self.status
+                        .set_store_error(PUBLISH, format!("key: {error}"));
+                    written.failed += 1;
+                }
+            }
+        }
+        let mut start = 0;
+        while start < pairs.len() {
+            let end = bulk_chunk_end(&pairs, start);
+            let chunk = &pairs[start..end];
+            let chunk_entries = &entries[start..end];
+            match self.kv.put_bulk(chunk).await {
+                Ok(unsuccessful) => {
+                    let refused: HashSet<&str> = unsuccessful.iter().map(String::as_str).collect();
+                    for ((name, _), entry) in chunk.iter().zip(chunk_entries) {
+                        if refused.contains(name.as_str()) {
+                            written.failed += 1;
+                        } else {
+                            written.published.push((*entry).clone());
+                        }
+                    }
+                    if !refused.is_empty() {
+                        tracing::warn!(
+                            keys = refused.len(),
+                            "KV bulk write: some keys were not written (unsuccessful_keys); will retry them"
+                        );
+                        self.status.set_error(
+                            PUBLISH,
+                            "refused",
+                            format!(
+                                "KV bulk write: {} of {} keys unsuccessful",
+                                refused.len(),
+                                chunk.len()
+                            ),
+                        );
+                    }
+                }
+                Err(error) => {
+                    let outcome_unknown = error.outcome_unknown();
+                    tracing::warn!(keys = chunk.len(), %error, outcome_unknown, "KV bulk write failed; will retry");
+                    if outcome_unknown {
+                        written
+                            .unknown
+                            .extend(chunk_entries.iter().map(|e| e.key_id.clone()));
+                    }
+                    self.status.set_kv_error(&error);
+                    written.failed += chunk.len();
+                }
+            }
+            start = end;
+        }
+        written
     }
 
     /// Reads back the keys whose read-back is due, in one request (a `GET` for one key,
@@ -528,6 +665,10 @@ impl Publisher {
     async fn reconcile_step(&self, reconcile: &mut Reconcile) {
         let now = Instant::now();
         reconcile.next_at = now + RECONCILE_PACE;
+        if !self.kv.budget().has_spare() {
+            // Writes and read-backs come first: reconciliation waits for a budget with room.
+            return;
+        }
         let started = *reconcile.pass_started.get_or_insert(now);
         let limit = u32::try_from(BULK_GET_MAX).unwrap_or(100);
         let keys = match self
@@ -615,6 +756,33 @@ fn later(at: UnixMillis, delay: Duration) -> UnixMillis {
     UnixMillis(at.0.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)))
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Where the bulk request starting at `start` ends: at most [`BULK_PUT_MAX`] pairs and
+/// (by a bound on their JSON size) [`BULK_PUT_MAX_BYTES`]; always at least one pair.
+fn bulk_chunk_end(pairs: &[(String, String)], start: usize) -> usize {
+    let mut end = start;
+    let mut bytes = 2usize;
+    while end < pairs.len() && end - start < BULK_PUT_MAX {
+        let (name, value) = &pairs[end];
+        // Escaping at most doubles a value that serde_json produced (quotes and backslashes).
+        let size = name.len() * 2 + value.len() * 2 + 32;
+        if end > start && bytes.saturating_add(size) > BULK_PUT_MAX_BYTES {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        end += 1;
+    }
+    end
+}
+
 /// Why one key was not published.
 enum KeyFailure {
     Store(StoreError),
@@ -697,6 +865,30 @@ mod tests {
         assert_eq!(ceilings[0], Duration::from_millis(100));
         assert_eq!(ceilings[3], Duration::from_millis(800));
         assert_eq!(ceilings[7], max);
+    }
+
+    #[test]
+    fn bulk_requests_stay_within_the_pair_and_byte_limits() {
+        let small: Vec<(String, String)> = (0..25_000)
+            .map(|i| (format!("k1:{i:064}"), "{}".to_owned()))
+            .collect();
+        assert_eq!(bulk_chunk_end(&small, 0), BULK_PUT_MAX);
+        assert_eq!(bulk_chunk_end(&small, 20_000), 25_000);
+        let big: Vec<(String, String)> = (0..40)
+            .map(|i| (format!("k1:{i}"), "x".repeat(4 * 1024 * 1024)))
+            .collect();
+        let end = bulk_chunk_end(&big, 0);
+        assert!(end > 1 && end < 40, "{end}");
+        let json = serde_json::to_vec(
+            &big[..end]
+                .iter()
+                .map(|(k, v)| serde_json::json!({ "key": k, "value": v }))
+                .collect::<Vec<_>>(),
+        )
+        .expect("json");
+        assert!(json.len() <= BULK_PUT_MAX_BYTES, "{}", json.len());
+        let huge = vec![("k1:a".to_owned(), "x".repeat(BULK_PUT_MAX_BYTES))];
+        assert_eq!(bulk_chunk_end(&huge, 0), 1, "one pair always goes");
     }
 
     #[test]

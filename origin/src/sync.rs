@@ -30,6 +30,8 @@ pub struct SyncSummary {
     pub published_here: u64,
     /// Failed writes that were retried.
     pub retries: u64,
+    /// KV API requests this command sent (writes and read-backs).
+    pub requests: u64,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -38,6 +40,7 @@ pub struct SyncSummary {
 pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary, String> {
     let started = Instant::now();
     let client = KvClient::new(kv).map_err(|e| e.to_string())?;
+    let budget = client.budget();
     let total = store.count_keys().await.map_err(|e| e.to_string())?;
     let mut progress = Progress::new("queue", total);
     let mut after: Option<KeyId> = None;
@@ -59,6 +62,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
             queued: 0,
             published_here: 0,
             retries: 0,
+            requests: 0,
             elapsed: started.elapsed(),
         });
     };
@@ -137,6 +141,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
         queued,
         published_here,
         retries,
+        requests: budget.report().requests_total,
         elapsed: started.elapsed(),
     })
 }

@@ -3,7 +3,11 @@
 //! token, the raw value body, and the `{success, errors, messages, result}` envelope, with 429
 //! and 500 answers for a while). Like KV it keeps the last write applied to each name, serves
 //! it back (`GET …/values/{name}`, `POST …/bulk/get`), and can hold a write and apply it late:
-//! after the client timed out and after a newer write of the same name landed.
+//! after the client timed out and after a newer write of the same name landed. It takes bulk
+//! writes (`PUT …/bulk`: a JSON array of up to 10,000 `{key, value}` pairs, at most 100 MB,
+//! answered with `successful_key_count` and `unsuccessful_keys`), and enforces Cloudflare's API
+//! limit: 1,200 requests per five minutes over every endpoint, past which every request gets
+//! 429 with `Retry-After` for five minutes (both scalable for a test).
 
 #![allow(
     clippy::expect_used,
@@ -14,13 +18,15 @@
 mod common;
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use common::{TestApp, eventually};
 use latchkey_shared::{ApiKey, KeyRecord, kv_entry_name};
@@ -38,8 +44,103 @@ struct Write {
     body: String,
 }
 
+/// Cloudflare's API limit, as the fake enforces it.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    /// Requests allowed per window, over every endpoint.
+    requests: usize,
+    /// The window.
+    window: Duration,
+    /// How long every request is refused once the limit is passed.
+    penalty: Duration,
+}
+
+/// Cloudflare's: 1,200 requests per five minutes, then 429 for five minutes.
+const CLOUDFLARE_LIMIT: Limit = Limit {
+    requests: 1200,
+    window: Duration::from_secs(300),
+    penalty: Duration::from_secs(300),
+};
+
+/// The fake's bookkeeping of the limit.
+#[derive(Debug)]
+struct Meter {
+    limit: Limit,
+    /// When each request of the current window came.
+    recent: VecDeque<Instant>,
+    /// Until when every request is refused.
+    blocked_until: Option<Instant>,
+    /// Every request, by endpoint kind: `put`, `bulk_put`, `get`, `bulk_get`.
+    requests: HashMap<&'static str, usize>,
+    /// The most requests seen in one window.
+    peak: usize,
+    /// Requests refused for the limit (429).
+    limited: usize,
+    /// Times the limit was passed (each starts a penalty).
+    penalties: usize,
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Self {
+            limit: CLOUDFLARE_LIMIT,
+            recent: VecDeque::new(),
+            blocked_until: None,
+            requests: HashMap::new(),
+            peak: 0,
+            limited: 0,
+            penalties: 0,
+        }
+    }
+}
+
+impl Meter {
+    /// Counts a request; the 429 to answer if the limit is passed or its penalty lasts.
+    fn admit(&mut self, kind: &'static str) -> Option<Response> {
+        let now = Instant::now();
+        *self.requests.entry(kind).or_default() += 1;
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.limit.window)
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+        self.peak = self.peak.max(self.recent.len());
+        if self.blocked_until.is_none_or(|until| now >= until)
+            && self.recent.len() > self.limit.requests
+        {
+            self.blocked_until = Some(now + self.limit.penalty);
+            self.penalties += 1;
+        }
+        let until = self.blocked_until.filter(|until| now < *until)?;
+        self.limited += 1;
+        let left = (until - now).as_secs_f64().ceil().max(1.0);
+        let mut response = envelope_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            10429,
+            "Too many requests: rate limited",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            "retry-after",
+            format!("{left:.0}").parse().expect("header value"),
+        );
+        Some(response)
+    }
+
+    fn total(&self) -> usize {
+        self.requests.values().sum()
+    }
+}
+
 #[derive(Default)]
 struct Fake {
+    /// Cloudflare's request limit, and what was asked of each endpoint.
+    meter: Meter,
+    /// Keys of the next bulk writes to report as `unsuccessful_keys` (not written), once.
+    unsuccessful_once: usize,
     /// Answers to give before accepting writes, in order: (status, errors).
     failures: Vec<(StatusCode, Value)>,
     refused: usize,
@@ -94,8 +195,10 @@ async fn get_value(
     State(fake): State<Shared>,
     Path((account, namespace, name)): Path<(String, String, String)>,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
     let mut fake = fake.lock().expect("lock");
+    if let Some(limited) = fake.meter.admit("get") {
+        return limited;
+    }
     if account != ACCOUNT || namespace != NAMESPACE {
         return envelope_error(StatusCode::NOT_FOUND, 10013, "namespace not found").into_response();
     }
@@ -113,14 +216,17 @@ async fn bulk_get(
     State(fake): State<Shared>,
     Path((account, namespace)): Path<(String, String)>,
     axum::Json(request): axum::Json<Value>,
-) -> (StatusCode, axum::Json<Value>) {
+) -> Response {
     let mut fake = fake.lock().expect("lock");
+    if let Some(limited) = fake.meter.admit("bulk_get") {
+        return limited;
+    }
     if account != ACCOUNT || namespace != NAMESPACE {
-        return envelope_error(StatusCode::NOT_FOUND, 10013, "namespace not found");
+        return envelope_error(StatusCode::NOT_FOUND, 10013, "namespace not found").into_response();
     }
     let names = request["keys"].as_array().cloned().unwrap_or_default();
     if names.len() > 100 || request["type"] != "text" {
-        return envelope_error(StatusCode::BAD_REQUEST, 10001, "bad bulk get");
+        return envelope_error(StatusCode::BAD_REQUEST, 10001, "bad bulk get").into_response();
     }
     fake.reads += 1;
     let values: serde_json::Map<String, Value> = names
@@ -134,82 +240,176 @@ async fn bulk_get(
             json!({ "success": true, "errors": [], "messages": [], "result": { "values": values } }),
         ),
     )
+        .into_response()
 }
 
 type Shared = Arc<Mutex<Fake>>;
 
+/// `PUT …/values/{name}`: one value, the raw body.
 async fn put_value(
     State(shared): State<Shared>,
     Path((account, namespace, name)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, axum::Json<Value>) {
+) -> Response {
+    if let Some(limited) = shared.lock().expect("lock").meter.admit("put") {
+        return limited;
+    }
+    let write = Write {
+        name,
+        authorization: authorization(&headers),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    accept(shared, &account, &namespace, vec![write], false).await
+}
+
+fn authorization(headers: &HeaderMap) -> String {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Cloudflare's largest bulk write: 10,000 pairs, 100 MB.
+const BULK_MAX_PAIRS: usize = 10_000;
+const BULK_MAX_BYTES: usize = 100 * 1024 * 1024;
+
+/// `PUT …/bulk`: a JSON array of `{"key", "value", ...}` pairs, each value a string.
+async fn put_bulk(
+    State(shared): State<Shared>,
+    Path((account, namespace)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(limited) = shared.lock().expect("lock").meter.admit("bulk_put") {
+        return limited;
+    }
+    let bad =
+        |message: &str| envelope_error(StatusCode::BAD_REQUEST, 10001, message).into_response();
+    if body.len() > BULK_MAX_BYTES {
+        return envelope_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            10011,
+            "request body too large",
+        )
+        .into_response();
+    }
+    let Ok(Value::Array(pairs)) = serde_json::from_slice::<Value>(&body) else {
+        return bad("the body must be a JSON array of key-value pairs");
+    };
+    if pairs.is_empty() || pairs.len() > BULK_MAX_PAIRS {
+        return bad("a bulk write takes 1 to 10,000 pairs");
+    }
+    let authorization = authorization(&headers);
+    let mut writes = Vec::with_capacity(pairs.len());
+    for pair in &pairs {
+        let (Some(key), Some(value)) = (pair["key"].as_str(), pair["value"].as_str()) else {
+            return bad("each pair needs a string key and a string value");
+        };
+        if key.is_empty() || key.len() > 512 {
+            return bad("a key name is 1 to 512 bytes");
+        }
+        writes.push(Write {
+            name: key.to_owned(),
+            authorization: authorization.clone(),
+            body: value.to_owned(),
+        });
+    }
+    accept(shared, &account, &namespace, writes, true).await
+}
+
+/// Applies `writes` (one request's) as KV does, after any scripted failure, outage, hang or
+/// hold; answers as the endpoint (`bulk`: with the bulk result) would.
+async fn accept(
+    shared: Shared,
+    account: &str,
+    namespace: &str,
+    mut writes: Vec<Write>,
+    bulk: bool,
+) -> Response {
     if shared.lock().expect("lock").hang {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
-    let ok = || {
+    let ok = |written: usize, unsuccessful: Vec<String>| {
+        let result = if bulk {
+            json!({ "successful_key_count": written, "unsuccessful_keys": unsuccessful })
+        } else {
+            json!({})
+        };
         (
             StatusCode::OK,
-            axum::Json(json!({ "success": true, "errors": [], "messages": [], "result": {} })),
+            axum::Json(json!({ "success": true, "errors": [], "messages": [], "result": result })),
         )
+            .into_response()
+    };
+    let refuse = |status: StatusCode, errors: Value| {
+        let mut response = (
+            status,
+            axum::Json(
+                json!({ "success": false, "errors": errors, "messages": [], "result": null }),
+            ),
+        )
+            .into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert("retry-after", "1".parse().expect("header value"));
+        }
+        response
     };
     let held = {
         let mut fake = shared.lock().expect("lock");
         if let Some((status, errors)) = fake.outage.clone() {
             fake.refused += 1;
-            return (
-                status,
-                axum::Json(
-                    json!({ "success": false, "errors": errors, "messages": [], "result": null }),
-                ),
-            );
+            return refuse(status, errors);
         }
         if account != ACCOUNT || namespace != NAMESPACE {
-            return envelope_error(StatusCode::NOT_FOUND, 10013, "namespace not found");
+            return envelope_error(StatusCode::NOT_FOUND, 10013, "namespace not found")
+                .into_response();
         }
         if fake.refused < fake.failures.len() {
             let (status, errors) = fake.failures[fake.refused].clone();
             fake.refused += 1;
-            return (
-                status,
-                axum::Json(
-                    json!({ "success": false, "errors": errors, "messages": [], "result": null }),
-                ),
-            );
+            return refuse(status, errors);
         }
-        let write = Write {
-            name,
-            authorization: headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned(),
-            body: String::from_utf8_lossy(&body).into_owned(),
-        };
+        let mut unsuccessful = Vec::new();
+        if bulk && fake.unsuccessful_once > 0 {
+            let n = fake.unsuccessful_once.min(writes.len());
+            fake.unsuccessful_once -= n;
+            unsuccessful = writes.drain(..n).map(|w| w.name).collect();
+        }
         if !fake.hold_next_write {
-            fake.apply(write);
-            return ok();
+            let written = writes.len();
+            for write in writes {
+                fake.apply(write);
+            }
+            return ok(written, unsuccessful);
         }
         // Held: no answer now (the client times out); applied late, in a task of its own so
         // that the client giving up does not cancel it.
         fake.hold_next_write = false;
         let release = Arc::new(tokio::sync::Notify::new());
+        let first = writes.first().expect("at least one write");
         fake.held = Some((
-            write.name.clone(),
-            record_revision(&write.body),
+            first.name.clone(),
+            record_revision(&first.body),
             release.clone(),
         ));
-        (write, release)
+        (writes, release)
     };
-    let (write, release) = held;
+    let (writes, release) = held;
+    let written = writes.len();
     let late = tokio::spawn(async move {
         release.notified().await;
         let mut fake = shared.lock().expect("lock");
-        fake.apply(write);
+        for write in writes {
+            fake.apply(write);
+        }
         fake.late_applied += 1;
     });
     let _ = late.await;
-    ok()
+    ok(written, Vec::new())
 }
 
 async fn start_fake(failures: Vec<(StatusCode, Value)>) -> (String, Shared) {
@@ -237,6 +437,11 @@ async fn start_fake_on(
             "/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}/bulk/get",
             post(bulk_get),
         )
+        .route(
+            "/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}/bulk",
+            put(put_bulk),
+        )
+        .layer(DefaultBodyLimit::max(BULK_MAX_BYTES + 1024 * 1024))
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -676,4 +881,270 @@ async fn healthz_shows_states_not_error_text_which_admins_see() {
     assert_eq!(anonymous.status, reqwest::StatusCode::UNAUTHORIZED);
     // And the log has it, for operators.
     assert!(app.logs().contains("kv-store-7.internal:7000"));
+}
+
+/// What the fake saw of the API limit: (requests by kind, total, peak in one window, 429s).
+fn meter_summary(fake: &Shared) -> (String, usize, usize, usize) {
+    let fake = fake.lock().expect("lock");
+    let mut kinds: Vec<_> = fake.meter.requests.iter().collect();
+    kinds.sort();
+    (
+        format!("{kinds:?}"),
+        fake.meter.total(),
+        fake.meter.peak,
+        fake.meter.limited,
+    )
+}
+
+#[tokio::test]
+async fn a_burst_of_10000_creates_reaches_kv_in_bulk_within_the_api_limit() {
+    const KEYS: usize = 10_000;
+    const CLIENTS: usize = 32;
+    let (base, fake) = start_fake(Vec::new()).await;
+    let app = Arc::new(
+        TestApp::builder()
+            .env("KV_API_BASE", &base)
+            .env("KV_NAMESPACE_ID", NAMESPACE)
+            .env("KV_API_TOKEN", TOKEN)
+            .env("KV_RETRY_MAX_MS", "200")
+            .env("RUST_LOG", "info")
+            .start()
+            .await,
+    );
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let app = app.clone();
+        clients.spawn(async move {
+            let mut keys = Vec::new();
+            for i in (c..KEYS).step_by(CLIENTS) {
+                keys.push(
+                    app.create_key(&format!("partner-{i}"), &["read:orders"])
+                        .await,
+                );
+            }
+            keys
+        });
+    }
+    let mut keys = Vec::with_capacity(KEYS);
+    while let Some(joined) = clients.join_next().await {
+        keys.extend(joined.expect("client"));
+    }
+    let created = started.elapsed();
+    let health = app.wait_published(Duration::from_secs(120)).await;
+    let published = started.elapsed();
+    let p = &health.body["kv_publisher"];
+    assert_eq!(keys.len(), KEYS);
+    {
+        let fake = fake.lock().expect("lock");
+        for (id, secret) in &keys {
+            let name = kv_entry_name(&ApiKey::parse(secret).expect("issued key").hash());
+            let record = KeyRecord::from_json(fake.values.get(&name).expect("in KV").as_bytes())
+                .expect("a record");
+            assert_eq!((record.id.as_str(), record.revision), (id.as_str(), 1));
+        }
+        assert!(
+            fake.writes
+                .iter()
+                .all(|w| w.authorization == format!("Bearer {TOKEN}")),
+            "every write carries the token"
+        );
+    }
+    let (kinds, total, peak, limited) = meter_summary(&fake);
+    assert_eq!(limited, 0, "no 429: {kinds}");
+    assert!(peak <= 1000, "{peak} requests in five minutes: {kinds}");
+    assert_eq!(
+        fake.lock().expect("lock").meter.requests.get("put"),
+        None,
+        "bulk writes only: {kinds}"
+    );
+    let budget = &p["api_budget"];
+    assert_eq!(budget["limit"], 1000, "{p}");
+    assert_eq!(budget["rate_limited_total"], 0, "{p}");
+    assert_eq!(budget["throttled"], false, "{p}");
+    let text = app
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(text.contains("latchkey_kv_api_budget_limit 1000"), "{text}");
+    common::edge::report_measurement(&format!(
+        "KV burst: {KEYS} keys created by {CLIENTS} concurrent clients in {:.1} s, all in KV with revision 1 \
+         {:.1} s after the first create; {total} KV API requests ({kinds}), at most {peak} in five minutes \
+         (Cloudflare's limit 1200, budget 1000), 0 answered 429",
+        created.as_secs_f64(),
+        published.as_secs_f64()
+    ));
+}
+
+/// Adds `n` keys straight into the database of a stopped origin (Python's sqlite3), as a
+/// large deployment's would be; returns each key's `(id, secret hash hex)`.
+fn seed_keys(app: &TestApp, n: usize) -> Vec<(String, String)> {
+    let script = r#"
+import hashlib, sqlite3, sys
+db, n = sys.argv[1], int(sys.argv[2])
+alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+def key_id(i):
+    s = ""
+    for _ in range(20):
+        s = alphabet[i % 62] + s
+        i //= 62
+    return "key_" + s
+c = sqlite3.connect(db)
+rows = []
+for i in range(n):
+    kid = key_id(i)
+    h = hashlib.sha256(kid.encode()).digest()
+    rows.append((kid, h, "sk_live_...seed", "seeded %d" % i, "partner-%d" % (i % 1000), '["read:orders"]', 1760000000000 + i, 1760000000000 + i))
+    sys.stdout.write("%s %s\n" % (kid, h.hex()))
+c.executemany("INSERT INTO api_keys (id, secret_hash, hint, name, subject, scopes, created_at, updated_at, revision) VALUES (?,?,?,?,?,?,?,?,1)", rows)
+c.commit()
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(app.db_path())
+        .arg(n.to_string())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let (id, hash) = line.split_once(' ').expect("id and hash");
+            (id.to_owned(), hash.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sync_full_of_100000_keys_stays_within_the_api_limit_and_loses_nothing() {
+    const KEYS: usize = 100_000;
+    let (base, fake) = start_fake(Vec::new()).await;
+    let mut app = TestApp::start().await;
+    app.stop().await;
+    let seeded = Instant::now();
+    let keys = seed_keys(&app, KEYS);
+    let seeding = seeded.elapsed();
+    let env = [
+        ("KV_API_BASE", base.clone()),
+        ("KV_NAMESPACE_ID", NAMESPACE.to_owned()),
+        ("KV_API_TOKEN", TOKEN.to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ];
+    let app = Arc::new(app);
+    let runner = app.clone();
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        runner.run_command_with(&["sync", "--full"], &env)
+    })
+    .await
+    .expect("sync ran");
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("synced {KEYS} keys")), "{stdout}");
+    {
+        let fake = fake.lock().expect("lock");
+        assert_eq!(fake.values.len(), KEYS);
+        for (id, hash) in &keys {
+            let value = fake.values.get(&format!("k1:{hash}")).expect("in KV");
+            let record = KeyRecord::from_json(value.as_bytes()).expect("a record");
+            assert_eq!((record.id.as_str(), record.revision), (id.as_str(), 1));
+        }
+    }
+    let (kinds, total, peak, limited) = meter_summary(&fake);
+    assert_eq!(limited, 0, "no 429: {kinds}");
+    assert!(peak <= 1000, "{peak} requests in five minutes: {kinds}");
+    assert!(total <= 100, "{total} requests for {KEYS} keys: {kinds}");
+    common::edge::report_measurement(&format!(
+        "origin sync --full of {KEYS} keys (seeded in {:.1} s): all in KV in {:.1} s with {total} KV API \
+         requests ({kinds}), at most {peak} in five minutes, 0 answered 429; {}",
+        seeding.as_secs_f64(),
+        took.as_secs_f64(),
+        stdout.trim()
+    ));
+}
+
+#[tokio::test]
+async fn a_429_pauses_every_request_until_retry_after_and_nothing_is_lost() {
+    const KEYS: usize = 150;
+    let (base, fake) = start_fake(Vec::new()).await;
+    // A scaled-down Cloudflare: 20 requests per 3 s, then 429 (Retry-After) for 3 s.
+    fake.lock().expect("lock").meter.limit = Limit {
+        requests: 20,
+        window: Duration::from_secs(3),
+        penalty: Duration::from_secs(3),
+    };
+    // And the first bulk write reports two of its keys as not written.
+    fake.lock().expect("lock").unsuccessful_once = 2;
+    let app = TestApp::builder()
+        .env("KV_API_BASE", &base)
+        .env("KV_NAMESPACE_ID", NAMESPACE)
+        .env("KV_API_TOKEN", TOKEN)
+        .env("KV_RETRY_MAX_MS", "200")
+        .env("KV_RECONCILE_INTERVAL_S", "0")
+        .start()
+        .await;
+    let mut keys = Vec::new();
+    let mut throttled_seen = None;
+    for i in 0..KEYS {
+        keys.push(
+            app.create_key(&format!("partner-{i}"), &["read:orders"])
+                .await,
+        );
+        if throttled_seen.is_none() {
+            let p = open_publisher(&app).await;
+            if p["api_budget"]["throttled"] == true {
+                throttled_seen = Some(p);
+            }
+        }
+    }
+    let health = app.wait_published(Duration::from_secs(60)).await;
+    let p = &health.body["kv_publisher"];
+    for (id, secret) in &keys {
+        let record = kv_record(&fake, secret).expect("in KV");
+        assert_eq!((record.id.as_str(), record.revision), (id.as_str(), 1));
+    }
+    let (kinds, total, peak, limited) = {
+        let (kinds, total, peak, limited) = meter_summary(&fake);
+        (kinds, total, peak, limited)
+    };
+    let penalties = fake.lock().expect("lock").meter.penalties;
+    assert!(penalties >= 1, "the scaled-down limit was reached: {kinds}");
+    assert_eq!(
+        limited, penalties,
+        "after each 429, origin sent nothing until Retry-After had passed: {kinds}"
+    );
+    let budget = &p["api_budget"];
+    assert_eq!(
+        budget["rate_limited_total"].as_u64(),
+        Some(u64::try_from(limited).expect("count")),
+        "{p}"
+    );
+    let seen = throttled_seen.expect("/healthz showed the pause while it lasted");
+    assert!(
+        seen["api_budget"]["retry_after_s"].as_u64() >= Some(1),
+        "{seen}"
+    );
+    assert!(
+        app.logs().contains("rate limit hit (429)"),
+        "the pause is logged"
+    );
+    common::edge::report_measurement(&format!(
+        "KV 429: fake limit 20 requests / 3 s; {KEYS} keys created one by one all reached KV; {penalties} \
+         penalty (429, Retry-After) met by exactly {limited} request(s), then nothing until it passed; \
+         {total} requests ({kinds}), peak {peak} per window; 2 unsuccessful_keys written again"
+    ));
 }

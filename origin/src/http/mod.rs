@@ -232,6 +232,41 @@ async fn metrics(State(state): State<AppState>) -> Response {
         report.verifications_pending,
         report.rewrites
     );
+    let mut body = body;
+    if let Some(budget) = &report.api_budget {
+        use std::fmt::Write as _;
+        let _ = write!(
+            body,
+            "# HELP latchkey_kv_api_budget_limit Cloudflare API requests the publisher allows itself per five minutes (0: unlimited).\n\
+             # TYPE latchkey_kv_api_budget_limit gauge\n\
+             latchkey_kv_api_budget_limit {}\n\
+             # HELP latchkey_kv_api_requests_window Cloudflare API requests sent in the last five minutes.\n\
+             # TYPE latchkey_kv_api_requests_window gauge\n\
+             latchkey_kv_api_requests_window {}\n\
+             # HELP latchkey_kv_api_requests_total Cloudflare API requests sent since start.\n\
+             # TYPE latchkey_kv_api_requests_total counter\n\
+             latchkey_kv_api_requests_total {}\n\
+             # HELP latchkey_kv_api_throttled Whether a 429 pauses every KV request now (1) or not (0).\n\
+             # TYPE latchkey_kv_api_throttled gauge\n\
+             latchkey_kv_api_throttled {}\n\
+             # HELP latchkey_kv_api_retry_after_seconds Seconds left of the pause a 429's Retry-After asked for.\n\
+             # TYPE latchkey_kv_api_retry_after_seconds gauge\n\
+             latchkey_kv_api_retry_after_seconds {}\n\
+             # HELP latchkey_kv_api_rate_limited_total 429 answers from the KV API since start.\n\
+             # TYPE latchkey_kv_api_rate_limited_total counter\n\
+             latchkey_kv_api_rate_limited_total {}\n\
+             # HELP latchkey_kv_api_budget_waits_total Requests that waited for the budget since start.\n\
+             # TYPE latchkey_kv_api_budget_waits_total counter\n\
+             latchkey_kv_api_budget_waits_total {}\n",
+            budget.limit.unwrap_or(0),
+            budget.used,
+            budget.requests_total,
+            u8::from(budget.throttled),
+            budget.retry_after_s,
+            budget.rate_limited_total,
+            budget.waits_total,
+        );
+    }
     (
         [(
             header::CONTENT_TYPE,
