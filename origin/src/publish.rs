@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 
 use crate::config::KvConfig;
 use crate::kv::{BULK_GET_MAX, KvClient, KvError};
-use crate::model::OutboxEntry;
+use crate::model::{OutboxEntry, Sink};
 use crate::service::system_now;
 use crate::store::{KeyStore, StoreError};
 
@@ -118,7 +118,7 @@ impl PublisherStatus {
 
     /// The current backlog, read from the outbox, without error text (for `/healthz`).
     pub async fn report(&self, store: &dyn KeyStore) -> Result<PublisherReport, StoreError> {
-        let stats = store.outbox_stats(None).await?;
+        let stats = store.outbox_stats(Sink::Kv, None).await?;
         let verifications_pending = store.verify_pending().await?;
         let lag_ms = stats
             .oldest_enqueued_at
@@ -369,7 +369,7 @@ impl Publisher {
     /// state once, and deletes the rows of the keys KV accepted. A key whose write had an
     /// unknown outcome keeps its rows (it is retried) and is recorded for a read-back first.
     pub async fn publish_batch(&self) -> Result<BatchOutcome, StoreError> {
-        let rows = self.store.outbox_peek(BATCH).await?;
+        let rows = self.store.outbox_peek(Sink::Kv, BATCH).await?;
         let mut keys: Vec<OutboxEntry> = Vec::with_capacity(rows.len());
         let mut position: HashMap<_, usize> = HashMap::new();
         for row in &rows {
@@ -423,7 +423,7 @@ impl Publisher {
             .verify_schedule(&unknown, later(system_now(), self.verify_delay))
             .await?;
         if !published.is_empty() {
-            self.store.outbox_ack(&published).await?;
+            self.store.outbox_ack(Sink::Kv, &published).await?;
             if failed == 0 {
                 self.status.clear_error_from(PUBLISH);
                 self.status.clear_error_from(OUTBOX);
