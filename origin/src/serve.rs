@@ -48,12 +48,18 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let chain = Arc::new(AuditChain::new(config.audit_chain_key.clone(), checkpoints));
     let mut sqlite = SqliteStore::open(&config.database_url, Some(chain)).await?;
-    let released = sqlite.set_ledger_sink(config.ledger.is_some()).await?;
-    if released > 0 {
-        tracing::info!(
+    match sqlite.set_ledger_sink(config.ledger.is_some()).await {
+        Ok(0) => {}
+        Ok(released) => tracing::info!(
             rows = released,
             "LEDGER_URL is unset: outbox rows left for the change ledger by an earlier run are released"
-        );
+        ),
+        // Harmless (a read-only database, say): they wait for a start that can write, or for
+        // their key's next change, whose KV acknowledgement releases them too.
+        Err(error) => tracing::warn!(
+            %error,
+            "cannot release the outbox rows left for the change ledger; they stay until a later start"
+        ),
     }
     let sqlite = Arc::new(sqlite);
     let durability = sqlite.durability().await?;

@@ -164,6 +164,14 @@ impl SqliteStore {
         if enabled {
             return Ok(0);
         }
+        // Read first: a database opened read-only (a read-only filesystem) still starts.
+        let (waiting,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM kv_outbox WHERE ledger_pending = 1")
+                .fetch_one(&self.reader)
+                .await?;
+        if waiting == 0 {
+            return Ok(0);
+        }
         let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         let released =
             sqlx::query("UPDATE kv_outbox SET ledger_pending = 0 WHERE ledger_pending = 1")
