@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use latchkey_shared::ledger::APPEND_PATH;
 use latchkey_shared::sign::{SigningSecret, shared_secret};
+use latchkey_shared::target::UpstreamUrl;
 use latchkey_shared::{KeyPrefix, Scope, ScopePolicy};
 
 use crate::http::client::TrustedProxies;
@@ -31,6 +33,10 @@ pub struct Config {
     /// `KV_API_BASE`, `KV_NAMESPACE_ID`, `KV_API_TOKEN`: where key records are published;
     /// `None` (both unset) turns publishing off.
     pub kv: Option<KvConfig>,
+    /// `LEDGER_URL`, `LEDGER_SIGNING_SECRET`, `LEDGER_WATERMARK_MS`, `LEDGER_TIMEOUT_MS`: where
+    /// and how key changes and watermarks are appended to the edge's change ledger; `None` (URL
+    /// and secret unset) turns the ledger sink off.
+    pub ledger: Option<LedgerConfig>,
     /// `USAGE_SIGNING_SECRET`: the secret the edge signs usage reports with; `None` turns the
     /// usage ingest endpoint off.
     pub usage_secret: Option<SigningSecret>,
@@ -210,6 +216,80 @@ impl KvConfig {
                     }
                 },
             },
+        }))
+    }
+}
+
+/// Where and how origin appends to the edge's change ledger (`shared/src/ledger`): a route of
+/// the Worker itself, signed like usage reports.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// `LEDGER_URL`: the Worker's append route, `https://<worker>/v1/ledger/changes` (http only
+    /// to a loopback address).
+    pub url: String,
+    /// `LEDGER_SIGNING_SECRET`: the HMAC-SHA256 key of every append (the Worker holds the same).
+    pub secret: SigningSecret,
+    /// `LEDGER_WATERMARK_MS`: the longest time between two watermarks while nothing changes.
+    pub watermark_every: Duration,
+    /// `LEDGER_TIMEOUT_MS`: the limit on one append request.
+    pub timeout: Duration,
+}
+
+impl LedgerConfig {
+    fn from_lookup(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<Self>, ConfigError> {
+        let url = var("LEDGER_URL");
+        let secret = var("LEDGER_SIGNING_SECRET");
+        let (url, secret) = match (url, secret) {
+            (None, None) => return Ok(None),
+            (Some(url), Some(secret)) => (url, secret),
+            (Some(_), None) => {
+                return Err(problem(
+                    "LEDGER_SIGNING_SECRET",
+                    "is required with LEDGER_URL: the secret the Worker checks appends with",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(problem(
+                    "LEDGER_URL",
+                    "is required with LEDGER_SIGNING_SECRET: the Worker's append route",
+                ));
+            }
+        };
+        // The value is never echoed: it names the Worker, and a pasted URL may carry more.
+        let parsed = UpstreamUrl::parse(&url).map_err(|e| problem("LEDGER_URL", e.to_string()))?;
+        if parsed.path() != APPEND_PATH {
+            return Err(problem(
+                "LEDGER_URL",
+                format!("must be the Worker's append route, https://<worker host>{APPEND_PATH}"),
+            ));
+        }
+        let secret = SigningSecret::parse(&secret)
+            .map_err(|e| problem("LEDGER_SIGNING_SECRET", e.to_string()))?;
+        let millis = |name: &'static str,
+                      range: std::ops::RangeInclusive<u64>,
+                      default: u64|
+         -> Result<Duration, ConfigError> {
+            match var(name) {
+                None => Ok(Duration::from_millis(default)),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(ms) if range.contains(&ms) => Ok(Duration::from_millis(ms)),
+                    _ => Err(problem(
+                        name,
+                        format!(
+                            "{v:?} is not a number of milliseconds from {} to {}",
+                            range.start(),
+                            range.end()
+                        ),
+                    )),
+                },
+            }
+        };
+        Ok(Some(Self {
+            url: parsed.base().to_owned(),
+            secret,
+            // The edge trusts its memory only while the newest watermark is at most 5 s old.
+            watermark_every: millis("LEDGER_WATERMARK_MS", 100..=2_000, 1_000)?,
+            timeout: millis("LEDGER_TIMEOUT_MS", 100..=30_000, 2_000)?,
         }))
     }
 }
@@ -400,11 +480,15 @@ impl Config {
             .transpose()
             .map_err(|e| problem("USAGE_SIGNING_SECRET", e.to_string()))?;
         let audit_chain_key = audit_chain_key(&var)?;
+        let ledger = LedgerConfig::from_lookup(&var)?;
         // Each role its own secret (the same admin token listed twice is harmless).
         let mut roles: Vec<(&'static str, &[u8])> =
             vec![("AUDIT_CHAIN_KEY", audit_chain_key.as_bytes())];
         if let Some(usage) = &usage_secret {
             roles.push(("USAGE_SIGNING_SECRET", usage.as_bytes()));
+        }
+        if let Some(ledger) = &ledger {
+            roles.push(("LEDGER_SIGNING_SECRET", ledger.secret.as_bytes()));
         }
         let mut token_texts: Vec<&str> = tokens.split(',').map(str::trim).collect();
         token_texts.sort_unstable();
@@ -425,6 +509,7 @@ impl Config {
             },
             last_used_flush,
             kv: KvConfig::from_lookup(&var)?,
+            ledger,
             usage_secret,
             audit_chain_key,
             audit_checkpoint_file: var("AUDIT_CHECKPOINT_FILE")
@@ -636,6 +721,107 @@ mod tests {
             !format!("{c:?}").contains(TOKEN),
             "Debug must not leak the token"
         );
+    }
+
+    #[test]
+    fn ledger_settings_come_together_and_never_echo_the_url() {
+        let secret = "ledger-signing-secret-for-config-tests";
+        let url = "https://worker.example/v1/ledger/changes";
+        let on = [
+            ("ADMIN_TOKEN", TOKEN),
+            ("LEDGER_URL", url),
+            ("LEDGER_SIGNING_SECRET", secret),
+        ];
+        let c = load(&on).expect("valid").ledger.expect("ledger on");
+        assert_eq!(c.url, url);
+        assert_eq!(c.secret.as_bytes(), secret.as_bytes());
+        assert_eq!(c.watermark_every, Duration::from_secs(1));
+        assert_eq!(c.timeout, Duration::from_secs(2));
+        assert!(!format!("{c:?}").contains(secret), "Debug is redacted");
+        assert!(
+            load(&[("ADMIN_TOKEN", TOKEN)])
+                .expect("valid")
+                .ledger
+                .is_none()
+        );
+        // The first setting of a name wins in `load`.
+        let local = [
+            &[("LEDGER_URL", "http://127.0.0.1:8787/v1/ledger/changes/")],
+            &on[..],
+        ]
+        .concat();
+        let local = load(&local).expect("loopback http").ledger.expect("on");
+        assert_eq!(local.url, "http://127.0.0.1:8787/v1/ledger/changes");
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "LEDGER_URL",
+                "http://worker.example/v1/ledger/changes",
+                "LEDGER_URL: must use https",
+            ),
+            (
+                "LEDGER_URL",
+                "https://worker.example/v1/usage",
+                "LEDGER_URL: must be the Worker's append route",
+            ),
+            (
+                "LEDGER_URL",
+                "https://worker.example",
+                "LEDGER_URL: must be the Worker's append route",
+            ),
+            (
+                "LEDGER_URL",
+                "https://user:pw@worker.example/v1/ledger/changes",
+                "LEDGER_URL: must be scheme",
+            ),
+            (
+                "LEDGER_URL",
+                "https://worker.example/v1/ledger/changes?x=1",
+                "LEDGER_URL: must be scheme",
+            ),
+            (
+                "LEDGER_URL",
+                "ftp://worker.example/v1/ledger/changes",
+                "LEDGER_URL: must be an https",
+            ),
+            (
+                "LEDGER_SIGNING_SECRET",
+                "short",
+                "LEDGER_SIGNING_SECRET: must be at least 32",
+            ),
+            (
+                "LEDGER_SIGNING_SECRET",
+                AUDIT_KEY,
+                "LEDGER_SIGNING_SECRET: holds the same secret as AUDIT_CHAIN_KEY",
+            ),
+            ("LEDGER_WATERMARK_MS", "5000", "LEDGER_WATERMARK_MS:"),
+            ("LEDGER_WATERMARK_MS", "50", "LEDGER_WATERMARK_MS:"),
+            ("LEDGER_TIMEOUT_MS", "0", "LEDGER_TIMEOUT_MS:"),
+        ];
+        for (var, value, expected) in cases {
+            let vars = [&[(*var, *value)][..], &on[..]].concat();
+            let err = load(&vars).expect_err("invalid");
+            assert!(
+                err.starts_with(expected),
+                "{err} should start with {expected}"
+            );
+            if *var == "LEDGER_URL" {
+                assert!(!err.contains("worker.example"), "{err} echoes the URL");
+            }
+            assert!(!err.contains(secret) && !err.contains(AUDIT_KEY), "{err}");
+        }
+        let usage = [&on[..], &[("USAGE_SIGNING_SECRET", secret)]].concat();
+        let err = load(&usage).expect_err("shared");
+        assert!(
+            err.contains("LEDGER_SIGNING_SECRET") && err.contains("USAGE_SIGNING_SECRET"),
+            "{err}"
+        );
+        for (only, missing) in [
+            (("LEDGER_URL", url), "LEDGER_SIGNING_SECRET: is required"),
+            (("LEDGER_SIGNING_SECRET", secret), "LEDGER_URL: is required"),
+        ] {
+            let err = load(&[("ADMIN_TOKEN", TOKEN), only]).expect_err("half");
+            assert!(err.starts_with(missing), "{err}");
+        }
     }
 
     #[test]

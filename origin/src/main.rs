@@ -31,7 +31,8 @@ commands:
                  the key: unkeyed entries at its end mean the log was rewritten
   routes         print every HTTP route, its method and who may call it (JSON lines)
   sync --full    publish every key's current state to Workers KV (KV_API_BASE, KV_NAMESPACE_ID,
-                 KV_API_TOKEN), e.g. into a new namespace; safe while origin serves
+                 KV_API_TOKEN), e.g. into a new namespace; safe while origin serves (KV
+                 only: a rebuild is not sent to the edge's change ledger)
 ";
 
 fn main() -> ExitCode {

@@ -139,7 +139,27 @@ pub struct AuditEntry {
     pub chain: i64,
 }
 
-/// A pending KV publication: key `key_id` changed, as of outbox sequence number `seq`.
+/// Where the outbox delivers key changes. Each outbox row says which sinks still need it; a row
+/// is deleted once no sink does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sink {
+    /// Workers KV (`publish::Publisher`).
+    Kv,
+    /// The edge's change ledger (`ledger::LedgerPublisher`).
+    Ledger,
+}
+
+impl Sink {
+    /// The sink's name in logs and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kv => "kv",
+            Self::Ledger => "ledger",
+        }
+    }
+}
+
+/// A pending publication: key `key_id` changed, as of outbox sequence number `seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEntry {
     /// Position in the outbox; later changes have larger numbers.

@@ -45,7 +45,7 @@ use tokio::task::JoinSet;
 use crate::budget::{ApiBudget, BudgetReport};
 use crate::config::{KvConfig, WriteMode};
 use crate::kv::{BULK_GET_MAX, BULK_PUT_MAX, BULK_PUT_MAX_BYTES, KvClient, KvError};
-use crate::model::OutboxEntry;
+use crate::model::{OutboxEntry, Sink};
 use crate::service::system_now;
 use crate::store::{KeyStore, StoreError};
 
@@ -135,7 +135,7 @@ impl PublisherStatus {
 
     /// The current backlog, read from the outbox, without error text (for `/healthz`).
     pub async fn report(&self, store: &dyn KeyStore) -> Result<PublisherReport, StoreError> {
-        let stats = store.outbox_stats(None).await?;
+        let stats = store.outbox_stats(Sink::Kv, None).await?;
         let verifications_pending = store.verify_pending().await?;
         let lag_ms = stats
             .oldest_enqueued_at
@@ -422,7 +422,7 @@ impl Publisher {
             WriteMode::Bulk => BULK_BATCH,
             WriteMode::PerKey => BATCH,
         };
-        let rows = self.store.outbox_peek(limit).await?;
+        let rows = self.store.outbox_peek(Sink::Kv, limit).await?;
         let mut keys: Vec<OutboxEntry> = Vec::with_capacity(rows.len());
         let mut position: HashMap<_, usize> = HashMap::new();
         for row in &rows {
@@ -447,7 +447,7 @@ impl Publisher {
             .verify_schedule(&unknown, later(system_now(), self.verify_delay))
             .await?;
         if !published.is_empty() {
-            self.store.outbox_ack(&published).await?;
+            self.store.outbox_ack(Sink::Kv, &published).await?;
             if failed == 0 {
                 self.status.clear_error_from(PUBLISH);
                 self.status.clear_error_from(OUTBOX);

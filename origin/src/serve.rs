@@ -1,6 +1,7 @@
 //! `origin serve`: wire configuration, storage, the service and the router, and run until
-//! SIGINT or SIGTERM, then flush pending usage and close the database. The KV publisher runs
-//! beside the server; what it has not published stays in the outbox for the next start.
+//! SIGINT or SIGTERM, then flush pending usage and close the database. The KV publisher and the
+//! ledger publisher run beside the server; what they have not published stays in the outbox for
+//! the next start.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +25,7 @@ use crate::http::client::{TrustedProxies, client_key};
 use crate::http::ingest::UsageIngest;
 use crate::http::{AppParts, AppState, router};
 use crate::kv::KvClient;
+use crate::ledger::{self, LedgerClient, LedgerPublisher, LedgerStatus};
 use crate::publish::{self, Publisher, PublisherStatus};
 use crate::service::KeyService;
 use crate::store::{KeyStore, SqliteStore};
@@ -45,7 +47,21 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         ),
     }
     let chain = Arc::new(AuditChain::new(config.audit_chain_key.clone(), checkpoints));
-    let sqlite = Arc::new(SqliteStore::open(&config.database_url, Some(chain)).await?);
+    let mut sqlite = SqliteStore::open(&config.database_url, Some(chain)).await?;
+    match sqlite.set_ledger_sink(config.ledger.is_some()).await {
+        Ok(0) => {}
+        Ok(released) => tracing::info!(
+            rows = released,
+            "LEDGER_URL is unset: outbox rows left for the change ledger by an earlier run are released"
+        ),
+        // Harmless (a read-only database, say): they wait for a start that can write, or for
+        // their key's next change, whose KV acknowledgement releases them too.
+        Err(error) => tracing::warn!(
+            %error,
+            "cannot release the outbox rows left for the change ledger; they stay until a later start"
+        ),
+    }
+    let sqlite = Arc::new(sqlite);
     let durability = sqlite.durability().await?;
     tracing::info!(
         journal_mode = %durability.journal_mode,
@@ -59,10 +75,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         config.scope_policy.clone(),
     ));
     let publisher_status = Arc::new(PublisherStatus::new(config.kv.is_some()));
+    let ledger_status = Arc::new(LedgerStatus::new(config.ledger.is_some()));
     let state = AppState::from(AppParts {
         service: service.clone(),
         admin_tokens: config.admin_tokens.clone().into(),
         publisher: publisher_status.clone(),
+        ledger: ledger_status.clone(),
         usage_ingest: config
             .usage_secret
             .clone()
@@ -94,6 +112,33 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             None
         }
     };
+    let ledger = match &config.ledger {
+        Some(ledger) => {
+            let publisher = LedgerPublisher::new(
+                store.clone(),
+                LedgerClient::new(ledger)?,
+                ledger_status,
+                ledger,
+            );
+            tracing::info!(
+                watermark_ms =
+                    u64::try_from(ledger.watermark_every.as_millis()).unwrap_or(u64::MAX),
+                "appending key changes and watermarks to the edge's change ledger"
+            );
+            Some(tokio::spawn(publisher.run(
+                service.ledger_committed(),
+                ledger::lock_path(sqlite.file()),
+                stop_rx.clone(),
+            )))
+        }
+        None => {
+            tracing::info!(
+                "LEDGER_URL is unset: the edge's change ledger is not fed (revocations reach the \
+                 edge through KV alone)"
+            );
+            None
+        }
+    };
     let flusher = tokio::spawn(flush_usage_periodically(
         service.clone(),
         config.last_used_flush,
@@ -119,6 +164,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let _ = flusher.await;
     if let Some(publisher) = publisher {
         let _ = publisher.await;
+    }
+    if let Some(ledger) = ledger {
+        let _ = ledger.await;
     }
     if let Err(error) = service.flush_usage().await {
         tracing::error!(%error, "final last_used_at flush failed");

@@ -167,6 +167,8 @@ pub struct KeyService {
     change_locks: Vec<tokio::sync::Mutex<()>>,
     /// Fired after every committed change, to wake the KV publisher at once.
     committed: Arc<tokio::sync::Notify>,
+    /// The same, for the ledger publisher (a `Notify` wakes one waiter).
+    ledger_committed: Arc<tokio::sync::Notify>,
 }
 
 /// Number of stripes in `change_locks`: changes to different keys rarely wait for each other.
@@ -184,12 +186,24 @@ impl KeyService {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             committed: Arc::new(tokio::sync::Notify::new()),
+            ledger_committed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
     /// Fires after every committed change (the KV publisher waits on it).
     pub fn committed(&self) -> Arc<tokio::sync::Notify> {
         self.committed.clone()
+    }
+
+    /// Fires after every committed change (the ledger publisher waits on it).
+    pub fn ledger_committed(&self) -> Arc<tokio::sync::Notify> {
+        self.ledger_committed.clone()
+    }
+
+    /// Wakes both publishers after a commit.
+    fn announce_commit(&self) {
+        self.committed.notify_one();
+        self.ledger_committed.notify_one();
     }
 
     /// The store, for health checks and shutdown.
@@ -270,7 +284,7 @@ impl KeyService {
             }),
         };
         self.store.insert(&key, &event).await?;
-        self.committed.notify_one();
+        self.announce_commit();
         Ok((key, secret))
     }
 
@@ -493,7 +507,7 @@ impl KeyService {
                 details,
             };
             if self.store.replace(&next, current.revision, &event).await? {
-                self.committed.notify_one();
+                self.announce_commit();
                 return Ok(self.with_usage(next));
             }
         }

@@ -14,6 +14,7 @@ use latchkey_shared::KeyId;
 
 use crate::config::KvConfig;
 use crate::kv::KvClient;
+use crate::model::Sink;
 use crate::publish::{self, Publisher, PublisherStatus};
 use crate::service::system_now;
 use crate::store::{KeyStore, SqliteStore, StoreError};
@@ -69,7 +70,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
 
     let pending = |store: Arc<SqliteStore>| async move {
         store
-            .outbox_stats(Some(last_seq))
+            .outbox_stats(Sink::Kv, Some(last_seq))
             .await
             .map(|s| s.pending)
             .map_err(|e: StoreError| e.to_string())

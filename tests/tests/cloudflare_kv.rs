@@ -1148,3 +1148,49 @@ async fn a_429_pauses_every_request_until_retry_after_and_nothing_is_lost() {
          {total} requests ({kinds}), peak {peak} per window; 2 unsuccessful_keys written again"
     ));
 }
+
+/// The change ledger being down (nothing listens at `LEDGER_URL`) never holds KV back: KV
+/// takes every change while the outbox keeps each one for the ledger, across a restart.
+#[tokio::test]
+async fn kv_publishes_while_the_ledger_is_down_and_the_ledger_loses_nothing() {
+    let (base, fake) = start_fake(Vec::new()).await;
+    let ledger_url = format!(
+        "http://127.0.0.1:{}/v1/ledger/changes",
+        common::edge::free_port()
+    );
+    let mut app = TestApp::builder()
+        .env("KV_API_BASE", &base)
+        .env("KV_NAMESPACE_ID", NAMESPACE)
+        .env("KV_API_TOKEN", TOKEN)
+        .env("LEDGER_URL", &ledger_url)
+        .env(
+            "LEDGER_SIGNING_SECRET",
+            "ledger-signing-secret-for-tests-llllllll",
+        )
+        .start()
+        .await;
+    let (id, secret) = app.create_key("acme-corp", &["read:orders"]).await;
+    app.create_key("globex", &["read:orders"]).await;
+    let r = app
+        .post(&format!("/v1/api_keys/{id}/revoke"), json!({}))
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{:?}", r.body);
+
+    for run in 0..2 {
+        let health = app.wait_published(Duration::from_secs(20)).await;
+        let ledger = &health.body["ledger"];
+        assert_eq!(ledger["pending"], 3, "run {run}: {ledger}");
+        assert_eq!(ledger["state"], "unreachable", "run {run}: {ledger}");
+        assert_eq!(
+            health.body["kv_publisher"]["state"], "ok",
+            "{}",
+            health.body
+        );
+        app.restart().await;
+    }
+    let name = kv_entry_name(&ApiKey::parse(&secret).expect("issued key").hash());
+    let fake = fake.lock().expect("lock");
+    let value = fake.values.get(&name).expect("the key's record is in KV");
+    let record = KeyRecord::from_json(value.as_bytes()).expect("a record");
+    assert!(record.revoked, "KV has the revocation");
+}

@@ -216,14 +216,15 @@ async fn hot_keys_are_answered_from_memory_and_stale_kv_never_wins() {
         assert_eq!(r.body["valid"], true);
     }
     let after = ledger_fetches(&edge.verify(&key, &[]).await.headers);
-    let seconds = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    let seconds = elapsed.as_secs_f64();
     let per_second = (after - before) as f64 / seconds;
     report_measurement(&format!(
         "ledger fetches under sustained load: {} in {seconds:.1} s ({per_second:.2}/s, poll 1/s)",
         after - before
     ));
     assert!(
-        after - before <= seconds.ceil() as u64 + 1,
+        after - before <= elapsed.as_secs() + 2,
         "at most one poll per interval: {} polls in {seconds:.1} s",
         after - before
     );
@@ -262,11 +263,7 @@ async fn a_key_whose_record_never_reached_kv_is_found_through_the_ledger() {
         "{}",
         health.body
     );
-    assert_eq!(
-        health.body["ledger_publisher"]["pending"], 0,
-        "{}",
-        health.body
-    );
+    assert_eq!(health.body["ledger"]["pending"], 0, "{}", health.body);
 }
 
 #[tokio::test]
@@ -477,7 +474,9 @@ async fn the_ledger_route_takes_only_fresh_signed_appends() {
     let v2_signed = signed(v2, now + 1, LEDGER_SECRET);
     let bad_name = br#"{"v":1,"changes":[{"name":"k1:zz","record":{}}]}"#;
     let bad_name_signed = signed(bad_name, now + 2, LEDGER_SECRET);
-    let cases: Vec<(&str, &[u8], String, String, u16, &str)> = vec![
+    // (what, body, timestamp, signature, status, code)
+    type Case<'a> = (&'a str, &'a [u8], String, String, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("replay", body, ts.clone(), sig.clone(), 409, "replayed"),
         (
             "replay, upper-case hex",

@@ -9,9 +9,9 @@
 //! * `GET /v1/audit_log` (admin).
 //! * [`ingest`]: `POST /v1/usage`, the edge's usage reports, authenticated by HMAC signature
 //!   instead of an admin token.
-//! * `GET /healthz` (database and KV publisher backlog) and `GET /metrics` (Prometheus), open:
-//!   counts and states only, never an error's text.
-//! * `GET /v1/status` (admin): the same, with the KV publisher's last error in full.
+//! * `GET /healthz` (database, KV publisher and ledger backlogs) and `GET /metrics`
+//!   (Prometheus), open: counts and states only, never an error's text.
+//! * `GET /v1/status` (admin): the same, with the publishers' last errors in full.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,6 +24,7 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 
 use crate::config::AdminToken;
+use crate::ledger::LedgerStatus;
 use crate::publish::PublisherStatus;
 use crate::service::{KeyService, limits};
 use admin::AdminGuard;
@@ -65,6 +66,8 @@ pub struct AppParts {
     pub admin_tokens: Arc<[AdminToken]>,
     /// The KV publisher's counters, for `/healthz` and `/metrics`.
     pub publisher: Arc<PublisherStatus>,
+    /// The ledger publisher's counters, for `/healthz` and `/metrics`.
+    pub ledger: Arc<LedgerStatus>,
     /// Verifies the edge's usage reports; `None` when `USAGE_SIGNING_SECRET` is unset.
     pub usage_ingest: Option<Arc<ingest::UsageIngest>>,
     /// Failed admin authentications allowed per client address and minute.
@@ -175,12 +178,26 @@ async fn status(State(state): State<AppState>) -> Response {
 async fn health(state: &AppState, detailed: bool) -> Response {
     let store = state.service.store();
     let checked = match store.ping().await {
-        Ok(()) if detailed => state.publisher.detailed_report(store).await,
-        Ok(()) => state.publisher.report(store).await,
+        Ok(()) if detailed => match state.publisher.detailed_report(store).await {
+            Ok(kv) => state
+                .ledger
+                .detailed_report(store)
+                .await
+                .map(|ledger| json!({ "status": "ok", "kv_publisher": kv, "ledger": ledger })),
+            Err(error) => Err(error),
+        },
+        Ok(()) => match state.publisher.report(store).await {
+            Ok(kv) => state
+                .ledger
+                .report(store)
+                .await
+                .map(|ledger| json!({ "status": "ok", "kv_publisher": kv, "ledger": ledger })),
+            Err(error) => Err(error),
+        },
         Err(error) => Err(error),
     };
     match checked {
-        Ok(publisher) => Json(json!({ "status": "ok", "kv_publisher": publisher })).into_response(),
+        Ok(body) => Json(body).into_response(),
         Err(error) => {
             tracing::error!(%error, "health check failed");
             (
@@ -195,8 +212,16 @@ async fn health(state: &AppState, detailed: bool) -> Response {
 /// The publisher's figures in the Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
     let store = state.service.store();
-    let report = match state.publisher.report(store).await {
-        Ok(report) => report,
+    let reports = match state.publisher.report(store).await {
+        Ok(report) => state
+            .ledger
+            .report(store)
+            .await
+            .map(|ledger| (report, ledger)),
+        Err(error) => Err(error),
+    };
+    let (report, ledger) = match reports {
+        Ok(reports) => reports,
         Err(error) => {
             tracing::error!(%error, "metrics: cannot read the outbox");
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -207,6 +232,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
         reason = "a lag in seconds needs no 53-bit precision"
     )]
     let lag_seconds = report.lag_ms as f64 / 1000.0;
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "a lag in seconds needs no 53-bit precision"
+    )]
+    let ledger_lag_seconds = ledger.lag_ms as f64 / 1000.0;
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "an age in seconds needs no 53-bit precision"
+    )]
+    let watermark_age_seconds = ledger
+        .watermark_age_ms
+        .map_or(-1.0, |ms| ms as f64 / 1000.0);
     let body = format!(
         "# HELP latchkey_kv_outbox_pending Key changes not yet published to Workers KV.\n\
          # TYPE latchkey_kv_outbox_pending gauge\n\
@@ -225,12 +262,34 @@ async fn metrics(State(state): State<AppState>) -> Response {
          latchkey_kv_verify_pending {}\n\
          # HELP latchkey_kv_rewrites_total Keys found behind in KV and published again since start.\n\
          # TYPE latchkey_kv_rewrites_total counter\n\
-         latchkey_kv_rewrites_total {}\n",
+         latchkey_kv_rewrites_total {}\n\
+         # HELP latchkey_ledger_enabled Whether key changes are appended to the edge's change ledger.\n\
+         # TYPE latchkey_ledger_enabled gauge\n\
+         latchkey_ledger_enabled {}\n\
+         # HELP latchkey_ledger_pending Key changes not yet appended to the change ledger.\n\
+         # TYPE latchkey_ledger_pending gauge\n\
+         latchkey_ledger_pending {}\n\
+         # HELP latchkey_ledger_lag_seconds Age of the oldest key change not yet in the ledger.\n\
+         # TYPE latchkey_ledger_lag_seconds gauge\n\
+         latchkey_ledger_lag_seconds {ledger_lag_seconds:.3}\n\
+         # HELP latchkey_ledger_watermark_age_seconds Age of the last watermark the ledger accepted (-1: none since start).\n\
+         # TYPE latchkey_ledger_watermark_age_seconds gauge\n\
+         latchkey_ledger_watermark_age_seconds {watermark_age_seconds:.3}\n\
+         # HELP latchkey_ledger_appended_total Key changes the ledger appended since start.\n\
+         # TYPE latchkey_ledger_appended_total counter\n\
+         latchkey_ledger_appended_total {}\n\
+         # HELP latchkey_ledger_failures_total Failed (and retried) ledger appends since start.\n\
+         # TYPE latchkey_ledger_failures_total counter\n\
+         latchkey_ledger_failures_total {}\n",
         report.pending,
         report.published,
         report.failures,
         report.verifications_pending,
-        report.rewrites
+        report.rewrites,
+        u8::from(ledger.enabled),
+        ledger.pending,
+        ledger.appended,
+        ledger.failures,
     );
     let mut body = body;
     if let Some(budget) = &report.api_budget {

@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, UnixMillis};
 
 use crate::model::{
-    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey, VerifyEntry,
+    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, Sink, StoredKey,
+    VerifyEntry,
 };
 
 pub mod sqlite;
@@ -101,18 +102,23 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError>;
 
-    /// The oldest `limit` KV outbox entries, in order.
-    async fn outbox_peek(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// The oldest `limit` outbox entries that `sink` still needs, in order.
+    async fn outbox_peek(&self, sink: Sink, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;
 
-    /// Removes, for each entry, every outbox row of its key up to its `seq`: that key's state
-    /// as of then is in KV.
-    async fn outbox_ack(&self, published: &[OutboxEntry]) -> Result<(), StoreError>;
+    /// Records, for each entry, that `sink` has its key's state as of its `seq`: clears the
+    /// sink's flag on every row of the key up to `seq`, and deletes the rows no sink still needs.
+    async fn outbox_ack(&self, sink: Sink, published: &[OutboxEntry]) -> Result<(), StoreError>;
 
-    /// How many outbox rows wait (only those up to `up_to_seq`, if given), and the oldest one's
-    /// time.
-    async fn outbox_stats(&self, up_to_seq: Option<i64>) -> Result<OutboxStats, StoreError>;
+    /// How many outbox rows `sink` still needs (only those up to `up_to_seq`, if given), and
+    /// the oldest one's time.
+    async fn outbox_stats(
+        &self,
+        sink: Sink,
+        up_to_seq: Option<i64>,
+    ) -> Result<OutboxStats, StoreError>;
 
-    /// Queues up to `limit` keys for publishing, in id order after `after`. Returns the last
+    /// Queues up to `limit` keys for publishing to KV alone (not to the ledger: a KV rebuild
+    /// must not flood it), in id order after `after`. Returns the last
     /// key queued and its outbox `seq`, or `None` when no key is left.
     async fn outbox_enqueue_all(
         &self,
@@ -121,7 +127,8 @@ pub trait KeyStore: Send + Sync + 'static {
         now: UnixMillis,
     ) -> Result<Option<(KeyId, i64)>, StoreError>;
 
-    /// Queues `keys` for publishing again (their KV value was found behind the database).
+    /// Queues `keys` for publishing to KV again (their KV value was found behind the database);
+    /// the ledger had their change already.
     async fn outbox_enqueue(&self, keys: &[KeyId], now: UnixMillis) -> Result<(), StoreError>;
 
     /// Asks for each of `keys` to be read back from KV at `due_at` (a later time already asked

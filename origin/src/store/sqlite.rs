@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{KeyStore, StoreError};
 use crate::audit::{self, Anchored, AuditChain, ChainChecker, Checkpoints};
 use crate::model::{
-    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, StoredKey, VerifyEntry,
+    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, Sink, StoredKey,
+    VerifyEntry,
 };
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
@@ -40,6 +41,8 @@ pub struct SqliteStore {
     hot: Option<Arc<HotReads>>,
     /// Write transactions this process has committed (see [`HotReads`]).
     commits: Arc<AtomicU64>,
+    /// Whether the ledger sink is fed (see [`SqliteStore::set_ledger_sink`]).
+    ledger_sink: bool,
 }
 
 /// The writer's durability settings, read back from SQLite.
@@ -147,7 +150,39 @@ impl SqliteStore {
             changes,
             hot,
             commits,
+            ledger_sink: true,
         })
+    }
+
+    /// Says whether the change ledger is fed (`LEDGER_URL` set); it is unless told otherwise.
+    /// Without it, nobody clears the outbox rows' ledger flags: so KV's acknowledgement clears
+    /// them too, and the flags left by an earlier run that fed the ledger are cleared now
+    /// (returns how many rows were released). Only `origin serve`, which runs the ledger
+    /// publisher when it is configured, turns it off.
+    pub async fn set_ledger_sink(&mut self, enabled: bool) -> Result<u64, StoreError> {
+        self.ledger_sink = enabled;
+        if enabled {
+            return Ok(0);
+        }
+        // Read first: a database opened read-only (a read-only filesystem) still starts.
+        let (waiting,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM kv_outbox WHERE ledger_pending = 1")
+                .fetch_one(&self.reader)
+                .await?;
+        if waiting == 0 {
+            return Ok(0);
+        }
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        let released =
+            sqlx::query("UPDATE kv_outbox SET ledger_pending = 0 WHERE ledger_pending = 1")
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        sqlx::query("DELETE FROM kv_outbox WHERE kv_pending = 0 AND ledger_pending = 0")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(released)
     }
 
     /// Hands `change` to the group-commit task and waits until it is on disk.
@@ -803,18 +838,29 @@ async fn append_audit(
     Ok((seq, hash, event.at.0))
 }
 
-/// Announces a change of `id` to the KV publisher, inside the caller's transaction.
+/// Announces a change of `id` to both sinks (KV and the ledger), inside the caller's
+/// transaction.
 async fn enqueue_publish(
     conn: &mut SqliteConnection,
     id: &KeyId,
     at: UnixMillis,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO kv_outbox (key_id, enqueued_at) VALUES (?, ?)")
+    sqlx::query(
+        "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) VALUES (?, ?, 1, 1)",
+    )
         .bind(id.as_str())
         .bind(at.0)
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// The outbox column that says `sink` still needs a row.
+fn pending_column(sink: Sink) -> &'static str {
+    match sink {
+        Sink::Kv => "kv_pending",
+        Sink::Ledger => "ledger_pending",
+    }
 }
 
 /// Adds the WHERE clause of `filter` (shared by the page query and the count).
@@ -1227,12 +1273,15 @@ impl KeyStore for SqliteStore {
         rows.into_iter().map(audit_entry).collect()
     }
 
-    async fn outbox_peek(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows: Vec<(i64, String)> =
-            sqlx::query_as("SELECT seq, key_id FROM kv_outbox ORDER BY seq LIMIT ?")
-                .bind(i64::from(limit))
-                .fetch_all(&self.reader)
-                .await?;
+    async fn outbox_peek(&self, sink: Sink, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+        let sql = format!(
+            "SELECT seq, key_id FROM kv_outbox WHERE {} = 1 ORDER BY seq LIMIT ?",
+            pending_column(sink)
+        );
+        let rows: Vec<(i64, String)> = sqlx::query_as(&sql)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         rows.into_iter()
             .map(|(seq, key_id)| {
                 let key_id = KeyId::parse(&key_id).map_err(|e| StoreError::Corrupt {
@@ -1244,27 +1293,51 @@ impl KeyStore for SqliteStore {
             .collect()
     }
 
-    async fn outbox_ack(&self, published: &[OutboxEntry]) -> Result<(), StoreError> {
+    async fn outbox_ack(&self, sink: Sink, published: &[OutboxEntry]) -> Result<(), StoreError> {
+        if published.is_empty() {
+            return Ok(());
+        }
+        // Without the ledger sink nobody else clears the ledger flag: KV's acknowledgement does.
+        let clear = match (sink, self.ledger_sink) {
+            (Sink::Kv, false) => "kv_pending = 0, ledger_pending = 0",
+            (Sink::Kv, true) => "kv_pending = 0",
+            (Sink::Ledger, _) => "ledger_pending = 0",
+        };
+        let update = format!("UPDATE kv_outbox SET {clear} WHERE key_id = ? AND seq <= ?");
         let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         for entry in published {
-            sqlx::query("DELETE FROM kv_outbox WHERE key_id = ? AND seq <= ?")
+            sqlx::query(&update)
                 .bind(entry.key_id.as_str())
                 .bind(entry.seq)
                 .execute(&mut *tx)
                 .await?;
+            sqlx::query(
+                "DELETE FROM kv_outbox WHERE key_id = ? AND seq <= ? \
+                 AND kv_pending = 0 AND ledger_pending = 0",
+            )
+            .bind(entry.key_id.as_str())
+            .bind(entry.seq)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    async fn outbox_stats(&self, up_to_seq: Option<i64>) -> Result<OutboxStats, StoreError> {
-        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT COUNT(*), MIN(enqueued_at) FROM kv_outbox WHERE ? IS NULL OR seq <= ?",
-        )
-        .bind(up_to_seq)
-        .bind(up_to_seq)
-        .fetch_one(&self.reader)
-        .await?;
+    async fn outbox_stats(
+        &self,
+        sink: Sink,
+        up_to_seq: Option<i64>,
+    ) -> Result<OutboxStats, StoreError> {
+        let sql = format!(
+            "SELECT COUNT(*), MIN(enqueued_at) FROM kv_outbox WHERE {} = 1 AND (? IS NULL OR seq <= ?)",
+            pending_column(sink)
+        );
+        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(&sql)
+            .bind(up_to_seq)
+            .bind(up_to_seq)
+            .fetch_one(&self.reader)
+            .await?;
         Ok(OutboxStats {
             pending: u64::try_from(pending).unwrap_or(0),
             oldest_enqueued_at: oldest.map(UnixMillis),
@@ -1292,8 +1365,8 @@ impl KeyStore for SqliteStore {
             return Ok(None);
         };
         let queued = sqlx::query(
-            "INSERT INTO kv_outbox (key_id, enqueued_at) \
-             SELECT id, ? FROM api_keys WHERE id > ? AND id <= ? ORDER BY id",
+            "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
+             SELECT id, ?, 1, 0 FROM api_keys WHERE id > ? AND id <= ? ORDER BY id",
         )
         .bind(now.0)
         .bind(after)
@@ -1314,11 +1387,14 @@ impl KeyStore for SqliteStore {
         }
         let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         for key in keys {
-            sqlx::query("INSERT INTO kv_outbox (key_id, enqueued_at) VALUES (?, ?)")
-                .bind(key.as_str())
-                .bind(now.0)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
+                 VALUES (?, ?, 1, 0)",
+            )
+            .bind(key.as_str())
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1459,6 +1535,280 @@ mod tests {
             }
         );
         assert!(durability.check().is_ok());
+        store.close().await;
+    }
+
+    /// A store over a new database file, appending to a keyed audit chain.
+    async fn open_store(dir: &tempfile::TempDir) -> SqliteStore {
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let key =
+            latchkey_shared::sign::SigningSecret::parse("store-tests-audit-chain-key-0123456789")
+                .expect("secret");
+        let chain = Arc::new(AuditChain::new(key, Some(dir.path().join("t.checkpoints"))));
+        SqliteStore::open(&url, Some(chain)).await.expect("open")
+    }
+
+    fn new_key(n: u8) -> StoredKey {
+        let mut fill = |bytes: &mut [u8]| bytes.fill(n);
+        StoredKey {
+            id: KeyId::generate(&mut fill),
+            hash: KeyHash::from_bytes([n; 32]),
+            hint: "sk_test_...abcd".into(),
+            name: "k".into(),
+            subject: "acme".into(),
+            description: None,
+            scopes: ScopeSet::default(),
+            claims: None,
+            created_by: None,
+            expiration: None,
+            revoked: false,
+            revoked_at: None,
+            revocation_reason: None,
+            last_used_at: None,
+            created_at: UnixMillis(1_000),
+            updated_at: UnixMillis(1_000),
+            revision: 1,
+        }
+    }
+
+    fn event(key: &StoredKey, action: &'static str) -> AuditEvent {
+        AuditEvent {
+            at: key.updated_at,
+            actor: "admin:test".into(),
+            action,
+            key_id: Some(key.id.clone()),
+            details: serde_json::json!({}),
+        }
+    }
+
+    /// Inserts a key, then changes it: two outbox rows for both sinks.
+    async fn key_with_two_changes(store: &SqliteStore, n: u8) -> StoredKey {
+        let key = new_key(n);
+        store
+            .insert(&key, &event(&key, "create"))
+            .await
+            .expect("insert");
+        let mut revoked = key.clone();
+        revoked.revoked = true;
+        revoked.revoked_at = Some(UnixMillis(2_000));
+        revoked.updated_at = UnixMillis(2_000);
+        revoked.revision = 2;
+        assert!(
+            store
+                .replace(&revoked, 1, &event(&revoked, "revoke"))
+                .await
+                .expect("replace")
+        );
+        revoked
+    }
+
+    async fn pending(store: &SqliteStore, sink: Sink) -> u64 {
+        store.outbox_stats(sink, None).await.expect("stats").pending
+    }
+
+    async fn rows(store: &SqliteStore) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM kv_outbox")
+            .fetch_one(&store.reader)
+            .await
+            .expect("count");
+        n
+    }
+
+    /// The last entry of each key in `entries` (what a publisher acknowledges).
+    fn newest_per_key(entries: &[OutboxEntry]) -> Vec<OutboxEntry> {
+        let mut newest: BTreeMap<KeyId, i64> = BTreeMap::new();
+        for e in entries {
+            newest.insert(e.key_id.clone(), e.seq);
+        }
+        newest
+            .into_iter()
+            .map(|(key_id, seq)| OutboxEntry { seq, key_id })
+            .collect()
+    }
+
+    /// A key change waits for both sinks; each sink's acknowledgement clears only its own
+    /// need, in either order, and the rows go only when both took them.
+    #[tokio::test]
+    async fn a_change_stays_in_the_outbox_until_both_sinks_took_it() {
+        for kv_first in [true, false] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = open_store(&dir).await;
+            key_with_two_changes(&store, 1).await;
+            assert_eq!(rows(&store).await, 2);
+            for sink in [Sink::Kv, Sink::Ledger] {
+                assert_eq!(pending(&store, sink).await, 2, "{sink:?}");
+            }
+            let (first, second) = if kv_first {
+                (Sink::Kv, Sink::Ledger)
+            } else {
+                (Sink::Ledger, Sink::Kv)
+            };
+            let peeked = store.outbox_peek(first, 100).await.expect("peek");
+            assert_eq!(peeked.len(), 2);
+            store
+                .outbox_ack(first, &newest_per_key(&peeked))
+                .await
+                .expect("ack");
+            assert_eq!(pending(&store, first).await, 0);
+            assert!(
+                store
+                    .outbox_peek(first, 100)
+                    .await
+                    .expect("peek")
+                    .is_empty()
+            );
+            assert_eq!(
+                pending(&store, second).await,
+                2,
+                "the other sink still needs them"
+            );
+            assert_eq!(rows(&store).await, 2, "kept for the other sink");
+
+            let peeked = store.outbox_peek(second, 100).await.expect("peek");
+            assert_eq!(peeked.len(), 2);
+            store
+                .outbox_ack(second, &newest_per_key(&peeked))
+                .await
+                .expect("ack");
+            assert_eq!(pending(&store, second).await, 0);
+            assert_eq!(rows(&store).await, 0, "gone once both sinks took them");
+            store.close().await;
+        }
+    }
+
+    /// One sink being behind never holds the other back, and an acknowledgement covers only
+    /// the rows up to its `seq`: a change made after the peek still waits for that sink.
+    #[tokio::test]
+    async fn one_sink_down_does_not_hold_the_other_and_later_changes_wait() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir).await;
+        let a = key_with_two_changes(&store, 1).await;
+        key_with_two_changes(&store, 2).await;
+        // KV takes everything, three times over, while the ledger is down.
+        for _ in 0..3 {
+            let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+            store
+                .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+                .await
+                .expect("ack");
+            let mut next = store.get(&a.id).await.expect("get").expect("exists");
+            next.revision += 1;
+            next.updated_at = UnixMillis(next.updated_at.0 + 1);
+            let expected = next.revision - 1;
+            assert!(
+                store
+                    .replace(&next, expected, &event(&next, "update"))
+                    .await
+                    .expect("replace")
+            );
+        }
+        assert_eq!(pending(&store, Sink::Kv).await, 1, "only the newest change");
+        assert_eq!(
+            pending(&store, Sink::Ledger).await,
+            7,
+            "nothing lost for the ledger"
+        );
+        // The ledger takes what it peeked; the change made after its peek still waits.
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        let mut next = store.get(&a.id).await.expect("get").expect("exists");
+        next.revision += 1;
+        let expected = next.revision - 1;
+        assert!(
+            store
+                .replace(&next, expected, &event(&next, "update"))
+                .await
+                .expect("replace")
+        );
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(pending(&store, Sink::Ledger).await, 1);
+        assert_eq!(pending(&store, Sink::Kv).await, 2);
+        assert_eq!(rows(&store).await, 2, "only rows some sink needs");
+        let oldest = store.outbox_stats(Sink::Kv, None).await.expect("stats");
+        assert!(oldest.oldest_enqueued_at.is_some());
+        store.close().await;
+    }
+
+    /// A KV rebuild (`origin sync --full`) and KV repairs are for KV alone: they must not
+    /// flood the ledger, and their rows go once KV took them.
+    #[tokio::test]
+    async fn kv_rebuilds_and_repairs_do_not_reach_the_ledger() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir).await;
+        let a = key_with_two_changes(&store, 1).await;
+        let b = key_with_two_changes(&store, 2).await;
+        for sink in [Sink::Kv, Sink::Ledger] {
+            let peeked = store.outbox_peek(sink, 100).await.expect("peek");
+            store
+                .outbox_ack(sink, &newest_per_key(&peeked))
+                .await
+                .expect("ack");
+        }
+        assert_eq!(rows(&store).await, 0);
+        let (last, seq) = store
+            .outbox_enqueue_all(None, 100, UnixMillis(5_000))
+            .await
+            .expect("enqueue all")
+            .expect("keys");
+        assert!(last == a.id || last == b.id);
+        store
+            .outbox_enqueue(std::slice::from_ref(&a.id), UnixMillis(5_000))
+            .await
+            .expect("enqueue");
+        assert_eq!(pending(&store, Sink::Kv).await, 3);
+        assert_eq!(
+            store
+                .outbox_stats(Sink::Kv, Some(seq))
+                .await
+                .expect("stats")
+                .pending,
+            2
+        );
+        assert_eq!(pending(&store, Sink::Ledger).await, 0);
+        assert!(
+            store
+                .outbox_peek(Sink::Ledger, 100)
+                .await
+                .expect("peek")
+                .is_empty()
+        );
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(rows(&store).await, 0);
+        store.close().await;
+    }
+
+    /// Without the ledger (no `LEDGER_URL`), KV's acknowledgement is enough, and ledger flags
+    /// left by a run that fed the ledger are released at once.
+    #[tokio::test]
+    async fn without_the_ledger_kv_alone_empties_the_outbox() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = open_store(&dir).await;
+        key_with_two_changes(&store, 1).await;
+        // A run with the ledger: KV took the rows, the ledger did not.
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(rows(&store).await, 2);
+        // The next run has no ledger.
+        assert_eq!(store.set_ledger_sink(false).await.expect("release"), 2);
+        assert_eq!(rows(&store).await, 0);
+        key_with_two_changes(&store, 2).await;
+        assert_eq!(pending(&store, Sink::Kv).await, 2);
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(pending(&store, Sink::Ledger).await, 0);
+        assert_eq!(rows(&store).await, 0, "KV's acknowledgement was enough");
         store.close().await;
     }
 

@@ -1,0 +1,559 @@
+//! The ledger publisher: drains the outbox's ledger-pending rows into the edge's change ledger
+//! (a Durable Object behind a route of the Worker, [`APPEND_PATH`]; see `shared/src/ledger`),
+//! and appends a **watermark** at least every `LEDGER_WATERMARK_MS`, even when nothing changed.
+//!
+//! * A watermark `T` says "every change committed at origin before `T` is in the ledger". So
+//!   `T` is read *before* the outbox is peeked: a change committed before `T` is in the peek's
+//!   snapshot. A batch carries `T` only when the peek returned every ledger-pending row (fewer
+//!   than [`APPEND_MAX_CHANGES`]); a longer backlog is sent in several batches, the last one
+//!   with the watermark.
+//! * Each batch holds every peeked key once, with its current state (newer than the row, which
+//!   is harmless: readers keep the highest `revision`). Rows are acknowledged for the ledger
+//!   only after a 200; a failed append is retried with backoff. A retry of a batch that was
+//!   applied after all (a timeout, a 5xx) appends the same records again, which readers ignore.
+//! * Every append is signed with `LEDGER_SIGNING_SECRET` (HMAC-SHA256 over
+//!   [`append_message`]), with a timestamp that never repeats, so the Worker can refuse replays.
+//! * Independent of the KV publisher: each sink clears its own flag on outbox rows
+//!   ([`Sink`]), so KV being down never holds the ledger back, nor the other way round.
+//! * One ledger publisher per database: it holds `<database>.ledger.lock`, so two origins over
+//!   one database never send watermarks side by side.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use latchkey_shared::ledger::{
+    APPEND_MAX_CHANGES, AppendAnswer, AppendBatch, Change, LEDGER_VERSION, append_message,
+};
+use latchkey_shared::sign::{self, SigningSecret};
+use latchkey_shared::{UnixMillis, kv_entry_name};
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use crate::config::LedgerConfig;
+use crate::model::{OutboxEntry, Sink};
+use crate::publish::try_lock;
+use crate::service::system_now;
+use crate::store::{KeyStore, StoreError};
+
+/// The first retry delay; it doubles up to [`RETRY_MAX`].
+const RETRY_BASE: Duration = Duration::from_millis(100);
+/// The longest wait between two attempts while the ledger fails.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Why an append did not succeed. `Display` is for logs and the admin status (never the
+/// secret, nor the URL); [`LedgerError::state`] for the open `/healthz`.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The connection could not be made: nothing was sent.
+    #[error("ledger unreachable: {0}")]
+    Unreachable(String),
+    /// Sent, but no answer came: the batch may have been appended.
+    #[error("ledger gave no answer: {detail}")]
+    NoAnswer {
+        /// Whether the request timed out.
+        timed_out: bool,
+        /// What happened.
+        detail: String,
+    },
+    /// The Worker answered something other than 200 with an append answer.
+    #[error("ledger answered {status}: {message}")]
+    Refused {
+        /// HTTP status (502 for a 200 whose body is not an append answer).
+        status: u16,
+        /// The start of the answer's body.
+        message: String,
+    },
+}
+
+impl LedgerError {
+    /// A coarse state for `/healthz`: `unreachable`, `timeout`, `no_answer`, `bad_signature`
+    /// (401: the secrets differ or the clocks are apart), `replay` (409), `refused` (another
+    /// 4xx), `unavailable` (503: the Durable Object is away) or `http_error`.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Self::Unreachable(_) => "unreachable",
+            Self::NoAnswer {
+                timed_out: true, ..
+            } => "timeout",
+            Self::NoAnswer { .. } => "no_answer",
+            Self::Refused { status: 401, .. } => "bad_signature",
+            Self::Refused { status: 409, .. } => "replay",
+            Self::Refused { status, .. } if (400..500).contains(status) => "refused",
+            Self::Refused { status: 503, .. } => "unavailable",
+            Self::Refused { .. } => "http_error",
+        }
+    }
+}
+
+/// Appends signed batches to the Worker's ledger route.
+pub struct LedgerClient {
+    http: reqwest::Client,
+    url: String,
+    secret: SigningSecret,
+    /// The last timestamp signed: the next is later, so no two appends share a signature.
+    last_timestamp: AtomicI64,
+}
+
+impl std::fmt::Debug for LedgerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerClient").finish_non_exhaustive()
+    }
+}
+
+impl LedgerClient {
+    /// A client for `config`'s route.
+    pub fn new(config: &LedgerConfig) -> Result<Self, LedgerError> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .build()
+            .map_err(|e| LedgerError::Unreachable(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            url: config.url.clone(),
+            secret: config.secret.clone(),
+            last_timestamp: AtomicI64::new(0),
+        })
+    }
+
+    /// Appends `batch`: `Ok` only for a 200 with an append answer.
+    pub async fn append(&self, batch: &AppendBatch) -> Result<AppendAnswer, LedgerError> {
+        let body = serde_json::to_vec(batch).map_err(|e| LedgerError::Refused {
+            status: 0,
+            message: format!("cannot serialise the batch: {e}"),
+        })?;
+        let timestamp = self.next_timestamp();
+        let signature = sign::sign(self.secret.as_bytes(), &append_message(timestamp, &body));
+        let response = self
+            .http
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(sign::header::TIMESTAMP, timestamp.0.to_string())
+            .header(sign::header::SIGNATURE, signature)
+            .body(body)
+            .send()
+            .await
+            .map_err(no_answer)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(no_answer)?;
+        let start = || String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        if status != reqwest::StatusCode::OK {
+            return Err(LedgerError::Refused {
+                status: status.as_u16(),
+                message: start(),
+            });
+        }
+        match serde_json::from_slice::<AppendAnswer>(&body) {
+            Ok(answer) if answer.v == LEDGER_VERSION => Ok(answer),
+            _ => Err(LedgerError::Refused {
+                status: 502,
+                message: format!("not an append answer: {}", start()),
+            }),
+        }
+    }
+
+    /// Now, or one millisecond after the last timestamp signed if that is not earlier.
+    fn next_timestamp(&self) -> UnixMillis {
+        let now = system_now().0;
+        let mut last = self.last_timestamp.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last.saturating_add(1));
+            match self.last_timestamp.compare_exchange(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return UnixMillis(next),
+                Err(seen) => last = seen,
+            }
+        }
+    }
+}
+
+/// Names a request that got no answer, with its error chain but without the URL.
+fn no_answer(error: reqwest::Error) -> LedgerError {
+    let (connect, timed_out) = (error.is_connect(), error.is_timeout());
+    let error = error.without_url();
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if connect {
+        LedgerError::Unreachable(format!("cannot connect ({chain})"))
+    } else {
+        let kind = if timed_out { "timed out" } else { "no answer" };
+        LedgerError::NoAnswer {
+            timed_out,
+            detail: format!("{kind} ({chain})"),
+        }
+    }
+}
+
+/// Counters for `/healthz`, `/metrics` and the admin status.
+#[derive(Debug, Default)]
+pub struct LedgerStatus {
+    enabled: bool,
+    appended: AtomicU64,
+    batches: AtomicU64,
+    failures: AtomicU64,
+    /// The last watermark the ledger accepted (unix ms; 0: none yet).
+    watermark: AtomicI64,
+    /// The last failure: its coarse state and its text. Cleared by the next success.
+    last_error: Mutex<Option<(&'static str, String)>>,
+}
+
+/// What `/healthz` shows of the ledger sink: counts and states, never an error's text.
+#[derive(Debug, Serialize)]
+pub struct LedgerReport {
+    /// Whether the ledger is configured (`LEDGER_URL`).
+    pub enabled: bool,
+    /// `ok`, or how the last attempt failed (see [`LedgerError::state`]; `store_error` when
+    /// the outbox could not be read or acknowledged).
+    pub state: &'static str,
+    /// Key changes not yet in the ledger.
+    pub pending: u64,
+    /// Age of the oldest change not yet in the ledger, in milliseconds (0 when none waits).
+    pub lag_ms: i64,
+    /// The last watermark the ledger accepted (unix ms), if any since start.
+    pub watermark_ms: Option<i64>,
+    /// How old that watermark is, in milliseconds (the edge trusts it for 5 s).
+    pub watermark_age_ms: Option<i64>,
+    /// Changes the ledger appended since start (as it counted them).
+    pub appended: u64,
+    /// Appends accepted since start (each with changes, a watermark or both).
+    pub batches: u64,
+    /// Failed appends (and outbox failures) since start.
+    pub failures: u64,
+    /// The last failure's text: only in the admin status (`GET /v1/status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl LedgerStatus {
+    /// The status of a ledger sink that is (or is not) configured.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            ..Self::default()
+        }
+    }
+
+    /// The current backlog, read from the outbox, without error text (for `/healthz`).
+    pub async fn report(&self, store: &dyn KeyStore) -> Result<LedgerReport, StoreError> {
+        let stats = store.outbox_stats(Sink::Ledger, None).await?;
+        let now = system_now().0;
+        let lag_ms = stats.oldest_enqueued_at.map_or(0, |at| (now - at.0).max(0));
+        let watermark = Some(self.watermark.load(Ordering::Relaxed)).filter(|w| *w > 0);
+        Ok(LedgerReport {
+            enabled: self.enabled,
+            state: self.last_error().map_or("ok", |(state, _)| state),
+            pending: stats.pending,
+            lag_ms,
+            watermark_ms: watermark,
+            watermark_age_ms: watermark.map(|w| (now - w).max(0)),
+            appended: self.appended.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            last_error: None,
+        })
+    }
+
+    /// [`Self::report`] with the last failure's text (for admins).
+    pub async fn detailed_report(&self, store: &dyn KeyStore) -> Result<LedgerReport, StoreError> {
+        let mut report = self.report(store).await?;
+        report.last_error = self.last_error().map(|(_, detail)| detail);
+        Ok(report)
+    }
+
+    fn last_error(&self) -> Option<(&'static str, String)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_error(&self, state: &'static str, detail: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((state, detail));
+    }
+
+    fn clear_error(&self) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// Why one append round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// The outbox or a key could not be read, or the rows not acknowledged.
+    #[error("outbox: {0}")]
+    Store(#[from] StoreError),
+    /// The append failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// What one append round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundOutcome {
+    /// Outbox rows read (and acknowledged).
+    pub rows: usize,
+    /// Changes sent (one per key).
+    pub changes: usize,
+    /// Whether the batch carried a watermark (the peek saw every ledger-pending row).
+    pub watermark: Option<UnixMillis>,
+}
+
+/// Drains the outbox's ledger-pending rows into the ledger, with watermarks.
+pub struct LedgerPublisher {
+    store: Arc<dyn KeyStore>,
+    client: LedgerClient,
+    status: Arc<LedgerStatus>,
+    watermark_every: Duration,
+}
+
+impl LedgerPublisher {
+    /// A publisher appending through `client`, counting into `status`.
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        client: LedgerClient,
+        status: Arc<LedgerStatus>,
+        config: &LedgerConfig,
+    ) -> Self {
+        Self {
+            store,
+            client,
+            status,
+            watermark_every: config.watermark_every,
+        }
+    }
+
+    /// Publishes until `stop` turns true: waits for the ledger lock, then appends whatever
+    /// the outbox holds for the ledger whenever `wake` fires, and a watermark at least every
+    /// `LEDGER_WATERMARK_MS` regardless.
+    pub async fn run(
+        self,
+        wake: Arc<Notify>,
+        lock_path: Option<PathBuf>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let _lock = match lock_path {
+            Some(path) => match wait_for_lock(&path, &mut stop).await {
+                Some(lock) => Some(lock),
+                None => return,
+            },
+            None => None,
+        };
+        let mut failures_in_a_row = 0u32;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let wait = match self.round().await {
+                Ok(outcome) => {
+                    failures_in_a_row = 0;
+                    self.status.clear_error();
+                    if outcome.watermark.is_none() {
+                        // More rows wait than one batch holds.
+                        continue;
+                    }
+                    tokio::select! {
+                        () = wake.notified() => continue,
+                        () = tokio::time::sleep(self.watermark_every) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+                Err(error) => {
+                    let state = match &error {
+                        RoundError::Store(_) => "store_error",
+                        RoundError::Ledger(e) => e.state(),
+                    };
+                    tracing::warn!(%error, "ledger append failed; will retry");
+                    self.status.set_error(state, error.to_string());
+                    backoff(&mut failures_in_a_row)
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// One append: reads the time `T`, then up to [`APPEND_MAX_CHANGES`] ledger-pending rows;
+    /// appends each key's current state once, with the watermark `T` if those were all the
+    /// rows; on success acknowledges the rows for the ledger. With no rows, it appends the
+    /// watermark alone.
+    pub async fn round(&self) -> Result<RoundOutcome, RoundError> {
+        // Before the peek: whatever committed before `at` is in the peek's snapshot.
+        let at = system_now();
+        let limit = u32::try_from(APPEND_MAX_CHANGES).unwrap_or(1000);
+        let rows = self.store.outbox_peek(Sink::Ledger, limit).await?;
+        let complete = rows.len() < APPEND_MAX_CHANGES;
+        let mut keys: Vec<OutboxEntry> = Vec::with_capacity(rows.len());
+        let mut position: HashMap<_, usize> = HashMap::new();
+        for row in &rows {
+            match position.get(&row.key_id) {
+                Some(&i) => keys[i].seq = row.seq,
+                None => {
+                    position.insert(row.key_id.clone(), keys.len());
+                    keys.push(row.clone());
+                }
+            }
+        }
+        let mut changes = Vec::with_capacity(keys.len());
+        for entry in &keys {
+            match self.store.get(&entry.key_id).await? {
+                Some(key) => changes.push(Change {
+                    name: kv_entry_name(&key.hash),
+                    record: key.record(),
+                }),
+                // Keys are never deleted; a missing row means a hand-edited database.
+                None => {
+                    tracing::warn!(key_id = %entry.key_id, "outbox names a key that does not exist; skipping")
+                }
+            }
+        }
+        let watermark = complete.then_some(at);
+        let batch = AppendBatch::new(changes, watermark);
+        let answer = self.client.append(&batch).await?;
+        self.store.outbox_ack(Sink::Ledger, &keys).await?;
+        self.status
+            .appended
+            .fetch_add(answer.appended, Ordering::Relaxed);
+        self.status.batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(at) = watermark {
+            self.status.watermark.fetch_max(at.0, Ordering::Relaxed);
+        }
+        if !batch.changes.is_empty() {
+            tracing::debug!(
+                changes = batch.changes.len(),
+                head = answer.head,
+                watermark = ?watermark,
+                "appended to the ledger"
+            );
+        }
+        Ok(RoundOutcome {
+            rows: rows.len(),
+            changes: batch.changes.len(),
+            watermark,
+        })
+    }
+}
+
+/// The ledger publisher's lock next to a database file, or `None` for an in-memory database.
+pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
+    database_file.map(|file| {
+        let mut name = file.as_os_str().to_owned();
+        name.push(".ledger.lock");
+        PathBuf::from(name)
+    })
+}
+
+async fn wait_for_lock(path: &Path, stop: &mut watch::Receiver<bool>) -> Option<std::fs::File> {
+    let mut announced = false;
+    loop {
+        match try_lock(path) {
+            Ok(Some(file)) => return Some(file),
+            Ok(None) => {
+                if !announced {
+                    tracing::warn!(
+                        lock = %path.display(),
+                        "another origin holds the ledger lock; waiting"
+                    );
+                    announced = true;
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, lock = %path.display(), "cannot open the ledger lock; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
+/// The next retry delay: doubling from 100 ms to [`RETRY_MAX`], jittered in its upper half.
+fn backoff(failures_in_a_row: &mut u32) -> Duration {
+    *failures_in_a_row = failures_in_a_row.saturating_add(1);
+    let exponent = (*failures_in_a_row - 1).min(16);
+    let ceiling = RETRY_BASE.saturating_mul(1 << exponent).min(RETRY_MAX);
+    let mut random = [0u8; 2];
+    let jitter = if getrandom::fill(&mut random).is_ok() {
+        f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX)
+    } else {
+        0.5
+    };
+    ceiling.mul_f64(0.5 + 0.5 * jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_name_the_failure_without_detail() {
+        let refused = |status| LedgerError::Refused {
+            status,
+            message: "secret detail".into(),
+        };
+        let cases = [
+            (LedgerError::Unreachable("x".into()), "unreachable"),
+            (
+                LedgerError::NoAnswer {
+                    timed_out: true,
+                    detail: String::new(),
+                },
+                "timeout",
+            ),
+            (refused(401), "bad_signature"),
+            (refused(409), "replay"),
+            (refused(413), "refused"),
+            (refused(503), "unavailable"),
+            (refused(500), "http_error"),
+        ];
+        for (error, state) in cases {
+            assert_eq!(error.state(), state, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn timestamps_never_repeat() {
+        let config = LedgerConfig {
+            url: "http://127.0.0.1:9/v1/ledger/changes".into(),
+            secret: SigningSecret::parse(&"s".repeat(32)).expect("secret"),
+            watermark_every: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        };
+        let client = LedgerClient::new(&config).expect("client");
+        let mut last = 0;
+        for _ in 0..1000 {
+            let t = client.next_timestamp().0;
+            assert!(t > last);
+            last = t;
+        }
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let mut failures = 0;
+        for _ in 0..20 {
+            assert!(backoff(&mut failures) <= RETRY_MAX);
+        }
+    }
+}
