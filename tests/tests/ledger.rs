@@ -70,6 +70,12 @@ fn repetitions() -> usize {
         .unwrap_or(20)
 }
 
+/// A wait of 0 to 1 s that differs from one change to the next (a fixed sequence: runs compare),
+/// so changes fall at every point of the isolate's one-second poll.
+fn dephase(i: usize) -> Duration {
+    Duration::from_millis(u64::try_from(i.wrapping_mul(379) % 1000).unwrap_or(0))
+}
+
 /// Polls the edge until `done` holds; the time from `since`.
 async fn edge_until(
     edge: &Edge,
@@ -139,11 +145,13 @@ async fn hot_keys_are_answered_from_memory_and_stale_kv_never_wins() {
     }
     stack.wait_published(LIMIT).await;
     let mut revoke_ms = Vec::new();
-    for (id, secret) in &keys {
+    for (i, (id, secret)) in keys.iter().enumerate() {
         let name = entry_name(secret);
         edge.verify_until(secret, &[], LIMIT, |b| b["valid"] == true)
             .await;
         let valid_record = edge.read_kv(&name).await;
+        // Revocations land at every phase of the isolate's poll, not just after one.
+        tokio::time::sleep(dephase(i)).await;
         stack.revoke(id).await;
         let revoked_at = Instant::now();
         // Once KV holds the revocation, put the old value back.
@@ -172,7 +180,7 @@ async fn hot_keys_are_answered_from_memory_and_stale_kv_never_wins() {
 
     // Scope narrowings with stale KV, the same way.
     let mut narrow_ms = Vec::new();
-    for (_, _) in keys.iter().take(n.min(10)) {
+    for i in 0..n.min(10) {
         let (id, secret) = stack
             .create(&["read:orders", "write:orders"], json!({}))
             .await;
@@ -181,6 +189,7 @@ async fn hot_keys_are_answered_from_memory_and_stale_kv_never_wins() {
             .await;
         stack.wait_published(LIMIT).await;
         let wide_record = edge.read_kv(&name).await;
+        tokio::time::sleep(dephase(i)).await;
         let r = stack
             .origin
             .patch(
@@ -238,7 +247,8 @@ async fn a_key_whose_record_never_reached_kv_is_found_through_the_ledger() {
     let edge = &stack.edge;
     let n = repetitions().min(10);
     let mut create_ms = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
+        tokio::time::sleep(dephase(i)).await;
         let (id, secret) = stack.create(&["read:orders"], json!({})).await;
         let created_at = Instant::now();
         let (answer, ms) = edge_until(edge, &secret, &[], created_at, |b| b["valid"] == true).await;

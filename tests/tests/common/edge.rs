@@ -541,11 +541,32 @@ impl Stack {
             }
         }
         edge.start().await;
-        Self {
+        let stack = Self {
             origin,
             edge,
             upstream,
-        }
+        };
+        stack.wait_ledger_fed().await;
+        stack
+    }
+
+    /// Waits until origin's ledger publisher has had a watermark accepted (origin starts before
+    /// the edge, so its first appends fail and back off).
+    pub async fn wait_ledger_fed(&self) {
+        super::eventually(Duration::from_secs(30), || async {
+            let health = self.origin.get("/healthz").await;
+            let ledger = &health.body["ledger"];
+            if ledger["state"] == "ok"
+                && ledger["watermark_age_ms"]
+                    .as_u64()
+                    .is_some_and(|ms| ms < 1500)
+            {
+                Ok(())
+            } else {
+                Err(format!("the ledger is not fed yet: {ledger}"))
+            }
+        })
+        .await;
     }
 
     /// Creates a key through the tutorial surface; returns `(id, secret)`.
