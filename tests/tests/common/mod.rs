@@ -335,12 +335,17 @@ impl TestApp {
         )
     }
 
-    /// Waits until the KV outbox is empty (everything acknowledged is in KV); returns the last
+    /// Waits until the outbox is empty (everything acknowledged is in KV, and in the change
+    /// ledger when origin feeds one); returns the last
     /// `/healthz` answer.
     pub async fn wait_published(&self, limit: Duration) -> Reply {
         eventually(limit, || async {
             let health = self.get("/healthz").await;
-            if health.body["kv_publisher"]["pending"] == 0 {
+            // Published: in KV, and in the change ledger when origin feeds one.
+            let ledger = &health.body["ledger"];
+            if health.body["kv_publisher"]["pending"] == 0
+                && (ledger["enabled"] != true || ledger["pending"] == 0)
+            {
                 Ok(health)
             } else {
                 Err(format!("outbox not drained: {}", health.body))
