@@ -42,6 +42,9 @@ use crate::store::{KeyStore, StoreError};
 const RETRY_BASE: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts while the ledger fails.
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How far back changes are appended again when the publisher starts: the edge ledger's
+/// default retention (`LEDGER_RETENTION_MS`), ten times KV's propagation bound.
+const RESEND_WINDOW: Duration = Duration::from_secs(600);
 
 /// Why an append did not succeed. `Display` is for logs and the admin status (never the
 /// secret, nor the URL); [`LedgerError::state`] for the open `/healthz`.
@@ -357,6 +360,7 @@ impl LedgerPublisher {
             },
             None => None,
         };
+        self.resend_recent().await;
         let mut failures_in_a_row = 0u32;
         loop {
             if *stop.borrow() {
@@ -390,6 +394,27 @@ impl LedgerPublisher {
                 () = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
             }
+        }
+    }
+
+    /// Queues for the ledger every key changed within [`RESEND_WINDOW`]: a ledger that is new
+    /// (a first deploy, a wiped object) or that missed changes while origin ran without it would
+    /// otherwise let isolates trust a KV value up to KV's propagation bound old. Appending a record
+    /// twice is harmless. A failure is logged and publishing goes on.
+    async fn resend_recent(&self) {
+        let now = system_now();
+        let window = i64::try_from(RESEND_WINDOW.as_millis()).unwrap_or(i64::MAX);
+        match self
+            .store
+            .outbox_enqueue_changed_since(UnixMillis(now.0.saturating_sub(window)), now)
+            .await
+        {
+            Ok(0) => {}
+            Ok(keys) => tracing::info!(
+                keys,
+                "re-sending the last ten minutes of key changes to the ledger"
+            ),
+            Err(error) => tracing::warn!(%error, "cannot queue recent changes for the ledger"),
         }
     }
 

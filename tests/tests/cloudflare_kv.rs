@@ -1177,7 +1177,7 @@ async fn kv_publishes_while_the_ledger_is_down_and_the_ledger_loses_nothing() {
     assert_eq!(r.status, reqwest::StatusCode::OK, "{:?}", r.body);
 
     for run in 0..2 {
-        let health = app.wait_published(Duration::from_secs(20)).await;
+        let health = app.wait_kv_published(Duration::from_secs(20)).await;
         let ledger = &health.body["ledger"];
         assert_eq!(ledger["pending"], 3, "run {run}: {ledger}");
         assert_eq!(ledger["state"], "unreachable", "run {run}: {ledger}");

@@ -131,6 +131,16 @@ pub trait KeyStore: Send + Sync + 'static {
     /// the ledger had their change already.
     async fn outbox_enqueue(&self, keys: &[KeyId], now: UnixMillis) -> Result<(), StoreError>;
 
+    /// Queues, for the ledger alone, every key changed at or after `since` (the ledger publisher
+    /// does this when it starts: the ledger may be new, or may have missed changes made while
+    /// origin ran without it). A key already waiting for the ledger is not queued again.
+    /// Returns how many keys were queued.
+    async fn outbox_enqueue_changed_since(
+        &self,
+        since: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<u64, StoreError>;
+
     /// Asks for each of `keys` to be read back from KV at `due_at` (a later time already asked
     /// for is kept).
     async fn verify_schedule(&self, keys: &[KeyId], due_at: UnixMillis) -> Result<(), StoreError>;

@@ -1400,6 +1400,26 @@ impl KeyStore for SqliteStore {
         Ok(())
     }
 
+    async fn outbox_enqueue_changed_since(
+        &self,
+        since: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<u64, StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        let queued = sqlx::query(
+            "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
+             SELECT id, ?, 0, 1 FROM api_keys WHERE updated_at >= ? \
+             AND id NOT IN (SELECT key_id FROM kv_outbox WHERE ledger_pending = 1) \
+             ORDER BY updated_at",
+        )
+        .bind(now.0)
+        .bind(since.0)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(queued.rows_affected())
+    }
+
     async fn verify_schedule(&self, keys: &[KeyId], due_at: UnixMillis) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
@@ -1777,6 +1797,39 @@ mod tests {
         let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
         store
             .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(rows(&store).await, 0);
+        store.close().await;
+    }
+
+    /// At start the ledger publisher queues the recent changes again, for the ledger alone.
+    #[tokio::test]
+    async fn recent_changes_are_queued_again_for_the_ledger_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir).await;
+        let a = key_with_two_changes(&store, 1).await; // last changed at 2,000
+        for sink in [Sink::Kv, Sink::Ledger] {
+            let peeked = store.outbox_peek(sink, 100).await.expect("peek");
+            store
+                .outbox_ack(sink, &newest_per_key(&peeked))
+                .await
+                .expect("ack");
+        }
+        // (changed since, keys queued): a key already waiting for the ledger is not queued twice
+        for (since, queued) in [(2_001, 0), (2_000, 1), (0, 0)] {
+            let n = store
+                .outbox_enqueue_changed_since(UnixMillis(since), UnixMillis(9_000))
+                .await
+                .expect("enqueue");
+            assert_eq!(n, queued, "since {since}");
+        }
+        assert_eq!(pending(&store, Sink::Kv).await, 0, "KV is not asked again");
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        assert_eq!(peeked.len(), 1);
+        assert!(peeked.iter().all(|e| e.key_id == a.id));
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
             .await
             .expect("ack");
         assert_eq!(rows(&store).await, 0);

@@ -335,6 +335,19 @@ impl TestApp {
         )
     }
 
+    /// Waits until KV has every change (the ledger may lag, or be down on purpose).
+    pub async fn wait_kv_published(&self, limit: Duration) -> Reply {
+        eventually(limit, || async {
+            let health = self.get("/healthz").await;
+            if health.body["kv_publisher"]["pending"] == 0 {
+                Ok(health)
+            } else {
+                Err(format!("KV outbox not drained: {}", health.body))
+            }
+        })
+        .await
+    }
+
     /// Waits until the outbox is empty (everything acknowledged is in KV, and in the change
     /// ledger when origin feeds one); returns the last
     /// `/healthz` answer.
