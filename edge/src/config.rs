@@ -48,8 +48,12 @@ pub(crate) struct LedgerSettings {
     /// Share each poll with the location's other isolates through the Cache API
     /// (`LEDGER_SHARE_POLLS`).
     pub(crate) share_polls: bool,
-    /// How long a request waits for a poll while memory is not trusted (`LEDGER_TIMEOUT_MS`).
+    /// How long a request waits for a poll while memory is not trusted
+    /// (`LEDGER_POLL_TIMEOUT_MS`).
     pub(crate) timeout_ms: u64,
+    /// MACs the location's shared copies of ledger polls (`LEDGER_SIGNING_SECRET`, used with a
+    /// domain tag of its own).
+    pub(crate) cache_secret: SigningSecret,
 }
 
 /// `GATEWAY_BODY_MAX_BYTES` when unset: 1 MiB.
@@ -136,10 +140,17 @@ impl Settings {
         if let Some((a, b)) = shared_secret(&secrets) {
             return Err(ConfigError::SharedSecret(a, b));
         }
+        let debug_headers = flag(env, "DEBUG_HEADERS", false)?;
         let ledger = ledger_secret
-            .is_some()
-            .then(|| ledger_settings(env))
+            .as_ref()
+            .map(|secret| ledger_settings(env, debug_headers, secret.clone()))
             .transpose()?;
+        if ledger.is_none() && flag(env, "LEDGER_STRICT", false)? {
+            return Err(ConfigError::Missing(
+                "LEDGER_SIGNING_SECRET",
+                "LEDGER_STRICT",
+            ));
+        }
         let gateway_body_max = match text(env, "GATEWAY_BODY_MAX_BYTES") {
             None => DEFAULT_GATEWAY_BODY_MAX,
             Some(v) => v
@@ -166,7 +177,6 @@ impl Settings {
                     value: v,
                 })?,
         };
-        let debug_headers = flag(env, "DEBUG_HEADERS", false)?;
         Ok(Self {
             routes,
             upstream,
@@ -183,7 +193,11 @@ impl Settings {
 }
 
 /// The memory settings, each with its default and its allowed range.
-fn ledger_settings(env: &Env) -> Result<LedgerSettings, ConfigError> {
+fn ledger_settings(
+    env: &Env,
+    debug_headers: bool,
+    cache_secret: SigningSecret,
+) -> Result<LedgerSettings, ConfigError> {
     let defaults = MemorySettings::default();
     let poll_ms = number(env, "LEDGER_POLL_MS", defaults.poll_ms, 100, 60_000)?;
     let sync_max_age_ms = number(
@@ -199,39 +213,44 @@ fn ledger_settings(env: &Env) -> Result<LedgerSettings, ConfigError> {
             problem: "must be at least twice LEDGER_POLL_MS".into(),
         });
     }
+    let watermark_max_age_ms = number(
+        env,
+        "WATERMARK_MAX_AGE_MS",
+        defaults.watermark_max_age_ms,
+        1000,
+        600_000,
+    )?;
+    // Origin sends a watermark every second at most, and an isolate sees it only when it polls.
+    if watermark_max_age_ms < sync_max_age_ms.saturating_add(1000) {
+        return Err(ConfigError::Refused {
+            name: "WATERMARK_MAX_AGE_MS",
+            problem: "must be at least LEDGER_MAX_AGE_MS plus 1000".into(),
+        });
+    }
+    // Bounded well under a Worker isolate's 128 MB (BENCHMARKS.md: memory per 10,000 keys).
     let memory = MemorySettings {
         poll_ms,
         sync_max_age_ms,
-        watermark_max_age_ms: number(
-            env,
-            "WATERMARK_MAX_AGE_MS",
-            defaults.watermark_max_age_ms,
-            1000,
-            600_000,
-        )?,
-        hot_max_keys: count(env, "MEMORY_MAX_KEYS", defaults.hot_max_keys, 1, 1_000_000)?,
-        hot_ttl_ms: number(env, "MEMORY_TTL_MS", defaults.hot_ttl_ms, 1000, 86_400_000)?,
-        ledger_max_keys: count(
-            env,
-            "LEDGER_MAX_KEYS",
-            defaults.ledger_max_keys,
-            1,
-            1_000_000,
-        )?,
+        watermark_max_age_ms,
+        hot_max_keys: count(env, "MEMORY_MAX_KEYS", defaults.hot_max_keys, 1, 100_000)?,
+        hot_ttl_ms: number(env, "MEMORY_TTL_MS", defaults.hot_ttl_ms, 1000, 3_600_000)?,
+        ledger_max_keys: count(env, "LEDGER_MAX_KEYS", defaults.ledger_max_keys, 1, 100_000)?,
     };
     // Checked here too (the object reads it for itself) so a bad value is refused loudly.
+    let retention = crate::ledger::retention_range(debug_headers);
     number(
         env,
         "LEDGER_RETENTION_MS",
         crate::ledger::DEFAULT_RETENTION_MS,
-        1000,
-        86_400_000,
+        *retention.start(),
+        *retention.end(),
     )?;
     Ok(LedgerSettings {
         memory,
         strict: flag(env, "LEDGER_STRICT", false)?,
         share_polls: flag(env, "LEDGER_SHARE_POLLS", true)?,
-        timeout_ms: number(env, "LEDGER_TIMEOUT_MS", 1000, 50, 10_000)?.unsigned_abs(),
+        timeout_ms: number(env, "LEDGER_POLL_TIMEOUT_MS", 1000, 50, 10_000)?.unsigned_abs(),
+        cache_secret,
     })
 }
 

@@ -40,6 +40,19 @@ const MAC_HEADER: &str = "x-latchkey-ledger-mac";
 const UNTIL_HEADER: &str = "x-latchkey-ledger-until";
 /// `LEDGER_RETENTION_MS` when unset: ten minutes, well above KV's propagation bound.
 pub(crate) const DEFAULT_RETENTION_MS: i64 = 600_000;
+/// The shortest retention allowed: two minutes, above KV's propagation bound of a minute or
+/// more (a shorter one lets an isolate trust a KV value older than a change it forgot). Tests
+/// (`DEBUG_HEADERS=true`) may go down to one second.
+pub(crate) const MIN_RETENTION_MS: i64 = 120_000;
+
+/// The retention range for these settings: tests may shorten it.
+pub(crate) fn retention_range(debug_headers: bool) -> std::ops::RangeInclusive<i64> {
+    (if debug_headers {
+        1000
+    } else {
+        MIN_RETENTION_MS
+    })..=86_400_000
+}
 
 /// `POST /v1/ledger/changes`: checks the signature and the body, then appends in the object.
 pub(crate) async fn append(
@@ -69,8 +82,18 @@ pub(crate) async fn append(
         Ok(verified) => verified,
         Err(e) => return reply::error(401, "bad_signature", &e.to_string()),
     };
-    if let Err(e) = AppendBatch::parse(&body) {
-        return reply::error(400, "bad_ledger_batch", &e.to_string());
+    match AppendBatch::parse(&body) {
+        Err(e) => return reply::error(400, "bad_ledger_batch", &e.to_string()),
+        // Origin reads the watermark's time before it signs: a later one is not origin's (and
+        // a watermark from the future would keep every isolate from trusting its memory).
+        Ok(batch) if batch.watermark.is_some_and(|w| w > verified.timestamp) => {
+            return reply::error(
+                400,
+                "bad_ledger_batch",
+                "the watermark is later than the signature's timestamp",
+            );
+        }
+        Ok(_) => {}
     }
     let inner = Headers::new();
     inner.set("content-type", "application/json")?;
@@ -127,11 +150,15 @@ impl DurableObject for Ledger {
                 worker::console_error!("ledger schema: {e}");
             }
         }
+        // The Worker refuses a bad value loudly (config.rs); here it falls back to the default.
+        let debug = env
+            .var("DEBUG_HEADERS")
+            .is_ok_and(|v| v.to_string() == "true");
         let retention_ms = env
             .var("LEDGER_RETENTION_MS")
             .ok()
-            .and_then(|v| v.to_string().parse::<i64>().ok())
-            .filter(|ms| (1000..=86_400_000).contains(ms))
+            .and_then(|v| v.to_string().trim().parse::<i64>().ok())
+            .filter(|ms| retention_range(debug).contains(ms))
             .unwrap_or(DEFAULT_RETENTION_MS);
         Self { sql, retention_ms }
     }
@@ -257,7 +284,14 @@ impl Ledger {
             "INSERT INTO seen (mac, until) VALUES (?, ?)",
             vec![mac.into(), until.max(now.0).into()],
         )?;
-        let mut head = self.meta("head")?;
+        // The head is never behind an entry, even after an append that failed half-way.
+        let newest: Vec<Value> = self
+            .sql
+            .exec("SELECT MAX(seq) AS value FROM entries", None)?
+            .to_array()?;
+        let mut head = self
+            .meta("head")?
+            .max(newest.first().and_then(|r| r.value).unwrap_or(0));
         for change in &batch.changes {
             head += 1;
             self.sql.exec(
@@ -271,10 +305,11 @@ impl Ledger {
             )?;
         }
         self.set_meta("head", head)?;
-        if let Some(watermark) = batch.watermark
-            && self.meta_opt("watermark")?.is_none_or(|w| watermark.0 > w)
+        // Never later than this object's clock: a watermark vouches for the past only.
+        if let Some(watermark) = batch.watermark.map(|w| w.0.min(now.0))
+            && self.meta_opt("watermark")?.is_none_or(|w| watermark > w)
         {
-            self.set_meta("watermark", watermark.0)?;
+            self.set_meta("watermark", watermark)?;
         }
         self.prune(now)?;
         Response::from_json(&AppendAnswer {

@@ -31,7 +31,7 @@ mod reply;
 mod usage;
 mod verify_api;
 
-use config::Settings;
+use config::{Config, Settings};
 use lookup::Lookup;
 
 /// The path of the edge's own verify endpoint; gateway rules cannot claim it.
@@ -61,18 +61,48 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     let method = req.inner().method();
     let url = req.inner().url();
     let mut lookup = Lookup::new(&env, &config);
-    let response = if !target::is_known_method(&method) {
+    let response = respond(req, &method, &url, &env, &config, &mut lookup).await;
+    // A poll started by this request runs even if answering failed: otherwise the isolate's one
+    // poll in flight would block polling until it is taken as lost.
+    if let (Some(after), Some(settings)) = (lookup.background_sync(), config.ledger.clone()) {
+        let env = env.clone();
+        ctx.wait_until(async move { memory::sync(env, &settings, after).await });
+    }
+    let response = response?;
+    if usage::record(&config, lookup.used_keys(), lookup.now()) {
+        ctx.wait_until(usage::send_after_interval(config.clone()));
+    }
+    if config.debug_headers {
+        let headers = response.headers();
+        headers.set(KV_READS_HEADER, &lookup.kv_reads().to_string())?;
+        headers.set(LEDGER_FETCHES_HEADER, &memory::ledger_fetches().to_string())?;
+        headers.set(MEMORY_HEADER, lookup.source().as_str())?;
+    }
+    Ok(response)
+}
+
+/// The answer to one request whose settings are good: method and path checks, then the verify
+/// endpoint, the ledger's append route or the gateway.
+async fn respond(
+    req: Request,
+    method: &str,
+    url: &str,
+    env: &Env,
+    config: &Config,
+    lookup: &mut Lookup<'_>,
+) -> Result<Response> {
+    Ok(if !target::is_known_method(method) {
         reply::error(
             405,
             "method_not_allowed",
             &format!("the method must be one of {}", target::METHODS.join(" ")),
         )?
     } else {
-        match RequestTarget::from_url(&url) {
+        match RequestTarget::from_url(url) {
             Err(e) => reply::error(400, "ambiguous_path", &e.to_string())?,
             Ok(target) if target.path == VERIFY_PATH => {
                 if method == "POST" {
-                    verify_api::handle(req, &mut lookup).await?
+                    verify_api::handle(req, lookup).await?
                 } else {
                     reply::error(
                         405,
@@ -83,7 +113,7 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
             }
             Ok(target) if target.path == ledger_api::APPEND_PATH => {
                 if method == "POST" {
-                    ledger::append(req, &env, &config, lookup.now()).await?
+                    ledger::append(req, env, config, lookup.now()).await?
                 } else {
                     reply::error(
                         405,
@@ -92,21 +122,7 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
                     )?
                 }
             }
-            Ok(target) => gateway::handle(req, &method, target, &config, &mut lookup).await?,
+            Ok(target) => gateway::handle(req, method, target, config, lookup).await?,
         }
-    };
-    if usage::record(&config, lookup.used_keys(), lookup.now()) {
-        ctx.wait_until(usage::send_after_interval(config.clone()));
-    }
-    if let (Some(after), Some(settings)) = (lookup.background_sync(), config.ledger.clone()) {
-        let env = env.clone();
-        ctx.wait_until(async move { memory::sync(env, &settings, after).await });
-    }
-    if config.debug_headers {
-        let headers = response.headers();
-        headers.set(KV_READS_HEADER, &lookup.kv_reads().to_string())?;
-        headers.set(LEDGER_FETCHES_HEADER, &memory::ledger_fetches().to_string())?;
-        headers.set(MEMORY_HEADER, lookup.source().as_str())?;
-    }
-    Ok(response)
+    })
 }

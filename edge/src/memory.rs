@@ -4,7 +4,7 @@
 //! * Polls happen inside requests, at most one in flight per isolate. While memory is trusted
 //!   the poll runs after the response (`ctx.wait_until`) and no request waits for it; while it
 //!   is not (a cold isolate, the ledger unreachable, origin silent), the request that starts a
-//!   poll waits for it, at most `LEDGER_TIMEOUT_MS`, and then decides with KV if memory is
+//!   poll waits for it, at most `LEDGER_POLL_TIMEOUT_MS`, and then decides with KV if memory is
 //!   still not trusted (or answers 503 with `LEDGER_STRICT`).
 //! * Sharing (`LEDGER_SHARE_POLLS`, on by default): an isolate that is caught up reads the
 //!   location's copy of "every entry of the last minute" from the Cache API, keyed by poll
@@ -20,13 +20,15 @@ use futures_util::future::{Either, select};
 use latchkey_shared::UnixMillis;
 use latchkey_shared::ledger::Tail;
 use latchkey_shared::ledger::memory::{Memory, SyncError};
+use latchkey_shared::sign::{self, SigningSecret};
 use worker::{Cache, Delay, Env, Response};
 
 use crate::config::LedgerSettings;
 use crate::ledger::{self, now};
 
-/// How far back a shared poll reaches: an isolate caught up within this window can use it.
-const SHARED_WINDOW_MS: i64 = 60_000;
+/// How many poll intervals back a shared poll reaches: an isolate caught up within them can use
+/// it (one that is further behind asks the ledger directly).
+const SHARED_WINDOW_POLLS: i64 = 5;
 
 thread_local! {
     static MEMORY: RefCell<Option<Memory>> = const { RefCell::new(None) };
@@ -50,17 +52,20 @@ pub(crate) fn ledger_fetches() -> u64 {
 /// The Cache API cache holding the shared polls.
 const SHARED_CACHE: &str = "latchkey-ledger";
 
+/// Most pages one sync reads of a long backlog (a cold isolate after a burst of changes).
+const PAGES_MAX: usize = 50;
+
 /// One poll of the ledger for entries after `after` (what `Memory::start_sync` returned), applied
-/// to memory.
+/// to memory; a backlog of several pages is read on until caught up.
 pub(crate) async fn sync(env: Env, settings: &LedgerSettings, after: u64) {
-    let started = now();
     let share = settings.share_polls && with(settings, |m| m.may_share());
     let mut answer = if share {
-        shared_tail(&env, settings, started).await
+        shared_tail(&env, settings, now()).await
     } else {
         direct_tail(&env, after).await
     };
-    for attempt in 0..2 {
+    let mut direct_after_gap = !share;
+    for _ in 0..PAGES_MAX {
         let tail = match answer {
             Ok(tail) => tail,
             Err(error) => {
@@ -70,10 +75,12 @@ pub(crate) async fn sync(env: Env, settings: &LedgerSettings, after: u64) {
                 return;
             }
         };
-        match with(settings, |m| m.apply(&tail, now())) {
-            Ok(()) => return,
-            Err(SyncError::Gap { .. }) if share && attempt == 0 => {
-                answer = direct_tail(&env, after).await;
+        let next = match with(settings, |m| m.apply(&tail, now())) {
+            Ok(()) => with(settings, |m| m.resume_sync(now())),
+            Err(SyncError::Gap { .. }) if !direct_after_gap => {
+                // The shared copy does not reach back to this isolate's cursor: ask directly.
+                direct_after_gap = true;
+                Some(after)
             }
             Err(SyncError::Gap { cursor, after }) => {
                 worker::console_warn!(
@@ -86,11 +93,15 @@ pub(crate) async fn sync(env: Env, settings: &LedgerSettings, after: u64) {
                 worker::console_warn!("ledger answer not applied: {error}");
                 return;
             }
-        }
+        };
+        let Some(cursor) = next else { return };
+        answer = direct_tail(&env, cursor).await;
     }
+    // Still not caught up: the next request goes on (memory stays untrusted meanwhile).
+    with(settings, |m| m.failed(now(), false));
 }
 
-/// Like [`sync`], but gives up after `LEDGER_TIMEOUT_MS`: the poll counts as failed (so the
+/// Like [`sync`], but gives up after `LEDGER_POLL_TIMEOUT_MS`: the poll counts as failed (so the
 /// next one backs off) and the request decides without it.
 pub(crate) async fn sync_waiting(env: Env, settings: &LedgerSettings, after: u64) {
     let poll = Box::pin(sync(env, settings, after));
@@ -99,7 +110,7 @@ pub(crate) async fn sync_waiting(env: Env, settings: &LedgerSettings, after: u64
     )));
     if let Either::Right(_) = select(poll, timeout).await {
         worker::console_warn!(
-            "ledger poll took longer than LEDGER_TIMEOUT_MS; deciding without it"
+            "ledger poll took longer than LEDGER_POLL_TIMEOUT_MS; deciding without it"
         );
         with(settings, |m| m.failed(now(), false));
     }
@@ -122,35 +133,60 @@ async fn fetch_tail(env: &Env, url: &str) -> worker::Result<Tail> {
     Tail::parse(&body).map_err(|e| worker::Error::RustError(e.to_string()))
 }
 
-/// The location's shared copy of the last minute of entries, fetched from the ledger (and put
-/// in the cache for the other isolates) when this poll interval has none yet.
+/// The location's shared copy of the entries of the last few poll intervals, fetched from the
+/// ledger (and put in the cache for the other isolates) when this poll interval has none yet.
+/// The copy is MACed with a key derived from `LEDGER_SIGNING_SECRET`, so nothing else that can
+/// write the zone's caches can feed isolates a forged tail.
 async fn shared_tail(
     env: &Env,
     settings: &LedgerSettings,
     now: UnixMillis,
 ) -> worker::Result<Tail> {
-    let bucket = now.0 / settings.memory.poll_ms.max(1);
+    let poll_ms = settings.memory.poll_ms.max(1);
+    let bucket = now.0 / poll_ms;
     let key = format!("https://ledger.latchkey.invalid/tail/{bucket}");
     let cache = Cache::open(SHARED_CACHE.to_owned()).await;
     if let Ok(Some(mut hit)) = cache.get(key.as_str(), true).await
         && let Ok(body) = hit.bytes().await
-        && let Ok(tail) = Tail::parse(&body)
+        && let Some(tail) = open_copy(&settings.cache_secret, &body)
     {
         return Ok(tail);
     }
-    let tail = fetch_tail(
-        env,
-        &format!("https://ledger/tail?recent_ms={SHARED_WINDOW_MS}"),
-    )
-    .await?;
-    let max_age = (settings.memory.poll_ms / 1000).max(1);
-    if let Ok(mut copy) = Response::ok(tail.to_json()) {
+    // A window of a few intervals: enough for a caught-up isolate, small on the wire.
+    let window = poll_ms.saturating_mul(SHARED_WINDOW_POLLS);
+    let tail = fetch_tail(env, &format!("https://ledger/tail?recent_ms={window}")).await?;
+    let max_age = (poll_ms / 1000).max(1);
+    if let Ok(mut copy) = Response::ok(seal_copy(&settings.cache_secret, &tail)) {
         let headers = copy.headers_mut();
-        let _ = headers.set("content-type", "application/json");
+        let _ = headers.set("content-type", "text/plain");
         let _ = headers.set("cache-control", &format!("max-age={max_age}"));
         if let Err(e) = cache.put(key.as_str(), copy).await {
             worker::console_warn!("ledger poll not shared: {e}");
         }
     }
     Ok(tail)
+}
+
+/// `<hex MAC>\n<tail JSON>`, the MAC over a domain tag and the JSON.
+fn seal_copy(secret: &SigningSecret, tail: &Tail) -> String {
+    let json = tail.to_json();
+    let mac = sign::sign(secret.as_bytes(), &copy_message(json.as_bytes()));
+    format!("{mac}\n{json}")
+}
+
+/// The tail in a sealed copy, if its MAC checks.
+fn open_copy(secret: &SigningSecret, body: &[u8]) -> Option<Tail> {
+    let split = body.iter().position(|&b| b == b'\n')?;
+    let (mac, json) = (
+        std::str::from_utf8(&body[..split]).ok()?,
+        &body[split + 1..],
+    );
+    sign::verify_mac(secret.as_bytes(), &copy_message(json), mac).ok()?;
+    Tail::parse(json).ok()
+}
+
+fn copy_message(json: &[u8]) -> Vec<u8> {
+    let mut message = b"latchkey-ledger-cache-v1\n".to_vec();
+    message.extend_from_slice(json);
+    message
 }

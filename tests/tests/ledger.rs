@@ -484,6 +484,9 @@ async fn the_ledger_route_takes_only_fresh_signed_appends() {
     let v2_signed = signed(v2, now + 1, LEDGER_SECRET);
     let bad_name = br#"{"v":1,"changes":[{"name":"k1:zz","record":{}}]}"#;
     let bad_name_signed = signed(bad_name, now + 2, LEDGER_SECRET);
+    // A watermark later than the signature's own time is not origin's.
+    let future = format!(r#"{{"v":1,"changes":[],"watermark":{}}}"#, now + 60_000);
+    let future_signed = signed(future.as_bytes(), now + 3, LEDGER_SECRET);
     // (what, body, timestamp, signature, status, code)
     type Case<'a> = (&'a str, &'a [u8], String, String, u16, &'a str);
     let cases: Vec<Case> = vec![
@@ -541,6 +544,14 @@ async fn the_ledger_route_takes_only_fresh_signed_appends() {
             v2,
             v2_signed.0.clone(),
             v2_signed.1.clone(),
+            400,
+            "bad_ledger_batch",
+        ),
+        (
+            "watermark from the future",
+            future.as_bytes(),
+            future_signed.0.clone(),
+            future_signed.1.clone(),
             400,
             "bad_ledger_batch",
         ),

@@ -12,9 +12,13 @@
 //! **Invariant: memory answers only while the ledger proves it complete** ([`Memory::trusted`]):
 //! a sync that reached the ledger's head is at most `sync_max_age_ms` old, and origin's
 //! watermark is at most `watermark_max_age_ms` old. Otherwise [`Memory::recall`] says
-//! [`Recall::Untrusted`], the hot cache is dropped, and the caller reads KV per request, still
-//! letting no KV value older (by `revision`) than a ledger entry of the same key win
-//! ([`Memory::merge`]): never worse than KV alone.
+//! [`Recall::Untrusted`] and the caller reads KV per request, still letting no KV value older
+//! (by `revision`) than a ledger entry of the same key win ([`Memory::merge`]), and keeping none
+//! of it: never worse than KV alone.
+//!
+//! The hot cache survives a lapse of trust as long as the ledger was read without a break (every
+//! entry applied evicts that key's hot record), and is dropped whenever the cursor is lost: a
+//! gap (entries pruned before this isolate read them), a new ledger, or too many entries.
 //!
 //! ```
 //! use latchkey_shared::ledger::memory::{Memory, Recall, Settings};
@@ -73,7 +77,7 @@ impl Default for Settings {
             watermark_max_age_ms: 3000,
             hot_max_keys: 10_000,
             hot_ttl_ms: 300_000,
-            ledger_max_keys: 100_000,
+            ledger_max_keys: 50_000,
         }
     }
 }
@@ -85,7 +89,8 @@ const IN_FLIGHT_MAX_MS: i64 = 10_000;
 /// The longest wait after failed syncs.
 const BACKOFF_MAX_MS: i64 = 30_000;
 
-/// After too many ledger entries, how many poll intervals to wait before loading again.
+/// After too many ledger entries, how many poll intervals to wait (at first) before loading
+/// again; it doubles with each overflow in a row, up to [`BACKOFF_MAX_MS`].
 const OVERFLOW_PAUSE_POLLS: i64 = 10;
 
 /// What memory knows of one key.
@@ -272,6 +277,17 @@ impl Memory {
         record
     }
 
+    /// Continues a sync whose last answer was one page of several (`more`): returns the cursor
+    /// to read on from, or `None` when caught up or no cursor is held. Marks a sync in flight.
+    pub fn resume_sync(&mut self, now: UnixMillis) -> Option<u64> {
+        if self.caught_up {
+            return None;
+        }
+        let cursor = self.cursor?;
+        self.in_flight = Some(now);
+        Some(cursor)
+    }
+
     /// Starts a sync if one is due at `now` and none is in flight: returns the sequence number
     /// to ask the ledger for entries after (0: everything it keeps). The caller must then call
     /// [`Self::apply`] or [`Self::failed`].
@@ -322,10 +338,15 @@ impl Memory {
             Err(SyncError::Malformed) => self.failed(now, false),
             Err(SyncError::Overflow) => {
                 self.in_flight = None;
-                self.next_attempt = UnixMillis(
-                    now.0
-                        .saturating_add(self.settings.poll_ms.saturating_mul(OVERFLOW_PAUSE_POLLS)),
-                );
+                self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+                let exponent = (self.failures_in_a_row - 1).min(8);
+                let pause = self
+                    .settings
+                    .poll_ms
+                    .saturating_mul(OVERFLOW_PAUSE_POLLS)
+                    .saturating_mul(1 << exponent)
+                    .min(BACKOFF_MAX_MS.max(self.settings.poll_ms));
+                self.next_attempt = UnixMillis(now.0.saturating_add(pause));
             }
         }
         result
@@ -333,11 +354,13 @@ impl Memory {
 
     /// Starts over from the ledger's start after a [`SyncError::Gap`] that a direct answer
     /// confirmed (entries were pruned): ledger entries are kept (they are still true), the
-    /// cursor is forgotten.
+    /// cursor is forgotten, and so is the hot cache (a record read from KV may predate an entry
+    /// this isolate never saw).
     pub fn restart(&mut self) {
         self.cursor = None;
         self.caught_up = false;
         self.in_flight = None;
+        self.hot.clear();
     }
 
     /// A sync failed at `now` (the ledger unreachable, or `overloaded`): backs off, doubling
@@ -367,11 +390,8 @@ impl Memory {
 
     fn check_trust(&mut self, now: UnixMillis) -> bool {
         let trusted = self.trusted(now);
-        if !trusted {
-            if self.was_trusted {
-                self.stats.trust_lost += 1;
-            }
-            self.hot.clear();
+        if !trusted && self.was_trusted {
+            self.stats.trust_lost += 1;
         }
         self.was_trusted = trusted;
         trusted
@@ -384,7 +404,10 @@ impl Memory {
         }
         if let Some(cursor) = self.cursor {
             if tail.head < cursor {
+                // Another ledger: nothing it said before counts.
                 self.restart();
+                self.watermark = None;
+                self.synced_at = None;
                 return Err(SyncError::Rewound {
                     head: tail.head,
                     cursor,
@@ -402,7 +425,7 @@ impl Memory {
             if entry.seq <= cursor {
                 continue; // already applied (a shared answer overlaps)
             }
-            if entry.seq != cursor + 1 {
+            if cursor.checked_add(1) != Some(entry.seq) {
                 return Err(SyncError::Malformed);
             }
             self.pin(entry);
@@ -422,8 +445,8 @@ impl Memory {
         }
         self.unpin_older_than(tail.served_at, now);
         if self.pinned.len() > self.settings.ledger_max_keys {
-            self.pinned.clear();
-            self.pinned_order.clear();
+            // Ledger entries are kept (as a floor for KV values); only trust is given up, and
+            // loading waits.
             self.restart();
             return Err(SyncError::Overflow);
         }
@@ -446,6 +469,12 @@ impl Memory {
             );
             self.pinned_order
                 .push_back((entry.at, entry.seq, entry.name.clone()));
+            // One key changed many times leaves stale places in the order: compact it.
+            if self.pinned_order.len() > 2 * self.pinned.len() + 1024 {
+                let pinned = &self.pinned;
+                self.pinned_order
+                    .retain(|(_, seq, name)| pinned.get(name).is_some_and(|p| p.seq == *seq));
+            }
         }
     }
 
@@ -606,12 +635,49 @@ mod tests {
         assert!(matches!(memory.recall(&name('b'), now), Recall::Unknown));
         memory.remember(&name('b'), Some(record(5, false)), now);
         assert_eq!(known(memory.recall(&name('b'), now)), Some(5));
-        // Untrusted (no sync for too long): memory says so and drops the hot cache.
+        // Untrusted (no sync for too long): memory says so, and keeps nothing read meanwhile.
         let late = UnixMillis(at + 10_000);
         assert!(matches!(memory.recall(&name('b'), late), Recall::Untrusted));
         memory.remember(&name('c'), None, late);
-        assert_eq!(memory.stats().hot_keys, 0);
+        assert_eq!(memory.stats().hot_keys, 1, "only b, from before");
         assert_eq!(memory.stats().trust_lost, 1);
+        // A sync that continues from the cursor restores trust, and the hot cache with it; an
+        // entry for b in it replaces b's KV record.
+        memory.start_sync(late);
+        memory
+            .apply(
+                &tail(
+                    0,
+                    vec![entry(1, at, &name('b'), record(6, true))],
+                    1,
+                    late.0,
+                ),
+                late,
+            )
+            .expect("applies");
+        assert_eq!(known(memory.recall(&name('b'), late)), Some(6));
+        // A gap (entries pruned before this isolate read them) drops the hot cache: a KV record
+        // in it may predate an entry never seen.
+        memory.remember(&name('d'), Some(record(1, false)), late);
+        memory.start_sync(UnixMillis(late.0 + 1000));
+        let gap = memory.apply(
+            &tail(9, vec![], 9, late.0 + 1000),
+            UnixMillis(late.0 + 1000),
+        );
+        assert_eq!(
+            gap,
+            Err(SyncError::Gap {
+                cursor: 1,
+                after: 9
+            })
+        );
+        memory.restart();
+        assert_eq!(memory.stats().hot_keys, 0);
+        assert_eq!(
+            memory.stats().ledger_keys,
+            1,
+            "ledger entries stay, as a floor"
+        );
         // Lifetime: with a long trust window, an entry older than hot_ttl_ms is read again.
         let mut memory = Memory::new(Settings {
             hot_ttl_ms: 100,
@@ -679,6 +745,49 @@ mod tests {
         assert_eq!(memory.start_sync(UnixMillis(at + 21_999)), None);
         assert_eq!(memory.start_sync(UnixMillis(at + 22_000)), Some(7));
         assert_eq!(memory.stats().syncs, 5);
+    }
+
+    #[test]
+    fn a_watermark_from_the_future_proves_nothing() {
+        let at = 1_000_000;
+        let mut memory = Memory::new(Settings::default());
+        memory.start_sync(UnixMillis(at));
+        let mut t = tail(0, vec![], 0, at);
+        t.watermark = Some(UnixMillis(at + 3001));
+        memory.apply(&t, UnixMillis(at)).expect("applies");
+        assert!(!memory.trusted(UnixMillis(at)));
+        // Numbering that starts again after the end of the range is a new ledger, not a
+        // successor.
+        let mut memory = Memory::new(Settings::default());
+        memory.start_sync(UnixMillis(at));
+        memory
+            .apply(&tail(u64::MAX, vec![], u64::MAX, at), UnixMillis(at))
+            .expect("applies");
+        memory.start_sync(UnixMillis(at + 1000));
+        let wrapped = tail(
+            u64::MAX,
+            vec![entry(0, at, &name('a'), record(1, false))],
+            0,
+            at + 1000,
+        );
+        assert!(memory.apply(&wrapped, UnixMillis(at + 1000)).is_err());
+    }
+
+    #[test]
+    fn a_long_backlog_is_read_page_by_page() {
+        let at = 1_000_000;
+        let mut memory = Memory::new(Settings::default());
+        assert_eq!(memory.resume_sync(UnixMillis(at)), None, "nothing started");
+        memory.start_sync(UnixMillis(at));
+        let mut first = tail(0, vec![entry(1, at, &name('a'), record(1, false))], 2, at);
+        first.more = true;
+        memory.apply(&first, UnixMillis(at)).expect("applies");
+        assert!(!memory.trusted(UnixMillis(at)));
+        assert_eq!(memory.resume_sync(UnixMillis(at)), Some(1));
+        let second = tail(1, vec![entry(2, at, &name('b'), record(1, false))], 2, at);
+        memory.apply(&second, UnixMillis(at)).expect("applies");
+        assert!(memory.trusted(UnixMillis(at)));
+        assert_eq!(memory.resume_sync(UnixMillis(at)), None, "caught up");
     }
 
     #[test]
@@ -804,7 +913,19 @@ mod tests {
         );
         assert_eq!(memory.apply(&t, UnixMillis(at)), Err(SyncError::Overflow));
         assert!(!memory.trusted(UnixMillis(at)));
+        assert_eq!(
+            memory.stats().ledger_keys,
+            2,
+            "kept as a floor for KV values"
+        );
         assert_eq!(memory.start_sync(UnixMillis(at + 9_999)), None, "paused");
         assert_eq!(memory.start_sync(UnixMillis(at + 10_000)), Some(0));
+        // Again: the pause doubles.
+        assert_eq!(
+            memory.apply(&t, UnixMillis(at + 10_000)),
+            Err(SyncError::Overflow)
+        );
+        assert_eq!(memory.start_sync(UnixMillis(at + 29_999)), None);
+        assert_eq!(memory.start_sync(UnixMillis(at + 30_000)), Some(0));
     }
 }

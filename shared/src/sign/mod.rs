@@ -153,17 +153,29 @@ pub fn verify_signed(
     if !within_skew(now, timestamp) {
         return Err(SignatureError::Stale);
     }
-    let mac_bytes: [u8; 32] = signature
-        .and_then(|s| hex::decode(s.trim()).ok())
+    let mac = verify_mac(
+        secret,
+        &message(timestamp),
+        signature.ok_or(SignatureError::Mismatch)?,
+    )?;
+    Ok(Verified { timestamp, mac })
+}
+
+/// Checks a hex MAC made by [`sign`] over `message`, in constant time; returns its decoded
+/// bytes.
+pub fn verify_mac(
+    secret: &[u8],
+    message: &[u8],
+    hex_mac: &str,
+) -> Result<[u8; 32], SignatureError> {
+    let mac_bytes: [u8; 32] = hex::decode(hex_mac.trim())
+        .ok()
         .and_then(|bytes| bytes.try_into().ok())
         .ok_or(SignatureError::Mismatch)?;
-    mac(secret, &message(timestamp))
+    mac(secret, message)
         .verify_slice(&mac_bytes)
         .map_err(|_| SignatureError::Mismatch)?;
-    Ok(Verified {
-        timestamp,
-        mac: mac_bytes,
-    })
+    Ok(mac_bytes)
 }
 
 /// Whether `timestamp` is within [`MAX_CLOCK_SKEW_MS`] of `now`, for any two values: the

@@ -433,9 +433,13 @@ impl Edge {
             }
         }
         assert!(!out.contains("LEDGER\""), "the binding is gone");
-        let path = repo_root().join(format!(".wrangler-no-ledger-{}.toml", self.port));
+        let path = self.config_copy_path();
         std::fs::write(&path, out).expect("write the config copy");
         path
+    }
+
+    fn config_copy_path(&self) -> PathBuf {
+        repo_root().join(format!(".wrangler-no-ledger-{}.toml", self.port))
     }
 
     /// Stops wrangler, workerd and everything else in their process group.
@@ -497,6 +501,9 @@ impl Edge {
 impl Drop for Edge {
     fn drop(&mut self) {
         self.stop();
+        if self.no_ledger_object {
+            let _ = std::fs::remove_file(self.config_copy_path());
+        }
     }
 }
 
