@@ -7,6 +7,13 @@
 //! Native sizes estimate the Worker's: wasm32 has 4-byte pointers and lengths where this has 8,
 //! so the wasm figure is smaller. Prints one JSON object.
 
+#![allow(
+    clippy::panic,
+    clippy::print_stdout,
+    clippy::cast_possible_truncation,
+    reason = "a benchmark probe: it stops with a message when its setup fails, and prints its figures"
+)]
+
 use std::alloc::System;
 
 use latchkey_shared::ledger::memory::{Memory, Settings};
@@ -69,7 +76,9 @@ fn parse(json: &[u8]) -> KeyRecord {
 /// Memory that has completed one sync (trusted at `now`), with `entries` as ledger entries.
 fn synced(now: UnixMillis) -> Memory {
     let mut memory = Memory::new(Settings::default());
-    let after = memory.start_sync(now).unwrap_or_else(|| panic!("a sync is due"));
+    let after = memory
+        .start_sync(now)
+        .unwrap_or_else(|| panic!("a sync is due"));
     memory
         .apply(&tail(after, Vec::new(), 0, now), now)
         .unwrap_or_else(|e| panic!("empty sync: {e}"));
@@ -146,11 +155,9 @@ fn main() {
     assert_eq!(memory.stats().ledger_keys, KEYS, "every entry kept");
     assert!(memory.trusted(now), "caught up");
 
-    #[allow(clippy::print_stdout, reason = "the bench driver reads this line")]
-    {
-        println!(
-            r#"{{"keys":{KEYS},"hot_bytes":{hot},"ledger_bytes":{ledger},"record_json_bytes":{json_bytes},"pointer_bytes":{}}}"#,
-            std::mem::size_of::<usize>()
-        );
-    }
+    // The bench driver reads this line.
+    println!(
+        r#"{{"keys":{KEYS},"hot_bytes":{hot},"ledger_bytes":{ledger},"record_json_bytes":{json_bytes},"pointer_bytes":{}}}"#,
+        std::mem::size_of::<usize>()
+    );
 }
