@@ -1218,3 +1218,33 @@ fn write_results(report: &Report, mode: Mode, took: Duration) {
     let rewritten = format!("{}{}{}", &text[..a], out, &text[b + end.len()..]);
     std::fs::write(&path, rewritten).expect("write BENCHMARKS.md");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::percentiles;
+
+    #[test]
+    fn measured_lines_are_read_tolerantly() {
+        let cases = [
+            (
+                "MEASURED revocation propagation: p50 11 ms, p99 16 ms, max 19 ms",
+                [Some(11.0), Some(16.0), Some(19.0)],
+            ),
+            (
+                "MEASURED ledger revocation with stale KV: p50=420ms p99=0.9s max=1.2 s",
+                [Some(420.0), Some(900.0), Some(1200.0)],
+            ),
+            (
+                "MEASURED ledger revocation with stale KV (50 keys): p50: 380.5, p99: 1100 ms",
+                [Some(380.5), Some(1100.0), None],
+            ),
+            (
+                "MEASURED ledger revocation with stale KV: none",
+                [None, None, None],
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(percentiles(line), expected, "{line}");
+        }
+    }
+}
