@@ -10,6 +10,15 @@
 // which production's runtime does not have. The ceilings make no fetch, so only the gateway and
 // its floor were paying it. `edge_shim` and `kv_fetch_shim` keep Miniflare's default, so the
 // results still show what it costs.
+//
+// `edge_ledger` is our Worker with the change ledger on: the `LEDGER` Durable Object (SQLite
+// storage, in memory) and `LEDGER_SIGNING_SECRET`, so hot keys are answered from the isolate's
+// memory with no KV read while the ledger proves it complete. The bench driver stands in for
+// origin: it appends the key's record and then a fresh watermark every 500 ms (signed appends
+// to `/v1/ledger/changes`). `edge_ledger_debug` is the same with `DEBUG_HEADERS` on (its own
+// ledger), to check that the hot path read no KV and to count the isolate's ledger fetches; the
+// measured one runs without the headers, like the Workers it is compared with. `fetch_only` is
+// the gateway's floor when memory answers: one upstream fetch, no KV.
 import fs from "node:fs";
 import { Miniflare } from "miniflare";
 
@@ -47,6 +56,19 @@ const workers = {
   constant: { dir: `${config.root}/bench/workers/constant/build`, bindings: {} },
 };
 workers.edge_shim = { ...workers.edge, outboundShim: true };
+workers.edge_ledger = {
+  ...workers.edge,
+  bindings: { ...workers.edge.bindings, LEDGER_SIGNING_SECRET: config.ledger_secret },
+  ledger: true,
+};
+workers.edge_ledger_debug = {
+  ...workers.edge_ledger,
+  bindings: { ...workers.edge_ledger.bindings, DEBUG_HEADERS: "true" },
+};
+workers.fetch_only = {
+  dir: `${config.root}/bench/workers/fetch-only/build`,
+  bindings: { UPSTREAM_URL: config.upstream },
+};
 workers.kv_fetch_shim = { ...workers.kv_fetch, outboundShim: true };
 
 // Cold start under workerd: a fresh Miniflare (a new workerd process) until ready, then its first
@@ -88,6 +110,7 @@ for (const [name, w] of Object.entries(workers)) {
     kvNamespaces: { KEYS: NAMESPACE },
     bindings: w.bindings,
     stripCfConnectingIp: w.outboundShim === true,
+    ...(w.ledger ? { durableObjects: { LEDGER: { className: "Ledger", useSQLite: true } } } : {}),
     host: "127.0.0.1",
     port: 0,
   });

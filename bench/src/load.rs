@@ -80,6 +80,20 @@ impl Load {
         }
     }
 
+    /// The request's method, path (with its query), headers and body (empty if none).
+    pub(crate) fn parts(&self) -> (&str, &str, &[(String, String)], &str) {
+        let after_scheme = self.url.find("://").map_or(0, |i| i + 3);
+        let path = self.url[after_scheme..]
+            .find('/')
+            .map_or("/", |i| &self.url[after_scheme + i..]);
+        (
+            self.method,
+            path,
+            &self.headers,
+            self.body.as_deref().unwrap_or_default(),
+        )
+    }
+
     /// Sends at most `rps` requests per second instead of as many as possible.
     pub(crate) fn rate(mut self, rps: f64) -> Self {
         self.rate = Some(rps.max(1.0));

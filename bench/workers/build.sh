@@ -6,7 +6,7 @@ ROOT=$(cd ../.. && pwd)
 export WASM_BINDGEN_BIN=${WASM_BINDGEN_BIN:-$(command -v wasm-bindgen || echo "$HOME/.cargo/bin/wasm-bindgen")}
 export ESBUILD_BIN=$ROOT/node_modules/.bin/esbuild
 export WASM_OPT_BIN=$ROOT/node_modules/.bin/wasm-opt
-for worker in kv-get kv-fetch constant; do
+for worker in kv-get kv-fetch fetch-only constant; do
   (cd "$worker" && worker-build --profile worker >/dev/null 2>&1) \
     || { (cd "$worker" && worker-build --profile worker); exit 1; }
 done
