@@ -127,8 +127,9 @@ pub trait KeyStore: Send + Sync + 'static {
         now: UnixMillis,
     ) -> Result<Option<(KeyId, i64)>, StoreError>;
 
-    /// Queues `keys` for publishing to KV again (their KV value was found behind the database);
-    /// the ledger had their change already.
+    /// Queues `keys` for publishing to KV again (their KV value was found behind the database),
+    /// and to the ledger as well: isolates that cached the stale KV value keep it until a ledger
+    /// entry with a higher revision reaches them (repairs are few).
     async fn outbox_enqueue(&self, keys: &[KeyId], now: UnixMillis) -> Result<(), StoreError>;
 
     /// Queues, for the ledger alone, every key changed at or after `since` (the ledger publisher

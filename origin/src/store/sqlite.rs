@@ -1387,9 +1387,11 @@ impl KeyStore for SqliteStore {
         }
         let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         for key in keys {
+            // For the ledger too: an isolate that cached the stale KV value keeps it until a
+            // ledger entry with a higher revision arrives. Repairs are few.
             sqlx::query(
                 "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
-                 VALUES (?, ?, 1, 0)",
+                 VALUES (?, ?, 1, 1)",
             )
             .bind(key.as_str())
             .bind(now.0)
@@ -1751,10 +1753,11 @@ mod tests {
         store.close().await;
     }
 
-    /// A KV rebuild (`origin sync --full`) and KV repairs are for KV alone: they must not
-    /// flood the ledger, and their rows go once KV took them.
+    /// A KV rebuild (`origin sync --full`) is for KV alone: it must not flood the ledger, and
+    /// its rows go once KV took them. A KV repair (a read-back or reconciliation found KV
+    /// behind) goes to the ledger too: isolates may have cached the stale KV value.
     #[tokio::test]
-    async fn kv_rebuilds_and_repairs_do_not_reach_the_ledger() {
+    async fn kv_rebuilds_skip_the_ledger_but_repairs_reach_it() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = open_store(&dir).await;
         let a = key_with_two_changes(&store, 1).await;
@@ -1773,6 +1776,7 @@ mod tests {
             .expect("enqueue all")
             .expect("keys");
         assert!(last == a.id || last == b.id);
+        assert_eq!(pending(&store, Sink::Ledger).await, 0, "a rebuild is KV's");
         store
             .outbox_enqueue(std::slice::from_ref(&a.id), UnixMillis(5_000))
             .await
@@ -1786,17 +1790,17 @@ mod tests {
                 .pending,
             2
         );
-        assert_eq!(pending(&store, Sink::Ledger).await, 0);
-        assert!(
-            store
-                .outbox_peek(Sink::Ledger, 100)
-                .await
-                .expect("peek")
-                .is_empty()
-        );
+        let for_ledger = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        assert_eq!(for_ledger.len(), 1, "the repair, alone");
+        assert_eq!(for_ledger[0].key_id, a.id);
         let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
         store
             .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(rows(&store).await, 1, "the repair waits for the ledger");
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&for_ledger))
             .await
             .expect("ack");
         assert_eq!(rows(&store).await, 0);
