@@ -45,6 +45,14 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How far back changes are appended again when the publisher starts: the edge ledger's
 /// default retention (`LEDGER_RETENTION_MS`), ten times KV's propagation bound.
 const RESEND_WINDOW: Duration = Duration::from_secs(600);
+/// How often the publisher looks for keys stuck on their way to KV (see
+/// [`LedgerPublisher::refresh_stuck`]).
+const REFRESH_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// How long a change may wait for KV before its key is appended to the ledger again, and how
+/// long between two such refreshes of one key. With the check's minute, a key waiting for KV
+/// always has a ledger entry at most about five minutes old: at least five more minutes in the
+/// ledger's ten, well over KV's propagation of a minute once KV takes the change.
+const REFRESH_AFTER: Duration = Duration::from_secs(240);
 
 /// Why an append did not succeed. `Display` is for logs and the admin status (never the
 /// secret, nor the URL); [`LedgerError::state`] for the open `/healthz`.
@@ -362,9 +370,14 @@ impl LedgerPublisher {
         };
         self.resend_recent().await;
         let mut failures_in_a_row = 0u32;
+        let mut next_refresh = tokio::time::Instant::now();
         loop {
             if *stop.borrow() {
                 return;
+            }
+            if tokio::time::Instant::now() >= next_refresh {
+                self.refresh_stuck().await;
+                next_refresh = tokio::time::Instant::now() + REFRESH_CHECK_EVERY;
             }
             let wait = match self.round().await {
                 Ok(outcome) => {
@@ -415,6 +428,33 @@ impl LedgerPublisher {
                 "re-sending the last ten minutes of key changes to the ledger"
             ),
             Err(error) => tracing::warn!(%error, "cannot queue recent changes for the ledger"),
+        }
+    }
+
+    /// Keeps the ledger entries of keys stuck on their way to KV alive: the ledger keeps an
+    /// entry only for its retention (ten minutes), and a ledger entry outweighs an older KV
+    /// value only while the ledger holds it. If KV publishing is stuck longer (an expired
+    /// token, an outage, 429 pauses), a revocation would fall out of the ledger and isolates
+    /// would trust KV's old, valid record again. So every key whose change has waited for KV
+    /// more than [`REFRESH_AFTER`], and was not refreshed within it, is queued for the ledger
+    /// again. A failure is logged and publishing goes on (the next check tries again).
+    async fn refresh_stuck(&self) {
+        let now = system_now();
+        let after = i64::try_from(REFRESH_AFTER.as_millis()).unwrap_or(i64::MAX);
+        match self
+            .store
+            .outbox_refresh_ledger(UnixMillis(now.0.saturating_sub(after)), now)
+            .await
+        {
+            Ok(0) => {}
+            Ok(keys) => tracing::warn!(
+                keys,
+                "changes have waited for KV for minutes; appending their keys to the ledger \
+                 again so that their ledger entries do not expire"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "cannot queue ledger refreshes of keys waiting for KV")
+            }
         }
     }
 

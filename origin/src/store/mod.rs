@@ -142,6 +142,18 @@ pub trait KeyStore: Send + Sync + 'static {
         now: UnixMillis,
     ) -> Result<u64, StoreError>;
 
+    /// Keeps the ledger entries of keys stuck on their way to KV from expiring: queues, for the
+    /// ledger alone, every key whose oldest change still waiting for KV was queued at or before
+    /// `cutoff` and that was not refreshed after `cutoff`, and notes the refresh at `now`. A key
+    /// already waiting for the ledger, or waiting for KV only for a rebuild (`sync --full`), is
+    /// not queued. Refresh notes of keys that no longer wait for KV are dropped. Returns how
+    /// many keys were queued.
+    async fn outbox_refresh_ledger(
+        &self,
+        cutoff: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<u64, StoreError>;
+
     /// Asks for each of `keys` to be read back from KV at `due_at` (a later time already asked
     /// for is kept).
     async fn verify_schedule(&self, keys: &[KeyId], due_at: UnixMillis) -> Result<(), StoreError>;

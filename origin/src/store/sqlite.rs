@@ -1365,8 +1365,8 @@ impl KeyStore for SqliteStore {
             return Ok(None);
         };
         let queued = sqlx::query(
-            "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
-             SELECT id, ?, 1, 0 FROM api_keys WHERE id > ? AND id <= ? ORDER BY id",
+            "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending, rebuild) \
+             SELECT id, ?, 1, 0, 1 FROM api_keys WHERE id > ? AND id <= ? ORDER BY id",
         )
         .bind(now.0)
         .bind(after)
@@ -1420,6 +1420,51 @@ impl KeyStore for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(queued.rows_affected())
+    }
+
+    async fn outbox_refresh_ledger(
+        &self,
+        cutoff: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<u64, StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        // Keys no longer waiting for KV need no refresh.
+        sqlx::query(
+            "DELETE FROM ledger_refresh WHERE key_id NOT IN \
+             (SELECT key_id FROM kv_outbox WHERE kv_pending = 1 AND rebuild = 0)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let stale: Vec<(String,)> = sqlx::query_as(
+            "SELECT key_id FROM kv_outbox WHERE kv_pending = 1 AND rebuild = 0 \
+             AND key_id NOT IN (SELECT key_id FROM kv_outbox WHERE ledger_pending = 1) \
+             AND key_id NOT IN (SELECT key_id FROM ledger_refresh WHERE at > ?) \
+             GROUP BY key_id HAVING MIN(enqueued_at) <= ? ORDER BY MIN(seq)",
+        )
+        .bind(cutoff.0)
+        .bind(cutoff.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (key_id,) in &stale {
+            sqlx::query(
+                "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
+                 VALUES (?, ?, 0, 1)",
+            )
+            .bind(key_id)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO ledger_refresh (key_id, at) VALUES (?, ?) \
+                 ON CONFLICT (key_id) DO UPDATE SET at = excluded.at",
+            )
+            .bind(key_id)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(u64::try_from(stale.len()).unwrap_or(u64::MAX))
     }
 
     async fn verify_schedule(&self, keys: &[KeyId], due_at: UnixMillis) -> Result<(), StoreError> {
@@ -1836,6 +1881,117 @@ mod tests {
             .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
             .await
             .expect("ack");
+        assert_eq!(rows(&store).await, 0);
+        store.close().await;
+    }
+
+    async fn refresh_notes(store: &SqliteStore) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM ledger_refresh")
+            .fetch_one(&store.reader)
+            .await
+            .expect("count");
+        n
+    }
+
+    /// While KV is stuck, keys whose change still waits for KV are queued again for the ledger
+    /// every few minutes, so their ledger entry outlives the ledger's retention; never a key
+    /// already waiting for the ledger, nor one waiting for KV only for a rebuild.
+    #[tokio::test]
+    async fn keys_stuck_on_their_way_to_kv_are_refreshed_in_the_ledger() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir).await;
+        let a = key_with_two_changes(&store, 1).await; // changes queued at 1,000 and 2,000
+        let b = key_with_two_changes(&store, 2).await;
+        let c = key_with_two_changes(&store, 3).await;
+        let refresh = |cutoff: i64, now: i64| {
+            let store = &store;
+            async move {
+                store
+                    .outbox_refresh_ledger(UnixMillis(cutoff), UnixMillis(now))
+                    .await
+                    .expect("refresh")
+            }
+        };
+        // The ledger took every change; KV took only c's, and then a rebuild queued every key.
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        let of_c: Vec<_> = newest_per_key(&peeked)
+            .into_iter()
+            .filter(|e| e.key_id == c.id)
+            .collect();
+        store.outbox_ack(Sink::Kv, &of_c).await.expect("ack");
+        store
+            .outbox_enqueue_all(None, 100, UnixMillis(3_000))
+            .await
+            .expect("enqueue all");
+        let kv_pending = pending(&store, Sink::Kv).await;
+        assert_eq!(kv_pending, 7);
+
+        assert_eq!(refresh(999, 241_000).await, 0, "not waiting for long yet");
+        assert_eq!(
+            refresh(1_000, 241_000).await,
+            2,
+            "a and b; not c (rebuild only)"
+        );
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        let mut queued: Vec<_> = peeked.iter().map(|e| e.key_id.clone()).collect();
+        queued.sort();
+        let mut expected = vec![a.id.clone(), b.id.clone()];
+        expected.sort();
+        assert_eq!(queued, expected);
+        assert_eq!(
+            pending(&store, Sink::Kv).await,
+            kv_pending,
+            "KV is not asked again"
+        );
+        assert_eq!(
+            refresh(100_000, 242_000).await,
+            0,
+            "already waiting for the ledger"
+        );
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+
+        // Refreshed at 241,000: not again until the cutoff passes that.
+        assert_eq!(refresh(240_999, 481_000).await, 0);
+        assert_eq!(refresh(241_000, 481_000).await, 2);
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(refresh_notes(&store).await, 2);
+
+        // KV takes a's state: a is refreshed no more, and its note goes.
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        let of_a: Vec<_> = newest_per_key(&peeked)
+            .into_iter()
+            .filter(|e| e.key_id == a.id)
+            .collect();
+        store.outbox_ack(Sink::Kv, &of_a).await.expect("ack");
+        assert_eq!(refresh(481_000, 721_000).await, 1, "b alone");
+        assert_eq!(refresh_notes(&store).await, 1);
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        assert!(peeked.iter().all(|e| e.key_id == b.id), "{peeked:?}");
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+
+        // KV takes everything: nothing left to refresh, no notes, no rows.
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(refresh(721_000, 961_000).await, 0);
+        assert_eq!(refresh_notes(&store).await, 0);
         assert_eq!(rows(&store).await, 0);
         store.close().await;
     }
