@@ -158,7 +158,8 @@ impl SqliteStore {
     /// Without it, nobody clears the outbox rows' ledger flags: so KV's acknowledgement clears
     /// them too, and the flags left by an earlier run that fed the ledger are cleared now
     /// (returns how many rows were released). Only `origin serve`, which runs the ledger
-    /// publisher when it is configured, turns it off.
+    /// publisher when it is configured, turns it off, and only while it holds the ledger lock
+    /// (another origin over the same database may feed the ledger).
     pub async fn set_ledger_sink(&mut self, enabled: bool) -> Result<u64, StoreError> {
         self.ledger_sink = enabled;
         if enabled {
