@@ -29,6 +29,11 @@ pub const WINDOW: Duration = Duration::from_secs(300);
 pub const CLOUDFLARE_LIMIT: u32 = 1200;
 /// The pause after a 429 that carries no usable `Retry-After`: Cloudflare's whole penalty.
 const DEFAULT_PENALTY: Duration = WINDOW;
+/// The shortest pause a `Retry-After` can ask for (a date in the past, `0`).
+pub const RETRY_AFTER_MIN: Duration = Duration::from_secs(1);
+/// The longest pause a `Retry-After` can ask for: twice Cloudflare's five-minute penalty. A
+/// larger value (a typo, a proxy's date in 9999) would otherwise stop publishing for years.
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(600);
 
 /// [`ApiBudget::acquire`] after [`ApiBudget::close`]: shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +201,14 @@ impl ApiBudget {
 
     fn throttled_at(&self, now: Instant, retry_after: Option<Duration>) {
         self.rate_limited.fetch_add(1, Ordering::Relaxed);
-        let until = now + retry_after.unwrap_or(DEFAULT_PENALTY);
+        let pause = retry_after
+            .unwrap_or(DEFAULT_PENALTY)
+            .clamp(RETRY_AFTER_MIN, RETRY_AFTER_MAX);
+        // `Instant + Duration` panics on overflow; the clamp makes that moot, but be sure.
+        let until = now
+            .checked_add(pause)
+            .or_else(|| now.checked_add(DEFAULT_PENALTY))
+            .unwrap_or(now);
         let mut state = self.lock();
         state.throttled_until = Some(state.throttled_until.map_or(until, |u| u.max(until)));
         state.tokens = 0.0;
@@ -248,20 +260,28 @@ impl State {
 }
 
 /// A `Retry-After` header's value: delay-seconds, or an HTTP date (`Sun, 06 Nov 1994 08:49:37
-/// GMT`) read against `now`. `None` when it is neither.
+/// GMT`) read against `now`, clamped to [`RETRY_AFTER_MIN`] ..= [`RETRY_AFTER_MAX`] (a date in
+/// the past asks for the minimum). `None` when it is neither (then the default penalty holds).
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let format = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    let at = time::PrimitiveDateTime::parse(value, format)
-        .ok()?
-        .assume_utc();
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(at.unix_timestamp()).ok()?);
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let pause = if let Ok(seconds) = value.parse::<u64>() {
+        Duration::from_secs(seconds)
+    } else {
+        let format = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        let at = time::PrimitiveDateTime::parse(value, format)
+            .ok()?
+            .assume_utc();
+        // A date before 1970 is in the past: the minimum pause.
+        let seconds = u64::try_from(at.unix_timestamp()).unwrap_or(0);
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(seconds))
+            .map_or(RETRY_AFTER_MAX, |at| {
+                at.duration_since(now).unwrap_or(Duration::ZERO)
+            })
+    };
+    Some(pause.clamp(RETRY_AFTER_MIN, RETRY_AFTER_MAX))
 }
 
 #[cfg(test)]
@@ -387,11 +407,47 @@ mod tests {
             parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now),
             Some(Duration::from_secs(120))
         );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    /// A hostile or broken `Retry-After` neither panics nor pauses publishing for years: the
+    /// pause is clamped to 1 s ..= 600 s, and nonsense means the default penalty.
+    #[test]
+    fn retry_after_is_clamped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // 06 Nov 1994 08:49:37
+        let cases = [
+            ("18446744073709551615", Some(RETRY_AFTER_MAX)),
+            ("1000000000", Some(RETRY_AFTER_MAX)),
+            ("601", Some(RETRY_AFTER_MAX)),
+            ("600", Some(Duration::from_secs(600))),
+            ("0", Some(RETRY_AFTER_MIN)),
+            ("-1", None),
+            ("abc", None),
+            ("", None),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", Some(RETRY_AFTER_MAX)),
+            ("Sun, 06 Nov 1994 08:00:00 GMT", Some(RETRY_AFTER_MIN)),
+            ("Thu, 01 Jan 1970 00:00:00 GMT", Some(RETRY_AFTER_MIN)),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(parse_retry_after(value, now), expected, "{value:?}");
+        }
+        // Whatever reaches the budget (even unclamped), the pause stays within the bounds and
+        // nothing panics.
+        for retry_after in [
+            Some(Duration::from_secs(u64::MAX)),
+            Some(Duration::MAX),
+            Some(Duration::ZERO),
+            None,
+        ] {
+            let budget = ApiBudget::new(Some(1000));
+            let at = Instant::now();
+            budget.throttled_at(at, retry_after);
+            let wait = budget.take(at, 0.0).expect("paused");
+            assert!(
+                (RETRY_AFTER_MIN..=RETRY_AFTER_MAX).contains(&wait),
+                "{retry_after:?}: {wait:?}"
+            );
+        }
     }
 }

@@ -287,7 +287,8 @@ impl LedgerConfig {
         Ok(Some(Self {
             url: parsed.base().to_owned(),
             secret,
-            // The edge trusts its memory only while the newest watermark is at most 5 s old.
+            // The edge trusts its memory only while the newest watermark is at most
+            // `WATERMARK_MAX_AGE_MS` (3 s by default) old: at most 2 s between two leaves room.
             watermark_every: millis("LEDGER_WATERMARK_MS", 100..=2_000, 1_000)?,
             timeout: millis("LEDGER_TIMEOUT_MS", 100..=30_000, 2_000)?,
         }))

@@ -5,7 +5,8 @@
 //! * A watermark `T` says "every change committed at origin before `T` is in the ledger". So
 //!   `T` is read *before* the outbox is peeked: a change committed before `T` is in the peek's
 //!   snapshot. A batch carries `T` only when the peek returned every ledger-pending row (fewer
-//!   than [`APPEND_MAX_CHANGES`]); a longer backlog is sent in several batches, the last one
+//!   than [`APPEND_MAX_CHANGES`]) and all of them fitted in half the Worker's body cap
+//!   ([`APPEND_BODY_MAX_BYTES`]); a longer backlog is sent in several batches, the last one
 //!   with the watermark.
 //! * Each batch holds every peeked key once, with its current state (newer than the row, which
 //!   is harmless: readers keep the highest `revision`). Rows are acknowledged for the ledger
@@ -25,7 +26,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use latchkey_shared::ledger::{
-    APPEND_MAX_CHANGES, AppendAnswer, AppendBatch, Change, LEDGER_VERSION, append_message,
+    APPEND_BODY_MAX_BYTES, APPEND_MAX_CHANGES, AppendAnswer, AppendBatch, Change, LEDGER_VERSION,
+    append_message,
 };
 use latchkey_shared::sign::{self, SigningSecret};
 use latchkey_shared::{UnixMillis, kv_entry_name};
@@ -45,6 +47,21 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How far back changes are appended again when the publisher starts: the edge ledger's
 /// default retention (`LEDGER_RETENTION_MS`), ten times KV's propagation bound.
 const RESEND_WINDOW: Duration = Duration::from_secs(600);
+/// The most a batch's body is let grow: half the Worker's cap ([`APPEND_BODY_MAX_BYTES`]), so
+/// that a batch of large records (up to about 8.5 KB each: 64 scopes of 128 characters) is
+/// never refused with a 413, which would stall the ledger on the same batch for ever.
+const APPEND_BODY_BUDGET: usize = APPEND_BODY_MAX_BYTES / 2;
+/// Generous room for a batch's envelope: `{"v":1,"changes":[`, `],"watermark":<ms>}`.
+const ENVELOPE_BYTES: usize = 64;
+
+/// How often the publisher looks for keys stuck on their way to KV (see
+/// [`LedgerPublisher::refresh_stuck`]).
+const REFRESH_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// How long a change may wait for KV before its key is appended to the ledger again, and how
+/// long between two such refreshes of one key. With the check's minute, a key waiting for KV
+/// always has a ledger entry at most about five minutes old: at least five more minutes in the
+/// ledger's ten, well over KV's propagation of a minute once KV takes the change.
+const REFRESH_AFTER: Duration = Duration::from_secs(240);
 
 /// Why an append did not succeed. `Display` is for logs and the admin status (never the
 /// secret, nor the URL); [`LedgerError::state`] for the open `/healthz`.
@@ -226,7 +243,8 @@ pub struct LedgerReport {
     pub lag_ms: i64,
     /// The last watermark the ledger accepted (unix ms), if any since start.
     pub watermark_ms: Option<i64>,
-    /// How old that watermark is, in milliseconds (the edge trusts it for 5 s).
+    /// How old that watermark is, in milliseconds (the edge trusts it for `WATERMARK_MAX_AGE_MS`,
+    /// 3 s by default); `None` (in `/metrics`, -1) before the first one since start.
     pub watermark_age_ms: Option<i64>,
     /// Changes the ledger appended since start (as it counted them).
     pub appended: u64,
@@ -362,9 +380,14 @@ impl LedgerPublisher {
         };
         self.resend_recent().await;
         let mut failures_in_a_row = 0u32;
+        let mut next_refresh = tokio::time::Instant::now();
         loop {
             if *stop.borrow() {
                 return;
+            }
+            if tokio::time::Instant::now() >= next_refresh {
+                self.refresh_stuck().await;
+                next_refresh = tokio::time::Instant::now() + REFRESH_CHECK_EVERY;
             }
             let wait = match self.round().await {
                 Ok(outcome) => {
@@ -418,10 +441,38 @@ impl LedgerPublisher {
         }
     }
 
+    /// Keeps the ledger entries of keys stuck on their way to KV alive: the ledger keeps an
+    /// entry only for its retention (ten minutes), and a ledger entry outweighs an older KV
+    /// value only while the ledger holds it. If KV publishing is stuck longer (an expired
+    /// token, an outage, 429 pauses), a revocation would fall out of the ledger and isolates
+    /// would trust KV's old, valid record again. So every key whose change has waited for KV
+    /// more than [`REFRESH_AFTER`], and was not refreshed within it, is queued for the ledger
+    /// again. A failure is logged and publishing goes on (the next check tries again).
+    async fn refresh_stuck(&self) {
+        let now = system_now();
+        let after = i64::try_from(REFRESH_AFTER.as_millis()).unwrap_or(i64::MAX);
+        match self
+            .store
+            .outbox_refresh_ledger(UnixMillis(now.0.saturating_sub(after)), now)
+            .await
+        {
+            Ok(0) => {}
+            Ok(keys) => tracing::warn!(
+                keys,
+                "changes have waited for KV for minutes; appending their keys to the ledger \
+                 again so that their ledger entries do not expire"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "cannot queue ledger refreshes of keys waiting for KV")
+            }
+        }
+    }
+
     /// One append: reads the time `T`, then up to [`APPEND_MAX_CHANGES`] ledger-pending rows;
-    /// appends each key's current state once, with the watermark `T` if those were all the
-    /// rows; on success acknowledges the rows for the ledger. With no rows, it appends the
-    /// watermark alone.
+    /// appends each key's current state once (as many keys as fit in [`APPEND_BODY_BUDGET`]),
+    /// with the watermark `T` if those were all the rows and all fitted; on success
+    /// acknowledges, for the ledger, the rows of the keys appended. The keys that did not fit
+    /// wait for the next round. With no rows, it appends the watermark alone.
     pub async fn round(&self) -> Result<RoundOutcome, RoundError> {
         // Before the peek: whatever committed before `at` is in the peek's snapshot.
         let at = system_now();
@@ -439,23 +490,32 @@ impl LedgerPublisher {
                 }
             }
         }
-        let mut changes = Vec::with_capacity(keys.len());
+        let mut batch = BatchBuilder::new(APPEND_BODY_BUDGET);
+        // How many of `keys` this batch covers (appended, or skipped as missing).
+        let mut covered = 0;
         for entry in &keys {
             match self.store.get(&entry.key_id).await? {
-                Some(key) => changes.push(Change {
-                    name: kv_entry_name(&key.hash),
-                    record: key.record(),
-                }),
+                Some(key) => {
+                    let change = Change {
+                        name: kv_entry_name(&key.hash),
+                        record: key.record(),
+                    };
+                    if !batch.push(change) {
+                        break;
+                    }
+                }
                 // Keys are never deleted; a missing row means a hand-edited database.
                 None => {
                     tracing::warn!(key_id = %entry.key_id, "outbox names a key that does not exist; skipping")
                 }
             }
+            covered += 1;
         }
-        let watermark = complete.then_some(at);
-        let batch = AppendBatch::new(changes, watermark);
+        let included = &keys[..covered];
+        let watermark = (complete && covered == keys.len()).then_some(at);
+        let batch = AppendBatch::new(batch.changes, watermark);
         let answer = self.client.append(&batch).await?;
-        self.store.outbox_ack(Sink::Ledger, &keys).await?;
+        self.store.outbox_ack(Sink::Ledger, included).await?;
         self.status
             .appended
             .fetch_add(answer.appended, Ordering::Relaxed);
@@ -466,6 +526,7 @@ impl LedgerPublisher {
         if !batch.changes.is_empty() {
             tracing::debug!(
                 changes = batch.changes.len(),
+                waiting = keys.len() - covered,
                 head = answer.head,
                 watermark = ?watermark,
                 "appended to the ledger"
@@ -476,6 +537,38 @@ impl LedgerPublisher {
             changes: batch.changes.len(),
             watermark,
         })
+    }
+}
+
+/// The changes of one append, kept under a body size.
+struct BatchBuilder {
+    changes: Vec<Change>,
+    /// The serialised batch's size so far, envelope included (an upper bound).
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl BatchBuilder {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            changes: Vec::new(),
+            bytes: ENVELOPE_BYTES,
+            max_bytes,
+        }
+    }
+
+    /// Adds `change` if the batch stays within its size (or is empty: one change always goes,
+    /// so the ledger never stalls); `false` when it would not fit.
+    fn push(&mut self, change: Change) -> bool {
+        // Serialising plain data cannot fail; if it did, the length would not count, and the
+        // append would fail loudly instead.
+        let size = serde_json::to_vec(&change).map_or(0, |body| body.len()) + 1; // and a comma
+        if !self.changes.is_empty() && self.bytes + size > self.max_bytes {
+            return false;
+        }
+        self.bytes += size;
+        self.changes.push(change);
+        true
     }
 }
 
@@ -572,6 +665,62 @@ mod tests {
             assert!(t > last);
             last = t;
         }
+    }
+
+    /// A thousand of the largest records (64 scopes of 128 characters) exceed the Worker's
+    /// 4 MiB cap: a batch takes only what fits in half of it, and its body stays under that.
+    #[test]
+    fn a_batch_of_large_records_stays_under_half_the_body_cap() {
+        use latchkey_shared::{KeyHash, KeyId, RECORD_VERSION, Scope, UnixMillis};
+        let scopes: latchkey_shared::ScopeSet = (0..64)
+            .map(|i| {
+                let scope = format!("read:{i:02}{}", "x".repeat(128 - 7));
+                Scope::parse(&scope).expect("scope")
+            })
+            .collect();
+        let change = |n: u32| {
+            let mut fill = |bytes: &mut [u8]| bytes.fill(7);
+            Change {
+                name: kv_entry_name(&KeyHash::from_bytes(
+                    [u8::try_from(n % 256).unwrap_or(0); 32],
+                )),
+                record: latchkey_shared::KeyRecord {
+                    v: RECORD_VERSION,
+                    id: KeyId::generate(&mut fill),
+                    subject: "s".repeat(128),
+                    scopes: scopes.clone(),
+                    revoked: true,
+                    revoked_at: Some(UnixMillis(i64::MAX)),
+                    expires_at: Some(UnixMillis(i64::MAX)),
+                    revision: u64::MAX,
+                },
+            }
+        };
+        let all: Vec<Change> = (0..1000).map(change).collect();
+        let whole = serde_json::to_vec(&AppendBatch::new(all.clone(), Some(UnixMillis(i64::MAX))))
+            .expect("serialises");
+        assert!(whole.len() > APPEND_BODY_MAX_BYTES, "{} bytes", whole.len());
+
+        let mut batch = BatchBuilder::new(APPEND_BODY_BUDGET);
+        let taken = all
+            .into_iter()
+            .take_while(|c| batch.push(c.clone()))
+            .count();
+        assert!((1..1000).contains(&taken), "{taken}");
+        assert_eq!(batch.changes.len(), taken);
+        let body = serde_json::to_vec(&AppendBatch::new(batch.changes, Some(UnixMillis(i64::MAX))))
+            .expect("serialises");
+        assert!(body.len() <= APPEND_BODY_BUDGET, "{} bytes", body.len());
+        assert!(
+            body.len() > APPEND_BODY_BUDGET - 10_000,
+            "nearly full: {} bytes",
+            body.len()
+        );
+
+        // One change always goes, whatever its size.
+        let mut tiny = BatchBuilder::new(1);
+        assert!(tiny.push(change(1)));
+        assert!(!tiny.push(change(2)));
     }
 
     #[test]

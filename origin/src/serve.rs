@@ -48,19 +48,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let chain = Arc::new(AuditChain::new(config.audit_chain_key.clone(), checkpoints));
     let mut sqlite = SqliteStore::open(&config.database_url, Some(chain)).await?;
-    match sqlite.set_ledger_sink(config.ledger.is_some()).await {
-        Ok(0) => {}
-        Ok(released) => tracing::info!(
-            rows = released,
-            "LEDGER_URL is unset: outbox rows left for the change ledger by an earlier run are released"
-        ),
-        // Harmless (a read-only database, say): they wait for a start that can write, or for
-        // their key's next change, whose KV acknowledgement releases them too.
-        Err(error) => tracing::warn!(
-            %error,
-            "cannot release the outbox rows left for the change ledger; they stay until a later start"
-        ),
-    }
+    // Held for the whole run: without LEDGER_URL, the ledger lock (see `ledger_off`).
+    let _ledger_off_lock = if config.ledger.is_some() {
+        None
+    } else {
+        ledger_off(&mut sqlite).await
+    };
     let sqlite = Arc::new(sqlite);
     let durability = sqlite.durability().await?;
     tracing::info!(
@@ -173,6 +166,56 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     store.close().await;
     Ok(())
+}
+
+/// Without `LEDGER_URL` nobody clears the outbox rows' ledger flags, so KV's acknowledgement
+/// should clear them too, and the flags an earlier run left should be released. But another
+/// origin over the same database may feed the ledger: clearing its flags would let it send
+/// watermarks over rows the ledger never got, and isolates would trust memory that misses
+/// revocations. So the ledger is switched off only while this process holds the ledger lock
+/// (`<database>.ledger.lock`, the ledger publisher's): the lock is returned, to be kept for the
+/// whole run. If another process holds it, ledger flags are left alone (KV's acknowledgement
+/// clears only KV's), and a warning says so.
+async fn ledger_off(sqlite: &mut SqliteStore) -> Option<std::fs::File> {
+    let lock = match ledger::lock_path(sqlite.file()) {
+        // An in-memory database: no other process can share it.
+        None => None,
+        Some(path) => match publish::try_lock(&path) {
+            Ok(Some(file)) => Some(file),
+            Ok(None) => {
+                tracing::warn!(
+                    lock = %path.display(),
+                    "LEDGER_URL is unset but another origin over this database holds the ledger \
+                     lock (it feeds the change ledger): outbox rows are left for its ledger \
+                     publisher, and KV acknowledgements here clear only KV's need"
+                );
+                return None;
+            }
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    lock = %path.display(),
+                    "LEDGER_URL is unset but the ledger lock cannot be opened: outbox rows are \
+                     left for the change ledger (another origin may feed it)"
+                );
+                return None;
+            }
+        },
+    };
+    match sqlite.set_ledger_sink(false).await {
+        Ok(0) => {}
+        Ok(released) => tracing::info!(
+            rows = released,
+            "LEDGER_URL is unset: outbox rows left for the change ledger by an earlier run are released"
+        ),
+        // Harmless (a read-only database, say): they wait for a start that can write, or for
+        // their key's next change, whose KV acknowledgement releases them too.
+        Err(error) => tracing::warn!(
+            %error,
+            "cannot release the outbox rows left for the change ledger; they stay until a later start"
+        ),
+    }
+    lock
 }
 
 /// Serves HTTP/1.1 on `listener` until a shutdown signal, then lets requests in flight finish

@@ -1123,6 +1123,18 @@ async fn a_429_pauses_every_request_until_retry_after_and_nothing_is_lost() {
     };
     let penalties = fake.lock().expect("lock").meter.penalties;
     assert!(penalties >= 1, "the scaled-down limit was reached: {kinds}");
+    // The two keys a bulk write reported unsuccessful were really reported (and, as every key
+    // is in KV, written again).
+    assert_eq!(
+        fake.lock().expect("lock").unsuccessful_once,
+        0,
+        "a bulk write reported unsuccessful_keys: {kinds}"
+    );
+    assert!(
+        app.logs()
+            .contains("some keys were not written (unsuccessful_keys)"),
+        "origin saw the unsuccessful keys"
+    );
     assert_eq!(
         limited, penalties,
         "after each 429, origin sent nothing until Retry-After had passed: {kinds}"

@@ -150,6 +150,77 @@ async fn without_the_ledger_nothing_waits_for_it_and_rows_left_for_it_are_releas
     );
 }
 
+/// Two origins over one database, the first feeding the ledger (it holds the ledger lock), the
+/// second started without `LEDGER_URL`: the second must not release the rows the first's ledger
+/// publisher still has to append (it would then send watermarks over an outbox that lacks them,
+/// and isolates would trust memory missing revocations).
+#[tokio::test]
+async fn an_origin_without_the_ledger_leaves_the_rows_of_one_that_feeds_it() {
+    let kv_base = format!(
+        "http://127.0.0.1:{}/client/v4/accounts/0123456789abcdef0123456789abcdef",
+        free_port()
+    );
+    let kv_vars = [
+        ("KV_API_BASE", kv_base.as_str()),
+        ("KV_NAMESPACE_ID", "fedcba9876543210fedcba9876543210"),
+    ];
+    let mut builder = TestApp::builder()
+        .env("LEDGER_URL", &closed_ledger_url())
+        .env("LEDGER_SIGNING_SECRET", LEDGER_SECRET);
+    for (name, value) in kv_vars {
+        builder = builder.env(name, value);
+    }
+    let app = builder.start().await;
+    three_changes(&app).await;
+    ledger_unreachable(&app, 3).await;
+
+    // The second origin, same database, no LEDGER_URL.
+    let log_path = app.dir().join("second-origin.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut second = Command::new(origin_binary())
+        .arg("serve")
+        .env_clear()
+        .env("ORIGIN_LISTEN", "127.0.0.1:0")
+        .env("DATABASE_URL", app.database_url())
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY)
+        .env("RUST_LOG", "info")
+        .envs(kv_vars)
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn the second origin");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let logs = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("origin listening") {
+            break text;
+        }
+        if let Ok(Some(status)) = second.try_wait() {
+            panic!("the second origin exited with {status}:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second origin did not start listening:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        logs.contains("another origin over this database holds the ledger lock"),
+        "the second origin says why it leaves the ledger's rows: {logs}"
+    );
+    assert!(!logs.contains("are released"), "nothing released: {logs}");
+
+    // The first origin's ledger publisher still has all three changes to append.
+    for _ in 0..10 {
+        let health = app.get("/healthz").await;
+        assert_eq!(health.body["ledger"]["pending"], 3, "{}", health.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
 /// Runs `origin serve` with `vars`, expecting it to refuse to start.
 fn refused_start(vars: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -127,8 +127,9 @@ pub trait KeyStore: Send + Sync + 'static {
         now: UnixMillis,
     ) -> Result<Option<(KeyId, i64)>, StoreError>;
 
-    /// Queues `keys` for publishing to KV again (their KV value was found behind the database);
-    /// the ledger had their change already.
+    /// Queues `keys` for publishing to KV again (their KV value was found behind the database),
+    /// and to the ledger as well: isolates that cached the stale KV value keep it until a ledger
+    /// entry with a higher revision reaches them (repairs are few).
     async fn outbox_enqueue(&self, keys: &[KeyId], now: UnixMillis) -> Result<(), StoreError>;
 
     /// Queues, for the ledger alone, every key changed at or after `since` (the ledger publisher
@@ -138,6 +139,18 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn outbox_enqueue_changed_since(
         &self,
         since: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<u64, StoreError>;
+
+    /// Keeps the ledger entries of keys stuck on their way to KV from expiring: queues, for the
+    /// ledger alone, every key whose oldest change still waiting for KV was queued at or before
+    /// `cutoff` and that was not refreshed after `cutoff`, and notes the refresh at `now`. A key
+    /// already waiting for the ledger, or waiting for KV only for a rebuild (`sync --full`), is
+    /// not queued. Refresh notes of keys that no longer wait for KV are dropped. Returns how
+    /// many keys were queued.
+    async fn outbox_refresh_ledger(
+        &self,
+        cutoff: UnixMillis,
         now: UnixMillis,
     ) -> Result<u64, StoreError>;
 

@@ -158,7 +158,8 @@ impl SqliteStore {
     /// Without it, nobody clears the outbox rows' ledger flags: so KV's acknowledgement clears
     /// them too, and the flags left by an earlier run that fed the ledger are cleared now
     /// (returns how many rows were released). Only `origin serve`, which runs the ledger
-    /// publisher when it is configured, turns it off.
+    /// publisher when it is configured, turns it off, and only while it holds the ledger lock
+    /// (another origin over the same database may feed the ledger).
     pub async fn set_ledger_sink(&mut self, enabled: bool) -> Result<u64, StoreError> {
         self.ledger_sink = enabled;
         if enabled {
@@ -1365,8 +1366,8 @@ impl KeyStore for SqliteStore {
             return Ok(None);
         };
         let queued = sqlx::query(
-            "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
-             SELECT id, ?, 1, 0 FROM api_keys WHERE id > ? AND id <= ? ORDER BY id",
+            "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending, rebuild) \
+             SELECT id, ?, 1, 0, 1 FROM api_keys WHERE id > ? AND id <= ? ORDER BY id",
         )
         .bind(now.0)
         .bind(after)
@@ -1387,9 +1388,11 @@ impl KeyStore for SqliteStore {
         }
         let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         for key in keys {
+            // For the ledger too: an isolate that cached the stale KV value keeps it until a
+            // ledger entry with a higher revision arrives. Repairs are few.
             sqlx::query(
                 "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
-                 VALUES (?, ?, 1, 0)",
+                 VALUES (?, ?, 1, 1)",
             )
             .bind(key.as_str())
             .bind(now.0)
@@ -1418,6 +1421,51 @@ impl KeyStore for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(queued.rows_affected())
+    }
+
+    async fn outbox_refresh_ledger(
+        &self,
+        cutoff: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<u64, StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        // Keys no longer waiting for KV need no refresh.
+        sqlx::query(
+            "DELETE FROM ledger_refresh WHERE key_id NOT IN \
+             (SELECT key_id FROM kv_outbox WHERE kv_pending = 1 AND rebuild = 0)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let stale: Vec<(String,)> = sqlx::query_as(
+            "SELECT key_id FROM kv_outbox WHERE kv_pending = 1 AND rebuild = 0 \
+             AND key_id NOT IN (SELECT key_id FROM kv_outbox WHERE ledger_pending = 1) \
+             AND key_id NOT IN (SELECT key_id FROM ledger_refresh WHERE at > ?) \
+             GROUP BY key_id HAVING MIN(enqueued_at) <= ? ORDER BY MIN(seq)",
+        )
+        .bind(cutoff.0)
+        .bind(cutoff.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (key_id,) in &stale {
+            sqlx::query(
+                "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
+                 VALUES (?, ?, 0, 1)",
+            )
+            .bind(key_id)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO ledger_refresh (key_id, at) VALUES (?, ?) \
+                 ON CONFLICT (key_id) DO UPDATE SET at = excluded.at",
+            )
+            .bind(key_id)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(u64::try_from(stale.len()).unwrap_or(u64::MAX))
     }
 
     async fn verify_schedule(&self, keys: &[KeyId], due_at: UnixMillis) -> Result<(), StoreError> {
@@ -1751,10 +1799,11 @@ mod tests {
         store.close().await;
     }
 
-    /// A KV rebuild (`origin sync --full`) and KV repairs are for KV alone: they must not
-    /// flood the ledger, and their rows go once KV took them.
+    /// A KV rebuild (`origin sync --full`) is for KV alone: it must not flood the ledger, and
+    /// its rows go once KV took them. A KV repair (a read-back or reconciliation found KV
+    /// behind) goes to the ledger too: isolates may have cached the stale KV value.
     #[tokio::test]
-    async fn kv_rebuilds_and_repairs_do_not_reach_the_ledger() {
+    async fn kv_rebuilds_skip_the_ledger_but_repairs_reach_it() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = open_store(&dir).await;
         let a = key_with_two_changes(&store, 1).await;
@@ -1773,6 +1822,7 @@ mod tests {
             .expect("enqueue all")
             .expect("keys");
         assert!(last == a.id || last == b.id);
+        assert_eq!(pending(&store, Sink::Ledger).await, 0, "a rebuild is KV's");
         store
             .outbox_enqueue(std::slice::from_ref(&a.id), UnixMillis(5_000))
             .await
@@ -1786,17 +1836,17 @@ mod tests {
                 .pending,
             2
         );
-        assert_eq!(pending(&store, Sink::Ledger).await, 0);
-        assert!(
-            store
-                .outbox_peek(Sink::Ledger, 100)
-                .await
-                .expect("peek")
-                .is_empty()
-        );
+        let for_ledger = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        assert_eq!(for_ledger.len(), 1, "the repair, alone");
+        assert_eq!(for_ledger[0].key_id, a.id);
         let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
         store
             .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(rows(&store).await, 1, "the repair waits for the ledger");
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&for_ledger))
             .await
             .expect("ack");
         assert_eq!(rows(&store).await, 0);
@@ -1832,6 +1882,117 @@ mod tests {
             .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
             .await
             .expect("ack");
+        assert_eq!(rows(&store).await, 0);
+        store.close().await;
+    }
+
+    async fn refresh_notes(store: &SqliteStore) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM ledger_refresh")
+            .fetch_one(&store.reader)
+            .await
+            .expect("count");
+        n
+    }
+
+    /// While KV is stuck, keys whose change still waits for KV are queued again for the ledger
+    /// every few minutes, so their ledger entry outlives the ledger's retention; never a key
+    /// already waiting for the ledger, nor one waiting for KV only for a rebuild.
+    #[tokio::test]
+    async fn keys_stuck_on_their_way_to_kv_are_refreshed_in_the_ledger() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir).await;
+        let a = key_with_two_changes(&store, 1).await; // changes queued at 1,000 and 2,000
+        let b = key_with_two_changes(&store, 2).await;
+        let c = key_with_two_changes(&store, 3).await;
+        let refresh = |cutoff: i64, now: i64| {
+            let store = &store;
+            async move {
+                store
+                    .outbox_refresh_ledger(UnixMillis(cutoff), UnixMillis(now))
+                    .await
+                    .expect("refresh")
+            }
+        };
+        // The ledger took every change; KV took only c's, and then a rebuild queued every key.
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        let of_c: Vec<_> = newest_per_key(&peeked)
+            .into_iter()
+            .filter(|e| e.key_id == c.id)
+            .collect();
+        store.outbox_ack(Sink::Kv, &of_c).await.expect("ack");
+        store
+            .outbox_enqueue_all(None, 100, UnixMillis(3_000))
+            .await
+            .expect("enqueue all");
+        let kv_pending = pending(&store, Sink::Kv).await;
+        assert_eq!(kv_pending, 7);
+
+        assert_eq!(refresh(999, 241_000).await, 0, "not waiting for long yet");
+        assert_eq!(
+            refresh(1_000, 241_000).await,
+            2,
+            "a and b; not c (rebuild only)"
+        );
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        let mut queued: Vec<_> = peeked.iter().map(|e| e.key_id.clone()).collect();
+        queued.sort();
+        let mut expected = vec![a.id.clone(), b.id.clone()];
+        expected.sort();
+        assert_eq!(queued, expected);
+        assert_eq!(
+            pending(&store, Sink::Kv).await,
+            kv_pending,
+            "KV is not asked again"
+        );
+        assert_eq!(
+            refresh(100_000, 242_000).await,
+            0,
+            "already waiting for the ledger"
+        );
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+
+        // Refreshed at 241,000: not again until the cutoff passes that.
+        assert_eq!(refresh(240_999, 481_000).await, 0);
+        assert_eq!(refresh(241_000, 481_000).await, 2);
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(refresh_notes(&store).await, 2);
+
+        // KV takes a's state: a is refreshed no more, and its note goes.
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        let of_a: Vec<_> = newest_per_key(&peeked)
+            .into_iter()
+            .filter(|e| e.key_id == a.id)
+            .collect();
+        store.outbox_ack(Sink::Kv, &of_a).await.expect("ack");
+        assert_eq!(refresh(481_000, 721_000).await, 1, "b alone");
+        assert_eq!(refresh_notes(&store).await, 1);
+        let peeked = store.outbox_peek(Sink::Ledger, 100).await.expect("peek");
+        assert!(peeked.iter().all(|e| e.key_id == b.id), "{peeked:?}");
+        store
+            .outbox_ack(Sink::Ledger, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+
+        // KV takes everything: nothing left to refresh, no notes, no rows.
+        let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
+        store
+            .outbox_ack(Sink::Kv, &newest_per_key(&peeked))
+            .await
+            .expect("ack");
+        assert_eq!(refresh(721_000, 961_000).await, 0);
+        assert_eq!(refresh_notes(&store).await, 0);
         assert_eq!(rows(&store).await, 0);
         store.close().await;
     }
