@@ -1,5 +1,5 @@
 //! The ledger publisher: drains the outbox's ledger-pending rows into the edge's change ledger
-//! (a Durable Object behind a route of the Worker, [`APPEND_PATH`]; see `shared/src/ledger`),
+//! (a Durable Object behind a route of the Worker, `latchkey_shared::ledger::APPEND_PATH`; see `shared/src/ledger`),
 //! and appends a **watermark** at least every `LEDGER_WATERMARK_MS`, even when nothing changed.
 //!
 //! * A watermark `T` says "every change committed at origin before `T` is in the ledger". So
@@ -469,7 +469,7 @@ impl LedgerPublisher {
     }
 
     /// One append: reads the time `T`, then up to [`APPEND_MAX_CHANGES`] ledger-pending rows;
-    /// appends each key's current state once (as many keys as fit in [`APPEND_BODY_BUDGET`]),
+    /// appends each key's current state once (as many keys as fit in `APPEND_BODY_BUDGET`),
     /// with the watermark `T` if those were all the rows and all fitted; on success
     /// acknowledges, for the ledger, the rows of the keys appended. The keys that did not fit
     /// wait for the next round. With no rows, it appends the watermark alone.
