@@ -233,7 +233,9 @@ fn ledger_settings(
         sync_max_age_ms,
         watermark_max_age_ms,
         hot_max_keys: count(env, "MEMORY_MAX_KEYS", defaults.hot_max_keys, 1, 100_000)?,
-        hot_ttl_ms: number(env, "MEMORY_TTL_MS", defaults.hot_ttl_ms, 1000, 3_600_000)?,
+        // At most five minutes: origin appends again the last ten minutes of changes when it
+        // starts feeding the ledger, and a KV record kept longer could predate them.
+        hot_ttl_ms: number(env, "MEMORY_TTL_MS", defaults.hot_ttl_ms, 1000, 300_000)?,
         ledger_max_keys: count(env, "LEDGER_MAX_KEYS", defaults.ledger_max_keys, 1, 100_000)?,
     };
     // Checked here too (the object reads it for itself) so a bad value is refused loudly.

@@ -40,10 +40,11 @@ const MAC_HEADER: &str = "x-latchkey-ledger-mac";
 const UNTIL_HEADER: &str = "x-latchkey-ledger-until";
 /// `LEDGER_RETENTION_MS` when unset: ten minutes, well above KV's propagation bound.
 pub(crate) const DEFAULT_RETENTION_MS: i64 = 600_000;
-/// The shortest retention allowed: two minutes, above KV's propagation bound of a minute or
-/// more (a shorter one lets an isolate trust a KV value older than a change it forgot). Tests
-/// (`DEBUG_HEADERS=true`) may go down to one second.
-pub(crate) const MIN_RETENTION_MS: i64 = 120_000;
+/// The shortest retention allowed: ten minutes. Shorter would let an isolate trust a KV value
+/// older than a change it forgot: KV takes a minute or more to propagate, its writes may wait
+/// minutes for the API budget or a 429's pause, and origin appends a change again only after it
+/// has waited about four minutes for KV. Tests (`DEBUG_HEADERS=true`) may go down to one second.
+pub(crate) const MIN_RETENTION_MS: i64 = 600_000;
 
 /// The retention range for these settings: tests may shorten it.
 pub(crate) fn retention_range(debug_headers: bool) -> std::ops::RangeInclusive<i64> {
@@ -254,6 +255,34 @@ impl Ledger {
         Ok(())
     }
 
+    /// The newest sequence number: never behind an entry, even after an append that failed
+    /// half-way.
+    fn head(&self) -> Result<i64> {
+        let newest: Vec<Value> = self
+            .sql
+            .exec("SELECT MAX(seq) AS value FROM entries", None)?
+            .to_array()?;
+        Ok(self
+            .meta("head")?
+            .max(newest.first().and_then(|r| r.value).unwrap_or(0)))
+    }
+
+    /// This ledger's epoch, drawn when the object first runs (see `Tail::epoch`).
+    fn epoch(&self) -> Result<i64> {
+        if let Some(epoch) = self.meta_opt("epoch")? {
+            return Ok(epoch);
+        }
+        // Not a secret, only different from any other ledger's: below 2^53 (a JS number).
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "Math.random() is in [0, 1): the product fits below 2^53"
+        )]
+        let epoch = (js_sys::Math::random() * 9.0e15) as i64 + 1;
+        self.set_meta("epoch", epoch)?;
+        Ok(epoch)
+    }
+
     /// Appends a verified batch (the Worker checked its signature): refuses a MAC seen before,
     /// gives each change the next sequence number, moves the watermark forward, prunes.
     /// Synchronous from the first read to the last write, so it is one atomic step.
@@ -284,14 +313,7 @@ impl Ledger {
             "INSERT INTO seen (mac, until) VALUES (?, ?)",
             vec![mac.into(), until.max(now.0).into()],
         )?;
-        // The head is never behind an entry, even after an append that failed half-way.
-        let newest: Vec<Value> = self
-            .sql
-            .exec("SELECT MAX(seq) AS value FROM entries", None)?
-            .to_array()?;
-        let mut head = self
-            .meta("head")?
-            .max(newest.first().and_then(|r| r.value).unwrap_or(0));
+        let mut head = self.head()?;
         for change in &batch.changes {
             head += 1;
             self.sql.exec(
@@ -341,7 +363,7 @@ impl Ledger {
 
     fn tail(&self, query: &TailQuery, now: UnixMillis) -> Result<Response> {
         let pruned_through = self.meta("pruned_through")?;
-        let head = self.meta("head")?;
+        let head = self.head()?;
         let after = match (query.after, query.recent_ms) {
             (Some(after), _) => i64::try_from(after).unwrap_or(i64::MAX),
             (None, Some(recent)) => {
@@ -390,6 +412,7 @@ impl Ledger {
             watermark,
             served_at: now,
             retention_ms: u64::try_from(self.retention_ms).unwrap_or(0),
+            epoch: u64::try_from(self.epoch()?).unwrap_or(0),
         };
         let mut response = Response::ok(tail.to_json())?;
         response

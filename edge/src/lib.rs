@@ -60,15 +60,8 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     // methods it does not know (PROPFIND, PURGE, …) to GET, and `Request::path` decodes.
     let method = req.inner().method();
     let url = req.inner().url();
-    let mut lookup = Lookup::new(&env, &config);
-    let response = respond(req, &method, &url, &env, &config, &mut lookup).await;
-    // A poll started by this request runs even if answering failed: otherwise the isolate's one
-    // poll in flight would block polling until it is taken as lost.
-    if let (Some(after), Some(settings)) = (lookup.background_sync(), config.ledger.clone()) {
-        let env = env.clone();
-        ctx.wait_until(async move { memory::sync(env, &settings, after).await });
-    }
-    let response = response?;
+    let mut lookup = Lookup::new(&env, &ctx, &config);
+    let response = respond(req, &method, &url, &env, &config, &mut lookup).await?;
     if usage::record(&config, lookup.used_keys(), lookup.now()) {
         ctx.wait_until(usage::send_after_interval(config.clone()));
     }

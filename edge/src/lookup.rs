@@ -11,7 +11,7 @@ use latchkey_shared::ledger::memory::Recall;
 use latchkey_shared::{
     KeyId, KeyRecord, Scope, UnixMillis, Verdict, decide, kv_entry_name, parse_presented,
 };
-use worker::Env;
+use worker::{Context, Env};
 
 use crate::config::{Config, LedgerSettings};
 use crate::{ledger, memory};
@@ -76,25 +76,24 @@ impl Source {
 /// The per-request view of memory and KV.
 pub(crate) struct Lookup<'a> {
     env: &'a Env,
+    ctx: &'a Context,
     ledger: Option<&'a LedgerSettings>,
     now: UnixMillis,
     kv_reads: u32,
     used: Vec<KeyId>,
     source: Source,
-    /// A poll to run after the response (memory was trusted, so nobody waited for it).
-    background_sync: Option<u64>,
 }
 
 impl<'a> Lookup<'a> {
-    pub(crate) fn new(env: &'a Env, config: &'a Config) -> Self {
+    pub(crate) fn new(env: &'a Env, ctx: &'a Context, config: &'a Config) -> Self {
         Self {
             env,
+            ctx,
             ledger: config.ledger.as_ref(),
             now: ledger::now(),
             kv_reads: 0,
             used: Vec::new(),
             source: Source::None,
-            background_sync: None,
         }
     }
 
@@ -116,11 +115,6 @@ impl<'a> Lookup<'a> {
     /// The keys that verified successfully in this request.
     pub(crate) fn used_keys(&self) -> &[KeyId] {
         &self.used
-    }
-
-    /// A ledger poll to run after the response: the cursor to poll after.
-    pub(crate) fn background_sync(&self) -> Option<u64> {
-        self.background_sync
     }
 
     /// Verifies `presented` against `required`. A presented string that is not a well-formed
@@ -160,7 +154,11 @@ impl<'a> Lookup<'a> {
         let mut asked_at = now;
         if let Some(after) = due {
             if trusted {
-                self.background_sync = Some(after);
+                // Nobody waits for it, and it starts now, not after this request's answer
+                // (a gateway request may take long upstream).
+                let (env, settings) = (self.env.clone(), settings.clone());
+                self.ctx
+                    .wait_until(async move { memory::sync(env, &settings, after).await });
             } else {
                 memory::sync_waiting(self.env.clone(), settings, after).await;
                 asked_at = ledger::now();

@@ -95,6 +95,7 @@ fn tail(after: u64, entries: Vec<Entry>, head: u64, now: UnixMillis) -> Tail {
         watermark: Some(now),
         served_at: now,
         retention_ms: 600_000,
+        epoch: 1,
     }
 }
 

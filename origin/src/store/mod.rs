@@ -134,7 +134,8 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Queues, for the ledger alone, every key changed at or after `since` (the ledger publisher
     /// does this when it starts: the ledger may be new, or may have missed changes made while
-    /// origin ran without it). A key already waiting for the ledger is not queued again.
+    /// origin ran without it), and every key whose change still waits for KV, whatever its age;
+    /// forgets earlier refresh notes. A key already waiting for the ledger is not queued again.
     /// Returns how many keys were queued.
     async fn outbox_enqueue_changed_since(
         &self,

@@ -1409,9 +1409,13 @@ impl KeyStore for SqliteStore {
         now: UnixMillis,
     ) -> Result<u64, StoreError> {
         let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        // Keys still on their way to KV count as recent whatever their age, and refresh notes of
+        // an earlier run (perhaps to another ledger) are forgotten.
         let queued = sqlx::query(
             "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending) \
-             SELECT id, ?, 0, 1 FROM api_keys WHERE updated_at >= ? \
+             SELECT id, ?, 0, 1 FROM api_keys \
+             WHERE (updated_at >= ? \
+                    OR id IN (SELECT key_id FROM kv_outbox WHERE kv_pending = 1 AND rebuild = 0)) \
              AND id NOT IN (SELECT key_id FROM kv_outbox WHERE ledger_pending = 1) \
              ORDER BY updated_at",
         )
@@ -1419,6 +1423,9 @@ impl KeyStore for SqliteStore {
         .bind(since.0)
         .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM ledger_refresh")
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(queued.rows_affected())
     }

@@ -16,9 +16,11 @@
 //! (by `revision`) than a ledger entry of the same key win ([`Memory::merge`]), and keeping none
 //! of it: never worse than KV alone.
 //!
-//! The hot cache survives a lapse of trust as long as the ledger was read without a break (every
-//! entry applied evicts that key's hot record), and is dropped whenever the cursor is lost: a
-//! gap (entries pruned before this isolate read them), a new ledger, or too many entries.
+//! The hot cache survives a short lapse of trust as long as the ledger was read without a break
+//! (every entry applied evicts that key's hot record), and is dropped whenever the cursor is
+//! lost (a gap: entries pruned before this isolate read them; a new ledger; too many entries)
+//! and when trust comes back after a lapse longer than [`LONG_LAPSE_MS`] (origin may have run
+//! without feeding the ledger meanwhile).
 //!
 //! ```
 //! use latchkey_shared::ledger::memory::{Memory, Recall, Settings};
@@ -34,7 +36,7 @@
 //! assert_eq!(after, 0);
 //! let tail = Tail {
 //!     v: LEDGER_VERSION, after: 0, entries: vec![], more: false, head: 0,
-//!     watermark: Some(now), served_at: now, retention_ms: 600_000,
+//!     watermark: Some(now), served_at: now, retention_ms: 600_000, epoch: 1,
 //! };
 //! memory.apply(&tail, now).expect("applies");
 //! assert!(memory.trusted(now));
@@ -88,6 +90,9 @@ const IN_FLIGHT_MAX_MS: i64 = 10_000;
 
 /// The longest wait after failed syncs.
 const BACKOFF_MAX_MS: i64 = 30_000;
+
+/// A lapse of trust longer than this drops the hot cache when trust comes back.
+pub const LONG_LAPSE_MS: i64 = 60_000;
 
 /// After too many ledger entries, how many poll intervals to wait (at first) before loading
 /// again; it doubles with each overflow in a row, up to [`BACKOFF_MAX_MS`].
@@ -181,6 +186,10 @@ pub struct Memory {
     next_attempt: UnixMillis,
     failures_in_a_row: u32,
     was_trusted: bool,
+    /// When memory was last found trusted.
+    last_trusted: Option<UnixMillis>,
+    /// The ledger's epoch the cursor belongs to.
+    epoch: Option<u64>,
     stats: MemoryStats,
 }
 
@@ -203,6 +212,8 @@ impl Memory {
             next_attempt: UnixMillis(i64::MIN),
             failures_in_a_row: 0,
             was_trusted: false,
+            last_trusted: None,
+            epoch: None,
             stats: MemoryStats::default(),
         }
     }
@@ -224,8 +235,7 @@ impl Memory {
             && fresh(self.watermark, self.settings.watermark_max_age_ms)
     }
 
-    /// What memory knows of `name` at `now`. When memory is not trusted, the hot cache is
-    /// dropped first.
+    /// What memory knows of `name` at `now`.
     pub fn recall(&mut self, name: &str, now: UnixMillis) -> Recall {
         if !self.check_trust(now) {
             return Recall::Untrusted;
@@ -390,7 +400,16 @@ impl Memory {
 
     fn check_trust(&mut self, now: UnixMillis) -> bool {
         let trusted = self.trusted(now);
-        if !trusted && self.was_trusted {
+        if trusted {
+            // Back after a long lapse (or a long idle spell): start the hot cache afresh.
+            if self
+                .last_trusted
+                .is_some_and(|at| now.0.saturating_sub(at.0) > LONG_LAPSE_MS)
+            {
+                self.hot.clear();
+            }
+            self.last_trusted = Some(now);
+        } else if self.was_trusted {
             self.stats.trust_lost += 1;
         }
         self.was_trusted = trusted;
@@ -401,6 +420,18 @@ impl Memory {
         if self.cursor.is_some() && Some(tail.served_at) < self.synced_at {
             // An older answer than one already applied (a shared copy): it teaches nothing.
             return Ok(());
+        }
+        if self.epoch.is_some_and(|epoch| epoch != tail.epoch) {
+            // Another ledger: nothing the old one said counts.
+            let cursor = self.cursor.unwrap_or(0);
+            self.restart();
+            self.watermark = None;
+            self.synced_at = None;
+            self.epoch = None;
+            return Err(SyncError::Rewound {
+                head: tail.head,
+                cursor,
+            });
         }
         if let Some(cursor) = self.cursor {
             if tail.head < cursor {
@@ -435,6 +466,7 @@ impl Memory {
             return Err(SyncError::Malformed);
         }
         self.cursor = Some(cursor);
+        self.epoch = Some(tail.epoch);
         self.retention_ms = i64::try_from(tail.retention_ms).unwrap_or(i64::MAX);
         if tail.watermark > self.watermark {
             self.watermark = tail.watermark;
@@ -547,6 +579,7 @@ mod tests {
             watermark: Some(UnixMillis(at)),
             served_at: UnixMillis(at),
             retention_ms: 600_000,
+            epoch: 7,
         }
     }
 
@@ -771,6 +804,48 @@ mod tests {
             at + 1000,
         );
         assert!(memory.apply(&wrapped, UnixMillis(at + 1000)).is_err());
+    }
+
+    #[test]
+    fn a_new_ledger_or_a_long_lapse_starts_memory_over() {
+        let at = 1_000_000;
+        let mut memory = synced(at);
+        memory.remember(&name('a'), Some(record(1, false)), UnixMillis(at));
+        // Another ledger (a new epoch) whose head is past this isolate's cursor.
+        memory.start_sync(UnixMillis(at + 1000));
+        let mut other = tail(
+            0,
+            vec![entry(1, at, &name('b'), record(1, false))],
+            1,
+            at + 1000,
+        );
+        other.epoch = 8;
+        assert!(matches!(
+            memory.apply(&other, UnixMillis(at + 1000)),
+            Err(SyncError::Rewound { .. })
+        ));
+        assert_eq!(memory.stats().hot_keys, 0);
+        assert!(!memory.trusted(UnixMillis(at + 1000)));
+        memory.start_sync(UnixMillis(at + 1001));
+        memory
+            .apply(&other, UnixMillis(at + 1001))
+            .expect("a fresh start");
+        assert!(memory.trusted(UnixMillis(at + 1001)));
+        // Trust lost for longer than a minute: the hot cache is dropped when it comes back.
+        memory.remember(&name('c'), None, UnixMillis(at + 1001));
+        let back = at + 1001 + LONG_LAPSE_MS + 5000;
+        assert!(matches!(
+            memory.recall(&name('c'), UnixMillis(at + 5000)),
+            Recall::Untrusted
+        ));
+        memory.start_sync(UnixMillis(back));
+        let mut t = tail(1, vec![], 1, back);
+        t.epoch = 8;
+        memory.apply(&t, UnixMillis(back)).expect("applies");
+        assert!(matches!(
+            memory.recall(&name('c'), UnixMillis(back)),
+            Recall::Unknown
+        ));
     }
 
     #[test]

@@ -154,6 +154,10 @@ pub struct Tail {
     pub served_at: UnixMillis,
     /// How long entries are kept before they are pruned.
     pub retention_ms: u64,
+    /// A random number the ledger drew when it was created: a new one means another ledger (a
+    /// wiped or replaced object), whose sequence numbers say nothing about the old one's.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl Tail {
