@@ -215,7 +215,12 @@ async fn edge_follows_origin_changes_reports_usage_and_outlives_origin() {
     }
     stack.wait_published(PUBLISH_LIMIT).await;
     let mut took_ms = Vec::new();
-    for (other_id, other_key) in &revoked {
+    for (i, (other_id, other_key)) in revoked.iter().enumerate() {
+        // Revocations land at every phase of the isolate's one-second ledger poll.
+        tokio::time::sleep(Duration::from_millis(
+            u64::try_from(i.wrapping_mul(379) % 1000).unwrap_or(0),
+        ))
+        .await;
         stack.revoke(other_id).await;
         let (answer, took) = stack
             .edge
