@@ -516,7 +516,7 @@ fn origin(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
         .env_clear()
         .env("DATABASE_URL", format!("sqlite://{}", fixture.db.display()))
         .env("ADMIN_TOKEN", token)
-        .env("AUDIT_CHAIN_KEY", "bench-audit-chain-key-00000000000000000")
+        .env("AUDIT_CHAIN_KEY", seed::AUDIT_CHAIN_KEY)
         .env("ORIGIN_LISTEN", "127.0.0.1:0")
         // The default log level (requests themselves are logged at debug).
         .env("RUST_LOG", "info")

@@ -4,16 +4,23 @@
 //!
 //! Bulk rows skip what a one-by-one create also writes (audit entries, outbox rows): neither is
 //! read by the benchmarked calls, and writing 1,000,000 hash-chained audit entries would only
-//! make seeding slower.
+//! make seeding slower. One genuine, keyed audit entry (a `seed` note) is written so that origin
+//! starts: it refuses a database whose keys have an empty audit log (a wiped log). `origin audit
+//! verify` would still name the seeded keys as having no create entry, as it should.
 
 use std::path::Path;
 
+use latchkey_origin::audit::{CHAIN_KEYED, EntryFields, GENESIS_HASH, entry_mac};
 use latchkey_origin::store::{KeyStore, SqliteStore};
+use latchkey_shared::sign::SigningSecret;
 use latchkey_shared::{
     ApiKey, KeyId, KeyPrefix, KeyRecord, RECORD_VERSION, ScopePolicy, kv_entry_name,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
+
+/// The audit chain key origin runs with in the benchmarks.
+pub(crate) const AUDIT_CHAIN_KEY: &str = "bench-audit-chain-key-00000000000000000";
 
 /// Partners the keys are spread over.
 pub(crate) const SUBJECTS: u64 = 10_000;
@@ -103,6 +110,32 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
             qb.build().execute(&mut *sqlx_tx).await.expect("insert");
             i = end;
         }
+        let details = format!(r#"{{"seeded_keys":{n}}}"#);
+        let fields = EntryFields {
+            prev_hash: GENESIS_HASH,
+            seq: 1,
+            at: base,
+            actor: "bench:seed",
+            action: "seed",
+            key_id: None,
+            details_json: &details,
+        };
+        let key = SigningSecret::parse(AUDIT_CHAIN_KEY).expect("the bench's chain key");
+        sqlx::query(
+            "INSERT INTO audit_log (seq, at, actor, action, key_id, details, prev_hash, hash, chain) \
+             VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+        )
+        .bind(fields.seq)
+        .bind(fields.at)
+        .bind(fields.actor)
+        .bind(fields.action)
+        .bind(&details)
+        .bind(GENESIS_HASH)
+        .bind(entry_mac(&key, &fields))
+        .bind(CHAIN_KEYED)
+        .execute(&mut *sqlx_tx)
+        .await
+        .expect("audit entry");
         sqlx_tx.commit().await.expect("commit");
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
             .execute(&mut conn)
