@@ -312,6 +312,29 @@ fn percent_encode(name: &str) -> String {
 /// something else) with its error chain, without the URL (it names the account). A request
 /// whose connection could not be made was never sent; any other was, and may still land.
 fn unreachable(error: reqwest::Error) -> KvError {
+    let failure = describe_failure(error);
+    if failure.connect {
+        KvError::Unreachable(failure.detail)
+    } else {
+        KvError::NoAnswer {
+            timed_out: failure.timed_out,
+            detail: failure.detail,
+        }
+    }
+}
+
+/// A request that got no answer, described for logs: never the URL.
+pub(crate) struct RequestFailure {
+    /// The connection could not be made: nothing was sent.
+    pub(crate) connect: bool,
+    /// The request timed out.
+    pub(crate) timed_out: bool,
+    /// What happened, with the error chain.
+    pub(crate) detail: String,
+}
+
+/// Describes a failed request: its kind and error chain, without the URL.
+pub(crate) fn describe_failure(error: reqwest::Error) -> RequestFailure {
     let (connect, timed_out) = (error.is_connect(), error.is_timeout());
     let error = error.without_url();
     let mut chain = error.to_string();
@@ -321,14 +344,16 @@ fn unreachable(error: reqwest::Error) -> KvError {
         chain.push_str(&cause.to_string());
         source = cause.source();
     }
-    if connect {
-        KvError::Unreachable(format!("cannot connect ({chain})"))
+    let detail = if connect {
+        format!("cannot connect ({chain})")
     } else {
         let kind = if timed_out { "timed out" } else { "no answer" };
-        KvError::NoAnswer {
-            timed_out,
-            detail: format!("{kind} ({chain})"),
-        }
+        format!("{kind} ({chain})")
+    };
+    RequestFailure {
+        connect,
+        timed_out,
+        detail,
     }
 }
 

@@ -36,7 +36,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::LedgerConfig;
 use crate::model::{OutboxEntry, Sink};
-use crate::publish::try_lock;
+use crate::publish::wait_for_lock;
 use crate::service::system_now;
 use crate::store::{KeyStore, StoreError};
 
@@ -194,24 +194,15 @@ impl LedgerClient {
     }
 }
 
-/// Names a request that got no answer, with its error chain but without the URL.
+/// Names a request that got no answer (see `kv::describe_failure`).
 fn no_answer(error: reqwest::Error) -> LedgerError {
-    let (connect, timed_out) = (error.is_connect(), error.is_timeout());
-    let error = error.without_url();
-    let mut chain = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    if connect {
-        LedgerError::Unreachable(format!("cannot connect ({chain})"))
+    let failure = crate::kv::describe_failure(error);
+    if failure.connect {
+        LedgerError::Unreachable(failure.detail)
     } else {
-        let kind = if timed_out { "timed out" } else { "no answer" };
         LedgerError::NoAnswer {
-            timed_out,
-            detail: format!("{kind} ({chain})"),
+            timed_out: failure.timed_out,
+            detail: failure.detail,
         }
     }
 }
@@ -372,7 +363,13 @@ impl LedgerPublisher {
         mut stop: watch::Receiver<bool>,
     ) {
         let _lock = match lock_path {
-            Some(path) => match wait_for_lock(&path, &mut stop).await {
+            Some(path) => match wait_for_lock(
+                &path,
+                &mut stop,
+                "another origin holds the ledger lock; waiting",
+            )
+            .await
+            {
                 Some(lock) => Some(lock),
                 None => return,
             },
@@ -579,31 +576,6 @@ pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
         name.push(".ledger.lock");
         PathBuf::from(name)
     })
-}
-
-async fn wait_for_lock(path: &Path, stop: &mut watch::Receiver<bool>) -> Option<std::fs::File> {
-    let mut announced = false;
-    loop {
-        match try_lock(path) {
-            Ok(Some(file)) => return Some(file),
-            Ok(None) => {
-                if !announced {
-                    tracing::warn!(
-                        lock = %path.display(),
-                        "another origin holds the ledger lock; waiting"
-                    );
-                    announced = true;
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, lock = %path.display(), "cannot open the ledger lock; retrying");
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => return None,
-        }
-    }
 }
 
 /// The next retry delay: doubling from 100 ms to [`RETRY_MAX`], jittered in its upper half.

@@ -318,7 +318,13 @@ impl Publisher {
         mut stop: watch::Receiver<bool>,
     ) {
         let _lock = match lock_path {
-            Some(path) => match self.wait_for_lock(&path, &mut stop).await {
+            Some(path) => match wait_for_lock(
+                &path,
+                &mut stop,
+                "another publisher (origin or `origin sync`) holds the lock; waiting",
+            )
+            .await
+            {
                 Some(lock) => Some(lock),
                 None => return,
             },
@@ -385,31 +391,6 @@ impl Publisher {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
-            }
-        }
-    }
-
-    async fn wait_for_lock(&self, path: &Path, stop: &mut watch::Receiver<bool>) -> Option<File> {
-        let mut announced = false;
-        loop {
-            match try_lock(path) {
-                Ok(Some(file)) => return Some(file),
-                Ok(None) => {
-                    if !announced {
-                        tracing::warn!(
-                            lock = %path.display(),
-                            "another publisher (origin or `origin sync`) holds the lock; waiting"
-                        );
-                        announced = true;
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, lock = %path.display(), "cannot open the publisher lock; retrying");
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => return None,
             }
         }
     }
@@ -827,6 +808,34 @@ pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
         name.push(".publisher.lock");
         PathBuf::from(name)
     })
+}
+
+/// Waits until the lock at `path` is ours, or `stop` turns true (`None`); says `waiting` once
+/// while another process holds it. Used for the KV publisher's and the ledger publisher's locks.
+pub async fn wait_for_lock(
+    path: &Path,
+    stop: &mut watch::Receiver<bool>,
+    waiting: &str,
+) -> Option<File> {
+    let mut announced = false;
+    loop {
+        match try_lock(path) {
+            Ok(Some(file)) => return Some(file),
+            Ok(None) => {
+                if !announced {
+                    tracing::warn!(lock = %path.display(), "{waiting}");
+                    announced = true;
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, lock = %path.display(), "cannot open the lock; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return None,
+        }
+    }
 }
 
 /// Takes the publisher lock without waiting: `Ok(None)` if another process holds it. The lock
