@@ -136,14 +136,17 @@ async fn forward(
         format!("{}{}?{}", upstream.base(), target.path, target.query)
     };
     let headers = Headers(web_sys::Headers::new_with_headers(&req.headers().0)?);
-    // Names come back lower-cased; collected first, since deleting while iterating skips some.
-    let dropped: Vec<String> = headers
-        .keys()
+    // Names come back lower-cased. All of them cross into wasm as one string (three calls, not
+    // two per header); a field name cannot hold a line break. Collected first, since deleting
+    // while iterating skips some.
+    let names: String = js_sys::Array::from(&headers.0.keys()).join("\n").into();
+    let dropped: Vec<&str> = names
+        .split('\n')
         .filter(|name| {
-            name == "authorization" || name == "host" || name.starts_with(header::HEADER_PREFIX)
+            *name == "authorization" || *name == "host" || name.starts_with(header::HEADER_PREFIX)
         })
         .collect();
-    for name in &dropped {
+    for name in dropped {
         headers.delete(name)?;
     }
     let scopes = record.scopes.to_strings().join(" ");
@@ -200,11 +203,24 @@ async fn forward(
     )?)
 }
 
+thread_local! {
+    /// `crypto` and its `randomUUID`, looked up once per isolate.
+    static RANDOM_UUID: std::cell::RefCell<Option<(wasm_bindgen::JsValue, js_sys::Function)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// A fresh request id: `crypto.randomUUID()` (122 random bits from the runtime's CSPRNG).
 fn random_uuid() -> Result<String> {
-    let crypto = js_sys::Reflect::get(&js_sys::global(), &"crypto".into())?;
-    let random_uuid: js_sys::Function =
-        js_sys::Reflect::get(&crypto, &"randomUUID".into())?.dyn_into()?;
+    let (crypto, random_uuid) = RANDOM_UUID.with(|cell| -> Result<_> {
+        if let Some(found) = cell.borrow().as_ref() {
+            return Ok(found.clone());
+        }
+        let crypto = js_sys::Reflect::get(&js_sys::global(), &"crypto".into())?;
+        let random_uuid: js_sys::Function =
+            js_sys::Reflect::get(&crypto, &"randomUUID".into())?.dyn_into()?;
+        *cell.borrow_mut() = Some((crypto.clone(), random_uuid.clone()));
+        Ok((crypto, random_uuid))
+    })?;
     random_uuid
         .call0(&crypto)?
         .as_string()
