@@ -216,27 +216,22 @@ fn probe_hot(base: &str, load: &Load) -> Probe {
 }
 
 /// Our Worker with the ledger, its debug twin, and what they are compared with.
-pub(crate) struct LedgerUnderTest<'a> {
+pub(crate) struct LedgerUnderTest {
     /// Our Worker with the ledger on, `DEBUG_HEADERS` off: measured.
-    pub(crate) edge: &'a str,
+    pub(crate) edge: String,
     /// The same with `DEBUG_HEADERS` on (and its own ledger): checked and counted.
-    pub(crate) debug: &'a str,
+    pub(crate) debug: String,
     /// A constant body, no KV read: the ceiling for hot-key verify.
-    pub(crate) constant: &'a str,
+    pub(crate) constant: String,
     /// One upstream fetch, no KV read: the floor under the gateway when memory answers.
-    pub(crate) fetch_only: &'a str,
+    pub(crate) fetch_only: String,
 }
 
 /// Hot-key verify and gateway with the ledger, against the constant Worker and the fetch-only
 /// floor (interleaved rounds, as everywhere); the debug twin's word that the hot path read no
 /// KV; the ledger fetches per second of one isolate under sustained load.
-pub(crate) fn measure(
-    report: &mut Report,
-    mode: Mode,
-    at: &LedgerUnderTest<'_>,
-    fixture: &Fixture,
-) {
-    let appender = Appender::start(&[at.edge, at.debug], fixture);
+pub(crate) fn measure(report: &mut Report, mode: Mode, at: &LedgerUnderTest, fixture: &Fixture) {
+    let appender = Appender::start(&[&at.edge, &at.debug], fixture);
     let secret = &fixture.secret;
     let verify = Load::post(
         &format!("{}/v1/api_keys/verify", at.edge),
@@ -248,7 +243,7 @@ pub(crate) fn measure(
 
     // The check, in warm-up requests to the debug twin (not in the measured load).
     let checked = [("verify", &verify), ("gateway", &gateway)].map(|(what, load)| {
-        let p = probe_hot(at.debug, load);
+        let p = probe_hot(&at.debug, load);
         (what, p.memory == "hit" && p.kv_reads == 0, p)
     });
     report.row(Row {
@@ -266,9 +261,9 @@ pub(crate) fn measure(
 
     // The ceiling's run right before its load's, in every round.
     let loads = [
-        verify.sent_to(at.constant),
+        verify.sent_to(&at.constant),
         verify.clone(),
-        gateway.sent_to(at.fetch_only),
+        gateway.sent_to(&at.fetch_only),
         gateway.clone(),
     ];
     for load in &loads {
@@ -301,10 +296,10 @@ pub(crate) fn measure(
     report.row(row);
 
     // Ledger fetches of the debug twin's one isolate across a sustained load.
-    let sustained = verify.sent_to(at.debug);
-    let (before, started) = (probe(at.debug, &verify), Instant::now());
+    let sustained = verify.sent_to(&at.debug);
+    let (before, started) = (probe(&at.debug, &verify), Instant::now());
     let run = sustained.run(FETCH_WINDOW);
-    let (after, took) = (probe(at.debug, &verify), started.elapsed());
+    let (after, took) = (probe(&at.debug, &verify), started.elapsed());
     let fetches = after.ledger_fetches.saturating_sub(before.ledger_fetches);
     let seconds = took.as_secs_f64();
     let intervals = (seconds / POLL.as_secs_f64()).floor() + 1.0;

@@ -219,8 +219,18 @@ fn ratio_row(figure: &str, runs: &[Run], ceiling_runs: &[Run], unit: &str, at_le
     }
 }
 
-/// The steps, in the order a full run takes them; `--only STEP` runs one of them.
-const STEPS: [&str; 6] = ["micro", "memory", "wasm", "origin", "edge", "revocation"];
+/// The steps, in the order a full run takes them; `--only STEP` runs one of them. `ledger` is
+/// the part of `edge` that measures the Worker with the change ledger (Miniflare only), for
+/// working on it: a full run takes it inside `edge`.
+const STEPS: [&str; 7] = [
+    "micro",
+    "memory",
+    "wasm",
+    "origin",
+    "edge",
+    "ledger",
+    "revocation",
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -241,7 +251,10 @@ fn main() {
     }
     let wanted = |step: &str| only.as_deref().is_none_or(|o| o == step);
     let started = Instant::now();
+    // Process ids repeat across boots: a run killed before its clean-up must not leave a
+    // database for a later run with the same id to seed into.
     let work = std::env::temp_dir().join(format!("latchkey-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).expect("work dir");
     let mut report = Report::default();
 
@@ -254,15 +267,16 @@ fn main() {
     if wanted("wasm") {
         wasm(&mut report, mode, &work);
     }
-    if wanted("origin") || wanted("edge") {
+    let ledger_only = only.as_deref() == Some("ledger");
+    if wanted("origin") || wanted("edge") || ledger_only {
         // Only the origin step needs the full database; the edge step needs one key.
         let keys = if wanted("origin") { mode.keys() } else { 1_000 };
         let fixture = prepare(&mut report, keys, &work);
         if wanted("origin") {
             origin(&mut report, mode, &work, &fixture);
         }
-        if wanted("edge") {
-            edge(&mut report, mode, &work, &fixture);
+        if wanted("edge") || ledger_only {
+            edge(&mut report, mode, &work, &fixture, ledger_only);
         }
     }
     if wanted("revocation") {
@@ -676,7 +690,8 @@ fn peak_rss_kb(pid: u32) -> u64 {
 /// 4. The edge: our Worker, two minimal Rust Workers (one KV get; a constant body) and the
 ///    gateway's floor (one KV get, one fetch), served by workerd directly through Miniflare,
 ///    through `wrangler dev`'s proxy, and through wrangler's dev server with DevTools off.
-fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
+///    With `ledger_only`, only the rows of the Worker with the ledger (under Miniflare).
+fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture, ledger_only: bool) {
     step(
         "edge (Worker and ceiling Workers under Miniflare, wrangler dev, and wrangler without DevTools)",
     );
@@ -695,6 +710,10 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
     let (miniflare, line) = Proc::spawn(node, "ports=", &work.join("miniflare.log"));
     let ports: Value = serde_json::from_str(line.trim_start_matches("ports=")).expect("ports JSON");
     let at = |name: &str| format!("http://127.0.0.1:{}", ports[name]);
+    if ledger_only {
+        ledger::measure(report, mode, &ledger_under_test(&at), fixture);
+        return;
+    }
     let cold = &ports["cold"];
     let ms = |w: &str, k: &str| cold[w][k].as_f64().unwrap_or(f64::NAN);
     report.row(Row {
@@ -733,17 +752,7 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
         &fixture.secret,
     );
     // With the ledger on, in the same runner: hot keys from the isolate's memory.
-    ledger::measure(
-        report,
-        mode,
-        &ledger::LedgerUnderTest {
-            edge: &at("edge_ledger"),
-            debug: &at("edge_ledger_debug"),
-            constant: &at("constant"),
-            fetch_only: &at("fetch_only"),
-        },
-        fixture,
-    );
+    ledger::measure(report, mode, &ledger_under_test(&at), fixture);
     drop(miniflare);
 
     // The same four under `wrangler dev`, whose proxy caps throughput here; then under its dev
@@ -764,6 +773,16 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
             &fixture.secret,
         );
         drop(servers);
+    }
+}
+
+/// The Workers `bench/edge.mjs` serves for the ledger rows, by the name it gives their ports.
+fn ledger_under_test(at: &impl Fn(&str) -> String) -> ledger::LedgerUnderTest {
+    ledger::LedgerUnderTest {
+        edge: at("edge_ledger"),
+        debug: at("edge_ledger_debug"),
+        constant: at("constant"),
+        fetch_only: at("fetch_only"),
     }
 }
 
