@@ -372,6 +372,11 @@ impl Edge {
         if self.no_ledger_object {
             cmd.arg("--config").arg(self.config_without_ledger_object());
         }
+        // An env file of its own (empty), so that the `.dev.vars` `./dev run` leaves in the
+        // repository never adds settings to a test's Worker.
+        let env_file = self.dir.path().join("empty.env");
+        std::fs::write(&env_file, "").expect("write the empty env file");
+        cmd.arg("--env-file").arg(env_file);
         for (name, value) in &self.vars {
             cmd.args(["--var", &format!("{name}:{value}")]);
         }
