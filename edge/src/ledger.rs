@@ -18,6 +18,7 @@ use latchkey_shared::ledger::{
     Tail, append_message,
 };
 use latchkey_shared::sign::{self, MAX_CLOCK_SKEW_MS};
+use latchkey_shared::target::RequestTarget;
 use latchkey_shared::{KeyRecord, UnixMillis};
 use serde::Deserialize;
 use worker::worker_sys::web_sys;
@@ -57,7 +58,7 @@ pub(crate) fn retention_range(debug_headers: bool) -> std::ops::RangeInclusive<i
 
 /// `POST /v1/ledger/changes`: checks the signature and the body, then appends in the object.
 pub(crate) async fn append(
-    mut req: Request,
+    req: web_sys::Request,
     env: &Env,
     config: &Settings,
     now: UnixMillis,
@@ -69,10 +70,10 @@ pub(crate) async fn append(
             "this edge has no ledger (LEDGER_SIGNING_SECRET is not set)",
         );
     };
-    let Some(body) = body::read_capped(&mut req, APPEND_BODY_MAX_BYTES).await? else {
+    let Some(body) = body::read_capped(&req, APPEND_BODY_MAX_BYTES).await? else {
         return reply::error(413, "body_too_large", "the append body is too large");
     };
-    let headers = req.headers();
+    let headers = Headers(req.headers());
     let verified = match sign::verify_signed(
         secret.as_bytes(),
         headers.get(sign::header::TIMESTAMP)?.as_deref(),
@@ -166,8 +167,13 @@ impl DurableObject for Ledger {
 
     async fn fetch(&self, mut req: Request) -> Result<Response> {
         let now = now();
-        let url = req.url()?;
-        let result = match (req.method(), url.path()) {
+        // The URL as the runtime holds it: `Request::url` would parse it again with the `url`
+        // crate, whose IDNA tables were a third of the Worker's size.
+        let url = req.inner().url();
+        let Ok(target) = RequestTarget::from_url(&url) else {
+            return Response::error("not found", 404);
+        };
+        let result = match (req.method(), target.path) {
             (Method::Post, "/append") => {
                 let mac = req.headers().get(MAC_HEADER)?.unwrap_or_default();
                 let until = req
@@ -179,7 +185,7 @@ impl DurableObject for Ledger {
                 self.append(&mac, until, &body, now)
             }
             (Method::Get, "/tail") => {
-                let query: TailQuery = serde_urlencoded_query(url.query().unwrap_or_default());
+                let query = TailQuery::parse(target.query);
                 self.tail(&query, now)
             }
             _ => Response::error("not found", 404),
@@ -199,23 +205,25 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS seen (mac TEXT PRIMARY KEY, until INTEGER NOT NULL)",
 ];
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 struct TailQuery {
     after: Option<u64>,
     recent_ms: Option<i64>,
 }
 
-/// Parses `after=N` / `recent_ms=W` (anything else is ignored; a bad number is absent).
-fn serde_urlencoded_query(query: &str) -> TailQuery {
-    let mut parsed = TailQuery::default();
-    for pair in query.split('&') {
-        match pair.split_once('=') {
-            Some(("after", v)) => parsed.after = v.parse().ok(),
-            Some(("recent_ms", v)) => parsed.recent_ms = v.parse().ok(),
-            _ => {}
+impl TailQuery {
+    /// Parses `after=N` / `recent_ms=W` (anything else is ignored; a bad number is absent).
+    fn parse(query: &str) -> Self {
+        let mut parsed = Self::default();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("after", v)) => parsed.after = v.parse().ok(),
+                Some(("recent_ms", v)) => parsed.recent_ms = v.parse().ok(),
+                _ => {}
+            }
         }
+        parsed
     }
-    parsed
 }
 
 #[derive(Deserialize)]

@@ -3,8 +3,8 @@
 //! origin knows: `created_at` and `last_used_at`).
 
 use latchkey_shared::{VerifyReport, VerifyRequest, parse_required};
-use worker::worker_sys::web_sys::Response;
-use worker::{Request, Result};
+use worker::Result;
+use worker::worker_sys::web_sys::{Request, Response};
 
 use crate::body;
 use crate::lookup::Lookup;
@@ -13,8 +13,8 @@ use crate::reply;
 /// Largest request body accepted, as at origin.
 const BODY_MAX_BYTES: usize = 64 * 1024;
 
-pub(crate) async fn handle(mut req: Request, lookup: &mut Lookup<'_>) -> Result<Response> {
-    let Some(body) = body::read_capped(&mut req, BODY_MAX_BYTES).await? else {
+pub(crate) async fn handle(req: Request, lookup: &mut Lookup<'_>) -> Result<Response> {
+    let Some(body) = body::read_capped(&req, BODY_MAX_BYTES).await? else {
         return too_large();
     };
     // As at origin, an empty body is an empty object (so the answer names the missing field).
