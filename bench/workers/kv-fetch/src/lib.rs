@@ -1,21 +1,27 @@
 //! Floor for gateway traffic at the edge: one KV get of a key's record (named by the
-//! `RECORD_NAME` binding), then one fetch of the upstream (`UPSTREAM_URL` + the path), whose
-//! response is returned as the runtime gave it. Nothing else: no headers are touched, nothing
-//! is checked but that the record exists.
+//! `RECORD_NAME` binding), then the partner's request passed to the upstream (`UPSTREAM_URL` +
+//! its path and query, its method, headers and body, as `fetch(url, request)` does), whose
+//! response is returned as the runtime gave it. Nothing else: no header is added or removed,
+//! nothing is checked but that the record exists.
 
 use worker::js_sys::{self, futures::JsFuture};
 use worker::wasm_bindgen::JsCast;
 use worker::worker_sys::web_sys;
-use worker::{Context, Env, Request, Response, Result, event};
+use worker::{Context, Env, Response, Result, event};
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<web_sys::Response> {
+async fn fetch(req: web_sys::Request, env: Env, _ctx: Context) -> Result<web_sys::Response> {
     let name = env.var("RECORD_NAME")?.to_string();
     if env.kv("KEYS")?.get(&name).bytes().await?.is_none() {
         return Ok(Response::error("no record", 401)?.into());
     }
-    let target = format!("{}{}", env.var("UPSTREAM_URL")?, req.path());
+    let url = req.url();
+    // The path and query as sent: from the first `/` after the scheme's `//`.
+    let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
+    let path = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
+    let target = format!("{}{path}", env.var("UPSTREAM_URL")?);
     let global: web_sys::WorkerGlobalScope = js_sys::global().unchecked_into();
-    let response = JsFuture::from(global.fetch_with_str(&target)).await?;
+    let response =
+        JsFuture::from(global.fetch_with_str_and_init(&target, req.unchecked_ref())).await?;
     Ok(response.dyn_into()?)
 }
