@@ -19,9 +19,11 @@ pub(crate) async fn read_capped(req: &Request, max: usize) -> Result<Option<Vec<
     let Some(stream) = req.body() else {
         return Ok(Some(Vec::new()));
     };
-    if declared.is_some() {
+    if declared.is_some() && req.headers().get("transfer-encoding")?.is_none() {
         // HTTP framing holds a body to its declared length, checked above: read in one call
-        // (reading chunk by chunk costs a promise per chunk and one more for the end).
+        // (reading chunk by chunk costs a promise per chunk and one more for the end). With a
+        // `Transfer-Encoding` too, the length may not be what frames the body: read with the
+        // running cap instead.
         let buffer = JsFuture::from(req.array_buffer()?).await?;
         let body = js_sys::Uint8Array::new(&buffer).to_vec();
         return Ok((body.len() <= max).then_some(body));

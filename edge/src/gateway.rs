@@ -128,7 +128,7 @@ async fn forward(
         // Config parsing requires both when there are routes; this is unreachable in practice.
         return reply::error(503, "edge_misconfigured", "no upstream is configured");
     };
-    // GET and HEAD are forwarded without a body, as before; others with the one signed.
+    // GET and HEAD are forwarded without a body; others with the one signed.
     let body = if matches!(method, "GET" | "HEAD") {
         Vec::new()
     } else {
@@ -178,7 +178,7 @@ async fn forward(
     }
     let body =
         (!matches!(method, "GET" | "HEAD")).then(|| js_sys::Uint8Array::from(body.as_slice()));
-    let sent = forward_upstream(
+    let sent = match forward_upstream(
         &url,
         method,
         &req.headers(),
@@ -186,8 +186,15 @@ async fn forward(
         &names,
         &values,
         body,
-    );
-    let upstream_response = match async { JsFuture::from(sent?).await }
+    ) {
+        Ok(sent) => sent,
+        Err(e) => {
+            // Nothing was sent: the request could not be formed (not the upstream's fault).
+            worker::console_error!("forwarding failed: {}", worker::Error::from(e));
+            return reply::error(500, "internal_error", "the request could not be forwarded");
+        }
+    };
+    let upstream_response = match JsFuture::from(sent)
         .await
         .and_then(JsCast::dyn_into::<web_sys::Response>)
     {

@@ -58,8 +58,8 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
             return reply::error(503, "edge_misconfigured", &error.to_string());
         }
     };
-    // The method as sent and the URL as the runtime holds it: workers-rs's `Method` maps
-    // methods it does not know (PROPFIND, PURGE, …) to GET, and `Request::path` decodes.
+    // The method as sent (not workers-rs's `Method`, which reads methods it does not know as
+    // GET) and the URL as the runtime holds it (not decoded).
     let method = req.method();
     let url = req.url();
     let mut lookup = Lookup::new(&env, &ctx, &config);

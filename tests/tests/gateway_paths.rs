@@ -10,9 +10,9 @@
 //! * Canonical paths with escapes and queries reach the upstream byte for byte, signed.
 //! * The signed identity headers of one request, sent again with another body or query, or
 //!   as they are, are refused by the upstream's `GatewayVerifier`.
-//! * Bodies are read with a running cap: the verify endpoint answers `413` to an endless
-//!   chunked body without waiting for its end, and the gateway refuses a body over
-//!   `GATEWAY_BODY_MAX_BYTES`.
+//! * Bodies are capped: one without a `Content-Length` is read with a running cap (the verify
+//!   endpoint answers `413` to an endless chunked body without waiting for its end), and the
+//!   gateway refuses a body over `GATEWAY_BODY_MAX_BYTES`.
 
 #![allow(
     clippy::expect_used,
@@ -268,6 +268,14 @@ async fn the_gateway_forwards_one_canonical_path_and_its_signature_cannot_be_rep
     assert!(
         status == 413 || status == 503,
         "answered while the body is still coming, with {status}"
+    );
+    // The same with a small `Content-Length` beside the chunked encoding: the declared length
+    // must not be trusted to frame the body (a parser may refuse the pair outright: 400).
+    let head = b"POST /v1/api_keys/verify HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let status = status_while_sending(&addr, &[head.to_vec(), chunk(40_000), chunk(40_000)]).await;
+    assert!(
+        [400, 413, 503].contains(&status),
+        "a length beside chunked: answered while the body is still coming, with {status}"
     );
     let big = vec![b'x'; (1 << 20) + 1];
     let calls = stack.upstream.calls();

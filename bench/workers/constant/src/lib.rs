@@ -17,5 +17,6 @@ async fn fetch(req: web_sys::Request, _env: Env, _ctx: Context) -> Result<Respon
     Response::from_json(&CONSTANT)
 }
 
+/// The answer: the shape of a verify report for a garbage key.
 const CONSTANT: &str =
     r#"{"id":null,"valid":false,"code":"MALFORMED","revoked":false,"scopes":[],"expires_at":null}"#;

@@ -1,7 +1,7 @@
 //! Floor for gateway traffic at the edge when the isolate's memory answers (the ledger on): the
 //! partner's request passed to the upstream (`UPSTREAM_URL` + its path and query, its method,
-//! headers and body, as `fetch(url, request)` does), whose response is returned as the runtime
-//! gave it. Nothing else: no KV read, no header added or removed, nothing checked.
+//! headers and body, redirects not followed), whose response is returned as the runtime gave
+//! it. Nothing else: no KV read, no header added or removed, nothing checked.
 
 use worker::js_sys::{self, futures::JsFuture};
 use worker::wasm_bindgen::JsCast;
@@ -16,7 +16,15 @@ async fn fetch(req: web_sys::Request, env: Env, _ctx: Context) -> Result<web_sys
     let path = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
     let target = format!("{}{path}", env.var("UPSTREAM_URL")?);
     let global: web_sys::WorkerGlobalScope = js_sys::global().unchecked_into();
-    let response =
-        JsFuture::from(global.fetch_with_str_and_init(&target, req.unchecked_ref())).await?;
+    // What a pass-through proxy sends: the method, headers and body as they came (not the
+    // request itself as the init, which would also copy its `cf`).
+    let init = web_sys::RequestInit::new();
+    init.set_method(&req.method());
+    init.set_headers(&req.headers());
+    if let Some(body) = req.body() {
+        init.set_body(&body);
+    }
+    init.set_redirect(web_sys::RequestRedirect::Manual);
+    let response = JsFuture::from(global.fetch_with_str_and_init(&target, &init)).await?;
     Ok(response.dyn_into()?)
 }
