@@ -9,8 +9,8 @@ use worker::{ByteStream, Result};
 /// The whole body of `req`, or `None` as soon as more than `max` bytes have arrived (or a
 /// `Content-Length` over `max` is declared). A request without a body reads as empty.
 pub(crate) async fn read_capped(req: &Request, max: usize) -> Result<Option<Vec<u8>>> {
-    let declared = req
-        .headers()
+    let headers = req.headers();
+    let declared = headers
         .get("content-length")?
         .and_then(|l| l.trim().parse::<u64>().ok());
     if declared.is_some_and(|l| l > u64::try_from(max).unwrap_or(u64::MAX)) {
@@ -19,7 +19,7 @@ pub(crate) async fn read_capped(req: &Request, max: usize) -> Result<Option<Vec<
     let Some(stream) = req.body() else {
         return Ok(Some(Vec::new()));
     };
-    if declared.is_some() && req.headers().get("transfer-encoding")?.is_none() {
+    if declared.is_some() && headers.get("transfer-encoding")?.is_none() {
         // HTTP framing holds a body to its declared length, checked above: read in one call
         // (reading chunk by chunk costs a promise per chunk and one more for the end). With a
         // `Transfer-Encoding` too, the length may not be what frames the body: read with the

@@ -52,7 +52,9 @@ pub(crate) async fn handle(
             "no gateway route matches this method and path",
         );
     };
-    let Some(presented) = bearer(&Headers(req.headers()))? else {
+    // The partner's headers, read once: the key from them here, the rest forwarded.
+    let headers = req.headers();
+    let Some(presented) = bearer(&Headers(headers.clone()))? else {
         return unauthorized(
             "missing_credentials",
             "send the API key as `Authorization: Bearer <key>`",
@@ -68,7 +70,7 @@ pub(crate) async fn handle(
     };
     match (verdict, record) {
         (Verdict::Valid, Some(record)) => {
-            forward(req, method, target, config, lookup, &record).await
+            forward(req, &headers, method, target, config, lookup, &record).await
         }
         (Verdict::InsufficientScope { missing }, _) => {
             let scopes: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
@@ -118,6 +120,7 @@ fn unauthorized(code: &str, message: &str) -> Result<web_sys::Response> {
 /// response goes back untouched (`worker::Response` would rebuild it around a new stream).
 async fn forward(
     req: web_sys::Request,
+    headers: &web_sys::Headers,
     method: &str,
     target: RequestTarget<'_>,
     config: &Settings,
@@ -181,7 +184,7 @@ async fn forward(
     let sent = match forward_upstream(
         &url,
         method,
-        &req.headers(),
+        headers,
         header::HEADER_PREFIX,
         &names,
         &values,

@@ -3,28 +3,13 @@
 //! headers and body, redirects not followed), whose response is returned as the runtime gave
 //! it. Nothing else: no KV read, no header added or removed, nothing checked.
 
-use worker::js_sys::{self, futures::JsFuture};
-use worker::wasm_bindgen::JsCast;
 use worker::worker_sys::web_sys;
 use worker::{Context, Env, Result, event};
 
+#[path = "../../common/pass_through.rs"]
+mod pass_through;
+
 #[event(fetch)]
 async fn fetch(req: web_sys::Request, env: Env, _ctx: Context) -> Result<web_sys::Response> {
-    let url = req.url();
-    // The path and query as sent: from the first `/` after the scheme's `//`.
-    let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
-    let path = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
-    let target = format!("{}{path}", env.var("UPSTREAM_URL")?);
-    let global: web_sys::WorkerGlobalScope = js_sys::global().unchecked_into();
-    // What a pass-through proxy sends: the method, headers and body as they came (not the
-    // request itself as the init, which would also copy its `cf`).
-    let init = web_sys::RequestInit::new();
-    init.set_method(&req.method());
-    init.set_headers(&req.headers());
-    if let Some(body) = req.body() {
-        init.set_body(&body);
-    }
-    init.set_redirect(web_sys::RequestRedirect::Manual);
-    let response = JsFuture::from(global.fetch_with_str_and_init(&target, &init)).await?;
-    Ok(response.dyn_into()?)
+    pass_through::pass_through(&req, &env).await
 }
