@@ -1,11 +1,18 @@
 // The header work of a forwarded gateway request, done in one call from wasm (`gateway.rs`):
 // crossing the boundary once per header name and value cost more than the rest of the request.
 //
-// `incoming` is the partner's request's Headers (immutable, so copied); `authorization`, `host`
-// and every header whose name starts with `prefix` are dropped; `names` and `values` are the
-// signed identity headers, one per line (a field name or value cannot hold a line break).
-// Returns the runtime's `fetch` promise, redirects not followed.
-export function forwardUpstream(url, method, incoming, prefix, names, values, body) {
+// `spec` holds the rest, one item per line (a URL, a method, a field name or a field value cannot
+// hold a line break): the URL, the method, the prefix of the header names to drop, then each
+// signed header's name and value. One string, because each string that crosses from wasm costs
+// a decode of its own. `incoming` is the partner's request's Headers: the upstream request's
+// Headers are a copy of them, less `authorization`, `host` and every name with the prefix, plus
+// the signed ones. Returns the runtime's `fetch` promise, redirects not followed.
+export function forwardUpstream(spec, incoming, body) {
+  const lines = spec.split("\n");
+  if (lines.length < 3 || lines.length % 2 === 0) {
+    throw new TypeError("forwardUpstream: a URL, a method, a prefix, then name and value pairs");
+  }
+  const prefix = lines[2];
   const headers = new Headers(incoming);
   // Collected first: deleting while iterating skips entries. Names come back lower-cased.
   const dropped = [];
@@ -17,17 +24,12 @@ export function forwardUpstream(url, method, incoming, prefix, names, values, bo
   for (const name of dropped) {
     headers.delete(name);
   }
-  const setNames = names.split("\n");
-  const setValues = values.split("\n");
-  if (setNames.length !== setValues.length) {
-    throw new TypeError("forwardUpstream: one value per header name");
+  for (let i = 3; i < lines.length; i += 2) {
+    headers.set(lines[i], lines[i + 1]);
   }
-  for (let i = 0; i < setNames.length; i++) {
-    headers.set(setNames[i], setValues[i]);
-  }
-  const init = { method, headers, redirect: "manual" };
+  const init = { method: lines[1], headers, redirect: "manual" };
   if (body !== undefined) {
     init.body = body;
   }
-  return fetch(url, init);
+  return fetch(lines[0], init);
 }

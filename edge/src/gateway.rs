@@ -19,16 +19,13 @@ use crate::reply;
 
 #[wasm_bindgen::prelude::wasm_bindgen(module = "/src/forward.js")]
 extern "C" {
-    /// `forward.js`: copies the partner's headers less its credentials and `x-latchkey-*`,
-    /// sets the signed ones (`names` and `values`, one per line) and fetches `url`.
+    /// `forward.js`: fetches the URL of `spec` (its lines: URL, method, the prefix of header
+    /// names to drop, then the signed headers' names and values) with the partner's headers
+    /// less its credentials and the prefixed ones, plus the signed ones.
     #[wasm_bindgen(js_name = forwardUpstream, catch)]
     fn forward_upstream(
-        url: &str,
-        method: &str,
+        spec: &str,
         incoming: &web_sys::Headers,
-        prefix: &str,
-        names: &str,
-        values: &str,
         body: Option<js_sys::Uint8Array>,
     ) -> std::result::Result<js_sys::Promise, wasm_bindgen::JsValue>;
 }
@@ -169,27 +166,18 @@ async fn forward(
         subject: &record.subject,
         scopes: &scopes,
     };
-    let (mut names, mut values) = (String::new(), String::new());
-    // No value holds a line break (the subject is percent-encoded); if one did, `forward.js`
-    // would count one value too many and throw, and nothing would be sent.
-    for (i, (name, value)) in signed.headers(secret).iter().enumerate() {
-        let sep = if i == 0 { "" } else { "\n" };
-        names.push_str(sep);
-        names.push_str(name);
-        values.push_str(sep);
-        values.push_str(value);
+    // No line holds a line break (the path is canonical, the subject percent-encoded); if one
+    // did, `forward.js` would count the wrong number of lines and throw, and nothing be sent.
+    let mut spec = format!("{url}\n{method}\n{}", header::HEADER_PREFIX);
+    for (name, value) in signed.headers(secret) {
+        spec.push('\n');
+        spec.push_str(name);
+        spec.push('\n');
+        spec.push_str(&value);
     }
     let body =
         (!matches!(method, "GET" | "HEAD")).then(|| js_sys::Uint8Array::from(body.as_slice()));
-    let sent = match forward_upstream(
-        &url,
-        method,
-        headers,
-        header::HEADER_PREFIX,
-        &names,
-        &values,
-        body,
-    ) {
+    let sent = match forward_upstream(&spec, headers, body) {
         Ok(sent) => sent,
         Err(e) => {
             // Nothing was sent: the request could not be formed (not the upstream's fault).

@@ -131,8 +131,15 @@ const SUBJECT_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// [`content_sha256`] of an empty body (every GET), known without hashing.
+const EMPTY_CONTENT_SHA256: &str =
+    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
 /// Lowercase hex SHA-256 of `body`: the value of [`header::CONTENT_SHA256`].
 pub fn content_sha256(body: &[u8]) -> String {
+    if body.is_empty() {
+        return EMPTY_CONTENT_SHA256.to_owned();
+    }
     hex::encode(Sha256::digest(body))
 }
 
@@ -380,6 +387,13 @@ impl GatewayVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_empty_body_digest_is_sha256_of_nothing() {
+        assert_eq!(EMPTY_CONTENT_SHA256, hex::encode(Sha256::digest(b"")));
+        assert_eq!(content_sha256(b""), EMPTY_CONTENT_SHA256);
+        assert_ne!(content_sha256(b" "), EMPTY_CONTENT_SHA256);
+    }
 
     const NOW: UnixMillis = UnixMillis(1_700_000_000_000);
 
