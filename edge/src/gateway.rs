@@ -65,11 +65,15 @@ pub(crate) async fn handle(
             return reply::error(503, code, message);
         }
     };
-    match (verdict, record) {
-        (Verdict::Valid, Some(record)) => {
-            forward(req, &headers, method, target, config, lookup, &record).await
-        }
-        (Verdict::InsufficientScope { missing }, _) => {
+    // Every verdict by name, so that a new one is decided here on purpose (the compiler asks),
+    // never folded into a 401 by a wildcard.
+    match verdict {
+        Verdict::Valid => match record {
+            Some(record) => forward(req, &headers, method, target, config, lookup, &record).await,
+            // `decide` answers `Valid` only with a record; deny rather than forward unsigned.
+            None => reply::error(500, "internal_error", "the key could not be checked"),
+        },
+        Verdict::InsufficientScope { missing } => {
             let scopes: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
             let scopes = scopes.join(" ");
             reply::challenge(
@@ -79,7 +83,10 @@ pub(crate) async fn handle(
                 &format!(r#"Bearer realm="{REALM}", error="insufficient_scope", scope="{scopes}""#),
             )
         }
-        _ => unauthorized("invalid_key", "the API key is not valid"),
+        // One answer for all of these, so that it never tells whether a key exists.
+        Verdict::NotFound | Verdict::Malformed | Verdict::Revoked | Verdict::Expired => {
+            unauthorized("invalid_key", "the API key is not valid")
+        }
     }
 }
 

@@ -9,7 +9,8 @@ use std::rc::Rc;
 
 use latchkey_shared::ledger::memory::Recall;
 use latchkey_shared::{
-    KeyId, KeyRecord, Scope, UnixMillis, Verdict, decide, kv_entry_name, parse_presented,
+    DecisionContext, KeyId, KeyRecord, Scope, UnixMillis, Verdict, decide, kv_entry_name,
+    parse_presented,
 };
 use worker::{Context, Env};
 
@@ -136,7 +137,10 @@ impl<'a> Lookup<'a> {
             }
             Some(settings) => self.recall(settings, &name, key.hint().as_str()).await?,
         };
-        let verdict = decide(record.as_deref(), self.now, required);
+        let verdict = decide(
+            record.as_deref(),
+            &DecisionContext::at(self.now).requiring(required),
+        );
         if let (true, Some(record)) = (verdict.is_valid(), &record) {
             self.used.push(record.id.clone());
         }

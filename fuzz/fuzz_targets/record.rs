@@ -3,7 +3,7 @@
 //! revoked or expired record.
 #![no_main]
 
-use latchkey_shared::{KeyRecord, UnixMillis, Verdict, decide};
+use latchkey_shared::{DecisionContext, KeyRecord, UnixMillis, Verdict, decide};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (i64, &[u8])| {
@@ -15,7 +15,7 @@ fuzz_target!(|input: (i64, &[u8])| {
         KeyRecord::from_json(record.to_json().as_bytes()).expect("re-encoded record decodes");
     assert_eq!(again, record);
     let now = UnixMillis(now);
-    let verdict = decide(Some(&record), now, &[]);
+    let verdict = decide(Some(&record), &DecisionContext::at(now));
     if record.revoked {
         assert_eq!(verdict, Verdict::Revoked);
     } else if record.is_expired(now) {

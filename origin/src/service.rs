@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use latchkey_shared::{
-    ApiKey, KeyId, KeyPrefix, KeyRecord, PRESENTED_MAX, REQUIRED_SCOPES_MAX, ScopePolicy,
-    UnixMillis, Verdict, decide, parse_presented, parse_required,
+    ApiKey, DecisionContext, KeyId, KeyPrefix, KeyRecord, PRESENTED_MAX, REQUIRED_SCOPES_MAX,
+    ScopePolicy, UnixMillis, Verdict, decide, parse_presented, parse_required,
 };
 use serde_json::{Map, Value, json};
 
@@ -444,7 +444,10 @@ impl KeyService {
         let key = self.store.find_by_hash(&secret.hash()).await?;
         let now = system_now();
         let record = key.as_ref().map(StoredKey::record);
-        let verdict = decide(record.as_ref(), now, &required);
+        let verdict = decide(
+            record.as_ref(),
+            &DecisionContext::at(now).requiring(&required),
+        );
         let key = key.map(|k| {
             // One trip to the tracker: the use just recorded, or the pending one.
             let pending = if verdict.is_valid() {

@@ -30,6 +30,6 @@ pub use record::{
 pub use route::{RouteError, RouteRule, RouteTable};
 pub use scope::{Scope, ScopeError, ScopePolicy, ScopeSet};
 pub use verify::{
-    PRESENTED_MAX, REQUIRED_SCOPES_MAX, RequiredScopesError, Verdict, VerifyReport, VerifyRequest,
-    decide, parse_presented, parse_required,
+    DecisionContext, PRESENTED_MAX, REQUIRED_SCOPES_MAX, RequiredScopesError, Verdict,
+    VerifyReport, VerifyRequest, decide, parse_presented, parse_required,
 };

@@ -1,13 +1,48 @@
 //! The record origin publishes for each key and the edge reads back: one per key, named by the
 //! key's hash ([`kv_entry_name`]), never containing the secret.
+//!
+//! # Versions
+//!
+//! A record crosses a deployment boundary: origin writes it, and edges built from an older or a
+//! newer release read it, from KV and from the change ledger. So that old and new coexist:
+//!
+//! 1. **A new field is optional.** It has a default, and a record that does not use it is
+//!    written without it, byte for byte as before (`#[serde(default, skip_serializing_if)]`).
+//! 2. **Readers ignore fields they do not know.** A field that only informs (a reader that
+//!    ignores it still decides correctly) needs nothing more.
+//! 3. **A field that restricts bumps the version.** If ignoring a field would let a key do
+//!    more than the writer meant (a key switched off, an address allowlist, a shorter life),
+//!    the field has the version that introduced it, and a record that uses it is written with
+//!    that version in `v` (records that do not use it keep the lower one, so an edge not yet
+//!    upgraded still reads them).
+//! 4. **Readers refuse versions newer than their own** ([`RECORD_VERSION`]): a record they
+//!    cannot fully read is unreadable, and the edge denies (fails closed) rather than guess.
+//! 5. **Deploy the edge first, then origin**, so that no edge meets a version it cannot read.
+//!
+//! ```
+//! use latchkey_shared::{KeyRecord, RECORD_VERSION, RecordError};
+//!
+//! let v1 = br#"{"v":1,"id":"key_0123456789abcdefABCD","subject":"acme","scopes":["read:orders"],
+//!     "revoked":false,"revoked_at":null,"expires_at":null,"revision":1}"#;
+//! assert_eq!(KeyRecord::from_json(v1).unwrap().subject, "acme");
+//!
+//! // A field this build does not know, in a version it reads: ignored.
+//! let informed = br#"{"v":1,"id":"key_0123456789abcdefABCD","subject":"acme","scopes":[],
+//!     "revoked":false,"revoked_at":null,"expires_at":null,"revision":1,"colour":"blue"}"#;
+//! assert!(KeyRecord::from_json(informed).is_ok());
+//!
+//! // A version newer than this build's: refused, so the edge denies.
+//! let newer = format!(r#"{{"v":{},"id":"key_0123456789abcdefABCD"}}"#, RECORD_VERSION + 1);
+//! assert!(matches!(KeyRecord::from_json(newer.as_bytes()), Err(RecordError::UnsupportedVersion(_))));
+//! ```
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::key::{KeyHash, KeyId};
 use crate::scope::ScopeSet;
 
-/// The record format version written by this crate. Bump it when a field changes meaning;
-/// readers reject versions they do not know rather than guess.
+/// The newest record version this build reads: every version from 1 up to it (see the module's
+/// "Versions"). Bumped by a field that restricts what a key may do, or a change of meaning.
 pub const RECORD_VERSION: u32 = 1;
 
 /// Milliseconds since the Unix epoch. `shared` never reads the clock: callers pass the time in.
@@ -61,15 +96,21 @@ pub enum RecordError {
     #[error("record is not valid JSON of the expected shape: {0}")]
     Json(#[from] serde_json::Error),
     /// A record version this build does not understand.
-    #[error("record version {0} is not supported (this build reads version {RECORD_VERSION})")]
+    #[error(
+        "record version {0} is not supported (this build reads versions 1 to {RECORD_VERSION})"
+    )]
     UnsupportedVersion(u32),
 }
 
 /// The state of one key as the edge needs it to decide a verification.
+///
+/// Unknown fields are ignored and versions past [`RECORD_VERSION`] refused, wherever a record
+/// is read (KV, or inside a ledger message): see the module's "Versions".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeyRecord {
-    /// Format version, always [`RECORD_VERSION`] when written by this build.
+    /// The record's format version: the version of the newest restricting field it uses
+    /// (1 while there are none).
+    #[serde(deserialize_with = "readable_version")]
     pub v: u32,
     /// The key's public id.
     pub id: KeyId,
@@ -94,14 +135,15 @@ impl KeyRecord {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Parses stored bytes, rejecting unknown versions.
+    /// Parses stored bytes, refusing versions this build does not read.
     pub fn from_json(bytes: &[u8]) -> Result<Self, RecordError> {
         #[derive(Deserialize)]
         struct Version {
             v: u32,
         }
+        // First the version alone, for a typed error naming it.
         let Version { v } = serde_json::from_slice(bytes)?;
-        if v != RECORD_VERSION {
+        if !is_readable_version(v) {
             return Err(RecordError::UnsupportedVersion(v));
         }
         Ok(serde_json::from_slice(bytes)?)
@@ -110,6 +152,21 @@ impl KeyRecord {
     /// Whether the key is past its expiry at `now`.
     pub fn is_expired(&self, now: UnixMillis) -> bool {
         is_expired_at(self.expires_at, now)
+    }
+}
+
+/// Whether this build reads records of version `v`.
+fn is_readable_version(v: u32) -> bool {
+    (1..=RECORD_VERSION).contains(&v)
+}
+
+/// `v` as serde reads it wherever a record is embedded (a ledger message as much as KV).
+fn readable_version<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(deserializer)?;
+    if is_readable_version(v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(RecordError::UnsupportedVersion(v)))
     }
 }
 
@@ -172,6 +229,40 @@ mod tests {
         }
     }
 
+    /// The exact bytes every build so far writes for [`record`]: a newer reader must go on
+    /// reading them.
+    const WRITTEN_V1: &str = r#"{"v":1,"id":"key_0123456789abcdefABCD","subject":"acme-corp","scopes":["read:orders"],"revoked":false,"revoked_at":null,"expires_at":1700000000000,"revision":3}"#;
+
+    #[test]
+    fn a_newer_reader_reads_an_older_record() {
+        assert_eq!(
+            KeyRecord::from_json(WRITTEN_V1.as_bytes()).expect("parses"),
+            record()
+        );
+    }
+
+    #[test]
+    fn a_record_that_uses_no_newer_field_is_written_as_before() {
+        assert_eq!(record().to_json(), WRITTEN_V1);
+    }
+
+    #[test]
+    fn fields_a_reader_does_not_know_are_ignored() {
+        // As an older reader meets a field added later that only informs.
+        for extra in [
+            r#""note":"x""#,
+            r#""limits":{"rps":5}"#,
+            r#""labels":[1,2]"#,
+        ] {
+            let json =
+                WRITTEN_V1.replace(r#","revision":3}"#, &format!(r#","revision":3,{extra}}}"#));
+            assert_eq!(
+                KeyRecord::from_json(json.as_bytes()).expect(&json),
+                record()
+            );
+        }
+    }
+
     #[test]
     fn round_trips_through_json() {
         let r = record();
@@ -184,12 +275,32 @@ mod tests {
     }
 
     #[test]
-    fn rejects_unknown_versions_and_shapes() {
-        let future = record().to_json().replace(r#""v":1"#, r#""v":2"#);
-        assert!(matches!(
-            KeyRecord::from_json(future.as_bytes()),
-            Err(RecordError::UnsupportedVersion(2))
-        ));
+    fn an_older_reader_refuses_a_newer_record() {
+        // As this build meets a record written by a newer origin: refused, whatever it holds,
+        // so the edge denies rather than decide without the field that needed the new version.
+        for v in [0, RECORD_VERSION + 1, u32::MAX] {
+            let json = WRITTEN_V1.replace(r#""v":1"#, &format!(r#""v":{v}"#));
+            assert!(
+                matches!(KeyRecord::from_json(json.as_bytes()), Err(RecordError::UnsupportedVersion(got)) if got == v),
+                "{json}"
+            );
+            // Embedded in another message (a ledger entry), the same rule holds.
+            let embedded = format!(r#"{{"record":{json}}}"#);
+            #[derive(Debug, Deserialize)]
+            #[allow(dead_code, reason = "only parsed")]
+            struct Wrapper {
+                record: KeyRecord,
+            }
+            let refused = serde_json::from_str::<Wrapper>(&embedded).expect_err(&embedded);
+            assert!(
+                refused.to_string().contains("is not supported"),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
         for bad in ["", "{}", "[]", r#"{"v":1}"#, "null", r#"{"v":"1"}"#] {
             assert!(KeyRecord::from_json(bad.as_bytes()).is_err(), "{bad}");
         }

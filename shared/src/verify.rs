@@ -146,24 +146,62 @@ impl VerifyReport {
     }
 }
 
-/// Decides a verification from the record found for the key's hash (if any), the current time,
-/// and the scopes the caller requires (empty: any live key passes).
+/// Everything a verification is decided against besides the key's record: when, and what the
+/// caller requires. Built with [`DecisionContext::at`] and refined, so that a new condition
+/// (the client's address, say) is a new method here, not a new argument at every call:
+///
+/// ```
+/// use latchkey_shared::{DecisionContext, Scope, UnixMillis};
+///
+/// let required = [Scope::parse("read:orders").unwrap()];
+/// let context = DecisionContext::at(UnixMillis(1_700_000_000_000)).requiring(&required);
+/// assert_eq!(context.required().len(), 1);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionContext<'a> {
+    now: UnixMillis,
+    required: &'a [Scope],
+}
+
+impl<'a> DecisionContext<'a> {
+    /// A verification at `now` that requires no scope (any live key passes).
+    pub fn at(now: UnixMillis) -> Self {
+        Self { now, required: &[] }
+    }
+
+    /// The same, requiring every scope of `required`.
+    pub fn requiring(self, required: &'a [Scope]) -> Self {
+        Self { required, ..self }
+    }
+
+    /// When the verification happens.
+    pub fn now(&self) -> UnixMillis {
+        self.now
+    }
+
+    /// The scopes the key must hold.
+    pub fn required(&self) -> &'a [Scope] {
+        self.required
+    }
+}
+
+/// Decides a verification from the record found for the key's hash (if any) in `context`.
 ///
 /// Order matters and is part of the contract: a revoked key answers `REVOKED` even if it has also
 /// expired or lacks a scope, and an expired key answers `EXPIRED` before any scope check.
-pub fn decide(record: Option<&KeyRecord>, now: UnixMillis, required: &[Scope]) -> Verdict {
+pub fn decide(record: Option<&KeyRecord>, context: &DecisionContext<'_>) -> Verdict {
     let Some(record) = record else {
         return Verdict::NotFound;
     };
     if record.revoked {
         return Verdict::Revoked;
     }
-    if record.is_expired(now) {
+    if record.is_expired(context.now) {
         return Verdict::Expired;
     }
     let missing: Vec<Scope> = record
         .scopes
-        .missing(required)
+        .missing(context.required)
         .into_iter()
         .cloned()
         .collect();
@@ -245,7 +283,11 @@ mod tests {
         ];
         for (record, required, expected) in cases {
             assert_eq!(
-                decide(record.as_ref(), NOW, &required).code(),
+                decide(
+                    record.as_ref(),
+                    &DecisionContext::at(NOW).requiring(&required)
+                )
+                .code(),
                 expected,
                 "{record:?} {required:?}"
             );
@@ -255,7 +297,8 @@ mod tests {
     #[test]
     fn insufficient_scope_names_what_is_missing() {
         let r = record(false, None, &["read:orders"]);
-        let verdict = decide(Some(&r), NOW, &scopes(&["read:orders", "write:webhooks"]));
+        let required = scopes(&["read:orders", "write:webhooks"]);
+        let verdict = decide(Some(&r), &DecisionContext::at(NOW).requiring(&required));
         assert_eq!(
             verdict,
             Verdict::InsufficientScope {

@@ -4,8 +4,8 @@
 #![allow(clippy::expect_used, reason = "tests")]
 
 use latchkey_shared::{
-    ApiKey, KeyId, KeyPrefix, KeyRecord, RECORD_VERSION, Scope, ScopePolicy, ScopeSet, UnixMillis,
-    Verdict, decide,
+    ApiKey, DecisionContext, KeyId, KeyPrefix, KeyRecord, RECORD_VERSION, Scope, ScopePolicy,
+    ScopeSet, UnixMillis, Verdict, decide,
 };
 use proptest::prelude::*;
 
@@ -159,7 +159,8 @@ proptest! {
             revision,
         };
         let required: Vec<Scope> = required.iter().map(|r| scope(r)).collect();
-        let verdict = decide(Some(&record), UnixMillis(now), &required);
+        let context = DecisionContext::at(UnixMillis(now)).requiring(&required);
+        let verdict = decide(Some(&record), &context);
         let expired = expires_at.is_some_and(|e| e.0 <= now);
         if revoked {
             prop_assert_eq!(verdict, Verdict::Revoked);
@@ -170,6 +171,6 @@ proptest! {
         }
         // The record the edge reads decides the same after a trip through KV's JSON.
         let reread = KeyRecord::from_json(record.to_json().as_bytes()).expect("round trip");
-        prop_assert_eq!(decide(Some(&reread), UnixMillis(now), &required), decide(Some(&record), UnixMillis(now), &required));
+        prop_assert_eq!(decide(Some(&reread), &context), decide(Some(&record), &context));
     }
 }

@@ -317,9 +317,16 @@ async fn hostile_requests_and_kv_faults_at_the_edge_never_let_anything_through()
     ));
 
     // KV holds a record this build cannot read: deny with 503, at verify and at the gateway.
+    // Among them the key's own record as a newer origin would write it, with a version this
+    // build does not read (shared/src/record.rs, "Versions").
     let entry = kv_entry_name(&ApiKey::parse(&key).expect("key").hash());
     let good = edge.read_kv(&entry).await;
-    for garbage in [&b"{not json"[..], br#"{"v":99,"id":"x"}"#, b""] {
+    let good_text = String::from_utf8(good.clone()).expect("a record is JSON");
+    assert!(good_text.starts_with(r#"{"v":1,"#), "{good_text}");
+    let newer = good_text
+        .replacen(r#"{"v":1,"#, r#"{"v":99,"#, 1)
+        .into_bytes();
+    for garbage in [&b"{not json"[..], &newer, br#"{"v":99,"id":"x"}"#, b""] {
         edge.write_kv(&entry, garbage).await;
         // Read from KV once memory no longer holds the key (at most a second or two; a failed
         // read is never kept).
@@ -346,6 +353,15 @@ async fn hostile_requests_and_kv_faults_at_the_edge_never_let_anything_through()
         upstream_calls(),
         calls_before,
         "nothing forwarded while KV was unreadable"
+    );
+    // A field this build does not know, in a version it reads (as a newer origin adds one that
+    // only informs): ignored, and the key works.
+    let informed = good_text.replacen(r#"{"v":1,"#, r#"{"v":1,"note":"added later","#, 1);
+    edge.write_kv(&entry, informed.as_bytes()).await;
+    assert_eq!(
+        edge.verify(&key, &[]).await.body["valid"],
+        true,
+        "{informed}"
     );
     // Origin's full sync writes the true record back; the key works again.
     edge.write_kv(&entry, &good).await;

@@ -7,7 +7,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use latchkey_bench_wasm::{Inputs, inputs};
-use latchkey_shared::{ApiKey, Scope, UnixMillis, decide, parse_presented};
+use latchkey_shared::{ApiKey, DecisionContext, Scope, UnixMillis, decide, parse_presented};
 use sha2::{Digest, Sha256};
 
 fn benches(c: &mut Criterion) {
@@ -44,7 +44,10 @@ fn benches(c: &mut Criterion) {
             let key = parse_presented(black_box(&text)).expect("well-formed");
             let hash = key.hash();
             black_box(hash);
-            decide(Some(black_box(&record)), now, black_box(&required))
+            decide(
+                Some(black_box(&record)),
+                &DecisionContext::at(now).requiring(black_box(&required)),
+            )
         })
     });
 }

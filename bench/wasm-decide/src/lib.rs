@@ -7,8 +7,8 @@
 use std::hint::black_box;
 
 use latchkey_shared::{
-    ApiKey, KeyId, KeyPrefix, KeyRecord, RECORD_VERSION, Scope, ScopePolicy, UnixMillis, decide,
-    parse_presented, parse_required,
+    ApiKey, DecisionContext, KeyId, KeyPrefix, KeyRecord, RECORD_VERSION, Scope, ScopePolicy,
+    UnixMillis, decide, parse_presented, parse_required,
 };
 use sha2::{Digest, Sha256};
 use wasm_bindgen::prelude::wasm_bindgen;
@@ -89,7 +89,13 @@ pub fn run(op: u32, n: u32) -> u32 {
             _ => {
                 let key = parse_presented(black_box(&inputs.key)).expect("well-formed");
                 black_box(key.hash());
-                u32::from(decide(Some(black_box(&inputs.record)), now, &inputs.required).is_valid())
+                u32::from(
+                    decide(
+                        Some(black_box(&inputs.record)),
+                        &DecisionContext::at(now).requiring(&inputs.required),
+                    )
+                    .is_valid(),
+                )
             }
         });
     }

@@ -10,7 +10,9 @@
 //! complete (see [`memory::Memory::trusted`]).
 //!
 //! Messages, each a version-1 JSON object (readers ignore fields they do not know, so a field
-//! can be added without breaking an older reader; a new `v` is refused):
+//! can be added without breaking an older reader; a new `v` is refused; the records inside
+//! follow the record's own versions, `record.rs`, and one this build cannot read refuses the
+//! message, so an isolate falls back to KV and denies that key):
 //! * [`AppendBatch`], origin → Worker at [`APPEND_PATH`], signed with HMAC-SHA256 over
 //!   [`append_message`] (`x-latchkey-timestamp`, `x-latchkey-signature`, as usage reports).
 //! * [`AppendAnswer`], the Worker's answer.
@@ -248,6 +250,16 @@ mod tests {
             AppendBatch::parse(b"[]"),
             Err(LedgerError::Shape(_))
         ));
+        // A record this build cannot read (a newer version) refuses the whole batch; a record
+        // field it does not know is ignored (`record.rs`, "Versions").
+        let newer = body(1, &name('b')).replace(r#""record":{"v":1"#, r#""record":{"v":99"#);
+        assert!(matches!(
+            AppendBatch::parse(newer.as_bytes()),
+            Err(LedgerError::Shape(e)) if e.contains("record version 99")
+        ));
+        let informed =
+            body(1, &name('b')).replace(r#""revision":1}"#, r#""revision":1,"note":"x"}"#);
+        assert_eq!(AppendBatch::parse(informed.as_bytes()), Ok(ok.clone()));
         let many = AppendBatch::new(vec![ok.changes[0].clone(); APPEND_MAX_CHANGES + 1], None);
         let many = serde_json::to_vec(&many).expect("serialises");
         assert_eq!(AppendBatch::parse(&many), Err(LedgerError::TooMany));
