@@ -19,6 +19,21 @@
 //!
 //! An operator may also fix a **catalogue** of allowed scopes ([`ScopePolicy::catalogue`]). A
 //! granted scope must then appear in it verbatim (a wildcard grant must be listed as a wildcard).
+//!
+//! A key's scopes keep the order they were granted in (the order a caller sees them answered),
+//! and a scope may be granted only once; whether a key holds a scope does not depend on order:
+//!
+//! ```
+//! use latchkey_shared::{Scope, ScopeError, ScopePolicy};
+//!
+//! let granted = ScopePolicy::default().parse_grants(&["write:webhooks", "read:orders"]).unwrap();
+//! assert_eq!(granted.to_strings(), ["write:webhooks", "read:orders"]);
+//! assert!(granted.allows(&Scope::parse("read:orders").unwrap()));
+//! assert_eq!(
+//!     ScopePolicy::default().parse_grants(&["read:orders", "read:orders"]),
+//!     Err(ScopeError::Duplicate("read:orders".into())),
+//! );
+//! ```
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -52,6 +67,9 @@ pub enum ScopeError {
     /// Granted scopes that the operator's catalogue does not list.
     #[error("unknown scopes (not in the scope catalogue): {}", .0.join(", "))]
     NotInCatalogue(Vec<String>),
+    /// The same scope granted twice.
+    #[error("scope {0:?} is listed more than once")]
+    Duplicate(String),
 }
 
 /// One parsed scope, concrete (`read:orders`) or a trailing wildcard (`read:*`).
@@ -157,16 +175,17 @@ impl<'de> Deserialize<'de> for Scope {
     }
 }
 
-/// The scopes granted to a key: sorted, without duplicates.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The scopes granted to a key, in the order they were granted, without duplicates. Two sets
+/// holding the same scopes in another order are not equal (a caller sees the order), but
+/// allow the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
-pub struct ScopeSet(BTreeSet<Scope>);
+pub struct ScopeSet(Vec<Scope>);
 
 impl ScopeSet {
     /// Whether any granted scope covers `required`.
     pub fn allows(&self, required: &Scope) -> bool {
-        // Exact hit first: it is the common case and a logarithmic lookup.
-        self.0.contains(required) || self.0.iter().any(|granted| granted.covers(required))
+        self.0.iter().any(|granted| granted.covers(required))
     }
 
     /// The required scopes that no granted scope covers, in the order given.
@@ -174,7 +193,7 @@ impl ScopeSet {
         required.iter().filter(|r| !self.allows(r)).collect()
     }
 
-    /// The scopes, sorted.
+    /// The scopes, in the order granted.
     pub fn iter(&self) -> impl Iterator<Item = &Scope> {
         self.0.iter()
     }
@@ -189,15 +208,32 @@ impl ScopeSet {
         self.0.is_empty()
     }
 
-    /// The scopes as strings, sorted.
+    /// The scopes as strings, in the order granted.
     pub fn to_strings(&self) -> Vec<String> {
         self.0.iter().map(|s| s.0.clone()).collect()
     }
 }
 
 impl FromIterator<Scope> for ScopeSet {
+    /// Keeps the first of any repeated scope (grants are refused with a repeat before they get
+    /// here, [`ScopePolicy::parse_grants`]; this only keeps the set a set).
     fn from_iter<I: IntoIterator<Item = Scope>>(iter: I) -> Self {
-        Self(iter.into_iter().collect())
+        let mut scopes: Vec<Scope> = Vec::new();
+        for scope in iter {
+            if !scopes.contains(&scope) {
+                scopes.push(scope);
+            }
+        }
+        Self(scopes)
+    }
+}
+
+impl<'de> Deserialize<'de> for ScopeSet {
+    /// Records written before scopes kept their order hold them sorted; they read as they are.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Vec::<Scope>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
     }
 }
 
@@ -214,10 +250,15 @@ impl ScopePolicy {
     /// Parses and checks a list of scopes to grant. Syntax errors report the first bad scope;
     /// catalogue misses report every unknown scope at once, so one round trip fixes them all.
     pub fn parse_grants<S: AsRef<str>>(&self, scopes: &[S]) -> Result<ScopeSet, ScopeError> {
-        let set: ScopeSet = scopes
-            .iter()
-            .map(|s| Scope::parse_grant(s.as_ref(), self.wildcards))
-            .collect::<Result<_, _>>()?;
+        let mut granted: Vec<Scope> = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            let scope = Scope::parse_grant(scope.as_ref(), self.wildcards)?;
+            if granted.contains(&scope) {
+                return Err(ScopeError::Duplicate(scope.0));
+            }
+            granted.push(scope);
+        }
+        let set = ScopeSet(granted);
         if let Some(catalogue) = &self.catalogue {
             let unknown: Vec<String> = set
                 .iter()
@@ -353,8 +394,8 @@ mod tests {
         assert_eq!(
             policy.parse_grants(&["read:orders", "write:webhooks", "admin:all"]),
             Err(ScopeError::NotInCatalogue(vec![
-                "admin:all".into(),
-                "write:webhooks".into()
+                "write:webhooks".into(),
+                "admin:all".into()
             ]))
         );
         assert_eq!(
@@ -364,15 +405,40 @@ mod tests {
     }
 
     #[test]
-    fn grants_are_sorted_and_deduplicated() {
-        let s = ScopePolicy::default()
-            .parse_grants(&["write:webhooks", "read:orders", "read:orders"])
-            .expect("valid");
-        assert_eq!(s.to_strings(), ["read:orders", "write:webhooks"]);
+    fn grants_keep_their_order_and_refuse_repeats() {
+        let given = ["read:orders", "read:customers", "write:webhooks"];
+        let s = ScopePolicy::default().parse_grants(&given).expect("valid");
+        assert_eq!(s.to_strings(), given);
         assert_eq!(
             serde_json::to_string(&s).expect("json"),
-            r#"["read:orders","write:webhooks"]"#
+            r#"["read:orders","read:customers","write:webhooks"]"#
         );
+        let reordered = ScopePolicy::default()
+            .parse_grants(&["write:webhooks", "read:orders", "read:customers"])
+            .expect("valid");
+        assert_ne!(s, reordered, "the order is part of what a caller sees");
+        for required in given {
+            let required = Scope::parse(required).expect("valid");
+            assert_eq!(s.allows(&required), reordered.allows(&required));
+        }
+        assert_eq!(
+            ScopePolicy::default().parse_grants(&[
+                "write:webhooks",
+                "read:orders",
+                "write:webhooks"
+            ]),
+            Err(ScopeError::Duplicate("write:webhooks".into()))
+        );
+    }
+
+    #[test]
+    fn stored_scopes_read_in_their_stored_order_once_each() {
+        let sorted: ScopeSet =
+            serde_json::from_str(r#"["read:orders","write:webhooks"]"#).expect("old record");
+        assert_eq!(sorted.to_strings(), ["read:orders", "write:webhooks"]);
+        let repeated: ScopeSet =
+            serde_json::from_str(r#"["write:a","read:b","write:a"]"#).expect("parses");
+        assert_eq!(repeated.to_strings(), ["write:a", "read:b"]);
     }
 
     #[test]

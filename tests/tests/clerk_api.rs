@@ -80,8 +80,8 @@ async fn create_get_verify_update_revoke_round_trip() {
     );
     assert_eq!(
         body["scopes"],
-        json!(["read:customers", "read:orders", "write:webhooks"]),
-        "sorted"
+        json!(["write:webhooks", "read:orders", "read:customers"]),
+        "in the order given"
     );
     assert_eq!(
         body["claims"],
@@ -169,8 +169,25 @@ async fn update_changes_each_field_and_null_clears() {
     assert_eq!(r.body["name"], "renamed");
     assert_eq!(r.body["description"], "d");
     assert_eq!(r.body["claims"], json!({"partner_id": "acme"}));
-    assert_eq!(r.body["scopes"], json!(["read:invoices", "read:orders"]));
+    assert_eq!(r.body["scopes"], json!(["read:orders", "read:invoices"]));
     assert!(r.body["expiration"].as_i64().is_some());
+    let repeated = app
+        .patch(
+            &path,
+            json!({"scopes": ["read:orders", "read:invoices", "read:orders"]}),
+        )
+        .await;
+    assert_eq!(
+        repeated.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        repeated.body
+    );
+    assert!(
+        repeated.body.to_string().contains("more than once"),
+        "{:?}",
+        repeated.body
+    );
 
     let cleared = app
         .patch(

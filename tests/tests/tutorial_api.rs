@@ -66,6 +66,9 @@ async fn the_five_calls_with_the_tutorials_shapes() {
     );
     assert_eq!(created.body["metadata"]["partner_id"], "acme-corp");
     assert_eq!(created.body["name"], "partner-acme-corp-integration");
+    // The tutorial's own answer: the scopes in the order given, not re-sorted.
+    let given = json!(["read:orders", "read:customers", "write:webhooks"]);
+    assert_eq!(created.body["scopes"], given);
 
     // Step 2: verify.
     let verified = app
@@ -76,12 +79,7 @@ async fn the_five_calls_with_the_tutorials_shapes() {
     assert_eq!(verified.body["code"], "VALID");
     assert_eq!(verified.body["revoked"], false);
     assert_eq!(verified.body["id"], id.as_str());
-    assert!(
-        verified.body["scopes"]
-            .as_array()
-            .expect("scopes")
-            .contains(&json!("read:orders"))
-    );
+    assert_eq!(verified.body["scopes"], given);
     assert!(is_iso(&verified.body["created_at"]) && is_iso(&verified.body["last_used_at"]));
 
     // Step 3: list.
@@ -135,7 +133,19 @@ async fn the_five_calls_with_the_tutorials_shapes() {
     );
     assert_eq!(
         updated.body["scopes"],
-        json!(["read:customers", "read:orders"])
+        json!(["read:orders", "read:customers"])
+    );
+    let repeated = app
+        .patch(
+            "/backend.api-keys.update",
+            json!({ "key_id": id, "scopes": ["read:orders", "read:orders"] }),
+        )
+        .await;
+    assert_eq!(
+        repeated.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        repeated.body
     );
     assert_eq!(updated.body["metadata"]["reason"], "security-review");
     assert!(is_iso(&updated.body["updated_at"]));
