@@ -154,6 +154,7 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
             revoked_at: None,
             expires_at: None,
             revision: 1,
+            disabled: false,
         };
         Seeded {
             record_name: kv_entry_name(&key.hash()),

@@ -1,8 +1,8 @@
 //! Gateway mode: the route rules decide what a request needs, the key decides whether it has
 //! it, and an allowed request goes upstream with signed identity headers instead of the key.
 //!
-//! Answers never reveal whether a key exists: unknown, malformed, revoked and expired keys all
-//! get the same 401.
+//! Answers never reveal whether a key exists: unknown, malformed, revoked, expired and disabled
+//! keys all get the same 401.
 
 use js_sys::futures::JsFuture;
 use latchkey_shared::sign::gateway::{SignedRequest, content_sha256, header};
@@ -84,9 +84,11 @@ pub(crate) async fn handle(
             )
         }
         // One answer for all of these, so that it never tells whether a key exists.
-        Verdict::NotFound | Verdict::Malformed | Verdict::Revoked | Verdict::Expired => {
-            unauthorized("invalid_key", "the API key is not valid")
-        }
+        Verdict::NotFound
+        | Verdict::Malformed
+        | Verdict::Revoked
+        | Verdict::Expired
+        | Verdict::Disabled => unauthorized("invalid_key", "the API key is not valid"),
     }
 }
 

@@ -665,6 +665,7 @@ mod tests {
                     revoked_at: Some(UnixMillis(i64::MAX)),
                     expires_at: Some(UnixMillis(i64::MAX)),
                     revision: u64::MAX,
+                    disabled: false,
                 },
             }
         };

@@ -40,6 +40,8 @@ pub struct StoredKey {
     pub updated_at: UnixMillis,
     /// Increases with every change; guards concurrent updates.
     pub revision: i64,
+    /// Switched off (reversibly) through update: verification answers `DISABLED`.
+    pub disabled: bool,
 }
 
 impl StoredKey {
@@ -50,7 +52,7 @@ impl StoredKey {
 
     /// The record the verify decision (and the edge) sees.
     pub fn record(&self) -> KeyRecord {
-        KeyRecord {
+        let mut record = KeyRecord {
             v: RECORD_VERSION,
             id: self.id.clone(),
             subject: self.subject.clone(),
@@ -59,7 +61,12 @@ impl StoredKey {
             revoked_at: self.revoked_at,
             expires_at: self.expiration,
             revision: u64::try_from(self.revision).unwrap_or(0),
-        }
+            disabled: self.disabled,
+        };
+        // The lowest version that says all of it, so edges of the previous release read every
+        // record that needs nothing newer (`shared/src/record.rs`, "Versions").
+        record.v = record.version_needed();
+        record
     }
 }
 

@@ -113,6 +113,8 @@ pub struct KeyChanges {
     pub claims: Option<Option<Value>>,
     /// New expiry, if it changes.
     pub expiration: Option<Lifetime>,
+    /// Switch the key off (`true`) or on again (`false`).
+    pub disabled: Option<bool>,
 }
 
 /// When a key expires, as a request states it.
@@ -269,6 +271,7 @@ impl KeyService {
             created_at: now,
             updated_at: now,
             revision: 1,
+            disabled: false,
         };
         let event = AuditEvent {
             at: now,
@@ -341,6 +344,7 @@ impl KeyService {
             .map(|c| c.map(claims).transpose().map(Option::flatten))
             .transpose()?;
         let lifetime = changes.expiration;
+        let disabled = changes.disabled;
 
         self.change(actor, id, "update", |key, now| {
             if key.revoked {
@@ -389,6 +393,10 @@ impl KeyService {
                     json!(expiration),
                 );
                 key.expiration = expiration;
+            }
+            if let Some(disabled) = disabled {
+                note(&mut diff, "disabled", json!(key.disabled), json!(disabled));
+                key.disabled = disabled;
             }
             Ok(json!({ "changes": diff }))
         })

@@ -43,7 +43,12 @@ use crate::scope::ScopeSet;
 
 /// The newest record version this build reads: every version from 1 up to it (see the module's
 /// "Versions"). Bumped by a field that restricts what a key may do, or a change of meaning.
-pub const RECORD_VERSION: u32 = 1;
+///
+/// | version | introduced |
+/// |---|---|
+/// | 1 | `id`, `subject`, `scopes`, `revoked`, `revoked_at`, `expires_at`, `revision` |
+/// | 2 | `disabled` (written only when `true`) |
+pub const RECORD_VERSION: u32 = 2;
 
 /// Milliseconds since the Unix epoch. `shared` never reads the clock: callers pass the time in.
 #[derive(
@@ -126,6 +131,14 @@ pub struct KeyRecord {
     pub expires_at: Option<UnixMillis>,
     /// Increases with every change of the key, so a reader can ignore a stale write.
     pub revision: u64,
+    /// Switched off until switched on again (unlike revocation, reversible). Version 2: a
+    /// record that sets it is written as version 2, so a version-1 reader refuses it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub disabled: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 impl KeyRecord {
@@ -147,6 +160,13 @@ impl KeyRecord {
             return Err(RecordError::UnsupportedVersion(v));
         }
         Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// The version to write this record as: that of the newest restricting field it uses (the
+    /// table at [`RECORD_VERSION`]), so that readers of older versions still read every record
+    /// that does not need more. Writers set `v` to it.
+    pub fn version_needed(&self) -> u32 {
+        if self.disabled { 2 } else { 1 }
     }
 
     /// Whether the key is past its expiry at `now`.
@@ -216,7 +236,7 @@ mod tests {
 
     fn record() -> KeyRecord {
         KeyRecord {
-            v: RECORD_VERSION,
+            v: 1,
             id: KeyId::parse("key_0123456789abcdefABCD").expect("valid id"),
             subject: "acme-corp".into(),
             scopes: ScopePolicy::default()
@@ -226,7 +246,72 @@ mod tests {
             revoked_at: None,
             expires_at: Some(UnixMillis(1_700_000_000_000)),
             revision: 3,
+            disabled: false,
         }
+    }
+
+    /// The reader of every build before the versioning policy, as it was: version 1 only, and
+    /// no field it does not know. Edges running such a build may meet what this build writes.
+    fn version_1_reader(json: &str) -> Result<(), String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code, reason = "only parsed")]
+        struct V1 {
+            v: u32,
+            id: KeyId,
+            subject: String,
+            scopes: ScopeSet,
+            revoked: bool,
+            revoked_at: Option<UnixMillis>,
+            expires_at: Option<UnixMillis>,
+            revision: u64,
+        }
+        let parsed: V1 = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        if parsed.v == 1 {
+            Ok(())
+        } else {
+            Err(format!("version {}", parsed.v))
+        }
+    }
+
+    /// A record as origin writes it: `v` stamped from what it uses.
+    fn written(mut record: KeyRecord) -> String {
+        record.v = record.version_needed();
+        record.to_json()
+    }
+
+    #[test]
+    fn an_older_reader_reads_every_record_that_needs_nothing_newer() {
+        let plain = written(record());
+        assert_eq!(plain, WRITTEN_V1);
+        assert_eq!(version_1_reader(&plain), Ok(()));
+        let revoked = written(KeyRecord {
+            revoked: true,
+            revoked_at: Some(UnixMillis(5)),
+            ..record()
+        });
+        assert_eq!(version_1_reader(&revoked), Ok(()));
+    }
+
+    #[test]
+    fn a_record_with_a_restricting_field_is_refused_by_an_older_reader() {
+        let disabled = written(KeyRecord {
+            disabled: true,
+            ..record()
+        });
+        assert!(disabled.starts_with(r#"{"v":2,"#), "{disabled}");
+        assert!(disabled.ends_with(r#","disabled":true}"#), "{disabled}");
+        // The reader of the last release refuses it: that edge denies the key (fails closed).
+        assert!(version_1_reader(&disabled).is_err(), "{disabled}");
+        // This build reads it, and keeps the field.
+        let read = KeyRecord::from_json(disabled.as_bytes()).expect("reads version 2");
+        assert!(read.disabled);
+        // Enabled again, the record needs version 1 again, and every reader reads it.
+        let enabled = written(KeyRecord {
+            disabled: false,
+            ..read
+        });
+        assert_eq!(version_1_reader(&enabled), Ok(()));
     }
 
     /// The exact bytes every build so far writes for [`record`]: a newer reader must go on

@@ -25,6 +25,8 @@ pub enum Verdict {
     Revoked,
     /// The key is past its expiry.
     Expired,
+    /// The key is switched off (reversibly: it works again once enabled).
+    Disabled,
     /// The key is live but lacks these required scopes.
     InsufficientScope {
         /// The required scopes that no granted scope covers.
@@ -34,7 +36,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// The stable reason code used in API responses: `VALID`, `NOT_FOUND`, `MALFORMED`,
-    /// `REVOKED`, `EXPIRED` or `INSUFFICIENT_SCOPE`.
+    /// `REVOKED`, `EXPIRED`, `DISABLED` or `INSUFFICIENT_SCOPE`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::Valid => "VALID",
@@ -42,6 +44,7 @@ impl Verdict {
             Self::Malformed => "MALFORMED",
             Self::Revoked => "REVOKED",
             Self::Expired => "EXPIRED",
+            Self::Disabled => "DISABLED",
             Self::InsufficientScope { .. } => "INSUFFICIENT_SCOPE",
         }
     }
@@ -188,7 +191,9 @@ impl<'a> DecisionContext<'a> {
 /// Decides a verification from the record found for the key's hash (if any) in `context`.
 ///
 /// Order matters and is part of the contract: a revoked key answers `REVOKED` even if it has also
-/// expired or lacks a scope, and an expired key answers `EXPIRED` before any scope check.
+/// expired, is disabled or lacks a scope; an expired key answers `EXPIRED` even if disabled; a
+/// disabled key answers `DISABLED` before any scope check. (Final states first, then the
+/// reversible one, then what the caller asked for.)
 pub fn decide(record: Option<&KeyRecord>, context: &DecisionContext<'_>) -> Verdict {
     let Some(record) = record else {
         return Verdict::NotFound;
@@ -198,6 +203,9 @@ pub fn decide(record: Option<&KeyRecord>, context: &DecisionContext<'_>) -> Verd
     }
     if record.is_expired(context.now) {
         return Verdict::Expired;
+    }
+    if record.disabled {
+        return Verdict::Disabled;
     }
     let missing: Vec<Scope> = record
         .scopes
@@ -236,6 +244,14 @@ mod tests {
             revoked_at: revoked.then_some(UnixMillis(500)),
             expires_at: expires_at.map(UnixMillis),
             revision: 1,
+            disabled: false,
+        }
+    }
+
+    fn disabled(record: KeyRecord) -> KeyRecord {
+        KeyRecord {
+            disabled: true,
+            ..record
         }
     }
 
@@ -280,6 +296,22 @@ mod tests {
                 scopes(&["a:b"]),
                 "REVOKED",
             ),
+            (
+                Some(disabled(record(false, None, &["read:orders"]))),
+                vec![],
+                "DISABLED",
+            ),
+            (
+                Some(disabled(record(false, None, &["read:orders"]))),
+                scopes(&["write:orders"]),
+                "DISABLED",
+            ),
+            (
+                Some(disabled(record(false, Some(NOW.0), &[]))),
+                vec![],
+                "EXPIRED",
+            ),
+            (Some(disabled(record(true, None, &[]))), vec![], "REVOKED"),
         ];
         for (record, required, expected) in cases {
             assert_eq!(

@@ -146,16 +146,17 @@ proptest! {
     }
 
     #[test]
-    fn a_revoked_or_expired_record_is_never_valid(
+    fn a_revoked_expired_or_disabled_record_is_never_valid(
         granted in prop::collection::vec(grant(), 0..10),
         required in prop::collection::vec(concrete(), 0..5),
         revoked in any::<bool>(),
+        disabled in any::<bool>(),
         now in 0i64..i64::MAX / 2,
         expires_offset in prop::option::of(-1_000_000i64..1_000_000),
         revision in any::<u64>(),
     ) {
         let expires_at = expires_offset.map(|o| UnixMillis(now + o));
-        let record = KeyRecord {
+        let mut record = KeyRecord {
             v: RECORD_VERSION,
             id: KeyId::parse("key_0123456789abcdefABCD").expect("valid"),
             subject: "acme".into(),
@@ -164,7 +165,9 @@ proptest! {
             revoked_at: revoked.then_some(UnixMillis(now)),
             expires_at,
             revision,
+            disabled,
         };
+        record.v = record.version_needed();
         let required: Vec<Scope> = required.iter().map(|r| scope(r)).collect();
         let context = DecisionContext::at(UnixMillis(now)).requiring(&required);
         let verdict = decide(Some(&record), &context);
@@ -173,6 +176,8 @@ proptest! {
             prop_assert_eq!(verdict, Verdict::Revoked);
         } else if expired {
             prop_assert_eq!(verdict, Verdict::Expired);
+        } else if disabled {
+            prop_assert_eq!(verdict, Verdict::Disabled);
         } else {
             prop_assert_eq!(verdict.is_valid(), required.iter().all(|r| record.scopes.allows(r)));
         }

@@ -24,6 +24,7 @@ const KEY_OBJECT_FIELDS: &[&str] = &[
     "claims",
     "revoked",
     "revocation_reason",
+    "disabled",
     "expired",
     "expiration",
     "created_by",
@@ -259,6 +260,82 @@ async fn revoking_is_final_and_idempotent() {
         .map(|e| e["action"].as_str().expect("action"))
         .collect();
     assert_eq!(actions, ["create", "revoke"]);
+}
+
+#[tokio::test]
+async fn disabling_is_reversible_audited_and_distinct_from_revocation() {
+    let app = TestApp::start().await;
+    let (id, secret) = app.create_key("acme", &["read:orders"]).await;
+    let path = format!("/v1/api_keys/{id}");
+    let created = app.get(&path).await;
+    assert_eq!(created.body["disabled"], false, "{:?}", created.body);
+
+    let off = app.patch(&path, json!({ "disabled": true })).await;
+    assert_eq!(off.status, StatusCode::OK, "{:?}", off.body);
+    assert_eq!(off.body["disabled"], true);
+    assert_eq!(off.body["revoked"], false, "disabling is not revoking");
+    let r = app.verify(&secret, &[]).await;
+    assert_eq!(
+        (r.status, r.body["errors"][0]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("api_key_disabled")),
+        "{:?}",
+        r.body
+    );
+    let tutorial = app
+        .post("/backend.api-keys.verify", json!({ "key": secret }))
+        .await;
+    assert_eq!(tutorial.body["code"], "DISABLED", "{:?}", tutorial.body);
+    assert_eq!(tutorial.body["valid"], false);
+    let listed = app.get("/backend.api-keys.list").await;
+    assert_eq!(
+        listed.body["data"][0]["disabled"], true,
+        "{:?}",
+        listed.body
+    );
+
+    // Other changes go on while it is off; switching it on again restores it as it is now.
+    let narrowed = app
+        .patch(&path, json!({ "scopes": ["read:orders", "read:invoices"] }))
+        .await;
+    assert_eq!(narrowed.body["disabled"], true, "an update leaves it off");
+    let on = app.patch(&path, json!({ "disabled": false })).await;
+    assert_eq!(on.body["disabled"], false);
+    let r = app.verify(&secret, &["read:invoices"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let listed = app.get("/backend.api-keys.list").await;
+    assert!(
+        listed.body["data"][0].get("disabled").is_none(),
+        "{:?}",
+        listed.body
+    );
+
+    // Revoked, it cannot be switched on (or off): revocation stays final.
+    app.post(&format!("{path}/revoke"), json!({})).await;
+    let again = app.patch(&path, json!({ "disabled": false })).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{:?}", again.body);
+    let bad = app.patch(&path, json!({ "disabled": "yes" })).await;
+    assert_eq!(
+        bad.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        bad.body
+    );
+
+    // Each switch is an audited update naming the change.
+    let audit = app.get(&format!("/v1/audit_log?key_id={id}")).await;
+    let switches: Vec<&Value> = audit.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|e| e["details"]["changes"].get("disabled"))
+        .collect();
+    assert_eq!(
+        switches,
+        [
+            &json!({ "from": false, "to": true }),
+            &json!({ "from": true, "to": false })
+        ]
+    );
 }
 
 #[tokio::test]

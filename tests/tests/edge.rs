@@ -274,7 +274,12 @@ async fn edge_and_origin_decide_the_same_table_alike() {
             json!({ "seconds_until_expiration": 86_400 }),
         )
         .await;
+    let (disabled_id, disabled) = stack.create(&["read:orders"], json!({})).await;
+    let (reenabled_id, reenabled) = stack.create(&["read:orders"], json!({})).await;
     stack.revoke(&revoked_id).await;
+    stack.set_disabled(&disabled_id, true).await;
+    stack.set_disabled(&reenabled_id, true).await;
+    stack.set_disabled(&reenabled_id, false).await;
     stack.wait_published(PUBLISH_LIMIT).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
@@ -313,6 +318,19 @@ async fn edge_and_origin_decide_the_same_table_alike() {
             revoked.clone(),
             vec!["admin:all"],
             "REVOKED",
+        ),
+        ("disabled", disabled.clone(), vec![], "DISABLED"),
+        (
+            "disabled beats scope",
+            disabled.clone(),
+            vec!["admin:all"],
+            "DISABLED",
+        ),
+        (
+            "disabled, then enabled again",
+            reenabled.clone(),
+            vec!["read:orders"],
+            "VALID",
         ),
         ("expired", expiring.clone(), vec![], "EXPIRED"),
         (

@@ -63,6 +63,7 @@ fn records() -> Vec<(String, Vec<u8>)> {
                 revoked_at: None,
                 expires_at: None,
                 revision: 1,
+                disabled: false,
             };
             (kv_entry_name(&key.hash()), record.to_json().into_bytes())
         })

@@ -59,6 +59,7 @@ pub fn inputs() -> Inputs {
         revoked_at: None,
         expires_at: Some(UnixMillis(i64::MAX / 2)),
         revision: 3,
+        disabled: false,
     };
     let required = parse_required(&["write:orders", "write:webhooks"]).expect("required");
     Inputs {

@@ -63,6 +63,8 @@ pub struct ApiKeyObject {
     claims: Option<Map<String, Value>>,
     revoked: bool,
     revocation_reason: Option<String>,
+    /// Latchkey's own: switched off until enabled again (Clerk's object has no such field).
+    disabled: bool,
     expired: bool,
     expiration: Option<i64>,
     created_by: Option<String>,
@@ -87,6 +89,7 @@ impl ApiKeyObject {
             claims: key.claims,
             revoked: key.revoked,
             revocation_reason: key.revocation_reason,
+            disabled: key.disabled,
             expiration: key.expiration.map(|t| t.0),
             created_by: key.created_by,
             last_used_at: key.last_used_at.map(|t| t.0),
@@ -204,6 +207,9 @@ struct UpdateRequest {
     /// Absolute expiry in unix ms, or `null` for never.
     #[serde(default, deserialize_with = "double_option")]
     expiration: Option<Option<i64>>,
+    /// `true` switches the key off, `false` on again.
+    #[serde(default)]
+    disabled: Option<bool>,
 }
 
 async fn update(
@@ -219,6 +225,7 @@ async fn update(
         scopes: req.scopes,
         claims: req.claims,
         expiration: extract::lifetime(req.seconds_until_expiration, req.expiration)?,
+        disabled: req.disabled,
     };
     let key = state.service.update(&actor, &id, changes).await?;
     Ok(Json(ApiKeyObject::new(key, system_now())))
@@ -273,6 +280,11 @@ async fn verify(
             StatusCode::NOT_FOUND,
             "api_key_expired",
             "The API key has expired.",
+        ),
+        (Verdict::Disabled, _) => error(
+            StatusCode::NOT_FOUND,
+            "api_key_disabled",
+            "The API key is disabled.",
         ),
         (Verdict::Malformed, _) => error(
             StatusCode::NOT_FOUND,

@@ -145,8 +145,15 @@ struct ListItem {
     created_at: String,
     last_used_at: Option<String>,
     revoked: bool,
+    /// Shown only when `true`: a key never disabled answers the tutorial's shape exactly.
+    #[serde(skip_serializing_if = "is_false")]
+    disabled: bool,
     expires_at: Option<String>,
     metadata: Option<Map<String, Value>>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 #[derive(Debug, Serialize)]
@@ -191,6 +198,7 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
                 created_at: iso(k.created_at),
                 last_used_at: k.last_used_at.map(iso),
                 revoked: k.revoked,
+                disabled: k.disabled,
                 expires_at: k.expiration.map(iso),
                 metadata: k.claims,
             })
@@ -246,6 +254,9 @@ struct UpdateRequest {
     description: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
     seconds_until_expiration: Option<Option<i64>>,
+    /// `true` switches the key off, `false` on again.
+    #[serde(default)]
+    disabled: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -253,6 +264,9 @@ struct UpdateResponse {
     id: String,
     name: String,
     scopes: Vec<String>,
+    /// Shown only when `true`, as in the list.
+    #[serde(skip_serializing_if = "is_false")]
+    disabled: bool,
     metadata: Option<Map<String, Value>>,
     updated_at: String,
 }
@@ -270,6 +284,7 @@ async fn update(
         scopes: req.scopes,
         claims: req.metadata,
         expiration: extract::lifetime(req.seconds_until_expiration, None)?,
+        disabled: req.disabled,
     };
     let key = state
         .service
@@ -280,6 +295,7 @@ async fn update(
         id: key.id.to_string(),
         name: key.name,
         scopes: key.scopes.to_strings(),
+        disabled: key.disabled,
         metadata: key.claims,
         updated_at: iso(key.updated_at),
     }))

@@ -27,7 +27,8 @@ use crate::model::{
 };
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
-     expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, updated_at, revision";
+     expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, updated_at, revision, \
+     disabled";
 
 /// A SQLite database file.
 #[derive(Debug, Clone)]
@@ -705,6 +706,7 @@ fn key_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         created_at: row.get(const { column("created_at") })?,
         updated_at: row.get(const { column("updated_at") })?,
         revision: row.get(const { column("revision") })?,
+        disabled: row.get(const { column("disabled") })?,
     })
 }
 
@@ -738,6 +740,7 @@ struct KeyRow {
     created_at: i64,
     updated_at: i64,
     revision: i64,
+    disabled: bool,
 }
 
 impl TryFrom<KeyRow> for StoredKey {
@@ -780,6 +783,7 @@ impl TryFrom<KeyRow> for StoredKey {
             created_at: UnixMillis(row.created_at),
             updated_at: UnixMillis(row.updated_at),
             revision: row.revision,
+            disabled: row.disabled,
         })
     }
 }
@@ -1092,7 +1096,7 @@ async fn apply(
             sqlx::query(
                 "INSERT INTO api_keys (id, secret_hash, hint, name, subject, description, scopes, claims, \
                  created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, \
-                 updated_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 updated_at, revision, disabled) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(key.id.as_str())
             .bind(key.hash.as_bytes().as_slice())
@@ -1111,6 +1115,7 @@ async fn apply(
             .bind(key.created_at.0)
             .bind(key.updated_at.0)
             .bind(key.revision)
+            .bind(key.disabled)
             .execute(&mut *conn)
             .await?;
             *newest = Some(append_audit(conn, chain, event).await?);
@@ -1120,7 +1125,7 @@ async fn apply(
             let updated = sqlx::query(
                 "UPDATE api_keys SET name = ?, subject = ?, description = ?, scopes = ?, claims = ?, \
                  expiration = ?, revoked = ?, revoked_at = ?, revocation_reason = ?, updated_at = ?, \
-                 revision = ? WHERE id = ? AND revision = ?",
+                 revision = ?, disabled = ? WHERE id = ? AND revision = ?",
             )
             .bind(&key.name)
             .bind(&key.subject)
@@ -1133,6 +1138,7 @@ async fn apply(
             .bind(&key.revocation_reason)
             .bind(key.updated_at.0)
             .bind(key.revision)
+            .bind(key.disabled)
             .bind(key.id.as_str())
             .bind(expected_revision)
             .execute(&mut *conn)
@@ -1643,6 +1649,7 @@ mod tests {
             created_at: UnixMillis(1_000),
             updated_at: UnixMillis(1_000),
             revision: 1,
+            disabled: false,
         }
     }
 

@@ -557,6 +557,7 @@ mod tests {
             revoked_at: None,
             expires_at: None,
             revision,
+            disabled: false,
         }
     }
 

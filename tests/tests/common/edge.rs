@@ -605,6 +605,18 @@ impl Stack {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     }
 
+    /// Switches a key off (`true`) or on through the tutorial surface's update.
+    pub async fn set_disabled(&self, id: &str, disabled: bool) {
+        let r = self
+            .origin
+            .patch(
+                "/backend.api-keys.update",
+                json!({ "key_id": id, "disabled": disabled }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+
     /// Waits until origin's outbox is empty (everything acknowledged is in KV).
     pub async fn wait_published(&self, limit: Duration) {
         self.origin.wait_published(limit).await;

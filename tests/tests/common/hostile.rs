@@ -88,6 +88,7 @@ pub fn wrong_values(kind: &str) -> Vec<&'static str> {
         "strings" => vec![r#""read:orders""#, "5", "{}", "[1]", "[null]", r#"[["a"]]"#],
         "number" => vec![r#""soon""#, "true", "[]", "{}", "1.5", "1e400", "-1"],
         "object" => vec![r#""x""#, "5", "[1]", "true"],
+        "bool" => vec![r#""true""#, "1", "0", "[]", "{}", r#""yes""#],
         other => panic!("unknown kind {other}"),
     }
 }
