@@ -155,6 +155,7 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
             expires_at: None,
             revision: 1,
             disabled: false,
+            allowed_ips: Default::default(),
         };
         Seeded {
             record_name: kv_entry_name(&key.hash()),

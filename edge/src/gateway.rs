@@ -5,6 +5,7 @@
 //! keys all get the same 401.
 
 use js_sys::futures::JsFuture;
+use latchkey_shared::ip::parse_client;
 use latchkey_shared::sign::gateway::{SignedRequest, content_sha256, header};
 use latchkey_shared::target::RequestTarget;
 use latchkey_shared::{KeyRecord, Verdict};
@@ -57,7 +58,17 @@ pub(crate) async fn handle(
             "send the API key as `Authorization: Bearer <key>`",
         );
     };
-    let (verdict, record) = match lookup.verify(&presented, rule.required_scopes()).await {
+    // Where the partner is, as Cloudflare saw it (not forgeable in production: Cloudflare sets
+    // the header). Missing or unreadable, it is unknown, and a key with an allowlist fails.
+    let client = headers
+        .get("cf-connecting-ip")
+        .ok()
+        .flatten()
+        .and_then(|ip| parse_client(&ip));
+    let (verdict, record) = match lookup
+        .verify(&presented, rule.required_scopes(), client)
+        .await
+    {
         Ok(outcome) => outcome,
         Err(unavailable) => {
             worker::console_error!("gateway denied {method} {path}, {unavailable}");
@@ -83,6 +94,13 @@ pub(crate) async fn handle(
                 &format!(r#"Bearer realm="{REALM}", error="insufficient_scope", scope="{scopes}""#),
             )
         }
+        // A key that exists and is live, used from elsewhere: the answer says so, but not
+        // from where it may be used.
+        Verdict::IpNotAllowed => reply::error(
+            403,
+            "ip_not_allowed",
+            "the API key may not be used from this address",
+        ),
         // One answer for all of these, so that it never tells whether a key exists.
         Verdict::NotFound
         | Verdict::Malformed
@@ -175,14 +193,21 @@ async fn forward(
         subject: &record.subject,
         scopes: &scopes,
     };
-    // No line holds a line break (the path is canonical, the subject percent-encoded); if one
-    // did, `forward.js` would count the wrong number of lines and throw, and nothing be sent.
+    // No line can hold a line break: the method is from a closed table, the path canonical, the
+    // query as the runtime's URL parser left it (which drops tabs and line breaks), the subject
+    // percent-encoded, the scopes, ids and digests of plain characters. Counted all the same:
+    // a line too many would shift what `forward.js` reads as the method and the prefix.
+    let headers_signed = signed.headers(secret);
     let mut spec = format!("{url}\n{method}\n{}", header::HEADER_PREFIX);
-    for (name, value) in signed.headers(secret) {
+    for (name, value) in &headers_signed {
         spec.push('\n');
         spec.push_str(name);
         spec.push('\n');
-        spec.push_str(&value);
+        spec.push_str(value);
+    }
+    if spec.split('\n').count() != 3 + 2 * headers_signed.len() {
+        worker::console_error!("forwarding refused: a forwarded field holds a line break");
+        return reply::error(500, "internal_error", "the request could not be forwarded");
     }
     let body =
         (!matches!(method, "GET" | "HEAD")).then(|| js_sys::Uint8Array::from(body.as_slice()));

@@ -5,6 +5,7 @@
 //! complete (`memory.rs`); otherwise, or while memory is not trusted, every check reads KV, and
 //! a ledger entry newer than KV's value still wins.
 
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use latchkey_shared::ledger::memory::Recall;
@@ -118,12 +119,13 @@ impl<'a> Lookup<'a> {
         &self.used
     }
 
-    /// Verifies `presented` against `required`. A presented string that is not a well-formed
+    /// Verifies `presented` against `required`, used from `client` (if known). A presented string that is not a well-formed
     /// key (syntax, length or checksum) is `Malformed` without touching memory or KV.
     pub(crate) async fn verify(
         &mut self,
         presented: &str,
         required: &[Scope],
+        client: Option<IpAddr>,
     ) -> Result<(Verdict, Option<Rc<KeyRecord>>), Unavailable> {
         let key = match parse_presented(presented) {
             Ok(key) => key,
@@ -139,7 +141,9 @@ impl<'a> Lookup<'a> {
         };
         let verdict = decide(
             record.as_deref(),
-            &DecisionContext::at(self.now).requiring(required),
+            &DecisionContext::at(self.now)
+                .requiring(required)
+                .from_address(client),
         );
         if let (true, Some(record)) = (verdict.is_valid(), &record) {
             self.used.push(record.id.clone());

@@ -666,6 +666,7 @@ mod tests {
                     expires_at: Some(UnixMillis(i64::MAX)),
                     revision: u64::MAX,
                     disabled: false,
+                    allowed_ips: Default::default(),
                 },
             }
         };

@@ -1,5 +1,6 @@
 //! The origin's view of a key: everything stored about it (never the secret).
 
+use latchkey_shared::ip::IpAllowlist;
 use latchkey_shared::{KeyHash, KeyId, KeyRecord, RECORD_VERSION, ScopeSet, UnixMillis};
 use serde_json::{Map, Value};
 
@@ -42,6 +43,8 @@ pub struct StoredKey {
     pub revision: i64,
     /// Switched off (reversibly) through update: verification answers `DISABLED`.
     pub disabled: bool,
+    /// The only addresses the key may be used from (empty: anywhere).
+    pub allowed_ips: IpAllowlist,
 }
 
 impl StoredKey {
@@ -62,6 +65,7 @@ impl StoredKey {
             expires_at: self.expiration,
             revision: u64::try_from(self.revision).unwrap_or(0),
             disabled: self.disabled,
+            allowed_ips: self.allowed_ips.clone(),
         };
         // The lowest version that says all of it, so edges of the previous release read every
         // record that needs nothing newer (`shared/src/record.rs`, "Versions").

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use latchkey_shared::ip::IpAllowlist;
 use latchkey_shared::{
     ApiKey, DecisionContext, KeyId, KeyPrefix, KeyRecord, PRESENTED_MAX, REQUIRED_SCOPES_MAX,
     ScopePolicy, UnixMillis, Verdict, decide, parse_presented, parse_required,
@@ -72,6 +73,11 @@ pub enum ServiceError {
     Store(#[from] StoreError),
 }
 
+/// An allowlist as given to create or update.
+fn allowlist(entries: &[String]) -> Result<IpAllowlist, ServiceError> {
+    IpAllowlist::parse(entries).map_err(|e| invalid("allowed_ips", e.to_string()))
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> ServiceError {
     ServiceError::Invalid {
         field,
@@ -96,6 +102,8 @@ pub struct NewKey {
     pub seconds_until_expiration: Option<i64>,
     /// Who asked (free text).
     pub created_by: Option<String>,
+    /// Addresses and CIDR ranges the key may be used from (empty: anywhere).
+    pub allowed_ips: Vec<String>,
 }
 
 /// Changes to a key. `None` leaves a field alone; `Some(None)` clears a clearable one.
@@ -115,6 +123,8 @@ pub struct KeyChanges {
     pub expiration: Option<Lifetime>,
     /// Switch the key off (`true`) or on again (`false`).
     pub disabled: Option<bool>,
+    /// Replacement allowlist (empty: anywhere).
+    pub allowed_ips: Option<Vec<String>>,
 }
 
 /// When a key expires, as a request states it.
@@ -246,6 +256,7 @@ impl KeyService {
         let description = optional_text("description", new.description, limits::DESCRIPTION_MAX)?;
         let created_by = optional_text("created_by", new.created_by, limits::CREATED_BY_MAX)?;
         let scopes = self.grant(actor, None, &new.scopes).await?;
+        let allowed_ips = allowlist(&new.allowed_ips)?;
         let claims = new.claims.map(claims).transpose()?.flatten();
         let expiration = new
             .seconds_until_expiration
@@ -272,6 +283,7 @@ impl KeyService {
             updated_at: now,
             revision: 1,
             disabled: false,
+            allowed_ips,
         };
         let event = AuditEvent {
             at: now,
@@ -284,6 +296,7 @@ impl KeyService {
                 "scopes": key.scopes,
                 "expiration": key.expiration,
                 "hint": key.hint,
+                "allowed_ips": key.allowed_ips,
             }),
         };
         self.store.insert(&key, &event).await?;
@@ -345,6 +358,7 @@ impl KeyService {
             .transpose()?;
         let lifetime = changes.expiration;
         let disabled = changes.disabled;
+        let allowed_ips = changes.allowed_ips.as_deref().map(allowlist).transpose()?;
 
         self.change(actor, id, "update", |key, now| {
             if key.revoked {
@@ -398,6 +412,15 @@ impl KeyService {
                 note(&mut diff, "disabled", json!(key.disabled), json!(disabled));
                 key.disabled = disabled;
             }
+            if let Some(allowed_ips) = &allowed_ips {
+                note(
+                    &mut diff,
+                    "allowed_ips",
+                    json!(key.allowed_ips),
+                    json!(allowed_ips),
+                );
+                key.allowed_ips.clone_from(allowed_ips);
+            }
             Ok(json!({ "changes": diff }))
         })
         .await
@@ -436,9 +459,16 @@ impl KeyService {
         &self,
         presented: &str,
         required: &[String],
+        client_ip: Option<&str>,
     ) -> Result<Verification, ServiceError> {
         let required =
             parse_required(required).map_err(|e| invalid("required_scopes", e.to_string()))?;
+        let client = client_ip
+            .map(|ip| {
+                latchkey_shared::ip::parse_client(ip)
+                    .ok_or_else(|| invalid("client_ip", "must be one IPv4 or IPv6 address"))
+            })
+            .transpose()?;
         let secret = match parse_presented(presented) {
             Ok(secret) => secret,
             Err(verdict) => {
@@ -454,7 +484,9 @@ impl KeyService {
         let record = key.as_ref().map(StoredKey::record);
         let verdict = decide(
             record.as_ref(),
-            &DecisionContext::at(now).requiring(&required),
+            &DecisionContext::at(now)
+                .requiring(&required)
+                .from_address(client),
         );
         let key = key.map(|k| {
             // One trip to the tracker: the use just recorded, or the pending one.

@@ -6,12 +6,14 @@
 //! * [`key`]: the key format (documented there, with its version), hashing, ids and hints.
 //! * [`scope`]: the scope grammar (documented there), matching and the operator's policy.
 //! * [`record`]: the versioned record published to the edge for each key.
+//! * [`ip`]: per-key IP allowlists (syntax documented there) and their matching.
 //! * [`verify`]: the one function that decides a verification.
 //! * [`route`]: the gateway's route rules (syntax documented there) and their matching.
 //! * [`target`]: the gateway's canonical request path and its closed method table.
 //! * [`sign`]: HMAC-SHA256 signatures for the edge's forwarded headers and usage reports, the
 //!   upstream's check of them ([`sign::gateway::GatewayVerifier`]), and the one rule for secrets.
 
+pub mod ip;
 pub mod key;
 pub mod ledger;
 pub mod record;

@@ -38,6 +38,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::ip::IpAllowlist;
 use crate::key::{KeyHash, KeyId};
 use crate::scope::ScopeSet;
 
@@ -47,7 +48,7 @@ use crate::scope::ScopeSet;
 /// | version | introduced |
 /// |---|---|
 /// | 1 | `id`, `subject`, `scopes`, `revoked`, `revoked_at`, `expires_at`, `revision` |
-/// | 2 | `disabled` (written only when `true`) |
+/// | 2 | `disabled` (written only when `true`), `allowed_ips` (written only when not empty) |
 pub const RECORD_VERSION: u32 = 2;
 
 /// Milliseconds since the Unix epoch. `shared` never reads the clock: callers pass the time in.
@@ -135,6 +136,10 @@ pub struct KeyRecord {
     /// record that sets it is written as version 2, so a version-1 reader refuses it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub disabled: bool,
+    /// The only client addresses the key may be used from (empty: anywhere). Version 2, like
+    /// `disabled`.
+    #[serde(default, skip_serializing_if = "IpAllowlist::is_empty")]
+    pub allowed_ips: IpAllowlist,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -142,10 +147,22 @@ fn is_false(b: &bool) -> bool {
 }
 
 impl KeyRecord {
-    /// Serialises the record for storage.
+    /// Serialises the record for storage, as the version its fields need
+    /// ([`Self::version_needed`]), whatever `v` says: a record that sets a restricting field can
+    /// never go out labelled with a version whose readers would ignore it.
     pub fn to_json(&self) -> String {
+        let stamped;
+        let record = if self.v == self.version_needed() {
+            self
+        } else {
+            stamped = Self {
+                v: self.version_needed(),
+                ..self.clone()
+            };
+            &stamped
+        };
         // Serialising plain data with string keys cannot fail.
-        serde_json::to_string(self).unwrap_or_default()
+        serde_json::to_string(record).unwrap_or_default()
     }
 
     /// Parses stored bytes, refusing versions this build does not read.
@@ -166,7 +183,11 @@ impl KeyRecord {
     /// table at [`RECORD_VERSION`]), so that readers of older versions still read every record
     /// that does not need more. Writers set `v` to it.
     pub fn version_needed(&self) -> u32 {
-        if self.disabled { 2 } else { 1 }
+        if self.disabled || !self.allowed_ips.is_empty() {
+            2
+        } else {
+            1
+        }
     }
 
     /// Whether the key is past its expiry at `now`.
@@ -247,6 +268,7 @@ mod tests {
             expires_at: Some(UnixMillis(1_700_000_000_000)),
             revision: 3,
             disabled: false,
+            allowed_ips: Default::default(),
         }
     }
 
@@ -291,6 +313,39 @@ mod tests {
             ..record()
         });
         assert_eq!(version_1_reader(&revoked), Ok(()));
+    }
+
+    #[test]
+    fn the_version_written_is_the_one_the_fields_need() {
+        // Whatever `v` a caller left in the struct.
+        let mislabelled = KeyRecord {
+            v: 1,
+            disabled: true,
+            ..record()
+        };
+        assert!(mislabelled.to_json().starts_with(r#"{"v":2,"#));
+        let overstated = KeyRecord { v: 2, ..record() };
+        assert_eq!(overstated.to_json(), WRITTEN_V1);
+    }
+
+    #[test]
+    fn an_allowlist_is_version_2_and_read_back_strictly() {
+        let listed = KeyRecord {
+            allowed_ips: IpAllowlist::parse(&["203.0.113.0/24"]).expect("valid"),
+            ..record()
+        };
+        let json = written(listed.clone());
+        assert!(json.starts_with(r#"{"v":2,"#), "{json}");
+        assert!(
+            json.ends_with(r#","allowed_ips":["203.0.113.0/24"]}"#),
+            "{json}"
+        );
+        assert!(version_1_reader(&json).is_err(), "{json}");
+        let read = KeyRecord::from_json(json.as_bytes()).expect("reads version 2");
+        assert_eq!(read.allowed_ips, listed.allowed_ips);
+        // A list that does not parse makes the record unreadable, never unrestricted.
+        let bad = json.replace("203.0.113.0/24", "203.0.113.7/24");
+        assert!(KeyRecord::from_json(bad.as_bytes()).is_err(), "{bad}");
     }
 
     #[test]

@@ -230,10 +230,17 @@ impl FromIterator<Scope> for ScopeSet {
 
 impl<'de> Deserialize<'de> for ScopeSet {
     /// Records written before scopes kept their order hold them sorted; they read as they are.
+    /// No key holds more than [`crate::REQUIRED_SCOPES_MAX`] scopes, so a longer list is refused
+    /// (and the repeat check stays cheap).
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Vec::<Scope>::deserialize(deserializer)?
-            .into_iter()
-            .collect())
+        let scopes = Vec::<Scope>::deserialize(deserializer)?;
+        if scopes.len() > crate::REQUIRED_SCOPES_MAX {
+            return Err(serde::de::Error::custom(format!(
+                "at most {} scopes",
+                crate::REQUIRED_SCOPES_MAX
+            )));
+        }
+        Ok(scopes.into_iter().collect())
     }
 }
 
@@ -439,6 +446,11 @@ mod tests {
         let repeated: ScopeSet =
             serde_json::from_str(r#"["write:a","read:b","write:a"]"#).expect("parses");
         assert_eq!(repeated.to_strings(), ["write:a", "read:b"]);
+        let too_many: Vec<String> = (0..=crate::REQUIRED_SCOPES_MAX)
+            .map(|i| format!("read:s{i}"))
+            .collect();
+        let too_many = serde_json::to_string(&too_many).expect("json");
+        assert!(serde_json::from_str::<ScopeSet>(&too_many).is_err());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The one verification decision, shared by origin and edge so they can never disagree.
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::key::{ApiKey, KeyError};
@@ -27,6 +29,9 @@ pub enum Verdict {
     Expired,
     /// The key is switched off (reversibly: it works again once enabled).
     Disabled,
+    /// The key may be used only from listed addresses, and the client's is not one (or is not
+    /// known).
+    IpNotAllowed,
     /// The key is live but lacks these required scopes.
     InsufficientScope {
         /// The required scopes that no granted scope covers.
@@ -36,7 +41,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// The stable reason code used in API responses: `VALID`, `NOT_FOUND`, `MALFORMED`,
-    /// `REVOKED`, `EXPIRED`, `DISABLED` or `INSUFFICIENT_SCOPE`.
+    /// `REVOKED`, `EXPIRED`, `DISABLED`, `IP_NOT_ALLOWED` or `INSUFFICIENT_SCOPE`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::Valid => "VALID",
@@ -45,6 +50,7 @@ impl Verdict {
             Self::Revoked => "REVOKED",
             Self::Expired => "EXPIRED",
             Self::Disabled => "DISABLED",
+            Self::IpNotAllowed => "IP_NOT_ALLOWED",
             Self::InsufficientScope { .. } => "INSUFFICIENT_SCOPE",
         }
     }
@@ -94,7 +100,9 @@ pub fn parse_required<S: AsRef<str>>(required: &[S]) -> Result<Vec<Scope>, Requi
 }
 
 /// A verification request as origin's tutorial surface and the edge read it: the presented
-/// `key` and the scopes the caller requires (default none). Unknown fields are refused.
+/// `key`, the scopes the caller requires (default none) and the address the key is being used
+/// from (`client_ip`, checked against the key's allowlist; default unknown, which a key with an
+/// allowlist fails). Unknown fields are refused.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
@@ -103,6 +111,9 @@ pub struct VerifyRequest {
     /// Scopes the key must hold (see [`parse_required`]).
     #[serde(default)]
     pub required_scopes: Vec<String>,
+    /// The client's address (see [`crate::ip::parse_client`]).
+    #[serde(default)]
+    pub client_ip: Option<String>,
 }
 
 /// The answer to a verification as both origin's tutorial surface and the edge print it, so a
@@ -164,17 +175,29 @@ impl VerifyReport {
 pub struct DecisionContext<'a> {
     now: UnixMillis,
     required: &'a [Scope],
+    client: Option<IpAddr>,
 }
 
 impl<'a> DecisionContext<'a> {
-    /// A verification at `now` that requires no scope (any live key passes).
+    /// A verification at `now` that requires no scope (any live key passes) from an unknown
+    /// address (a key with an IP allowlist fails).
     pub fn at(now: UnixMillis) -> Self {
-        Self { now, required: &[] }
+        Self {
+            now,
+            required: &[],
+            client: None,
+        }
     }
 
     /// The same, requiring every scope of `required`.
     pub fn requiring(self, required: &'a [Scope]) -> Self {
         Self { required, ..self }
+    }
+
+    /// The same, for a client at `client` (as the caller knows it: the edge from
+    /// `CF-Connecting-IP`, origin's verify from its request).
+    pub fn from_address(self, client: Option<IpAddr>) -> Self {
+        Self { client, ..self }
     }
 
     /// When the verification happens.
@@ -192,8 +215,9 @@ impl<'a> DecisionContext<'a> {
 ///
 /// Order matters and is part of the contract: a revoked key answers `REVOKED` even if it has also
 /// expired, is disabled or lacks a scope; an expired key answers `EXPIRED` even if disabled; a
-/// disabled key answers `DISABLED` before any scope check. (Final states first, then the
-/// reversible one, then what the caller asked for.)
+/// disabled key answers `DISABLED` before the address check, and a key used from an address
+/// its allowlist does not hold answers `IP_NOT_ALLOWED` before any scope check. (Final states
+/// first, then the reversible one, then where the request comes from, then what it asks for.)
 pub fn decide(record: Option<&KeyRecord>, context: &DecisionContext<'_>) -> Verdict {
     let Some(record) = record else {
         return Verdict::NotFound;
@@ -206,6 +230,13 @@ pub fn decide(record: Option<&KeyRecord>, context: &DecisionContext<'_>) -> Verd
     }
     if record.disabled {
         return Verdict::Disabled;
+    }
+    if !record.allowed_ips.is_empty()
+        && !context
+            .client
+            .is_some_and(|client| record.allowed_ips.allows(client))
+    {
+        return Verdict::IpNotAllowed;
     }
     let missing: Vec<Scope> = record
         .scopes
@@ -245,6 +276,7 @@ mod tests {
             expires_at: expires_at.map(UnixMillis),
             revision: 1,
             disabled: false,
+            allowed_ips: Default::default(),
         }
     }
 
@@ -324,6 +356,49 @@ mod tests {
                 "{record:?} {required:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_allowlist_admits_only_its_addresses_and_never_an_unknown_one() {
+        let listed = KeyRecord {
+            allowed_ips: crate::ip::IpAllowlist::parse(&["203.0.113.0/24"]).expect("valid"),
+            ..record(false, None, &["read:orders"])
+        };
+        let at = |client: Option<&str>, required: &[Scope]| {
+            let client = client.map(|c| c.parse().expect("address"));
+            decide(
+                Some(&listed),
+                &DecisionContext::at(NOW)
+                    .requiring(required)
+                    .from_address(client),
+            )
+            .code()
+        };
+        let orders = scopes(&["read:orders"]);
+        let admin = scopes(&["admin:all"]);
+        assert_eq!(at(Some("203.0.113.9"), &orders), "VALID");
+        assert_eq!(at(Some("::ffff:203.0.113.9"), &orders), "VALID");
+        assert_eq!(at(Some("198.51.100.1"), &orders), "IP_NOT_ALLOWED");
+        assert_eq!(
+            at(None, &orders),
+            "IP_NOT_ALLOWED",
+            "no address: fail closed"
+        );
+        assert_eq!(
+            at(Some("198.51.100.1"), &admin),
+            "IP_NOT_ALLOWED",
+            "before scopes"
+        );
+        assert_eq!(at(Some("203.0.113.9"), &admin), "INSUFFICIENT_SCOPE");
+        let off = KeyRecord {
+            disabled: true,
+            ..listed.clone()
+        };
+        let context = DecisionContext::at(NOW).from_address(None);
+        assert_eq!(decide(Some(&off), &context).code(), "DISABLED");
+        // No list: the address does not matter, known or not.
+        let open = record(false, None, &[]);
+        assert_eq!(decide(Some(&open), &context).code(), "VALID");
     }
 
     #[test]

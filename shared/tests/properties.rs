@@ -166,6 +166,7 @@ proptest! {
             expires_at,
             revision,
             disabled,
+            allowed_ips: Default::default(),
         };
         record.v = record.version_needed();
         let required: Vec<Scope> = required.iter().map(|r| scope(r)).collect();

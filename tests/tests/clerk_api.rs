@@ -25,6 +25,7 @@ const KEY_OBJECT_FIELDS: &[&str] = &[
     "revoked",
     "revocation_reason",
     "disabled",
+    "allowed_ips",
     "expired",
     "expiration",
     "created_by",
@@ -335,6 +336,88 @@ async fn disabling_is_reversible_audited_and_distinct_from_revocation() {
             &json!({ "from": false, "to": true }),
             &json!({ "from": true, "to": false })
         ]
+    );
+}
+
+#[tokio::test]
+async fn an_ip_allowlist_admits_only_its_addresses() {
+    let app = TestApp::start().await;
+    let created = app
+        .post(
+            "/v1/api_keys",
+            json!({ "name": "n", "subject": "acme", "scopes": ["read:orders"],
+                    "allowed_ips": ["203.0.113.0/24", "2001:DB8::/32"] }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_eq!(
+        created.body["allowed_ips"],
+        json!(["203.0.113.0/24", "2001:db8::/32"])
+    );
+    let id = created.body["id"].as_str().expect("id").to_owned();
+    let secret = created.body["secret"].as_str().expect("secret").to_owned();
+    let verify = |client: Option<&str>| {
+        let mut body = json!({ "secret": secret });
+        if let Some(client) = client {
+            body["client_ip"] = json!(client);
+        }
+        app.post("/v1/api_keys/verify", body)
+    };
+    let code = |r: &common::Reply| r.body["errors"][0]["code"].as_str().map(str::to_owned);
+    assert_eq!(verify(Some("203.0.113.77")).await.status, StatusCode::OK);
+    assert_eq!(verify(Some("2001:db8:1::5")).await.status, StatusCode::OK);
+    for client in [Some("198.51.100.1"), Some("::1"), None] {
+        let r = verify(client).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{client:?}: {:?}", r.body);
+        assert_eq!(code(&r).as_deref(), Some("api_key_ip_not_allowed"));
+        assert!(
+            !r.body.to_string().contains("203.0.113"),
+            "the list is not revealed"
+        );
+    }
+    let bad = verify(Some("203.0.113.0/24")).await;
+    assert_eq!(
+        bad.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        bad.body
+    );
+    assert_eq!(bad.body["errors"][0]["meta"]["param_name"], "client_ip");
+
+    // Bad lists are refused, naming the field; nothing changes.
+    let path = format!("/v1/api_keys/{id}");
+    let many: Vec<String> = (0..65).map(|i| format!("10.0.0.{i}")).collect();
+    for list in [
+        json!(["203.0.113.7/24"]),
+        json!(["nope"]),
+        json!(["10.0.0.1", "10.0.0.1"]),
+        json!(many),
+    ] {
+        let r = app.patch(&path, json!({ "allowed_ips": list })).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{list}: {:?}",
+            r.body
+        );
+        assert_eq!(
+            r.body["errors"][0]["meta"]["param_name"], "allowed_ips",
+            "{list}"
+        );
+    }
+    // `null` lifts it; the change is audited.
+    let lifted = app.patch(&path, json!({ "allowed_ips": null })).await;
+    assert_eq!(lifted.body["allowed_ips"], json!([]), "{:?}", lifted.body);
+    assert_eq!(verify(None).await.status, StatusCode::OK);
+    let audit = app.get(&format!("/v1/audit_log?key_id={id}")).await;
+    let entries = audit.body["data"].as_array().expect("data");
+    assert_eq!(
+        entries[0]["details"]["allowed_ips"],
+        json!(["203.0.113.0/24", "2001:db8::/32"])
+    );
+    assert_eq!(
+        entries.last().expect("update")["details"]["changes"]["allowed_ips"],
+        json!({ "from": ["203.0.113.0/24", "2001:db8::/32"], "to": [] })
     );
 }
 

@@ -133,6 +133,55 @@ async fn gateway_forwards_allowed_requests_and_refuses_the_rest() {
     .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.body);
 
+    // Disabled: the same 401, and nothing forwarded.
+    let (off_id, off) = stack.create(&["read:orders"], json!({})).await;
+    stack.set_disabled(&off_id, true).await;
+    edge.verify_until(&off, &[], PUBLISH_LIMIT, |b| b["code"] == "DISABLED")
+        .await;
+    let r = edge.gateway(Method::GET, "/orders/1", Some(&off)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.body);
+    assert_eq!(r.body, bodies[0]);
+
+    // An IP allowlist: the address is Cloudflare's `CF-Connecting-IP` (which the local runtime
+    // keeps when a client sends it, and otherwise sets from the socket: 127.0.0.1 here).
+    let (_, listed) = stack
+        .create(
+            &["read:orders"],
+            json!({ "allowed_ips": ["203.0.113.0/24", "2001:db8::/32"] }),
+        )
+        .await;
+    edge.verify_until(&listed, &[], PUBLISH_LIMIT, |b| {
+        b["code"] == "IP_NOT_ALLOWED"
+    })
+    .await;
+    for (client, allowed) in [
+        (Some("203.0.113.9"), true),
+        (Some("2001:db8::7"), true),
+        (Some("198.51.100.1"), false),
+        (Some("203.0.114.1"), false),
+        (Some("not-an-address"), false),
+        (None, false),
+    ] {
+        let mut request = edge.request(Method::GET, "/orders/7").bearer_auth(&listed);
+        if let Some(client) = client {
+            request = request.header("cf-connecting-ip", client);
+        }
+        let r = TestApp::send(request).await;
+        if allowed {
+            assert_eq!(r.status, StatusCode::OK, "{client:?}: {:?}", r.body);
+            assert_eq!(r.body["upstream"], "demo");
+        } else {
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{client:?}: {:?}", r.body);
+            assert_eq!(r.body["error"]["code"], "ip_not_allowed");
+            assert!(r.body.get("upstream").is_none(), "not forwarded");
+            let text = r.body.to_string();
+            assert!(
+                !text.contains("203.0.113") && !text.contains("2001:db8"),
+                "the answer does not reveal the list: {text}"
+            );
+        }
+    }
+
     // Revoked: the gateway's 401 looks like any other.
     stack.revoke(&id).await;
     edge.verify_until(&key, &[], PUBLISH_LIMIT, |b| b["code"] == "REVOKED")
@@ -391,6 +440,53 @@ async fn edge_and_origin_decide_the_same_table_alike() {
             assert_eq!(
                 at_origin.body[field], at_edge.body[field],
                 "{label}: field {field}"
+            );
+        }
+    }
+
+    // A key with an IP allowlist, verified for a client address (or none): the same answer at
+    // origin and at the edge.
+    let (_, listed) = stack
+        .create(
+            &["read:orders"],
+            json!({ "allowed_ips": ["203.0.113.0/24"] }),
+        )
+        .await;
+    stack.wait_published(PUBLISH_LIMIT).await;
+    for (client, want) in [
+        (Some("203.0.113.9"), "VALID"),
+        (Some("::ffff:203.0.113.9"), "VALID"),
+        (Some("198.51.100.1"), "IP_NOT_ALLOWED"),
+        (None, "IP_NOT_ALLOWED"),
+    ] {
+        let mut body = json!({ "key": listed, "required_scopes": ["read:orders"] });
+        if let Some(client) = client {
+            body["client_ip"] = json!(client);
+        }
+        let at_origin = stack
+            .origin
+            .post("/backend.api-keys.verify", body.clone())
+            .await;
+        let at_edge = eventually(PUBLISH_LIMIT, || async {
+            let r = TestApp::send(
+                stack
+                    .edge
+                    .request(Method::POST, "/v1/api_keys/verify")
+                    .json(&body),
+            )
+            .await;
+            if r.body["code"] == "NOT_FOUND" {
+                Err(format!("not at the edge yet: {}", r.body))
+            } else {
+                Ok(r)
+            }
+        })
+        .await;
+        assert_eq!(at_origin.body["code"], want, "{client:?} at origin");
+        for field in fields {
+            assert_eq!(
+                at_origin.body[field], at_edge.body[field],
+                "{client:?}: field {field}"
             );
         }
     }

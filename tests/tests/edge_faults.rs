@@ -60,7 +60,11 @@ fn corpus(valid_key: &str) -> Vec<Probe> {
             &body,
         ));
     }
-    for (field, kind) in [("key", "string"), ("required_scopes", "strings")] {
+    for (field, kind) in [
+        ("key", "string"),
+        ("required_scopes", "strings"),
+        ("client_ip", "string"),
+    ] {
         for wrong in hostile::wrong_values(kind) {
             let text = format!(r#"{{"key": "{valid_key}", "{field}": {wrong}}}"#);
             let text = if field == "key" {

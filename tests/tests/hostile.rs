@@ -42,6 +42,7 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
                 ("claims", "object"),
                 ("seconds_until_expiration", "number"),
                 ("created_by", "string"),
+                ("allowed_ips", "strings"),
             ],
             base: json!({"name": "n", "subject": "s"}),
         },
@@ -57,6 +58,7 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
                 ("seconds_until_expiration", "number"),
                 ("expiration", "number"),
                 ("disabled", "bool"),
+                ("allowed_ips", "strings"),
             ],
             base: json!({"name": "renamed"}),
         },
@@ -69,7 +71,11 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
         Endpoint {
             method: "POST",
             path: "/v1/api_keys/verify".into(),
-            fields: &[("secret", "string"), ("required_scopes", "strings")],
+            fields: &[
+                ("secret", "string"),
+                ("required_scopes", "strings"),
+                ("client_ip", "string"),
+            ],
             base: json!({"secret": secret}),
         },
         Endpoint {
@@ -82,13 +88,18 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
                 ("subject", "string"),
                 ("description", "string"),
                 ("seconds_until_expiration", "number"),
+                ("allowed_ips", "strings"),
             ],
             base: json!({"name": "n"}),
         },
         Endpoint {
             method: "POST",
             path: "/backend.api-keys.verify".into(),
-            fields: &[("key", "string"), ("required_scopes", "strings")],
+            fields: &[
+                ("key", "string"),
+                ("required_scopes", "strings"),
+                ("client_ip", "string"),
+            ],
             base: json!({"key": secret}),
         },
         Endpoint {
@@ -102,6 +113,7 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
                 ("description", "string"),
                 ("seconds_until_expiration", "number"),
                 ("disabled", "bool"),
+                ("allowed_ips", "strings"),
             ],
             base: json!({"key_id": id, "name": "renamed"}),
         },

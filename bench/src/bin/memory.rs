@@ -64,6 +64,7 @@ fn records() -> Vec<(String, Vec<u8>)> {
                 expires_at: None,
                 revision: 1,
                 disabled: false,
+                allowed_ips: Default::default(),
             };
             (kv_entry_name(&key.hash()), record.to_json().into_bytes())
         })

@@ -60,6 +60,7 @@ pub fn inputs() -> Inputs {
         expires_at: Some(UnixMillis(i64::MAX / 2)),
         revision: 3,
         disabled: false,
+        allowed_ips: Default::default(),
     };
     let required = parse_required(&["write:orders", "write:webhooks"]).expect("required");
     Inputs {

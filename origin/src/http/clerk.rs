@@ -65,6 +65,8 @@ pub struct ApiKeyObject {
     revocation_reason: Option<String>,
     /// Latchkey's own: switched off until enabled again (Clerk's object has no such field).
     disabled: bool,
+    /// Latchkey's own: the only addresses the key may be used from (empty: anywhere).
+    allowed_ips: Vec<String>,
     expired: bool,
     expiration: Option<i64>,
     created_by: Option<String>,
@@ -90,6 +92,7 @@ impl ApiKeyObject {
             revoked: key.revoked,
             revocation_reason: key.revocation_reason,
             disabled: key.disabled,
+            allowed_ips: key.allowed_ips.to_strings(),
             expiration: key.expiration.map(|t| t.0),
             created_by: key.created_by,
             last_used_at: key.last_used_at.map(|t| t.0),
@@ -115,6 +118,8 @@ struct CreateRequest {
     seconds_until_expiration: Option<i64>,
     #[serde(default)]
     created_by: Option<String>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
 }
 
 async fn create(
@@ -130,6 +135,7 @@ async fn create(
         claims: req.claims,
         seconds_until_expiration: req.seconds_until_expiration,
         created_by: req.created_by,
+        allowed_ips: req.allowed_ips,
     };
     let (key, secret) = state.service.create(&actor, new).await?;
     let mut object = ApiKeyObject::new(key, system_now());
@@ -210,6 +216,9 @@ struct UpdateRequest {
     /// `true` switches the key off, `false` on again.
     #[serde(default)]
     disabled: Option<bool>,
+    /// Replaces the allowlist; `[]` or `null` lifts it.
+    #[serde(default, deserialize_with = "double_option")]
+    allowed_ips: Option<Option<Vec<String>>>,
 }
 
 async fn update(
@@ -226,6 +235,7 @@ async fn update(
         claims: req.claims,
         expiration: extract::lifetime(req.seconds_until_expiration, req.expiration)?,
         disabled: req.disabled,
+        allowed_ips: req.allowed_ips.map(Option::unwrap_or_default),
     };
     let key = state.service.update(&actor, &id, changes).await?;
     Ok(Json(ApiKeyObject::new(key, system_now())))
@@ -257,6 +267,9 @@ struct VerifyRequest {
     secret: String,
     #[serde(default)]
     required_scopes: Vec<String>,
+    /// Where the key is being used from, for keys with an allowlist.
+    #[serde(default)]
+    client_ip: Option<String>,
 }
 
 /// Answers the key object for a valid key, as Clerk's SDK expects; an error otherwise.
@@ -266,7 +279,7 @@ async fn verify(
 ) -> Result<ApiKeyObject> {
     let outcome = state
         .service
-        .verify(&req.secret, &req.required_scopes)
+        .verify(&req.secret, &req.required_scopes, req.client_ip.as_deref())
         .await?;
     let error = |status, code, message: &str| Err(ApiError::new(status, code, message));
     match (&outcome.verdict, outcome.key) {
@@ -285,6 +298,11 @@ async fn verify(
             StatusCode::NOT_FOUND,
             "api_key_disabled",
             "The API key is disabled.",
+        ),
+        (Verdict::IpNotAllowed, _) => error(
+            StatusCode::FORBIDDEN,
+            "api_key_ip_not_allowed",
+            "The API key may not be used from this address.",
         ),
         (Verdict::Malformed, _) => error(
             StatusCode::NOT_FOUND,

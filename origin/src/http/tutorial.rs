@@ -63,6 +63,9 @@ struct CreateRequest {
     description: Option<String>,
     #[serde(default)]
     seconds_until_expiration: Option<i64>,
+    /// Not in the tutorial: addresses and CIDR ranges the key may be used from.
+    #[serde(default)]
+    allowed_ips: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +77,9 @@ struct CreateResponse {
     created_at: String,
     metadata: Option<Map<String, Value>>,
     expires_at: Option<String>,
+    /// Shown only when set, so the tutorial's shape is unchanged without it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allowed_ips: Vec<String>,
 }
 
 async fn create(
@@ -96,6 +102,7 @@ async fn create(
         claims: req.metadata,
         seconds_until_expiration: req.seconds_until_expiration,
         created_by: None,
+        allowed_ips: req.allowed_ips,
     };
     let (key, secret) = state
         .service
@@ -110,6 +117,7 @@ async fn create(
         created_at: iso(key.created_at),
         metadata: key.claims,
         expires_at: key.expiration.map(iso),
+        allowed_ips: key.allowed_ips.to_strings(),
     }))
 }
 
@@ -127,7 +135,10 @@ async fn verify(
     State(state): State<AppState>,
     JsonBody(req, _): Body<VerifyRequest>,
 ) -> Result<VerifyResponse> {
-    let outcome = state.service.verify(&req.key, &req.required_scopes).await?;
+    let outcome = state
+        .service
+        .verify(&req.key, &req.required_scopes, req.client_ip.as_deref())
+        .await?;
     let key = outcome.key;
     Ok(Json(VerifyResponse {
         report: VerifyReport::new(&outcome.verdict, outcome.record.as_ref()),
@@ -150,6 +161,9 @@ struct ListItem {
     disabled: bool,
     expires_at: Option<String>,
     metadata: Option<Map<String, Value>>,
+    /// Shown only when set, like `disabled`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allowed_ips: Vec<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -200,6 +214,7 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
                 revoked: k.revoked,
                 disabled: k.disabled,
                 expires_at: k.expiration.map(iso),
+                allowed_ips: k.allowed_ips.to_strings(),
                 metadata: k.claims,
             })
             .collect(),
@@ -257,6 +272,9 @@ struct UpdateRequest {
     /// `true` switches the key off, `false` on again.
     #[serde(default)]
     disabled: Option<bool>,
+    /// Replaces the allowlist; `[]` or `null` lifts it.
+    #[serde(default, deserialize_with = "double_option")]
+    allowed_ips: Option<Option<Vec<String>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -267,6 +285,9 @@ struct UpdateResponse {
     /// Shown only when `true`, as in the list.
     #[serde(skip_serializing_if = "is_false")]
     disabled: bool,
+    /// Shown only when set, as in the list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allowed_ips: Vec<String>,
     metadata: Option<Map<String, Value>>,
     updated_at: String,
 }
@@ -285,6 +306,7 @@ async fn update(
         claims: req.metadata,
         expiration: extract::lifetime(req.seconds_until_expiration, None)?,
         disabled: req.disabled,
+        allowed_ips: req.allowed_ips.map(Option::unwrap_or_default),
     };
     let key = state
         .service
@@ -296,6 +318,7 @@ async fn update(
         name: key.name,
         scopes: key.scopes.to_strings(),
         disabled: key.disabled,
+        allowed_ips: key.allowed_ips.to_strings(),
         metadata: key.claims,
         updated_at: iso(key.updated_at),
     }))

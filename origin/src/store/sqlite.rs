@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use latchkey_shared::ip::IpAllowlist;
 use latchkey_shared::{KeyHash, KeyId, ScopeSet, UnixMillis};
 use serde_json::{Map, Value};
 use sqlx::pool::PoolConnection;
@@ -28,7 +29,7 @@ use crate::model::{
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
      expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, updated_at, revision, \
-     disabled";
+     disabled, allowed_ips";
 
 /// A SQLite database file.
 #[derive(Debug, Clone)]
@@ -707,6 +708,7 @@ fn key_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         updated_at: row.get(const { column("updated_at") })?,
         revision: row.get(const { column("revision") })?,
         disabled: row.get(const { column("disabled") })?,
+        allowed_ips: row.get(const { column("allowed_ips") })?,
     })
 }
 
@@ -741,6 +743,7 @@ struct KeyRow {
     updated_at: i64,
     revision: i64,
     disabled: bool,
+    allowed_ips: Option<String>,
 }
 
 impl TryFrom<KeyRow> for StoredKey {
@@ -759,6 +762,13 @@ impl TryFrom<KeyRow> for StoredKey {
             .map_err(|_| corrupt("secret_hash is not 32 bytes".into()))?;
         let scopes: ScopeSet =
             serde_json::from_str(&row.scopes).map_err(|e| corrupt(format!("scopes: {e}")))?;
+        let allowed_ips: IpAllowlist = row
+            .allowed_ips
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| corrupt(format!("allowed_ips: {e}")))?
+            .unwrap_or_default();
         let claims: Option<Map<String, Value>> = row
             .claims
             .as_deref()
@@ -784,8 +794,14 @@ impl TryFrom<KeyRow> for StoredKey {
             updated_at: UnixMillis(row.updated_at),
             revision: row.revision,
             disabled: row.disabled,
+            allowed_ips,
         })
     }
+}
+
+/// The `allowed_ips` column: the list as JSON, or NULL for none.
+fn allowed_ips_text(key: &StoredKey) -> Option<String> {
+    (!key.allowed_ips.is_empty()).then(|| json_text(&key.allowed_ips))
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> String {
@@ -1096,7 +1112,8 @@ async fn apply(
             sqlx::query(
                 "INSERT INTO api_keys (id, secret_hash, hint, name, subject, description, scopes, claims, \
                  created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, \
-                 updated_at, revision, disabled) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 updated_at, revision, disabled, allowed_ips) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(key.id.as_str())
             .bind(key.hash.as_bytes().as_slice())
@@ -1116,6 +1133,7 @@ async fn apply(
             .bind(key.updated_at.0)
             .bind(key.revision)
             .bind(key.disabled)
+            .bind(allowed_ips_text(key))
             .execute(&mut *conn)
             .await?;
             *newest = Some(append_audit(conn, chain, event).await?);
@@ -1125,7 +1143,7 @@ async fn apply(
             let updated = sqlx::query(
                 "UPDATE api_keys SET name = ?, subject = ?, description = ?, scopes = ?, claims = ?, \
                  expiration = ?, revoked = ?, revoked_at = ?, revocation_reason = ?, updated_at = ?, \
-                 revision = ?, disabled = ? WHERE id = ? AND revision = ?",
+                 revision = ?, disabled = ?, allowed_ips = ? WHERE id = ? AND revision = ?",
             )
             .bind(&key.name)
             .bind(&key.subject)
@@ -1139,6 +1157,7 @@ async fn apply(
             .bind(key.updated_at.0)
             .bind(key.revision)
             .bind(key.disabled)
+            .bind(allowed_ips_text(key))
             .bind(key.id.as_str())
             .bind(expected_revision)
             .execute(&mut *conn)
@@ -1650,6 +1669,7 @@ mod tests {
             updated_at: UnixMillis(1_000),
             revision: 1,
             disabled: false,
+            allowed_ips: Default::default(),
         }
     }
 

@@ -558,6 +558,7 @@ mod tests {
             expires_at: None,
             revision,
             disabled: false,
+            allowed_ips: Default::default(),
         }
     }
 

@@ -12,7 +12,9 @@
 //! Messages, each a version-1 JSON object (readers ignore fields they do not know, so a field
 //! can be added without breaking an older reader; a new `v` is refused; the records inside
 //! follow the record's own versions, `record.rs`, and one this build cannot read refuses the
-//! message, so an isolate falls back to KV and denies that key):
+//! whole message: an append is refused, and a tail an isolate cannot read leaves its memory
+//! untrusted, so every key is read from KV until the edge is upgraded; fail closed, and the
+//! reason the edge is deployed before origin):
 //! * [`AppendBatch`], origin → Worker at [`APPEND_PATH`], signed with HMAC-SHA256 over
 //!   [`append_message`] (`x-latchkey-timestamp`, `x-latchkey-signature`, as usage reports).
 //! * [`AppendAnswer`], the Worker's answer.
@@ -263,6 +265,22 @@ mod tests {
         let many = AppendBatch::new(vec![ok.changes[0].clone(); APPEND_MAX_CHANGES + 1], None);
         let many = serde_json::to_vec(&many).expect("serialises");
         assert_eq!(AppendBatch::parse(&many), Err(LedgerError::TooMany));
+    }
+
+    #[test]
+    fn a_tail_holding_a_record_this_build_cannot_read_is_refused_whole() {
+        let tail = |v: u32| {
+            format!(
+                r#"{{"v":1,"after":0,"entries":[{{"seq":1,"at":5,"name":"{}","record":{{"v":{v},"id":"key_0123456789abcdefABCD","subject":"p","scopes":[],"revoked":false,"revoked_at":null,"expires_at":null,"revision":1,"disabled":true}}}}],"more":false,"head":1,"watermark":null,"served_at":6,"retention_ms":600000}}"#,
+                name('c')
+            )
+        };
+        let read = Tail::parse(tail(2).as_bytes()).expect("this build reads version 2");
+        assert!(read.entries[0].record.disabled);
+        assert!(matches!(
+            Tail::parse(tail(crate::RECORD_VERSION + 1).as_bytes()),
+            Err(LedgerError::Shape(_))
+        ));
     }
 
     #[test]

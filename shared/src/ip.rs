@@ -1,0 +1,353 @@
+//! Per-key IP allowlists: where a key may be used from.
+//!
+//! # Syntax
+//!
+//! A list of at most [`ALLOWED_IPS_MAX`] entries, each an IPv4 or IPv6 address or a CIDR range
+//! of either, written as the standard library parses them:
+//!
+//! * `203.0.113.7`, `2001:db8::1`: one address;
+//! * `203.0.113.0/24`, `2001:db8::/32`: every address whose first *n* bits are the range's. The
+//!   bits after the prefix must be zero (`203.0.113.7/24` is refused: which was meant, the
+//!   address or its network?);
+//! * no zone (`fe80::1%eth0`), no leading zeros in IPv4 (`010.0.0.1`), no spaces, nothing twice.
+//!
+//! An empty list means the key is not restricted. A client address that is an IPv4 address
+//! mapped into IPv6 (`::ffff:203.0.113.7`) is matched as the IPv4 address it is.
+//!
+//! ```
+//! use latchkey_shared::ip::{IpAllowlist, IpListError};
+//!
+//! let list = IpAllowlist::parse(&["203.0.113.0/24", "2001:db8::1"]).unwrap();
+//! assert!(list.allows("203.0.113.200".parse().unwrap()));
+//! assert!(list.allows("::ffff:203.0.113.9".parse().unwrap()));
+//! assert!(!list.allows("198.51.100.1".parse().unwrap()));
+//! assert!(!list.allows("2001:db8::2".parse().unwrap()));
+//! assert_eq!(list.to_strings(), ["203.0.113.0/24", "2001:db8::1"]);
+//! assert!(matches!(IpAllowlist::parse(&["203.0.113.7/24"]), Err(IpListError::HostBits(_))));
+//! ```
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Most entries one key's list may hold.
+pub const ALLOWED_IPS_MAX: usize = 64;
+
+/// Longest entry accepted, in bytes (the longest IPv6 range is 43).
+const ENTRY_MAX: usize = 64;
+
+/// Why an allowlist was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IpListError {
+    /// More than [`ALLOWED_IPS_MAX`] entries.
+    #[error("at most {ALLOWED_IPS_MAX} addresses or ranges")]
+    TooMany,
+    /// Not an address or a range.
+    #[error(
+        "{0:?} is not an IPv4 or IPv6 address or CIDR range (such as 203.0.113.7, 203.0.113.0/24 or 2001:db8::/32)"
+    )]
+    Syntax(String),
+    /// A range whose bits past the prefix are not zero.
+    #[error(
+        "{0:?} has bits set past its prefix: write the network address (such as 203.0.113.0/24)"
+    )]
+    HostBits(String),
+    /// The same entry twice.
+    #[error("{0:?} is listed more than once")]
+    Duplicate(String),
+}
+
+/// One entry: an address and how many of its leading bits must match (32 or 128: the address
+/// alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IpRange {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    fn parse(text: &str) -> Result<Self, IpListError> {
+        let syntax = || IpListError::Syntax(truncate(text));
+        if text.len() > ENTRY_MAX {
+            return Err(syntax());
+        }
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = address.parse().map_err(|_| syntax())?;
+        let width = width(network);
+        let prefix = match prefix {
+            None => width,
+            // Digits only, no leading zero: `u8::from_str` would take `+8` and `008`.
+            Some(p)
+                if (1..=3).contains(&p.len())
+                    && p.bytes().all(|b| b.is_ascii_digit())
+                    && (p == "0" || !p.starts_with('0')) =>
+            {
+                p.parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= width)
+                    .ok_or_else(syntax)?
+            }
+            Some(_) => return Err(syntax()),
+        };
+        let range = Self { network, prefix };
+        if range.masked(network) != network {
+            return Err(IpListError::HostBits(truncate(text)));
+        }
+        Ok(range)
+    }
+
+    /// `address` with the bits past this range's prefix cleared (same family assumed).
+    fn masked(&self, address: IpAddr) -> IpAddr {
+        match address {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+
+    fn contains(&self, client: IpAddr) -> bool {
+        self.network.is_ipv4() == client.is_ipv4() && self.masked(client) == self.network
+    }
+}
+
+impl fmt::Display for IpRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.prefix == width(self.network) {
+            write!(f, "{}", self.network)
+        } else {
+            write!(f, "{}/{}", self.network, self.prefix)
+        }
+    }
+}
+
+fn width(address: IpAddr) -> u8 {
+    if address.is_ipv4() { 32 } else { 128 }
+}
+
+/// Error messages echo the input; keep an oversized one from flooding logs and responses.
+fn truncate(s: &str) -> String {
+    let mut end = s.len().min(ENTRY_MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = s[..end].to_owned();
+    if end < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// A key's allowlist, in the order given (empty: not restricted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpAllowlist(Vec<IpRange>);
+
+impl IpAllowlist {
+    /// Parses a list as given to create or update (see the module's syntax).
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, IpListError> {
+        if entries.len() > ALLOWED_IPS_MAX {
+            return Err(IpListError::TooMany);
+        }
+        let mut ranges: Vec<IpRange> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let range = IpRange::parse(entry.as_ref())?;
+            if ranges.contains(&range) {
+                return Err(IpListError::Duplicate(range.to_string()));
+            }
+            ranges.push(range);
+        }
+        Ok(Self(ranges))
+    }
+
+    /// Whether the list restricts nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `client` may use the key: the list is empty, or an entry contains it.
+    pub fn allows(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.is_empty() || self.0.iter().any(|range| range.contains(client))
+    }
+
+    /// The entries as text, in their canonical form (`2001:DB8::/32` reads back as
+    /// `2001:db8::/32`).
+    pub fn to_strings(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
+    }
+}
+
+impl Serialize for IpAllowlist {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(ToString::to_string))
+    }
+}
+
+impl<'de> Deserialize<'de> for IpAllowlist {
+    /// As strictly as [`IpAllowlist::parse`]: a list that does not parse is no list, and the
+    /// record holding it is unreadable (the edge denies) rather than unrestricted.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let entries = Vec::<String>::deserialize(deserializer)?;
+        Self::parse(&entries).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a client address as a caller states it (origin's and the edge's verify, the edge's
+/// `CF-Connecting-IP`): one address, no range.
+pub fn parse_client(text: &str) -> Option<IpAddr> {
+    if text.len() > ENTRY_MAX {
+        return None;
+    }
+    text.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_table() {
+        use IpListError::*;
+        let long = "1".repeat(ENTRY_MAX + 1);
+        // (entry, Ok(canonical) or the error's kind)
+        /// The canonical form, or which error.
+        type Want = Result<&'static str, fn(String) -> IpListError>;
+        let cases: &[(&str, Want)] = &[
+            ("203.0.113.7", Ok("203.0.113.7")),
+            ("203.0.113.7/32", Ok("203.0.113.7")),
+            ("203.0.113.0/24", Ok("203.0.113.0/24")),
+            ("0.0.0.0/0", Ok("0.0.0.0/0")),
+            ("2001:db8::1", Ok("2001:db8::1")),
+            ("2001:DB8::/32", Ok("2001:db8::/32")),
+            ("::/0", Ok("::/0")),
+            ("::ffff:203.0.113.7", Ok("::ffff:203.0.113.7")),
+            ("203.0.113.7/24", Err(HostBits)),
+            ("2001:db8::1/32", Err(HostBits)),
+            ("203.0.113.0/33", Err(Syntax)),
+            ("2001:db8::/129", Err(Syntax)),
+            ("203.0.113.0/", Err(Syntax)),
+            ("203.0.113.0/+8", Err(Syntax)),
+            ("203.0.0.0/08", Err(Syntax)),
+            ("203.0.0.0/8", Ok("203.0.0.0/8")),
+            ("203.0.113.0/0024", Err(Syntax)),
+            ("203.0.113.0/24/8", Err(Syntax)),
+            ("010.0.0.1", Err(Syntax)),
+            ("203.0.113", Err(Syntax)),
+            (" 203.0.113.7", Err(Syntax)),
+            ("fe80::1%eth0", Err(Syntax)),
+            ("localhost", Err(Syntax)),
+            ("", Err(Syntax)),
+            (&long, Err(Syntax)),
+        ];
+        for (entry, want) in cases {
+            let got = IpAllowlist::parse(&[entry]);
+            match want {
+                Ok(canonical) => {
+                    assert_eq!(got.expect(entry).to_strings(), [*canonical], "{entry}")
+                }
+                Err(kind) => assert_eq!(
+                    std::mem::discriminant(&got.expect_err(entry)),
+                    std::mem::discriminant(&kind(String::new())),
+                    "{entry}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn lists_are_bounded_and_hold_each_entry_once() {
+        let many: Vec<String> = (0..=ALLOWED_IPS_MAX)
+            .map(|i| format!("10.0.0.{i}"))
+            .collect();
+        assert_eq!(IpAllowlist::parse(&many), Err(IpListError::TooMany));
+        assert!(IpAllowlist::parse(&many[..ALLOWED_IPS_MAX]).is_ok());
+        assert_eq!(
+            IpAllowlist::parse(&["10.0.0.0/8", "10.0.0.0/8"]),
+            Err(IpListError::Duplicate("10.0.0.0/8".into()))
+        );
+        // The same address written two ways is the same entry.
+        assert!(matches!(
+            IpAllowlist::parse(&["2001:db8::1", "2001:DB8:0::1/128"]),
+            Err(IpListError::Duplicate(_))
+        ));
+    }
+
+    #[test]
+    fn matching_table() {
+        let list = IpAllowlist::parse(&["203.0.113.0/24", "198.51.100.7", "2001:db8::/32"])
+            .expect("valid");
+        let cases = [
+            ("203.0.113.0", true),
+            ("203.0.113.255", true),
+            ("203.0.114.0", false),
+            ("198.51.100.7", true),
+            ("198.51.100.8", false),
+            ("::ffff:203.0.113.5", true),
+            ("::ffff:198.51.100.8", false),
+            ("2001:db8:ffff::1", true),
+            ("2001:db9::1", false),
+            // An IPv4 range says nothing of IPv6 addresses with the same bits.
+            ("::cb00:7100", false),
+        ];
+        for (client, want) in cases {
+            let client: IpAddr = client.parse().expect(client);
+            assert_eq!(list.allows(client), want, "{client}");
+        }
+        let everything = IpAllowlist::parse(&["0.0.0.0/0"]).expect("valid");
+        assert!(everything.allows("192.0.2.1".parse().expect("v4")));
+        assert!(!everything.allows("2001:db8::1".parse().expect("v6")));
+        assert!(IpAllowlist::default().allows("192.0.2.1".parse().expect("v4")));
+    }
+
+    #[test]
+    fn serialises_canonically_and_deserialises_strictly() {
+        let list = IpAllowlist::parse(&["2001:DB8::/32", "203.0.113.7/32"]).expect("valid");
+        let json = serde_json::to_string(&list).expect("json");
+        assert_eq!(json, r#"["2001:db8::/32","203.0.113.7"]"#);
+        assert_eq!(
+            serde_json::from_str::<IpAllowlist>(&json).expect("parses"),
+            list
+        );
+        for bad in [
+            r#"["203.0.113.7/24"]"#,
+            r#"["nope"]"#,
+            r#"[1]"#,
+            r#""10.0.0.1""#,
+        ] {
+            assert!(serde_json::from_str::<IpAllowlist>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_addresses_are_single_addresses() {
+        assert_eq!(
+            parse_client("203.0.113.7"),
+            Some("203.0.113.7".parse().expect("v4"))
+        );
+        assert_eq!(
+            parse_client("2001:db8::1"),
+            Some("2001:db8::1".parse().expect("v6"))
+        );
+        for bad in [
+            "203.0.113.0/24",
+            "",
+            "x",
+            " 203.0.113.7",
+            "203.0.113.7, 10.0.0.1",
+        ] {
+            assert_eq!(parse_client(bad), None, "{bad}");
+        }
+    }
+}
