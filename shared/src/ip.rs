@@ -9,10 +9,12 @@
 //! * `203.0.113.0/24`, `2001:db8::/32`: every address whose first *n* bits are the range's. The
 //!   bits after the prefix must be zero (`203.0.113.7/24` is refused: which was meant, the
 //!   address or its network?);
-//! * no zone (`fe80::1%eth0`), no leading zeros in IPv4 (`010.0.0.1`), no spaces, nothing twice.
+//! * no zone (`fe80::1%eth0`), no leading zeros in IPv4 (`010.0.0.1`), no spaces, nothing twice;
+//! * no IPv4 address written as IPv6 (`::ffff:203.0.113.7`): write it as IPv4.
 //!
 //! An empty list means the key is not restricted. A client address that is an IPv4 address
-//! mapped into IPv6 (`::ffff:203.0.113.7`) is matched as the IPv4 address it is.
+//! mapped into IPv6 (`::ffff:203.0.113.7`) is matched as the IPv4 address it is, by the IPv4
+//! entries; an IPv6 entry never matches an IPv4 client.
 //!
 //! ```
 //! use latchkey_shared::ip::{IpAllowlist, IpListError};
@@ -56,6 +58,9 @@ pub enum IpListError {
     /// The same entry twice.
     #[error("{0:?} is listed more than once")]
     Duplicate(String),
+    /// An IPv4 address or range written as IPv6 (`::ffff:…`), which no client would match.
+    #[error("{0:?} is an IPv4 address written as IPv6: write it as IPv4 (such as 203.0.113.7)")]
+    Mapped(String),
 }
 
 /// One entry: an address and how many of its leading bits must match (32 or 128: the address
@@ -77,6 +82,9 @@ impl IpRange {
             None => (text, None),
         };
         let network: IpAddr = address.parse().map_err(|_| syntax())?;
+        if network.is_ipv6() && network.to_canonical().is_ipv4() {
+            return Err(IpListError::Mapped(truncate(text)));
+        }
         let width = width(network);
         let prefix = match prefix {
             None => width,
@@ -232,7 +240,8 @@ mod tests {
             ("2001:db8::1", Ok("2001:db8::1")),
             ("2001:DB8::/32", Ok("2001:db8::/32")),
             ("::/0", Ok("::/0")),
-            ("::ffff:203.0.113.7", Ok("::ffff:203.0.113.7")),
+            ("::ffff:203.0.113.7", Err(Mapped)),
+            ("::ffff:0:0/96", Err(Mapped)),
             ("203.0.113.7/24", Err(HostBits)),
             ("2001:db8::1/32", Err(HostBits)),
             ("203.0.113.0/33", Err(Syntax)),

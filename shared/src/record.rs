@@ -48,8 +48,12 @@ use crate::scope::ScopeSet;
 /// | version | introduced |
 /// |---|---|
 /// | 1 | `id`, `subject`, `scopes`, `revoked`, `revoked_at`, `expires_at`, `revision` |
-/// | 2 | `disabled` (written only when `true`), `allowed_ips` (written only when not empty) |
-pub const RECORD_VERSION: u32 = 2;
+/// | 2 | `disabled` (written only when `true`) |
+/// | 3 | `allowed_ips` (written only when not empty) |
+///
+/// Each restricting field has a version of its own, even two added in one release: a build
+/// that knows only the first (a commit between them) must not read the second as absent.
+pub const RECORD_VERSION: u32 = 3;
 
 /// Milliseconds since the Unix epoch. `shared` never reads the clock: callers pass the time in.
 #[derive(
@@ -133,11 +137,10 @@ pub struct KeyRecord {
     /// Increases with every change of the key, so a reader can ignore a stale write.
     pub revision: u64,
     /// Switched off until switched on again (unlike revocation, reversible). Version 2: a
-    /// record that sets it is written as version 2, so a version-1 reader refuses it.
+    /// record that sets it is written as version 2 (at least), so a version-1 reader refuses it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub disabled: bool,
-    /// The only client addresses the key may be used from (empty: anywhere). Version 2, like
-    /// `disabled`.
+    /// The only client addresses the key may be used from (empty: anywhere). Version 3.
     #[serde(default, skip_serializing_if = "IpAllowlist::is_empty")]
     pub allowed_ips: IpAllowlist,
 }
@@ -183,7 +186,9 @@ impl KeyRecord {
     /// table at [`RECORD_VERSION`]), so that readers of older versions still read every record
     /// that does not need more. Writers set `v` to it.
     pub fn version_needed(&self) -> u32 {
-        if self.disabled || !self.allowed_ips.is_empty() {
+        if !self.allowed_ips.is_empty() {
+            3
+        } else if self.disabled {
             2
         } else {
             1
@@ -296,6 +301,21 @@ mod tests {
         }
     }
 
+    /// A reader of version 2 as this policy has it (versions up to 2, unknown fields ignored):
+    /// a build that knew `disabled` but not `allowed_ips`.
+    fn version_2_reader(json: &str) -> Result<(), String> {
+        #[derive(Deserialize)]
+        struct Version {
+            v: u32,
+        }
+        let Version { v } = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        if (1..=2).contains(&v) {
+            Ok(())
+        } else {
+            Err(format!("version {v}"))
+        }
+    }
+
     /// A record as origin writes it: `v` stamped from what it uses.
     fn written(mut record: KeyRecord) -> String {
         record.v = record.version_needed();
@@ -329,19 +349,26 @@ mod tests {
     }
 
     #[test]
-    fn an_allowlist_is_version_2_and_read_back_strictly() {
+    fn an_allowlist_is_version_3_and_read_back_strictly() {
         let listed = KeyRecord {
             allowed_ips: IpAllowlist::parse(&["203.0.113.0/24"]).expect("valid"),
             ..record()
         };
         let json = written(listed.clone());
-        assert!(json.starts_with(r#"{"v":2,"#), "{json}");
+        assert!(json.starts_with(r#"{"v":3,"#), "{json}");
         assert!(
             json.ends_with(r#","allowed_ips":["203.0.113.0/24"]}"#),
             "{json}"
         );
         assert!(version_1_reader(&json).is_err(), "{json}");
-        let read = KeyRecord::from_json(json.as_bytes()).expect("reads version 2");
+        // A build that knew `disabled` but not `allowed_ips` refuses it too.
+        assert!(version_2_reader(&json).is_err(), "{json}");
+        let disabled = written(KeyRecord {
+            disabled: true,
+            ..record()
+        });
+        assert_eq!(version_2_reader(&disabled), Ok(()));
+        let read = KeyRecord::from_json(json.as_bytes()).expect("reads version 3");
         assert_eq!(read.allowed_ips, listed.allowed_ips);
         // A list that does not parse makes the record unreadable, never unrestricted.
         let bad = json.replace("203.0.113.0/24", "203.0.113.7/24");

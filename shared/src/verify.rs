@@ -138,8 +138,11 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// The report of `verdict`, reached from `record` (the record found, if any).
+    /// The report of `verdict`, reached from `record` (the record found, if any). A key used
+    /// from an address its allowlist does not hold is reported without its details (id,
+    /// scopes, expiry): from there, it is as good as unknown.
     pub fn new(verdict: &Verdict, record: Option<&KeyRecord>) -> Self {
+        let record = record.filter(|_| !matches!(verdict, Verdict::IpNotAllowed));
         let missing_scopes = match verdict {
             Verdict::InsufficientScope { missing } => {
                 missing.iter().map(|s| s.as_str().to_owned()).collect()
@@ -390,6 +393,12 @@ mod tests {
             "before scopes"
         );
         assert_eq!(at(Some("203.0.113.9"), &admin), "INSUFFICIENT_SCOPE");
+        let report = VerifyReport::new(&Verdict::IpNotAllowed, Some(&listed));
+        assert_eq!(
+            (report.id, report.scopes.len(), report.expires_at),
+            (None, 0, None),
+            "reported without the key's details"
+        );
         let off = KeyRecord {
             disabled: true,
             ..listed.clone()

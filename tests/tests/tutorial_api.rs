@@ -213,6 +213,57 @@ async fn the_five_calls_with_the_tutorials_shapes() {
 }
 
 #[tokio::test]
+async fn an_ip_allowlist_on_the_tutorials_calls() {
+    let app = TestApp::start().await;
+    let created = app
+        .post(
+            "/backend.api-keys.create",
+            json!({ "name": "n", "scopes": ["read:orders"], "allowed_ips": ["203.0.113.0/24"] }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_eq!(created.body["allowed_ips"], json!(["203.0.113.0/24"]));
+    let id = created.body["id"].as_str().expect("id").to_owned();
+    let key = created.body["key"].as_str().expect("key").to_owned();
+    let verify = |client: Value| {
+        app.post(
+            "/backend.api-keys.verify",
+            json!({ "key": key, "client_ip": client }),
+        )
+    };
+    let inside = verify(json!("203.0.113.1")).await;
+    assert_eq!(inside.body["code"], "VALID", "{:?}", inside.body);
+    let outside = verify(json!("198.51.100.1")).await;
+    assert_eq!(outside.body["code"], "IP_NOT_ALLOWED", "{:?}", outside.body);
+    assert_eq!(
+        outside.body["id"],
+        Value::Null,
+        "reported as good as unknown"
+    );
+    assert_eq!(outside.body["created_at"], Value::Null);
+    let unknown = verify(Value::Null).await;
+    assert_eq!(unknown.body["code"], "IP_NOT_ALLOWED");
+    let listed = app.get("/backend.api-keys.list").await;
+    assert_eq!(
+        listed.body["data"][0]["allowed_ips"],
+        json!(["203.0.113.0/24"])
+    );
+    let lifted = app
+        .patch(
+            "/backend.api-keys.update",
+            json!({ "key_id": id, "allowed_ips": null }),
+        )
+        .await;
+    assert_eq!(lifted.status, StatusCode::OK, "{:?}", lifted.body);
+    assert_eq!(
+        keys(&lifted.body),
+        ["id", "metadata", "name", "scopes", "updated_at"],
+        "without a list, the tutorial's shape"
+    );
+    assert_eq!(verify(Value::Null).await.body["code"], "VALID");
+}
+
+#[tokio::test]
 async fn verify_reason_codes_for_bad_keys() {
     let app = TestApp::start().await;
     for (presented, code) in [

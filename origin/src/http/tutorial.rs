@@ -5,7 +5,7 @@
 use axum::extract::{RawQuery, State};
 use axum::http::Method;
 use axum::{Extension, Json};
-use latchkey_shared::{UnixMillis, VerifyReport, VerifyRequest};
+use latchkey_shared::{UnixMillis, Verdict, VerifyReport, VerifyRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -139,7 +139,11 @@ async fn verify(
         .service
         .verify(&req.key, &req.required_scopes, req.client_ip.as_deref())
         .await?;
-    let key = outcome.key;
+    // From an address its allowlist does not hold, a key is reported as good as unknown (as
+    // `VerifyReport` does).
+    let key = outcome
+        .key
+        .filter(|_| !matches!(outcome.verdict, Verdict::IpNotAllowed));
     Ok(Json(VerifyResponse {
         report: VerifyReport::new(&outcome.verdict, outcome.record.as_ref()),
         created_at: key.as_ref().map(|k| iso(k.created_at)),
