@@ -59,12 +59,15 @@ pub(crate) async fn handle(
         );
     };
     // Where the partner is, as Cloudflare saw it (not forgeable in production: Cloudflare sets
-    // the header). Missing or unreadable, it is unknown, and a key with an allowlist fails.
-    let client = headers
-        .get("cf-connecting-ip")
-        .ok()
-        .flatten()
-        .and_then(|ip| parse_client(&ip));
+    // the header), read only for a key with an allowlist. Missing or unreadable, it is
+    // unknown, and such a key fails.
+    let client = || {
+        headers
+            .get("cf-connecting-ip")
+            .ok()
+            .flatten()
+            .and_then(|ip| parse_client(&ip))
+    };
     let (verdict, record) = match lookup
         .verify(&presented, rule.required_scopes(), client)
         .await

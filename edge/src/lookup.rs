@@ -119,13 +119,15 @@ impl<'a> Lookup<'a> {
         &self.used
     }
 
-    /// Verifies `presented` against `required`, used from `client` (if known). A presented string that is not a well-formed
-    /// key (syntax, length or checksum) is `Malformed` without touching memory or KV.
+    /// Verifies `presented` against `required`, used from the address `client` gives (if
+    /// known; asked only of a key with an IP allowlist, so other requests pay nothing for it).
+    /// A presented string that is not a well-formed key (syntax, length or checksum) is
+    /// `Malformed` without touching memory or KV.
     pub(crate) async fn verify(
         &mut self,
         presented: &str,
         required: &[Scope],
-        client: Option<IpAddr>,
+        client: impl FnOnce() -> Option<IpAddr>,
     ) -> Result<(Verdict, Option<Rc<KeyRecord>>), Unavailable> {
         let key = match parse_presented(presented) {
             Ok(key) => key,
@@ -139,6 +141,10 @@ impl<'a> Lookup<'a> {
             }
             Some(settings) => self.recall(settings, &name, key.hint().as_str()).await?,
         };
+        let client = record
+            .as_deref()
+            .filter(|r| !r.allowed_ips.is_empty())
+            .and_then(|_| client());
         let verdict = decide(
             record.as_deref(),
             &DecisionContext::at(self.now)

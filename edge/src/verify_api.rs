@@ -2,7 +2,7 @@
 //! [`VerifyReport`] out, exactly as origin's tutorial verify answers (minus the two fields only
 //! origin knows: `created_at` and `last_used_at`).
 
-use latchkey_shared::ip::parse_client;
+use latchkey_shared::ip::parse_client_field;
 use latchkey_shared::{VerifyReport, VerifyRequest, parse_required};
 use worker::Result;
 use worker::worker_sys::web_sys::{Request, Response};
@@ -60,19 +60,13 @@ pub(crate) async fn handle(req: Request, lookup: &mut Lookup<'_>) -> Result<Resp
     };
     // The address is the caller's word, as at origin: this endpoint answers whether the key
     // would pass from there (the gateway, which grants access, takes Cloudflare's).
-    let client = match request.client_ip.as_deref().map(parse_client) {
-        None => None,
-        Some(Some(client)) => Some(client),
-        Some(None) => {
-            return reply::field_error(
-                422,
-                "form_param_invalid",
-                "client_ip must be one IPv4 or IPv6 address",
-                "client_ip",
-            );
+    let client = match parse_client_field(request.client_ip.as_deref()) {
+        Ok(client) => client,
+        Err(e) => {
+            return reply::field_error(422, "form_param_invalid", &e.to_string(), "client_ip");
         }
     };
-    match lookup.verify(&request.key, &required, client).await {
+    match lookup.verify(&request.key, &required, || client).await {
         Ok((verdict, record)) => reply::json(200, &VerifyReport::new(&verdict, record.as_deref())),
         Err(unavailable) => {
             worker::console_error!("verify denied, {unavailable}");

@@ -463,12 +463,8 @@ impl KeyService {
     ) -> Result<Verification, ServiceError> {
         let required =
             parse_required(required).map_err(|e| invalid("required_scopes", e.to_string()))?;
-        let client = client_ip
-            .map(|ip| {
-                latchkey_shared::ip::parse_client(ip)
-                    .ok_or_else(|| invalid("client_ip", "must be one IPv4 or IPv6 address"))
-            })
-            .transpose()?;
+        let client = latchkey_shared::ip::parse_client_field(client_ip)
+            .map_err(|e| invalid("client_ip", e.to_string()))?;
         let secret = match parse_presented(presented) {
             Ok(secret) => secret,
             Err(verdict) => {

@@ -147,15 +147,7 @@ fn width(address: IpAddr) -> u8 {
 
 /// Error messages echo the input; keep an oversized one from flooding logs and responses.
 fn truncate(s: &str) -> String {
-    let mut end = s.len().min(ENTRY_MAX);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut out = s[..end].to_owned();
-    if end < s.len() {
-        out.push('…');
-    }
-    out
+    crate::echo(s, ENTRY_MAX)
 }
 
 /// A key's allowlist, in the order given (empty: not restricted).
@@ -219,6 +211,18 @@ pub fn parse_client(text: &str) -> Option<IpAddr> {
         return None;
     }
     text.parse().ok()
+}
+
+/// A verify request's `client_ip` that is not one address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("client_ip must be one IPv4 or IPv6 address")]
+pub struct ClientIpError;
+
+/// A verify request's optional `client_ip` (origin's calls and the edge's verify alike): absent
+/// is unknown, present must be one address.
+pub fn parse_client_field(text: Option<&str>) -> Result<Option<IpAddr>, ClientIpError> {
+    text.map(|t| parse_client(t).ok_or(ClientIpError))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -341,6 +345,12 @@ mod tests {
 
     #[test]
     fn client_addresses_are_single_addresses() {
+        assert_eq!(parse_client_field(None), Ok(None));
+        assert_eq!(parse_client_field(Some("x")), Err(ClientIpError));
+        assert_eq!(
+            parse_client_field(Some("::1")),
+            Ok(Some("::1".parse().expect("v6")))
+        );
         assert_eq!(
             parse_client("203.0.113.7"),
             Some("203.0.113.7".parse().expect("v4"))

@@ -25,6 +25,20 @@ pub mod verify;
 
 mod base62;
 
+/// `s` as an error message may echo it: its first `max` bytes (cut at a character boundary),
+/// and `…` if that left something out.
+pub(crate) fn echo(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = s[..end].to_owned();
+    if end < s.len() {
+        out.push('…');
+    }
+    out
+}
+
 pub use key::{ApiKey, KeyError, KeyHash, KeyHint, KeyId, KeyPrefix};
 pub use record::{
     KeyRecord, RECORD_VERSION, RecordError, UnixMillis, is_expired_at, kv_entry_name,

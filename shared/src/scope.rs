@@ -143,15 +143,7 @@ fn is_segment_byte(b: u8) -> bool {
 
 /// Error messages echo the input; keep an oversized one from flooding logs and responses.
 fn truncate(s: &str) -> String {
-    let mut end = s.len().min(MAX_SCOPE_LEN);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut out = s[..end].to_owned();
-    if end < s.len() {
-        out.push('…');
-    }
-    out
+    crate::echo(s, MAX_SCOPE_LEN)
 }
 
 impl fmt::Display for Scope {
