@@ -1,7 +1,7 @@
 //! Storage faults: the database's filesystem fills up, then turns read-only. Origin must refuse
 //! writes with 503 and a clear JSON error and keep serving reads and verifications. When space
 //! returns it takes writes again without a restart; a read-only filesystem is left for a
-//! restart (origin opened it read-only).
+//! restart (origin opened it read-only), whether or not the last clean shutdown left a WAL.
 //!
 //! The faults are real: the database lives on a small tmpfs that the test fills and remounts
 //! read-only. That needs `mount` (root, as on CI); without it the test fails and says so.
@@ -169,6 +169,33 @@ async fn a_full_or_read_only_disk_refuses_writes_serves_reads_and_recovers() {
         refused["errors"][0]["code"], "storage_unavailable",
         "{refused}"
     );
+    assert!(
+        refused["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the database is read-only")),
+        "{refused}"
+    );
+    reads_and_verifies_still_work(&app, &id2, &secret2).await;
+
+    // Whether the stop above left the WAL and its index behind depends on which connection
+    // closed last. Without them SQLite cannot read a WAL database on a read-only filesystem
+    // unless it is opened as immutable, which origin does when the WAL holds nothing. Make that
+    // case certain: the last connection of a clean close folds the WAL in and deletes it.
+    app.stop().await;
+    disk.remount("rw");
+    let db = disk.path().join("latchkey.db");
+    let conn = rusqlite::Connection::open(&db).expect("open the database");
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .expect("checkpoint");
+    drop(conn);
+    let wal = disk.path().join("latchkey.db-wal");
+    assert!(!wal.exists(), "a clean close leaves no WAL");
+    disk.remount("ro");
+    let immutable = |app: &TestApp| app.logs().matches("opened as an immutable file").count();
+    let before = immutable(&app);
+    app.start_again().await;
+    assert_eq!(immutable(&app), before + 1, "{}", app.logs());
+    let refused = write_until_refused(&app, "read-only, no WAL", &mut acknowledged).await;
     assert!(
         refused["errors"][0]["message"]
             .as_str()

@@ -211,25 +211,13 @@ fn unavailable(error: &StoreError) -> Option<&'static str> {
             Some("no database connection is free")
         }
         StoreError::Database(sqlx::Error::Io(_)) => Some("an I/O error"),
-        StoreError::Database(sqlx::Error::Database(_)) | StoreError::Sqlite { .. } => {
-            // SQLite primary result codes.
-            let primary = match error {
-                StoreError::Sqlite { code, .. } => Some(code & 0xff),
-                StoreError::Database(sqlx::Error::Database(db)) => db
-                    .code()
-                    .and_then(|c| c.parse::<i32>().ok())
-                    .map(|c| c & 0xff),
-                _ => None,
-            };
-            match primary {
-                Some(5 | 6) => Some("the database is locked"),
-                Some(8) => Some("the database is read-only"),
-                Some(10) => Some("a disk I/O error"),
-                Some(13) => Some("the disk is full"),
-                Some(14) => Some("the database file cannot be opened"),
-                _ => None,
-            }
-        }
-        _ => None,
+        _ => match error.sqlite_code()? {
+            5 | 6 => Some("the database is locked"),
+            8 => Some("the database is read-only"),
+            10 => Some("a disk I/O error"),
+            13 => Some("the disk is full"),
+            14 => Some("the database file cannot be opened"),
+            _ => None,
+        },
     }
 }

@@ -53,6 +53,20 @@ pub enum StoreError {
     NotDurable(String),
 }
 
+impl StoreError {
+    /// SQLite's primary result code (`SQLITE_FULL` is 13, say), when SQLite refused.
+    pub fn sqlite_code(&self) -> Option<i32> {
+        match self {
+            Self::Sqlite { code, .. } => Some(code & 0xff),
+            Self::Database(sqlx::Error::Database(db)) => db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map(|c| c & 0xff),
+            _ => None,
+        }
+    }
+}
+
 /// Everything the key service needs from storage.
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {

@@ -112,13 +112,20 @@ impl SqliteStore {
         if let Some(file) = &file {
             make_database_private(file);
         }
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        if file.is_some() {
-            durability(&writer).await?.check()?;
-        }
+        let (writer, options, immutable) = match open_writer(&options, file.is_some()).await {
+            Err(error) if file.as_deref().is_some_and(|f| needs_immutable(f, &error)) => {
+                tracing::warn!(
+                    %error,
+                    "the database's filesystem is read-only and its WAL was folded in at the last \
+                     clean shutdown, so SQLite cannot read it in WAL mode: opened as an immutable \
+                     file; writes are refused until origin restarts on a writable filesystem"
+                );
+                let options = options.immutable(true);
+                let writer = open_writer(&options, false).await?;
+                (writer, options, true)
+            }
+            writer => (writer?, options, false),
+        };
         sqlx::migrate!("./migrations").run(&writer).await?;
         let commits = Arc::new(AtomicU64::new(0));
         if let Some(chain) = &chain {
@@ -132,7 +139,7 @@ impl SqliteStore {
         tokio::spawn(group_commit(writer.clone(), commits.clone(), chain, queue));
         // Where the synchronous connections cannot open (a read-only filesystem, say), verify
         // reads through the sqlx pool like everything else: slower, as correct.
-        let hot = file.as_deref().and_then(|path| {
+        let hot = file.as_deref().filter(|_| !immutable).and_then(|path| {
             match HotReads::open(path, HOT_READERS, commits.clone()) {
                 Ok(hot) => {
                     let hot = Arc::new(hot);
@@ -319,6 +326,38 @@ impl SqliteStore {
     pub async fn durability(&self) -> Result<Durability, StoreError> {
         durability(&self.writer).await
     }
+}
+
+/// The writer's pool, its durability checked (a file's) before it takes a write.
+async fn open_writer(
+    options: &SqliteConnectOptions,
+    check_durability: bool,
+) -> Result<SqlitePool, StoreError> {
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await?;
+    if check_durability {
+        durability(&writer).await?.check()?;
+    }
+    Ok(writer)
+}
+
+/// Whether `error`, met opening `file`, is SQLite unable to read a WAL database on a read-only
+/// filesystem: it needs the WAL index (`-shm`) and cannot create it. Such a file can be read as
+/// immutable if, and only if, its WAL holds nothing: no `-wal` file, or an empty one (the last
+/// connection of a clean shutdown folds the WAL into the database and deletes it). A file with
+/// a WAL is never read without it: that would hide acknowledged writes.
+fn needs_immutable(file: &Path, error: &StoreError) -> bool {
+    const SQLITE_CANTOPEN: i32 = 14;
+    let wal = PathBuf::from(format!("{}-wal", file.display()));
+    error.sqlite_code() == Some(SQLITE_CANTOPEN)
+        && file.is_file()
+        && std::fs::metadata(&wal).map_or(true, |m| m.len() == 0)
+        && std::fs::OpenOptions::new()
+            .append(true)
+            .open(file)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ReadOnlyFilesystem)
 }
 
 async fn durability(writer: &SqlitePool) -> Result<Durability, StoreError> {
