@@ -45,6 +45,10 @@ pub struct StoredKey {
     pub disabled: bool,
     /// The only addresses the key may be used from (empty: anywhere).
     pub allowed_ips: IpAllowlist,
+    /// The key this one replaced (see [`crate::service::KeyService::roll`]).
+    pub rolled_from: Option<KeyId>,
+    /// The key that replaced this one; set once, for good.
+    pub rolled_to: Option<KeyId>,
 }
 
 impl StoredKey {

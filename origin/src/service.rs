@@ -30,6 +30,8 @@ pub mod limits {
     pub const CREATED_BY_MAX: usize = 256;
     /// Longest `revocation_reason`, in characters.
     pub const REVOCATION_REASON_MAX: usize = 512;
+    /// Longest grace period of a roll, in seconds (ninety days).
+    pub const GRACE_PERIOD_MAX_SECONDS: i64 = 90 * 24 * 3600;
     /// Most scopes on one key (the most one verification may require, too).
     pub const SCOPES_MAX: usize = super::REQUIRED_SCOPES_MAX;
     /// Longest requested scope kept in the audit entry of a refused grant, in characters.
@@ -65,6 +67,12 @@ pub enum ServiceError {
     /// The key is revoked and cannot change any more.
     #[error("the API key is revoked and cannot be updated")]
     Revoked,
+    /// The key has expired: it cannot be rolled.
+    #[error("the API key has expired")]
+    Expired,
+    /// The key was rolled before; only its successor can be rolled.
+    #[error("the API key was already rolled, to {0}")]
+    AlreadyRolled(KeyId),
     /// Concurrent changes kept winning; the caller may retry.
     #[error("the API key was changed concurrently; retry")]
     Conflict,
@@ -125,6 +133,28 @@ pub struct KeyChanges {
     pub disabled: Option<bool>,
     /// Replacement allowlist (empty: anywhere).
     pub allowed_ips: Option<Vec<String>>,
+}
+
+/// A roll, as requested.
+#[derive(Debug)]
+pub struct Roll {
+    /// How long the replaced key keeps working, in seconds: 0 revokes it at once. Never past
+    /// its own expiry.
+    pub grace_period_seconds: i64,
+    /// The new key's expiry; `None` keeps the replaced key's.
+    pub expiration: Option<Lifetime>,
+}
+
+/// The outcome of a roll.
+#[derive(Debug)]
+pub struct Rolled {
+    /// The replaced key, as the roll left it (`rolled_to` set, its grace period as its expiry,
+    /// or revoked).
+    pub previous: StoredKey,
+    /// The new key.
+    pub key: StoredKey,
+    /// The new key's secret, which exists only here.
+    pub secret: ApiKey,
 }
 
 /// When a key expires, as a request states it.
@@ -284,6 +314,8 @@ impl KeyService {
             revision: 1,
             disabled: false,
             allowed_ips,
+            rolled_from: None,
+            rolled_to: None,
         };
         let event = AuditEvent {
             at: now,
@@ -399,6 +431,14 @@ impl KeyService {
                 key.claims.clone_from(claims);
             }
             if let Some(lifetime) = lifetime {
+                if key.rolled_to.is_some() {
+                    // The grace period a roll gave is the operator's promise to the partner
+                    // that the old secret stops; it does not move.
+                    return Err(invalid(
+                        "expiration",
+                        "the key was rolled: its grace period cannot change (revoke it to end it now)",
+                    ));
+                }
                 let expiration = expiry(now, lifetime)?;
                 note(
                     &mut diff,
@@ -451,6 +491,117 @@ impl KeyService {
             Err(ServiceError::Revoked) => self.get(id).await,
             other => other,
         }
+    }
+
+    /// Rolls a live key: issues a new secret as a new key that copies the old one's settings
+    /// (name, subject, description, scopes, claims, creator, expiry unless `roll` gives one,
+    /// disabled, allowed IPs) and names it in `rolled_from`. The old key names its successor in
+    /// `rolled_to` and keeps working for the grace period (its expiry becomes the earlier of
+    /// its own and the end of the grace period), or is revoked at once for a grace period of
+    /// 0. Both changes, and both audit entries, commit together or not at all.
+    ///
+    /// A key is rolled once: a revoked, expired or already rolled key is refused (roll its
+    /// successor instead).
+    pub async fn roll(&self, actor: &str, id: &KeyId, roll: Roll) -> Result<Rolled, ServiceError> {
+        let grace = roll.grace_period_seconds;
+        if !(0..=limits::GRACE_PERIOD_MAX_SECONDS).contains(&grace) {
+            return Err(invalid(
+                "grace_period_seconds",
+                format!(
+                    "must be from 0 (revoke the old key now) to {} seconds",
+                    limits::GRACE_PERIOD_MAX_SECONDS
+                ),
+            ));
+        }
+        let _turn = self.take_turn(id).await;
+        for _ in 0..8 {
+            let current = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
+            let now = system_now();
+            if current.revoked {
+                return Err(ServiceError::Revoked);
+            }
+            if let Some(successor) = &current.rolled_to {
+                return Err(ServiceError::AlreadyRolled(successor.clone()));
+            }
+            if current.is_expired(now) {
+                return Err(ServiceError::Expired);
+            }
+            let expiration = match roll.expiration {
+                Some(lifetime) => expiry(now, lifetime)?,
+                None => current.expiration,
+            };
+            let secret = ApiKey::generate(&self.prefix, &mut os_random);
+            let key = StoredKey {
+                id: KeyId::generate(&mut os_random),
+                hash: secret.hash(),
+                hint: secret.hint().as_str().to_owned(),
+                expiration,
+                revoked: false,
+                revoked_at: None,
+                revocation_reason: None,
+                last_used_at: None,
+                created_at: now,
+                updated_at: now,
+                revision: 1,
+                rolled_from: Some(current.id.clone()),
+                rolled_to: None,
+                ..current.clone()
+            };
+            let mut previous = current.clone();
+            previous.rolled_to = Some(key.id.clone());
+            if grace == 0 {
+                previous.revoked = true;
+                previous.revoked_at = Some(now);
+                previous.revocation_reason = Some(format!("rolled: replaced by {}", key.id));
+            } else {
+                let grace_ends = UnixMillis(now.0.saturating_add(grace.saturating_mul(1000)));
+                previous.expiration =
+                    Some(current.expiration.map_or(grace_ends, |e| e.min(grace_ends)));
+            }
+            previous.updated_at = now;
+            previous.revision = current.revision + 1;
+            let audit = |key_id: &KeyId, details: Value| AuditEvent {
+                at: now,
+                actor: actor.to_owned(),
+                action: if key_id == id { "roll" } else { "create" },
+                key_id: Some(key_id.clone()),
+                details,
+            };
+            let rolled = audit(
+                id,
+                json!({
+                    "rolled_to": key.id,
+                    "grace_period_seconds": grace,
+                    "expiration": { "from": current.expiration, "to": previous.expiration },
+                    "revoked": previous.revoked,
+                }),
+            );
+            let created = audit(
+                &key.id,
+                json!({
+                    "name": key.name,
+                    "subject": key.subject,
+                    "scopes": key.scopes,
+                    "expiration": key.expiration,
+                    "hint": key.hint,
+                    "allowed_ips": key.allowed_ips,
+                    "rolled_from": id,
+                }),
+            );
+            if self
+                .store
+                .roll((&previous, current.revision, &rolled), (&key, &created))
+                .await?
+            {
+                self.announce_commit();
+                return Ok(Rolled {
+                    previous: self.with_usage(previous),
+                    key,
+                    secret,
+                });
+            }
+        }
+        Err(ServiceError::Conflict)
     }
 
     /// Verifies a presented secret, optionally requiring scopes. A successful verification
@@ -525,12 +676,7 @@ impl KeyService {
         action: &'static str,
         mut apply: impl FnMut(&mut StoredKey, UnixMillis) -> Result<Value, ServiceError>,
     ) -> Result<StoredKey, ServiceError> {
-        // In this process, changes to one key take turns; the revision check stays as the
-        // backstop for other processes sharing the database.
-        let stripe = id.as_str().bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        let _turn = self.change_locks[stripe % CHANGE_LOCK_STRIPES].lock().await;
+        let _turn = self.take_turn(id).await;
         for _ in 0..8 {
             let current = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
             let now = system_now();
@@ -551,6 +697,15 @@ impl KeyService {
             }
         }
         Err(ServiceError::Conflict)
+    }
+
+    /// In this process, changes to one key take turns; the revision check stays as the
+    /// backstop for other processes sharing the database.
+    async fn take_turn(&self, id: &KeyId) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe = id.as_str().bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        self.change_locks[stripe % CHANGE_LOCK_STRIPES].lock().await
     }
 
     fn with_usage(&self, key: StoredKey) -> StoredKey {

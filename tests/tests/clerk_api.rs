@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::TestApp;
+use std::time::Duration;
+
+use common::{TestApp, eventually};
 use latchkey_shared::ApiKey;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -26,6 +28,8 @@ const KEY_OBJECT_FIELDS: &[&str] = &[
     "revocation_reason",
     "disabled",
     "allowed_ips",
+    "rolled_from",
+    "rolled_to",
     "expired",
     "expiration",
     "created_by",
@@ -336,6 +340,289 @@ async fn disabling_is_reversible_audited_and_distinct_from_revocation() {
             &json!({ "from": false, "to": true }),
             &json!({ "from": true, "to": false })
         ]
+    );
+}
+
+/// The error code of a Clerk-envelope answer.
+fn code(body: &Value) -> &str {
+    body["errors"][0]["code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn rolling_issues_a_linked_key_and_ends_the_old_one_after_its_grace_period() {
+    let app = TestApp::start().await;
+    let created = app
+        .post(
+            "/v1/api_keys",
+            json!({
+                "name": "acme prod", "subject": "acme", "description": "d",
+                "scopes": ["write:orders", "read:orders"], "claims": {"tier": "gold"},
+                "seconds_until_expiration": 86_400, "created_by": "ops",
+                "allowed_ips": ["10.0.0.0/8"],
+            }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+    let old_id = created.body["id"].as_str().expect("id").to_owned();
+    let old_secret = created.body["secret"].as_str().expect("secret").to_owned();
+    let verify = |secret: String| {
+        let app = &app;
+        async move {
+            app.post(
+                "/v1/api_keys/verify",
+                json!({ "secret": secret, "client_ip": "10.1.2.3" }),
+            )
+            .await
+        }
+    };
+
+    // Roll with an hour's grace: a new key with the same settings, linked both ways.
+    let before = common::now_ms();
+    let rolled = app
+        .post(
+            &format!("/v1/api_keys/{old_id}/roll"),
+            json!({ "grace_period_seconds": 3600 }),
+        )
+        .await;
+    assert_eq!(rolled.status, StatusCode::OK, "{}", rolled.body);
+    let mut new = rolled.body.clone();
+    let previous = new
+        .as_object_mut()
+        .and_then(|o| o.remove("previous"))
+        .expect("previous");
+    assert_key_object(&new, true);
+    assert_key_object(&previous, false);
+    let new_id = new["id"].as_str().expect("id").to_owned();
+    let new_secret = new["secret"].as_str().expect("secret").to_owned();
+    assert_ne!(new_id, old_id);
+    assert_ne!(new_secret, old_secret);
+    for field in [
+        "name",
+        "subject",
+        "description",
+        "scopes",
+        "claims",
+        "created_by",
+        "allowed_ips",
+        "expiration",
+        "disabled",
+    ] {
+        assert_eq!(new[field], created.body[field], "{field} is copied");
+    }
+    assert_eq!(new["rolled_from"], json!(old_id));
+    assert_eq!(new["rolled_to"], Value::Null);
+    assert_eq!(previous["id"], json!(old_id));
+    assert_eq!(previous["rolled_to"], json!(new_id));
+    assert_eq!(previous["revoked"], false);
+    let grace_ends = previous["expiration"].as_i64().expect("expiration");
+    assert!(
+        (before + 3_600_000..=common::now_ms() + 3_600_000).contains(&grace_ends),
+        "the grace period is the old key's expiry: {grace_ends}"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/api_keys/{old_id}")).await.body,
+        previous
+    );
+    // Both work during the grace period.
+    for secret in [&old_secret, &new_secret] {
+        let r = verify(secret.clone()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+
+    // A key is rolled once; its grace period does not move.
+    let again = app
+        .post(
+            &format!("/v1/api_keys/{old_id}/roll"),
+            json!({ "grace_period_seconds": 60 }),
+        )
+        .await;
+    assert_eq!(
+        (again.status, code(&again.body)),
+        (StatusCode::CONFLICT, "api_key_already_rolled"),
+        "{}",
+        again.body
+    );
+    assert!(
+        again.body.to_string().contains(&new_id),
+        "names the successor"
+    );
+    let extend = app
+        .patch(
+            &format!("/v1/api_keys/{old_id}"),
+            json!({ "seconds_until_expiration": 864_000 }),
+        )
+        .await;
+    assert_eq!(
+        extend.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        extend.body
+    );
+
+    // Rolling the successor with no grace revokes it at once, naming its own successor; the
+    // new key may be given its own lifetime.
+    let third = app
+        .post(
+            &format!("/v1/api_keys/{new_id}/roll"),
+            json!({ "grace_period_seconds": 0, "seconds_until_expiration": null }),
+        )
+        .await;
+    assert_eq!(third.status, StatusCode::OK, "{}", third.body);
+    let third_id = third.body["id"].as_str().expect("id").to_owned();
+    let third_secret = third.body["secret"].as_str().expect("secret").to_owned();
+    assert_eq!(third.body["expiration"], Value::Null, "never expires");
+    assert_eq!(third.body["previous"]["revoked"], true);
+    assert_eq!(
+        third.body["previous"]["revocation_reason"],
+        json!(format!("rolled: replaced by {third_id}"))
+    );
+    let r = verify(new_secret.clone()).await;
+    assert_eq!(code(&r.body), "api_key_revoked", "{}", r.body);
+    let r = verify(third_secret.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // A short grace period ends: the old secret then fails as expired.
+    let fourth = app
+        .post(
+            &format!("/v1/api_keys/{third_id}/roll"),
+            json!({ "grace_period_seconds": 1 }),
+        )
+        .await;
+    assert_eq!(fourth.status, StatusCode::OK, "{}", fourth.body);
+    eventually(Duration::from_secs(10), || async {
+        let r = verify(third_secret.clone()).await;
+        (code(&r.body) == "api_key_expired")
+            .then_some(())
+            .ok_or_else(|| r.body.to_string())
+    })
+    .await;
+    let expired = app
+        .post(
+            &format!(
+                "/v1/api_keys/{}/roll",
+                fourth.body["id"].as_str().expect("id")
+            ),
+            json!({ "grace_period_seconds": 0 }),
+        )
+        .await;
+    assert_eq!(
+        expired.status,
+        StatusCode::OK,
+        "the newest key rolls: {}",
+        expired.body
+    );
+
+    // Both keys' audit entries say what happened.
+    let audit = app.get(&format!("/v1/audit_log?key_id={old_id}")).await;
+    let roll = audit.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|e| e["action"] == "roll")
+        .expect("a roll entry");
+    assert_eq!(roll["details"]["rolled_to"], json!(new_id));
+    assert_eq!(roll["details"]["grace_period_seconds"], 3600);
+    assert_eq!(roll["details"]["expiration"]["to"], json!(grace_ends));
+    let audit = app.get(&format!("/v1/audit_log?key_id={new_id}")).await;
+    assert_eq!(audit.body["data"][0]["action"], "create");
+    assert_eq!(
+        audit.body["data"][0]["details"]["rolled_from"],
+        json!(old_id)
+    );
+}
+
+#[tokio::test]
+async fn a_roll_that_cannot_be_done_is_refused_and_changes_nothing() {
+    let app = TestApp::start().await;
+    let (id, _) = app.create_key("acme", &[]).await;
+    let path = format!("/v1/api_keys/{id}/roll");
+    for (body, field) in [
+        (json!({}), "grace_period_seconds"),
+        (
+            json!({ "grace_period_seconds": -1 }),
+            "grace_period_seconds",
+        ),
+        (
+            json!({ "grace_period_seconds": 90 * 86_400 + 1 }),
+            "grace_period_seconds",
+        ),
+        (
+            json!({ "grace_period_seconds": "60" }),
+            "grace_period_seconds",
+        ),
+        (
+            json!({ "grace_period_seconds": 60, "scopes": [] }),
+            "scopes",
+        ),
+        (
+            json!({ "grace_period_seconds": 60, "seconds_until_expiration": 0 }),
+            "seconds_until_expiration",
+        ),
+    ] {
+        let r = app.post(&path, body.clone()).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {}",
+            r.body
+        );
+        assert!(r.body.to_string().contains(field), "{body}: {}", r.body);
+    }
+    let r = app
+        .post(
+            "/v1/api_keys/key_nosuchkey00000000000/roll",
+            json!({ "grace_period_seconds": 0 }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    let expiring = app
+        .post(
+            "/v1/api_keys",
+            json!({ "name": "short", "subject": "acme", "seconds_until_expiration": 1 }),
+        )
+        .await;
+    let expiring = expiring.body["id"].as_str().expect("id").to_owned();
+    app.post(&format!("/v1/api_keys/{id}/revoke"), json!({}))
+        .await;
+    let r = app.post(&path, json!({ "grace_period_seconds": 0 })).await;
+    assert_eq!(
+        (r.status, code(&r.body)),
+        (StatusCode::CONFLICT, "api_key_revoked"),
+        "{}",
+        r.body
+    );
+    eventually(Duration::from_secs(10), || async {
+        let r = app.get(&format!("/v1/api_keys/{expiring}")).await;
+        (r.body["expired"] == true)
+            .then_some(())
+            .ok_or_else(|| r.body.to_string())
+    })
+    .await;
+    let r = app
+        .post(
+            &format!("/v1/api_keys/{expiring}/roll"),
+            json!({ "grace_period_seconds": 0 }),
+        )
+        .await;
+    assert_eq!(
+        (r.status, code(&r.body)),
+        (StatusCode::CONFLICT, "api_key_expired"),
+        "{}",
+        r.body
+    );
+    // Nothing was created by any of it.
+    let all = app.get("/v1/api_keys?include_invalid=true").await;
+    assert_eq!(all.body["total_count"], 2, "{}", all.body);
+    let audit = app.get(&format!("/v1/audit_log?key_id={id}")).await;
+    assert!(
+        audit.body["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .all(|e| e["action"] != "roll"),
+        "{}",
+        audit.body
     );
 }
 

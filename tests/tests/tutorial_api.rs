@@ -332,6 +332,105 @@ async fn list_pages_and_filters_by_metadata() {
 }
 
 #[tokio::test]
+async fn roll_on_the_tutorials_surface() {
+    let app = TestApp::start().await;
+    let created = app
+        .post(
+            "/backend.api-keys.create",
+            json!({
+                "name": "acme", "scopes": ["read:orders", "write:orders"],
+                "metadata": { "partner_id": "acme" }, "seconds_until_expiration": 86_400,
+            }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    let old_id = created.body["id"].as_str().expect("id").to_owned();
+    let old_key = created.body["key"].as_str().expect("key").to_owned();
+    let rolled = app
+        .post(
+            "/backend.api-keys.roll",
+            json!({ "key_id": old_id, "grace_period_seconds": 600 }),
+        )
+        .await;
+    assert_eq!(rolled.status, StatusCode::OK, "{:?}", rolled.body);
+    assert_eq!(
+        keys(&rolled.body),
+        [
+            "created_at",
+            "expires_at",
+            "id",
+            "key",
+            "metadata",
+            "name",
+            "previous",
+            "rolled_from",
+            "scopes"
+        ],
+        "create's shape, the link and what became of the old key"
+    );
+    for field in ["name", "scopes", "metadata", "expires_at"] {
+        assert_eq!(rolled.body[field], created.body[field], "{field} is copied");
+    }
+    assert_eq!(rolled.body["rolled_from"], json!(old_id));
+    assert_eq!(rolled.body["previous"]["id"], json!(old_id));
+    assert_eq!(rolled.body["previous"]["revoked"], false);
+    assert!(is_iso(&rolled.body["previous"]["expires_at"]));
+    assert!(
+        rolled.body["previous"]["expires_at"].as_str() < created.body["expires_at"].as_str(),
+        "the grace period ends before the old key's own expiry"
+    );
+    let new_id = rolled.body["id"].as_str().expect("id").to_owned();
+    let new_key = rolled.body["key"].as_str().expect("key").to_owned();
+    for key in [&old_key, &new_key] {
+        let r = app
+            .post("/backend.api-keys.verify", json!({ "key": key }))
+            .await;
+        assert_eq!(r.body["code"], "VALID", "{:?}", r.body);
+    }
+    let listed = app.get("/backend.api-keys.list").await;
+    let data = listed.body["data"].as_array().expect("data");
+    let find = |id: &str| data.iter().find(|k| k["id"] == id).expect("listed").clone();
+    assert_eq!(find(&old_id)["rolled_to"], json!(new_id));
+    assert_eq!(find(&new_id)["rolled_from"], json!(old_id));
+
+    let again = app
+        .post(
+            "/backend.api-keys.roll",
+            json!({ "key_id": old_id, "grace_period_seconds": 0 }),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{:?}", again.body);
+    assert_eq!(again.body["success"], false);
+    assert_eq!(again.body["error"]["code"], "api_key_already_rolled");
+    let bad = app
+        .post(
+            "/backend.api-keys.roll",
+            json!({ "key_id": new_id, "grace_period_seconds": -5 }),
+        )
+        .await;
+    assert_eq!(
+        bad.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        bad.body
+    );
+    assert_eq!(bad.body["error"]["field"], "grace_period_seconds");
+
+    let now = app
+        .post(
+            "/backend.api-keys.roll",
+            json!({ "key_id": new_id, "grace_period_seconds": 0 }),
+        )
+        .await;
+    assert_eq!(now.body["previous"]["revoked"], true, "{:?}", now.body);
+    assert!(is_iso(&now.body["previous"]["revoked_at"]));
+    let r = app
+        .post("/backend.api-keys.verify", json!({ "key": new_key }))
+        .await;
+    assert_eq!(r.body["code"], "REVOKED", "{:?}", r.body);
+}
+
+#[tokio::test]
 async fn tutorial_errors_use_its_envelope() {
     let app = TestApp::start().await;
     let r = app

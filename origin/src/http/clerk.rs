@@ -13,7 +13,7 @@ use super::extract::{self, JsonBody, KeyIdPath, double_option};
 use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::{AuditEntry, ListFilter, StoredKey};
-use crate::service::{KeyChanges, NewKey, system_now};
+use crate::service::{KeyChanges, NewKey, Roll, system_now};
 
 type Result<T> = std::result::Result<Json<T>, ApiError<Clerk>>;
 type Body<T> = JsonBody<T, Clerk>;
@@ -29,6 +29,7 @@ pub fn routes(table: Routes, base: &str) -> Routes {
         .admin::<Clerk, _, _>(Method::PATCH, &format!("{keys}/{{id}}"), update)
         .admin::<Clerk, _, _>(Method::DELETE, &format!("{keys}/{{id}}"), refuse_delete)
         .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/revoke"), revoke)
+        .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/roll"), roll)
         .admin::<Clerk, _, _>(Method::GET, &format!("{keys}/{{id}}/secret"), refuse_secret)
 }
 
@@ -67,6 +68,10 @@ pub struct ApiKeyObject {
     disabled: bool,
     /// Latchkey's own: the only addresses the key may be used from (empty: anywhere).
     allowed_ips: Vec<String>,
+    /// Latchkey's own: the key this one replaced in a roll.
+    rolled_from: Option<String>,
+    /// Latchkey's own: the key that replaced this one in a roll.
+    rolled_to: Option<String>,
     expired: bool,
     expiration: Option<i64>,
     created_by: Option<String>,
@@ -93,6 +98,8 @@ impl ApiKeyObject {
             revocation_reason: key.revocation_reason,
             disabled: key.disabled,
             allowed_ips: key.allowed_ips.to_strings(),
+            rolled_from: key.rolled_from.map(|id| id.to_string()),
+            rolled_to: key.rolled_to.map(|id| id.to_string()),
             expiration: key.expiration.map(|t| t.0),
             created_by: key.created_by,
             last_used_at: key.last_used_at.map(|t| t.0),
@@ -263,6 +270,47 @@ async fn revoke(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RollRequest {
+    /// How long the old secret keeps working; 0 revokes it now.
+    grace_period_seconds: i64,
+    /// The new key's lifetime; both absent keeps the old key's expiry.
+    #[serde(default, deserialize_with = "double_option")]
+    seconds_until_expiration: Option<Option<i64>>,
+    /// The new key's expiry in unix ms, or `null` for never.
+    #[serde(default, deserialize_with = "double_option")]
+    expiration: Option<Option<i64>>,
+}
+
+/// The new key, its secret shown this once, and the key it replaced as the roll left it.
+#[derive(Debug, Serialize)]
+struct RollResponse {
+    #[serde(flatten)]
+    key: ApiKeyObject,
+    previous: ApiKeyObject,
+}
+
+async fn roll(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    KeyIdPath(id, _): KeyIdPath<Clerk>,
+    JsonBody(req, _): Body<RollRequest>,
+) -> Result<RollResponse> {
+    let roll = Roll {
+        grace_period_seconds: req.grace_period_seconds,
+        expiration: extract::lifetime(req.seconds_until_expiration, req.expiration)?,
+    };
+    let rolled = state.service.roll(&actor, &id, roll).await?;
+    let now = system_now();
+    let mut key = ApiKeyObject::new(rolled.key, now);
+    key.secret = Some(rolled.secret.expose().to_owned());
+    Ok(Json(RollResponse {
+        key,
+        previous: ApiKeyObject::new(rolled.previous, now),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VerifyRequest {
     secret: String,
     #[serde(default)]
@@ -371,6 +419,7 @@ pub(crate) fn parse_bodies(bytes: &[u8]) -> usize {
         usize::from(extract::parse_json::<CreateRequest, Clerk>(bytes).is_ok()),
         usize::from(extract::parse_json::<UpdateRequest, Clerk>(bytes).is_ok()),
         usize::from(extract::parse_json::<RevokeRequest, Clerk>(bytes).is_ok()),
+        usize::from(extract::parse_json::<RollRequest, Clerk>(bytes).is_ok()),
         usize::from(extract::parse_json::<VerifyRequest, Clerk>(bytes).is_ok()),
     ]
     .iter()

@@ -175,6 +175,16 @@ impl<E> From<ServiceError> for ApiError<E> {
                 "api_key_revoked",
                 "The API key is revoked; a revoked key cannot be changed.",
             ),
+            ServiceError::Expired => Self::new(
+                StatusCode::CONFLICT,
+                "api_key_expired",
+                "The API key has expired; an expired key cannot be rolled.",
+            ),
+            ServiceError::AlreadyRolled(successor) => Self::new(
+                StatusCode::CONFLICT,
+                "api_key_already_rolled",
+                format!("The API key was already rolled, to {successor}; roll that key instead."),
+            ),
             ServiceError::Conflict => Self::new(
                 StatusCode::CONFLICT,
                 "conflict",

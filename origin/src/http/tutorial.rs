@@ -14,7 +14,7 @@ use super::extract::{self, JsonBody, double_option};
 use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::ListFilter;
-use crate::service::{KeyChanges, NewKey, ServiceError, limits, system_now};
+use crate::service::{KeyChanges, NewKey, Roll, ServiceError, limits, system_now};
 
 type Result<T> = std::result::Result<Json<T>, ApiError<Tutorial>>;
 type Body<T> = JsonBody<T, Tutorial>;
@@ -27,6 +27,7 @@ pub fn routes(table: Routes) -> Routes {
         .admin::<Tutorial, _, _>(Method::GET, "/backend.api-keys.list", list)
         .admin::<Tutorial, _, _>(Method::DELETE, "/backend.api-keys.revoke", revoke)
         .admin::<Tutorial, _, _>(Method::PATCH, "/backend.api-keys.update", update)
+        .admin::<Tutorial, _, _>(Method::POST, "/backend.api-keys.roll", roll)
 }
 
 /// ISO-8601 in UTC with milliseconds, e.g. `2024-01-15T10:30:00.000Z` (the edge prints the same).
@@ -168,6 +169,12 @@ struct ListItem {
     /// Shown only when set, like `disabled`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     allowed_ips: Vec<String>,
+    /// Shown only when set: the key this one replaced in a roll.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rolled_from: Option<String>,
+    /// Shown only when set: the key that replaced this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rolled_to: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -219,6 +226,8 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
                 disabled: k.disabled,
                 expires_at: k.expiration.map(iso),
                 allowed_ips: k.allowed_ips.to_strings(),
+                rolled_from: k.rolled_from.map(|id| id.to_string()),
+                rolled_to: k.rolled_to.map(|id| id.to_string()),
                 metadata: k.claims,
             })
             .collect(),
@@ -328,6 +337,78 @@ async fn update(
     }))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollRequest {
+    key_id: String,
+    /// How long the old key keeps working; 0 revokes it now.
+    grace_period_seconds: i64,
+    /// The new key's lifetime (`null`: never); absent keeps the old key's expiry.
+    #[serde(default, deserialize_with = "double_option")]
+    seconds_until_expiration: Option<Option<i64>>,
+}
+
+/// What the replaced key became.
+#[derive(Debug, Serialize)]
+struct Previous {
+    id: String,
+    /// The end of its grace period (or its own expiry, if sooner).
+    expires_at: Option<String>,
+    revoked: bool,
+    revoked_at: Option<String>,
+}
+
+/// Shaped like create's answer (the new secret is `key`, shown this once), plus the link and
+/// what became of the replaced key.
+#[derive(Debug, Serialize)]
+struct RollResponse {
+    id: String,
+    name: String,
+    scopes: Vec<String>,
+    key: String,
+    created_at: String,
+    metadata: Option<Map<String, Value>>,
+    expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allowed_ips: Vec<String>,
+    #[serde(skip_serializing_if = "is_false")]
+    disabled: bool,
+    rolled_from: String,
+    previous: Previous,
+}
+
+async fn roll(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    JsonBody(req, _): Body<RollRequest>,
+) -> Result<RollResponse> {
+    let id = extract::body_key_id(&req.key_id, "key_id")?;
+    let roll = Roll {
+        grace_period_seconds: req.grace_period_seconds,
+        expiration: extract::lifetime(req.seconds_until_expiration, None)?,
+    };
+    let rolled = state.service.roll(&actor, &id, roll).await?;
+    let (key, previous) = (rolled.key, rolled.previous);
+    Ok(Json(RollResponse {
+        id: key.id.to_string(),
+        name: key.name,
+        scopes: key.scopes.to_strings(),
+        key: rolled.secret.expose().to_owned(),
+        created_at: iso(key.created_at),
+        metadata: key.claims,
+        expires_at: key.expiration.map(iso),
+        allowed_ips: key.allowed_ips.to_strings(),
+        disabled: key.disabled,
+        rolled_from: previous.id.to_string(),
+        previous: Previous {
+            id: previous.id.to_string(),
+            expires_at: previous.expiration.map(iso),
+            revoked: previous.revoked,
+            revoked_at: previous.revoked_at.map(iso),
+        },
+    }))
+}
+
 /// Parses `bytes` as each of this surface's JSON request bodies, as the handlers do; returns
 /// how many accepted it (for the `origin_body` fuzz target).
 pub(crate) fn parse_bodies(bytes: &[u8]) -> usize {
@@ -335,6 +416,7 @@ pub(crate) fn parse_bodies(bytes: &[u8]) -> usize {
         usize::from(extract::parse_json::<CreateRequest, Tutorial>(bytes).is_ok()),
         usize::from(extract::parse_json::<UpdateRequest, Tutorial>(bytes).is_ok()),
         usize::from(extract::parse_json::<RevokeRequest, Tutorial>(bytes).is_ok()),
+        usize::from(extract::parse_json::<RollRequest, Tutorial>(bytes).is_ok()),
         usize::from(extract::parse_json::<VerifyRequest, Tutorial>(bytes).is_ok()),
     ]
     .iter()

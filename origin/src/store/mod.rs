@@ -73,6 +73,15 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Stores a new key and its `create` audit entry.
     async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError>;
 
+    /// Rolls a key in one transaction: writes the replaced key's new state `old.0` if its
+    /// revision is still `old.1` (`false` otherwise, and nothing is written), inserts the new
+    /// key `new.0`, appends both audit events and queues both for publishing.
+    async fn roll(
+        &self,
+        old: (&StoredKey, i64, &AuditEvent),
+        new: (&StoredKey, &AuditEvent),
+    ) -> Result<bool, StoreError>;
+
     /// Appends the audit entry of a refused attempt (nothing else changes).
     async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError>;
 

@@ -29,7 +29,110 @@ use crate::model::{
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
      expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, updated_at, revision, \
-     disabled, allowed_ips";
+     disabled, allowed_ips, rolled_from, rolled_to";
+
+/// The columns a change may write: every column but the key's identity, its creation and its
+/// use (`last_used_at` is written by the usage flush alone).
+const CHANGEABLE_COLUMNS: &[&str] = &[
+    "name",
+    "subject",
+    "description",
+    "scopes",
+    "claims",
+    "expiration",
+    "revoked",
+    "revoked_at",
+    "revocation_reason",
+    "updated_at",
+    "revision",
+    "disabled",
+    "allowed_ips",
+    "rolled_to",
+];
+
+type KeyQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds `key`'s value of `column` (a name from [`KEY_COLUMNS`]): the one place that says how
+/// a field is stored.
+fn bind_column<'q>(query: KeyQuery<'q>, key: &'q StoredKey, column: &str) -> KeyQuery<'q> {
+    match column {
+        "id" => query.bind(key.id.as_str()),
+        "secret_hash" => query.bind(key.hash.as_bytes().as_slice()),
+        "hint" => query.bind(&key.hint),
+        "name" => query.bind(&key.name),
+        "subject" => query.bind(&key.subject),
+        "description" => query.bind(&key.description),
+        "scopes" => query.bind(json_text(&key.scopes)),
+        "claims" => query.bind(key.claims.as_ref().map(json_text)),
+        "created_by" => query.bind(&key.created_by),
+        "expiration" => query.bind(key.expiration.map(|t| t.0)),
+        "revoked" => query.bind(key.revoked),
+        "revoked_at" => query.bind(key.revoked_at.map(|t| t.0)),
+        "revocation_reason" => query.bind(&key.revocation_reason),
+        "last_used_at" => query.bind(key.last_used_at.map(|t| t.0)),
+        "created_at" => query.bind(key.created_at.0),
+        "updated_at" => query.bind(key.updated_at.0),
+        "revision" => query.bind(key.revision),
+        "disabled" => query.bind(key.disabled),
+        // The list as JSON, or NULL for none.
+        "allowed_ips" => {
+            query.bind((!key.allowed_ips.is_empty()).then(|| json_text(&key.allowed_ips)))
+        }
+        "rolled_from" => query.bind(key.rolled_from.as_ref().map(KeyId::as_str)),
+        "rolled_to" => query.bind(key.rolled_to.as_ref().map(KeyId::as_str)),
+        #[allow(
+            clippy::panic,
+            reason = "a programming error, caught by every test that writes a key"
+        )]
+        other => panic!("no stored field for column {other}"),
+    }
+}
+
+fn key_columns() -> impl Iterator<Item = &'static str> {
+    KEY_COLUMNS.split(',').map(str::trim)
+}
+
+/// `INSERT` of a whole key, its values bound in [`KEY_COLUMNS`] order.
+static INSERT_KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let placeholders = vec!["?"; key_columns().count()].join(", ");
+    format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({placeholders})")
+});
+
+/// `UPDATE` of a key's [`CHANGEABLE_COLUMNS`], if its revision is still the expected one.
+static UPDATE_KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let set: Vec<String> = CHANGEABLE_COLUMNS
+        .iter()
+        .map(|c| format!("{c} = ?"))
+        .collect();
+    format!(
+        "UPDATE api_keys SET {} WHERE id = ? AND revision = ?",
+        set.join(", ")
+    )
+});
+
+async fn insert_key(conn: &mut SqliteConnection, key: &StoredKey) -> Result<(), StoreError> {
+    key_columns()
+        .fold(sqlx::query(&INSERT_KEY), |q, c| bind_column(q, key, c))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// `false`: the key is not at `expected_revision` any more, and nothing was written.
+async fn update_key(
+    conn: &mut SqliteConnection,
+    key: &StoredKey,
+    expected_revision: i64,
+) -> Result<bool, StoreError> {
+    let updated = CHANGEABLE_COLUMNS
+        .iter()
+        .fold(sqlx::query(&UPDATE_KEY), |q, c| bind_column(q, key, c))
+        .bind(key.id.as_str())
+        .bind(expected_revision)
+        .execute(conn)
+        .await?;
+    Ok(updated.rows_affected() == 1)
+}
 
 /// A SQLite database file.
 #[derive(Debug, Clone)]
@@ -748,6 +851,8 @@ fn key_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         revision: row.get(const { column("revision") })?,
         disabled: row.get(const { column("disabled") })?,
         allowed_ips: row.get(const { column("allowed_ips") })?,
+        rolled_from: row.get(const { column("rolled_from") })?,
+        rolled_to: row.get(const { column("rolled_to") })?,
     })
 }
 
@@ -783,6 +888,8 @@ struct KeyRow {
     revision: i64,
     disabled: bool,
     allowed_ips: Option<String>,
+    rolled_from: Option<String>,
+    rolled_to: Option<String>,
 }
 
 impl TryFrom<KeyRow> for StoredKey {
@@ -808,6 +915,13 @@ impl TryFrom<KeyRow> for StoredKey {
             .transpose()
             .map_err(|e| corrupt(format!("allowed_ips: {e}")))?
             .unwrap_or_default();
+        let link = |id: Option<&str>, field: &str| {
+            id.map(KeyId::parse)
+                .transpose()
+                .map_err(|e| corrupt(format!("{field}: {e}")))
+        };
+        let rolled_from = link(row.rolled_from.as_deref(), "rolled_from")?;
+        let rolled_to = link(row.rolled_to.as_deref(), "rolled_to")?;
         let claims: Option<Map<String, Value>> = row
             .claims
             .as_deref()
@@ -834,13 +948,10 @@ impl TryFrom<KeyRow> for StoredKey {
             revision: row.revision,
             disabled: row.disabled,
             allowed_ips,
+            rolled_from,
+            rolled_to,
         })
     }
-}
-
-/// The `allowed_ips` column: the list as JSON, or NULL for none.
-fn allowed_ips_text(key: &StoredKey) -> Option<String> {
-    (!key.allowed_ips.is_empty()).then(|| json_text(&key.allowed_ips))
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> String {
@@ -1048,6 +1159,12 @@ enum Change {
     Replace(StoredKey, i64, AuditEvent),
     /// A refused attempt: its audit entry alone.
     Refusal(AuditEvent),
+    /// A roll: the replaced key's new state, the revision it replaces and its audit event, then
+    /// the new key and its own; both or neither.
+    Roll {
+        old: Box<(StoredKey, i64, AuditEvent)>,
+        new: Box<(StoredKey, AuditEvent)>,
+    },
 }
 
 /// A change and where its outcome goes.
@@ -1148,64 +1265,28 @@ async fn apply(
 ) -> Result<bool, StoreError> {
     match change {
         Change::Insert(key, event) => {
-            sqlx::query(
-                "INSERT INTO api_keys (id, secret_hash, hint, name, subject, description, scopes, claims, \
-                 created_by, expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, \
-                 updated_at, revision, disabled, allowed_ips) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(key.id.as_str())
-            .bind(key.hash.as_bytes().as_slice())
-            .bind(&key.hint)
-            .bind(&key.name)
-            .bind(&key.subject)
-            .bind(&key.description)
-            .bind(json_text(&key.scopes))
-            .bind(key.claims.as_ref().map(json_text))
-            .bind(&key.created_by)
-            .bind(key.expiration.map(|t| t.0))
-            .bind(key.revoked)
-            .bind(key.revoked_at.map(|t| t.0))
-            .bind(&key.revocation_reason)
-            .bind(key.last_used_at.map(|t| t.0))
-            .bind(key.created_at.0)
-            .bind(key.updated_at.0)
-            .bind(key.revision)
-            .bind(key.disabled)
-            .bind(allowed_ips_text(key))
-            .execute(&mut *conn)
-            .await?;
+            insert_key(conn, key).await?;
             *newest = Some(append_audit(conn, chain, event).await?);
             enqueue_publish(conn, &key.id, key.updated_at).await?;
         }
         Change::Replace(key, expected_revision, event) => {
-            let updated = sqlx::query(
-                "UPDATE api_keys SET name = ?, subject = ?, description = ?, scopes = ?, claims = ?, \
-                 expiration = ?, revoked = ?, revoked_at = ?, revocation_reason = ?, updated_at = ?, \
-                 revision = ?, disabled = ?, allowed_ips = ? WHERE id = ? AND revision = ?",
-            )
-            .bind(&key.name)
-            .bind(&key.subject)
-            .bind(&key.description)
-            .bind(json_text(&key.scopes))
-            .bind(key.claims.as_ref().map(json_text))
-            .bind(key.expiration.map(|t| t.0))
-            .bind(key.revoked)
-            .bind(key.revoked_at.map(|t| t.0))
-            .bind(&key.revocation_reason)
-            .bind(key.updated_at.0)
-            .bind(key.revision)
-            .bind(key.disabled)
-            .bind(allowed_ips_text(key))
-            .bind(key.id.as_str())
-            .bind(expected_revision)
-            .execute(&mut *conn)
-            .await?;
-            if updated.rows_affected() == 0 {
+            if !update_key(conn, key, *expected_revision).await? {
                 return Ok(false);
             }
             *newest = Some(append_audit(conn, chain, event).await?);
             enqueue_publish(conn, &key.id, key.updated_at).await?;
+        }
+        Change::Roll { old, new } => {
+            let (old_key, expected_revision, old_event) = old.as_ref();
+            let (new_key, new_event) = new.as_ref();
+            if !update_key(conn, old_key, *expected_revision).await? {
+                return Ok(false);
+            }
+            insert_key(conn, new_key).await?;
+            append_audit(conn, chain, old_event).await?;
+            *newest = Some(append_audit(conn, chain, new_event).await?);
+            enqueue_publish(conn, &old_key.id, old_key.updated_at).await?;
+            enqueue_publish(conn, &new_key.id, new_key.updated_at).await?;
         }
         Change::Refusal(event) => *newest = Some(append_audit(conn, chain, event).await?),
     }
@@ -1237,6 +1318,18 @@ impl KeyStore for SqliteStore {
             expected_revision,
             event.clone(),
         ))
+        .await
+    }
+
+    async fn roll(
+        &self,
+        old: (&StoredKey, i64, &AuditEvent),
+        new: (&StoredKey, &AuditEvent),
+    ) -> Result<bool, StoreError> {
+        self.commit(Change::Roll {
+            old: Box::new((old.0.clone(), old.1, old.2.clone())),
+            new: Box::new((new.0.clone(), new.1.clone())),
+        })
         .await
     }
 
@@ -1709,6 +1802,8 @@ mod tests {
             revision: 1,
             disabled: false,
             allowed_ips: Default::default(),
+            rolled_from: None,
+            rolled_to: None,
         }
     }
 
@@ -1720,6 +1815,161 @@ mod tests {
             key_id: Some(key.id.clone()),
             details: serde_json::json!({}),
         }
+    }
+
+    /// A key with every optional field set, so a column written or read wrongly shows.
+    fn full_key(n: u8) -> StoredKey {
+        let mut fill = |bytes: &mut [u8]| bytes.fill(n.wrapping_add(100));
+        StoredKey {
+            description: Some("d".into()),
+            scopes: serde_json::from_value(serde_json::json!(["write:b", "read:a"]))
+                .expect("scopes"),
+            claims: serde_json::from_value(serde_json::json!({"tier": "gold"})).expect("claims"),
+            created_by: Some("ops".into()),
+            expiration: Some(UnixMillis(9_000)),
+            revoked: true,
+            revoked_at: Some(UnixMillis(1_500)),
+            revocation_reason: Some("r".into()),
+            last_used_at: Some(UnixMillis(1_200)),
+            disabled: true,
+            allowed_ips: IpAllowlist::parse(&["10.0.0.0/8".to_owned()]).expect("list"),
+            rolled_from: Some(KeyId::generate(&mut fill)),
+            rolled_to: Some(KeyId::generate(&mut |b: &mut [u8]| {
+                b.fill(n.wrapping_add(200))
+            })),
+            ..new_key(n)
+        }
+    }
+
+    /// What is inserted is what is read back, through both read paths; an update writes every
+    /// changeable column and leaves the others (`last_used_at` is the usage flush's).
+    #[tokio::test]
+    async fn every_field_is_stored_and_read_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir).await;
+        let key = full_key(1);
+        store
+            .insert(&key, &event(&key, "create"))
+            .await
+            .expect("insert");
+        assert_eq!(store.get(&key.id).await.expect("get"), Some(key.clone()));
+        assert_eq!(
+            store.find_by_hash(&key.hash).await.expect("find"),
+            Some(key.clone())
+        );
+        let plain = new_key(1);
+        let changed = StoredKey {
+            id: key.id.clone(),
+            hash: key.hash.clone(),
+            last_used_at: None,
+            revision: 2,
+            ..plain
+        };
+        assert!(
+            store
+                .replace(&changed, 1, &event(&changed, "update"))
+                .await
+                .expect("replace")
+        );
+        let read = store.get(&key.id).await.expect("get").expect("exists");
+        assert_eq!(
+            read,
+            StoredKey {
+                last_used_at: key.last_used_at,
+                rolled_from: key.rolled_from.clone(),
+                created_by: key.created_by.clone(),
+                ..changed
+            }
+        );
+        store.close().await;
+    }
+
+    /// A roll writes the old key's new state, the new key, both audit entries and both outbox
+    /// rows together, or nothing: not over a stale revision, and not twice for one key (the
+    /// unique link refuses a second successor, and the old key's update goes with it).
+    #[tokio::test]
+    async fn a_roll_commits_both_keys_or_neither() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir).await;
+        let old = new_key(1);
+        store
+            .insert(&old, &event(&old, "create"))
+            .await
+            .expect("insert");
+        let audit_rows = |store: &SqliteStore| {
+            let reader = store.reader.clone();
+            async move {
+                let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_log")
+                    .fetch_one(&reader)
+                    .await
+                    .expect("count");
+                n
+            }
+        };
+        let successor = |n: u8| StoredKey {
+            rolled_from: Some(old.id.clone()),
+            ..new_key(n)
+        };
+        let rolled = |to: &StoredKey, revision: i64| StoredKey {
+            rolled_to: Some(to.id.clone()),
+            revision,
+            ..old.clone()
+        };
+
+        let stale = successor(2);
+        let before = (audit_rows(&store).await, rows(&store).await);
+        let written = store
+            .roll(
+                (&rolled(&stale, 3), 2, &event(&old, "roll")),
+                (&stale, &event(&stale, "create")),
+            )
+            .await
+            .expect("roll");
+        assert!(!written, "a stale revision writes nothing");
+        assert_eq!(store.get(&stale.id).await.expect("get"), None);
+        assert_eq!((audit_rows(&store).await, rows(&store).await), before);
+
+        let new = successor(3);
+        assert!(
+            store
+                .roll(
+                    (&rolled(&new, 2), 1, &event(&old, "roll")),
+                    (&new, &event(&new, "create")),
+                )
+                .await
+                .expect("roll")
+        );
+        assert_eq!(
+            store
+                .get(&old.id)
+                .await
+                .expect("get")
+                .and_then(|k| k.rolled_to),
+            Some(new.id.clone())
+        );
+        assert_eq!(store.get(&new.id).await.expect("get"), Some(new.clone()));
+        assert_eq!(audit_rows(&store).await, before.0 + 2);
+        assert_eq!(
+            rows(&store).await,
+            before.1 + 2,
+            "both keys queued to publish"
+        );
+
+        // Another process's roll of the same key, at the revision it read: refused whole.
+        let second = successor(4);
+        let before = (audit_rows(&store).await, rows(&store).await);
+        let refused = store
+            .roll(
+                (&rolled(&second, 3), 2, &event(&old, "roll")),
+                (&second, &event(&second, "create")),
+            )
+            .await;
+        assert!(refused.is_err(), "a second successor: {refused:?}");
+        assert_eq!(store.get(&second.id).await.expect("get"), None);
+        let kept = store.get(&old.id).await.expect("get").expect("exists");
+        assert_eq!((kept.revision, kept.rolled_to), (2, Some(new.id.clone())));
+        assert_eq!((audit_rows(&store).await, rows(&store).await), before);
+        store.close().await;
     }
 
     /// Inserts a key, then changes it: two outbox rows for both sinks.
