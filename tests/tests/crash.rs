@@ -1,9 +1,10 @@
-//! Crashes: under concurrent create/update/revoke load, origin is killed with SIGKILL at random
+//! Crashes: under concurrent create/update/revoke/roll load, origin is killed with SIGKILL at random
 //! moments and restarted over the same database, with the real Worker reading the real local
 //! KV. Afterwards every mutation that was answered 2xx is present (scopes too, including those
 //! of an update acknowledged after an earlier one went unanswered), every acknowledged change
 //! has its audit row, every acknowledged revocation fails verification at origin and, once the
-//! outbox drained, every key's answer at the edge is origin's final state. A 5xx answer is a
+//! outbox drained, every key's answer at the edge is origin's final state. Every roll is
+//! linked both ways (never a successor without its link), and every acknowledged one is there. A 5xx answer is a
 //! failure (reported apart from requests that got no answer because origin died).
 //!
 //! `LATCHKEY_CRASH_ROUNDS` sets the number of kills (default 20; `./dev soak` runs more).
@@ -31,6 +32,8 @@ enum Change {
     Create(Vec<String>),
     Update(Vec<String>),
     Revoke,
+    /// Rolled to the key named.
+    Roll(String),
 }
 
 /// What a client was told about one key.
@@ -161,6 +164,9 @@ async fn client_loop(
                 }
                 Outcome::NoAnswer | Outcome::NotSent => ledger.unanswered += 1,
             }
+        } else if choice == 7 {
+            let id = mine[usize::try_from(rng.below(mine.len() as u64)).expect("index")].clone();
+            roll(&client, &base, &ledger, &mut mine, &id, rng.below(2) * 3600).await;
         } else {
             let id = mine[usize::try_from(rng.below(mine.len() as u64)).expect("index")].clone();
             let revoke = choice >= 8;
@@ -232,6 +238,90 @@ async fn client_loop(
             if revoke {
                 mine.retain(|k| *k != id);
             }
+        }
+    }
+}
+
+/// Rolls `id` with `grace` seconds and records what was answered: an acknowledged roll's new
+/// key joins the ledger with the old key's scopes, if they are known, and takes the old key's
+/// place in `mine` (a rolled key rolls no more, nor does one whose roll is in doubt).
+async fn roll(
+    client: &reqwest::Client,
+    base: &str,
+    ledger: &Mutex<Ledger>,
+    mine: &mut Vec<String>,
+    id: &str,
+    grace: u64,
+) {
+    let req = client
+        .post(format!("{base}/v1/api_keys/{id}/roll"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({ "grace_period_seconds": grace }));
+    let answer = send(req).await;
+    if matches!(answer, Outcome::NotSent) {
+        // Origin is down: nothing happened; wait for it like a real client would.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        return;
+    }
+    mine.retain(|k| k != id);
+    let mut ledger = ledger.lock().expect("ledger");
+    let entry = ledger.keys.get_mut(id).expect("own key");
+    let already_revoked = entry.revoked || entry.revoke_in_doubt;
+    match answer {
+        Outcome::Answered(status, body) if status.is_success() => {
+            let new_id = body["id"].as_str().expect("id").to_owned();
+            entry.changes.push(Change::Roll(new_id.clone()));
+            entry.revoked |= grace == 0;
+            let scopes = entry.scopes.clone();
+            let successor = Acknowledged {
+                secret: body["secret"].as_str().expect("secret").to_owned(),
+                changes: scopes.iter().cloned().map(Change::Create).collect(),
+                scopes,
+                ..Acknowledged::default()
+            };
+            ledger.keys.insert(new_id.clone(), successor);
+            ledger.acknowledged += 1;
+            mine.push(new_id);
+        }
+        // Refused (409) once a revoke may have landed.
+        Outcome::Answered(StatusCode::CONFLICT, _) if already_revoked => {}
+        Outcome::Answered(status, body) if status.is_client_error() => {
+            panic!("roll of {id} refused: {status} {body}")
+        }
+        Outcome::Answered(status, body) => {
+            ledger
+                .server_errors
+                .push(format!("roll {id}: {status} {body}"));
+        }
+        other => {
+            entry.revoke_in_doubt |= grace == 0;
+            ledger.unanswered += 1;
+            ledger.timeouts += usize::from(matches!(other, Outcome::TimedOut));
+        }
+    }
+}
+
+/// Every key at origin, as `id → (rolled_from, rolled_to)`.
+async fn roll_links(origin: &common::TestApp) -> HashMap<String, (Value, Value)> {
+    let mut links = HashMap::new();
+    let mut offset = 0;
+    loop {
+        let page = origin
+            .get(&format!(
+                "/v1/api_keys?include_invalid=true&limit=500&offset={offset}"
+            ))
+            .await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        let keys = page.body["data"].as_array().expect("data");
+        for key in keys {
+            links.insert(
+                key["id"].as_str().expect("id").to_owned(),
+                (key["rolled_from"].clone(), key["rolled_to"].clone()),
+            );
+        }
+        offset += keys.len();
+        if keys.is_empty() || offset as u64 >= page.body["total_count"].as_u64().expect("count") {
+            return links;
         }
     }
 }
@@ -327,6 +417,34 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
             }
         }
     }
+    // Rolls: never a successor without its link, never a link without its successor, and
+    // every acknowledged roll is there.
+    let links = roll_links(&stack.origin).await;
+    let mut rolls = 0;
+    for (id, (from, to)) in &links {
+        if let Some(to) = to.as_str() {
+            assert_eq!(
+                links.get(to).map(|l| &l.0),
+                Some(&json!(id)),
+                "{id} was rolled to {to}, which does not name it"
+            );
+            rolls += 1;
+        }
+        if let Some(from) = from.as_str() {
+            assert_eq!(
+                links.get(from).map(|l| &l.1),
+                Some(&json!(id)),
+                "{id} replaced {from}, which does not name it"
+            );
+        }
+    }
+    for (id, ack) in &ledger.keys {
+        for change in &ack.changes {
+            if let Change::Roll(to) = change {
+                assert_eq!(links[id].1, json!(to), "acknowledged roll of {id} lost");
+            }
+        }
+    }
     let out = stack.origin.run_command(&["audit", "verify"]);
     assert!(
         out.status.success(),
@@ -396,7 +514,8 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
     report_measurement(&format!(
         "crash: {rounds} SIGKILLs in {:.1} s under 6 concurrent clients; {} changes acknowledged, {} unanswered \
          ({} timeouts), {} 5xx answers; {} keys checked at origin ({checked_revocations} acknowledged revocations, \
-         {scopes_known} with known scopes, {rechecked} of them after an unanswered update); {audit_checked} acknowledged changes matched to audit rows; \
+         {scopes_known} with known scopes, {rechecked} of them after an unanswered update); {rolls} rolls, each linked both ways; \
+         {audit_checked} acknowledged changes matched to audit rows; \
          all {edge_checked} keys compared at the edge with origin's final state ({edge_revoked} revoked); \
          outbox drained {:.1} s after the last restart; 0 lost",
         started.elapsed().as_secs_f64(),
@@ -460,6 +579,9 @@ async fn audit_by_key(origin: &common::TestApp) -> HashMap<String, Vec<Change>> 
                     Change::Update(scopes)
                 }
                 "revoke" => Change::Revoke,
+                "roll" => {
+                    Change::Roll(details["rolled_to"].as_str().expect("rolled_to").to_owned())
+                }
                 _ => continue,
             };
             by_key.entry(id.to_owned()).or_default().push(change);

@@ -329,6 +329,26 @@ async fn edge_and_origin_decide_the_same_table_alike() {
     stack.set_disabled(&disabled_id, true).await;
     stack.set_disabled(&reenabled_id, true).await;
     stack.set_disabled(&reenabled_id, false).await;
+    // Rolled keys: in the grace period, cut off at once, and past a one-second grace period.
+    let roll = |id: String, grace: u32| {
+        let origin = &stack.origin;
+        async move {
+            let r = origin
+                .post(
+                    &format!("/v1/api_keys/{id}/roll"),
+                    json!({ "grace_period_seconds": grace }),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            r.body["secret"].as_str().expect("secret").to_owned()
+        }
+    };
+    let (graced_id, graced) = stack.create(&["read:orders"], json!({})).await;
+    let successor = roll(graced_id, 3600).await;
+    let (cut_id, cut) = stack.create(&["read:orders"], json!({})).await;
+    roll(cut_id, 0).await;
+    let (ended_id, ended) = stack.create(&["read:orders"], json!({})).await;
+    roll(ended_id, 1).await;
     stack.wait_published(PUBLISH_LIMIT).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
@@ -381,6 +401,20 @@ async fn edge_and_origin_decide_the_same_table_alike() {
             vec!["read:orders"],
             "VALID",
         ),
+        (
+            "rolled, in its grace period",
+            graced,
+            vec!["read:orders"],
+            "VALID",
+        ),
+        (
+            "the key it was rolled to",
+            successor,
+            vec!["read:orders"],
+            "VALID",
+        ),
+        ("rolled with no grace period", cut, vec![], "REVOKED"),
+        ("rolled, grace period over", ended, vec![], "EXPIRED"),
         ("expired", expiring.clone(), vec![], "EXPIRED"),
         (
             "expired beats scope",

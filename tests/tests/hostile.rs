@@ -70,6 +70,16 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
         },
         Endpoint {
             method: "POST",
+            path: format!("/v1/api_keys/{id}/roll"),
+            fields: &[
+                ("grace_period_seconds", "number"),
+                ("seconds_until_expiration", "number"),
+                ("expiration", "number"),
+            ],
+            base: json!({"grace_period_seconds": 600}),
+        },
+        Endpoint {
+            method: "POST",
             path: "/v1/api_keys/verify".into(),
             fields: &[
                 ("secret", "string"),
@@ -122,6 +132,16 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
             path: "/backend.api-keys.revoke".into(),
             fields: &[("key_id", "string"), ("reason", "string")],
             base: json!({"key_id": id}),
+        },
+        Endpoint {
+            method: "POST",
+            path: "/backend.api-keys.roll".into(),
+            fields: &[
+                ("key_id", "string"),
+                ("grace_period_seconds", "number"),
+                ("seconds_until_expiration", "number"),
+            ],
+            base: json!({"key_id": id, "grace_period_seconds": 600}),
         },
     ]
 }
@@ -248,6 +268,7 @@ fn corpus(id: &str, secret: &str) -> Vec<Probe> {
             ("GET", format!("/v1/api_keys/{bad}")),
             ("PATCH", format!("/v1/api_keys/{bad}")),
             ("POST", format!("/v1/api_keys/{bad}/revoke")),
+            ("POST", format!("/v1/api_keys/{bad}/roll")),
             ("GET", format!("/api_keys/{bad}/secret")),
         ] {
             probes.push(json_probe(
@@ -260,6 +281,7 @@ fn corpus(id: &str, secret: &str) -> Vec<Probe> {
         for (method, path, field) in [
             ("PATCH", "/backend.api-keys.update", "key_id"),
             ("DELETE", "/backend.api-keys.revoke", "key_id"),
+            ("POST", "/backend.api-keys.roll", "key_id"),
         ] {
             let decoded = bad
                 .replace("%2F", "/")
@@ -334,6 +356,7 @@ fn corpus(id: &str, secret: &str) -> Vec<Probe> {
         ("GET", "/backend.api-keys.create"),
         ("PUT", "/backend.api-keys.update"),
         ("GET", "/backend.api-keys.revoke"),
+        ("GET", "/backend.api-keys.roll"),
         ("PATCH", "/healthz"),
         ("POST", "/metrics"),
         ("GET", "/v1/usage"),

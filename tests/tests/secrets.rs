@@ -1,14 +1,14 @@
-//! No secret at rest: after a full run (create on both surfaces, verify at origin and at the
-//! edge, the gateway, update, revoke, usage reports, admin token rotation, `sync --full`) and
-//! its failure paths (a KV record the edge cannot read, the upstream down, wrong admin tokens up
-//! to 429, the database locked so writes answer 503), every issued key, every 12-character
-//! window of every key's random body, every admin token, both signing secrets and the audit
-//! chain key are searched for in the database file and its WAL, the audit checkpoints, every
+//! No secret at rest: after a full run (create on both surfaces, verify at origin and at the edge,
+//! the gateway, update, revoke, roll on both surfaces, usage reports, admin token rotation,
+//! `sync --full`) and its failure paths (a KV record the edge cannot read, the upstream down, wrong
+//! admin tokens up to 429, the database locked so writes answer 503), every issued key, every
+//! 12-character window of every key's random body, every admin token, both signing secrets and the
+//! audit chain key are searched for in the database file and its WAL, the audit checkpoints, every
 //! log at its most verbose level (origin at `trace`, wrangler at `debug` and its own debug log
-//! files, the upstream, `sync`), every file of
-//! the Worker's local KV, wrangler's `.wrangler/` folder and the audit log; so is anything shaped
-//! like a key, which would catch a key the test never saw (one made by a create that failed).
-//! Zero hits, with positive controls proving the scan reads the right places.
+//! files, the upstream, `sync`), every file of the Worker's local KV, wrangler's `.wrangler/`
+//! folder and the audit log; so is anything shaped like a key, which would catch a key the test
+//! never saw (one made by a create that failed). Zero hits, with positive controls proving the scan
+//! reads the right places.
 
 #![allow(
     clippy::expect_used,
@@ -266,6 +266,28 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
+    // Roll, on both surfaces: the new secrets are searched for too, and verified once.
+    let rolled = stack
+        .origin
+        .post(
+            &format!("/v1/api_keys/{}/roll", ids[2]),
+            json!({"grace_period_seconds": 600}),
+        )
+        .await;
+    assert_eq!(rolled.status, StatusCode::OK, "{}", rolled.body);
+    secrets.push(rolled.body["secret"].as_str().expect("secret").to_owned());
+    let rolled = stack
+        .origin
+        .post(
+            "/backend.api-keys.roll",
+            json!({"key_id": rolled.body["id"], "grace_period_seconds": 0}),
+        )
+        .await;
+    assert_eq!(rolled.status, StatusCode::OK, "{}", rolled.body);
+    secrets.push(rolled.body["key"].as_str().expect("key").to_owned());
+    for secret in &secrets[secrets.len() - 2..] {
+        stack.origin.verify(secret, &[]).await;
+    }
 
     // Rotate admin tokens: the second one alone, the first refused.
     stack.origin.set_env("ADMIN_TOKEN", SECOND_ADMIN_TOKEN);
