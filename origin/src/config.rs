@@ -62,6 +62,11 @@ pub struct Config {
     /// `MAX_CONNECTIONS_PER_ADDRESS`: open connections served at once from one client address
     /// (IPv6: one /64); a trusted proxy has no cap of its own.
     pub max_connections_per_address: usize,
+    /// `GITHUB_SECRET_SCANNING_KEYS_FILE` and `GITHUB_SECRET_SCANNING_KEYS_URL`: where GitHub's
+    /// secret scanning keys come from; neither turns `POST /v1/secret_scanning/github` off.
+    pub github_keys: crate::secret_scanning::KeySources,
+    /// `LEAK_ACTION`: `revoke` (the default) or `flag`, what a leak report does to the key.
+    pub leak_action: crate::service::LeakAction,
 }
 
 /// Where and how to write Workers KV through Cloudflare's REST API (or the local copy of it
@@ -520,8 +525,53 @@ impl Config {
             trusted_proxies,
             max_connections,
             max_connections_per_address,
+            github_keys: github_keys(&var)?,
+            leak_action: match var("LEAK_ACTION").as_deref().map(str::trim) {
+                None | Some("revoke") => crate::service::LeakAction::Revoke,
+                Some("flag") => crate::service::LeakAction::Flag,
+                Some(other) => {
+                    return Err(problem(
+                        "LEAK_ACTION",
+                        format!("{other:?} is neither revoke nor flag"),
+                    ));
+                }
+            },
         })
     }
+}
+
+/// Reads where GitHub's secret scanning keys come from.
+fn github_keys(
+    var: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::secret_scanning::KeySources, ConfigError> {
+    let url = var("GITHUB_SECRET_SCANNING_KEYS_URL").map(|v| v.trim().to_owned());
+    if let Some(url) = &url
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(problem(
+            "GITHUB_SECRET_SCANNING_KEYS_URL",
+            format!(
+                "{url:?} is not an http(s) URL (GitHub's list is at https://api.github.com/meta/public_keys/secret_scanning)"
+            ),
+        ));
+    }
+    let refresh_every = match var("GITHUB_SECRET_SCANNING_KEYS_REFRESH_S") {
+        None => Duration::from_secs(3600),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(s @ 1..=86_400) => Duration::from_secs(s),
+            _ => {
+                return Err(problem(
+                    "GITHUB_SECRET_SCANNING_KEYS_REFRESH_S",
+                    format!("{v:?} is not a number of seconds from 1 to 86400"),
+                ));
+            }
+        },
+    };
+    Ok(crate::secret_scanning::KeySources {
+        file: var("GITHUB_SECRET_SCANNING_KEYS_FILE").map(|v| std::path::PathBuf::from(v.trim())),
+        url,
+        refresh_every,
+    })
 }
 
 /// Reads `AUDIT_CHAIN_KEY` (required), with the one rule for secrets.

@@ -15,6 +15,7 @@ pub mod kv;
 pub mod ledger;
 pub mod model;
 pub mod publish;
+pub mod secret_scanning;
 pub mod serve;
 pub mod service;
 pub mod store;

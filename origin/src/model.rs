@@ -49,6 +49,10 @@ pub struct StoredKey {
     pub rolled_from: Option<KeyId>,
     /// The key that replaced this one; set once, for good.
     pub rolled_to: Option<KeyId>,
+    /// When the key was first reported as leaked (see [`crate::service::KeyService::report_leak`]).
+    pub leaked_at: Option<UnixMillis>,
+    /// Where it was found (a URL) or who reported it, as the first report said.
+    pub leak_source: Option<String>,
 }
 
 impl StoredKey {

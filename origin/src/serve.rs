@@ -27,6 +27,7 @@ use crate::http::{AppParts, AppState, router};
 use crate::kv::KvClient;
 use crate::ledger::{self, LedgerClient, LedgerPublisher, LedgerStatus};
 use crate::publish::{self, Publisher, PublisherStatus};
+use crate::secret_scanning::GithubKeys;
 use crate::service::KeyService;
 use crate::store::{KeyStore, SqliteStore};
 
@@ -69,6 +70,17 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let publisher_status = Arc::new(PublisherStatus::new(config.kv.is_some()));
     let ledger_status = Arc::new(LedgerStatus::new(config.ledger.is_some()));
+    let github = if config.github_keys.any() {
+        let keys = Arc::new(GithubKeys::load(config.github_keys.clone())?);
+        tokio::spawn(keys.clone().keep_fresh());
+        tracing::info!(
+            keys = keys.count(),
+            "GitHub secret scanning alerts are taken at POST /v1/secret_scanning/github"
+        );
+        Some(keys)
+    } else {
+        None
+    };
     let state = AppState::from(AppParts {
         service: service.clone(),
         admin_tokens: config.admin_tokens.clone().into(),
@@ -81,6 +93,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         admin_auth_failures_per_minute: config.admin_auth_failures_per_minute,
         trusted_proxies: config.trusted_proxies.clone(),
         request_read_timeout: config.request_read_timeout,
+        github: github.clone(),
+        leak_action: config.leak_action,
     });
     if state.usage_ingest.is_none() {
         tracing::info!("USAGE_SIGNING_SECRET is unset: POST /v1/usage (edge usage reports) is off");

@@ -30,6 +30,8 @@ pub mod limits {
     pub const CREATED_BY_MAX: usize = 256;
     /// Longest `revocation_reason`, in characters.
     pub const REVOCATION_REASON_MAX: usize = 512;
+    /// Longest leak source (a URL or a note), in characters.
+    pub const LEAK_SOURCE_MAX: usize = 512;
     /// Longest grace period of a roll, in seconds (ninety days).
     pub const GRACE_PERIOD_MAX_SECONDS: i64 = 90 * 24 * 3600;
     /// Most scopes on one key (the most one verification may require, too).
@@ -133,6 +135,28 @@ pub struct KeyChanges {
     pub disabled: Option<bool>,
     /// Replacement allowlist (empty: anywhere).
     pub allowed_ips: Option<Vec<String>>,
+}
+
+/// What a leak report does to the key (`LEAK_ACTION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakAction {
+    /// Revoke it at once (the default).
+    #[default]
+    Revoke,
+    /// Only mark it as leaked (`leaked_at`); it keeps working until rolled or revoked.
+    Flag,
+}
+
+/// A report that a key leaked.
+#[derive(Debug, Clone)]
+pub struct Leak {
+    /// Who found it: `github_secret_scanning`, or `admin` for a manual report.
+    pub reported_by: &'static str,
+    /// Where it was found (a URL), or a note.
+    pub source: Option<String>,
+    /// What to do about it.
+    pub action: LeakAction,
 }
 
 /// A roll, as requested.
@@ -316,6 +340,8 @@ impl KeyService {
             allowed_ips,
             rolled_from: None,
             rolled_to: None,
+            leaked_at: None,
+            leak_source: None,
         };
         let event = AuditEvent {
             at: now,
@@ -461,7 +487,7 @@ impl KeyService {
                 );
                 key.allowed_ips.clone_from(allowed_ips);
             }
-            Ok(json!({ "changes": diff }))
+            Ok(Some(json!({ "changes": diff })))
         })
         .await
     }
@@ -475,21 +501,66 @@ impl KeyService {
         reason: Option<String>,
     ) -> Result<StoredKey, ServiceError> {
         let reason = optional_text("revocation_reason", reason, limits::REVOCATION_REASON_MAX)?;
-        let revoked = self
-            .change(actor, id, "revoke", |key, now| {
-                if key.revoked {
-                    // Already revoked (perhaps a moment ago by another request): change nothing.
-                    return Err(ServiceError::Revoked);
-                }
+        self.change(actor, id, "revoke", |key, now| {
+            if key.revoked {
+                // Already revoked (perhaps a moment ago by another request): change nothing.
+                return Ok(None);
+            }
+            key.revoked = true;
+            key.revoked_at = Some(now);
+            key.revocation_reason.clone_from(&reason);
+            Ok(Some(json!({ "reason": reason })))
+        })
+        .await
+    }
+
+    /// Records that a key leaked: where it was found (`leak.source`, a URL or a note) and by
+    /// whom. With [`LeakAction::Revoke`] the key is revoked at once, its reason naming the
+    /// source; with [`LeakAction::Flag`] it keeps working, marked (`leaked_at`) for its owner to
+    /// roll. Reports are idempotent: a key already marked (and revoked, if that is the action)
+    /// is returned unchanged, so a retried report writes nothing; the first report's source is
+    /// kept. Audited as `leak`.
+    pub async fn report_leak(
+        &self,
+        actor: &str,
+        id: &KeyId,
+        leak: &Leak,
+    ) -> Result<StoredKey, ServiceError> {
+        let source = optional_text("source", leak.source.clone(), limits::LEAK_SOURCE_MAX)?;
+        self.change(actor, id, "leak", |key, now| {
+            let revoke = leak.action == LeakAction::Revoke && !key.revoked;
+            if key.leaked_at.is_some() && !revoke {
+                return Ok(None);
+            }
+            if key.leaked_at.is_none() {
+                key.leaked_at = Some(now);
+                key.leak_source.clone_from(&source);
+            }
+            if revoke {
                 key.revoked = true;
                 key.revoked_at = Some(now);
-                key.revocation_reason.clone_from(&reason);
-                Ok(json!({ "reason": reason }))
-            })
-            .await;
-        match revoked {
-            Err(ServiceError::Revoked) => self.get(id).await,
-            other => other,
+                let reason = match &source {
+                    Some(source) => format!("leaked: {source}"),
+                    None => "leaked".to_owned(),
+                };
+                key.revocation_reason =
+                    Some(reason.chars().take(limits::REVOCATION_REASON_MAX).collect());
+            }
+            Ok(Some(json!({
+                "reported_by": leak.reported_by,
+                "source": source,
+                "action": leak.action,
+                "revoked": revoke,
+            })))
+        })
+        .await
+    }
+
+    /// The key whose secret is `presented`, if any (for leak reports: no decision, no use).
+    pub async fn key_for_secret(&self, presented: &str) -> Result<Option<StoredKey>, ServiceError> {
+        match parse_presented(presented) {
+            Ok(secret) => Ok(self.store.find_by_hash(&secret.hash()).await?),
+            Err(_) => Ok(None),
         }
     }
 
@@ -545,6 +616,8 @@ impl KeyService {
                 revision: 1,
                 rolled_from: Some(current.id.clone()),
                 rolled_to: None,
+                leaked_at: None,
+                leak_source: None,
                 ..current.clone()
             };
             let mut previous = current.clone();
@@ -674,14 +747,17 @@ impl KeyService {
         actor: &str,
         id: &KeyId,
         action: &'static str,
-        mut apply: impl FnMut(&mut StoredKey, UnixMillis) -> Result<Value, ServiceError>,
+        mut apply: impl FnMut(&mut StoredKey, UnixMillis) -> Result<Option<Value>, ServiceError>,
     ) -> Result<StoredKey, ServiceError> {
         let _turn = self.take_turn(id).await;
         for _ in 0..8 {
             let current = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
             let now = system_now();
             let mut next = current.clone();
-            let details = apply(&mut next, now)?;
+            let Some(details) = apply(&mut next, now)? else {
+                // Nothing to change: the key as it is.
+                return Ok(self.with_usage(current));
+            };
             next.updated_at = now;
             next.revision = current.revision + 1;
             let event = AuditEvent {

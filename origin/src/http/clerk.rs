@@ -13,7 +13,7 @@ use super::extract::{self, JsonBody, KeyIdPath, double_option};
 use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::{AuditEntry, ListFilter, StoredKey};
-use crate::service::{KeyChanges, NewKey, Roll, system_now};
+use crate::service::{KeyChanges, Leak, NewKey, Roll, system_now};
 
 type Result<T> = std::result::Result<Json<T>, ApiError<Clerk>>;
 type Body<T> = JsonBody<T, Clerk>;
@@ -30,6 +30,7 @@ pub fn routes(table: Routes, base: &str) -> Routes {
         .admin::<Clerk, _, _>(Method::DELETE, &format!("{keys}/{{id}}"), refuse_delete)
         .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/revoke"), revoke)
         .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/roll"), roll)
+        .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/leak"), report_leak)
         .admin::<Clerk, _, _>(Method::GET, &format!("{keys}/{{id}}/secret"), refuse_secret)
 }
 
@@ -72,6 +73,10 @@ pub struct ApiKeyObject {
     rolled_from: Option<String>,
     /// Latchkey's own: the key that replaced this one in a roll.
     rolled_to: Option<String>,
+    /// Latchkey's own: when the key was first reported as leaked.
+    leaked_at: Option<i64>,
+    /// Latchkey's own: where it was found, as the first report said.
+    leak_source: Option<String>,
     expired: bool,
     expiration: Option<i64>,
     created_by: Option<String>,
@@ -100,6 +105,8 @@ impl ApiKeyObject {
             allowed_ips: key.allowed_ips.to_strings(),
             rolled_from: key.rolled_from.map(|id| id.to_string()),
             rolled_to: key.rolled_to.map(|id| id.to_string()),
+            leaked_at: key.leaked_at.map(|t| t.0),
+            leak_source: key.leak_source,
             expiration: key.expiration.map(|t| t.0),
             created_by: key.created_by,
             last_used_at: key.last_used_at.map(|t| t.0),
@@ -311,6 +318,31 @@ async fn roll(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct LeakRequest {
+    /// Where the key was found (a URL) or a note.
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// Reports a key as leaked by hand (a leak found elsewhere than by GitHub): what `LEAK_ACTION`
+/// says, as for GitHub's alerts.
+async fn report_leak(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    KeyIdPath(id, _): KeyIdPath<Clerk>,
+    JsonBody(req, _): Body<LeakRequest>,
+) -> Result<ApiKeyObject> {
+    let leak = Leak {
+        reported_by: "admin",
+        source: req.source,
+        action: state.leak_action,
+    };
+    let key = state.service.report_leak(&actor, &id, &leak).await?;
+    Ok(Json(ApiKeyObject::new(key, system_now())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VerifyRequest {
     secret: String,
     #[serde(default)]
@@ -420,6 +452,7 @@ pub(crate) fn parse_bodies(bytes: &[u8]) -> usize {
         usize::from(extract::parse_json::<UpdateRequest, Clerk>(bytes).is_ok()),
         usize::from(extract::parse_json::<RevokeRequest, Clerk>(bytes).is_ok()),
         usize::from(extract::parse_json::<RollRequest, Clerk>(bytes).is_ok()),
+        usize::from(extract::parse_json::<LeakRequest, Clerk>(bytes).is_ok()),
         usize::from(extract::parse_json::<VerifyRequest, Clerk>(bytes).is_ok()),
     ]
     .iter()

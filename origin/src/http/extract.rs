@@ -45,7 +45,12 @@ where
 #[derive(Debug, Clone, Copy)]
 pub struct BodyDeadline(pub Duration);
 
-/// The raw request body, at most [`limits::BODY_MAX_BYTES`], arrived within the
+/// The largest body a route takes, where it is not [`limits::BODY_MAX_BYTES`] (for the 413's
+/// message; `DefaultBodyLimit` enforces it).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// The raw request body, at most [`limits::BODY_MAX_BYTES`] (or the route's [`BodyLimit`]), arrived within the
 /// [`BodyDeadline`]; or an error in envelope `E` (413, 408, 400).
 #[derive(Debug)]
 pub struct RawBody<E>(pub Bytes, pub PhantomData<E>);
@@ -62,6 +67,10 @@ where
             .extensions()
             .get::<BodyDeadline>()
             .map_or(DEFAULT_BODY_DEADLINE, |d| d.0);
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or(limits::BODY_MAX_BYTES, |l| l.0);
         let read = tokio::time::timeout(deadline, Bytes::from_request(req, state)).await;
         let Ok(read) = read else {
             return Err(ApiError::new(
@@ -79,10 +88,7 @@ where
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "payload_too_large",
-                        format!(
-                            "The request body is larger than {} bytes.",
-                            limits::BODY_MAX_BYTES
-                        ),
+                        format!("The request body is larger than {limit} bytes."),
                     )
                 } else {
                     ApiError::new(

@@ -9,6 +9,8 @@
 //! * `GET /v1/audit_log` (admin).
 //! * [`ingest`]: `POST /v1/usage`, the edge's usage reports, authenticated by HMAC signature
 //!   instead of an admin token.
+//! * [`github`]: `POST /v1/secret_scanning/github`, GitHub's secret scanning alerts,
+//!   authenticated by GitHub's ECDSA signature.
 //! * `GET /healthz` (database, KV publisher and ledger backlogs) and `GET /metrics`
 //!   (Prometheus), open: counts and states only, never an error's text.
 //! * `GET /v1/status` (admin): the same, with the publishers' last errors in full.
@@ -37,6 +39,7 @@ pub mod clerk;
 pub mod client;
 pub mod error;
 pub mod extract;
+pub mod github;
 pub mod ingest;
 pub mod routes;
 pub mod tutorial;
@@ -76,6 +79,10 @@ pub struct AppParts {
     pub trusted_proxies: client::TrustedProxies,
     /// How long a request body may take to arrive.
     pub request_read_timeout: std::time::Duration,
+    /// GitHub's secret scanning keys; `None` turns `POST /v1/secret_scanning/github` off.
+    pub github: Option<Arc<crate::secret_scanning::GithubKeys>>,
+    /// What a leak report does to the key (`LEAK_ACTION`).
+    pub leak_action: crate::service::LeakAction,
 }
 
 /// The admin who made a request, by the non-secret label of their token.
@@ -130,6 +137,7 @@ fn table(guard: AdminGuard) -> Routes {
         .admin::<Clerk, _, _>(Method::GET, "/v1/audit_log", clerk::audit_log)
         .admin::<Clerk, _, _>(Method::GET, "/v1/status", status)
         .signed(Method::POST, "/v1/usage", ingest::usage)
+        .github(Method::POST, "/v1/secret_scanning/github", github::alert)
         .open(Method::GET, "/healthz", healthz)
         .open(Method::GET, "/metrics", metrics)
 }

@@ -21,6 +21,8 @@ pub enum Access {
     Admin,
     /// Needs an HMAC signature by the edge (`x-latchkey-signature`).
     Signed,
+    /// Needs GitHub's ECDSA signature (`Github-Public-Key-Signature`).
+    Github,
     /// Open to anyone: health and metrics, which show counts only.
     Open,
 }
@@ -72,6 +74,21 @@ impl Routes {
         T: 'static,
     {
         self.add(Access::Signed, method, path, handler, |route| route)
+    }
+
+    /// Adds a route whose handler checks GitHub's signature itself; its bodies may be larger
+    /// ([`super::github::BODY_MAX_BYTES`]).
+    pub fn github<H, T>(self, method: Method, path: &str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let max = super::github::BODY_MAX_BYTES;
+        self.add(Access::Github, method, path, handler, move |route| {
+            route
+                .route_layer(axum::Extension(super::extract::BodyLimit(max)))
+                .route_layer(axum::extract::DefaultBodyLimit::max(max))
+        })
     }
 
     /// Adds a route open to anyone.

@@ -175,6 +175,9 @@ struct ListItem {
     /// Shown only when set: the key that replaced this one.
     #[serde(skip_serializing_if = "Option::is_none")]
     rolled_to: Option<String>,
+    /// Shown only when set: when the key was reported as leaked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leaked_at: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -228,6 +231,7 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
                 allowed_ips: k.allowed_ips.to_strings(),
                 rolled_from: k.rolled_from.map(|id| id.to_string()),
                 rolled_to: k.rolled_to.map(|id| id.to_string()),
+                leaked_at: k.leaked_at.map(iso),
                 metadata: k.claims,
             })
             .collect(),

@@ -29,7 +29,7 @@ use crate::model::{
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
      expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, updated_at, revision, \
-     disabled, allowed_ips, rolled_from, rolled_to";
+     disabled, allowed_ips, rolled_from, rolled_to, leaked_at, leak_source";
 
 /// The columns a change may write: every column but the key's identity, its creation and its
 /// use (`last_used_at` is written by the usage flush alone).
@@ -48,6 +48,8 @@ const CHANGEABLE_COLUMNS: &[&str] = &[
     "disabled",
     "allowed_ips",
     "rolled_to",
+    "leaked_at",
+    "leak_source",
 ];
 
 type KeyQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
@@ -80,6 +82,8 @@ fn bind_column<'q>(query: KeyQuery<'q>, key: &'q StoredKey, column: &str) -> Key
         }
         "rolled_from" => query.bind(key.rolled_from.as_ref().map(KeyId::as_str)),
         "rolled_to" => query.bind(key.rolled_to.as_ref().map(KeyId::as_str)),
+        "leaked_at" => query.bind(key.leaked_at.map(|t| t.0)),
+        "leak_source" => query.bind(&key.leak_source),
         #[allow(
             clippy::panic,
             reason = "a programming error, caught by every test that writes a key"
@@ -853,6 +857,8 @@ fn key_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         allowed_ips: row.get(const { column("allowed_ips") })?,
         rolled_from: row.get(const { column("rolled_from") })?,
         rolled_to: row.get(const { column("rolled_to") })?,
+        leaked_at: row.get(const { column("leaked_at") })?,
+        leak_source: row.get(const { column("leak_source") })?,
     })
 }
 
@@ -890,6 +896,8 @@ struct KeyRow {
     allowed_ips: Option<String>,
     rolled_from: Option<String>,
     rolled_to: Option<String>,
+    leaked_at: Option<i64>,
+    leak_source: Option<String>,
 }
 
 impl TryFrom<KeyRow> for StoredKey {
@@ -950,6 +958,8 @@ impl TryFrom<KeyRow> for StoredKey {
             allowed_ips,
             rolled_from,
             rolled_to,
+            leaked_at: row.leaked_at.map(UnixMillis),
+            leak_source: row.leak_source,
         })
     }
 }
@@ -1804,6 +1814,8 @@ mod tests {
             allowed_ips: Default::default(),
             rolled_from: None,
             rolled_to: None,
+            leaked_at: None,
+            leak_source: None,
         }
     }
 
@@ -1837,6 +1849,8 @@ mod tests {
             rolled_to: Some(KeyId::generate(&mut |b: &mut [u8]| {
                 b.fill(n.wrapping_add(200))
             })),
+            leaked_at: Some(UnixMillis(1_400)),
+            leak_source: Some("https://github.com/o/r/blob/x/f".into()),
             ..new_key(n)
         }
     }

@@ -1,0 +1,169 @@
+//! `POST /v1/secret_scanning/github`: GitHub's secret scanning partner alerts.
+//!
+//! GitHub sends batches of tokens it found in public code, signed with its ECDSA key
+//! ([`crate::secret_scanning`]). Each token that is one of our keys is reported as leaked
+//! ([`KeyService::report_leak`]: revoked at once, or flagged, per `LEAK_ACTION`), and the batch
+//! is answered in GitHub's feedback format: one `{token_hash, token_type, label}` per token,
+//! `true_positive` for our keys and `false_positive` for the rest. Reports are idempotent, so
+//! GitHub's retries change nothing; a store failure answers 503, which GitHub retries.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::error::{ApiError, Clerk};
+use super::extract::RawBody;
+use crate::secret_scanning::{SignatureError, header};
+use crate::service::{KeyService, Leak, limits};
+
+/// Most tokens in one alert.
+pub const TOKENS_MAX: usize = 10_000;
+/// Largest alert body, in bytes (thousands of tokens with their URLs).
+pub const BODY_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Who the audit log names for these reports.
+const ACTOR: &str = "github-secret-scanning";
+
+/// One match, as GitHub sends it. Fields GitHub may add later are ignored.
+#[derive(Debug, Deserialize)]
+struct Found {
+    token: String,
+    #[serde(default, rename = "type")]
+    token_type: String,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// GitHub's feedback for one token.
+#[derive(Debug, Serialize)]
+pub(super) struct Feedback {
+    /// SHA-256 of the token, in hex: the token itself is never echoed.
+    token_hash: String,
+    token_type: String,
+    label: &'static str,
+}
+
+/// Verifies the alert, reports every token that is one of our keys, and answers feedback.
+pub(super) async fn alert(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawBody(body, _): RawBody<Clerk>,
+) -> Result<Json<Vec<Feedback>>, ApiError<Clerk>> {
+    let Some(keys) = &state.github else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "secret_scanning_disabled",
+            "GitHub secret scanning is off: set GITHUB_SECRET_SCANNING_KEYS_FILE or GITHUB_SECRET_SCANNING_KEYS_URL.",
+        ));
+    };
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Err(error) = keys
+        .verify(text(header::KEY_IDENTIFIER), text(header::SIGNATURE), &body)
+        .await
+    {
+        tracing::warn!(%error, "GitHub secret scanning alert refused");
+        let (status, code) = match error {
+            SignatureError::NoKeys => (StatusCode::SERVICE_UNAVAILABLE, "keys_unavailable"),
+            _ => (StatusCode::UNAUTHORIZED, "signature_invalid"),
+        };
+        return Err(ApiError::new(
+            status,
+            code,
+            format!("The alert's signature was not accepted: {error}."),
+        ));
+    }
+    let found: Vec<Found> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "form_param_invalid",
+            format!("The alert is not a JSON array of {{token, type, url, source}}: {e}."),
+        )
+    })?;
+    if found.len() > TOKENS_MAX {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "form_param_invalid",
+            format!("At most {TOKENS_MAX} tokens per alert."),
+        ));
+    }
+    let ours = report(&state, &found).await?;
+    Ok(Json(
+        found
+            .into_iter()
+            .map(|f| {
+                let token_hash = hex::encode(Sha256::digest(f.token.as_bytes()));
+                let label = if ours.contains(&token_hash) {
+                    "true_positive"
+                } else {
+                    "false_positive"
+                };
+                Feedback {
+                    token_hash,
+                    token_type: f.token_type,
+                    label,
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// Looks each token up and reports the keys found, concurrently (their commits are grouped).
+/// Returns our keys' token hashes.
+async fn report(state: &AppState, found: &[Found]) -> Result<HashSet<String>, ApiError<Clerk>> {
+    let mut ours = HashSet::new();
+    let mut reports = tokio::task::JoinSet::new();
+    for f in found {
+        let hash = hex::encode(Sha256::digest(f.token.as_bytes()));
+        if ours.contains(&hash) {
+            continue;
+        }
+        let Some(key) = state.service.key_for_secret(&f.token).await? else {
+            continue;
+        };
+        ours.insert(hash);
+        let leak = Leak {
+            reported_by: "github_secret_scanning",
+            source: Some(source(f)),
+            action: state.leak_action,
+        };
+        let service: Arc<KeyService> = state.service.clone();
+        reports.spawn(async move { service.report_leak(ACTOR, &key.id, &leak).await });
+    }
+    let mut failed = None;
+    while let Some(done) = reports.join_next().await {
+        match done {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => failed = Some(ApiError::from(error)),
+            Err(join) => {
+                tracing::error!(error = %join, "a leak report task failed");
+                failed = Some(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "Something went wrong on our side.",
+                ));
+            }
+        }
+    }
+    // GitHub retries a failed alert; the reports already made are not made twice.
+    failed.map_or(Ok(ours), Err)
+}
+
+/// Where the token was found: the URL if GitHub gave one, bounded and printable.
+fn source(found: &Found) -> String {
+    let text = match (&found.url, &found.source) {
+        (Some(url), _) => url.clone(),
+        (None, Some(source)) => format!("GitHub secret scanning ({source})"),
+        (None, None) => "GitHub secret scanning".to_owned(),
+    };
+    text.chars()
+        .filter(|c| !c.is_control())
+        .take(limits::LEAK_SOURCE_MAX)
+        .collect()
+}
