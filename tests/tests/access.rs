@@ -68,8 +68,12 @@ async fn every_admin_route_in_the_route_table_refuses_bad_admin_tokens() {
         [(Method::POST, "/v1/usage".to_owned())]
     );
     assert_eq!(
+        routes_with(&table, "github"),
+        [(Method::POST, "/v1/secret_scanning/github".to_owned())]
+    );
+    assert_eq!(
         table.len(),
-        admin.len() + 3,
+        admin.len() + 4,
         "every route has an access class"
     );
 

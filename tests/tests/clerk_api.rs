@@ -30,6 +30,8 @@ const KEY_OBJECT_FIELDS: &[&str] = &[
     "allowed_ips",
     "rolled_from",
     "rolled_to",
+    "leaked_at",
+    "leak_source",
     "expired",
     "expiration",
     "created_by",

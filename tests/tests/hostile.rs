@@ -15,6 +15,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::github::{ALERTS, GithubKey, KEY_ID_HEADER, SIGNATURE_HEADER, write_key_file};
 use common::hostile::{self, RawReply};
 use common::{ADMIN_TOKEN, TestApp};
 use reqwest::StatusCode;
@@ -77,6 +78,12 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
                 ("expiration", "number"),
             ],
             base: json!({"grace_period_seconds": 600}),
+        },
+        Endpoint {
+            method: "POST",
+            path: format!("/v1/api_keys/{id}/leak"),
+            fields: &[("source", "string")],
+            base: json!({"source": "s"}),
         },
         Endpoint {
             method: "POST",
@@ -179,8 +186,85 @@ fn json_probe(label: String, method: &str, path: &str, body: &[u8]) -> Probe {
     }
 }
 
-fn corpus(id: &str, secret: &str) -> Vec<Probe> {
+/// GitHub's alerts: the hostile bodies, each signed by the listed key (so each reaches the
+/// parser), and hostile signature headers on a well-formed alert that holds a live key.
+/// A label and raw header lines.
+type Labelled<'a> = (&'static str, Vec<(&'static str, &'a [u8])>);
+
+fn github_probes(github: &GithubKey, secret: &str) -> Vec<Probe> {
+    let sign = |body: &[u8]| github.sign(body).into_bytes();
+    let probe = |label: String, headers: &[(&str, &[u8])], body: &[u8]| Probe {
+        label: format!("POST {ALERTS}: {label}"),
+        bytes: hostile::request("POST", ALERTS, headers, body),
+        framing: false,
+    };
     let mut probes = Vec::new();
+    for (label, body) in hostile::bad_bodies() {
+        if body == b"[]" {
+            continue; // An empty alert is a valid one.
+        }
+        let signature = sign(&body);
+        probes.push(probe(
+            format!("signed {label}"),
+            &[
+                (KEY_ID_HEADER, b"github".as_slice()),
+                (SIGNATURE_HEADER, &signature),
+            ],
+            &body,
+        ));
+    }
+    let body = json!([{"token": secret, "type": "latchkey_api_key"}]).to_string();
+    let good = sign(body.as_bytes());
+    let long = vec![b'A'; 8_000];
+    let other = sign(b"another body");
+    let headers: Vec<Labelled<'_>> = vec![
+        ("no signature", vec![(KEY_ID_HEADER, b"github")]),
+        ("no identifier", vec![(SIGNATURE_HEADER, &good)]),
+        (
+            "unknown identifier",
+            vec![(KEY_ID_HEADER, b"someone"), (SIGNATURE_HEADER, &good)],
+        ),
+        (
+            "invalid UTF-8 signature",
+            vec![(KEY_ID_HEADER, b"github"), (SIGNATURE_HEADER, b"\xff\xfe")],
+        ),
+        (
+            "8 KB signature",
+            vec![(KEY_ID_HEADER, b"github"), (SIGNATURE_HEADER, &long)],
+        ),
+        (
+            "empty signature",
+            vec![(KEY_ID_HEADER, b"github"), (SIGNATURE_HEADER, b"")],
+        ),
+        (
+            "another body's signature",
+            vec![(KEY_ID_HEADER, b"github"), (SIGNATURE_HEADER, &other)],
+        ),
+        (
+            "doubled identifier, a wrong one first",
+            vec![
+                (KEY_ID_HEADER, b"someone"),
+                (KEY_ID_HEADER, b"github"),
+                (SIGNATURE_HEADER, &good),
+            ],
+        ),
+        (
+            "doubled signature, a wrong one first",
+            vec![
+                (KEY_ID_HEADER, b"github"),
+                (SIGNATURE_HEADER, &other),
+                (SIGNATURE_HEADER, &good),
+            ],
+        ),
+    ];
+    for (label, headers) in headers {
+        probes.push(probe(label.to_owned(), &headers, body.as_bytes()));
+    }
+    probes
+}
+
+fn corpus(id: &str, secret: &str, github: &GithubKey) -> Vec<Probe> {
+    let mut probes = github_probes(github, secret);
     let endpoints = endpoints(id, secret);
     for e in &endpoints {
         let at = format!("{} {}", e.method, e.path);
@@ -269,6 +353,7 @@ fn corpus(id: &str, secret: &str) -> Vec<Probe> {
             ("PATCH", format!("/v1/api_keys/{bad}")),
             ("POST", format!("/v1/api_keys/{bad}/revoke")),
             ("POST", format!("/v1/api_keys/{bad}/roll")),
+            ("POST", format!("/v1/api_keys/{bad}/leak")),
             ("GET", format!("/api_keys/{bad}/secret")),
         ] {
             probes.push(json_probe(
@@ -444,9 +529,16 @@ fn corpus(id: &str, secret: &str) -> Vec<Probe> {
 
 #[tokio::test]
 async fn hundreds_of_hostile_requests_get_json_4xx_and_change_nothing() {
+    let github = GithubKey::new("github");
+    let keys = tempfile::tempdir().expect("dir");
+    let keys_file = write_key_file(keys.path(), &[&github]);
     let app = TestApp::builder()
         .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "1000000")
         .env("REQUEST_READ_TIMEOUT_MS", "1000")
+        .env(
+            "GITHUB_SECRET_SCANNING_KEYS_FILE",
+            &keys_file.display().to_string(),
+        )
         .start()
         .await;
     let (id, secret) = app.create_key("acme", &["read:orders"]).await;
@@ -454,7 +546,7 @@ async fn hundreds_of_hostile_requests_get_json_4xx_and_change_nothing() {
     let before = snapshot(&app).await;
     let addr = app.base.trim_start_matches("http://").to_owned();
 
-    let probes = corpus(&id, &secret);
+    let probes = corpus(&id, &secret, &github);
     let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
     let mut framing_refused = 0;
     let mut tutorial_denials = 0;

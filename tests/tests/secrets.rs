@@ -1,14 +1,14 @@
 //! No secret at rest: after a full run (create on both surfaces, verify at origin and at the edge,
-//! the gateway, update, revoke, roll on both surfaces, usage reports, admin token rotation,
-//! `sync --full`) and its failure paths (a KV record the edge cannot read, the upstream down, wrong
-//! admin tokens up to 429, the database locked so writes answer 503), every issued key, every
-//! 12-character window of every key's random body, every admin token, both signing secrets and the
-//! audit chain key are searched for in the database file and its WAL, the audit checkpoints, every
-//! log at its most verbose level (origin at `trace`, wrangler at `debug` and its own debug log
-//! files, the upstream, `sync`), every file of the Worker's local KV, wrangler's `.wrangler/`
-//! folder and the audit log; so is anything shaped like a key, which would catch a key the test
-//! never saw (one made by a create that failed). Zero hits, with positive controls proving the scan
-//! reads the right places.
+//! the gateway, update, revoke, roll on both surfaces, a GitHub secret scanning alert and a manual
+//! leak report, usage reports, admin token rotation, `sync --full`) and its failure paths (a KV
+//! record the edge cannot read, the upstream down, wrong admin tokens up to 429, the database
+//! locked so writes answer 503), every issued key, every 12-character window of every key's random
+//! body, every admin token, both signing secrets and the audit chain key are searched for in the
+//! database file and its WAL, the audit checkpoints, every log at its most verbose level (origin at
+//! `trace`, wrangler at `debug` and its own debug log files, the upstream, `sync`), every file of
+//! the Worker's local KV, wrangler's `.wrangler/` folder and the audit log; so is anything shaped
+//! like a key, which would catch a key the test never saw (one made by a create that failed). Zero
+//! hits, with positive controls proving the scan reads the right places.
 
 #![allow(
     clippy::expect_used,
@@ -26,8 +26,9 @@ use std::time::Duration;
 
 use common::edge::{
     KV_NAMESPACE_ID, LEDGER_SECRET, Stack, UPSTREAM_SECRET, USAGE_SECRET, repo_root,
-    report_measurement,
+    report_measurement, unissued_key,
 };
+use common::github::{ALERTS, GithubKey, write_key_file};
 use common::{ADMIN_TOKEN, AUDIT_CHAIN_KEY, TestApp, contains_bytes, files_under};
 use latchkey_shared::{ApiKey, kv_entry_name};
 use reqwest::{Method, StatusCode};
@@ -125,12 +126,18 @@ const SECOND_ADMIN_TOKEN: &str = "rotated-admin-token-eeeeeeeeeeeeeeeeeeeeeeee";
 #[tokio::test]
 async fn no_secret_or_admin_token_is_stored_logged_or_published() {
     let both = format!("{ADMIN_TOKEN},{SECOND_ADMIN_TOKEN}");
+    let github = GithubKey::new("github");
+    let github_dir = tempfile::tempdir().expect("dir");
+    let github_keys = write_key_file(github_dir.path(), &[&github])
+        .display()
+        .to_string();
     // The isolate forgets records a second after the ledger does, so the KV failure path
     // below is reached with a real key too.
     let mut stack = Stack::start_with(
         &[
             ("ADMIN_TOKEN", &both),
             ("ADMIN_AUTH_FAILURES_PER_MINUTE", "3"),
+            ("GITHUB_SECRET_SCANNING_KEYS_FILE", &github_keys),
         ],
         &[("LEDGER_RETENTION_MS", "1000"), ("MEMORY_TTL_MS", "1000")],
     )
@@ -288,6 +295,29 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
     for secret in &secrets[secrets.len() - 2..] {
         stack.origin.verify(secret, &[]).await;
     }
+    // A GitHub secret scanning alert holding a live key (raw, as GitHub sends it) and one that
+    // is not ours, and a manual leak report.
+    let alert = json!([
+        {"token": secrets[1], "type": "latchkey_api_key", "url": "https://github.com/o/r/blob/x/f"},
+        {"token": unissued_key("sk_live"), "type": "latchkey_api_key"},
+    ])
+    .to_string();
+    let http = reqwest::Client::new();
+    let r = TestApp::send(github.signed(
+        http.post(format!("{}{ALERTS}", stack.origin.base)),
+        alert.as_bytes(),
+    ))
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body[0]["label"], "true_positive");
+    let r = stack
+        .origin
+        .post(
+            &format!("/v1/api_keys/{}/leak", ids[4]),
+            json!({"source": "a pastebin"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 
     // Rotate admin tokens: the second one alone, the first refused.
     stack.origin.set_env("ADMIN_TOKEN", SECOND_ADMIN_TOKEN);

@@ -21,6 +21,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 pub mod edge;
+pub mod github;
 pub mod hostile;
 
 /// The admin token every test app accepts.

@@ -1,0 +1,413 @@
+//! Leak response: GitHub's secret scanning alerts against the real origin, signed with a
+//! throwaway P-256 key pair made here (GitHub's own keys cannot sign for a test), in GitHub's
+//! wire format; its key list served from a file and from a stand-in for GitHub's key endpoint
+//! that speaks the same format. And the manual leak report.
+
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers: a failure is a failed test"
+)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::github::{ALERTS, GithubKey, key_list, write_key_file};
+use common::{TestApp, eventually};
+use latchkey_shared::{ApiKey, KeyPrefix};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+/// Posts `body` as GitHub would, signed by `key` (`None`: unsigned).
+async fn alert(app: &TestApp, body: &[u8], key: Option<&GithubKey>) -> common::Reply {
+    let req = reqwest::Client::new().post(format!("{}{ALERTS}", app.base));
+    let req = match key {
+        Some(key) => key.signed(req, body),
+        None => req.body(body.to_vec()),
+    };
+    TestApp::send(req).await
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+async fn audit_actions(app: &TestApp, id: &str) -> Vec<String> {
+    let r = app.get(&format!("/v1/audit_log?key_id={id}")).await;
+    r.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|e| e["action"].as_str().expect("action").to_owned())
+        .collect()
+}
+
+/// An app reading GitHub's key list from a file holding `keys`.
+async fn app_with_keys(keys: &[&GithubKey], env: &[(&str, &str)]) -> (TestApp, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = write_key_file(dir.path(), keys);
+    let mut builder = TestApp::builder().env(
+        "GITHUB_SECRET_SCANNING_KEYS_FILE",
+        &file.display().to_string(),
+    );
+    for (name, value) in env {
+        builder = builder.env(name, value);
+    }
+    (builder.start().await, dir)
+}
+
+#[tokio::test]
+async fn a_signed_alert_revokes_our_leaked_keys_once_and_answers_githubs_feedback() {
+    let github = GithubKey::new("90a421169f0a406205f1563a953312f0be898d3c7b6c06b681aa86a874555f4a");
+    let older = GithubKey::new("bcb53661c06b4728e59d897fb6165d5c9cda0fd9cdf9d09ead458168deb7518c");
+    let stranger = GithubKey::new("not-githubs");
+    let (app, _dir) = app_with_keys(&[&github, &older], &[]).await;
+    let (a_id, a) = app.create_key("acme", &["read:orders"]).await;
+    let (b_id, b) = app.create_key("globex", &[]).await;
+    let (c_id, c) = app.create_key("initech", &[]).await;
+    let unknown = common::edge::unissued_key("sk_live");
+    let url = "https://github.com/octocat/Hello-World/blob/12345600b9cbe38a219f39a9941c9319b600c002/foo/bar.txt";
+    let batch = json!([
+        {"token": a, "type": "latchkey_api_key", "url": url, "source": "content"},
+        {"token": unknown, "type": "latchkey_api_key", "url": url, "source": "content"},
+        {"token": "sk_live_not-a-key", "type": "latchkey_api_key", "source": "content"},
+        {"token": a, "type": "latchkey_api_key", "url": "https://github.com/o/r/blob/x/y", "source": "commit"},
+        {"token": b, "type": "latchkey_api_key", "source": "npm", "a_field_github_added_later": 1},
+    ])
+    .to_string();
+
+    let r = alert(&app, batch.as_bytes(), Some(&github)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let expected = json!([
+        {"token_hash": token_hash(&a), "token_type": "latchkey_api_key", "label": "true_positive"},
+        {"token_hash": token_hash(&unknown), "token_type": "latchkey_api_key", "label": "false_positive"},
+        {"token_hash": token_hash("sk_live_not-a-key"), "token_type": "latchkey_api_key", "label": "false_positive"},
+        {"token_hash": token_hash(&a), "token_type": "latchkey_api_key", "label": "true_positive"},
+        {"token_hash": token_hash(&b), "token_type": "latchkey_api_key", "label": "true_positive"},
+    ]);
+    assert_eq!(r.body, expected);
+    assert!(!r.body.to_string().contains(&a), "tokens are never echoed");
+
+    let key_a = app.get(&format!("/v1/api_keys/{a_id}")).await.body;
+    assert_eq!(key_a["revoked"], true, "{key_a}");
+    assert_eq!(key_a["revocation_reason"], json!(format!("leaked: {url}")));
+    assert_eq!(
+        key_a["leak_source"],
+        json!(url),
+        "the first report's source"
+    );
+    assert!(key_a["leaked_at"].as_i64().is_some());
+    let key_b = app.get(&format!("/v1/api_keys/{b_id}")).await.body;
+    assert_eq!(key_b["revoked"], true);
+    assert_eq!(
+        key_b["revocation_reason"],
+        "leaked: GitHub secret scanning (npm)"
+    );
+    let v = app.verify(&a, &[]).await;
+    assert_eq!(v.body["errors"][0]["code"], "api_key_revoked", "{}", v.body);
+    assert_eq!(app.verify(&c, &[]).await.status, StatusCode::OK);
+    assert_eq!(audit_actions(&app, &a_id).await, ["create", "leak"]);
+    let audit = app.get(&format!("/v1/audit_log?key_id={a_id}")).await;
+    let leak = &audit.body["data"][1];
+    assert_eq!(leak["actor"], "github-secret-scanning");
+    assert_eq!(leak["details"]["reported_by"], "github_secret_scanning");
+    assert_eq!(leak["details"]["action"], "revoke");
+    assert_eq!(leak["details"]["revoked"], true);
+
+    // GitHub retries: the same alert again changes nothing and answers the same.
+    let again = alert(&app, batch.as_bytes(), Some(&github)).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body, expected);
+    assert_eq!(audit_actions(&app, &a_id).await, ["create", "leak"]);
+    assert_eq!(app.get(&format!("/v1/api_keys/{a_id}")).await.body, key_a);
+    // Signed by GitHub's other listed key: accepted too.
+    let by_older = alert(&app, batch.as_bytes(), Some(&older)).await;
+    assert_eq!(by_older.status, StatusCode::OK, "{}", by_older.body);
+
+    // A bad or missing signature is refused and changes nothing.
+    let c_batch = json!([{"token": c, "type": "latchkey_api_key", "url": url}]).to_string();
+    let signed = github.sign(c_batch.as_bytes());
+    let mut tampered = c_batch.clone().into_bytes();
+    tampered.extend_from_slice(b" ");
+    let http = reqwest::Client::new();
+    let post = |body: Vec<u8>, headers: Vec<(&'static str, String)>| {
+        let mut req = http.post(format!("{}{ALERTS}", app.base)).body(body);
+        for (name, value) in headers {
+            req = req.header(name, value);
+        }
+        TestApp::send(req)
+    };
+    let id = |k: &GithubKey| (common::github::KEY_ID_HEADER, k.id.clone());
+    let sig = |s: &str| (common::github::SIGNATURE_HEADER, s.to_owned());
+    let refusals = [
+        ("unsigned", post(c_batch.clone().into_bytes(), vec![]).await),
+        (
+            "no identifier",
+            post(c_batch.clone().into_bytes(), vec![sig(&signed)]).await,
+        ),
+        (
+            "no signature",
+            post(c_batch.clone().into_bytes(), vec![id(&github)]).await,
+        ),
+        (
+            "body changed after signing",
+            post(tampered, vec![id(&github), sig(&signed)]).await,
+        ),
+        (
+            "signed by a key GitHub does not list",
+            alert(&app, c_batch.as_bytes(), Some(&stranger)).await,
+        ),
+        (
+            "another listed key's identifier",
+            post(c_batch.clone().into_bytes(), vec![id(&older), sig(&signed)]).await,
+        ),
+        (
+            "not base64",
+            post(c_batch.clone().into_bytes(), vec![id(&github), sig("%%%")]).await,
+        ),
+        (
+            "not DER",
+            post(c_batch.clone().into_bytes(), vec![id(&github), sig("AAAA")]).await,
+        ),
+    ];
+    for (label, r) in refusals {
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{label}: {}", r.body);
+        assert_eq!(r.body["errors"][0]["code"], "signature_invalid", "{label}");
+    }
+    for (label, body) in [
+        ("an object", br#"{"token":"x"}"#.to_vec()),
+        ("no token", br#"[{"type":"x"}]"#.to_vec()),
+        ("not JSON", b"[{".to_vec()),
+    ] {
+        let r = alert(&app, &body, Some(&github)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{label}: {}",
+            r.body
+        );
+    }
+    assert_eq!(audit_actions(&app, &c_id).await, ["create"]);
+    assert_eq!(app.verify(&c, &[]).await.status, StatusCode::OK);
+
+    // A leak found elsewhere, reported by hand: the same effect, once.
+    let path = format!("/v1/api_keys/{c_id}/leak");
+    let r = app.post(&path, json!({"source": "a pastebin"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["revoked"], true);
+    assert_eq!(r.body["revocation_reason"], "leaked: a pastebin");
+    let again = app.post(&path, json!({"source": "somewhere else"})).await;
+    assert_eq!(again.body, r.body, "a second report changes nothing");
+    assert_eq!(audit_actions(&app, &c_id).await, ["create", "leak"]);
+    let bad = app.post(&path, json!({"source": 5})).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let long = app
+        .post(
+            &format!("/v1/api_keys/{b_id}/leak"),
+            json!({"source": "x".repeat(513)}),
+        )
+        .await;
+    assert_eq!(
+        long.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        long.body
+    );
+
+    // A batch of thousands: 200 of our keys among 5,000 tokens.
+    let mut ours = Vec::new();
+    for n in 0..200 {
+        let (_, secret) = app.create_key(&format!("p{n}"), &[]).await;
+        ours.push(secret);
+    }
+    let prefix = KeyPrefix::parse("sk_live").expect("prefix");
+    let mut entries: Vec<Value> = (0..4_800)
+        .map(|_| {
+            let token = ApiKey::generate(&prefix, &mut |b: &mut [u8]| {
+                getrandom::fill(b).expect("random");
+            });
+            json!({"token": token.expose(), "type": "latchkey_api_key", "url": url, "source": "content"})
+        })
+        .collect();
+    entries.extend(
+        ours.iter().map(
+            |t| json!({"token": t, "type": "latchkey_api_key", "url": url, "source": "content"}),
+        ),
+    );
+    let big = serde_json::to_vec(&entries).expect("json");
+    let started = Instant::now();
+    let r = alert(&app, &big, Some(&github)).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let labels = r.body.as_array().expect("feedback");
+    assert_eq!(labels.len(), 5_000);
+    let positives = labels
+        .iter()
+        .filter(|l| l["label"] == "true_positive")
+        .count();
+    assert_eq!(positives, 200);
+    for secret in ours.iter().step_by(40) {
+        let v = app.verify(secret, &[]).await;
+        assert_eq!(v.body["errors"][0]["code"], "api_key_revoked");
+    }
+    let started_again = Instant::now();
+    let r = alert(&app, &big, Some(&github)).await;
+    let retry = started_again.elapsed();
+    assert_eq!(r.status, StatusCode::OK);
+    common::edge::report_measurement(&format!(
+        "secret scanning: a signed alert of 5,000 tokens ({} KB, 200 of them our keys) answered in {} ms, all 200 revoked; GitHub's retry of it in {} ms, changing nothing",
+        big.len() / 1024,
+        took.as_millis(),
+        retry.as_millis()
+    ));
+}
+
+#[tokio::test]
+async fn with_leak_action_flag_a_leaked_key_is_marked_and_keeps_working() {
+    let github = GithubKey::new("k1");
+    let (app, _dir) = app_with_keys(&[&github], &[("LEAK_ACTION", "flag")]).await;
+    let (id, secret) = app.create_key("acme", &[]).await;
+    let batch =
+        json!([{"token": secret, "type": "latchkey_api_key", "url": "https://github.com/o/r"}])
+            .to_string();
+    let r = alert(&app, batch.as_bytes(), Some(&github)).await;
+    assert_eq!(r.body[0]["label"], "true_positive", "{}", r.body);
+    let key = app.get(&format!("/v1/api_keys/{id}")).await.body;
+    assert_eq!(key["revoked"], false);
+    assert_eq!(key["leak_source"], "https://github.com/o/r");
+    assert!(key["leaked_at"].as_i64().is_some());
+    assert_eq!(app.verify(&secret, &[]).await.status, StatusCode::OK);
+    let listed = app.get("/backend.api-keys.list").await;
+    assert!(
+        listed.body["data"][0]["leaked_at"].is_string(),
+        "{}",
+        listed.body
+    );
+    alert(&app, batch.as_bytes(), Some(&github)).await;
+    app.post(&format!("/v1/api_keys/{id}/leak"), json!({}))
+        .await;
+    assert_eq!(audit_actions(&app, &id).await, ["create", "leak"]);
+    // The owner rolls it: the new key is not marked.
+    let rolled = app
+        .post(
+            &format!("/v1/api_keys/{id}/roll"),
+            json!({"grace_period_seconds": 0}),
+        )
+        .await;
+    assert_eq!(rolled.body["leaked_at"], Value::Null, "{}", rolled.body);
+    assert_eq!(rolled.body["previous"]["revoked"], true);
+}
+
+/// A stand-in for `https://api.github.com/meta/public_keys/secret_scanning`: answers the list
+/// it holds, or 500 while it holds none.
+async fn github_key_endpoint(list: Arc<Mutex<Option<Value>>>) -> String {
+    let app = axum::Router::new().route(
+        "/meta/public_keys/secret_scanning",
+        axum::routing::get(move || {
+            let list = list.lock().expect("list").clone();
+            async move {
+                match list {
+                    Some(list) => (axum::http::StatusCode::OK, axum::Json(list)),
+                    None => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::Json(json!({"message": "Server Error"})),
+                    ),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/meta/public_keys/secret_scanning")
+}
+
+#[tokio::test]
+async fn keys_fetched_from_github_are_never_needed_to_start_and_the_last_good_list_stays() {
+    let first = GithubKey::new("first");
+    let second = GithubKey::new("second");
+    let served = Arc::new(Mutex::new(None));
+    let url = github_key_endpoint(served.clone()).await;
+    // GitHub is down at start: origin starts all the same, and asks GitHub to retry.
+    let app = TestApp::builder()
+        .env("GITHUB_SECRET_SCANNING_KEYS_URL", &url)
+        .env("GITHUB_SECRET_SCANNING_KEYS_REFRESH_S", "1")
+        .start()
+        .await;
+    let (id, secret) = app.create_key("acme", &[]).await;
+    let batch = json!([{"token": secret, "type": "latchkey_api_key"}]).to_string();
+    let r = alert(&app, batch.as_bytes(), Some(&first)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["code"], "keys_unavailable");
+    assert_eq!(audit_actions(&app, &id).await, ["create"]);
+
+    // GitHub answers: the next refresh takes its list.
+    *served.lock().expect("list") = Some(key_list(&[&first]));
+    let accepted = eventually(Duration::from_secs(15), || async {
+        let r = alert(&app, batch.as_bytes(), Some(&first)).await;
+        if r.status == StatusCode::OK {
+            Ok(r)
+        } else {
+            Err(r.body.to_string())
+        }
+    })
+    .await;
+    assert_eq!(accepted.body[0]["label"], "true_positive");
+
+    // GitHub fails again: the last good list stays in use.
+    *served.lock().expect("list") = None;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = alert(&app, batch.as_bytes(), Some(&first)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // GitHub rotates its key: the new one is taken, the old one dropped with the list.
+    *served.lock().expect("list") = Some(key_list(&[&second]));
+    eventually(Duration::from_secs(15), || async {
+        let r = alert(&app, batch.as_bytes(), Some(&second)).await;
+        (r.status == StatusCode::OK)
+            .then_some(())
+            .ok_or_else(|| r.body.to_string())
+    })
+    .await;
+    let r = alert(&app, batch.as_bytes(), Some(&first)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert_eq!(audit_actions(&app, &id).await, ["create", "leak"]);
+}
+
+#[tokio::test]
+async fn without_keys_the_endpoint_is_off_and_a_bad_key_file_stops_the_start() {
+    let app = TestApp::start().await;
+    let r = alert(&app, b"[]", Some(&GithubKey::new("k"))).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["code"], "secret_scanning_disabled");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("keys.json");
+    std::fs::write(
+        &file,
+        br#"{"public_keys":[{"key_identifier":"k","key":"nope"}]}"#,
+    )
+    .expect("write");
+    let out = app.run_command_with(
+        &["serve"],
+        &[
+            (
+                "GITHUB_SECRET_SCANNING_KEYS_FILE",
+                &file.display().to_string(),
+            ),
+            ("ORIGIN_LISTEN", "127.0.0.1:0"),
+            ("ADMIN_TOKEN", common::ADMIN_TOKEN),
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a PEM-encoded P-256 public key"),
+        "{stderr}"
+    );
+}
