@@ -67,6 +67,9 @@ pub struct Config {
     pub github_keys: crate::secret_scanning::KeySources,
     /// `LEAK_ACTION`: `revoke` (the default) or `flag`, what a leak report does to the key.
     pub leak_action: crate::service::LeakAction,
+    /// `WEBHOOK_URLS`, `WEBHOOK_SECRET`, `WEBHOOK_TIMEOUT_MS`, `WEBHOOK_RETRY_MAX_MS`: where key
+    /// events are delivered; `None` (no URL) turns event webhooks off.
+    pub webhooks: Option<crate::webhook::WebhookConfig>,
 }
 
 /// Where and how to write Workers KV through Cloudflare's REST API (or the local copy of it
@@ -487,11 +490,20 @@ impl Config {
             .map_err(|e| problem("USAGE_SIGNING_SECRET", e.to_string()))?;
         let audit_chain_key = audit_chain_key(&var)?;
         let ledger = LedgerConfig::from_lookup(&var)?;
+        let webhooks = webhooks(&var)?;
         // Each role its own secret (the same admin token listed twice is harmless).
         let mut roles: Vec<(&'static str, &[u8])> =
             vec![("AUDIT_CHAIN_KEY", audit_chain_key.as_bytes())];
         if let Some(usage) = &usage_secret {
             roles.push(("USAGE_SIGNING_SECRET", usage.as_bytes()));
+        }
+        if let Some(webhooks) = &webhooks {
+            roles.extend(
+                webhooks
+                    .secrets
+                    .iter()
+                    .map(|s| ("WEBHOOK_SECRET", s.as_bytes())),
+            );
         }
         if let Some(ledger) = &ledger {
             roles.push(("LEDGER_SIGNING_SECRET", ledger.secret.as_bytes()));
@@ -526,6 +538,7 @@ impl Config {
             max_connections,
             max_connections_per_address,
             github_keys: github_keys(&var)?,
+            webhooks,
             leak_action: match var("LEAK_ACTION").as_deref().map(str::trim) {
                 None | Some("revoke") => crate::service::LeakAction::Revoke,
                 Some("flag") => crate::service::LeakAction::Flag,
@@ -538,6 +551,70 @@ impl Config {
             },
         })
     }
+}
+
+/// Reads the event webhooks' settings.
+fn webhooks(
+    var: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<crate::webhook::WebhookConfig>, ConfigError> {
+    let Some(urls) = var("WEBHOOK_URLS") else {
+        if var("WEBHOOK_SECRET").is_some() {
+            return Err(problem(
+                "WEBHOOK_URLS",
+                "is required with WEBHOOK_SECRET: the endpoints events are delivered to",
+            ));
+        }
+        return Ok(None);
+    };
+    let mut endpoints = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        // The value is never echoed: a pasted URL may carry more than it should.
+        let parsed = UpstreamUrl::parse(url).map_err(|e| {
+            problem(
+                "WEBHOOK_URLS",
+                format!("endpoint {}: {e}", endpoints.len() + 1),
+            )
+        })?;
+        if !endpoints.contains(&parsed.base().to_owned()) {
+            endpoints.push(parsed.base().to_owned());
+        }
+    }
+    if endpoints.is_empty() {
+        return Err(problem("WEBHOOK_URLS", "lists no endpoint"));
+    }
+    let secrets = var("WEBHOOK_SECRET")
+        .ok_or_else(|| {
+            problem(
+                "WEBHOOK_SECRET",
+                "is required with WEBHOOK_URLS: every event is signed (whsec_ and base64, e.g. whsec_$(openssl rand -base64 32))",
+            )
+        })?
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| crate::webhook::WebhookSecret::parse(s).map_err(|e| problem("WEBHOOK_SECRET", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let millis =
+        |name: &'static str, range: std::ops::RangeInclusive<u64>, default: u64| match var(name) {
+            None => Ok(Duration::from_millis(default)),
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(ms) if range.contains(&ms) => Ok(Duration::from_millis(ms)),
+                _ => Err(problem(
+                    name,
+                    format!(
+                        "{v:?} is not a number of milliseconds from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )),
+            },
+        };
+    Ok(Some(crate::webhook::WebhookConfig {
+        endpoints,
+        secrets,
+        timeout: millis("WEBHOOK_TIMEOUT_MS", 100..=60_000, 10_000)?,
+        retry_max: millis("WEBHOOK_RETRY_MAX_MS", 100..=3_600_000, 300_000)?,
+    }))
 }
 
 /// Reads where GitHub's secret scanning keys come from.
@@ -622,6 +699,83 @@ mod tests {
                 .or_else(|| (name == "AUDIT_CHAIN_KEY").then(|| AUDIT_KEY.to_owned()))
         })
         .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn webhook_settings_come_together_and_secrets_are_standard_webhooks_ones() {
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let on = [
+            ("ADMIN_TOKEN", TOKEN),
+            (
+                "WEBHOOK_URLS",
+                "https://hooks.example/latchkey, http://127.0.0.1:9000/h,https://hooks.example/latchkey/",
+            ),
+            ("WEBHOOK_SECRET", secret),
+        ];
+        let c = load(&on).expect("valid").webhooks.expect("on");
+        assert_eq!(
+            c.endpoints,
+            ["https://hooks.example/latchkey", "http://127.0.0.1:9000/h"],
+            "listed once each"
+        );
+        assert_eq!(c.secrets.len(), 1);
+        assert_eq!(c.timeout, Duration::from_secs(10));
+        assert!(!format!("{c:?}").contains("MfKQ9r8G"), "Debug is redacted");
+        assert!(
+            load(&[("ADMIN_TOKEN", TOKEN)])
+                .expect("valid")
+                .webhooks
+                .is_none()
+        );
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("WEBHOOK_SECRET", secret)], "WEBHOOK_URLS: is required"),
+            (
+                &[("WEBHOOK_URLS", "https://h.example")],
+                "WEBHOOK_SECRET: is required",
+            ),
+            (
+                &[
+                    ("WEBHOOK_URLS", "http://h.example/x"),
+                    ("WEBHOOK_SECRET", secret),
+                ],
+                "WEBHOOK_URLS: endpoint 1: must use https",
+            ),
+            (
+                &[
+                    ("WEBHOOK_URLS", "https://h.example/x?token=1"),
+                    ("WEBHOOK_SECRET", secret),
+                ],
+                "WEBHOOK_URLS: endpoint 1: must be scheme",
+            ),
+            (
+                &[
+                    ("WEBHOOK_URLS", "https://h.example"),
+                    ("WEBHOOK_SECRET", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                ],
+                "WEBHOOK_SECRET: must start with whsec_",
+            ),
+            (
+                &[
+                    ("WEBHOOK_URLS", "https://h.example"),
+                    ("WEBHOOK_SECRET", "whsec_c2hvcnQ="),
+                ],
+                "WEBHOOK_SECRET: must hold 24 to 64 random bytes",
+            ),
+            (
+                &[
+                    ("WEBHOOK_URLS", "https://h.example"),
+                    ("WEBHOOK_SECRET", secret),
+                    ("WEBHOOK_RETRY_MAX_MS", "0"),
+                ],
+                "WEBHOOK_RETRY_MAX_MS",
+            ),
+        ];
+        for (vars, want) in cases {
+            let vars = [&[("ADMIN_TOKEN", TOKEN)], *vars].concat();
+            let error = load(&vars).err().unwrap_or_default();
+            assert!(error.contains(want), "{vars:?}: {error}");
+            assert!(!error.contains("token=1"), "the URL is not echoed: {error}");
+        }
     }
 
     #[test]

@@ -21,3 +21,4 @@ pub mod service;
 pub mod store;
 pub mod sync;
 pub mod usage;
+pub mod webhook;

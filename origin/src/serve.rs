@@ -70,6 +70,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let publisher_status = Arc::new(PublisherStatus::new(config.kv.is_some()));
     let ledger_status = Arc::new(LedgerStatus::new(config.ledger.is_some()));
+    let webhook_status = Arc::new(crate::webhook::WebhookStatus::default());
     let github = if config.github_keys.any() {
         let keys = Arc::new(GithubKeys::load(config.github_keys.clone())?);
         tokio::spawn(keys.clone().keep_fresh());
@@ -95,6 +96,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         request_read_timeout: config.request_read_timeout,
         github: github.clone(),
         leak_action: config.leak_action,
+        webhooks: webhook_status.clone(),
     });
     if state.usage_ingest.is_none() {
         tracing::info!("USAGE_SIGNING_SECRET is unset: POST /v1/usage (edge usage reports) is off");
@@ -146,6 +148,26 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             None
         }
     };
+    let webhooks = match &config.webhooks {
+        Some(webhooks) => {
+            tracing::info!(
+                endpoints = webhooks.endpoints.len(),
+                "delivering key events to webhook endpoints"
+            );
+            Some(tokio::spawn(crate::webhook::run(
+                webhooks.clone(),
+                store.clone(),
+                webhook_status,
+                service.subscribe_commits(),
+                crate::webhook::lock_path(sqlite.file()),
+                stop_rx.clone(),
+            )))
+        }
+        None => {
+            tracing::info!("WEBHOOK_URLS is unset: event webhooks are off");
+            None
+        }
+    };
     let flusher = tokio::spawn(flush_usage_periodically(
         service.clone(),
         config.last_used_flush,
@@ -174,6 +196,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(ledger) = ledger {
         let _ = ledger.await;
+    }
+    if let Some(webhooks) = webhooks {
+        let _ = webhooks.await;
     }
     if let Err(error) = service.flush_usage().await {
         tracing::error!(%error, "final last_used_at flush failed");

@@ -235,6 +235,8 @@ pub struct KeyService {
     committed: Arc<tokio::sync::Notify>,
     /// The same, for the ledger publisher (a `Notify` wakes one waiter).
     ledger_committed: Arc<tokio::sync::Notify>,
+    /// Counts commits, for every webhook deliverer (a `watch` wakes them all).
+    commits: tokio::sync::watch::Sender<u64>,
 }
 
 /// Number of stripes in `change_locks`: changes to different keys rarely wait for each other.
@@ -253,7 +255,13 @@ impl KeyService {
                 .collect(),
             committed: Arc::new(tokio::sync::Notify::new()),
             ledger_committed: Arc::new(tokio::sync::Notify::new()),
+            commits: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes with every committed change (the webhook deliverers wait on it).
+    pub fn subscribe_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     /// Fires after every committed change (the KV publisher waits on it).
@@ -270,6 +278,7 @@ impl KeyService {
     fn announce_commit(&self) {
         self.committed.notify_one();
         self.ledger_committed.notify_one();
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The store, for health checks and shutdown.

@@ -83,6 +83,8 @@ pub struct AppParts {
     pub github: Option<Arc<crate::secret_scanning::GithubKeys>>,
     /// What a leak report does to the key (`LEAK_ACTION`).
     pub leak_action: crate::service::LeakAction,
+    /// The event webhooks' counters, for `/healthz` and `/metrics`.
+    pub webhooks: Arc<crate::webhook::WebhookStatus>,
 }
 
 /// The admin who made a request, by the non-secret label of their token.
@@ -184,27 +186,7 @@ async fn status(State(state): State<AppState>) -> Response {
 }
 
 async fn health(state: &AppState, detailed: bool) -> Response {
-    let store = state.service.store();
-    let checked = match store.ping().await {
-        Ok(()) if detailed => match state.publisher.detailed_report(store).await {
-            Ok(kv) => state
-                .ledger
-                .detailed_report(store)
-                .await
-                .map(|ledger| json!({ "status": "ok", "kv_publisher": kv, "ledger": ledger })),
-            Err(error) => Err(error),
-        },
-        Ok(()) => match state.publisher.report(store).await {
-            Ok(kv) => state
-                .ledger
-                .report(store)
-                .await
-                .map(|ledger| json!({ "status": "ok", "kv_publisher": kv, "ledger": ledger })),
-            Err(error) => Err(error),
-        },
-        Err(error) => Err(error),
-    };
-    match checked {
+    match health_body(state, detailed).await {
         Ok(body) => Json(body).into_response(),
         Err(error) => {
             tracing::error!(%error, "health check failed");
@@ -217,18 +199,43 @@ async fn health(state: &AppState, detailed: bool) -> Response {
     }
 }
 
+async fn health_body(
+    state: &AppState,
+    detailed: bool,
+) -> Result<serde_json::Value, crate::store::StoreError> {
+    let store = state.service.store();
+    store.ping().await?;
+    let (kv, ledger, webhooks) = if detailed {
+        (
+            state.publisher.detailed_report(store).await?,
+            state.ledger.detailed_report(store).await?,
+            state.webhooks.detailed_report(store).await?,
+        )
+    } else {
+        (
+            state.publisher.report(store).await?,
+            state.ledger.report(store).await?,
+            state.webhooks.report(store).await?,
+        )
+    };
+    Ok(json!({ "status": "ok", "kv_publisher": kv, "ledger": ledger, "webhooks": webhooks }))
+}
+
 /// The publisher's figures in the Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
     let store = state.service.store();
     let reports = match state.publisher.report(store).await {
-        Ok(report) => state
-            .ledger
-            .report(store)
-            .await
-            .map(|ledger| (report, ledger)),
+        Ok(report) => match state.ledger.report(store).await {
+            Ok(ledger) => state
+                .webhooks
+                .report(store)
+                .await
+                .map(|webhooks| (report, ledger, webhooks)),
+            Err(error) => Err(error),
+        },
         Err(error) => Err(error),
     };
-    let (report, ledger) = match reports {
+    let (report, ledger, webhooks) = match reports {
         Ok(reports) => reports,
         Err(error) => {
             tracing::error!(%error, "metrics: cannot read the outbox");
@@ -300,6 +307,33 @@ async fn metrics(State(state): State<AppState>) -> Response {
         ledger.failures,
     );
     let mut body = body;
+    {
+        use std::fmt::Write as _;
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a lag in seconds needs no 53-bit precision"
+        )]
+        let webhook_lag_seconds = webhooks.lag_ms as f64 / 1000.0;
+        let _ = write!(
+            body,
+            "# HELP latchkey_webhook_endpoints Endpoints key events are delivered to.\n\
+             # TYPE latchkey_webhook_endpoints gauge\n\
+             latchkey_webhook_endpoints {}\n\
+             # HELP latchkey_webhook_pending Key events not yet delivered, summed over the endpoints.\n\
+             # TYPE latchkey_webhook_pending gauge\n\
+             latchkey_webhook_pending {}\n\
+             # HELP latchkey_webhook_lag_seconds Age of the oldest key event some endpoint still waits for.\n\
+             # TYPE latchkey_webhook_lag_seconds gauge\n\
+             latchkey_webhook_lag_seconds {webhook_lag_seconds:.3}\n\
+             # HELP latchkey_webhook_delivered_total Key events endpoints accepted since start.\n\
+             # TYPE latchkey_webhook_delivered_total counter\n\
+             latchkey_webhook_delivered_total {}\n\
+             # HELP latchkey_webhook_failures_total Failed (and retried) deliveries since start.\n\
+             # TYPE latchkey_webhook_failures_total counter\n\
+             latchkey_webhook_failures_total {}\n",
+            webhooks.endpoints, webhooks.pending, webhooks.delivered, webhooks.failures,
+        );
+    }
     if let Some(budget) = &report.api_budget {
         use std::fmt::Write as _;
         let _ = write!(

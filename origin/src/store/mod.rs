@@ -82,6 +82,29 @@ pub trait KeyStore: Send + Sync + 'static {
         new: (&StoredKey, &AuditEvent),
     ) -> Result<bool, StoreError>;
 
+    /// Where event webhooks to `endpoint` resume: the last audit entry delivered (or passed
+    /// over), `None` for an endpoint never seen.
+    async fn webhook_cursor(&self, endpoint: &str) -> Result<Option<i64>, StoreError>;
+
+    /// Moves `endpoint`'s webhook cursor to `after_seq`.
+    async fn set_webhook_cursor(
+        &self,
+        endpoint: &str,
+        after_seq: i64,
+        now: UnixMillis,
+    ) -> Result<(), StoreError>;
+
+    /// The newest audit entry's sequence number (0 for an empty log).
+    async fn newest_audit_seq(&self) -> Result<i64, StoreError>;
+
+    /// How many audit entries after `after_seq` have one of `actions`, and when the oldest of
+    /// them was written.
+    async fn audit_count(
+        &self,
+        after_seq: i64,
+        actions: &[&str],
+    ) -> Result<(u64, Option<UnixMillis>), StoreError>;
+
     /// Appends the audit entry of a refused attempt (nothing else changes).
     async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError>;
 

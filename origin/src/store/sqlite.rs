@@ -1441,6 +1441,61 @@ impl KeyStore for SqliteStore {
         rows.into_iter().map(audit_entry).collect()
     }
 
+    async fn webhook_cursor(&self, endpoint: &str) -> Result<Option<i64>, StoreError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT after_seq FROM webhook_cursors WHERE endpoint = ?")
+                .bind(endpoint)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(row.map(|(seq,)| seq))
+    }
+
+    async fn set_webhook_cursor(
+        &self,
+        endpoint: &str,
+        after_seq: i64,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        sqlx::query(
+            "INSERT INTO webhook_cursors (endpoint, after_seq, updated_at) VALUES (?, ?, ?) \
+             ON CONFLICT (endpoint) DO UPDATE SET after_seq = excluded.after_seq, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(endpoint)
+        .bind(after_seq)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn newest_audit_seq(&self) -> Result<i64, StoreError> {
+        let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM audit_log")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    async fn audit_count(
+        &self,
+        after_seq: i64,
+        actions: &[&str],
+    ) -> Result<(u64, Option<UnixMillis>), StoreError> {
+        let mut query =
+            QueryBuilder::<Sqlite>::new("SELECT COUNT(*), MIN(at) FROM audit_log WHERE seq > ");
+        query.push_bind(after_seq).push(" AND action IN (");
+        let mut list = query.separated(", ");
+        for action in actions {
+            list.push_bind(*action);
+        }
+        query.push(")");
+        let (count, oldest): (i64, Option<i64>) =
+            query.build_query_as().fetch_one(&self.reader).await?;
+        Ok((u64::try_from(count).unwrap_or(0), oldest.map(UnixMillis)))
+    }
+
     async fn outbox_peek(&self, sink: Sink, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
         let sql = format!(
             "SELECT seq, key_id FROM kv_outbox WHERE {} = 1 ORDER BY seq LIMIT ?",

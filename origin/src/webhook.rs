@@ -1,0 +1,494 @@
+//! Event webhooks: key events delivered to the operator's endpoints, signed as Standard
+//! Webhooks prescribes (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
+//! HMAC-SHA256>`).
+//!
+//! The events are the audit log's entries: a change and its audit entry commit together, so an
+//! event is durable exactly when its change is, and nothing is written twice. Each endpoint has
+//! a cursor in the database (`webhook_cursors`): its deliverer reads the entries after it, in
+//! order, sends each one that is an event ([`event_type`]) until the endpoint answers 2xx, and
+//! only then moves the cursor. A failed delivery is retried with backoff (the same event, so
+//! delivery stays in order), across restarts and `kill -9`: delivery is at least once, and a
+//! receiver drops repeats by `webhook-id`, which is the same on every attempt. A new endpoint
+//! starts at the newest entry: history is not replayed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use latchkey_shared::{KeyId, UnixMillis};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::model::AuditEntry;
+use crate::service::system_now;
+use crate::store::{KeyStore, StoreError};
+
+/// Audit actions that are events, and the event type each becomes (see [`event_type`]).
+pub const EVENT_ACTIONS: &[&str] = &[
+    "create",
+    "update",
+    "roll",
+    "revoke",
+    "leak",
+    "expiry_warning",
+    "stale_warning",
+];
+
+/// Audit entries read per round.
+const PAGE: u32 = 100;
+/// The first retry's wait; each failure in a row doubles it, up to `WEBHOOK_RETRY_MAX_MS`.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// How often a deliverer looks for entries when no commit wakes it (another process's changes).
+const POLL: Duration = Duration::from_secs(5);
+
+/// The event type of an audit entry, or `None` for an entry that is not an event (a refused
+/// attempt). An update that switches a key off or on is `api_key.disabled` /
+/// `api_key.enabled`; any other update is `api_key.updated`.
+///
+/// ```
+/// use latchkey_origin::webhook::event_type;
+/// use serde_json::json;
+///
+/// assert_eq!(event_type("revoke", &json!({})), Some("api_key.revoked"));
+/// let off = json!({"changes": {"disabled": {"from": false, "to": true}}});
+/// assert_eq!(event_type("update", &off), Some("api_key.disabled"));
+/// assert_eq!(event_type("update", &json!({"changes": {}})), Some("api_key.updated"));
+/// assert_eq!(event_type("create_refused", &json!({})), None);
+/// ```
+pub fn event_type(action: &str, details: &Value) -> Option<&'static str> {
+    Some(match action {
+        "create" => "api_key.created",
+        "update" => match details["changes"]["disabled"]["to"].as_bool() {
+            Some(true) => "api_key.disabled",
+            Some(false) => "api_key.enabled",
+            None => "api_key.updated",
+        },
+        "roll" => "api_key.rolled",
+        "revoke" => "api_key.revoked",
+        "leak" => "api_key.leaked",
+        "expiry_warning" => "api_key.expiring",
+        "stale_warning" => "api_key.stale",
+        _ => return None,
+    })
+}
+
+/// A Standard Webhooks signing secret: `whsec_` and the base64 of 24 to 64 random bytes.
+#[derive(Clone)]
+pub struct WebhookSecret(Vec<u8>);
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(..)")
+    }
+}
+
+impl WebhookSecret {
+    /// Parses `whsec_<base64>`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        use base64::Engine as _;
+        let encoded = text
+            .trim()
+            .strip_prefix("whsec_")
+            .ok_or("must start with whsec_ (a Standard Webhooks secret)")?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| "must be whsec_ followed by base64")?;
+        if !(24..=64).contains(&bytes.len()) {
+            return Err(format!(
+                "must hold 24 to 64 random bytes, not {} (e.g. whsec_$(openssl rand -base64 32))",
+                bytes.len()
+            ));
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The secret's bytes (for the rule that each role has its own secret).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Where and how events are delivered.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// `WEBHOOK_URLS`: the endpoints.
+    pub endpoints: Vec<String>,
+    /// `WEBHOOK_SECRET`: one or more secrets; every delivery carries a signature by each (list
+    /// the new one beside the old while receivers move over).
+    pub secrets: Vec<WebhookSecret>,
+    /// `WEBHOOK_TIMEOUT_MS`: the limit on one delivery.
+    pub timeout: Duration,
+    /// `WEBHOOK_RETRY_MAX_MS`: the longest wait between two attempts.
+    pub retry_max: Duration,
+}
+
+/// Counters and states of every endpoint, for `/healthz`, `/metrics` and the admin status.
+#[derive(Debug, Default)]
+pub struct WebhookStatus {
+    endpoints: Mutex<Vec<Arc<EndpointStatus>>>,
+}
+
+#[derive(Debug)]
+struct EndpointStatus {
+    url: String,
+    delivered: AtomicU64,
+    failures: AtomicU64,
+    failures_in_a_row: AtomicU64,
+    cursor: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// What `/healthz` shows of the webhooks: counts and states, never an error's text.
+#[derive(Debug, Serialize)]
+pub struct WebhookReport {
+    /// How many endpoints are configured (0: webhooks are off).
+    pub endpoints: usize,
+    /// `ok`, or `failing` while some endpoint's last delivery failed.
+    pub state: &'static str,
+    /// Events not yet delivered, summed over the endpoints.
+    pub pending: u64,
+    /// Age of the oldest event some endpoint still waits for (0 if none).
+    pub lag_ms: i64,
+    /// Deliveries accepted since start.
+    pub delivered: u64,
+    /// Failed attempts since start (each retried).
+    pub failures: u64,
+    /// Per endpoint, for admins only: its URL, pending events and last error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Vec<Value>>,
+}
+
+impl WebhookStatus {
+    fn add(&self, url: &str, cursor: i64) -> Arc<EndpointStatus> {
+        let status = Arc::new(EndpointStatus {
+            url: url.to_owned(),
+            delivered: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            failures_in_a_row: AtomicU64::new(0),
+            cursor: AtomicU64::new(u64::try_from(cursor).unwrap_or(0)),
+            last_error: Mutex::new(None),
+        });
+        self.endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(status.clone());
+        status
+    }
+
+    fn all(&self) -> Vec<Arc<EndpointStatus>> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The report for `/healthz` and `/metrics`.
+    pub async fn report(&self, store: &dyn KeyStore) -> Result<WebhookReport, StoreError> {
+        self.build(store, false).await
+    }
+
+    /// [`Self::report`] with each endpoint's URL, backlog and last error (for admins).
+    pub async fn detailed_report(&self, store: &dyn KeyStore) -> Result<WebhookReport, StoreError> {
+        self.build(store, true).await
+    }
+
+    async fn build(
+        &self,
+        store: &dyn KeyStore,
+        detailed: bool,
+    ) -> Result<WebhookReport, StoreError> {
+        let endpoints = self.all();
+        let now = system_now();
+        let (mut pending, mut lag_ms, mut delivered, mut failures, mut failing) =
+            (0, 0, 0, 0, false);
+        let mut detail = Vec::new();
+        for endpoint in &endpoints {
+            let cursor = i64::try_from(endpoint.cursor.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+            let (waiting, oldest) = store.audit_count(cursor, EVENT_ACTIONS).await?;
+            pending += waiting;
+            lag_ms = lag_ms.max(oldest.map_or(0, |at| (now.0 - at.0).max(0)));
+            delivered += endpoint.delivered.load(Ordering::Relaxed);
+            failures += endpoint.failures.load(Ordering::Relaxed);
+            let in_a_row = endpoint.failures_in_a_row.load(Ordering::Relaxed);
+            failing |= in_a_row > 0;
+            if detailed {
+                detail.push(json!({
+                    "url": endpoint.url,
+                    "pending": waiting,
+                    "failures_in_a_row": in_a_row,
+                    "last_error": endpoint.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+                }));
+            }
+        }
+        Ok(WebhookReport {
+            endpoints: endpoints.len(),
+            state: if failing { "failing" } else { "ok" },
+            pending,
+            lag_ms,
+            delivered,
+            failures,
+            detail: detailed.then_some(detail),
+        })
+    }
+}
+
+/// The webhook lock next to a database file: one process delivers, however many serve.
+pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
+    database_file.map(|file| {
+        let mut name = file.as_os_str().to_owned();
+        name.push(".webhooks.lock");
+        PathBuf::from(name)
+    })
+}
+
+/// Delivers events to every configured endpoint until `stop`.
+pub async fn run(
+    config: WebhookConfig,
+    store: Arc<dyn KeyStore>,
+    status: Arc<WebhookStatus>,
+    commits: watch::Receiver<u64>,
+    lock_path: Option<PathBuf>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _lock = match lock_path {
+        Some(path) => match crate::publish::wait_for_lock(
+            &path,
+            &mut stop,
+            "another origin holds the webhook lock; waiting",
+        )
+        .await
+        {
+            Some(lock) => Some(lock),
+            None => return,
+        },
+        None => None,
+    };
+    let http = match reqwest::Client::builder()
+        .timeout(config.timeout)
+        .user_agent("latchkey-origin")
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(http) => http,
+        Err(error) => {
+            tracing::error!(%error, "webhooks: cannot build the HTTP client; webhooks are OFF");
+            return;
+        }
+    };
+    let signers: Arc<[standardwebhooks::Webhook]> = config
+        .secrets
+        .iter()
+        .filter_map(|s| standardwebhooks::Webhook::from_bytes(s.0.clone()).ok())
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for url in &config.endpoints {
+        let deliverer = Deliverer {
+            url: url.clone(),
+            store: store.clone(),
+            http: http.clone(),
+            signers: signers.clone(),
+            retry_max: config.retry_max,
+        };
+        tasks.spawn(deliverer.run(status.clone(), commits.clone(), stop.clone()));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One endpoint's deliveries.
+struct Deliverer {
+    url: String,
+    store: Arc<dyn KeyStore>,
+    http: reqwest::Client,
+    signers: Arc<[standardwebhooks::Webhook]>,
+    retry_max: Duration,
+}
+
+/// Why a delivery did not count.
+enum Failed {
+    /// The endpoint did not take it: retry the same event later.
+    Endpoint(String),
+    /// The database failed.
+    Store(StoreError),
+}
+
+impl Deliverer {
+    async fn run(
+        self,
+        status: Arc<WebhookStatus>,
+        mut commits: watch::Receiver<u64>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut cursor = loop {
+            match self.start_cursor().await {
+                Ok(cursor) => break cursor,
+                Err(error) => {
+                    tracing::error!(%error, url = %self.url, "webhooks: cannot read the cursor; retrying");
+                    if sleep_or_stop(Duration::from_secs(1), &mut stop).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let me = status.add(&self.url, cursor);
+        let mut wait = FIRST_RETRY;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            commits.borrow_and_update();
+            let page = match self.store.audit_log(None, cursor, PAGE).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::error!(%error, "webhooks: cannot read the audit log");
+                    if sleep_or_stop(wait, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let full = page.len() == PAGE as usize;
+            let mut passed_over = None;
+            for entry in &page {
+                if *stop.borrow() {
+                    return;
+                }
+                let Some(kind) = event_type(&entry.action, &entry.details) else {
+                    passed_over = Some(entry.seq);
+                    continue;
+                };
+                // Deliver this event until it is taken: later ones wait, so order holds.
+                loop {
+                    match self.deliver(kind, entry).await {
+                        Ok(()) => break,
+                        Err(failed) => {
+                            let detail = match failed {
+                                Failed::Endpoint(e) => e,
+                                Failed::Store(e) => format!("database: {e}"),
+                            };
+                            me.failures.fetch_add(1, Ordering::Relaxed);
+                            me.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(url = %self.url, event = kind, seq = entry.seq, error = %detail, retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "webhook delivery failed; retrying");
+                            *me.last_error.lock().unwrap_or_else(PoisonError::into_inner) =
+                                Some(detail);
+                            if sleep_or_stop(wait, &mut stop).await {
+                                return;
+                            }
+                            wait = (wait * 2).min(self.retry_max);
+                        }
+                    }
+                }
+                wait = FIRST_RETRY;
+                me.failures_in_a_row.store(0, Ordering::Relaxed);
+                me.delivered.fetch_add(1, Ordering::Relaxed);
+                passed_over = None;
+                cursor = entry.seq;
+                me.cursor
+                    .store(u64::try_from(cursor).unwrap_or(0), Ordering::Relaxed);
+                if let Err(error) = self
+                    .store
+                    .set_webhook_cursor(&self.url, cursor, system_now())
+                    .await
+                {
+                    // Delivered, but the cursor did not move: it is sent again after a restart.
+                    tracing::error!(%error, "webhooks: cannot save the cursor");
+                }
+            }
+            if let Some(seq) = passed_over {
+                cursor = seq;
+                me.cursor
+                    .store(u64::try_from(cursor).unwrap_or(0), Ordering::Relaxed);
+                if let Err(error) = self
+                    .store
+                    .set_webhook_cursor(&self.url, cursor, system_now())
+                    .await
+                {
+                    tracing::error!(%error, "webhooks: cannot save the cursor");
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                _ = commits.changed() => {}
+                () = tokio::time::sleep(POLL) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// The saved cursor, or the newest entry for an endpoint seen for the first time.
+    async fn start_cursor(&self) -> Result<i64, StoreError> {
+        if let Some(cursor) = self.store.webhook_cursor(&self.url).await? {
+            return Ok(cursor);
+        }
+        let newest = self.store.newest_audit_seq().await?;
+        self.store
+            .set_webhook_cursor(&self.url, newest, system_now())
+            .await?;
+        Ok(newest)
+    }
+
+    async fn deliver(&self, kind: &'static str, entry: &AuditEntry) -> Result<(), Failed> {
+        // The key's name and subject as they are now, so the receiver can tell whose it is.
+        let key = match entry.key_id.as_deref().map(KeyId::parse) {
+            Some(Ok(id)) => match self.store.get(&id).await.map_err(Failed::Store)? {
+                Some(k) => json!({ "id": id, "name": k.name, "subject": k.subject }),
+                None => json!({ "id": id }),
+            },
+            _ => Value::Null,
+        };
+        let payload = json!({
+            "type": kind,
+            "timestamp": UnixMillis(entry.at).to_iso8601(),
+            "data": {
+                "key": key,
+                "actor": entry.actor,
+                "details": entry.details,
+                "audit_seq": entry.seq,
+            },
+        });
+        let body = serde_json::to_vec(&payload).map_err(|e| Failed::Endpoint(e.to_string()))?;
+        // The same id on every attempt, and unique: the entry's place in the chain and its hash.
+        let id = format!(
+            "msg_{}_{}",
+            entry.seq,
+            entry.hash.get(..16).unwrap_or(&entry.hash)
+        );
+        let timestamp = system_now().0 / 1000;
+        let signature = self
+            .signers
+            .iter()
+            .filter_map(|s| s.sign(&id, timestamp, &body).ok())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let response = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header(standardwebhooks::HEADER_WEBHOOK_ID, &id)
+            .header(
+                standardwebhooks::HEADER_WEBHOOK_TIMESTAMP,
+                timestamp.to_string(),
+            )
+            .header(standardwebhooks::HEADER_WEBHOOK_SIGNATURE, signature)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Failed::Endpoint(e.without_url().to_string()))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(Failed::Endpoint(format!("answered {}", response.status())))
+        }
+    }
+}
+
+/// Sleeps `wait`; `true` if `stop` turned meanwhile.
+async fn sleep_or_stop(wait: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}
