@@ -380,7 +380,9 @@ mod tests {
         let body = br#"[{"token":"t","type":"x","url":"u","source":"content"}]"#;
         let good = sign(&signing, body);
         assert_eq!(keys.verify(Some("k1"), Some(&good), body).await, Ok(()));
-        let cases: [(Option<&str>, Option<String>, &[u8], SignatureError); 7] = [
+        // Identifier, signature, body, and the refusal.
+        type Case<'a> = (Option<&'a str>, Option<String>, &'a [u8], SignatureError);
+        let cases: [Case<'_>; 7] = [
             (
                 None,
                 Some(good.clone()),

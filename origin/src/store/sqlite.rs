@@ -1929,7 +1929,7 @@ mod tests {
         let plain = new_key(1);
         let changed = StoredKey {
             id: key.id.clone(),
-            hash: key.hash.clone(),
+            hash: key.hash,
             last_used_at: None,
             revision: 2,
             ..plain
