@@ -70,6 +70,9 @@ pub struct Config {
     /// `WEBHOOK_URLS`, `WEBHOOK_SECRET`, `WEBHOOK_TIMEOUT_MS`, `WEBHOOK_RETRY_MAX_MS`: where key
     /// events are delivered; `None` (no URL) turns event webhooks off.
     pub webhooks: Option<crate::webhook::WebhookConfig>,
+    /// `STALE_KEY_AFTER`, `STALE_WARNING_BEFORE`, `EXPIRY_WARNING_BEFORE`,
+    /// `KEY_POLICY_INTERVAL`: the key lifecycle policies (all off by default).
+    pub key_policy: crate::policy::KeyPolicy,
 }
 
 /// Where and how to write Workers KV through Cloudflare's REST API (or the local copy of it
@@ -539,6 +542,7 @@ impl Config {
             max_connections_per_address,
             github_keys: github_keys(&var)?,
             webhooks,
+            key_policy: key_policy(&var)?,
             leak_action: match var("LEAK_ACTION").as_deref().map(str::trim) {
                 None | Some("revoke") => crate::service::LeakAction::Revoke,
                 Some("flag") => crate::service::LeakAction::Flag,
@@ -551,6 +555,47 @@ impl Config {
             },
         })
     }
+}
+
+/// Reads the key lifecycle policies' settings: durations such as `60d`, `12h` or `500ms`.
+fn key_policy(
+    var: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::policy::KeyPolicy, ConfigError> {
+    const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    let duration = |name: &'static str, min: Duration| -> Result<Option<Duration>, ConfigError> {
+        var(name)
+            .map(|v| match humantime::parse_duration(v.trim()) {
+                Ok(d) if (min..=TEN_YEARS).contains(&d) => Ok(d),
+                _ => Err(problem(
+                    name,
+                    format!(
+                        "{v:?} is not a duration from {} to 10 years (such as 60d, 12h, 30m)",
+                        humantime::format_duration(min)
+                    ),
+                )),
+            })
+            .transpose()
+    };
+    let stale_after = duration("STALE_KEY_AFTER", Duration::from_secs(1))?;
+    // Default: a week, or half the idle time if that is shorter.
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let stale_warning = duration("STALE_WARNING_BEFORE", Duration::ZERO)?
+        .unwrap_or_else(|| stale_after.map_or(week, |after| week.min(after / 2)));
+    if let Some(after) = stale_after
+        && stale_warning >= after
+    {
+        return Err(problem(
+            "STALE_WARNING_BEFORE",
+            "must be shorter than STALE_KEY_AFTER (0s: no warning)",
+        ));
+    }
+    Ok(crate::policy::KeyPolicy {
+        stale_after,
+        stale_warning,
+        expiry_warning: duration("EXPIRY_WARNING_BEFORE", Duration::from_secs(1))?,
+        interval: duration("KEY_POLICY_INTERVAL", Duration::from_millis(100))?
+            .unwrap_or(Duration::from_secs(600)),
+    })
 }
 
 /// Reads the event webhooks' settings.
@@ -775,6 +820,42 @@ mod tests {
             let error = load(&vars).err().unwrap_or_default();
             assert!(error.contains(want), "{vars:?}: {error}");
             assert!(!error.contains("token=1"), "the URL is not echoed: {error}");
+        }
+    }
+
+    #[test]
+    fn key_policies_are_off_unless_set_and_take_durations() {
+        let off = load(&[("ADMIN_TOKEN", TOKEN)]).expect("valid").key_policy;
+        assert!(!off.any());
+        let on = load(&[
+            ("ADMIN_TOKEN", TOKEN),
+            ("STALE_KEY_AFTER", "60d"),
+            ("EXPIRY_WARNING_BEFORE", "3d"),
+        ])
+        .expect("valid")
+        .key_policy;
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(on.stale_after, Some(day * 60));
+        assert_eq!(on.stale_warning, day * 7, "a week by default");
+        assert_eq!(on.expiry_warning, Some(day * 3));
+        assert_eq!(on.interval, Duration::from_secs(600));
+        let short = load(&[("ADMIN_TOKEN", TOKEN), ("STALE_KEY_AFTER", "4d")])
+            .expect("valid")
+            .key_policy;
+        assert_eq!(short.stale_warning, day * 2, "half a short idle time");
+        for (vars, want) in [
+            (&[("STALE_KEY_AFTER", "sixty days")][..], "STALE_KEY_AFTER"),
+            (&[("STALE_KEY_AFTER", "0s")][..], "STALE_KEY_AFTER"),
+            (&[("STALE_KEY_AFTER", "20y")][..], "STALE_KEY_AFTER"),
+            (
+                &[("STALE_KEY_AFTER", "5d"), ("STALE_WARNING_BEFORE", "5d")][..],
+                "STALE_WARNING_BEFORE: must be shorter",
+            ),
+            (&[("KEY_POLICY_INTERVAL", "1ms")][..], "KEY_POLICY_INTERVAL"),
+        ] {
+            let vars = [&[("ADMIN_TOKEN", TOKEN)], vars].concat();
+            let error = load(&vars).err().unwrap_or_default();
+            assert!(error.contains(want), "{vars:?}: {error}");
         }
     }
 

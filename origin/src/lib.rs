@@ -14,6 +14,7 @@ pub mod http;
 pub mod kv;
 pub mod ledger;
 pub mod model;
+pub mod policy;
 pub mod publish;
 pub mod secret_scanning;
 pub mod serve;

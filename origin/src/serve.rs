@@ -168,6 +168,17 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             None
         }
     };
+    let policy = if config.key_policy.any() {
+        tracing::info!(policy = ?config.key_policy, "key lifecycle policies are on");
+        Some(tokio::spawn(crate::policy::run(
+            service.clone(),
+            config.key_policy.clone(),
+            crate::policy::lock_path(sqlite.file()),
+            stop_rx.clone(),
+        )))
+    } else {
+        None
+    };
     let flusher = tokio::spawn(flush_usage_periodically(
         service.clone(),
         config.last_used_flush,
@@ -199,6 +210,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(webhooks) = webhooks {
         let _ = webhooks.await;
+    }
+    if let Some(policy) = policy {
+        let _ = policy.await;
     }
     if let Err(error) = service.flush_usage().await {
         tracing::error!(%error, "final last_used_at flush failed");

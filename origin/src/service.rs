@@ -239,6 +239,11 @@ pub struct KeyService {
     commits: tokio::sync::watch::Sender<u64>,
 }
 
+/// Who the audit log names for the stale-key policy's changes and warnings.
+pub const STALE_POLICY_ACTOR: &str = "policy:stale_keys";
+/// Who the audit log names for expiry warnings.
+pub const EXPIRY_POLICY_ACTOR: &str = "policy:expiry_warning";
+
 /// Number of stripes in `change_locks`: changes to different keys rarely wait for each other.
 const CHANGE_LOCK_STRIPES: usize = 64;
 
@@ -565,6 +570,54 @@ impl KeyService {
         .await
     }
 
+    /// Switches off a key the stale-key policy found idle since before `idle_before`, unless it
+    /// was used (as far as the last usage flush knows), changed, disabled or revoked since. Audited as an update by
+    /// `policy:stale_keys` (an `api_key.disabled` event); enabling it again is the usual update,
+    /// and restarts its idle time.
+    pub async fn disable_stale(
+        &self,
+        id: &KeyId,
+        idle_before: UnixMillis,
+    ) -> Result<StoredKey, ServiceError> {
+        self.change(STALE_POLICY_ACTOR, id, "update", |key, now| {
+            let active = key
+                .last_used_at
+                .unwrap_or(UnixMillis(0))
+                .max(key.updated_at);
+            if key.revoked || key.disabled || key.is_expired(now) || active >= idle_before {
+                return Ok(None);
+            }
+            key.disabled = true;
+            Ok(Some(json!({
+                "changes": { "disabled": { "from": false, "to": true } },
+                "policy": "stale_keys",
+                "idle_since": active,
+            })))
+        })
+        .await
+    }
+
+    /// Appends a policy's warning about `key` (`stale_warning`, `expiry_warning`) to the audit
+    /// log, which delivers it as an event; the key does not change.
+    pub async fn warn(
+        &self,
+        actor: &str,
+        key: &StoredKey,
+        action: &'static str,
+        details: Value,
+    ) -> Result<(), ServiceError> {
+        let event = AuditEvent {
+            at: system_now(),
+            actor: actor.to_owned(),
+            action,
+            key_id: Some(key.id.clone()),
+            details,
+        };
+        self.store.record_event(&event).await?;
+        self.announce_commit();
+        Ok(())
+    }
+
     /// The key whose secret is `presented`, if any (for leak reports: no decision, no use).
     pub async fn key_for_secret(&self, presented: &str) -> Result<Option<StoredKey>, ServiceError> {
         match parse_presented(presented) {
@@ -835,7 +888,7 @@ impl KeyService {
                 "requested_count": requested.len(),
             }),
         };
-        if let Err(error) = self.store.record_refusal(&event).await {
+        if let Err(error) = self.store.record_event(&event).await {
             // The caller still gets the refusal; the missing audit entry is an operator matter.
             tracing::error!(%error, "could not audit a refused scope grant");
         }

@@ -294,3 +294,113 @@ async fn a_receiver_down_or_failing_and_origin_killed_lose_no_event() {
         "webhooks: 6 events made while the receiver was down (origin SIGKILLed meanwhile) all delivered in order once it came up, through 2 failed attempts; {accepted} deliveries for 7 events"
     ));
 }
+
+/// The event types the receiver accepted for `key`, in order, each event once.
+fn types_for(seen: &Arc<Mutex<Seen>>, key: &str) -> Vec<String> {
+    let seen = seen.lock().expect("seen");
+    let mut ids = std::collections::HashSet::new();
+    seen.accepted
+        .iter()
+        .filter(|(id, e)| e["data"]["key"]["id"] == key && ids.insert(id.clone()))
+        .map(|(_, e)| e["type"].as_str().expect("type").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_policies_warn_then_switch_off_stale_keys_and_warn_of_expiry_once() {
+    let port = free_port();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    receiver(port, seen.clone()).await;
+    let mut builder = TestApp::builder()
+        .env("STALE_KEY_AFTER", "3s")
+        .env("STALE_WARNING_BEFORE", "1500ms")
+        .env("EXPIRY_WARNING_BEFORE", "2h")
+        .env("KEY_POLICY_INTERVAL", "100ms")
+        .env("LAST_USED_FLUSH_MS", "50");
+    for (name, value) in origin_env(port) {
+        builder = builder.env(name, &value);
+    }
+    let app = Arc::new(builder.start().await);
+    let (idle, idle_secret) = app.create_key("idle", &[]).await;
+    let (used, used_secret) = app.create_key("used", &[]).await;
+    let expiring = app
+        .post(
+            "/v1/api_keys",
+            json!({"name": "e", "subject": "expiring", "seconds_until_expiration": 3600}),
+        )
+        .await;
+    let expiring_id = expiring.body["id"].as_str().expect("id").to_owned();
+    let expiring_secret = expiring.body["secret"].as_str().expect("secret").to_owned();
+    // Two keys in use all along.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let user = tokio::spawn({
+        let (app, stop) = (app.clone(), stop.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for secret in [&used_secret, &expiring_secret] {
+                    assert_eq!(app.verify(secret, &[]).await.status, StatusCode::OK);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+
+    let t0 = std::time::Instant::now();
+    // The idle key is warned, then switched off by the policy, no sooner than promised.
+    eventually(Duration::from_secs(20), || async {
+        let types = types_for(&seen, &idle);
+        (types == ["api_key.created", "api_key.stale", "api_key.disabled"])
+            .then_some(())
+            .ok_or_else(|| format!("{types:?}"))
+    })
+    .await;
+    let r = app.verify(&idle_secret, &[]).await;
+    assert_eq!(
+        r.body["errors"][0]["code"], "api_key_disabled",
+        "{}",
+        r.body
+    );
+    let audit = app.get(&format!("/v1/audit_log?key_id={idle}")).await.body;
+    let entries = audit["data"].as_array().expect("data");
+    let (warning, switch) = (&entries[1], &entries[2]);
+    assert_eq!(warning["action"], "stale_warning");
+    assert_eq!(switch["actor"], "policy:stale_keys");
+    assert_eq!(switch["details"]["policy"], "stale_keys");
+    assert_eq!(switch["details"]["changes"]["disabled"]["to"], true);
+    let waited = switch["at"].as_i64().expect("at") - warning["at"].as_i64().expect("at");
+    assert!(waited >= 1500, "switched off {waited} ms after the warning");
+
+    // Switched on again by an admin, its idle time starts over: it works, and is warned anew.
+    app.patch(&format!("/v1/api_keys/{idle}"), json!({"disabled": false}))
+        .await;
+    assert_eq!(app.verify(&idle_secret, &[]).await.status, StatusCode::OK);
+    eventually(Duration::from_secs(20), || async {
+        let types = types_for(&seen, &idle);
+        (types.iter().filter(|t| *t == "api_key.stale").count() == 2)
+            .then_some(())
+            .ok_or_else(|| format!("{types:?}"))
+    })
+    .await;
+
+    eprintln!("T2 {:?}", t0.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    user.await.expect("user task");
+    eprintln!("T3 {:?}", t0.elapsed());
+    // Keys in use were never warned; the expiring key was warned of its expiry once, however
+    // many passes ran.
+    assert_eq!(types_for(&seen, &used), ["api_key.created"]);
+    let types = types_for(&seen, &expiring_id);
+    assert_eq!(types, ["api_key.created", "api_key.expiring"], "{types:?}");
+    let expiry = seen
+        .lock()
+        .expect("seen")
+        .accepted
+        .iter()
+        .find(|(_, e)| e["type"] == "api_key.expiring")
+        .map(|(_, e)| e.clone())
+        .expect("expiring event");
+    assert_eq!(
+        expiry["data"]["details"]["expires_at"],
+        expiring.body["expiration"]
+    );
+}

@@ -105,8 +105,32 @@ pub trait KeyStore: Send + Sync + 'static {
         actions: &[&str],
     ) -> Result<(u64, Option<UnixMillis>), StoreError>;
 
-    /// Appends the audit entry of a refused attempt (nothing else changes).
-    async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError>;
+    /// Live keys (not revoked, disabled or expired at `now`) neither used nor changed since
+    /// `idle_before`: the stale-key policy's candidates, oldest activity first.
+    async fn idle_keys(
+        &self,
+        idle_before: UnixMillis,
+        now: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError>;
+
+    /// Unrevoked keys that expire after `now` and no later than `until`, soonest first.
+    async fn expiring_keys(
+        &self,
+        now: UnixMillis,
+        until: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError>;
+
+    /// When `key` last got an audit entry with `action`, if ever.
+    async fn last_audited(
+        &self,
+        key: &KeyId,
+        action: &str,
+    ) -> Result<Option<UnixMillis>, StoreError>;
+
+    /// Appends an audit entry that changes no key: a refused attempt, or a policy's warning.
+    async fn record_event(&self, event: &AuditEvent) -> Result<(), StoreError>;
 
     /// Replaces a key's state, with its audit entry, if the stored revision is still
     /// `expected_revision`. Returns `false` (and writes nothing) if someone changed it first.

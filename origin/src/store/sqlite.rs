@@ -1305,7 +1305,7 @@ async fn apply(
 
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn record_refusal(&self, event: &AuditEvent) -> Result<(), StoreError> {
+    async fn record_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
         self.commit(Change::Refusal(event.clone()))
             .await
             .map(|_| ())
@@ -1439,6 +1439,60 @@ impl KeyStore for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.into_iter().map(audit_entry).collect()
+    }
+
+    async fn idle_keys(
+        &self,
+        idle_before: UnixMillis,
+        now: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked = 0 AND disabled = 0 \
+             AND (expiration IS NULL OR expiration > ?) \
+             AND MAX(COALESCE(last_used_at, 0), updated_at) < ? \
+             ORDER BY MAX(COALESCE(last_used_at, 0), updated_at) LIMIT ?"
+        );
+        let rows: Vec<KeyRow> = sqlx::query_as(&sql)
+            .bind(now.0)
+            .bind(idle_before.0)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.into_iter().map(StoredKey::try_from).collect()
+    }
+
+    async fn expiring_keys(
+        &self,
+        now: UnixMillis,
+        until: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked = 0 \
+             AND expiration > ? AND expiration <= ? ORDER BY expiration LIMIT ?"
+        );
+        let rows: Vec<KeyRow> = sqlx::query_as(&sql)
+            .bind(now.0)
+            .bind(until.0)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.into_iter().map(StoredKey::try_from).collect()
+    }
+
+    async fn last_audited(
+        &self,
+        key: &KeyId,
+        action: &str,
+    ) -> Result<Option<UnixMillis>, StoreError> {
+        let (at,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(at) FROM audit_log WHERE key_id = ? AND action = ?")
+                .bind(key.as_str())
+                .bind(action)
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(at.map(UnixMillis))
     }
 
     async fn webhook_cursor(&self, endpoint: &str) -> Result<Option<i64>, StoreError> {
