@@ -150,6 +150,11 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let webhooks = match &config.webhooks {
         Some(webhooks) => {
+            if let Err(error) = crate::webhook::init_cursors(webhooks, store.as_ref()).await {
+                // A database that takes no write (read-only) takes no change either: the
+                // deliverers make the cursors once it does.
+                tracing::warn!(%error, "webhooks: cannot record the new endpoints' cursors yet");
+            }
             tracing::info!(
                 endpoints = webhooks.endpoints.len(),
                 "delivering key events to webhook endpoints"

@@ -243,6 +243,15 @@ pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
     })
 }
 
+/// Gives every endpoint seen for the first time a cursor at the newest audit entry. Called
+/// before origin takes requests, so the first change after a start is never taken for history.
+pub async fn init_cursors(config: &WebhookConfig, store: &dyn KeyStore) -> Result<(), StoreError> {
+    for url in &config.endpoints {
+        store.init_webhook_cursor(url, system_now()).await?;
+    }
+    Ok(())
+}
+
 /// Delivers events to every configured endpoint until `stop`.
 pub async fn run(
     config: WebhookConfig,
@@ -418,16 +427,12 @@ impl Deliverer {
         }
     }
 
-    /// The saved cursor, or the newest entry for an endpoint seen for the first time.
+    /// The saved cursor ([`init_cursors`] made it before origin took its first request).
     async fn start_cursor(&self) -> Result<i64, StoreError> {
-        if let Some(cursor) = self.store.webhook_cursor(&self.url).await? {
-            return Ok(cursor);
-        }
-        let newest = self.store.newest_audit_seq().await?;
         self.store
-            .set_webhook_cursor(&self.url, newest, system_now())
+            .init_webhook_cursor(&self.url, system_now())
             .await?;
-        Ok(newest)
+        Ok(self.store.webhook_cursor(&self.url).await?.unwrap_or(0))
     }
 
     async fn deliver(&self, kind: &'static str, entry: &AuditEntry) -> Result<(), Failed> {

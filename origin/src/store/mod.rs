@@ -94,8 +94,9 @@ pub trait KeyStore: Send + Sync + 'static {
         now: UnixMillis,
     ) -> Result<(), StoreError>;
 
-    /// The newest audit entry's sequence number (0 for an empty log).
-    async fn newest_audit_seq(&self) -> Result<i64, StoreError>;
+    /// Gives `endpoint` a webhook cursor at the newest audit entry, unless it has one: events
+    /// from now on are delivered to it, history is not.
+    async fn init_webhook_cursor(&self, endpoint: &str, now: UnixMillis) -> Result<(), StoreError>;
 
     /// How many audit entries after `after_seq` have one of `actions`, and when the oldest of
     /// them was written.

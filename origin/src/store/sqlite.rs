@@ -1525,11 +1525,19 @@ impl KeyStore for SqliteStore {
         Ok(())
     }
 
-    async fn newest_audit_seq(&self) -> Result<i64, StoreError> {
-        let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM audit_log")
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(seq.unwrap_or(0))
+    async fn init_webhook_cursor(&self, endpoint: &str, now: UnixMillis) -> Result<(), StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
+        sqlx::query(
+            "INSERT INTO webhook_cursors (endpoint, after_seq, updated_at) \
+             SELECT ?, COALESCE(MAX(seq), 0), ? FROM audit_log WHERE 1 \
+             ON CONFLICT (endpoint) DO NOTHING",
+        )
+        .bind(endpoint)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn audit_count(
