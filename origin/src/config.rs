@@ -654,8 +654,14 @@ fn webhooks(
                 )),
             },
         };
+    if secrets.is_empty() {
+        return Err(problem("WEBHOOK_SECRET", "lists no secret"));
+    }
     Ok(Some(crate::webhook::WebhookConfig {
-        endpoints,
+        endpoints: endpoints
+            .iter()
+            .map(|url| crate::webhook::Endpoint::new(url))
+            .collect(),
         secrets,
         timeout: millis("WEBHOOK_TIMEOUT_MS", 100..=60_000, 10_000)?,
         retry_max: millis("WEBHOOK_RETRY_MAX_MS", 100..=3_600_000, 300_000)?,
@@ -666,17 +672,20 @@ fn webhooks(
 fn github_keys(
     var: &dyn Fn(&str) -> Option<String>,
 ) -> Result<crate::secret_scanning::KeySources, ConfigError> {
-    let url = var("GITHUB_SECRET_SCANNING_KEYS_URL").map(|v| v.trim().to_owned());
-    if let Some(url) = &url
-        && !(url.starts_with("https://") || url.starts_with("http://"))
-    {
-        return Err(problem(
-            "GITHUB_SECRET_SCANNING_KEYS_URL",
-            format!(
-                "{url:?} is not an http(s) URL (GitHub's list is at https://api.github.com/meta/public_keys/secret_scanning)"
-            ),
-        ));
-    }
+    let url = var("GITHUB_SECRET_SCANNING_KEYS_URL")
+        .map(|v| {
+            UpstreamUrl::parse(&v)
+                .map(|u| u.base().to_owned())
+                .map_err(|e| {
+                    problem(
+                        "GITHUB_SECRET_SCANNING_KEYS_URL",
+                        format!(
+                            "{e} (GitHub's list is at https://api.github.com/meta/public_keys/secret_scanning)"
+                        ),
+                    )
+                })
+        })
+        .transpose()?;
     let refresh_every = match var("GITHUB_SECRET_SCANNING_KEYS_REFRESH_S") {
         None => Duration::from_secs(3600),
         Some(v) => match v.trim().parse::<u64>() {
@@ -758,10 +767,15 @@ mod tests {
             ("WEBHOOK_SECRET", secret),
         ];
         let c = load(&on).expect("valid").webhooks.expect("on");
-        assert_eq!(
-            c.endpoints,
-            ["https://hooks.example/latchkey", "http://127.0.0.1:9000/h"],
-            "listed once each"
+        let labels: Vec<&str> = c.endpoints.iter().map(|e| e.label()).collect();
+        assert_eq!(labels.len(), 2, "listed once each: {labels:?}");
+        assert!(
+            labels[0].starts_with("https://hooks.example #"),
+            "{labels:?}"
+        );
+        assert!(
+            labels[1].starts_with("http://127.0.0.1:9000 #"),
+            "{labels:?}"
         );
         assert_eq!(c.secrets.len(), 1);
         assert_eq!(c.timeout, Duration::from_secs(10));

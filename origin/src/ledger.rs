@@ -571,11 +571,7 @@ impl BatchBuilder {
 
 /// The ledger publisher's lock next to a database file, or `None` for an in-memory database.
 pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
-    database_file.map(|file| {
-        let mut name = file.as_os_str().to_owned();
-        name.push(".ledger.lock");
-        PathBuf::from(name)
-    })
+    crate::publish::role_lock(database_file, "ledger")
 }
 
 /// The next retry delay: doubling from 100 ms to [`RETRY_MAX`], jittered in its upper half.

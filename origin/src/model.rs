@@ -206,3 +206,35 @@ pub struct VerifyEntry {
     /// Read-backs so far that found KV behind (or could not read it).
     pub attempts: u32,
 }
+
+/// Which keys a lifecycle policy acts on next (`policy.rs`). A key's activity is its last use
+/// or its last change, whichever is later; a live key is neither revoked, disabled nor expired.
+/// Each query leaves out the keys already dealt with, so a pass never stalls on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyQuery {
+    /// Live keys inactive since before `idle_before` with no `stale_warning` since.
+    StaleUnwarned {
+        /// The activity cut-off.
+        idle_before: UnixMillis,
+        /// The time that decides expiry.
+        now: UnixMillis,
+    },
+    /// Live keys inactive since before `idle_before` whose `stale_warning` (since their
+    /// activity) was written no later than `warned_before`; `None`: no warning is needed.
+    StaleDue {
+        /// The activity cut-off.
+        idle_before: UnixMillis,
+        /// The latest warning that counts.
+        warned_before: Option<UnixMillis>,
+        /// The time that decides expiry.
+        now: UnixMillis,
+    },
+    /// Unrevoked keys expiring after `now` and no later than `until` with no `expiry_warning`
+    /// for their current expiry.
+    ExpiringUnwarned {
+        /// From.
+        now: UnixMillis,
+        /// To.
+        until: UnixMillis,
+    },
+}

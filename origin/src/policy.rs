@@ -10,10 +10,10 @@
 //!   when a live key is that close to its expiry.
 //!
 //! Each warning is written once per idle period (or per expiry): a warning already in the audit
-//! log since the key's last activity (or change) is not repeated. One process runs the policies
+//! log since the key's last activity (or for its current expiry) is not repeated. One process runs the policies
 //! (a lock beside the database).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use latchkey_shared::UnixMillis;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::model::PolicyQuery;
 use crate::service::{
     EXPIRY_POLICY_ACTOR, KeyService, STALE_POLICY_ACTOR, ServiceError, system_now,
 };
@@ -48,15 +49,6 @@ impl KeyPolicy {
     pub fn any(&self) -> bool {
         self.stale_after.is_some() || self.expiry_warning.is_some()
     }
-}
-
-/// The policy lock next to a database file.
-pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
-    database_file.map(|file| {
-        let mut name = file.as_os_str().to_owned();
-        name.push(".policy.lock");
-        PathBuf::from(name)
-    })
 }
 
 fn before(now: UnixMillis, span: Duration) -> UnixMillis {
@@ -104,7 +96,9 @@ pub async fn run(
     }
 }
 
-/// One pass of every policy that is on.
+/// One pass of every policy that is on. Each query leaves out the keys already dealt with,
+/// so every key it returns is acted on, and a backlog longer than [`PER_PASS`] shrinks by that
+/// much each pass.
 pub async fn pass(service: &KeyService, policy: &KeyPolicy) -> Result<(), ServiceError> {
     // Uses still in memory count: a key verified a moment ago is not idle.
     service.flush_usage().await?;
@@ -113,53 +107,46 @@ pub async fn pass(service: &KeyService, policy: &KeyPolicy) -> Result<(), Servic
     if let Some(stale_after) = policy.stale_after {
         let idle_before = before(now, stale_after);
         let warning = policy.stale_warning.min(stale_after);
-        for key in store
-            .idle_keys(before(now, stale_after - warning), now, PER_PASS)
-            .await?
-        {
-            let active = key
-                .last_used_at
-                .unwrap_or(UnixMillis(0))
-                .max(key.updated_at);
-            if !warning.is_zero() {
-                let warned = store
-                    .last_audited(&key.id, "stale_warning")
-                    .await?
-                    .filter(|at| *at >= active);
-                let Some(warned) = warned else {
-                    // Warned first, switched off no sooner than the warning promised: a key
-                    // long idle when the policy is turned on gets its warning too.
-                    let details = json!({
-                        "idle_since": active,
-                        "disabled_from": after(active, stale_after).max(after(now, warning)),
-                    });
-                    service
-                        .warn(STALE_POLICY_ACTOR, &key, "stale_warning", details)
-                        .await?;
-                    continue;
-                };
-                if after(warned, warning) > now {
-                    continue;
-                }
+        if !warning.is_zero() {
+            let warn_from = before(now, stale_after - warning);
+            let query = PolicyQuery::StaleUnwarned {
+                idle_before: warn_from,
+                now,
+            };
+            for key in store.policy_candidates(query, PER_PASS).await? {
+                let active = key
+                    .last_used_at
+                    .unwrap_or(UnixMillis(0))
+                    .max(key.updated_at);
+                // Switched off no sooner than the warning promises: a key long idle when the
+                // policy is turned on gets its warning too.
+                let details = json!({
+                    "idle_since": active,
+                    "disabled_from": after(active, stale_after).max(after(now, warning)),
+                });
+                service
+                    .warn(STALE_POLICY_ACTOR, &key, "stale_warning", details)
+                    .await?;
             }
-            if active < idle_before {
-                let key = service.disable_stale(&key.id, idle_before).await?;
-                if key.disabled {
-                    tracing::info!(key = %key.id, "stale key switched off");
-                }
+        }
+        let query = PolicyQuery::StaleDue {
+            idle_before,
+            warned_before: (!warning.is_zero()).then(|| before(now, warning)),
+            now,
+        };
+        for key in store.policy_candidates(query, PER_PASS).await? {
+            let key = service.disable_stale(&key.id, idle_before).await?;
+            if key.disabled {
+                tracing::info!(key = %key.id, "stale key switched off");
             }
         }
     }
     if let Some(expiry_warning) = policy.expiry_warning {
-        for key in store
-            .expiring_keys(now, after(now, expiry_warning), PER_PASS)
-            .await?
-        {
-            let warned = store.last_audited(&key.id, "expiry_warning").await?;
-            // Once per expiry: a change (a new expiry, say) allows another warning.
-            if warned.is_some_and(|at| at >= key.updated_at) {
-                continue;
-            }
+        let query = PolicyQuery::ExpiringUnwarned {
+            now,
+            until: after(now, expiry_warning),
+        };
+        for key in store.policy_candidates(query, PER_PASS).await? {
             let details = json!({ "expires_at": key.expiration });
             service
                 .warn(EXPIRY_POLICY_ACTOR, &key, "expiry_warning", details)

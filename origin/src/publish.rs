@@ -801,13 +801,20 @@ fn backoff(failures_in_a_row: &mut u32, max: Duration) -> Duration {
     ceiling.mul_f64(0.5 + 0.5 * jitter)
 }
 
-/// The publisher lock next to a database file, or `None` for an in-memory database.
-pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
+/// The lock of a background role (`publisher`, `ledger`, `webhooks`, `policy`) next to a
+/// database file (`<database>.<role>.lock`), or `None` for an in-memory database: one process
+/// plays each role, however many serve.
+pub fn role_lock(database_file: Option<&Path>, role: &str) -> Option<PathBuf> {
     database_file.map(|file| {
         let mut name = file.as_os_str().to_owned();
-        name.push(".publisher.lock");
+        name.push(format!(".{role}.lock"));
         PathBuf::from(name)
     })
+}
+
+/// The publisher lock next to a database file, or `None` for an in-memory database.
+pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
+    role_lock(database_file, "publisher")
 }
 
 /// Waits until the lock at `path` is ours, or `stop` turns true (`None`); says `waiting` once

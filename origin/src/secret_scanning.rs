@@ -7,8 +7,8 @@
 //! `https://api.github.com/meta/public_keys/secret_scanning` as
 //! `{"public_keys":[{"key_identifier","key" (PEM),"is_current"}]}`; origin reads that format
 //! from a file (`GITHUB_SECRET_SCANNING_KEYS_FILE`) and, if told to, fetches it
-//! (`GITHUB_SECRET_SCANNING_KEYS_URL`): hourly, and again (at most once a minute) when an alert
-//! names a key it does not know, keeping the last good list when a fetch fails. Neither is
+//! (`GITHUB_SECRET_SCANNING_KEYS_URL`): hourly, and again (at most every five minutes) when an
+//! alert names a key it does not know, keeping the last good list when a fetch fails. Neither is
 //! needed to start: without keys, alerts are answered 503 and GitHub retries them.
 
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ pub mod header {
 }
 
 /// The least time between two reloads caused by an unknown key identifier.
-const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(60);
+const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(300);
 /// The longest a fetch of GitHub's list may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -70,6 +70,9 @@ pub enum KeysError {
     /// The list is empty.
     #[error("the list holds no key")]
     Empty,
+    /// The HTTP client could not be made.
+    #[error("cannot make the HTTP client: {0}")]
+    Client(String),
     /// The fetch failed.
     #[error("fetching {url} failed: {problem}")]
     Fetch {
@@ -100,6 +103,34 @@ pub enum SignatureError {
     #[error("GitHub's public keys are not available yet")]
     NoKeys,
 }
+
+/// A signature whose headers passed [`GithubKeys::check_headers`], to check over the body.
+#[derive(Debug)]
+pub struct Checked {
+    key: VerifyingKey,
+    signature: Signature,
+}
+
+impl Checked {
+    /// Whether the signature verifies over `body` with the key its header named.
+    pub fn verify(&self, body: &[u8]) -> Result<(), SignatureError> {
+        self.key
+            .verify(body, &self.signature)
+            .map_err(|_| SignatureError::Mismatch)
+    }
+}
+
+/// The longest signature header looked at (a DER P-256 signature is at most 72 bytes, 96 in
+/// base64).
+const SIGNATURE_TEXT_MAX: usize = 200;
+
+/// GitHub's key identifiers are 64 hex digits (a SHA-256).
+fn looks_like_githubs(identifier: &str) -> bool {
+    identifier.len() == 64 && identifier.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The largest key list read from GitHub's URL.
+const KEY_LIST_MAX_BYTES: usize = 1024 * 1024;
 
 /// Parses GitHub's key list format into its keys by identifier.
 pub fn parse_key_list(json: &[u8]) -> Result<HashMap<String, VerifyingKey>, KeysError> {
@@ -182,11 +213,9 @@ impl GithubKeys {
         let http = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
             .user_agent("latchkey-origin")
+            .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| KeysError::Fetch {
-                url: String::new(),
-                problem: e.to_string(),
-            })?;
+            .map_err(|e| KeysError::Client(e.to_string()))?;
         Ok(Self {
             sources,
             http,
@@ -204,16 +233,34 @@ impl GithubKeys {
         known.from_file.len() + known.fetched.len()
     }
 
-    /// Checks an alert's signature headers against `body`. An unknown identifier reloads the
-    /// sources first (at most once a minute), so a key GitHub rotated in is found.
+    /// Checks an alert's signature headers against `body` ([`Self::check_headers`], then
+    /// [`Checked::verify`]).
     pub async fn verify(
         &self,
         identifier: Option<&str>,
         signature: Option<&str>,
         body: &[u8],
     ) -> Result<(), SignatureError> {
+        self.check_headers(identifier, signature)
+            .await?
+            .verify(body)
+    }
+
+    /// Checks what can be checked before the body is read: both headers present, the
+    /// signature base64 of a DER signature, the key known. An identifier shaped like GitHub's
+    /// (64 hex digits) that is not known reloads the sources first, at most every five minutes,
+    /// so a key GitHub rotated in is found (and a stream of made-up identifiers costs GitHub's
+    /// API nothing).
+    pub async fn check_headers(
+        &self,
+        identifier: Option<&str>,
+        signature: Option<&str>,
+    ) -> Result<Checked, SignatureError> {
         let identifier = identifier.ok_or(SignatureError::Missing(header::KEY_IDENTIFIER))?;
         let signature = signature.ok_or(SignatureError::Missing(header::SIGNATURE))?;
+        if signature.len() > SIGNATURE_TEXT_MAX {
+            return Err(SignatureError::Malformed);
+        }
         let der = base64::engine::general_purpose::STANDARD
             .decode(signature.trim())
             .map_err(|_| SignatureError::Malformed)?;
@@ -222,7 +269,9 @@ impl GithubKeys {
         let key = match cached {
             Some(key) => key,
             None => {
-                self.reload_for_unknown_key().await;
+                if looks_like_githubs(identifier) {
+                    self.reload_for_unknown_key().await;
+                }
                 let known = self.read();
                 match known.get(identifier) {
                     Some(key) => key,
@@ -231,8 +280,7 @@ impl GithubKeys {
                 }
             }
         };
-        key.verify(body, &signature)
-            .map_err(|_| SignatureError::Mismatch)
+        Ok(Checked { key, signature })
     }
 
     /// Re-reads the file and fetches the URL (each if configured), keeping what was known
@@ -240,7 +288,13 @@ impl GithubKeys {
     pub async fn refresh(&self) -> Result<(), KeysError> {
         let mut outcome = Ok(());
         if let Some(path) = &self.sources.file {
-            match read_file(path) {
+            let read = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || read_file(&path)
+            })
+            .await
+            .unwrap_or_else(|e| Err(KeysError::Format(e.to_string())));
+            match read {
                 Ok(keys) => self.write().from_file = keys,
                 Err(error) => outcome = Err(error),
             }
@@ -301,10 +355,28 @@ impl GithubKeys {
         if !response.status().is_success() {
             return Err(failed(format!("answered {}", response.status())));
         }
-        let body = response
-            .bytes()
+        if response
+            .content_length()
+            .is_some_and(|n| n > KEY_LIST_MAX_BYTES as u64)
+        {
+            return Err(failed(format!(
+                "answered more than {KEY_LIST_MAX_BYTES} bytes"
+            )));
+        }
+        let mut body = Vec::new();
+        let mut response = response;
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| failed(e.without_url().to_string()))?;
+            .map_err(|e| failed(e.without_url().to_string()))?
+        {
+            if body.len() + chunk.len() > KEY_LIST_MAX_BYTES {
+                return Err(failed(format!(
+                    "answered more than {KEY_LIST_MAX_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
         parse_key_list(&body)
     }
 
@@ -442,14 +514,15 @@ mod tests {
     }
 
     /// GitHub rotates its keys: an alert signed by a key not yet known reloads the list once,
-    /// and finds it.
+    /// and finds it. Only identifiers shaped like GitHub's (64 hex digits) cause a reload.
     #[tokio::test]
     async fn an_unknown_key_reloads_the_list() {
         let (first, first_pem) = key_pair(7);
         let (second, second_pem) = key_pair(8);
+        let (k1, k2) = ("1".repeat(64), "2".repeat(64));
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("keys.json");
-        std::fs::write(&path, list(&[("k1", &first_pem)])).expect("write");
+        std::fs::write(&path, list(&[(&k1, &first_pem), ("made-up", &second_pem)])).expect("write");
         let keys = GithubKeys::load(KeySources {
             file: Some(path.clone()),
             url: None,
@@ -457,15 +530,20 @@ mod tests {
         })
         .expect("load");
         let body = b"[]";
+        let signed = |key: &SigningKey| sign(key, body);
         assert_eq!(
-            keys.verify(Some("k1"), Some(&sign(&first, body)), body)
-                .await,
+            keys.verify(Some(&k1), Some(&signed(&first)), body).await,
             Ok(())
         );
-        std::fs::write(&path, list(&[("k1", &first_pem), ("k2", &second_pem)])).expect("write");
+        std::fs::write(&path, list(&[(&k1, &first_pem), (&k2, &second_pem)])).expect("write");
         assert_eq!(
-            keys.verify(Some("k2"), Some(&sign(&second, body)), body)
+            keys.verify(Some("also-made-up"), Some(&signed(&second)), body)
                 .await,
+            Err(SignatureError::UnknownKey),
+            "not GitHub's shape: no reload"
+        );
+        assert_eq!(
+            keys.verify(Some(&k2), Some(&signed(&second)), body).await,
             Ok(())
         );
         assert_eq!(keys.count(), 2);
@@ -473,8 +551,7 @@ mod tests {
         std::fs::write(&path, b"{").expect("write");
         assert!(keys.refresh().await.is_err());
         assert_eq!(
-            keys.verify(Some("k1"), Some(&sign(&first, body)), body)
-                .await,
+            keys.verify(Some(&k1), Some(&signed(&first)), body).await,
             Ok(())
         );
     }

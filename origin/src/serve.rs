@@ -70,7 +70,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let publisher_status = Arc::new(PublisherStatus::new(config.kv.is_some()));
     let ledger_status = Arc::new(LedgerStatus::new(config.ledger.is_some()));
-    let webhook_status = Arc::new(crate::webhook::WebhookStatus::default());
+    let webhook_status = Arc::new(crate::webhook::WebhookStatus::new(
+        config
+            .webhooks
+            .as_ref()
+            .map_or(&[][..], |w| w.endpoints.as_slice()),
+    ));
     let github = if config.github_keys.any() {
         let keys = Arc::new(GithubKeys::load(config.github_keys.clone())?);
         tokio::spawn(keys.clone().keep_fresh());
@@ -164,7 +169,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 store.clone(),
                 webhook_status,
                 service.subscribe_commits(),
-                crate::webhook::lock_path(sqlite.file()),
+                publish::role_lock(sqlite.file(), "webhooks"),
                 stop_rx.clone(),
             )))
         }
@@ -178,7 +183,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Some(tokio::spawn(crate::policy::run(
             service.clone(),
             config.key_policy.clone(),
-            crate::policy::lock_path(sqlite.file()),
+            publish::role_lock(sqlite.file(), "policy"),
             stop_rx.clone(),
         )))
     } else {

@@ -571,7 +571,8 @@ impl KeyService {
     }
 
     /// Switches off a key the stale-key policy found idle since before `idle_before`, unless it
-    /// was used (as far as the last usage flush knows), changed, disabled or revoked since. Audited as an update by
+    /// was used (in this process: written or still in memory), changed, disabled or revoked
+    /// since. Audited as an update by
     /// `policy:stale_keys` (an `api_key.disabled` event); enabling it again is the usual update,
     /// and restarts its idle time.
     pub async fn disable_stale(
@@ -579,9 +580,12 @@ impl KeyService {
         id: &KeyId,
         idle_before: UnixMillis,
     ) -> Result<StoredKey, ServiceError> {
+        // A use still in memory counts: the key was verified after the usage flush.
+        let pending = self.usage.pending(id);
         self.change(STALE_POLICY_ACTOR, id, "update", |key, now| {
             let active = key
                 .last_used_at
+                .max(pending)
                 .unwrap_or(UnixMillis(0))
                 .max(key.updated_at);
             if key.revoked || key.disabled || key.is_expired(now) || active >= idle_before {

@@ -11,7 +11,7 @@
 //! receiver drops repeats by `webhook-id`, which is the same on every attempt. A new endpoint
 //! starts at the newest entry: history is not replayed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -114,7 +114,7 @@ impl WebhookSecret {
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
     /// `WEBHOOK_URLS`: the endpoints.
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<Endpoint>,
     /// `WEBHOOK_SECRET`: one or more secrets; every delivery carries a signature by each (list
     /// the new one beside the old while receivers move over).
     pub secrets: Vec<WebhookSecret>,
@@ -124,30 +124,71 @@ pub struct WebhookConfig {
     pub retry_max: Duration,
 }
 
+/// An endpoint: its URL, and how it is named where the URL must not appear (a URL may carry
+/// a token in its path): in logs, in the admin status and as its cursor's key in the database.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    url: String,
+    /// SHA-256 of the URL, in hex: the cursor's key.
+    key: String,
+    /// `scheme://host` and the hash's first 8 digits.
+    label: String,
+}
+
+impl Endpoint {
+    /// The endpoint at `url` (already checked by the configuration).
+    pub fn new(url: &str) -> Self {
+        use sha2::Digest as _;
+        let key = hex::encode(sha2::Sha256::digest(url.as_bytes()));
+        let origin_end = url.find("://").map_or(url.len(), |i| {
+            url[i + 3..].find('/').map_or(url.len(), |j| i + 3 + j)
+        });
+        let label = format!("{} #{}", &url[..origin_end], &key[..8]);
+        Self {
+            url: url.to_owned(),
+            key,
+            label,
+        }
+    }
+
+    /// How logs and the admin status name it.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
 /// Counters and states of every endpoint, for `/healthz`, `/metrics` and the admin status.
 #[derive(Debug, Default)]
 pub struct WebhookStatus {
-    endpoints: Mutex<Vec<Arc<EndpointStatus>>>,
+    endpoints: Vec<Arc<EndpointStatus>>,
 }
 
 #[derive(Debug)]
 struct EndpointStatus {
-    url: String,
+    endpoint: Endpoint,
+    /// Whether this process delivers (it holds the webhook lock).
+    delivering: std::sync::atomic::AtomicBool,
     delivered: AtomicU64,
     failures: AtomicU64,
     failures_in_a_row: AtomicU64,
-    cursor: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
+
+/// The most events a report counts per endpoint: the count is a scan of the backlog, and the
+/// open routes must stay cheap however long an endpoint was down.
+pub const PENDING_COUNT_MAX: u64 = 10_000;
 
 /// What `/healthz` shows of the webhooks: counts and states, never an error's text.
 #[derive(Debug, Serialize)]
 pub struct WebhookReport {
     /// How many endpoints are configured (0: webhooks are off).
     pub endpoints: usize,
+    /// Whether this process delivers (one origin does, the one holding the webhook lock).
+    pub delivering: bool,
     /// `ok`, or `failing` while some endpoint's last delivery failed.
     pub state: &'static str,
-    /// Events not yet delivered, summed over the endpoints.
+    /// Events not yet delivered, summed over the endpoints (each counted up to
+    /// [`PENDING_COUNT_MAX`]).
     pub pending: u64,
     /// Age of the oldest event some endpoint still waits for (0 if none).
     pub lag_ms: i64,
@@ -155,33 +196,30 @@ pub struct WebhookReport {
     pub delivered: u64,
     /// Failed attempts since start (each retried).
     pub failures: u64,
-    /// Per endpoint, for admins only: its URL, pending events and last error.
+    /// Per endpoint, for admins only: its label (`scheme://host #hash`), pending events and
+    /// last error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<Vec<Value>>,
 }
 
 impl WebhookStatus {
-    fn add(&self, url: &str, cursor: i64) -> Arc<EndpointStatus> {
-        let status = Arc::new(EndpointStatus {
-            url: url.to_owned(),
-            delivered: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            failures_in_a_row: AtomicU64::new(0),
-            cursor: AtomicU64::new(u64::try_from(cursor).unwrap_or(0)),
-            last_error: Mutex::new(None),
-        });
-        self.endpoints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(status.clone());
-        status
-    }
-
-    fn all(&self) -> Vec<Arc<EndpointStatus>> {
-        self.endpoints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// The status of `endpoints`, none of them delivering yet.
+    pub fn new(endpoints: &[Endpoint]) -> Self {
+        Self {
+            endpoints: endpoints
+                .iter()
+                .map(|endpoint| {
+                    Arc::new(EndpointStatus {
+                        endpoint: endpoint.clone(),
+                        delivering: std::sync::atomic::AtomicBool::new(false),
+                        delivered: AtomicU64::new(0),
+                        failures: AtomicU64::new(0),
+                        failures_in_a_row: AtomicU64::new(0),
+                        last_error: Mutex::new(None),
+                    })
+                })
+                .collect(),
+        }
     }
 
     /// The report for `/healthz` and `/metrics`.
@@ -189,7 +227,7 @@ impl WebhookStatus {
         self.build(store, false).await
     }
 
-    /// [`Self::report`] with each endpoint's URL, backlog and last error (for admins).
+    /// [`Self::report`] with each endpoint's label, backlog and last error (for admins).
     pub async fn detailed_report(&self, store: &dyn KeyStore) -> Result<WebhookReport, StoreError> {
         self.build(store, true).await
     }
@@ -199,31 +237,43 @@ impl WebhookStatus {
         store: &dyn KeyStore,
         detailed: bool,
     ) -> Result<WebhookReport, StoreError> {
-        let endpoints = self.all();
         let now = system_now();
         let (mut pending, mut lag_ms, mut delivered, mut failures, mut failing) =
             (0, 0, 0, 0, false);
+        let mut delivering = false;
         let mut detail = Vec::new();
-        for endpoint in &endpoints {
-            let cursor = i64::try_from(endpoint.cursor.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-            let (waiting, oldest) = store.audit_count(cursor, EVENT_ACTIONS).await?;
+        for status in &self.endpoints {
+            let cursor = store
+                .webhook_cursor(&status.endpoint.key)
+                .await?
+                .unwrap_or(i64::MAX);
+            let (waiting, oldest) = store
+                .audit_count(cursor, EVENT_ACTIONS, PENDING_COUNT_MAX)
+                .await?;
             pending += waiting;
             lag_ms = lag_ms.max(oldest.map_or(0, |at| (now.0 - at.0).max(0)));
-            delivered += endpoint.delivered.load(Ordering::Relaxed);
-            failures += endpoint.failures.load(Ordering::Relaxed);
-            let in_a_row = endpoint.failures_in_a_row.load(Ordering::Relaxed);
+            delivered += status.delivered.load(Ordering::Relaxed);
+            failures += status.failures.load(Ordering::Relaxed);
+            delivering |= status.delivering.load(Ordering::Relaxed);
+            let in_a_row = status.failures_in_a_row.load(Ordering::Relaxed);
             failing |= in_a_row > 0;
             if detailed {
+                let last_error = status
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
                 detail.push(json!({
-                    "url": endpoint.url,
+                    "endpoint": status.endpoint.label,
                     "pending": waiting,
                     "failures_in_a_row": in_a_row,
-                    "last_error": endpoint.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+                    "last_error": last_error,
                 }));
             }
         }
         Ok(WebhookReport {
-            endpoints: endpoints.len(),
+            endpoints: self.endpoints.len(),
+            delivering,
             state: if failing { "failing" } else { "ok" },
             pending,
             lag_ms,
@@ -234,20 +284,13 @@ impl WebhookStatus {
     }
 }
 
-/// The webhook lock next to a database file: one process delivers, however many serve.
-pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
-    database_file.map(|file| {
-        let mut name = file.as_os_str().to_owned();
-        name.push(".webhooks.lock");
-        PathBuf::from(name)
-    })
-}
-
 /// Gives every endpoint seen for the first time a cursor at the newest audit entry. Called
 /// before origin takes requests, so the first change after a start is never taken for history.
 pub async fn init_cursors(config: &WebhookConfig, store: &dyn KeyStore) -> Result<(), StoreError> {
-    for url in &config.endpoints {
-        store.init_webhook_cursor(url, system_now()).await?;
+    for endpoint in &config.endpoints {
+        store
+            .init_webhook_cursor(&endpoint.key, system_now())
+            .await?;
     }
     Ok(())
 }
@@ -291,26 +334,33 @@ pub async fn run(
         .iter()
         .filter_map(|s| standardwebhooks::Webhook::from_bytes(s.0.clone()).ok())
         .collect();
+    if signers.is_empty() {
+        // The configuration requires a secret; never send an unsigned event.
+        tracing::error!("webhooks: no signing secret; webhooks are OFF");
+        return;
+    }
     let mut tasks = tokio::task::JoinSet::new();
-    for url in &config.endpoints {
+    for me in &status.endpoints {
         let deliverer = Deliverer {
-            url: url.clone(),
+            endpoint: me.endpoint.clone(),
             store: store.clone(),
             http: http.clone(),
             signers: signers.clone(),
+            first_retry: FIRST_RETRY.min(config.retry_max),
             retry_max: config.retry_max,
         };
-        tasks.spawn(deliverer.run(status.clone(), commits.clone(), stop.clone()));
+        tasks.spawn(deliverer.run(me.clone(), commits.clone(), stop.clone()));
     }
     while tasks.join_next().await.is_some() {}
 }
 
 /// One endpoint's deliveries.
 struct Deliverer {
-    url: String,
+    endpoint: Endpoint,
     store: Arc<dyn KeyStore>,
     http: reqwest::Client,
     signers: Arc<[standardwebhooks::Webhook]>,
+    first_retry: Duration,
     retry_max: Duration,
 }
 
@@ -320,30 +370,37 @@ enum Failed {
     Endpoint(String),
     /// The database failed.
     Store(StoreError),
+    /// Origin is stopping.
+    Stopped,
 }
 
 impl Deliverer {
     async fn run(
         self,
-        status: Arc<WebhookStatus>,
+        me: Arc<EndpointStatus>,
         mut commits: watch::Receiver<u64>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let label = self.endpoint.label.clone();
         let mut cursor = loop {
             match self.start_cursor().await {
                 Ok(cursor) => break cursor,
                 Err(error) => {
-                    tracing::error!(%error, url = %self.url, "webhooks: cannot read the cursor; retrying");
-                    if sleep_or_stop(Duration::from_secs(1), &mut stop).await {
+                    tracing::warn!(%error, endpoint = %label, "webhooks: cannot read or make the cursor; retrying");
+                    if sleep_or_stop(Duration::from_secs(5), &mut stop).await {
                         return;
                     }
                 }
             }
         };
-        let me = status.add(&self.url, cursor);
-        let mut wait = FIRST_RETRY;
+        me.delivering.store(true, Ordering::Relaxed);
+        // The cursor in the database; saved once a page (and before a wait), not per event:
+        // a crash in between sends those events again, which receivers drop by `webhook-id`.
+        let mut saved = cursor;
+        let mut wait = self.first_retry;
         loop {
             if *stop.borrow() {
+                self.save(cursor, &mut saved).await;
                 return;
             }
             commits.borrow_and_update();
@@ -358,81 +415,82 @@ impl Deliverer {
                 }
             };
             let full = page.len() == PAGE as usize;
-            let mut passed_over = None;
             for entry in &page {
-                if *stop.borrow() {
-                    return;
-                }
                 let Some(kind) = event_type(&entry.action, &entry.details) else {
-                    passed_over = Some(entry.seq);
+                    cursor = entry.seq;
                     continue;
                 };
                 // Deliver this event until it is taken: later ones wait, so order holds.
                 loop {
-                    match self.deliver(kind, entry).await {
+                    let outcome = tokio::select! {
+                        outcome = self.deliver(kind, entry) => outcome,
+                        _ = stop.changed() => Err(Failed::Stopped),
+                    };
+                    let detail = match outcome {
                         Ok(()) => break,
-                        Err(failed) => {
-                            let detail = match failed {
-                                Failed::Endpoint(e) => e,
-                                Failed::Store(e) => format!("database: {e}"),
-                            };
-                            me.failures.fetch_add(1, Ordering::Relaxed);
-                            me.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(url = %self.url, event = kind, seq = entry.seq, error = %detail, retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "webhook delivery failed; retrying");
-                            *me.last_error.lock().unwrap_or_else(PoisonError::into_inner) =
-                                Some(detail);
-                            if sleep_or_stop(wait, &mut stop).await {
-                                return;
-                            }
-                            wait = (wait * 2).min(self.retry_max);
+                        Err(Failed::Stopped) => {
+                            self.save(cursor, &mut saved).await;
+                            return;
                         }
+                        Err(Failed::Endpoint(e)) => e,
+                        Err(Failed::Store(e)) => format!("database: {e}"),
+                    };
+                    me.failures.fetch_add(1, Ordering::Relaxed);
+                    me.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(endpoint = %label, event = kind, seq = entry.seq, error = %detail, retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "webhook delivery failed; retrying");
+                    *me.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(detail);
+                    self.save(cursor, &mut saved).await;
+                    if sleep_or_stop(wait, &mut stop).await {
+                        return;
                     }
+                    wait = (wait * 2).min(self.retry_max);
                 }
-                wait = FIRST_RETRY;
+                wait = self.first_retry;
                 me.failures_in_a_row.store(0, Ordering::Relaxed);
                 me.delivered.fetch_add(1, Ordering::Relaxed);
-                passed_over = None;
                 cursor = entry.seq;
-                me.cursor
-                    .store(u64::try_from(cursor).unwrap_or(0), Ordering::Relaxed);
-                if let Err(error) = self
-                    .store
-                    .set_webhook_cursor(&self.url, cursor, system_now())
-                    .await
-                {
-                    // Delivered, but the cursor did not move: it is sent again after a restart.
-                    tracing::error!(%error, "webhooks: cannot save the cursor");
-                }
             }
-            if let Some(seq) = passed_over {
-                cursor = seq;
-                me.cursor
-                    .store(u64::try_from(cursor).unwrap_or(0), Ordering::Relaxed);
-                if let Err(error) = self
-                    .store
-                    .set_webhook_cursor(&self.url, cursor, system_now())
-                    .await
-                {
-                    tracing::error!(%error, "webhooks: cannot save the cursor");
-                }
-            }
+            self.save(cursor, &mut saved).await;
             if full {
                 continue;
             }
             tokio::select! {
                 _ = commits.changed() => {}
                 () = tokio::time::sleep(POLL) => {}
-                _ = stop.changed() => return,
+                _ = stop.changed() => {}
             }
         }
     }
 
-    /// The saved cursor ([`init_cursors`] made it before origin took its first request).
+    /// Saves `cursor` if it moved since `saved`.
+    async fn save(&self, cursor: i64, saved: &mut i64) {
+        if cursor == *saved {
+            return;
+        }
+        match self
+            .store
+            .set_webhook_cursor(&self.endpoint.key, cursor, system_now())
+            .await
+        {
+            Ok(()) => *saved = cursor,
+            // Delivered, but the cursor did not move: sent again after a restart.
+            Err(error) => tracing::error!(%error, "webhooks: cannot save the cursor"),
+        }
+    }
+
+    /// The saved cursor; made now if [`init_cursors`] could not (a read-only database then).
     async fn start_cursor(&self) -> Result<i64, StoreError> {
+        if let Some(cursor) = self.store.webhook_cursor(&self.endpoint.key).await? {
+            return Ok(cursor);
+        }
         self.store
-            .init_webhook_cursor(&self.url, system_now())
+            .init_webhook_cursor(&self.endpoint.key, system_now())
             .await?;
-        Ok(self.store.webhook_cursor(&self.url).await?.unwrap_or(0))
+        Ok(self
+            .store
+            .webhook_cursor(&self.endpoint.key)
+            .await?
+            .unwrap_or(0))
     }
 
     async fn deliver(&self, kind: &'static str, entry: &AuditEntry) -> Result<(), Failed> {
@@ -462,22 +520,25 @@ impl Deliverer {
             entry.hash.get(..16).unwrap_or(&entry.hash)
         );
         let timestamp = system_now().0 / 1000;
-        let signature = self
+        let signatures: Vec<String> = self
             .signers
             .iter()
-            .filter_map(|s| s.sign(&id, timestamp, &body).ok())
-            .collect::<Vec<_>>()
-            .join(" ");
+            .map(|s| s.sign(&id, timestamp, &body))
+            .collect::<Result<_, _>>()
+            .map_err(|e| Failed::Endpoint(format!("cannot sign: {e}")))?;
         let response = self
             .http
-            .post(&self.url)
+            .post(&self.endpoint.url)
             .header("content-type", "application/json")
             .header(standardwebhooks::HEADER_WEBHOOK_ID, &id)
             .header(
                 standardwebhooks::HEADER_WEBHOOK_TIMESTAMP,
                 timestamp.to_string(),
             )
-            .header(standardwebhooks::HEADER_WEBHOOK_SIGNATURE, signature)
+            .header(
+                standardwebhooks::HEADER_WEBHOOK_SIGNATURE,
+                signatures.join(" "),
+            )
             .body(body)
             .send()
             .await

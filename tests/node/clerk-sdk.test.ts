@@ -84,3 +84,42 @@ test('errors come back as ClerkAPIResponseError with code and param name', async
   const wrong = createClerkClient({ secretKey: 'wrong-token-wrong-token-wrong-token', apiUrl: origin.baseUrl });
   await assert.rejects(wrong.apiKeys.list({ subject: 's' }), (err: any) => err.status === 401);
 });
+
+// Calls the SDK does not have (disable, roll, a leak report) are plain REST calls; what the SDK
+// does have must understand their results.
+async function rest(method: string, path: string, body: unknown): Promise<any> {
+  const response = await fetch(`${origin.baseUrl}${path}`, {
+    method,
+    headers: { authorization: `Bearer ${ADMIN_TOKEN}`, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  assert.equal(response.status, 200, await response.clone().text());
+  return response.json();
+}
+
+test('disabled, rolled and leaked keys as @clerk/backend sees them', async () => {
+  const key = await clerk.apiKeys.create({ name: 'lifecycle', subject: 'initech', scopes: ['read:orders'] });
+  await rest('PATCH', `/v1/api_keys/${key.id}`, { disabled: true });
+  await assert.rejects(clerk.apiKeys.verify(key.secret!), (err: any) => {
+    assert.equal(err.status, 404);
+    assert.equal(err.errors[0].code, 'api_key_disabled');
+    return true;
+  });
+  await rest('PATCH', `/v1/api_keys/${key.id}`, { disabled: false });
+  assert.equal((await clerk.apiKeys.verify(key.secret!)).id, key.id);
+
+  // A roll with a grace period: both secrets verify, and the SDK reads both key objects.
+  const rolled = await rest('POST', `/v1/api_keys/${key.id}/roll`, { grace_period_seconds: 600 });
+  assert.equal((await clerk.apiKeys.verify(key.secret!)).id, key.id);
+  const successor = await clerk.apiKeys.verify(rolled.secret);
+  assert.equal(successor.id, rolled.id);
+  assert.deepEqual(successor.scopes, ['read:orders']);
+  assert.ok((await clerk.apiKeys.get(key.id)).expiration! > Date.now());
+
+  // Reported as leaked: revoked, and the SDK says so.
+  await rest('POST', `/v1/api_keys/${rolled.id}/leak`, { source: 'a pastebin' });
+  const leaked = await clerk.apiKeys.get(rolled.id);
+  assert.equal(leaked.revoked, true);
+  assert.equal(leaked.revocationReason, 'leaked: a pastebin');
+  await assert.rejects(clerk.apiKeys.verify(rolled.secret), (err: any) => err.errors[0].code === 'api_key_revoked');
+});

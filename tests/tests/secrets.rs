@@ -1,14 +1,15 @@
 //! No secret at rest: after a full run (create on both surfaces, verify at origin and at the edge,
 //! the gateway, update, revoke, roll on both surfaces, a GitHub secret scanning alert and a manual
-//! leak report, usage reports, admin token rotation, `sync --full`) and its failure paths (a KV
-//! record the edge cannot read, the upstream down, wrong admin tokens up to 429, the database
-//! locked so writes answer 503), every issued key, every 12-character window of every key's random
-//! body, every admin token, both signing secrets and the audit chain key are searched for in the
-//! database file and its WAL, the audit checkpoints, every log at its most verbose level (origin at
-//! `trace`, wrangler at `debug` and its own debug log files, the upstream, `sync`), every file of
-//! the Worker's local KV, wrangler's `.wrangler/` folder and the audit log; so is anything shaped
-//! like a key, which would catch a key the test never saw (one made by a create that failed). Zero
-//! hits, with positive controls proving the scan reads the right places.
+//! leak report, event webhooks to an endpoint that never answers, usage reports, admin token
+//! rotation, `sync --full`) and its failure paths (a KV record the edge cannot read, the upstream
+//! down, wrong admin tokens up to 429, the database locked so writes answer 503), every issued key,
+//! every 12-character window of every key's random body, every admin token, both signing secrets
+//! and the audit chain key are searched for in the database file and its WAL, the audit
+//! checkpoints, every log at its most verbose level (origin at `trace`, wrangler at `debug` and its
+//! own debug log files, the upstream, `sync`), every file of the Worker's local KV, wrangler's
+//! `.wrangler/` folder and the audit log; so is anything shaped like a key, which would catch a key
+//! the test never saw (one made by a create that failed). Zero hits, with positive controls proving
+//! the scan reads the right places.
 
 #![allow(
     clippy::expect_used,
@@ -25,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::edge::{
-    KV_NAMESPACE_ID, LEDGER_SECRET, Stack, UPSTREAM_SECRET, USAGE_SECRET, repo_root,
+    KV_NAMESPACE_ID, LEDGER_SECRET, Stack, UPSTREAM_SECRET, USAGE_SECRET, free_port, repo_root,
     report_measurement, unissued_key,
 };
 use common::github::{ALERTS, GithubKey, write_key_file};
@@ -123,9 +124,21 @@ impl Drop for WriteLock {
 
 const SECOND_ADMIN_TOKEN: &str = "rotated-admin-token-eeeeeeeeeeeeeeeeeeeeeeee";
 
+/// The event webhooks' secret in this run.
+const WEBHOOK_SECRET: &str = "whsec_Tm90QVJlYWxTZWNyZXRCdXRMb25nRW5vdWdoMTIzNDU2";
+/// A token in the webhook endpoint's path, as some receivers take one.
+const WEBHOOK_PATH_TOKEN: &str = "hooktoken0123456789abcdefXYZ";
+
 #[tokio::test]
 async fn no_secret_or_admin_token_is_stored_logged_or_published() {
     let both = format!("{ADMIN_TOKEN},{SECOND_ADMIN_TOKEN}");
+    // Webhooks to an endpoint that never answers, its URL's path holding a token as some
+    // receivers' do: deliveries fail and are retried, and neither the secret nor the token may
+    // show anywhere.
+    let webhook_url = format!(
+        "http://127.0.0.1:{}/hooks/{WEBHOOK_PATH_TOKEN}",
+        free_port()
+    );
     let github = GithubKey::new("github");
     let github_dir = tempfile::tempdir().expect("dir");
     let github_keys = write_key_file(github_dir.path(), &[&github])
@@ -138,6 +151,9 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
             ("ADMIN_TOKEN", &both),
             ("ADMIN_AUTH_FAILURES_PER_MINUTE", "3"),
             ("GITHUB_SECRET_SCANNING_KEYS_FILE", &github_keys),
+            ("WEBHOOK_URLS", &webhook_url),
+            ("WEBHOOK_SECRET", WEBHOOK_SECRET),
+            ("WEBHOOK_RETRY_MAX_MS", "200"),
         ],
         &[("LEDGER_RETENTION_MS", "1000"), ("MEMORY_TTL_MS", "1000")],
     )
@@ -440,6 +456,11 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
     needles.push(("ledger signing secret".into(), LEDGER_SECRET.into()));
     needles.push(("upstream signing secret".into(), UPSTREAM_SECRET.into()));
     needles.push(("audit chain key".into(), AUDIT_CHAIN_KEY.into()));
+    needles.push((
+        "webhook secret".into(),
+        WEBHOOK_SECRET.trim_start_matches("whsec_").into(),
+    ));
+    needles.push(("token in a webhook URL".into(), WEBHOOK_PATH_TOKEN.into()));
 
     let fragments = fragments(&bodies);
     // The fragment search finds what it looks for (a control on the matcher itself).

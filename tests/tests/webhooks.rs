@@ -241,6 +241,15 @@ async fn a_receiver_down_or_failing_and_origin_killed_lose_no_event() {
     let detail = &status.body["webhooks"]["detail"][0];
     assert_eq!(detail["pending"], 5, "{}", status.body);
     assert!(detail["last_error"].is_string(), "{}", status.body);
+    let label = detail["endpoint"].as_str().expect("endpoint");
+    assert!(
+        label.starts_with(&format!("http://127.0.0.1:{port} #")) && !label.contains("/hooks"),
+        "named by origin and hash, never by its path: {label}"
+    );
+    assert!(
+        !app.logs().contains("/hooks"),
+        "the URL's path is not logged"
+    );
 
     // Origin dies with all of it undelivered, and comes back.
     app.kill();
@@ -400,4 +409,34 @@ async fn the_policies_warn_then_switch_off_stale_keys_and_warn_of_expiry_once() 
         expiry["data"]["details"]["expires_at"],
         expiring.body["expiration"]
     );
+}
+
+#[tokio::test]
+async fn an_endpoint_that_is_down_holds_up_no_other() {
+    let (up, down) = (free_port(), free_port());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    receiver(up, seen.clone()).await;
+    let app = TestApp::builder()
+        .env(
+            "WEBHOOK_URLS",
+            &format!("http://127.0.0.1:{down}/hooks,http://127.0.0.1:{up}/hooks"),
+        )
+        .env("WEBHOOK_SECRET", SECRET)
+        .env("WEBHOOK_RETRY_MAX_MS", "200")
+        .start()
+        .await;
+    for n in 0..3 {
+        app.create_key(&format!("p{n}"), &[]).await;
+    }
+    assert_eq!(delivered(&seen, 3).await.len(), 3);
+    let status = eventually(Duration::from_secs(10), || async {
+        let s = app.get("/v1/status").await;
+        let detail = s.body["webhooks"]["detail"].clone();
+        (detail[0]["pending"] == 3 && detail[1]["pending"] == 0)
+            .then_some(s.body.clone())
+            .ok_or_else(|| s.body.to_string())
+    })
+    .await;
+    assert_eq!(status["webhooks"]["state"], "failing");
+    assert_eq!(status["webhooks"]["delivering"], true);
 }

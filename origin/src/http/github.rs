@@ -11,8 +11,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest as _, Request, State};
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -27,7 +27,7 @@ pub const TOKENS_MAX: usize = 10_000;
 /// Largest alert body, in bytes (thousands of tokens with their URLs).
 pub const BODY_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Who the audit log names for these reports.
-const ACTOR: &str = "github-secret-scanning";
+const ACTOR: &str = "github_secret_scanning";
 
 /// One match, as GitHub sends it. Fields GitHub may add later are ignored.
 #[derive(Debug, Deserialize)]
@@ -50,11 +50,17 @@ pub(super) struct Feedback {
     label: &'static str,
 }
 
+/// Alert bodies read at once: each may be [`BODY_MAX_BYTES`], and the signature can only be
+/// checked once the body is in, so the memory they take is bounded here. Others wait.
+const READING_MAX: usize = 4;
+
+static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(READING_MAX);
+
 /// Verifies the alert, reports every token that is one of our keys, and answers feedback.
+/// The headers are checked before the body is read.
 pub(super) async fn alert(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    RawBody(body, _): RawBody<Clerk>,
+    request: Request,
 ) -> Result<Json<Vec<Feedback>>, ApiError<Clerk>> {
     let Some(keys) = &state.github else {
         return Err(ApiError::new(
@@ -63,22 +69,21 @@ pub(super) async fn alert(
             "GitHub secret scanning is off: set GITHUB_SECRET_SCANNING_KEYS_FILE or GITHUB_SECRET_SCANNING_KEYS_URL.",
         ));
     };
+    let headers = request.headers();
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Err(error) = keys
-        .verify(text(header::KEY_IDENTIFIER), text(header::SIGNATURE), &body)
+    let checked = keys
+        .check_headers(text(header::KEY_IDENTIFIER), text(header::SIGNATURE))
         .await
-    {
-        tracing::warn!(%error, "GitHub secret scanning alert refused");
-        let (status, code) = match error {
-            SignatureError::NoKeys => (StatusCode::SERVICE_UNAVAILABLE, "keys_unavailable"),
-            _ => (StatusCode::UNAUTHORIZED, "signature_invalid"),
-        };
-        return Err(ApiError::new(
-            status,
-            code,
-            format!("The alert's signature was not accepted: {error}."),
-        ));
-    }
+        .map_err(refused)?;
+    let _reading = READING.acquire().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Origin is shutting down; retry.",
+        )
+    })?;
+    let RawBody(body, _) = RawBody::<Clerk>::from_request(request, &state).await?;
+    checked.verify(&body).map_err(refused)?;
     let found: Vec<Found> = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -114,29 +119,49 @@ pub(super) async fn alert(
     ))
 }
 
+/// The answer to an alert whose signature was not accepted.
+fn refused(error: SignatureError) -> ApiError<Clerk> {
+    tracing::warn!(%error, "GitHub secret scanning alert refused");
+    let (status, code) = match error {
+        SignatureError::NoKeys => (StatusCode::SERVICE_UNAVAILABLE, "keys_unavailable"),
+        _ => (StatusCode::UNAUTHORIZED, "signature_invalid"),
+    };
+    ApiError::new(
+        status,
+        code,
+        format!("The alert's signature was not accepted: {error}."),
+    )
+}
+
 /// Looks each token up and reports the keys found, concurrently (their commits are grouped).
 /// Returns our keys' token hashes.
 async fn report(state: &AppState, found: &[Found]) -> Result<HashSet<String>, ApiError<Clerk>> {
     let mut ours = HashSet::new();
     let mut reports = tokio::task::JoinSet::new();
+    let mut failed = None;
     for f in found {
         let hash = hex::encode(Sha256::digest(f.token.as_bytes()));
         if ours.contains(&hash) {
             continue;
         }
-        let Some(key) = state.service.key_for_secret(&f.token).await? else {
-            continue;
+        let key = match state.service.key_for_secret(&f.token).await {
+            Ok(Some(key)) => key,
+            Ok(None) => continue,
+            Err(error) => {
+                // Stop looking, but let the reports already under way finish.
+                failed = Some(ApiError::from(error));
+                break;
+            }
         };
         ours.insert(hash);
         let leak = Leak {
-            reported_by: "github_secret_scanning",
+            reported_by: ACTOR,
             source: Some(source(f)),
             action: state.leak_action,
         };
         let service: Arc<KeyService> = state.service.clone();
         reports.spawn(async move { service.report_leak(ACTOR, &key.id, &leak).await });
     }
-    let mut failed = None;
     while let Some(done) = reports.join_next().await {
         match done {
             Ok(Ok(_)) => {}

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, UnixMillis};
 
 use crate::model::{
-    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, Sink, StoredKey,
-    VerifyEntry,
+    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, PolicyQuery, Sink,
+    StoredKey, VerifyEntry,
 };
 
 pub mod sqlite;
@@ -98,37 +98,21 @@ pub trait KeyStore: Send + Sync + 'static {
     /// from now on are delivered to it, history is not.
     async fn init_webhook_cursor(&self, endpoint: &str, now: UnixMillis) -> Result<(), StoreError>;
 
-    /// How many audit entries after `after_seq` have one of `actions`, and when the oldest of
-    /// them was written.
+    /// How many audit entries after `after_seq` have one of `actions` (counted up to `max`),
+    /// and when the oldest of them was written.
     async fn audit_count(
         &self,
         after_seq: i64,
         actions: &[&str],
+        max: u64,
     ) -> Result<(u64, Option<UnixMillis>), StoreError>;
 
-    /// Live keys (not revoked, disabled or expired at `now`) neither used nor changed since
-    /// `idle_before`: the stale-key policy's candidates, oldest activity first.
-    async fn idle_keys(
+    /// The keys `query` names, oldest activity (or soonest expiry) first.
+    async fn policy_candidates(
         &self,
-        idle_before: UnixMillis,
-        now: UnixMillis,
+        query: PolicyQuery,
         limit: u32,
     ) -> Result<Vec<StoredKey>, StoreError>;
-
-    /// Unrevoked keys that expire after `now` and no later than `until`, soonest first.
-    async fn expiring_keys(
-        &self,
-        now: UnixMillis,
-        until: UnixMillis,
-        limit: u32,
-    ) -> Result<Vec<StoredKey>, StoreError>;
-
-    /// When `key` last got an audit entry with `action`, if ever.
-    async fn last_audited(
-        &self,
-        key: &KeyId,
-        action: &str,
-    ) -> Result<Option<UnixMillis>, StoreError>;
 
     /// Appends an audit entry that changes no key: a refused attempt, or a policy's warning.
     async fn record_event(&self, event: &AuditEvent) -> Result<(), StoreError>;

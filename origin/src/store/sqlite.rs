@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{KeyStore, StoreError};
 use crate::audit::{self, Anchored, AuditChain, ChainChecker, Checkpoints};
 use crate::model::{
-    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, Sink, StoredKey,
-    VerifyEntry,
+    AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, PolicyQuery, Sink,
+    StoredKey, VerifyEntry,
 };
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
@@ -451,20 +451,56 @@ async fn open_writer(
 }
 
 /// Whether `error`, met opening `file`, is SQLite unable to read a WAL database on a read-only
-/// filesystem: it needs the WAL index (`-shm`) and cannot create it. Such a file can be read as
-/// immutable if, and only if, its WAL holds nothing: no `-wal` file, or an empty one (the last
-/// connection of a clean shutdown folds the WAL into the database and deletes it). A file with
-/// a WAL is never read without it: that would hide acknowledged writes.
+/// filesystem, in a state where reading it as immutable is safe (see [`OnDisk::immutable_is_safe`]).
 fn needs_immutable(file: &Path, error: &StoreError) -> bool {
     const SQLITE_CANTOPEN: i32 = 14;
-    let wal = PathBuf::from(format!("{}-wal", file.display()));
-    error.sqlite_code() == Some(SQLITE_CANTOPEN)
-        && file.is_file()
-        && std::fs::metadata(&wal).map_or(true, |m| m.len() == 0)
-        && std::fs::OpenOptions::new()
+    let beside = |suffix: &str| PathBuf::from(format!("{}{suffix}", file.display()));
+    let exists = |path: &Path| match std::fs::metadata(path) {
+        Ok(meta) => Some(Some(meta.len())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+        Err(_) => None,
+    };
+    let on_disk = OnDisk {
+        cannot_open: error.sqlite_code() == Some(SQLITE_CANTOPEN),
+        database: file.is_file(),
+        wal: exists(&beside("-wal")),
+        shm: exists(&beside("-shm")),
+        read_only: std::fs::OpenOptions::new()
             .append(true)
             .open(file)
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::ReadOnlyFilesystem)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ReadOnlyFilesystem),
+    };
+    on_disk.immutable_is_safe()
+}
+
+/// What an immutable open of a database depends on.
+#[derive(Debug, Clone, Copy)]
+struct OnDisk {
+    /// SQLite answered `SQLITE_CANTOPEN`.
+    cannot_open: bool,
+    /// The database file exists.
+    database: bool,
+    /// The `-wal` file: `Some(None)` absent, `Some(Some(len))` present, `None` unknown.
+    wal: Option<Option<u64>>,
+    /// The `-shm` file, likewise.
+    shm: Option<Option<u64>>,
+    /// The filesystem refuses writes.
+    read_only: bool,
+}
+
+impl OnDisk {
+    /// An immutable open reads the database file alone, with no WAL and no locks. That is
+    /// safe only on a read-only filesystem (nothing writes through it) with no WAL index and
+    /// no WAL frames to miss: no `-wal` file, or an empty one (the last connection of a clean
+    /// shutdown folds the WAL in and deletes both). Anything unknown is refused: a WAL with
+    /// frames read past would hide acknowledged writes.
+    fn immutable_is_safe(&self) -> bool {
+        self.cannot_open
+            && self.database
+            && self.read_only
+            && matches!(self.wal, Some(None | Some(0)))
+            && self.shm == Some(None)
+    }
 }
 
 async fn durability(writer: &SqlitePool) -> Result<Durability, StoreError> {
@@ -1167,8 +1203,8 @@ enum Change {
     Insert(StoredKey, AuditEvent),
     /// The new state, the revision it replaces, the audit event.
     Replace(StoredKey, i64, AuditEvent),
-    /// A refused attempt: its audit entry alone.
-    Refusal(AuditEvent),
+    /// An entry that changes no key (a refused attempt, a policy's warning): the entry alone.
+    Event(AuditEvent),
     /// A roll: the replaced key's new state, the revision it replaces and its audit event, then
     /// the new key and its own; both or neither.
     Roll {
@@ -1298,7 +1334,7 @@ async fn apply(
             enqueue_publish(conn, &old_key.id, old_key.updated_at).await?;
             enqueue_publish(conn, &new_key.id, new_key.updated_at).await?;
         }
-        Change::Refusal(event) => *newest = Some(append_audit(conn, chain, event).await?),
+        Change::Event(event) => *newest = Some(append_audit(conn, chain, event).await?),
     }
     Ok(true)
 }
@@ -1306,9 +1342,7 @@ async fn apply(
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn record_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        self.commit(Change::Refusal(event.clone()))
-            .await
-            .map(|_| ())
+        self.commit(Change::Event(event.clone())).await.map(|_| ())
     }
 
     async fn insert(&self, key: &StoredKey, event: &AuditEvent) -> Result<(), StoreError> {
@@ -1441,58 +1475,74 @@ impl KeyStore for SqliteStore {
         rows.into_iter().map(audit_entry).collect()
     }
 
-    async fn idle_keys(
+    async fn policy_candidates(
         &self,
-        idle_before: UnixMillis,
-        now: UnixMillis,
+        query: PolicyQuery,
         limit: u32,
     ) -> Result<Vec<StoredKey>, StoreError> {
-        let sql = format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked = 0 AND disabled = 0 \
-             AND (expiration IS NULL OR expiration > ?) \
-             AND MAX(COALESCE(last_used_at, 0), updated_at) < ? \
-             ORDER BY MAX(COALESCE(last_used_at, 0), updated_at) LIMIT ?"
-        );
-        let rows: Vec<KeyRow> = sqlx::query_as(&sql)
-            .bind(now.0)
-            .bind(idle_before.0)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
+        const ACTIVITY: &str = "MAX(COALESCE(k.last_used_at, 0), k.updated_at)";
+        const LIVE: &str =
+            "k.revoked = 0 AND k.disabled = 0 AND (k.expiration IS NULL OR k.expiration > ?)";
+        let warned = |since: &str| {
+            format!(
+                "SELECT 1 FROM audit_log a WHERE a.key_id = k.id AND a.action = 'stale_warning' \
+                 AND a.at >= {since}"
+            )
+        };
+        let columns = KEY_COLUMNS
+            .split(',')
+            .map(|c| format!("k.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (sql, binds): (String, Vec<i64>) = match query {
+            PolicyQuery::StaleUnwarned { idle_before, now } => (
+                format!(
+                    "SELECT {columns} FROM api_keys k WHERE {LIVE} AND {ACTIVITY} < ? \
+                     AND NOT EXISTS ({}) ORDER BY {ACTIVITY} LIMIT ?",
+                    warned(ACTIVITY)
+                ),
+                vec![now.0, idle_before.0],
+            ),
+            PolicyQuery::StaleDue {
+                idle_before,
+                warned_before: None,
+                now,
+            } => (
+                format!(
+                    "SELECT {columns} FROM api_keys k WHERE {LIVE} AND {ACTIVITY} < ? \
+                     ORDER BY {ACTIVITY} LIMIT ?"
+                ),
+                vec![now.0, idle_before.0],
+            ),
+            PolicyQuery::StaleDue {
+                idle_before,
+                warned_before: Some(warned_before),
+                now,
+            } => (
+                format!(
+                    "SELECT {columns} FROM api_keys k WHERE {LIVE} AND {ACTIVITY} < ? \
+                     AND EXISTS ({} AND a.at <= ?) ORDER BY {ACTIVITY} LIMIT ?",
+                    warned(ACTIVITY)
+                ),
+                vec![now.0, idle_before.0, warned_before.0],
+            ),
+            PolicyQuery::ExpiringUnwarned { now, until } => (
+                format!(
+                    "SELECT {columns} FROM api_keys k WHERE k.revoked = 0 AND k.expiration > ? \
+                     AND k.expiration <= ? AND NOT EXISTS (SELECT 1 FROM audit_log a \
+                     WHERE a.key_id = k.id AND a.action = 'expiry_warning' \
+                     AND json_extract(a.details, '$.expires_at') = k.expiration) \
+                     ORDER BY k.expiration LIMIT ?"
+                ),
+                vec![now.0, until.0],
+            ),
+        };
+        let query = binds
+            .into_iter()
+            .fold(sqlx::query_as::<_, KeyRow>(&sql), |q, b| q.bind(b))
+            .bind(i64::from(limit));
+        let rows = query.fetch_all(&self.reader).await?;
         rows.into_iter().map(StoredKey::try_from).collect()
-    }
-
-    async fn expiring_keys(
-        &self,
-        now: UnixMillis,
-        until: UnixMillis,
-        limit: u32,
-    ) -> Result<Vec<StoredKey>, StoreError> {
-        let sql = format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked = 0 \
-             AND expiration > ? AND expiration <= ? ORDER BY expiration LIMIT ?"
-        );
-        let rows: Vec<KeyRow> = sqlx::query_as(&sql)
-            .bind(now.0)
-            .bind(until.0)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
-        rows.into_iter().map(StoredKey::try_from).collect()
-    }
-
-    async fn last_audited(
-        &self,
-        key: &KeyId,
-        action: &str,
-    ) -> Result<Option<UnixMillis>, StoreError> {
-        let (at,): (Option<i64>,) =
-            sqlx::query_as("SELECT MAX(at) FROM audit_log WHERE key_id = ? AND action = ?")
-                .bind(key.as_str())
-                .bind(action)
-                .fetch_one(&self.reader)
-                .await?;
-        Ok(at.map(UnixMillis))
     }
 
     async fn webhook_cursor(&self, endpoint: &str) -> Result<Option<i64>, StoreError> {
@@ -1544,18 +1594,32 @@ impl KeyStore for SqliteStore {
         &self,
         after_seq: i64,
         actions: &[&str],
+        max: u64,
     ) -> Result<(u64, Option<UnixMillis>), StoreError> {
-        let mut query =
-            QueryBuilder::<Sqlite>::new("SELECT COUNT(*), MIN(at) FROM audit_log WHERE seq > ");
-        query.push_bind(after_seq).push(" AND action IN (");
-        let mut list = query.separated(", ");
-        for action in actions {
-            list.push_bind(*action);
-        }
-        query.push(")");
-        let (count, oldest): (i64, Option<i64>) =
-            query.build_query_as().fetch_one(&self.reader).await?;
-        Ok((u64::try_from(count).unwrap_or(0), oldest.map(UnixMillis)))
+        // Both walk the log from `after_seq` by its key: the first match, and at most `max`.
+        let matching = |select: &str| {
+            let mut query = QueryBuilder::<Sqlite>::new(select);
+            query.push_bind(after_seq).push(" AND action IN (");
+            let mut list = query.separated(", ");
+            for action in actions {
+                list.push_bind(*action);
+            }
+            query.push(") ORDER BY seq");
+            query
+        };
+        let mut oldest = matching("SELECT at FROM audit_log WHERE seq > ");
+        oldest.push(" LIMIT 1");
+        let oldest: Option<(i64,)> = oldest.build_query_as().fetch_optional(&self.reader).await?;
+        let mut count = matching("SELECT COUNT(*) FROM (SELECT 1 FROM audit_log WHERE seq > ");
+        count
+            .push(" LIMIT ")
+            .push_bind(i64::try_from(max).unwrap_or(i64::MAX))
+            .push(")");
+        let (count,): (i64,) = count.build_query_as().fetch_one(&self.reader).await?;
+        Ok((
+            u64::try_from(count).unwrap_or(0),
+            oldest.map(|(at,)| UnixMillis(at)),
+        ))
     }
 
     async fn outbox_peek(&self, sink: Sink, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -1946,6 +2010,69 @@ mod tests {
         }
     }
 
+    /// An immutable open only where it cannot hide a write: on a read-only filesystem, with
+    /// no WAL frames and no WAL index, everything known.
+    #[test]
+    fn immutable_only_with_nothing_to_miss() {
+        let safe = OnDisk {
+            cannot_open: true,
+            database: true,
+            wal: Some(None),
+            shm: Some(None),
+            read_only: true,
+        };
+        assert!(safe.immutable_is_safe());
+        assert!(
+            OnDisk {
+                wal: Some(Some(0)),
+                ..safe
+            }
+            .immutable_is_safe(),
+            "an empty WAL holds nothing"
+        );
+        for (why, unsafe_) in [
+            (
+                "WAL frames",
+                OnDisk {
+                    wal: Some(Some(4_152)),
+                    ..safe
+                },
+            ),
+            ("WAL unknown", OnDisk { wal: None, ..safe }),
+            (
+                "a WAL index",
+                OnDisk {
+                    shm: Some(Some(32_768)),
+                    ..safe
+                },
+            ),
+            ("index unknown", OnDisk { shm: None, ..safe }),
+            (
+                "writable",
+                OnDisk {
+                    read_only: false,
+                    ..safe
+                },
+            ),
+            (
+                "another error",
+                OnDisk {
+                    cannot_open: false,
+                    ..safe
+                },
+            ),
+            (
+                "no database",
+                OnDisk {
+                    database: false,
+                    ..safe
+                },
+            ),
+        ] {
+            assert!(!unsafe_.immutable_is_safe(), "{why}");
+        }
+    }
+
     /// A key with every optional field set, so a column written or read wrongly shows.
     fn full_key(n: u8) -> StoredKey {
         let mut fill = |bytes: &mut [u8]| bytes.fill(n.wrapping_add(100));
@@ -1988,13 +2115,15 @@ mod tests {
             store.find_by_hash(&key.hash).await.expect("find"),
             Some(key.clone())
         );
-        let plain = new_key(1);
+        // Every field differs from what is stored, the ones an update must not touch too.
         let changed = StoredKey {
             id: key.id.clone(),
-            hash: key.hash,
+            hash: KeyHash::from_bytes([9; 32]),
+            hint: "sk_test_...zzzz".into(),
+            created_at: UnixMillis(5),
             last_used_at: None,
             revision: 2,
-            ..plain
+            ..new_key(1)
         };
         assert!(
             store
@@ -2006,6 +2135,9 @@ mod tests {
         assert_eq!(
             read,
             StoredKey {
+                hash: key.hash,
+                hint: key.hint.clone(),
+                created_at: key.created_at,
                 last_used_at: key.last_used_at,
                 rolled_from: key.rolled_from.clone(),
                 created_by: key.created_by.clone(),
@@ -2100,6 +2232,176 @@ mod tests {
         let kept = store.get(&old.id).await.expect("get").expect("exists");
         assert_eq!((kept.revision, kept.rolled_to), (2, Some(new.id.clone())));
         assert_eq!((audit_rows(&store).await, rows(&store).await), before);
+        store.close().await;
+    }
+
+    /// The policies' queries leave out what was already dealt with: a key warned since its
+    /// activity, a warning not yet old enough, an expiry already warned of; a new expiry or new
+    /// activity brings a key back.
+    #[tokio::test]
+    async fn policy_queries_leave_out_what_was_dealt_with() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir).await;
+        let ids = |keys: Vec<StoredKey>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
+        let at = |n: i64| UnixMillis(n);
+        let idle = StoredKey {
+            updated_at: at(1_000),
+            ..new_key(1)
+        };
+        let used = StoredKey {
+            updated_at: at(1_000),
+            last_used_at: Some(at(9_000)),
+            ..new_key(2)
+        };
+        let expiring = StoredKey {
+            updated_at: at(9_500),
+            expiration: Some(at(20_000)),
+            ..new_key(3)
+        };
+        for key in [&idle, &used, &expiring] {
+            store
+                .insert(key, &event(key, "create"))
+                .await
+                .expect("insert");
+        }
+        let unwarned = |idle_before| PolicyQuery::StaleUnwarned {
+            idle_before: at(idle_before),
+            now: at(10_000),
+        };
+        assert_eq!(
+            ids(store
+                .policy_candidates(unwarned(5_000), 10)
+                .await
+                .expect("query")),
+            [idle.id.clone()]
+        );
+        let due = |warned_before| PolicyQuery::StaleDue {
+            idle_before: at(5_000),
+            warned_before,
+            now: at(10_000),
+        };
+        assert_eq!(
+            ids(store
+                .policy_candidates(due(Some(at(8_000))), 10)
+                .await
+                .expect("query")),
+            [],
+            "not warned yet: not due"
+        );
+        assert_eq!(
+            ids(store.policy_candidates(due(None), 10).await.expect("query")),
+            [idle.id.clone()],
+            "no warning needed"
+        );
+        let warning = AuditEvent {
+            at: at(7_000),
+            action: "stale_warning",
+            ..event(&idle, "stale_warning")
+        };
+        store.record_event(&warning).await.expect("warn");
+        assert_eq!(
+            ids(store
+                .policy_candidates(unwarned(5_000), 10)
+                .await
+                .expect("query")),
+            []
+        );
+        assert_eq!(
+            ids(store
+                .policy_candidates(due(Some(at(6_000))), 10)
+                .await
+                .expect("query")),
+            [],
+            "warned too recently"
+        );
+        assert_eq!(
+            ids(store
+                .policy_candidates(due(Some(at(8_000))), 10)
+                .await
+                .expect("query")),
+            [idle.id.clone()]
+        );
+        // New activity after the warning: a new idle period, to be warned anew.
+        let touched = StoredKey {
+            updated_at: at(7_500),
+            revision: 2,
+            ..idle.clone()
+        };
+        assert!(
+            store
+                .replace(&touched, 1, &event(&touched, "update"))
+                .await
+                .expect("replace")
+        );
+        assert_eq!(
+            ids(store
+                .policy_candidates(unwarned(8_000), 10)
+                .await
+                .expect("query")),
+            [touched.id.clone()]
+        );
+
+        let expiring_query = PolicyQuery::ExpiringUnwarned {
+            now: at(10_000),
+            until: at(30_000),
+        };
+        assert_eq!(
+            ids(store
+                .policy_candidates(expiring_query, 10)
+                .await
+                .expect("query")),
+            [expiring.id.clone()]
+        );
+        let warned = AuditEvent {
+            action: "expiry_warning",
+            details: serde_json::json!({ "expires_at": 20_000 }),
+            ..event(&expiring, "expiry_warning")
+        };
+        store.record_event(&warned).await.expect("warn");
+        assert_eq!(
+            ids(store
+                .policy_candidates(expiring_query, 10)
+                .await
+                .expect("query")),
+            []
+        );
+        // A rename leaves the expiry warned of; a new expiry is warned of again.
+        let renamed = StoredKey {
+            name: "renamed".into(),
+            revision: 2,
+            ..expiring.clone()
+        };
+        assert!(
+            store
+                .replace(&renamed, 1, &event(&renamed, "update"))
+                .await
+                .expect("replace")
+        );
+        assert_eq!(
+            ids(store
+                .policy_candidates(expiring_query, 10)
+                .await
+                .expect("query")),
+            []
+        );
+        let moved = StoredKey {
+            expiration: Some(at(25_000)),
+            revision: 3,
+            ..renamed
+        };
+        assert!(
+            store
+                .replace(&moved, 2, &event(&moved, "update"))
+                .await
+                .expect("replace")
+        );
+        assert_eq!(
+            ids(store
+                .policy_candidates(expiring_query, 10)
+                .await
+                .expect("query")),
+            [moved.id.clone()]
+        );
         store.close().await;
     }
 
