@@ -558,3 +558,45 @@ async fn sleep_or_stop(wait: Duration, stop: &mut watch::Receiver<bool>) -> bool
         _ = stop.changed() => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The actions the backlog counts are exactly those that are events.
+    #[test]
+    fn every_event_action_is_an_event_and_no_other_is() {
+        let actions = [
+            "create",
+            "update",
+            "roll",
+            "revoke",
+            "leak",
+            "expiry_warning",
+            "stale_warning",
+            "create_refused",
+            "update_refused",
+            "anchor",
+        ];
+        for action in actions {
+            assert_eq!(
+                event_type(action, &json!({})).is_some(),
+                EVENT_ACTIONS.contains(&action),
+                "{action}"
+            );
+        }
+        assert!(EVENT_ACTIONS.iter().all(|a| actions.contains(a)));
+    }
+
+    #[test]
+    fn an_endpoint_is_named_without_its_path() {
+        let e = Endpoint::new("https://hooks.example:8443/t/SECRET-TOKEN");
+        assert!(
+            e.label().starts_with("https://hooks.example:8443 #"),
+            "{}",
+            e.label()
+        );
+        assert!(!e.label().contains("SECRET"));
+        assert_eq!(e.key.len(), 64);
+    }
+}
