@@ -97,8 +97,8 @@ pub async fn run(
 }
 
 /// One pass of every policy that is on. Each query leaves out the keys already dealt with,
-/// so every key it returns is acted on, and a backlog longer than [`PER_PASS`] shrinks by that
-/// much each pass.
+/// so every key it returns is acted on, and a backlog longer than a pass takes shrinks by that
+/// much (500 keys of each kind) each pass.
 pub async fn pass(service: &KeyService, policy: &KeyPolicy) -> Result<(), ServiceError> {
     // Uses still in memory count: a key verified a moment ago is not idle.
     service.flush_usage().await?;

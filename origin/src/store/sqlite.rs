@@ -2242,7 +2242,11 @@ mod tests {
     async fn policy_queries_leave_out_what_was_dealt_with() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = open_store(&dir).await;
-        let ids = |keys: Vec<StoredKey>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
+        let ids = |keys: Vec<StoredKey>| {
+            keys.into_iter()
+                .map(|k| k.id.to_string())
+                .collect::<Vec<_>>()
+        };
         let at = |n: i64| UnixMillis(n);
         let idle = StoredKey {
             updated_at: at(1_000),
@@ -2273,7 +2277,7 @@ mod tests {
                 .policy_candidates(unwarned(5_000), 10)
                 .await
                 .expect("query")),
-            [idle.id.clone()]
+            [idle.id.as_str()]
         );
         let due = |warned_before| PolicyQuery::StaleDue {
             idle_before: at(5_000),
@@ -2285,12 +2289,12 @@ mod tests {
                 .policy_candidates(due(Some(at(8_000))), 10)
                 .await
                 .expect("query")),
-            [],
+            [""; 0],
             "not warned yet: not due"
         );
         assert_eq!(
             ids(store.policy_candidates(due(None), 10).await.expect("query")),
-            [idle.id.clone()],
+            [idle.id.as_str()],
             "no warning needed"
         );
         let warning = AuditEvent {
@@ -2304,14 +2308,14 @@ mod tests {
                 .policy_candidates(unwarned(5_000), 10)
                 .await
                 .expect("query")),
-            []
+            [""; 0]
         );
         assert_eq!(
             ids(store
                 .policy_candidates(due(Some(at(6_000))), 10)
                 .await
                 .expect("query")),
-            [],
+            [""; 0],
             "warned too recently"
         );
         assert_eq!(
@@ -2319,7 +2323,7 @@ mod tests {
                 .policy_candidates(due(Some(at(8_000))), 10)
                 .await
                 .expect("query")),
-            [idle.id.clone()]
+            [idle.id.as_str()]
         );
         // New activity after the warning: a new idle period, to be warned anew.
         let touched = StoredKey {
@@ -2338,7 +2342,7 @@ mod tests {
                 .policy_candidates(unwarned(8_000), 10)
                 .await
                 .expect("query")),
-            [touched.id.clone()]
+            [touched.id.as_str()]
         );
 
         let expiring_query = PolicyQuery::ExpiringUnwarned {
@@ -2350,7 +2354,7 @@ mod tests {
                 .policy_candidates(expiring_query, 10)
                 .await
                 .expect("query")),
-            [expiring.id.clone()]
+            [expiring.id.as_str()]
         );
         let warned = AuditEvent {
             action: "expiry_warning",
@@ -2363,7 +2367,7 @@ mod tests {
                 .policy_candidates(expiring_query, 10)
                 .await
                 .expect("query")),
-            []
+            [""; 0]
         );
         // A rename leaves the expiry warned of; a new expiry is warned of again.
         let renamed = StoredKey {
@@ -2382,7 +2386,7 @@ mod tests {
                 .policy_candidates(expiring_query, 10)
                 .await
                 .expect("query")),
-            []
+            [""; 0]
         );
         let moved = StoredKey {
             expiration: Some(at(25_000)),
@@ -2400,7 +2404,7 @@ mod tests {
                 .policy_candidates(expiring_query, 10)
                 .await
                 .expect("query")),
-            [moved.id.clone()]
+            [moved.id.as_str()]
         );
         store.close().await;
     }
