@@ -229,8 +229,8 @@ pub enum PolicyQuery {
         /// The time that decides expiry.
         now: UnixMillis,
     },
-    /// Unrevoked keys expiring after `now` and no later than `until` with no `expiry_warning`
-    /// for their current expiry.
+    /// Keys neither revoked nor disabled expiring after `now` and no later than `until`, with
+    /// no `expiry_warning` for their current expiry.
     ExpiringUnwarned {
         /// From.
         now: UnixMillis,

@@ -102,6 +102,10 @@ pub enum SignatureError {
     /// fault, and worth a retry.
     #[error("GitHub's public keys are not available yet")]
     NoKeys,
+    /// A key identifier shaped like GitHub's is not known, and the list was reloaded too
+    /// recently to try again: worth a retry.
+    #[error("this GitHub public key is not known yet; the key list is reloaded every few minutes")]
+    NotReloaded,
 }
 
 /// A signature whose headers passed [`GithubKeys::check_headers`], to check over the body.
@@ -269,13 +273,15 @@ impl GithubKeys {
         let key = match cached {
             Some(key) => key,
             None => {
-                if looks_like_githubs(identifier) {
-                    self.reload_for_unknown_key().await;
-                }
+                let shaped = looks_like_githubs(identifier);
+                let reloaded = shaped && self.reload_for_unknown_key().await;
                 let known = self.read();
                 match known.get(identifier) {
                     Some(key) => key,
                     None if known.is_empty() => return Err(SignatureError::NoKeys),
+                    // A key GitHub may have rotated in while the last reload is too recent to
+                    // try again: GitHub retries a 503, not a 401.
+                    None if shaped && !reloaded => return Err(SignatureError::NotReloaded),
                     None => return Err(SignatureError::UnknownKey),
                 }
             }
@@ -329,15 +335,18 @@ impl GithubKeys {
         }
     }
 
-    async fn reload_for_unknown_key(&self) {
+    /// Reloads the sources unless that was done less than [`RELOAD_AT_MOST_EVERY`] ago;
+    /// `false` if it was not done now.
+    async fn reload_for_unknown_key(&self) -> bool {
         let mut last = self.last_reload.lock().await;
         if last.is_some_and(|at| at.elapsed() < RELOAD_AT_MOST_EVERY) {
-            return;
+            return false;
         }
         *last = Some(Instant::now());
         if let Err(error) = self.refresh().await {
             tracing::warn!(%error, "reloading GitHub secret scanning keys for an unknown key identifier");
         }
+        true
     }
 
     async fn fetch(&self, url: &str) -> Result<HashMap<String, VerifyingKey>, KeysError> {

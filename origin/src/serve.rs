@@ -155,10 +155,19 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let webhooks = match &config.webhooks {
         Some(webhooks) => {
-            if let Err(error) = crate::webhook::init_cursors(webhooks, store.as_ref()).await {
-                // A database that takes no write (read-only) takes no change either: the
-                // deliverers make the cursors once it does.
-                tracing::warn!(%error, "webhooks: cannot record the new endpoints' cursors yet");
+            // Before the first request: a change made before a new endpoint's cursor exists
+            // would be taken for history. A busy database gets a few tries; one that takes no
+            // write (read-only) takes no change either, and the deliverers make the cursors
+            // once it does.
+            for attempt in 1..=5 {
+                match crate::webhook::init_cursors(webhooks, store.as_ref()).await {
+                    Ok(()) => break,
+                    Err(error) if attempt == 5 => tracing::warn!(
+                        %error,
+                        "webhooks: cannot record the new endpoints' cursors yet"
+                    ),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
             }
             tracing::info!(
                 endpoints = webhooks.endpoints.len(),

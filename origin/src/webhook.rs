@@ -457,7 +457,13 @@ impl Deliverer {
             tokio::select! {
                 _ = commits.changed() => {}
                 () = tokio::time::sleep(POLL) => {}
-                _ = stop.changed() => {}
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        // Nobody can stop us any more: origin is going away.
+                        self.save(cursor, &mut saved).await;
+                        return;
+                    }
+                }
             }
         }
     }

@@ -56,6 +56,10 @@ const READING_MAX: usize = 4;
 
 static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(READING_MAX);
 
+/// The longest an alert waits for a reading slot; then 503, which GitHub retries (slow senders
+/// holding every slot cannot hold real alerts for ever).
+const READING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Verifies the alert, reports every token that is one of our keys, and answers feedback.
 /// The headers are checked before the body is read.
 pub(super) async fn alert(
@@ -75,13 +79,17 @@ pub(super) async fn alert(
         .check_headers(text(header::KEY_IDENTIFIER), text(header::SIGNATURE))
         .await
         .map_err(refused)?;
-    let _reading = READING.acquire().await.map_err(|_| {
+    let busy = || {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Origin is shutting down; retry.",
+            "busy",
+            "Other alerts are being read; retry.",
         )
-    })?;
+    };
+    let _reading = tokio::time::timeout(READING_WAIT, READING.acquire())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
     let RawBody(body, _) = RawBody::<Clerk>::from_request(request, &state).await?;
     checked.verify(&body).map_err(refused)?;
     let found: Vec<Found> = serde_json::from_slice(&body).map_err(|e| {
@@ -123,7 +131,9 @@ pub(super) async fn alert(
 fn refused(error: SignatureError) -> ApiError<Clerk> {
     tracing::warn!(%error, "GitHub secret scanning alert refused");
     let (status, code) = match error {
-        SignatureError::NoKeys => (StatusCode::SERVICE_UNAVAILABLE, "keys_unavailable"),
+        SignatureError::NoKeys | SignatureError::NotReloaded => {
+            (StatusCode::SERVICE_UNAVAILABLE, "keys_unavailable")
+        }
         _ => (StatusCode::UNAUTHORIZED, "signature_invalid"),
     };
     ApiError::new(

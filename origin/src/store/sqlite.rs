@@ -1528,7 +1528,8 @@ impl KeyStore for SqliteStore {
             ),
             PolicyQuery::ExpiringUnwarned { now, until } => (
                 format!(
-                    "SELECT {columns} FROM api_keys k WHERE k.revoked = 0 AND k.expiration > ? \
+                    "SELECT {columns} FROM api_keys k WHERE k.revoked = 0 AND k.disabled = 0 \
+                     AND k.expiration > ? \
                      AND k.expiration <= ? AND NOT EXISTS (SELECT 1 FROM audit_log a \
                      WHERE a.key_id = k.id AND a.action = 'expiry_warning' \
                      AND json_extract(a.details, '$.expires_at') = k.expiration) \
