@@ -269,16 +269,26 @@ async fn a_signed_alert_revokes_our_leaked_keys_once_and_answers_githubs_feedbac
         }
     };
     let before = audit_len().await;
-    let started_again = Instant::now();
-    let r = alert(&app, &big, Some(&github)).await;
-    let retry = started_again.elapsed();
-    assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(audit_len().await, before, "GitHub's retry changed nothing");
+    // GitHub retries an alert it got no answer to: five times here, for a median.
+    let mut retries = Vec::new();
+    for _ in 0..5 {
+        let started_again = Instant::now();
+        let r = alert(&app, &big, Some(&github)).await;
+        retries.push(started_again.elapsed().as_millis());
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    retries.sort_unstable();
+    assert_eq!(
+        audit_len().await,
+        before,
+        "GitHub's retries changed nothing"
+    );
+    // `./dev bench` reads this line (its `secret_scanning` step).
     common::edge::report_measurement(&format!(
-        "secret scanning: a signed alert of 5,000 tokens ({} KB, 200 of them our keys) answered in {} ms, all 200 revoked; GitHub's retry of it in {} ms, changing nothing",
+        "secret scanning: a signed alert of 5,000 tokens ({} KB, 200 of them our keys) answered in {} ms, all 200 revoked; GitHub's retry of it: median {} ms of 5, changing nothing",
         big.len() / 1024,
         took.as_millis(),
-        retry.as_millis()
+        retries[2]
     ));
 }
 
