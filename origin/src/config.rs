@@ -164,18 +164,7 @@ impl KvConfig {
                 "must be letters, digits and dashes",
             ));
         }
-        let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
-            match var(name) {
-                None => Ok(Duration::from_millis(default)),
-                Some(v) => match v.parse::<u64>() {
-                    Ok(ms) if (10..=600_000).contains(&ms) => Ok(Duration::from_millis(ms)),
-                    _ => Err(problem(
-                        name,
-                        format!("{v:?} is not a number of milliseconds from 10 to 600000"),
-                    )),
-                },
-            }
-        };
+        let millis = |name: &'static str, default: u64| millis(&var, name, 10..=600_000, default);
         let api_base = api_base.trim_end_matches('/').to_owned();
         let local = api_base.ends_with(LOCAL_API_PATH);
         let write_mode = match var("KV_WRITE_MODE").as_deref() {
@@ -276,25 +265,7 @@ impl LedgerConfig {
         }
         let secret = SigningSecret::parse(&secret)
             .map_err(|e| problem("LEDGER_SIGNING_SECRET", e.to_string()))?;
-        let millis = |name: &'static str,
-                      range: std::ops::RangeInclusive<u64>,
-                      default: u64|
-         -> Result<Duration, ConfigError> {
-            match var(name) {
-                None => Ok(Duration::from_millis(default)),
-                Some(v) => match v.trim().parse::<u64>() {
-                    Ok(ms) if range.contains(&ms) => Ok(Duration::from_millis(ms)),
-                    _ => Err(problem(
-                        name,
-                        format!(
-                            "{v:?} is not a number of milliseconds from {} to {}",
-                            range.start(),
-                            range.end()
-                        ),
-                    )),
-                },
-            }
-        };
+        let millis = |name: &'static str, range, default| millis(var, name, range, default);
         Ok(Some(Self {
             url: parsed.base().to_owned(),
             secret,
@@ -557,6 +528,29 @@ impl Config {
     }
 }
 
+/// Reads a setting in milliseconds: `default` when unset, an error naming `range` otherwise.
+fn millis(
+    var: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    range: std::ops::RangeInclusive<u64>,
+    default: u64,
+) -> Result<Duration, ConfigError> {
+    match var(name) {
+        None => Ok(Duration::from_millis(default)),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if range.contains(&ms) => Ok(Duration::from_millis(ms)),
+            _ => Err(problem(
+                name,
+                format!(
+                    "{v:?} is not a number of milliseconds from {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        },
+    }
+}
+
 /// Reads the key lifecycle policies' settings: durations such as `60d`, `12h` or `500ms`.
 fn key_policy(
     var: &dyn Fn(&str) -> Option<String>,
@@ -639,21 +633,7 @@ fn webhooks(
         .filter(|s| !s.is_empty())
         .map(|s| crate::webhook::WebhookSecret::parse(s).map_err(|e| problem("WEBHOOK_SECRET", e)))
         .collect::<Result<Vec<_>, _>>()?;
-    let millis =
-        |name: &'static str, range: std::ops::RangeInclusive<u64>, default: u64| match var(name) {
-            None => Ok(Duration::from_millis(default)),
-            Some(v) => match v.trim().parse::<u64>() {
-                Ok(ms) if range.contains(&ms) => Ok(Duration::from_millis(ms)),
-                _ => Err(problem(
-                    name,
-                    format!(
-                        "{v:?} is not a number of milliseconds from {} to {}",
-                        range.start(),
-                        range.end()
-                    ),
-                )),
-            },
-        };
+    let millis = |name: &'static str, range, default| millis(var, name, range, default);
     if secrets.is_empty() {
         return Err(problem("WEBHOOK_SECRET", "lists no secret"));
     }

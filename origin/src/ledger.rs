@@ -36,7 +36,6 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::LedgerConfig;
 use crate::model::{OutboxEntry, Sink};
-use crate::publish::wait_for_lock;
 use crate::service::system_now;
 use crate::store::{KeyStore, StoreError};
 
@@ -362,18 +361,14 @@ impl LedgerPublisher {
         lock_path: Option<PathBuf>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let _lock = match lock_path {
-            Some(path) => match wait_for_lock(
-                &path,
-                &mut stop,
-                "another origin holds the ledger lock; waiting",
-            )
-            .await
-            {
-                Some(lock) => Some(lock),
-                None => return,
-            },
-            None => None,
+        let Ok(_lock) = crate::publish::hold_lock(
+            lock_path.as_deref(),
+            &mut stop,
+            "another origin holds the ledger lock; waiting",
+        )
+        .await
+        else {
+            return;
         };
         self.resend_recent().await;
         let mut failures_in_a_row = 0u32;

@@ -72,18 +72,14 @@ pub async fn run(
     lock_path: Option<PathBuf>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let _lock = match lock_path {
-        Some(path) => match crate::publish::wait_for_lock(
-            &path,
-            &mut stop,
-            "another origin holds the key policy lock; waiting",
-        )
-        .await
-        {
-            Some(lock) => Some(lock),
-            None => return,
-        },
-        None => None,
+    let Ok(_lock) = crate::publish::hold_lock(
+        lock_path.as_deref(),
+        &mut stop,
+        "another origin holds the key policy lock; waiting",
+    )
+    .await
+    else {
+        return;
     };
     loop {
         if let Err(error) = pass(&service, &policy).await {

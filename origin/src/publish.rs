@@ -317,18 +317,14 @@ impl Publisher {
         lock_path: Option<PathBuf>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let _lock = match lock_path {
-            Some(path) => match wait_for_lock(
-                &path,
-                &mut stop,
-                "another publisher (origin or `origin sync`) holds the lock; waiting",
-            )
-            .await
-            {
-                Some(lock) => Some(lock),
-                None => return,
-            },
-            None => None,
+        let Ok(_lock) = hold_lock(
+            lock_path.as_deref(),
+            &mut stop,
+            "another publisher (origin or `origin sync`) holds the lock; waiting",
+        )
+        .await
+        else {
+            return;
         };
         // At shutdown, a request waiting for the budget (a 429's pause lasts minutes) gives up.
         let budget = self.kv.budget();
@@ -817,9 +813,29 @@ pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
     role_lock(database_file, "publisher")
 }
 
+/// `stop` turned before the lock was ours.
+#[derive(Debug)]
+pub struct Stopped;
+
+/// A background role's lock ([`role_lock`]): taken, waiting while another process holds it, if
+/// there is one (a file database); `Err(Stopped)` if `stop` turned first.
+pub async fn hold_lock(
+    path: Option<&Path>,
+    stop: &mut watch::Receiver<bool>,
+    waiting: &str,
+) -> Result<Option<File>, Stopped> {
+    match path {
+        Some(path) => wait_for_lock(path, stop, waiting)
+            .await
+            .map(Some)
+            .ok_or(Stopped),
+        None => Ok(None),
+    }
+}
+
 /// Waits until the lock at `path` is ours, or `stop` turns true (`None`); says `waiting` once
-/// while another process holds it. Used for the KV publisher's and the ledger publisher's locks.
-pub async fn wait_for_lock(
+/// while another process holds it.
+async fn wait_for_lock(
     path: &Path,
     stop: &mut watch::Receiver<bool>,
     waiting: &str,
