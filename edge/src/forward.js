@@ -16,11 +16,11 @@ export function forwardUpstream(spec, incoming, body) {
   const headers = new Headers(incoming);
   // Collected first: deleting while iterating skips entries. Names come back lower-cased.
   const dropped = [];
-  for (const name of headers.keys()) {
+  headers.forEach((_value, name) => {
     if (name === "authorization" || name === "host" || name.startsWith(prefix)) {
       dropped.push(name);
     }
-  }
+  });
   for (const name of dropped) {
     headers.delete(name);
   }

@@ -215,7 +215,7 @@ impl KeyHash {
 
     /// Lowercase hex, as used in KV entry names.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        crate::hex32(&self.0)
     }
 }
 

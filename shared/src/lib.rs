@@ -25,6 +25,16 @@ pub mod verify;
 
 mod base62;
 
+/// Lowercase hex of a 32-byte digest, written into place in one pass (`hex::encode` builds its
+/// string a character at a time, which showed in the edge's profile).
+pub(crate) fn hex32(bytes: &[u8; 32]) -> String {
+    let mut out = [0u8; 64];
+    // Exactly twice the input's length, so neither step can fail.
+    hex::encode_to_slice(bytes, &mut out)
+        .unwrap_or_else(|_| unreachable!("64 bytes of room for 32 bytes of hex"));
+    String::from_utf8(out.to_vec()).unwrap_or_else(|_| unreachable!("hex digits are ASCII"))
+}
+
 /// `s` as an error message may echo it: its first `max` bytes (cut at a character boundary),
 /// and `…` if that left something out.
 pub(crate) fn echo(s: &str, max: usize) -> String {

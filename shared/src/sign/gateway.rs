@@ -79,7 +79,7 @@ use hmac::Mac;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use sha2::{Digest, Sha256};
 
-use super::{MAX_CLOCK_SKEW_MS, SigningSecret, mac, within_skew};
+use super::{MAX_CLOCK_SKEW_MS, SigningSecret, within_skew};
 use crate::record::UnixMillis;
 
 /// The value of the [`header::VERSION`] header this module writes and reads.
@@ -169,10 +169,10 @@ pub struct SignedRequest<'a> {
 impl SignedRequest<'_> {
     /// The bytes the signature covers: every field as a netstring, after the tag.
     pub fn message(&self) -> Vec<u8> {
-        let timestamp = self.timestamp.0.to_string();
+        let mut timestamp = itoa::Buffer::new();
         let fields = [
             TAG,
-            &timestamp,
+            timestamp.format(self.timestamp.0),
             self.request_id,
             self.method,
             self.path,
@@ -183,8 +183,9 @@ impl SignedRequest<'_> {
             self.scopes,
         ];
         let mut message = Vec::with_capacity(fields.iter().map(|f| f.len() + 8).sum());
+        let mut length = itoa::Buffer::new();
         for field in fields {
-            message.extend_from_slice(field.len().to_string().as_bytes());
+            message.extend_from_slice(length.format(field.len()).as_bytes());
             message.push(b':');
             message.extend_from_slice(field.as_bytes());
             message.push(b',');
@@ -194,11 +195,7 @@ impl SignedRequest<'_> {
 
     /// The headers the edge sets, signature included, in [`header::ALL`]'s order.
     pub fn headers(&self, secret: &SigningSecret) -> [(&'static str, String); 8] {
-        let signature = hex::encode(
-            mac(secret.as_bytes(), &self.message())
-                .finalize()
-                .into_bytes(),
-        );
+        let signature = crate::hex32(&secret.mac(&self.message()).finalize().into_bytes().into());
         [
             (header::VERSION, VERSION.to_owned()),
             (header::KEY_ID, self.key_id.to_owned()),
@@ -343,7 +340,8 @@ impl GatewayVerifier {
             subject: &subject,
             scopes,
         };
-        mac(self.secret.as_bytes(), &signed.message())
+        self.secret
+            .mac(&signed.message())
             .verify_slice(&signature)
             .map_err(|_| GatewayError::Mismatch)?;
         self.remember(request_id, timestamp, now)?;

@@ -33,8 +33,21 @@ pub const SECRET_MIN_LEN: usize = 32;
 /// assert_eq!(format!("{secret:?}"), "SigningSecret(<redacted>)");
 /// assert_eq!(SigningSecret::parse("short"), Err(SecretError::TooShort { len: 5 }));
 /// ```
-#[derive(Clone, PartialEq, Eq)]
-pub struct SigningSecret(Vec<u8>);
+#[derive(Clone)]
+pub struct SigningSecret {
+    bytes: Vec<u8>,
+    /// HMAC-SHA256 keyed with `bytes`, before any message: each signature starts from a copy,
+    /// so the key's two padded blocks are hashed once, not on every message.
+    keyed: HmacSha256,
+}
+
+impl PartialEq for SigningSecret {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for SigningSecret {}
 
 /// Why a signing secret was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,12 +77,21 @@ impl SigningSecret {
         if trimmed.len() < SECRET_MIN_LEN {
             return Err(SecretError::TooShort { len: trimmed.len() });
         }
-        Ok(Self(trimmed.as_bytes().to_vec()))
+        let bytes = trimmed.as_bytes().to_vec();
+        let keyed = keyed(&bytes);
+        Ok(Self { bytes, keyed })
     }
 
     /// The secret's bytes, the HMAC key.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
+    }
+
+    /// HMAC-SHA256 under this secret, fed `message`.
+    fn mac(&self, message: &[u8]) -> HmacSha256 {
+        let mut mac = self.keyed.clone();
+        mac.update(message);
+        mac
     }
 }
 
@@ -125,7 +147,7 @@ pub fn usage_message(timestamp: UnixMillis, body: &[u8]) -> Vec<u8> {
 
 /// Signs `message` with `secret`: lowercase hex HMAC-SHA256.
 pub fn sign(secret: &[u8], message: &[u8]) -> String {
-    hex::encode(mac(secret, message).finalize().into_bytes())
+    crate::hex32(&mac(secret, message).finalize().into_bytes().into())
 }
 
 /// A signature [`verify_signed`] accepted: what replay guards key on.
@@ -185,11 +207,16 @@ pub fn within_skew(now: UnixMillis, timestamp: UnixMillis) -> bool {
 }
 
 fn mac(secret: &[u8], message: &[u8]) -> HmacSha256 {
-    // HMAC takes keys of any length, so this cannot fail.
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    let mut mac = keyed(secret);
     mac.update(message);
     mac
+}
+
+/// HMAC-SHA256 keyed with `secret`, before any message.
+fn keyed(secret: &[u8]) -> HmacSha256 {
+    // HMAC takes keys of any length, so this cannot fail.
+    <HmacSha256 as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"))
 }
 
 #[cfg(test)]
