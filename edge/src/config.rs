@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use latchkey_shared::ledger::memory::Settings as MemorySettings;
+use latchkey_shared::sign::gateway::Version as SignatureVersion;
 use latchkey_shared::sign::{SigningSecret, shared_secret};
 use latchkey_shared::target::UpstreamUrl;
 use latchkey_shared::{RouteError, RouteTable};
@@ -18,6 +19,9 @@ pub(crate) struct Settings {
     pub(crate) upstream: Option<UpstreamUrl>,
     /// Signs the identity headers sent upstream (`UPSTREAM_SIGNING_SECRET`, a secret).
     pub(crate) upstream_secret: Option<SigningSecret>,
+    /// The form of the identity headers (`UPSTREAM_SIGNATURE_VERSION`: `3`, one header, by
+    /// default; `2`, eight headers, for upstreams whose verifier predates version 3).
+    pub(crate) upstream_signature: SignatureVersion,
     /// Largest gateway request body forwarded (`GATEWAY_BODY_MAX_BYTES`): the body is read
     /// whole to sign its digest.
     pub(crate) gateway_body_max: usize,
@@ -119,6 +123,14 @@ impl Settings {
                 return Err(ConfigError::Missing("UPSTREAM_SIGNING_SECRET", "ROUTES"));
             }
         }
+        let upstream_signature = match text(env, "UPSTREAM_SIGNATURE_VERSION") {
+            None => SignatureVersion::default(),
+            Some(v) => SignatureVersion::parse(&v).ok_or(ConfigError::Invalid {
+                name: "UPSTREAM_SIGNATURE_VERSION",
+                expected: "2 or 3",
+                value: v,
+            })?,
+        };
         let usage_url = text(env, "ORIGIN_USAGE_URL");
         check_url("ORIGIN_USAGE_URL", usage_url.as_deref())?;
         let usage_secret = secret(env, "USAGE_SIGNING_SECRET")?;
@@ -181,6 +193,7 @@ impl Settings {
             routes,
             upstream,
             upstream_secret,
+            upstream_signature,
             gateway_body_max,
             usage_url,
             usage_secret,

@@ -6,7 +6,9 @@
 
 use js_sys::futures::JsFuture;
 use latchkey_shared::ip::parse_client;
-use latchkey_shared::sign::gateway::{SignedRequest, content_sha256, header};
+use latchkey_shared::sign::gateway::{
+    SignedRequest, Version as SignatureVersion, content_sha256, header,
+};
 use latchkey_shared::target::RequestTarget;
 use latchkey_shared::{KeyRecord, Verdict};
 use wasm_bindgen::JsCast;
@@ -136,7 +138,7 @@ fn unauthorized(code: &str, message: &str) -> Result<web_sys::Response> {
 
 /// Sends the request upstream: same method, canonical path, query and body; the partner's
 /// credentials and any client-sent `x-latchkey-*` headers removed; identity headers added and
-/// signed (version 2: `latchkey_shared::sign::gateway`). The upstream's response is returned
+/// signed (version 3, or 2 if so configured: `latchkey_shared::sign::gateway`). The upstream's response is returned
 /// as the runtime gave it, not rebuilt.
 ///
 /// The body is read whole (up to `GATEWAY_BODY_MAX_BYTES`) because its digest is signed. The
@@ -176,13 +178,20 @@ async fn forward(
             }
         }
     };
-    let forwarded_path = format!("{}{}", upstream.path(), target.path);
+    // Joined without `format!`, which showed in the Worker's profile.
+    let forwarded_path = [upstream.path(), target.path].concat();
     let url = if target.query.is_empty() {
-        format!("{}{}", upstream.base(), target.path)
+        [upstream.base(), target.path].concat()
     } else {
-        format!("{}{}?{}", upstream.base(), target.path, target.query)
+        [upstream.base(), target.path, "?", target.query].concat()
     };
-    let scopes = record.scopes.to_strings().join(" ");
+    let mut scopes = String::with_capacity(record.scopes.len() * 16);
+    for scope in record.scopes.iter() {
+        if !scopes.is_empty() {
+            scopes.push(' ');
+        }
+        scopes.push_str(scope.as_str());
+    }
     let request_id = random_uuid()?;
     let digest = content_sha256(&body);
     let signed = SignedRequest {
@@ -200,15 +209,21 @@ async fn forward(
     // query as the runtime's URL parser left it (which drops tabs and line breaks), the subject
     // percent-encoded, the scopes, ids and digests of plain characters. Counted all the same:
     // a line too many would shift what `forward.js` reads as the method and the prefix.
-    let headers_signed = signed.headers(secret);
-    let mut spec = format!("{url}\n{method}\n{}", header::HEADER_PREFIX);
-    for (name, value) in &headers_signed {
-        spec.push('\n');
-        spec.push_str(name);
-        spec.push('\n');
-        spec.push_str(value);
-    }
-    if spec.split('\n').count() != 3 + 2 * headers_signed.len() {
+    let mut spec = [url.as_str(), "\n", method, "\n", header::HEADER_PREFIX].concat();
+    let pairs = match config.upstream_signature {
+        SignatureVersion::V3 => {
+            push_header(&mut spec, header::IDENTITY, &signed.identity(secret));
+            1
+        }
+        SignatureVersion::V2 => {
+            let headers = signed.headers(secret);
+            for (name, value) in &headers {
+                push_header(&mut spec, name, value);
+            }
+            headers.len()
+        }
+    };
+    if spec.bytes().filter(|&b| b == b'\n').count() != 2 + 2 * pairs {
         worker::console_error!("forwarding refused: a forwarded field holds a line break");
         return reply::error(500, "internal_error", "the request could not be forwarded");
     }
@@ -248,6 +263,14 @@ async fn forward(
         upstream_response.body().as_ref(),
         &init,
     )?)
+}
+
+/// Adds a signed header's name and value to `forward.js`'s spec, a line each.
+fn push_header(spec: &mut String, name: &str, value: &str) {
+    spec.push('\n');
+    spec.push_str(name);
+    spec.push('\n');
+    spec.push_str(value);
 }
 
 thread_local! {

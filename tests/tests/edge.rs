@@ -58,6 +58,14 @@ async fn gateway_forwards_allowed_requests_and_refuses_the_rest() {
     assert_eq!(r.body["query"], "expand=items");
     assert_eq!(r.body["authorization_forwarded"], false);
     assert_eq!(r.body["other_latchkey_headers"], json!([]));
+    let identity = r.body["identity_headers"]["x-latchkey-identity"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        identity.starts_with("v=3 t=")
+            && identity.contains(&format!(" key={id} sub=acme-corp scopes=read:orders sig=")),
+        "version 3, one header: {identity}"
+    );
     // The key reached the isolate through the ledger: decided from memory, no KV read.
     assert_eq!(kv_reads(&r.headers), 0);
 
@@ -599,7 +607,7 @@ async fn edge_and_origin_decide_the_same_table_alike() {
 }
 
 #[tokio::test]
-async fn a_bad_route_rule_refuses_every_request_and_names_the_rule() {
+async fn a_bad_route_rule_or_signature_version_refuses_every_request_and_names_it() {
     let mut edge = common::edge::Edge::on_free_port();
     edge.var("ROUTES", "GET /orders/** read:orders\nFETCH /x")
         .var("UPSTREAM_URL", "http://127.0.0.1:9");
@@ -624,9 +632,9 @@ async fn a_bad_route_rule_refuses_every_request_and_names_the_rule() {
         );
     }
     // The Worker's console.error reaches wrangler's output shortly after the response.
-    let edge = &edge;
+    let logged = &edge;
     eventually(Duration::from_secs(10), || async move {
-        let logs = edge.logs();
+        let logs = logged.logs();
         if logs.contains("latchkey edge is misconfigured") {
             Ok(())
         } else {
@@ -634,6 +642,20 @@ async fn a_bad_route_rule_refuses_every_request_and_names_the_rule() {
         }
     })
     .await;
+
+    // Good rules, an identity header version that does not exist.
+    edge.stop();
+    edge.var("ROUTES", "GET /orders/** read:orders")
+        .var("UPSTREAM_SIGNING_SECRET", &"s".repeat(40))
+        .var("UPSTREAM_SIGNATURE_VERSION", "1");
+    edge.start_expecting_misconfiguration().await;
+    let r = TestApp::send(edge.request(Method::GET, "/orders/1")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "edge_misconfigured");
+    assert_eq!(
+        r.body["error"]["message"],
+        r#"UPSTREAM_SIGNATURE_VERSION must be 2 or 3, got "1""#
+    );
 }
 
 #[tokio::test]

@@ -155,7 +155,12 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
             ("WEBHOOK_SECRET", WEBHOOK_SECRET),
             ("WEBHOOK_RETRY_MAX_MS", "200"),
         ],
-        &[("LEDGER_RETENTION_MS", "1000"), ("MEMORY_TTL_MS", "1000")],
+        // Version 2's identity headers, as for an upstream not yet upgraded to version 3.
+        &[
+            ("LEDGER_RETENTION_MS", "1000"),
+            ("MEMORY_TTL_MS", "1000"),
+            ("UPSTREAM_SIGNATURE_VERSION", "2"),
+        ],
     )
     .await;
     let mut secrets: Vec<String> = Vec::new();
@@ -197,6 +202,8 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
             .gateway(Method::GET, "/orders/7", Some(key))
             .await;
         assert_eq!(g.status, StatusCode::OK, "{}", g.body);
+        let forms = g.body["identity_headers"].as_object().map(|h| h.len());
+        assert_eq!(forms, Some(8), "version 2: eight headers, {}", g.body);
     }
     // Failed attempts log too: a near-miss key.
     let near_miss = format!("{}x", &secrets[0][..secrets[0].len() - 1]);

@@ -1,40 +1,62 @@
-//! The identity headers the gateway adds to a forwarded request, version 2, and
-//! [`GatewayVerifier`], the check an upstream runs on every request before trusting them.
+//! The identity headers the gateway adds to a forwarded request (version 3, and version 2
+//! for upstreams not yet upgraded), and [`GatewayVerifier`], the check an upstream runs on
+//! every request before trusting them.
 //!
 //! # What is signed
 //!
 //! The edge removes the partner's `Authorization` header and every client-sent `x-latchkey-*`
-//! header, then sets the [`header`]s below. `x-latchkey-signature` is the lowercase hex
-//! HMAC-SHA256, keyed with `UPSTREAM_SIGNING_SECRET`, of these fields, each written as a
-//! netstring (`<length in bytes, decimal>:<bytes>,`), in this order:
+//! header, then signs these fields with HMAC-SHA256, keyed with `UPSTREAM_SIGNING_SECRET`, each
+//! written as a netstring (`<length in bytes, decimal>:<bytes>,`), in this order:
 //!
 //! | field | value |
 //! |---|---|
-//! | tag | `latchkey-gateway-v2` |
-//! | timestamp | unix milliseconds, decimal (`x-latchkey-timestamp`) |
-//! | request id | unique per forwarded request (`x-latchkey-request-id`) |
+//! | tag | `latchkey-gateway-v3` (version 2: `latchkey-gateway-v2`) |
+//! | timestamp | unix milliseconds, decimal |
+//! | request id | unique per forwarded request |
 //! | method | as forwarded, e.g. `POST` |
 //! | path | the path the upstream receives (the `UPSTREAM_URL`'s own path, then the request's canonical path), percent-encoded exactly as on the wire |
 //! | query | the query as on the wire, without `?`; empty if none |
-//! | content digest | lowercase hex SHA-256 of the forwarded body (of nothing for a request without one; `x-latchkey-content-sha256`) |
-//! | key id | `x-latchkey-key-id` |
-//! | subject | the key's subject, UTF-8 (the header carries it percent-encoded) |
-//! | scopes | the key's scopes, space-separated (`x-latchkey-scopes`) |
+//! | content digest | lowercase hex SHA-256 of the forwarded body (of nothing for a request without one) |
+//! | key id | the key's public id |
+//! | subject | the key's subject, UTF-8 |
+//! | scopes | the key's scopes, space-separated |
 //!
 //! Length prefixes make the encoding unambiguous: no field's content can move into another
 //! (version 1 joined fields with newlines, so a subject holding a newline could forge scopes).
+//! The tag keeps the versions apart: a signature made for one is no signature for the other.
+//!
+//! # Version 3: one header
+//!
+//! [`header::IDENTITY`] (`x-latchkey-identity`) holds seven items separated by single spaces,
+//! each exactly once and in this order:
+//!
+//! ```text
+//! v=3 t=<timestamp> id=<request id> key=<key id> sub=<subject> scopes=<scopes> sig=<signature>
+//! ```
+//!
+//! `sub` is percent-encoded UTF-8 (everything but RFC 3986's unreserved characters), `scopes`
+//! comma-separated (empty for a key without scopes), `sig` the lowercase hex HMAC. The body's
+//! digest does not travel: the upstream computes it from the body it received. One header
+//! instead of eight is less work for the edge on every forwarded request (BENCHMARKS.md).
+//!
+//! # Version 2: eight headers
+//!
+//! [`header::ALL`]: `x-latchkey-version: 2`, then the key id, subject (percent-encoded),
+//! scopes (space-separated), timestamp, request id, content digest and signature, each in a
+//! header of its own. The edge sends them when `UPSTREAM_SIGNATURE_VERSION` is `2`.
 //!
 //! # What an upstream checks
 //!
-//! [`GatewayVerifier::verify`] checks the version, that the timestamp is within five minutes,
-//! that the body it received has the signed digest, the signature (in constant time) over the
-//! method, path and query it received, and that the request id was not seen before: a signed
-//! request can be replayed neither with another body or query, nor as it is.
+//! [`GatewayVerifier::verify`] reads version 3 when [`header::IDENTITY`] is present and version
+//! 2 otherwise, and checks the version, that the timestamp is within five minutes, the signature
+//! (in constant time) over the method, path, query and body it received, and that the request
+//! id was not seen before: a signed request can be replayed neither with another body or query,
+//! nor as it is.
 //!
 //! ```
 //! use latchkey_shared::UnixMillis;
 //! use latchkey_shared::sign::SigningSecret;
-//! use latchkey_shared::sign::gateway::{GatewayError, GatewayVerifier, Received, SignedRequest, content_sha256};
+//! use latchkey_shared::sign::gateway::{GatewayError, GatewayVerifier, Received, SignedRequest, content_sha256, header};
 //!
 //! let secret = SigningSecret::parse("an-upstream-secret-of-32-bytes-or-more").unwrap();
 //! let now = UnixMillis(1_700_000_000_000);
@@ -44,34 +66,48 @@
 //! let signed = SignedRequest {
 //!     timestamp: now, request_id: "0f6e2c1a-7d0b-4c55-9d64-3f2b8b1e9a10",
 //!     method: "POST", path: "/orders", query: "dry_run=1", content_sha256: &digest,
-//!     key_id: "key_2bX9", subject: "acme-corp", scopes: "write:orders",
+//!     key_id: "key_2bX9", subject: "acme corp", scopes: "write:orders read:orders",
 //! };
-//! let headers = signed.headers(&secret);
-//! let header = |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
+//! let identity = signed.identity(&secret);
+//! assert!(identity.starts_with("v=3 t=1700000000000 id=0f6e2c1a-7d0b-4c55-9d64-3f2b8b1e9a10 key=key_2bX9 sub=acme%20corp scopes=write:orders,read:orders sig="));
+//! let header = |name: &str| (name == header::IDENTITY).then_some(identity.as_str());
 //!
 //! // The upstream's side: what it received, and the headers.
-//! let mut verifier = GatewayVerifier::new(secret, 100_000);
+//! let mut verifier = GatewayVerifier::new(secret.clone(), 100_000);
 //! let received = Received { method: "POST", path: "/orders", query: "dry_run=1", body };
-//! let identity = verifier.verify(&received, header, now).unwrap();
-//! assert_eq!((identity.subject.as_str(), identity.scopes.as_slice()), ("acme-corp", &["write:orders".to_owned()][..]));
+//! let verified = verifier.verify(&received, header, now).unwrap();
+//! assert_eq!(verified.subject, "acme corp");
+//! assert_eq!(verified.scopes, ["write:orders", "read:orders"]);
 //!
-//! // The same headers again, or with another body or query, are refused.
+//! // The same header again, or with another body or query, is refused.
 //! assert_eq!(verifier.verify(&received, header, now), Err(GatewayError::Replayed));
 //! let other = Received { body: br#"{"sku":"B-2"}"#, ..received };
-//! assert_eq!(verifier.verify(&other, header, now), Err(GatewayError::BodyMismatch));
+//! assert_eq!(verifier.verify(&other, header, now), Err(GatewayError::Mismatch));
 //! let other = Received { query: "dry_run=0", ..received };
 //! assert_eq!(verifier.verify(&other, header, now), Err(GatewayError::Mismatch));
+//!
+//! // Version 2's eight headers pass the same verifier.
+//! let signed = SignedRequest { request_id: "a-second-request", ..signed };
+//! let headers = signed.headers(&secret);
+//! let header = |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
+//! assert_eq!(verifier.verify(&received, header, now).unwrap().key_id, "key_2bX9");
 //! ```
 //!
-//! # Migrating from version 1
+//! # Migrating
 //!
-//! Version 1 (`latchkey-gateway-v1`, no `x-latchkey-version` header) signed neither the query
-//! nor the body and had no request id. An upstream that checks version 1 refuses every
-//! version-2 request, so upgrade the upstream first: switch it to [`GatewayVerifier`] (or your
-//! own port of this page), keeping the old check only for requests without
-//! `x-latchkey-version` while the edge is redeployed; then deploy the edge; then remove the
-//! old check. The edge sends version 2 only.
+//! From version 2 to 3: upgrade the upstream's verifier first ([`GatewayVerifier`] accepts
+//! both; a port of this page must too), with the edge still sending version 2
+//! (`UPSTREAM_SIGNATURE_VERSION=2`); then let the edge send version 3 (the default). An
+//! upstream that only knows version 2 refuses version 3 requests (their `x-latchkey-version`
+//! is missing), so the order matters.
+//!
+//! From version 1 (`latchkey-gateway-v1`, no `x-latchkey-version` header), which signed
+//! neither the query nor the body and had no request id: switch the upstream to
+//! [`GatewayVerifier`], keeping the old check only for requests without `x-latchkey-version`
+//! or `x-latchkey-identity` while the edge is redeployed; then deploy the edge; then remove the
+//! old check.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -82,10 +118,41 @@ use sha2::{Digest, Sha256};
 use super::{MAX_CLOCK_SKEW_MS, SigningSecret, within_skew};
 use crate::record::UnixMillis;
 
-/// The value of the [`header::VERSION`] header this module writes and reads.
+/// The value of the [`header::VERSION`] header of version 2.
 pub const VERSION: &str = "2";
 
 const TAG: &str = "latchkey-gateway-v2";
+const TAG_V3: &str = "latchkey-gateway-v3";
+
+/// The form of the identity headers the edge sends (`UPSTREAM_SIGNATURE_VERSION`); an upstream's
+/// [`GatewayVerifier`] accepts both.
+///
+/// ```
+/// use latchkey_shared::sign::gateway::Version;
+///
+/// assert_eq!(Version::parse("3"), Some(Version::V3));
+/// assert_eq!(Version::parse("2"), Some(Version::V2));
+/// assert_eq!(Version::parse("1"), None);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Version {
+    /// Eight headers, [`header::ALL`].
+    V2,
+    /// One header, [`header::IDENTITY`].
+    #[default]
+    V3,
+}
+
+impl Version {
+    /// `2` or `3`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "2" => Some(Self::V2),
+            "3" => Some(Self::V3),
+            _ => None,
+        }
+    }
+}
 
 /// Names of the headers the edge adds to a forwarded request. Any header with the
 /// [`HEADER_PREFIX`](header::HEADER_PREFIX) that a client sends is removed before forwarding.
@@ -108,7 +175,10 @@ pub mod header {
     pub const CONTENT_SHA256: &str = "x-latchkey-content-sha256";
     /// Lowercase hex HMAC-SHA256 of the signed fields (see the module docs).
     pub const SIGNATURE: &str = "x-latchkey-signature";
-    /// Every header the edge sets.
+    /// Version 3's one header: the identity, the request id, the timestamp and the signature
+    /// (see the module docs).
+    pub const IDENTITY: &str = "x-latchkey-identity";
+    /// Every header the edge sets in version 2.
     pub const ALL: [&str; 8] = [
         VERSION,
         KEY_ID,
@@ -167,11 +237,15 @@ pub struct SignedRequest<'a> {
 }
 
 impl SignedRequest<'_> {
-    /// The bytes the signature covers: every field as a netstring, after the tag.
+    /// The bytes the signature covers in version 2: every field as a netstring, after the tag.
     pub fn message(&self) -> Vec<u8> {
+        self.message_tagged(TAG)
+    }
+
+    fn message_tagged(&self, tag: &str) -> Vec<u8> {
         let mut timestamp = itoa::Buffer::new();
         let fields = [
-            TAG,
+            tag,
             timestamp.format(self.timestamp.0),
             self.request_id,
             self.method,
@@ -193,7 +267,33 @@ impl SignedRequest<'_> {
         message
     }
 
-    /// The headers the edge sets, signature included, in [`header::ALL`]'s order.
+    /// The value of version 3's [`header::IDENTITY`], signature included.
+    pub fn identity(&self, secret: &SigningSecret) -> String {
+        let mac = secret.mac(&self.message_tagged(TAG_V3)).finalize();
+        let mut timestamp = itoa::Buffer::new();
+        let mut value = String::with_capacity(
+            160 + self.request_id.len()
+                + self.key_id.len()
+                + 3 * self.subject.len()
+                + self.scopes.len(),
+        );
+        value.push_str("v=3 t=");
+        value.push_str(timestamp.format(self.timestamp.0));
+        value.push_str(" id=");
+        value.push_str(self.request_id);
+        value.push_str(" key=");
+        value.push_str(self.key_id);
+        value.push_str(" sub=");
+        value.extend(utf8_percent_encode(self.subject, SUBJECT_ESCAPES));
+        value.push_str(" scopes=");
+        // Scopes hold no spaces (`scope` module), so the separators are the only ones.
+        value.extend(self.scopes.chars().map(|c| if c == ' ' { ',' } else { c }));
+        value.push_str(" sig=");
+        value.push_str(&crate::hex32(&mac.into_bytes().into()));
+        value
+    }
+
+    /// The headers the edge sets in version 2, signature included, in [`header::ALL`]'s order.
     pub fn headers(&self, secret: &SigningSecret) -> [(&'static str, String); 8] {
         let signature = crate::hex32(&secret.mac(&self.message()).finalize().into_bytes().into());
         [
@@ -246,8 +346,9 @@ pub enum GatewayError {
     /// A header is missing or malformed (named).
     #[error("the header {0} is missing or malformed")]
     Header(&'static str),
-    /// `x-latchkey-version` is not `2`.
-    #[error("unsupported identity header version (expected {VERSION})")]
+    /// The version is not one this verifier reads (`x-latchkey-version: 2`, or `v=3` in
+    /// `x-latchkey-identity`).
+    #[error("unsupported identity header version (expected 2 or 3)")]
     Version,
     /// The timestamp is further than five minutes from now.
     #[error("the signature timestamp is too far from the current time")]
@@ -291,8 +392,21 @@ impl GatewayVerifier {
     }
 
     /// Checks `received` and its headers (`header` looks one up by its lower-case name) at
-    /// time `now`; on success the request id is remembered and the identity returned.
+    /// time `now`; on success the request id is remembered and the identity returned. A
+    /// request with [`header::IDENTITY`] is read as version 3, any other as version 2.
     pub fn verify<'h>(
+        &mut self,
+        received: &Received<'_>,
+        header: impl Fn(&str) -> Option<&'h str>,
+        now: UnixMillis,
+    ) -> Result<VerifiedIdentity, GatewayError> {
+        match header(header::IDENTITY) {
+            Some(identity) => self.verify_v3(received, identity, now),
+            None => self.verify_v2(received, header, now),
+        }
+    }
+
+    fn verify_v2<'h>(
         &mut self,
         received: &Received<'_>,
         header: impl Fn(&str) -> Option<&'h str>,
@@ -302,31 +416,15 @@ impl GatewayVerifier {
         if get(header::VERSION)? != VERSION {
             return Err(GatewayError::Version);
         }
-        let timestamp = get(header::TIMESTAMP)?
-            .parse::<i64>()
-            .map(UnixMillis)
-            .map_err(|_| GatewayError::Header(header::TIMESTAMP))?;
-        if !within_skew(now, timestamp) {
-            return Err(GatewayError::Stale);
-        }
-        let request_id = get(header::REQUEST_ID)?;
-        if request_id.is_empty()
-            || request_id.len() > REQUEST_ID_MAX
-            || !request_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return Err(GatewayError::Header(header::REQUEST_ID));
-        }
+        let timestamp = timestamp(get(header::TIMESTAMP)?, header::TIMESTAMP, now)?;
+        let request_id = request_id(get(header::REQUEST_ID)?, header::REQUEST_ID)?;
         let digest = get(header::CONTENT_SHA256)?;
         if digest.as_bytes() != content_sha256(received.body).as_bytes() {
             return Err(GatewayError::BodyMismatch);
         }
         let key_id = get(header::KEY_ID)?;
         let scopes = get(header::SCOPES)?;
-        let subject = percent_decode_str(get(header::SUBJECT)?)
-            .decode_utf8()
-            .map_err(|_| GatewayError::Header(header::SUBJECT))?;
+        let subject = subject(get(header::SUBJECT)?, header::SUBJECT)?;
         let signature = hex::decode(get(header::SIGNATURE)?)
             .map_err(|_| GatewayError::Header(header::SIGNATURE))?;
         let signed = SignedRequest {
@@ -340,17 +438,99 @@ impl GatewayVerifier {
             subject: &subject,
             scopes,
         };
-        self.secret
-            .mac(&signed.message())
-            .verify_slice(&signature)
-            .map_err(|_| GatewayError::Mismatch)?;
-        self.remember(request_id, timestamp, now)?;
-        Ok(VerifiedIdentity {
-            key_id: key_id.to_owned(),
-            subject: subject.into_owned(),
-            scopes: scopes.split_whitespace().map(str::to_owned).collect(),
-            request_id: request_id.to_owned(),
+        self.accept(TAG, &signed, &signature, now)
+    }
+
+    /// Version 3: `v=3 t=… id=… key=… sub=… scopes=… sig=…`, each item once, in that order,
+    /// separated by single spaces; anything else is malformed.
+    fn verify_v3(
+        &mut self,
+        received: &Received<'_>,
+        value: &str,
+        now: UnixMillis,
+    ) -> Result<VerifiedIdentity, GatewayError> {
+        const MALFORMED: GatewayError = GatewayError::Header(header::IDENTITY);
+        let mut items = value.split(' ');
+        let mut item = |name: &str| {
+            items
+                .next()
+                .and_then(|item| item.strip_prefix(name))
+                .ok_or(MALFORMED)
+        };
+        let version = item("v=")?;
+        let fields = [
+            item("t=")?,
+            item("id=")?,
+            item("key=")?,
+            item("sub=")?,
+            item("scopes=")?,
+            item("sig=")?,
+        ];
+        if items.next().is_some() {
+            return Err(MALFORMED);
+        }
+        if version != "3" {
+            return Err(GatewayError::Version);
+        }
+        let [
+            timestamp_text,
+            request_id_text,
+            key_id,
+            subject_text,
+            scopes,
+            signature,
+        ] = fields;
+        let timestamp = timestamp(timestamp_text, header::IDENTITY, now)?;
+        let request_id = request_id(request_id_text, header::IDENTITY)?;
+        let subject = subject(subject_text, header::IDENTITY)?;
+        // Comma-separated on the wire, signed space-separated; no empty scope in between.
+        let scopes: Vec<&str> = match scopes {
+            "" => Vec::new(),
+            listed => listed.split(',').collect(),
+        };
+        if scopes.iter().any(|scope| scope.is_empty()) {
+            return Err(MALFORMED);
+        }
+        let signature = hex::decode(signature).map_err(|_| MALFORMED)?;
+        let digest = content_sha256(received.body);
+        let scopes = scopes.join(" ");
+        let signed = SignedRequest {
             timestamp,
+            request_id,
+            method: received.method,
+            path: received.path,
+            query: received.query,
+            content_sha256: &digest,
+            key_id,
+            subject: &subject,
+            scopes: &scopes,
+        };
+        self.accept(TAG_V3, &signed, &signature, now)
+    }
+
+    /// The signature check (in constant time) and the replay guard, common to both versions.
+    fn accept(
+        &mut self,
+        tag: &str,
+        signed: &SignedRequest<'_>,
+        signature: &[u8],
+        now: UnixMillis,
+    ) -> Result<VerifiedIdentity, GatewayError> {
+        self.secret
+            .mac(&signed.message_tagged(tag))
+            .verify_slice(signature)
+            .map_err(|_| GatewayError::Mismatch)?;
+        self.remember(signed.request_id, signed.timestamp, now)?;
+        Ok(VerifiedIdentity {
+            key_id: signed.key_id.to_owned(),
+            subject: signed.subject.to_owned(),
+            scopes: signed
+                .scopes
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            request_id: signed.request_id.to_owned(),
+            timestamp: signed.timestamp,
         })
     }
 
@@ -380,6 +560,36 @@ impl GatewayVerifier {
         self.expiries.push(Reverse((until, request_id.to_owned())));
         Ok(())
     }
+}
+
+/// A signed timestamp (decimal unix milliseconds, from the header `name`), refused if further
+/// than five minutes from `now`.
+fn timestamp(text: &str, name: &'static str, now: UnixMillis) -> Result<UnixMillis, GatewayError> {
+    let timestamp = text
+        .parse::<i64>()
+        .map(UnixMillis)
+        .map_err(|_| GatewayError::Header(name))?;
+    if !within_skew(now, timestamp) {
+        return Err(GatewayError::Stale);
+    }
+    Ok(timestamp)
+}
+
+/// A request id: 1 to [`REQUEST_ID_MAX`] ASCII letters, digits and dashes.
+fn request_id<'a>(text: &'a str, name: &'static str) -> Result<&'a str, GatewayError> {
+    let well_formed = !text.is_empty()
+        && text.len() <= REQUEST_ID_MAX
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    well_formed
+        .then_some(text)
+        .ok_or(GatewayError::Header(name))
+}
+
+/// A percent-encoded UTF-8 subject, decoded.
+fn subject<'a>(text: &'a str, name: &'static str) -> Result<Cow<'a, str>, GatewayError> {
+    percent_decode_str(text)
+        .decode_utf8()
+        .map_err(|_| GatewayError::Header(name))
 }
 
 #[cfg(test)]
@@ -644,5 +854,235 @@ mod tests {
         };
         assert!(check(&mut verifier, &new.headers(&secret()), &RECEIVED, later).is_ok());
         assert_eq!(verifier.seen.len(), 1);
+    }
+
+    /// Version 3's one header, as the edge makes it for [`signed`].
+    fn identity(request_id: &'static str) -> Headers {
+        let digest = content_sha256(b"");
+        vec![(
+            header::IDENTITY,
+            signed(&digest, request_id).identity(&secret()),
+        )]
+    }
+
+    #[test]
+    fn version_3_is_one_header_with_every_item_in_order() {
+        let digest = content_sha256(b"");
+        let value = signed(&digest, "r-1").identity(&secret());
+        let mac = secret()
+            .mac(&signed(&digest, "r-1").message_tagged(TAG_V3))
+            .finalize()
+            .into_bytes();
+        assert_eq!(
+            value,
+            format!(
+                "v=3 t=1700000000000 id=r-1 key=key_1 sub=acme%20corp%2F%C3%A9 \
+                 scopes=read:orders,write:orders sig={}",
+                hex::encode(mac)
+            )
+        );
+        // The same fields as version 2 under another tag: neither signature passes for the other.
+        assert!(
+            String::from_utf8_lossy(&signed(&digest, "r").message_tagged(TAG_V3))
+                .starts_with("19:latchkey-gateway-v3,")
+        );
+    }
+
+    #[test]
+    fn version_3_accepts_what_the_edge_signed_once_and_refuses_every_alteration() {
+        let mut verifier = GatewayVerifier::new(secret(), 100);
+        let identity_v3 = check(&mut verifier, &identity("r-1"), &RECEIVED, NOW).expect("valid");
+        assert_eq!(identity_v3.subject, "acme corp/é");
+        assert_eq!(identity_v3.scopes, ["read:orders", "write:orders"]);
+        assert_eq!(
+            (identity_v3.key_id.as_str(), identity_v3.request_id.as_str()),
+            ("key_1", "r-1")
+        );
+        assert_eq!(
+            check(&mut verifier, &identity("r-1"), &RECEIVED, NOW),
+            Err(GatewayError::Replayed)
+        );
+
+        // The edge's header for request id `id`, with `from` replaced by `to`.
+        let altered = |id: &'static str, from: &str, to: &str| -> Headers {
+            let value = identity(id).remove(0).1;
+            assert!(value.contains(from), "{from:?} in {value:?}");
+            vec![(header::IDENTITY, value.replacen(from, to, 1))]
+        };
+        let digest = content_sha256(b"");
+        let v2_signature = signed(&digest, "s")
+            .headers(&secret())
+            .into_iter()
+            .find(|(name, _)| *name == header::SIGNATURE)
+            .map(|(_, value)| value)
+            .unwrap_or_default();
+        let other_secret = SigningSecret::parse(&"z".repeat(32)).unwrap_or_else(|e| panic!("{e}"));
+        let malformed = GatewayError::Header(header::IDENTITY);
+        let cases: Vec<(Headers, Received<'_>, GatewayError)> = vec![
+            (
+                identity("a"),
+                Received {
+                    method: "POST",
+                    ..RECEIVED
+                },
+                GatewayError::Mismatch,
+            ),
+            (
+                identity("b"),
+                Received {
+                    path: "/orders/43",
+                    ..RECEIVED
+                },
+                GatewayError::Mismatch,
+            ),
+            (
+                identity("c"),
+                Received {
+                    query: "page=3",
+                    ..RECEIVED
+                },
+                GatewayError::Mismatch,
+            ),
+            // No digest travels in version 3: a changed body changes the signed message.
+            (
+                identity("d"),
+                Received {
+                    body: b"x",
+                    ..RECEIVED
+                },
+                GatewayError::Mismatch,
+            ),
+            (
+                altered("e", "write:orders", "write:orders,admin:all"),
+                RECEIVED,
+                GatewayError::Mismatch,
+            ),
+            (
+                altered("f", "sub=acme%20corp", "sub=other"),
+                RECEIVED,
+                GatewayError::Mismatch,
+            ),
+            (
+                altered("g", "key=key_1", "key=key_2"),
+                RECEIVED,
+                GatewayError::Mismatch,
+            ),
+            (
+                altered("h", "id=h", "id=h2"),
+                RECEIVED,
+                GatewayError::Mismatch,
+            ),
+            (
+                altered("i", "t=1700000000000", "t=1700000000001"),
+                RECEIVED,
+                GatewayError::Mismatch,
+            ),
+            (
+                vec![(
+                    header::IDENTITY,
+                    identity("s")
+                        .remove(0)
+                        .1
+                        .split(" sig=")
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                        + " sig="
+                        + &v2_signature,
+                )],
+                RECEIVED,
+                GatewayError::Mismatch,
+            ),
+            (
+                vec![(
+                    header::IDENTITY,
+                    signed(&digest, "j").identity(&other_secret),
+                )],
+                RECEIVED,
+                GatewayError::Mismatch,
+            ),
+            (altered("k", "v=3", "v=2"), RECEIVED, GatewayError::Version),
+            (
+                altered("l", "t=1700000000000", "t=soon"),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                altered("m", "t=1700000000000", &format!("t={}", i64::MIN)),
+                RECEIVED,
+                GatewayError::Stale,
+            ),
+            (altered("n", "id=n", "id="), RECEIVED, malformed.clone()),
+            (altered("o", "id=o", "id=o/1"), RECEIVED, malformed.clone()),
+            (
+                altered("p", "sub=acme%20corp%2F%C3%A9", "sub=%FF"),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                altered("q", " sig=", " sig=zz"),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                altered("r", "read:orders,", "read:orders,,"),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (altered("s", " key=key_1", ""), RECEIVED, malformed.clone()),
+            (altered("t", "v=3 ", "v=3  "), RECEIVED, malformed.clone()),
+            (
+                altered("u", " sig=", " extra=1 sig="),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                altered("v", "v=3 t=", "t=1 v=3 t="),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                altered("w", "id=w key=key_1", "key=key_1 id=w"),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                vec![(header::IDENTITY, String::new())],
+                RECEIVED,
+                malformed.clone(),
+            ),
+        ];
+        for (headers, received, want) in cases {
+            assert_eq!(
+                check(&mut verifier, &headers, &received, NOW),
+                Err(want.clone()),
+                "{want:?} for {headers:?}"
+            );
+        }
+        // None of the refusals was remembered: the untouched request is still accepted once.
+        assert!(check(&mut verifier, &identity("a"), &RECEIVED, NOW).is_ok());
+    }
+
+    #[test]
+    fn version_3_carries_a_key_without_scopes_and_wins_over_version_2_headers() {
+        let digest = content_sha256(b"");
+        let bare = SignedRequest {
+            scopes: "",
+            ..signed(&digest, "none")
+        };
+        let value = bare.identity(&secret());
+        assert!(value.contains(" scopes= sig="), "{value}");
+        let mut verifier = GatewayVerifier::new(secret(), 10);
+        let identity_v3 = check(&mut verifier, &[(header::IDENTITY, value)], &RECEIVED, NOW);
+        assert_eq!(identity_v3.map(|i| i.scopes), Ok(Vec::new()));
+
+        // With both forms present, only the one header is read: valid version 2 headers do not
+        // rescue a forged version 3 one.
+        let mut both = signed(&digest, "both").headers(&secret()).to_vec();
+        both.push((header::IDENTITY, "v=3".to_owned()));
+        assert_eq!(
+            check(&mut verifier, &both, &RECEIVED, NOW),
+            Err(GatewayError::Header(header::IDENTITY))
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! A small upstream API for the edge gateway, used by `./dev run` and the end-to-end tests.
 //!
 //! It does what a real upstream behind Latchkey should: it trusts the `x-latchkey-*` identity
-//! headers only after `GatewayVerifier` checked them (signature over method, path, query, body
-//! digest and identity; timestamp; request id never seen before), and it answers with what it
+//! headers (version 3's one or version 2's eight) only after `GatewayVerifier` checked them
+//! (signature over method, path, query, body digest and identity; timestamp; request id never
+//! seen before), and it answers with what it
 //! saw, so a test can assert the edge forwarded the right identity, path, query and body, and
 //! never the partner's key. It logs one line per request with the method and the request
 //! target exactly as received (`request GET /orders/1?x=2`), before any check.
@@ -125,10 +126,11 @@ async fn echo(State(verifier): State<Verifier>, request: Request) -> Response {
         "request_id": identity.request_id,
         "authorization_forwarded": headers.contains_key("authorization"),
         "other_latchkey_headers": other_latchkey_headers(headers),
-        // What a replay needs: the tests send these again with another body or query.
-        "identity_headers": header::ALL
+        // What a replay needs: the tests send these again with another body or query. Those
+        // of either version that came (version 3: one).
+        "identity_headers": OURS
             .iter()
-            .map(|name| (name.to_string(), json!(text(name))))
+            .filter_map(|name| Some((name.to_string(), json!(text(name)?))))
             .collect::<serde_json::Map<_, _>>(),
         "body": String::from_utf8_lossy(&body),
     }))
@@ -138,13 +140,25 @@ async fn echo(State(verifier): State<Verifier>, request: Request) -> Response {
 /// `x-latchkey-*` headers other than the ones the edge sets: a client trying to smuggle one in
 /// must find it gone.
 fn other_latchkey_headers(headers: &HeaderMap) -> Vec<String> {
-    let ours = header::ALL;
     headers
         .keys()
         .map(|k| k.as_str().to_owned())
-        .filter(|k| k.starts_with(header::HEADER_PREFIX) && !ours.contains(&k.as_str()))
+        .filter(|k| k.starts_with(header::HEADER_PREFIX) && !OURS.contains(&k.as_str()))
         .collect()
 }
+
+/// The identity headers the edge may set: version 3's one, version 2's eight.
+const OURS: [&str; 9] = [
+    header::IDENTITY,
+    header::ALL[0],
+    header::ALL[1],
+    header::ALL[2],
+    header::ALL[3],
+    header::ALL[4],
+    header::ALL[5],
+    header::ALL[6],
+    header::ALL[7],
+];
 
 #[allow(clippy::print_stderr, reason = "a demo server's only log line")]
 fn log(message: &str) {
