@@ -138,8 +138,8 @@ fn unauthorized(code: &str, message: &str) -> Result<web_sys::Response> {
 
 /// Sends the request upstream: same method, canonical path, query and body; the partner's
 /// credentials and any client-sent `x-latchkey-*` headers removed; identity headers added and
-/// signed (version 3, or 2 if so configured: `latchkey_shared::sign::gateway`). The upstream's response is returned
-/// as the runtime gave it, not rebuilt.
+/// signed (version 3, or 2 if so configured: `latchkey_shared::sign::gateway`). The upstream's
+/// response is returned as the runtime gave it, not rebuilt.
 ///
 /// The body is read whole (up to `GATEWAY_BODY_MAX_BYTES`) because its digest is signed. The
 /// signature is made here; the header copying and the `fetch` happen in one call to

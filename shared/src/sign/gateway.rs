@@ -37,7 +37,11 @@
 //! `sub` is percent-encoded UTF-8 (everything but RFC 3986's unreserved characters), `scopes`
 //! comma-separated (empty for a key without scopes), `sig` the lowercase hex HMAC. The body's
 //! digest does not travel: the upstream computes it from the body it received. One header
-//! instead of eight is less work for the edge on every forwarded request (BENCHMARKS.md).
+//! instead of eight is less work for the edge on every forwarded request (BENCHMARKS.md). Each
+//! item has one spelling (digits without a leading zero, the subject escaped exactly so,
+//! lower-case hex): a verifier refuses any other, so an identity has one header value. The
+//! unit test `version_3_is_one_header_with_every_item_in_order` holds a known answer computed
+//! apart from this crate, for a port to check itself against.
 //!
 //! # Version 2: eight headers
 //!
@@ -348,15 +352,18 @@ pub enum GatewayError {
     Header(&'static str),
     /// The version is not one this verifier reads (`x-latchkey-version: 2`, or `v=3` in
     /// `x-latchkey-identity`).
-    #[error("unsupported identity header version (expected 2 or 3)")]
+    #[error(
+        "unsupported identity header version (expected `x-latchkey-version: 2`, or `v=3` first in `x-latchkey-identity`)"
+    )]
     Version,
     /// The timestamp is further than five minutes from now.
     #[error("the signature timestamp is too far from the current time")]
     Stale,
-    /// The body is not the one that was signed.
+    /// The body is not the one whose digest version 2's headers carry (version 3 carries none:
+    /// another body is a [`Mismatch`](Self::Mismatch)).
     #[error("the body does not match the signed digest")]
     BodyMismatch,
-    /// The signature does not match the method, path, query and identity.
+    /// The signature does not match the method, path, query, body (version 3) and identity.
     #[error("the signature does not match")]
     Mismatch,
     /// This request id was already accepted.
@@ -442,7 +449,9 @@ impl GatewayVerifier {
     }
 
     /// Version 3: `v=3 t=… id=… key=… sub=… scopes=… sig=…`, each item once, in that order,
-    /// separated by single spaces; anything else is malformed.
+    /// separated by single spaces, each in its one canonical spelling (the timestamp's digits
+    /// without a leading zero, the subject escaped exactly as the edge escapes it, the signature
+    /// in lower-case hex); anything else is malformed, so an identity has one header value only.
     fn verify_v3(
         &mut self,
         received: &Received<'_>,
@@ -457,7 +466,10 @@ impl GatewayVerifier {
                 .and_then(|item| item.strip_prefix(name))
                 .ok_or(MALFORMED)
         };
-        let version = item("v=")?;
+        // The version first: another version may have other items.
+        if item("v=")? != "3" {
+            return Err(GatewayError::Version);
+        }
         let fields = [
             item("t=")?,
             item("id=")?,
@@ -469,9 +481,6 @@ impl GatewayVerifier {
         if items.next().is_some() {
             return Err(MALFORMED);
         }
-        if version != "3" {
-            return Err(GatewayError::Version);
-        }
         let [
             timestamp_text,
             request_id_text,
@@ -480,9 +489,21 @@ impl GatewayVerifier {
             scopes,
             signature,
         ] = fields;
+        let canonical_timestamp = timestamp_text.bytes().all(|b| b.is_ascii_digit())
+            && (timestamp_text == "0" || !timestamp_text.starts_with('0'));
+        let canonical_signature = signature.len() == 64
+            && signature
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !canonical_timestamp || !canonical_signature {
+            return Err(MALFORMED);
+        }
         let timestamp = timestamp(timestamp_text, header::IDENTITY, now)?;
         let request_id = request_id(request_id_text, header::IDENTITY)?;
         let subject = subject(subject_text, header::IDENTITY)?;
+        if utf8_percent_encode(&subject, SUBJECT_ESCAPES).to_string() != subject_text {
+            return Err(MALFORMED);
+        }
         // Comma-separated on the wire, signed space-separated; no empty scope in between.
         let scopes: Vec<&str> = match scopes {
             "" => Vec::new(),
@@ -867,19 +888,15 @@ mod tests {
 
     #[test]
     fn version_3_is_one_header_with_every_item_in_order() {
+        // A known answer, computed apart from this crate (Python's `hmac` over the netstrings the
+        // module docs list, `urllib.parse.quote(subject, safe="-._~")`): a port can check itself
+        // against it. Secret `0123456789abcdef0123456789abcdef`, GET /orders/42?page=2, no body.
         let digest = content_sha256(b"");
-        let value = signed(&digest, "r-1").identity(&secret());
-        let mac = secret()
-            .mac(&signed(&digest, "r-1").message_tagged(TAG_V3))
-            .finalize()
-            .into_bytes();
         assert_eq!(
-            value,
-            format!(
-                "v=3 t=1700000000000 id=r-1 key=key_1 sub=acme%20corp%2F%C3%A9 \
-                 scopes=read:orders,write:orders sig={}",
-                hex::encode(mac)
-            )
+            signed(&digest, "r-1").identity(&secret()),
+            "v=3 t=1700000000000 id=r-1 key=key_1 sub=acme%20corp%2F%C3%A9 \
+             scopes=read:orders,write:orders \
+             sig=5349377905a4c770b62f4e17a88fd41e8b8666160a1c7cdfe0a61703bdf29da7"
         );
         // The same fields as version 2 under another tag: neither signature passes for the other.
         assert!(
@@ -1008,9 +1025,14 @@ mod tests {
                 malformed.clone(),
             ),
             (
-                altered("m", "t=1700000000000", &format!("t={}", i64::MIN)),
+                altered("m", "t=1700000000000", "t=1"),
                 RECEIVED,
                 GatewayError::Stale,
+            ),
+            (
+                altered("ma", "t=1700000000000", &format!("t={}", i64::MIN)),
+                RECEIVED,
+                malformed.clone(),
             ),
             (altered("n", "id=n", "id="), RECEIVED, malformed.clone()),
             (altered("o", "id=o", "id=o/1"), RECEIVED, malformed.clone()),
@@ -1048,6 +1070,36 @@ mod tests {
             ),
             (
                 vec![(header::IDENTITY, String::new())],
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                altered("mb", "v=3 ", "v=4 "),
+                RECEIVED,
+                GatewayError::Version,
+            ),
+            // One spelling per identity: other spellings of the same values are refused.
+            (altered("x", "t=", "t=+"), RECEIVED, malformed.clone()),
+            (altered("y", "t=", "t=0"), RECEIVED, malformed.clone()),
+            (
+                altered("z", "sub=acme", "sub=%61cme"),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                altered("aa", "corp%2F", "corp/"),
+                RECEIVED,
+                malformed.clone(),
+            ),
+            (
+                {
+                    let value = identity("ab").remove(0).1;
+                    let (head, sig) = value.split_once(" sig=").unwrap_or_default();
+                    vec![(
+                        header::IDENTITY,
+                        format!("{head} sig={}", sig.to_uppercase()),
+                    )]
+                },
                 RECEIVED,
                 malformed.clone(),
             ),
