@@ -38,8 +38,10 @@
 //! comma-separated (empty for a key without scopes), `sig` the lowercase hex HMAC. The body's
 //! digest does not travel: the upstream computes it from the body it received. One header
 //! instead of eight is less work for the edge on every forwarded request (BENCHMARKS.md). Each
-//! item has one spelling (digits without a leading zero, the subject escaped exactly so,
-//! lower-case hex): a verifier refuses any other, so an identity has one header value. The
+//! item has one spelling (digits without a leading zero; the subject with every byte but the
+//! unreserved ones escaped, in upper-case hex like `%C3%A9`, and nothing else escaped; the
+//! signature in lower-case hex): a verifier refuses any other, so an identity has one header
+//! value. The
 //! unit test `version_3_is_one_header_with_every_item_in_order` holds a known answer computed
 //! apart from this crate, for a port to check itself against.
 //!
