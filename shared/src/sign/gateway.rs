@@ -216,7 +216,7 @@ pub fn content_sha256(body: &[u8]) -> String {
     if body.is_empty() {
         return EMPTY_CONTENT_SHA256.to_owned();
     }
-    hex::encode(Sha256::digest(body))
+    crate::hex32(&Sha256::digest(body).into())
 }
 
 /// The fields the edge signs for one forwarded request.

@@ -128,8 +128,8 @@ async fn echo(State(verifier): State<Verifier>, request: Request) -> Response {
         "other_latchkey_headers": other_latchkey_headers(headers),
         // What a replay needs: the tests send these again with another body or query. Those
         // of either version that came (version 3: one).
-        "identity_headers": OURS
-            .iter()
+        "identity_headers": std::iter::once(header::IDENTITY)
+            .chain(header::ALL)
             .filter_map(|name| Some((name.to_string(), json!(text(name)?))))
             .collect::<serde_json::Map<_, _>>(),
         "body": String::from_utf8_lossy(&body),
@@ -151,19 +151,6 @@ fn other_latchkey_headers(headers: &HeaderMap) -> Vec<String> {
         .filter(|k| k.starts_with(header::HEADER_PREFIX) && !ours.contains(&k.as_str()))
         .collect()
 }
-
-/// The identity headers the edge may set: version 3's one, version 2's eight.
-const OURS: [&str; 9] = [
-    header::IDENTITY,
-    header::ALL[0],
-    header::ALL[1],
-    header::ALL[2],
-    header::ALL[3],
-    header::ALL[4],
-    header::ALL[5],
-    header::ALL[6],
-    header::ALL[7],
-];
 
 #[allow(clippy::print_stderr, reason = "a demo server's only log line")]
 fn log(message: &str) {
