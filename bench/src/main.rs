@@ -699,6 +699,9 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture, ledger_
     step(
         "edge (Worker and ceiling Workers under Miniflare, wrangler dev, and wrangler without DevTools)",
     );
+    // Built here too (a no-op when up to date): `--only edge` and `--only ledger` skip the wasm
+    // step, and must not measure a missing or stale Worker.
+    run(&mut Command::new(root().join("edge/build.sh")));
     run(&mut Command::new(root().join("bench/workers/build.sh")));
     let config = json!({
         "record_name": fixture.record_name,

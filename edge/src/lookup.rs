@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use latchkey_shared::ledger::memory::Recall;
 use latchkey_shared::{
-    DecisionContext, KeyId, KeyRecord, Scope, UnixMillis, Verdict, decide, kv_entry_name,
+    ApiKey, DecisionContext, KeyId, KeyRecord, Scope, UnixMillis, Verdict, decide, kv_entry_name,
     parse_presented,
 };
 use worker::{Context, Env};
@@ -137,9 +137,9 @@ impl<'a> Lookup<'a> {
         let record = match self.ledger {
             None => {
                 self.source = Source::Off;
-                self.read_kv(&name, key.hint().as_str()).await?.map(Rc::new)
+                self.read_kv(&name, &key).await?.map(Rc::new)
             }
-            Some(settings) => self.recall(settings, &name, key.hint().as_str()).await?,
+            Some(settings) => self.recall(settings, &name, &key).await?,
         };
         let client = record
             .as_deref()
@@ -161,7 +161,7 @@ impl<'a> Lookup<'a> {
         &mut self,
         settings: &'a LedgerSettings,
         name: &str,
-        hint: &str,
+        key: &ApiKey,
     ) -> Result<Option<Rc<KeyRecord>>, Unavailable> {
         let now = self.now;
         let (due, trusted) = memory::with(settings, |m| (m.start_sync(now), m.trusted(now)));
@@ -185,7 +185,7 @@ impl<'a> Lookup<'a> {
             }
             Recall::Unknown => {
                 self.source = Source::Miss;
-                let kv = self.read_kv(name, hint).await?;
+                let kv = self.read_kv(name, key).await?;
                 Ok(memory::with(settings, |m| {
                     m.remember(name, kv, ledger::now())
                 }))
@@ -195,13 +195,19 @@ impl<'a> Lookup<'a> {
                 if settings.strict {
                     return Err(Unavailable::Ledger);
                 }
-                let kv = self.read_kv(name, hint).await?;
+                let kv = self.read_kv(name, key).await?;
                 Ok(memory::with(settings, |m| m.merge(name, kv)))
             }
         }
     }
 
-    async fn read_kv(&mut self, name: &str, hint: &str) -> Result<Option<KeyRecord>, Unavailable> {
+    /// The record KV holds under `name`, the entry of `key` (whose hint, made only if the record
+    /// is unreadable, names it in the error).
+    async fn read_kv(
+        &mut self,
+        name: &str,
+        key: &ApiKey,
+    ) -> Result<Option<KeyRecord>, Unavailable> {
         let kv = self
             .env
             .kv(KV_BINDING)
@@ -215,6 +221,6 @@ impl<'a> Lookup<'a> {
         bytes
             .map(|b| KeyRecord::from_json(&b))
             .transpose()
-            .map_err(|e| Unavailable::Record(hint.to_owned(), e.to_string()))
+            .map_err(|e| Unavailable::Record(key.hint().as_str().to_owned(), e.to_string()))
     }
 }

@@ -85,8 +85,7 @@ pub(crate) async fn send_after_interval(config: Config) {
     let wait = u64::try_from(config.usage_flush_ms).unwrap_or(10_000);
     Delay::from(std::time::Duration::from_millis(wait)).await;
     let Some(batch) = take_batch() else { return };
-    let now = i64::try_from(worker::Date::now().as_millis()).unwrap_or(i64::MAX);
-    match post(&url, secret.as_bytes(), &batch, UnixMillis(now)).await {
+    match post(&url, secret.as_bytes(), &batch, crate::ledger::now()).await {
         Ok(()) => {}
         Err(e) => {
             worker::console_error!(

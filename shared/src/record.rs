@@ -224,7 +224,11 @@ pub fn is_expired_at(expires_at: Option<UnixMillis>, now: UnixMillis) -> bool {
 /// The KV entry name of a key's record: `k1:` followed by the key hash in hex. The `k1` names
 /// this naming scheme, so a future scheme can coexist in one namespace.
 pub fn kv_entry_name(hash: &KeyHash) -> String {
-    format!("k1:{}", hash.to_hex())
+    const SCHEME: &str = "k1:";
+    let mut name = String::with_capacity(SCHEME.len() + 64);
+    name.push_str(SCHEME);
+    crate::push_hex32(&mut name, hash.as_bytes());
+    name
 }
 
 impl Serialize for KeyId {

@@ -97,15 +97,17 @@ impl<'a> RequestTarget<'a> {
     /// The target of an absolute URL (`scheme://authority/path?query#fragment`), as the
     /// runtime hands it to the Worker. The fragment is dropped; the path must be canonical.
     pub fn from_url(url: &'a str) -> Result<Self, PathError> {
-        // A scheme is only ever at the start: `/a?x=h://b` is a path and a query.
-        let after_scheme = match url.split_once("://") {
+        // A scheme is only ever at the start, and holds no `:`, so it ends at the first `:` (a
+        // character search: the edge runs this on every request): `/a?x=h://b` is a path and a
+        // query.
+        let after_scheme = match url.split_once(':') {
             Some((scheme, rest))
                 if scheme.starts_with(|c: char| c.is_ascii_alphabetic())
                     && scheme
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) =>
             {
-                rest
+                rest.strip_prefix("//").unwrap_or(url)
             }
             _ => url,
         };
@@ -300,6 +302,11 @@ mod tests {
             ("http://h/orders#frag?no", "/orders", ""),
             ("/relative/only?q", "/relative/only", "q"),
             ("/a?x=h://b/c", "/a", "x=h://b/c"),
+            // The scheme ends at the first `:`: with no `//` right after it there is no
+            // authority, so the text is read as a path from its first `/`.
+            ("https://h:8443/p?q", "/p", "q"),
+            ("h:x/p:y/z", "/p:y/z", ""),
+            ("mailto:/p", "/p", ""),
         ];
         for (url, path, query) in cases {
             assert_eq!(
