@@ -201,8 +201,8 @@ impl<'a> Lookup<'a> {
         }
     }
 
-    /// The record KV holds under `name`, the entry of `key` (whose hint, made only if the record
-    /// is unreadable, names it in the error).
+    /// The record KV holds under `name` (`key`'s entry). `key`'s hint is made only if the
+    /// record is unreadable, to name the key in the error.
     async fn read_kv(
         &mut self,
         name: &str,

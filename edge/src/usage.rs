@@ -111,7 +111,7 @@ fn take_batch() -> Option<Batch> {
                 reason = "Math.random() is in [0, 1): the product fits in a u64"
             )]
             let random = (js_sys::Math::random() * 1e15) as u64;
-            pending.isolate = format!("{:x}{random:x}", worker::Date::now().as_millis());
+            pending.isolate = format!("{:x}{random:x}", crate::ledger::now().0);
         }
         pending.sent += 1;
         let uses = pending

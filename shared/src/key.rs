@@ -213,7 +213,7 @@ impl KeyHash {
         &self.0
     }
 
-    /// Lowercase hex, as used in KV entry names.
+    /// Lowercase hex (the form `kv_entry_name` writes after `k1:`).
     pub fn to_hex(&self) -> String {
         crate::hex32(&self.0)
     }

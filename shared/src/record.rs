@@ -250,6 +250,17 @@ mod tests {
     use crate::scope::ScopePolicy;
 
     #[test]
+    fn kv_entry_names_are_k1_and_the_hash_in_lowercase_hex() {
+        // The name is the contract between origin, which writes it, and the edge, which reads it.
+        let hex = "00ff10a9b2c3d4e5f60718293a4b5c6d7e8f90abcdef0123456789abcdef0f1e";
+        let hash = KeyHash::parse(hex).expect("64 lowercase hex digits");
+        let name = kv_entry_name(&hash);
+        assert_eq!(name, format!("k1:{hex}"));
+        assert_eq!(&name[3..], hash.to_hex());
+        assert!(crate::ledger::is_entry_name(&name), "{name}");
+    }
+
+    #[test]
     fn iso8601_matches_known_instants() {
         let cases = [
             (0, "1970-01-01T00:00:00.000Z"),

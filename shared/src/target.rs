@@ -302,9 +302,12 @@ mod tests {
             ("http://h/orders#frag?no", "/orders", ""),
             ("/relative/only?q", "/relative/only", "q"),
             ("/a?x=h://b/c", "/a", "x=h://b/c"),
-            // The scheme ends at the first `:`: with no `//` right after it there is no
-            // authority, so the text is read as a path from its first `/`.
+            // A port's, a userinfo's or an IPv6 literal's `:` comes after the scheme's.
             ("https://h:8443/p?q", "/p", "q"),
+            ("http://u:pw@h/x", "/x", ""),
+            ("http://[::1]:8080/p", "/p", ""),
+            // The scheme ends at the first `:`: with no `//` right after it there is no
+            // authority, and the target is read from the first `/`, `?` or `#` (a `/`).
             ("h:x/p:y/z", "/p:y/z", ""),
             ("mailto:/p", "/p", ""),
         ];
@@ -381,6 +384,11 @@ mod tests {
         // The path begins where the authority ends, never inside a query or fragment.
         for url in ["https://h?x=/admin", "https://h#/admin", "https://h"] {
             assert_eq!(RequestTarget::from_url(url), Err(NotAbsolute), "{url}");
+        }
+        // Not a scheme (a `:` inside, none, a digit or a non-ASCII letter first): the whole
+        // text is the target, read from its first `/`, and `//h` is an empty segment.
+        for url in ["a:b://h/p", "://h/p", "1http://h/p", "é://h/p"] {
+            assert_eq!(RequestTarget::from_url(url), Err(EmptySegment), "{url}");
         }
     }
 

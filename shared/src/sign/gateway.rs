@@ -295,7 +295,7 @@ impl SignedRequest<'_> {
         // Scopes hold no spaces (`scope` module), so the separators are the only ones.
         value.extend(self.scopes.chars().map(|c| if c == ' ' { ',' } else { c }));
         value.push_str(" sig=");
-        value.push_str(&crate::hex32(&mac.into_bytes().into()));
+        crate::push_hex32(&mut value, &mac.into_bytes().into());
         value
     }
 
