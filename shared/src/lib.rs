@@ -34,7 +34,7 @@ pub(crate) fn hex32(bytes: &[u8; 32]) -> String {
 
 /// Appends the lowercase hex of a 32-byte digest to `out`, written into a buffer on the stack
 /// and appended once. (`hex::encode_to_slice`, its iterator chain built for size in the Worker,
-/// was about 0.9 µs of a gateway request under `perf`: the key's entry name and the HMAC.)
+/// showed in the gateway's profile: the key's entry name and the HMAC.)
 pub(crate) fn push_hex32(out: &mut String, bytes: &[u8; 32]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut buf = [0u8; 64];

@@ -385,8 +385,9 @@ mod tests {
         for url in ["https://h?x=/admin", "https://h#/admin", "https://h"] {
             assert_eq!(RequestTarget::from_url(url), Err(NotAbsolute), "{url}");
         }
-        // Not a scheme (a `:` inside, none, a digit or a non-ASCII letter first): the whole
-        // text is the target, read from its first `/`, and `//h` is an empty segment.
+        // No scheme with `//` after it (`a:` has none after it; the others are no scheme: none,
+        // a digit or a non-ASCII letter first): the whole text is the target, read from its
+        // first `/`, and `//h` is an empty segment.
         for url in ["a:b://h/p", "://h/p", "1http://h/p", "é://h/p"] {
             assert_eq!(RequestTarget::from_url(url), Err(EmptySegment), "{url}");
         }
