@@ -63,6 +63,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "database durability"
     );
     let store: Arc<dyn KeyStore> = sqlite.clone();
+    // The publishers and deliverers read through connections of their own.
+    let background: Arc<dyn KeyStore> = Arc::new(sqlite.for_background());
     let service = Arc::new(KeyService::new(
         store.clone(),
         config.key_prefix.clone(),
@@ -102,6 +104,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         github: github.clone(),
         leak_action: config.leak_action,
         webhooks: webhook_status.clone(),
+        open_figures: crate::http::health::OpenFigures::default(),
     });
     if state.usage_ingest.is_none() {
         tracing::info!("USAGE_SIGNING_SECRET is unset: POST /v1/usage (edge usage reports) is off");
@@ -110,7 +113,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let publisher = match &config.kv {
         Some(kv) => {
-            let publisher = Publisher::new(store.clone(), KvClient::new(kv)?, publisher_status, kv);
+            let publisher =
+                Publisher::new(background.clone(), KvClient::new(kv)?, publisher_status, kv);
             tracing::info!(kv_api_base = %kv.api_base, namespace = %kv.namespace_id, "publishing key records to Workers KV");
             Some(tokio::spawn(publisher.run(
                 service.committed(),
@@ -129,7 +133,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let ledger = match &config.ledger {
         Some(ledger) => {
             let publisher = LedgerPublisher::new(
-                store.clone(),
+                background.clone(),
                 LedgerClient::new(ledger)?,
                 ledger_status,
                 ledger,
@@ -175,7 +179,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             );
             Some(tokio::spawn(crate::webhook::run(
                 webhooks.clone(),
-                store.clone(),
+                background.clone(),
                 webhook_status,
                 service.subscribe_commits(),
                 publish::role_lock(sqlite.file(), "webhooks"),

@@ -206,3 +206,65 @@ async fn an_idle_connection_does_not_hold_its_place_for_ever() {
     );
     assert_served_soon(&app, [127, 0, 0, 3]).await;
 }
+
+/// `latchkey_open_figures_refreshes_total` from `/metrics`.
+async fn refreshes(app: &TestApp) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", app.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("latchkey_open_figures_refreshes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no refresh counter in /metrics:\n{text}"))
+}
+
+/// A flood of the open routes reads the database at most once a second: anyone can call them,
+/// and each read scans the outbox and the audit log on connections the publishers need.
+#[tokio::test]
+async fn a_flood_of_healthz_and_metrics_reads_the_database_at_most_once_a_second() {
+    let app = TestApp::start().await;
+    let client = reqwest::Client::new();
+    let before = refreshes(&app).await;
+    let started = std::time::Instant::now();
+    let mut flood = tokio::task::JoinSet::new();
+    // 40 keep-alive connections (under the per-address cap), ten requests each.
+    for n in 0..40 {
+        let (client, base) = (client.clone(), app.base.clone());
+        let path = if n % 2 == 0 { "/healthz" } else { "/metrics" };
+        flood.spawn(async move {
+            for _ in 0..10 {
+                let r = client
+                    .get(format!("{base}{path}"))
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status(), reqwest::StatusCode::OK, "{path}");
+                r.bytes().await.expect("body");
+            }
+        });
+    }
+    while let Some(done) = flood.join_next().await {
+        done.expect("request");
+    }
+    let after = refreshes(&app).await;
+    // One refresh per started second at most (the counter's own request included).
+    let seconds = started.elapsed().as_secs() + 2;
+    assert!(
+        after - before <= seconds,
+        "{} refreshes for 400 requests in {:?}",
+        after - before,
+        started.elapsed()
+    );
+    // Fresh figures: a key created now shows in the health body within a second or so.
+    app.create_key("acme", &[]).await;
+    eventually(Duration::from_secs(5), || async {
+        let body = app.get("/healthz").await.body;
+        (body["kv_publisher"]["pending"] == 1)
+            .then_some(())
+            .ok_or_else(|| body.to_string())
+    })
+    .await;
+}

@@ -438,3 +438,77 @@ async fn without_keys_the_endpoint_is_off_and_a_bad_key_file_stops_the_start() {
         "{stderr}"
     );
 }
+
+/// Opens a connection from `source` (another loopback address: another client) that sends an
+/// alert's headers, as anyone can (GitHub's key identifiers are public and the signature only
+/// has to parse), and the first bytes of a body it never finishes.
+async fn slow_unsigned_sender(
+    app: &TestApp,
+    source: std::net::IpAddr,
+    key_id: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let target: std::net::SocketAddr = app
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("origin's address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::new(source, 0))
+        .expect("bind to another loopback address");
+    let mut stream = socket.connect(target).await.expect("connect");
+    let head = format!(
+        "POST {ALERTS} HTTP/1.1\r\nHost: {target}\r\nContent-Type: application/json\r\n\
+         {}: {key_id}\r\n{}: MAYCAQECAQE=\r\nContent-Length: 100000\r\n\r\n[{{\"token\":",
+        common::github::KEY_ID_HEADER,
+        common::github::SIGNATURE_HEADER,
+    );
+    stream.write_all(head.as_bytes()).await.expect("send");
+    stream
+}
+
+/// Whether `stream` has been answered (or closed) already, without waiting.
+fn answered(stream: &tokio::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match stream.try_read(&mut byte) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+#[tokio::test]
+async fn slow_unsigned_senders_cannot_hold_up_a_signed_alert() {
+    let github = GithubKey::new("90a421169f0a406205f1563a953312f0be898d3c7b6c06b681aa86a874555f4a");
+    // The body deadline is long, so a signed alert that waited behind the slow senders would be
+    // answered after them.
+    let (app, _dir) = app_with_keys(&[&github], &[("REQUEST_READ_TIMEOUT_MS", "20000")]).await;
+    let (id, secret) = app.create_key("acme", &[]).await;
+    // Eight slow senders from one address, eight more from another: more than every reading
+    // slot origin had before (four, over all clients).
+    let mut slow = Vec::new();
+    for source in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..8 {
+            slow.push(slow_unsigned_sender(&app, source.parse().expect("ip"), &github.id).await);
+        }
+    }
+    // Let origin take them all in first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let batch =
+        json!([{"token": secret, "type": "latchkey_api_key", "source": "content"}]).to_string();
+    let r = alert(&app, batch.as_bytes(), Some(&github)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body[0]["label"], "true_positive", "{}", r.body);
+    assert_eq!(
+        app.get(&format!("/v1/api_keys/{id}")).await.body["revoked"],
+        true
+    );
+    // Answered while every slow sender still waits: it was never behind them.
+    let still_waiting = slow.iter().filter(|s| !answered(s)).count();
+    assert_eq!(
+        still_waiting,
+        slow.len(),
+        "the signed alert was answered only after slow senders were"
+    );
+}

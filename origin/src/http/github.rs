@@ -7,18 +7,23 @@
 //! `true_positive` for our keys and `false_positive` for the rest. Reports are idempotent, so
 //! GitHub's retries change nothing; a store failure answers 503, which GitHub retries.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{FromRequest as _, Request, State};
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes, HttpBody as _};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{self, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use super::AppState;
+use super::client::client_key;
 use super::error::{ApiError, Clerk};
-use super::extract::RawBody;
+use super::extract::BodyDeadline;
 use crate::secret_scanning::{SignatureError, header};
 use crate::service::{KeyService, Leak, limits};
 
@@ -50,15 +55,144 @@ pub(super) struct Feedback {
     label: &'static str,
 }
 
-/// Alert bodies read at once: each may be [`BODY_MAX_BYTES`], and the signature can only be
-/// checked once the body is in, so the memory they take is bounded here. Others wait.
-const READING_MAX: usize = 4;
+/// Alert bodies one client address may have in reading at once; its next one waits behind
+/// them (for at most [`READING_WAIT`]). Anyone can send the headers of an alert (GitHub's
+/// key identifiers are public and a signature only has to parse), and the signature can only
+/// be checked once the body is in: so slow senders wait behind each other, never in front of
+/// a caller from another address such as GitHub.
+const READING_PER_CLIENT: u32 = 2;
 
-static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(READING_MAX);
+/// Bytes of alert bodies held in memory at once, over every client: each body takes its
+/// share chunk by chunk as it arrives, so a slow sender holds only what it has sent.
+const READING_BYTES: usize = 4 * BODY_MAX_BYTES;
 
-/// The longest an alert waits for a reading slot; then 503, which GitHub retries (slow senders
-/// holding every slot cannot hold real alerts for ever).
-const READING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+static READING_BUDGET: Semaphore = Semaphore::const_new(READING_BYTES);
+
+/// Reading slots per client address.
+static READING: LazyLock<ClientSlots> = LazyLock::new(ClientSlots::default);
+
+/// The longest an alert waits for its client's reading slot or for memory; then 503, which
+/// GitHub retries.
+const READING_WAIT: Duration = Duration::from_secs(10);
+
+/// Per-address reading slots: a semaphore per client address with a body in reading, dropped
+/// when its last holder and waiter are gone (the table holds only the addresses in use).
+#[derive(Debug, Default)]
+struct ClientSlots {
+    by_client: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+}
+
+/// A client's reading slot; gives it back on drop.
+struct ClientSlot {
+    client: IpAddr,
+    semaphore: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ClientSlots {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Arc<Semaphore>>> {
+        self.by_client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for one of `client`'s slots.
+    async fn acquire(&'static self, client: IpAddr) -> Option<ClientSlot> {
+        let semaphore = self
+            .table()
+            .entry(client)
+            .or_insert_with(|| Arc::new(Semaphore::new(READING_PER_CLIENT as usize)))
+            .clone();
+        let mut slot = ClientSlot {
+            client,
+            semaphore: semaphore.clone(),
+            permit: None,
+        };
+        // On a time-out `slot` is dropped, which forgets the entry if nobody else holds it.
+        slot.permit = Some(semaphore.acquire_owned().await.ok()?);
+        Some(slot)
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut table = READING.table();
+        // The table's own reference and this one: nobody else holds or waits for a slot.
+        if Arc::strong_count(&self.semaphore) == 2 {
+            table.remove(&self.client);
+        }
+    }
+}
+
+/// Reads `body` within `deadline`, at most [`BODY_MAX_BYTES`], taking its share of
+/// [`READING_BUDGET`] as each chunk arrives. Returns the body and the share it holds.
+async fn read_body(
+    body: Body,
+    deadline: Duration,
+) -> Result<(Bytes, SemaphorePermit<'static>), ApiError<Clerk>> {
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut data = Vec::new();
+        let mut held: Option<SemaphorePermit<'static>> = None;
+        while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            let frame = frame.map_err(|_| malformed())?;
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
+            if data.len().saturating_add(chunk.len()) > BODY_MAX_BYTES {
+                return Err(too_large());
+            }
+            // Within BODY_MAX_BYTES, so within u32.
+            let n = u32::try_from(chunk.len()).map_err(|_| too_large())?;
+            let permit = READING_BUDGET.acquire_many(n).await.map_err(|_| busy())?;
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            data.extend_from_slice(&chunk);
+        }
+        let held = match held {
+            Some(held) => held,
+            None => READING_BUDGET.acquire_many(0).await.map_err(|_| busy())?,
+        };
+        Ok((Bytes::from(data), held))
+    };
+    tokio::time::timeout(deadline, read).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "The request body did not arrive within {} ms.",
+                deadline.as_millis()
+            ),
+        )
+    })?
+}
+
+fn busy() -> ApiError<Clerk> {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        "Other alerts are being read; retry.",
+    )
+}
+
+fn malformed() -> ApiError<Clerk> {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        "The request body could not be read.",
+    )
+}
+
+fn too_large() -> ApiError<Clerk> {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("The request body is larger than {BODY_MAX_BYTES} bytes."),
+    )
+}
 
 /// Verifies the alert, reports every token that is one of our keys, and answers feedback.
 /// The headers are checked before the body is read.
@@ -79,18 +213,33 @@ pub(super) async fn alert(
         .check_headers(text(header::KEY_IDENTIFIER), text(header::SIGNATURE))
         .await
         .map_err(refused)?;
-    let busy = || {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "Other alerts are being read; retry.",
-        )
-    };
-    let _reading = tokio::time::timeout(READING_WAIT, READING.acquire())
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    let client = client_key(
+        state
+            .trusted_proxies
+            .client_address(peer, request.headers()),
+    );
+    let deadline = request
+        .extensions()
+        .get::<BodyDeadline>()
+        .map_or(READING_WAIT, |d| d.0);
+    if request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n > BODY_MAX_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let _slot = tokio::time::timeout(READING_WAIT, READING.acquire(client))
         .await
-        .map_err(|_| busy())?
-        .map_err(|_| busy())?;
-    let RawBody(body, _) = RawBody::<Clerk>::from_request(request, &state).await?;
+        .ok()
+        .flatten()
+        .ok_or_else(busy)?;
+    let (body, _memory) = read_body(request.into_body(), deadline).await?;
     checked.verify(&body).map_err(refused)?;
     let found: Vec<Found> = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(

@@ -142,7 +142,11 @@ async fn update_key(
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     writer: SqlitePool,
+    /// Reads for requests (or, in the copy [`SqliteStore::for_background`] makes, for the
+    /// background roles).
     reader: SqlitePool,
+    /// The background roles' own read connections: requests cannot take their turn.
+    background: SqlitePool,
     file: Option<PathBuf>,
     /// Key changes go to the group-commit task.
     changes: mpsc::Sender<Pending>,
@@ -238,10 +242,15 @@ impl SqliteStore {
         if let Some(chain) = &chain {
             check_chain_at_start(&writer, chain).await?;
         }
+        let options = options.read_only(true);
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone())
             .await?;
+        // Opened on first use: `origin audit verify` and the like never need them.
+        let background = SqlitePoolOptions::new()
+            .max_connections(BACKGROUND_READERS)
+            .connect_lazy_with(options);
         let (changes, queue) = mpsc::channel(4 * GROUP_MAX);
         tokio::spawn(group_commit(writer.clone(), commits.clone(), chain, queue));
         // Where the synchronous connections cannot open (a read-only filesystem, say), verify
@@ -262,12 +271,25 @@ impl SqliteStore {
         Ok(Self {
             writer,
             reader,
+            background,
             file,
             changes,
             hot,
             commits,
             ledger_sink: true,
         })
+    }
+
+    /// The same database for the background roles (the KV and ledger publishers, the webhook
+    /// deliverers): its reads go through connections of their own, so requests (a flood of
+    /// `/healthz`, say) never hold up a publisher's turn, nor the reverse. Writes share the one
+    /// writer, as every write does.
+    #[must_use]
+    pub fn for_background(&self) -> Self {
+        Self {
+            reader: self.background.clone(),
+            ..self.clone()
+        }
     }
 
     /// Says whether the change ledger is fed (`LEDGER_URL` set); it is unless told otherwise.
@@ -711,6 +733,10 @@ struct HotReads {
 
 /// Connections in [`HotReads`]: more than the cores, so a lookup rarely waits for one.
 const HOT_READERS: usize = 4;
+
+/// Read connections of the background roles ([`SqliteStore::for_background`]): the KV
+/// publisher, the ledger publisher and the webhook deliverers, one each.
+const BACKGROUND_READERS: u32 = 3;
 
 /// Longest a hot connection's snapshot is used or kept.
 const SNAPSHOT_MAX_AGE: Duration = Duration::from_millis(20);
