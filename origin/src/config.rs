@@ -462,6 +462,15 @@ impl Config {
             .map(|v| SigningSecret::parse(&v))
             .transpose()
             .map_err(|e| problem("USAGE_SIGNING_SECRET", e.to_string()))?;
+        let key_policy = key_policy(&var)?;
+        if key_policy.stale_after.is_some() && usage_secret.is_none() {
+            return Err(problem(
+                "STALE_KEY_AFTER",
+                "needs USAGE_SIGNING_SECRET: idle time is known only from the edge's usage \
+                 reports, and without them keys used every day at the edge would look idle and \
+                 be switched off",
+            ));
+        }
         let audit_chain_key = audit_chain_key(&var)?;
         let ledger = LedgerConfig::from_lookup(&var)?;
         let webhooks = webhooks(&var)?;
@@ -513,7 +522,7 @@ impl Config {
             max_connections_per_address,
             github_keys: github_keys(&var)?,
             webhooks,
-            key_policy: key_policy(&var)?,
+            key_policy,
             leak_action: match var("LEAK_ACTION").as_deref().map(str::trim) {
                 None | Some("revoke") => crate::service::LeakAction::Revoke,
                 Some("flag") => crate::service::LeakAction::Flag,
@@ -589,6 +598,8 @@ fn key_policy(
         expiry_warning: duration("EXPIRY_WARNING_BEFORE", Duration::from_secs(1))?,
         interval: duration("KEY_POLICY_INTERVAL", Duration::from_millis(100))?
             .unwrap_or(Duration::from_secs(600)),
+        usage_max_age: duration("STALE_KEY_USAGE_MAX_AGE", Duration::from_secs(1))?
+            .unwrap_or(Duration::from_secs(3600)),
     })
 }
 
@@ -821,8 +832,13 @@ mod tests {
     fn key_policies_are_off_unless_set_and_take_durations() {
         let off = load(&[("ADMIN_TOKEN", TOKEN)]).expect("valid").key_policy;
         assert!(!off.any());
+        let usage = (
+            "USAGE_SIGNING_SECRET",
+            "usage-signing-secret-for-config-tests",
+        );
         let on = load(&[
             ("ADMIN_TOKEN", TOKEN),
+            usage,
             ("STALE_KEY_AFTER", "60d"),
             ("EXPIRY_WARNING_BEFORE", "3d"),
         ])
@@ -833,7 +849,12 @@ mod tests {
         assert_eq!(on.stale_warning, day * 7, "a week by default");
         assert_eq!(on.expiry_warning, Some(day * 3));
         assert_eq!(on.interval, Duration::from_secs(600));
-        let short = load(&[("ADMIN_TOKEN", TOKEN), ("STALE_KEY_AFTER", "4d")])
+        assert_eq!(
+            on.usage_max_age,
+            Duration::from_secs(3600),
+            "an hour by default"
+        );
+        let short = load(&[("ADMIN_TOKEN", TOKEN), usage, ("STALE_KEY_AFTER", "4d")])
             .expect("valid")
             .key_policy;
         assert_eq!(short.stale_warning, day * 2, "half a short idle time");
@@ -846,11 +867,28 @@ mod tests {
                 "STALE_WARNING_BEFORE: must be shorter",
             ),
             (&[("KEY_POLICY_INTERVAL", "1ms")][..], "KEY_POLICY_INTERVAL"),
+            (
+                &[("STALE_KEY_USAGE_MAX_AGE", "1ms")][..],
+                "STALE_KEY_USAGE_MAX_AGE",
+            ),
         ] {
-            let vars = [&[("ADMIN_TOKEN", TOKEN)], vars].concat();
+            let vars = [&[("ADMIN_TOKEN", TOKEN), usage], vars].concat();
             let error = load(&vars).err().unwrap_or_default();
             assert!(error.contains(want), "{vars:?}: {error}");
         }
+    }
+
+    #[test]
+    fn the_stale_key_policy_needs_usage_reports() {
+        let error = load(&[("ADMIN_TOKEN", TOKEN), ("STALE_KEY_AFTER", "60d")])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            error.contains("STALE_KEY_AFTER: needs USAGE_SIGNING_SECRET"),
+            "{error}"
+        );
+        // The expiry warnings need no usage.
+        assert!(load(&[("ADMIN_TOKEN", TOKEN), ("EXPIRY_WARNING_BEFORE", "3d")]).is_ok());
     }
 
     #[test]

@@ -9,6 +9,15 @@
 //! * **Expiring keys** (`EXPIRY_WARNING_BEFORE`, off by default): an `expiry_warning` event
 //!   when a live key is that close to its expiry.
 //!
+//! Idle time is only known while the edge reports its uses (`POST /v1/usage`): a key used
+//! every day through the gateway would otherwise look idle. So the stale-key policy needs usage
+//! ingest (`USAGE_SIGNING_SECRET`; origin refuses to start without it) and is **held** — it
+//! switches nothing off, says so once in the log and shows `held` in `/healthz` and
+//! `/metrics` — while no usage batch has been accepted for `STALE_KEY_USAGE_MAX_AGE` (by origin's
+//! clock, when it was accepted: [`stale_gate`]). A forward step of origin's clock makes the last
+//! report look old (and the edge's batches are refused by their signed timestamp until the
+//! clocks agree again), so it holds the policy rather than switching keys off in bulk.
+//!
 //! Each warning is written once per idle period (or per expiry): a warning already in the audit
 //! log since the key's last activity (or for its current expiry) is not repeated. One process runs the policies
 //! (a lock beside the database).
@@ -42,6 +51,45 @@ pub struct KeyPolicy {
     pub expiry_warning: Option<Duration>,
     /// `KEY_POLICY_INTERVAL`: how often the policies run.
     pub interval: Duration,
+    /// `STALE_KEY_USAGE_MAX_AGE`: the stale-key policy is held while no usage batch has been
+    /// accepted for this long.
+    pub usage_max_age: Duration,
+}
+
+/// Whether the stale-key policy may switch keys off now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleGate {
+    /// A usage batch was accepted within `STALE_KEY_USAGE_MAX_AGE`.
+    Open,
+    /// None was: idle times cannot be trusted. `report_age_ms`: how long ago the last one was
+    /// accepted (`None`: never).
+    Held {
+        /// Milliseconds since the last accepted batch, by origin's clock.
+        report_age_ms: Option<i64>,
+    },
+}
+
+/// The gate at `now`, given when a usage batch was last accepted. A report dated after `now`
+/// (origin's clock stepped back since) counts as fresh: that makes keys look less idle, never
+/// more.
+pub fn stale_gate(
+    now: UnixMillis,
+    last_report: Option<UnixMillis>,
+    max_age: Duration,
+) -> StaleGate {
+    let Some(at) = last_report else {
+        return StaleGate::Held {
+            report_age_ms: None,
+        };
+    };
+    let age = now.0.saturating_sub(at.0).max(0);
+    if u128::try_from(age).unwrap_or(0) <= max_age.as_millis() {
+        StaleGate::Open
+    } else {
+        StaleGate::Held {
+            report_age_ms: Some(age),
+        }
+    }
 }
 
 impl KeyPolicy {
@@ -81,9 +129,28 @@ pub async fn run(
     else {
         return;
     };
+    let mut was_held = false;
     loop {
-        if let Err(error) = pass(&service, &policy).await {
-            tracing::error!(%error, "key policy pass failed; retrying at the next");
+        match pass(&service, &policy).await {
+            Ok(StaleGate::Held { report_age_ms }) if !was_held => {
+                was_held = true;
+                tracing::warn!(
+                    last_report_ms_ago = ?report_age_ms,
+                    max_age = %humantime::format_duration(policy.usage_max_age),
+                    "stale-key policy held: no usage report from the edge accepted recently, so \
+                     idle times cannot be trusted and no key is switched off (check \
+                     USAGE_SIGNING_SECRET and ORIGIN_USAGE_URL at the edge, and that origin's \
+                     clock agrees with the edge's)"
+                );
+            }
+            Ok(StaleGate::Open) if was_held => {
+                was_held = false;
+                tracing::info!("stale-key policy resumed: usage reports are arriving");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::error!(%error, "key policy pass failed; retrying at the next");
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(policy.interval) => {}
@@ -94,13 +161,18 @@ pub async fn run(
 
 /// One pass of every policy that is on. Each query leaves out the keys already dealt with,
 /// so every key it returns is acted on, and a backlog longer than a pass takes shrinks by that
-/// much (500 keys of each kind) each pass.
-pub async fn pass(service: &KeyService, policy: &KeyPolicy) -> Result<(), ServiceError> {
+/// much (500 keys of each kind) each pass. Returns the stale-key policy's gate (`Open` when
+/// that policy is off); while it is held, no stale key is warned or switched off.
+pub async fn pass(service: &KeyService, policy: &KeyPolicy) -> Result<StaleGate, ServiceError> {
     // Uses still in memory count: a key verified a moment ago is not idle.
     service.flush_usage().await?;
     let store = service.store();
     let now = system_now();
-    if let Some(stale_after) = policy.stale_after {
+    let gate = match policy.stale_after {
+        Some(_) => stale_gate(now, store.last_usage_report().await?, policy.usage_max_age),
+        None => StaleGate::Open,
+    };
+    if let (Some(stale_after), StaleGate::Open) = (policy.stale_after, gate) {
         let idle_before = before(now, stale_after);
         let warning = policy.stale_warning.min(stale_after);
         if !warning.is_zero() {
@@ -149,5 +221,54 @@ pub async fn pass(service: &KeyService, policy: &KeyPolicy) -> Result<(), Servic
                 .await?;
         }
     }
-    Ok(())
+    Ok(gate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stale_policy_acts_only_while_usage_reports_are_recent() {
+        let hour = Duration::from_secs(3600);
+        let now = UnixMillis(1_800_000_000_000);
+        let ago = |ms: i64| Some(UnixMillis(now.0 - ms));
+        // (last report, expected gate, why)
+        let cases = [
+            (
+                None,
+                StaleGate::Held {
+                    report_age_ms: None,
+                },
+                "never reported",
+            ),
+            (ago(0), StaleGate::Open, "reported just now"),
+            (ago(3_600_000), StaleGate::Open, "exactly the limit"),
+            (
+                ago(3_600_001),
+                StaleGate::Held {
+                    report_age_ms: Some(3_600_001),
+                },
+                "just past it",
+            ),
+            (
+                ago(86_400_000 + 5_000),
+                StaleGate::Held {
+                    report_age_ms: Some(86_405_000),
+                },
+                "origin's clock stepped a day forward after the last report",
+            ),
+            (ago(-60_000), StaleGate::Open, "origin's clock stepped back"),
+            (
+                Some(UnixMillis(i64::MIN)),
+                StaleGate::Held {
+                    report_age_ms: Some(i64::MAX),
+                },
+                "no overflow",
+            ),
+        ];
+        for (last, want, why) in cases {
+            assert_eq!(stale_gate(now, last, hour), want, "{why}");
+        }
+    }
 }

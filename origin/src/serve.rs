@@ -105,6 +105,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         leak_action: config.leak_action,
         webhooks: webhook_status.clone(),
         open_figures: crate::http::health::OpenFigures::default(),
+        stale_policy_usage_max_age: config
+            .key_policy
+            .stale_after
+            .map(|_| config.key_policy.usage_max_age),
     });
     if state.usage_ingest.is_none() {
         tracing::info!("USAGE_SIGNING_SECRET is unset: POST /v1/usage (edge usage reports) is off");

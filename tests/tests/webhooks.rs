@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode as AxumStatus};
-use common::edge::free_port;
+use common::edge::{USAGE_SECRET, free_port};
 use common::{TestApp, eventually};
+use latchkey_shared::sign;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -304,6 +305,87 @@ async fn a_receiver_down_or_failing_and_origin_killed_lose_no_event() {
     ));
 }
 
+/// Reports a use of `id` now, as the edge does: a batch signed with the usage secret.
+async fn report_usage(app: &TestApp, id: &str) -> common::Reply {
+    let now = common::now_ms();
+    let body =
+        json!({"batch": format!("test-{now}-{id}"), "uses": [{"id": id, "at": now}]}).to_string();
+    let signature = sign::sign(
+        USAGE_SECRET.as_bytes(),
+        &sign::usage_message(latchkey_shared::UnixMillis(now), body.as_bytes()),
+    );
+    let req = app
+        .request(reqwest::Method::POST, "/v1/usage")
+        .header("content-type", "application/json")
+        .header(sign::header::TIMESTAMP, now.to_string())
+        .header(sign::header::SIGNATURE, signature)
+        .body(body);
+    TestApp::send(req).await
+}
+
+/// Before, a key used only at the edge looked idle to origin without usage reports and was
+/// switched off: now the policy waits for reports, says so, and acts once they arrive.
+#[tokio::test]
+async fn the_stale_key_policy_is_held_while_no_usage_report_arrives() {
+    let app = TestApp::builder()
+        .env("STALE_KEY_AFTER", "1s")
+        .env("STALE_WARNING_BEFORE", "0s")
+        .env("USAGE_SIGNING_SECRET", USAGE_SECRET)
+        .env("STALE_KEY_USAGE_MAX_AGE", "1s")
+        .env("KEY_POLICY_INTERVAL", "100ms")
+        .start()
+        .await;
+    let (idle, _) = app.create_key("idle", &[]).await;
+    let health = app.get("/healthz").await.body;
+    assert_eq!(health["key_policy"]["stale_keys"], "held", "{health}");
+    assert_eq!(health["key_policy"]["usage_report_age_ms"], Value::Null);
+    // Well past STALE_KEY_AFTER, and many passes later, the key is still on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let key = app.get(&format!("/v1/api_keys/{idle}")).await.body;
+    assert_eq!(key["disabled"], false, "{key}");
+    let metrics = reqwest::get(format!("{}/metrics", app.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(
+            "latchkey_stale_key_policy_held 1
+"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "latchkey_usage_report_age_seconds -1.000
+"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        app.logs().contains("stale-key policy held"),
+        "{}",
+        app.logs()
+    );
+
+    // A report (of another key) shows the reports arrive: the idle key is switched off.
+    let (other, _) = app.create_key("other", &[]).await;
+    assert_eq!(report_usage(&app, &other).await.status, StatusCode::OK);
+    eventually(Duration::from_secs(10), || async {
+        let key = app.get(&format!("/v1/api_keys/{idle}")).await.body;
+        (key["disabled"] == true)
+            .then_some(())
+            .ok_or_else(|| key.to_string())
+    })
+    .await;
+    assert!(
+        app.logs().contains("stale-key policy resumed"),
+        "{}",
+        app.logs()
+    );
+}
+
 /// The event types the receiver accepted for `key`, in order, each event once.
 fn types_for(seen: &Arc<Mutex<Seen>>, key: &str) -> Vec<String> {
     let seen = seen.lock().expect("seen");
@@ -323,6 +405,8 @@ async fn the_policies_warn_then_switch_off_stale_keys_and_warn_of_expiry_once() 
     let mut builder = TestApp::builder()
         .env("STALE_KEY_AFTER", "3s")
         .env("STALE_WARNING_BEFORE", "1500ms")
+        .env("USAGE_SIGNING_SECRET", USAGE_SECRET)
+        .env("STALE_KEY_USAGE_MAX_AGE", "2s")
         .env("EXPIRY_WARNING_BEFORE", "2h")
         .env("KEY_POLICY_INTERVAL", "100ms")
         .env("LAST_USED_FLUSH_MS", "50");
@@ -340,15 +424,23 @@ async fn the_policies_warn_then_switch_off_stale_keys_and_warn_of_expiry_once() 
         .await;
     let expiring_id = expiring.body["id"].as_str().expect("id").to_owned();
     let expiring_secret = expiring.body["secret"].as_str().expect("secret").to_owned();
-    // Two keys in use all along.
+    // Two keys in use all along: one verified at origin, one only at the edge (reported in
+    // signed usage batches, as the edge reports them).
+    let used_id = app.verify(&used_secret, &[]).await.body["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let user = tokio::spawn({
         let (app, stop) = (app.clone(), stop.clone());
         async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for secret in [&used_secret, &expiring_secret] {
-                    assert_eq!(app.verify(secret, &[]).await.status, StatusCode::OK);
-                }
+                assert_eq!(
+                    app.verify(&expiring_secret, &[]).await.status,
+                    StatusCode::OK
+                );
+                let r = report_usage(&app, &used_id).await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.body);
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         }

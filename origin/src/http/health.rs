@@ -15,11 +15,14 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::json;
 
 use super::AppState;
 use crate::ledger::LedgerReport;
+use crate::policy::{StaleGate, stale_gate};
 use crate::publish::PublisherReport;
+use crate::service::system_now;
 use crate::store::StoreError;
 use crate::webhook::WebhookReport;
 
@@ -32,6 +35,34 @@ struct Figures {
     kv: PublisherReport,
     ledger: LedgerReport,
     webhooks: WebhookReport,
+    key_policy: PolicyReport,
+}
+
+/// What `/healthz` shows of the stale-key policy.
+#[derive(Debug, Serialize)]
+struct PolicyReport {
+    /// `off`, `active`, or `held` while no usage report from the edge is recent enough to
+    /// trust idle times (see [`crate::policy`]).
+    stale_keys: &'static str,
+    /// Milliseconds since origin last accepted a usage batch (`null`: never).
+    usage_report_age_ms: Option<i64>,
+}
+
+async fn policy_report(state: &AppState) -> Result<PolicyReport, StoreError> {
+    let last = state.service.store().last_usage_report().await?;
+    let now = system_now();
+    let usage_report_age_ms = last.map(|at| now.0.saturating_sub(at.0).max(0));
+    let stale_keys = match state.stale_policy_usage_max_age {
+        None => "off",
+        Some(max_age) => match stale_gate(now, last, max_age) {
+            StaleGate::Open => "active",
+            StaleGate::Held { .. } => "held",
+        },
+    };
+    Ok(PolicyReport {
+        stale_keys,
+        usage_report_age_ms,
+    })
 }
 
 /// The figures, or `Err` where the database could not be read (logged once per refresh).
@@ -78,12 +109,14 @@ async fn read(state: &AppState, detailed: bool) -> Result<Figures, StoreError> {
             kv: state.publisher.detailed_report(store).await?,
             ledger: state.ledger.detailed_report(store).await?,
             webhooks: state.webhooks.detailed_report(store).await?,
+            key_policy: policy_report(state).await?,
         }
     } else {
         Figures {
             kv: state.publisher.report(store).await?,
             ledger: state.ledger.report(store).await?,
             webhooks: state.webhooks.report(store).await?,
+            key_policy: policy_report(state).await?,
         }
     })
 }
@@ -102,6 +135,7 @@ fn body(figures: &Figures) -> serde_json::Value {
         "kv_publisher": figures.kv,
         "ledger": figures.ledger,
         "webhooks": figures.webhooks,
+        "key_policy": figures.key_policy,
     })
 }
 
@@ -132,6 +166,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         kv: report,
         ledger,
         webhooks,
+        key_policy,
     }) = figures.as_ref()
     else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -232,9 +267,19 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         use std::fmt::Write as _;
         let _ = write!(
             body,
-            "# HELP latchkey_open_figures_refreshes_total Times /healthz and /metrics read their figures from the database (at most once a second).\n\
+            "# HELP latchkey_stale_key_policy_held Whether the stale-key policy is held for want of recent usage reports (1) or not (0; also when it is off).\n\
+             # TYPE latchkey_stale_key_policy_held gauge\n\
+             latchkey_stale_key_policy_held {}\n\
+             # HELP latchkey_usage_report_age_seconds Time since origin last accepted a usage batch from the edge (-1: never).\n\
+             # TYPE latchkey_usage_report_age_seconds gauge\n\
+             latchkey_usage_report_age_seconds {:.3}\n\
+             # HELP latchkey_open_figures_refreshes_total Times /healthz and /metrics read their figures from the database (at most once a second).\n\
              # TYPE latchkey_open_figures_refreshes_total counter\n\
              latchkey_open_figures_refreshes_total {}\n",
+            u8::from(key_policy.stale_keys == "held"),
+            key_policy
+                .usage_report_age_ms
+                .map_or(-1.0, |ms| ms as f64 / 1000.0),
             state.open_figures.refreshes(),
         );
     }

@@ -87,6 +87,9 @@ pub struct AppParts {
     pub webhooks: Arc<crate::webhook::WebhookStatus>,
     /// What `/healthz` and `/metrics` show, read from the database at most once a second.
     pub open_figures: health::OpenFigures,
+    /// `STALE_KEY_USAGE_MAX_AGE` where the stale-key policy is on (`None`: off), for the
+    /// policy's state in `/healthz`.
+    pub stale_policy_usage_max_age: Option<std::time::Duration>,
 }
 
 /// The admin who made a request, by the non-secret label of their token.

@@ -149,6 +149,10 @@ pub trait KeyStore: Send + Sync + 'static {
         now: UnixMillis,
     ) -> Result<bool, StoreError>;
 
+    /// When a usage batch was last accepted ([`KeyStore::remember_usage_batch`]'s `now`), by
+    /// any origin over this database; `None` if never.
+    async fn last_usage_report(&self) -> Result<Option<UnixMillis>, StoreError>;
+
     /// Audit entries after `after_seq`, oldest first, optionally for one key.
     async fn audit_log(
         &self,

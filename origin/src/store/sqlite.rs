@@ -1478,8 +1478,26 @@ impl KeyStore for SqliteStore {
                 .bind(until.0)
                 .execute(&mut *tx)
                 .await?;
+        let accepted = inserted.rows_affected() == 1;
+        if accepted {
+            sqlx::query(
+                "INSERT INTO usage_reports (id, last_accepted_at) VALUES (1, ?) \
+                 ON CONFLICT (id) DO UPDATE SET last_accepted_at = excluded.last_accepted_at",
+            )
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
-        Ok(inserted.rows_affected() == 1)
+        Ok(accepted)
+    }
+
+    async fn last_usage_report(&self) -> Result<Option<UnixMillis>, StoreError> {
+        let at: Option<(i64,)> =
+            sqlx::query_as("SELECT last_accepted_at FROM usage_reports WHERE id = 1")
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(at.map(|(at,)| UnixMillis(at)))
     }
 
     async fn audit_log(
