@@ -688,10 +688,20 @@ impl KeyService {
             };
             let mut previous = current.clone();
             previous.rolled_to = Some(key.id.clone());
+            // A secret reported leaked gets no grace: whoever found it would keep it working.
+            let leaked = current.leaked_at.is_some();
+            let grace = if leaked { 0 } else { grace };
             if grace == 0 {
                 previous.revoked = true;
                 previous.revoked_at = Some(now);
-                previous.revocation_reason = Some(format!("rolled: replaced by {}", key.id));
+                previous.revocation_reason = Some(if leaked {
+                    format!(
+                        "rolled: replaced by {} (its secret was reported leaked)",
+                        key.id
+                    )
+                } else {
+                    format!("rolled: replaced by {}", key.id)
+                });
             } else {
                 let grace_ends = UnixMillis(now.0.saturating_add(grace.saturating_mul(1000)));
                 previous.expiration =
@@ -711,6 +721,8 @@ impl KeyService {
                 json!({
                     "rolled_to": key.id,
                     "grace_period_seconds": grace,
+                    "grace_period_requested": roll.grace_period_seconds,
+                    "leaked": leaked,
                     "expiration": { "from": current.expiration, "to": previous.expiration },
                     "revoked": previous.revoked,
                 }),
@@ -927,7 +939,7 @@ fn expires_at(now: UnixMillis, seconds: i64) -> Result<UnixMillis, ServiceError>
         return Err(invalid(
             "seconds_until_expiration",
             format!(
-                "must be from 1 to {} seconds, or null for a key that never expires",
+                "must be from 1 to {} seconds (a key that never expires has none; \"never\" removes an expiry in an update or a roll)",
                 limits::EXPIRATION_MAX_SECONDS
             ),
         ));

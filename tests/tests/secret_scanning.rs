@@ -317,15 +317,36 @@ async fn with_leak_action_flag_a_leaked_key_is_marked_and_keeps_working() {
     app.post(&format!("/v1/api_keys/{id}/leak"), json!({}))
         .await;
     assert_eq!(audit_actions(&app, &id).await, ["create", "leak"]);
-    // The owner rolls it: the new key is not marked.
+    // The owner rolls it with an hour's grace: a leaked secret gets none (before, it stayed
+    // VALID for the hour). The new key is not marked.
     let rolled = app
         .post(
             &format!("/v1/api_keys/{id}/roll"),
-            json!({"grace_period_seconds": 0}),
+            json!({"grace_period_seconds": 3600}),
         )
         .await;
+    assert_eq!(rolled.status, StatusCode::OK, "{}", rolled.body);
     assert_eq!(rolled.body["leaked_at"], Value::Null, "{}", rolled.body);
-    assert_eq!(rolled.body["previous"]["revoked"], true);
+    assert_eq!(rolled.body["previous"]["revoked"], true, "{}", rolled.body);
+    let reason = rolled.body["previous"]["revocation_reason"]
+        .as_str()
+        .expect("reason");
+    assert!(reason.contains("reported leaked"), "{reason}");
+    let v = app.verify(&secret, &[]).await;
+    assert_eq!(v.body["errors"][0]["code"], "api_key_revoked", "{}", v.body);
+    let new_secret = rolled.body["secret"].as_str().expect("secret");
+    assert_eq!(app.verify(new_secret, &[]).await.status, StatusCode::OK);
+    let audit = app.get(&format!("/v1/audit_log?key_id={id}")).await.body;
+    let roll = audit["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|e| e["action"] == "roll")
+        .expect("roll entry")
+        .clone();
+    assert_eq!(roll["details"]["grace_period_seconds"], 0, "{roll}");
+    assert_eq!(roll["details"]["grace_period_requested"], 3600, "{roll}");
+    assert_eq!(roll["details"]["leaked"], true, "{roll}");
 }
 
 /// A stand-in for `https://api.github.com/meta/public_keys/secret_scanning`: answers the list

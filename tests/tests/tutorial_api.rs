@@ -248,10 +248,22 @@ async fn an_ip_allowlist_on_the_tutorials_calls() {
         listed.body["data"][0]["allowed_ips"],
         json!(["203.0.113.0/24"])
     );
-    let lifted = app
+    let kept = app
         .patch(
             "/backend.api-keys.update",
             json!({ "key_id": id, "allowed_ips": null }),
+        )
+        .await;
+    assert_eq!(kept.status, StatusCode::OK, "{:?}", kept.body);
+    assert_eq!(
+        verify(Value::Null).await.body["code"],
+        "IP_NOT_ALLOWED",
+        "null changes nothing"
+    );
+    let lifted = app
+        .patch(
+            "/backend.api-keys.update",
+            json!({ "key_id": id, "allowed_ips": [] }),
         )
         .await;
     assert_eq!(lifted.status, StatusCode::OK, "{:?}", lifted.body);

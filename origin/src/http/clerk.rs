@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, Clerk};
-use super::extract::{self, JsonBody, KeyIdPath, double_option};
+use super::extract::{self, Expiry, JsonBody, KeyIdPath, cleared_when_empty};
 use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::{AuditEntry, ListFilter, StoredKey};
@@ -216,23 +216,26 @@ struct UpdateRequest {
     name: Option<String>,
     #[serde(default)]
     subject: Option<String>,
-    #[serde(default, deserialize_with = "double_option")]
-    description: Option<Option<String>>,
+    /// `""` clears it.
+    #[serde(default)]
+    description: Option<String>,
     #[serde(default)]
     scopes: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "double_option")]
-    claims: Option<Option<Value>>,
-    #[serde(default, deserialize_with = "double_option")]
-    seconds_until_expiration: Option<Option<i64>>,
-    /// Absolute expiry in unix ms, or `null` for never.
-    #[serde(default, deserialize_with = "double_option")]
-    expiration: Option<Option<i64>>,
+    /// `{}` clears them.
+    #[serde(default)]
+    claims: Option<Value>,
+    /// Seconds from now, or `"never"`.
+    #[serde(default)]
+    seconds_until_expiration: Option<Expiry>,
+    /// Absolute expiry in unix ms, or `"never"`.
+    #[serde(default)]
+    expiration: Option<Expiry>,
     /// `true` switches the key off, `false` on again.
     #[serde(default)]
     disabled: Option<bool>,
-    /// Replaces the allowlist; `[]` or `null` lifts it.
-    #[serde(default, deserialize_with = "double_option")]
-    allowed_ips: Option<Option<Vec<String>>>,
+    /// Replaces the allowlist; `[]` lifts it.
+    #[serde(default)]
+    allowed_ips: Option<Vec<String>>,
 }
 
 async fn update(
@@ -244,12 +247,12 @@ async fn update(
     let changes = KeyChanges {
         name: req.name,
         subject: req.subject,
-        description: req.description,
+        description: cleared_when_empty(req.description),
         scopes: req.scopes,
-        claims: req.claims,
+        claims: cleared_when_empty(req.claims),
         expiration: extract::lifetime(req.seconds_until_expiration, req.expiration)?,
         disabled: req.disabled,
-        allowed_ips: req.allowed_ips.map(Option::unwrap_or_default),
+        allowed_ips: req.allowed_ips,
     };
     let key = state.service.update(&actor, &id, changes).await?;
     Ok(Json(ApiKeyObject::new(key, system_now())))
@@ -280,12 +283,12 @@ async fn revoke(
 struct RollRequest {
     /// How long the old secret keeps working; 0 revokes it now.
     grace_period_seconds: i64,
-    /// The new key's lifetime; both absent keeps the old key's expiry.
-    #[serde(default, deserialize_with = "double_option")]
-    seconds_until_expiration: Option<Option<i64>>,
-    /// The new key's expiry in unix ms, or `null` for never.
-    #[serde(default, deserialize_with = "double_option")]
-    expiration: Option<Option<i64>>,
+    /// The new key's lifetime in seconds, or `"never"`; both absent keeps the old key's expiry.
+    #[serde(default)]
+    seconds_until_expiration: Option<Expiry>,
+    /// The new key's expiry in unix ms, or `"never"`.
+    #[serde(default)]
+    expiration: Option<Expiry>,
 }
 
 /// The new key, its secret shown this once, and the key it replaced as the roll left it.

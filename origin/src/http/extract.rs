@@ -185,13 +185,70 @@ pub fn body_key_id<E>(raw: &str, field: &'static str) -> Result<KeyId, ApiError<
     KeyId::parse(raw).map_err(|_| ApiError::key_not_found().field(field))
 }
 
-/// For `Option<Option<T>>` fields: absent is `None`, `null` is `Some(None)`.
-pub fn double_option<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(de).map(Some)
+/// An expiry field of update and roll (`seconds_until_expiration`, `expiration`): a number,
+/// or `"never"` to remove the expiry.
+///
+/// One rule holds for every field of every body: `null` is the same as leaving the field out
+/// (it changes nothing), so a restriction is lifted only by an explicit value (`"never"` here,
+/// `[]` for `allowed_ips`), never by a `null` that a client library may send for "not given".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// A number of seconds or an instant in unix ms, as the field says.
+    Value(i64),
+    /// `"never"`: no expiry.
+    Never,
+}
+
+impl<'de> Deserialize<'de> for Expiry {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Expiry;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a whole number, or \"never\" to remove the expiry")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Expiry, E> {
+                Ok(Expiry::Value(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Expiry, E> {
+                i64::try_from(v)
+                    .map(Expiry::Value)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Expiry, E> {
+                if v == "never" {
+                    Ok(Expiry::Never)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+        }
+        de.deserialize_any(Visitor)
+    }
+}
+
+/// A field that clears with its empty value: `""` for a description, `{}` for claims or
+/// metadata. `None` (absent or `null`): no change; `Some(None)`: clear; `Some(Some(v))`: set.
+pub fn cleared_when_empty<T: IsEmpty>(value: Option<T>) -> Option<Option<T>> {
+    value.map(|v| (!v.is_empty()).then_some(v))
+}
+
+/// What an empty value of a clearable field is.
+pub trait IsEmpty {
+    /// Whether this is the field's empty value.
+    fn is_empty(&self) -> bool;
+}
+
+impl IsEmpty for String {
+    fn is_empty(&self) -> bool {
+        self.as_str().is_empty()
+    }
+}
+
+impl IsEmpty for serde_json::Value {
+    fn is_empty(&self) -> bool {
+        self.as_object().is_some_and(serde_json::Map::is_empty)
+    }
 }
 
 /// Query string pairs, in order. Malformed encodings are a 400 naming the problem: a `%` not
@@ -348,19 +405,20 @@ pub fn unknown_param<E>(name: &str) -> ApiError<E> {
     .field(name)
 }
 
-/// Expiry changes as a request states them: seconds from now, or an absolute time (not both).
+/// Expiry changes as a request states them: seconds from now, or an absolute time (not both);
+/// `"never"` in either removes the expiry.
 pub fn lifetime<E>(
-    seconds: Option<Option<i64>>,
-    at: Option<Option<i64>>,
+    seconds: Option<Expiry>,
+    at: Option<Expiry>,
 ) -> Result<Option<Lifetime>, ApiError<E>> {
     match (seconds, at) {
         (Some(_), Some(_)) => Err(bad_param(
             "expiration",
             "given either as seconds_until_expiration or as expiration, not both",
         )),
-        (Some(None), None) | (None, Some(None)) => Ok(Some(Lifetime::Never)),
-        (Some(Some(s)), None) => Ok(Some(Lifetime::Seconds(s))),
-        (None, Some(Some(at))) => Ok(Some(Lifetime::At(UnixMillis(at)))),
+        (Some(Expiry::Never), None) | (None, Some(Expiry::Never)) => Ok(Some(Lifetime::Never)),
+        (Some(Expiry::Value(s)), None) => Ok(Some(Lifetime::Seconds(s))),
+        (None, Some(Expiry::Value(at))) => Ok(Some(Lifetime::At(UnixMillis(at)))),
         (None, None) => Ok(None),
     }
 }

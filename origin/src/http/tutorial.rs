@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, Tutorial};
-use super::extract::{self, JsonBody, double_option};
+use super::extract::{self, Expiry, JsonBody, cleared_when_empty};
 use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::ListFilter;
@@ -280,18 +280,21 @@ struct UpdateRequest {
     name: Option<String>,
     #[serde(default)]
     scopes: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "double_option")]
-    metadata: Option<Option<Value>>,
-    #[serde(default, deserialize_with = "double_option")]
-    description: Option<Option<String>>,
-    #[serde(default, deserialize_with = "double_option")]
-    seconds_until_expiration: Option<Option<i64>>,
+    /// `{}` clears it.
+    #[serde(default)]
+    metadata: Option<Value>,
+    /// `""` clears it.
+    #[serde(default)]
+    description: Option<String>,
+    /// Seconds from now, or `"never"`.
+    #[serde(default)]
+    seconds_until_expiration: Option<Expiry>,
     /// `true` switches the key off, `false` on again.
     #[serde(default)]
     disabled: Option<bool>,
-    /// Replaces the allowlist; `[]` or `null` lifts it.
-    #[serde(default, deserialize_with = "double_option")]
-    allowed_ips: Option<Option<Vec<String>>>,
+    /// Replaces the allowlist; `[]` lifts it.
+    #[serde(default)]
+    allowed_ips: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -318,12 +321,12 @@ async fn update(
     let changes = KeyChanges {
         name: req.name,
         subject: None,
-        description: req.description,
+        description: cleared_when_empty(req.description),
         scopes: req.scopes,
-        claims: req.metadata,
+        claims: cleared_when_empty(req.metadata),
         expiration: extract::lifetime(req.seconds_until_expiration, None)?,
         disabled: req.disabled,
-        allowed_ips: req.allowed_ips.map(Option::unwrap_or_default),
+        allowed_ips: req.allowed_ips,
     };
     let key = state
         .service
@@ -347,9 +350,9 @@ struct RollRequest {
     key_id: String,
     /// How long the old key keeps working; 0 revokes it now.
     grace_period_seconds: i64,
-    /// The new key's lifetime (`null`: never); absent keeps the old key's expiry.
-    #[serde(default, deserialize_with = "double_option")]
-    seconds_until_expiration: Option<Option<i64>>,
+    /// The new key's lifetime in seconds (`"never"`: no expiry); absent keeps the old key's.
+    #[serde(default)]
+    seconds_until_expiration: Option<Expiry>,
 }
 
 /// What the replaced key became.

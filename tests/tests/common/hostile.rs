@@ -86,7 +86,18 @@ pub fn wrong_values(kind: &str) -> Vec<&'static str> {
     match kind {
         "string" => vec!["5", "true", "[]", "{}", "1.5"],
         "strings" => vec![r#""read:orders""#, "5", "{}", "[1]", "[null]", r#"[["a"]]"#],
-        "number" => vec![r#""soon""#, "true", "[]", "{}", "1.5", "1e400", "-1"],
+        // `"never"` is right for the expiry fields alone; other spellings are wrong for all.
+        "number" => vec![
+            r#""soon""#,
+            r#""Never""#,
+            r#"" never""#,
+            "true",
+            "[]",
+            "{}",
+            "1.5",
+            "1e400",
+            "-1",
+        ],
         "object" => vec![r#""x""#, "5", "[1]", "true"],
         "bool" => vec![r#""true""#, "1", "0", "[]", "{}", r#""yes""#],
         other => panic!("unknown kind {other}"),
