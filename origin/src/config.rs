@@ -147,14 +147,19 @@ impl KvConfig {
                 return Err(problem("KV_NAMESPACE_ID", "is required with KV_API_BASE"));
             }
         };
-        if !(api_base.starts_with("http://") || api_base.starts_with("https://")) {
-            return Err(problem(
-                "KV_API_BASE",
-                format!(
-                    "{api_base:?} is not an http(s) URL such as https://api.cloudflare.com/client/v4/accounts/<account id>"
-                ),
-            ));
-        }
+        // https, except to a loopback address (the local KV API of `wrangler dev`): the API
+        // token must never cross the network in the clear.
+        let api_base = UpstreamUrl::parse(&api_base)
+            .map_err(|e| {
+                problem(
+                    "KV_API_BASE",
+                    format!(
+                        "{e}, such as https://api.cloudflare.com/client/v4/accounts/<account id>"
+                    ),
+                )
+            })?
+            .base()
+            .to_owned();
         if !namespace_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -1173,6 +1178,51 @@ mod tests {
             let vars = [&kv[..], &[(var, bad)]].concat();
             let err = load(&vars).expect_err("invalid");
             assert!(err.starts_with(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_kv_api_is_reached_over_https_except_on_loopback() {
+        let kv = |base: &str| {
+            load(&[
+                ("ADMIN_TOKEN", TOKEN),
+                ("KV_API_BASE", base),
+                ("KV_NAMESPACE_ID", "ns"),
+            ])
+        };
+        for good in [
+            "https://api.cloudflare.com/client/v4/accounts/0123",
+            "http://127.0.0.1:8787/cdn-cgi/explorer/api",
+            "http://localhost:8787/cdn-cgi/explorer/api",
+            "http://[::1]:8787/cdn-cgi/explorer/api",
+        ] {
+            assert!(kv(good).is_ok(), "{good}");
+        }
+        // Before, a remote http:// base was accepted and the API token went in the clear.
+        for (bad, why) in [
+            (
+                "http://kv.example/client/v4/accounts/0123",
+                "must use https://",
+            ),
+            (
+                "http://10.0.0.5:8787/cdn-cgi/explorer/api",
+                "must use https://",
+            ),
+            (
+                "https://user:pw@api.cloudflare.com/client/v4",
+                "no query, fragment or user",
+            ),
+            (
+                "ftp://api.cloudflare.com/client/v4",
+                "must be an https:// URL",
+            ),
+        ] {
+            let error = kv(bad).err().unwrap_or_default();
+            assert!(
+                error.starts_with("KV_API_BASE") && error.contains(why),
+                "{bad}: {error}"
+            );
+            assert!(!error.contains("pw@"), "the URL is not echoed: {error}");
         }
     }
 

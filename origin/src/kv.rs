@@ -137,6 +137,8 @@ impl KvClient {
             .timeout(config.request_timeout)
             .connect_timeout(config.request_timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(16)
+            // A redirect would carry the API token to another address: never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| KvError::Unreachable(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {

@@ -128,6 +128,8 @@ impl LedgerClient {
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
+            // A redirect would carry the signed body to another address: never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| LedgerError::Unreachable(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {

@@ -320,3 +320,69 @@ fn serve_refuses_bad_ledger_settings_and_names_the_variable() {
         );
     }
 }
+
+/// A ledger route that redirects every append to a second server, which counts what reaches
+/// it. Before, origin followed the redirect and sent its signed body there.
+#[tokio::test]
+async fn a_redirect_from_the_ledger_is_never_followed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let reached = Arc::new(AtomicUsize::new(0));
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let elsewhere_port = elsewhere.local_addr().expect("addr").port();
+    let counter = reached.clone();
+    let sink = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            "{}"
+        }
+    });
+    tokio::spawn(async move { axum::serve(elsewhere, sink).await });
+    let ledger = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let ledger_port = ledger.local_addr().expect("addr").port();
+    let redirects = Arc::new(AtomicUsize::new(0));
+    let seen = redirects.clone();
+    let redirect = axum::Router::new().fallback(move || {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [(
+                    "location",
+                    format!("http://127.0.0.1:{elsewhere_port}/v1/ledger/changes"),
+                )],
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(ledger, redirect).await });
+
+    let app = TestApp::builder()
+        .env(
+            "LEDGER_URL",
+            &format!("http://127.0.0.1:{ledger_port}/v1/ledger/changes"),
+        )
+        .env("LEDGER_SIGNING_SECRET", LEDGER_SECRET)
+        .start()
+        .await;
+    three_changes(&app).await;
+    // The appends were tried (and answered with the redirect) and are still pending.
+    let health = eventually(Duration::from_secs(10), || async {
+        let health = app.get("/healthz").await.body;
+        (redirects.load(Ordering::SeqCst) >= 2 && health["ledger"]["pending"] == 3)
+            .then_some(health.clone())
+            .ok_or_else(|| health.to_string())
+    })
+    .await;
+    assert_ne!(health["ledger"]["state"], "ok", "{health}");
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "the signed body went to the redirect's target"
+    );
+}

@@ -533,3 +533,23 @@ async fn slow_unsigned_senders_cannot_hold_up_a_signed_alert() {
         "the signed alert was answered only after slow senders were"
     );
 }
+
+/// A flood of alerts whose signature does not verify writes one warning line, not a line each
+/// (before, every refusal was logged).
+#[tokio::test]
+async fn refused_alerts_are_logged_once_per_interval() {
+    let github = GithubKey::new("k1");
+    let stranger = GithubKey::new("k1");
+    let (app, _dir) = app_with_keys(&[&github], &[]).await;
+    let batch = br#"[{"token":"sk_live_x","type":"latchkey_api_key"}]"#;
+    for _ in 0..30 {
+        let r = alert(&app, batch, Some(&stranger)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    }
+    let logs = app.logs();
+    assert_eq!(
+        logs.matches("GitHub secret scanning alert refused").count(),
+        1,
+        "{logs}"
+    );
+}

@@ -209,3 +209,33 @@ async fn extreme_timestamps_are_refused_as_stale_without_overflow() {
     assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
     assert!(!app.logs().contains("panicked"), "{}", app.logs());
 }
+
+/// Anyone can post to the usage route: a flood of refused batches writes one warning line
+/// (with the count left out), not a line each. Before, every refusal was logged.
+#[tokio::test]
+async fn refused_batches_are_logged_once_per_interval() {
+    let app = TestApp::builder()
+        .env("USAGE_SIGNING_SECRET", USAGE_SECRET)
+        .start()
+        .await;
+    let body = br#"{"batch":"b","uses":[]}"#;
+    for n in 0..30 {
+        let (timestamp, _) = signed(USAGE_SECRET, now(), body);
+        let r = post(&app, body, timestamp, Some(format!("{n:064x}"))).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.body);
+    }
+    let (timestamp, signature) = signed(USAGE_SECRET, now(), body);
+    assert_eq!(
+        post(&app, body, timestamp.clone(), signature.clone())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    for _ in 0..30 {
+        let r = post(&app, body, timestamp.clone(), signature.clone()).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    }
+    let logs = app.logs();
+    assert_eq!(logs.matches("usage batch refused").count(), 1, "{logs}");
+    assert_eq!(logs.matches("usage batch replayed").count(), 1, "{logs}");
+}

@@ -24,6 +24,7 @@ use super::AppState;
 use super::client::client_key;
 use super::error::{ApiError, Clerk};
 use super::extract::BodyDeadline;
+use super::throttle::LogThrottle;
 use crate::secret_scanning::{SignatureError, header};
 use crate::service::{KeyService, Leak, limits};
 
@@ -278,7 +279,14 @@ pub(super) async fn alert(
 
 /// The answer to an alert whose signature was not accepted.
 fn refused(error: SignatureError) -> ApiError<Clerk> {
-    tracing::warn!(%error, "GitHub secret scanning alert refused");
+    static REFUSALS: LogThrottle = LogThrottle::new();
+    if let Some(left_out) = REFUSALS.allow(std::time::Instant::now()) {
+        tracing::warn!(
+            %error,
+            refused_since_last_line = left_out,
+            "GitHub secret scanning alert refused (one such line every 10 s at most)"
+        );
+    }
     let (status, code) = match error {
         SignatureError::NoKeys | SignatureError::NotReloaded => {
             (StatusCode::SERVICE_UNAVAILABLE, "keys_unavailable")

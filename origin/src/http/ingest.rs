@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::{ApiError, Clerk};
 use super::extract::RawBody;
+use super::throttle::LogThrottle;
 use crate::service::{KeyService, system_now};
 use crate::store::StoreError;
 
@@ -110,7 +111,14 @@ pub async fn usage(
         Ok(()) => {}
         Err(Refusal::Store(error)) => return Err(error.into()),
         Err(Refusal::Signature(e)) => {
-            tracing::warn!(error = %e, "usage batch refused");
+            static REFUSALS: LogThrottle = LogThrottle::new();
+            if let Some(left_out) = REFUSALS.allow(std::time::Instant::now()) {
+                tracing::warn!(
+                    error = %e,
+                    refused_since_last_line = left_out,
+                    "usage batch refused (one such line every 10 s at most)"
+                );
+            }
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "signature_invalid",
@@ -118,7 +126,13 @@ pub async fn usage(
             ));
         }
         Err(Refusal::Replayed) => {
-            tracing::warn!("usage batch replayed; refused");
+            static REPLAYS: LogThrottle = LogThrottle::new();
+            if let Some(left_out) = REPLAYS.allow(std::time::Instant::now()) {
+                tracing::warn!(
+                    refused_since_last_line = left_out,
+                    "usage batch replayed; refused (one such line every 10 s at most)"
+                );
+            }
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "replayed",

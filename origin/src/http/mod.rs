@@ -42,6 +42,7 @@ pub mod github;
 pub mod health;
 pub mod ingest;
 pub mod routes;
+pub mod throttle;
 pub mod tutorial;
 
 /// What every handler can reach. Cloned for every request (axum's `State`), so it is one `Arc`.
