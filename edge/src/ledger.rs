@@ -3,7 +3,9 @@
 //!
 //! * `POST /v1/ledger/changes` (origin → Worker, [`append`]): an [`AppendBatch`] signed with
 //!   `LEDGER_SIGNING_SECRET` over [`append_message`]; stale or bad signatures get 401, a replay
-//!   (the same MAC again) 409. The Worker checks the signature, the object the replay.
+//!   (the same MAC again) 409, and so does a late append (`superseded`: signed at or before
+//!   the last append the object accepted, see `latchkey_shared::ledger::admit_append`). The
+//!   Worker checks the signature, the object the replay and the order.
 //! * Inside the object: `POST /append` appends, `GET /tail?after=N` answers every entry after
 //!   `N` ([`Tail`]), `GET /tail?recent_ms=W` every entry appended in the last `W` ms (the
 //!   shared poll of a location, see `memory.rs`).
@@ -11,11 +13,16 @@
 //! Invariants: sequence numbers are 1, 2, 3, … with no gaps and never reused (the head is kept
 //! apart from the entries, so pruning everything does not restart them); entries older than the
 //! retention window are pruned and `pruned_through` names the last one pruned, so a reader
-//! whose cursor is older learns it missed entries; the watermark only moves forward.
+//! whose cursor is older learns it missed entries; the watermark only moves forward; appends
+//! are taken in the order origin signed them, and a key's `revision` never goes back (the
+//! highest appended per KV entry name is kept in `revisions`, one row per key ever changed:
+//! `latchkey_shared::ledger::admit_changes`).
+
+use std::collections::HashMap;
 
 use latchkey_shared::ledger::{
-    APPEND_BODY_MAX_BYTES, AppendAnswer, AppendBatch, Entry, LEDGER_VERSION, TAIL_MAX_ENTRIES,
-    Tail, append_message,
+    APPEND_BODY_MAX_BYTES, AppendAnswer, AppendBatch, AppendRefusal, Entry, LEDGER_VERSION,
+    TAIL_MAX_ENTRIES, Tail, admit_append, admit_changes, append_message,
 };
 use latchkey_shared::sign::{self, MAX_CLOCK_SKEW_MS};
 use latchkey_shared::target::RequestTarget;
@@ -39,6 +46,9 @@ const INSTANCE: &str = "global";
 const MAC_HEADER: &str = "x-latchkey-ledger-mac";
 /// Until when (ms) the MAC must be remembered: its timestamp plus the allowed skew.
 const UNTIL_HEADER: &str = "x-latchkey-ledger-until";
+/// The Worker → object header carrying the verified signature's timestamp (ms): appends are
+/// taken in that order.
+const SIGNED_AT_HEADER: &str = "x-latchkey-ledger-signed-at";
 /// `LEDGER_RETENTION_MS` when unset: ten minutes, well above KV's propagation bound.
 pub(crate) const DEFAULT_RETENTION_MS: i64 = 600_000;
 /// The shortest retention allowed: ten minutes. Shorter would let an isolate trust a KV value
@@ -100,6 +110,7 @@ pub(crate) async fn append(
     let inner = Headers::new();
     inner.set("content-type", "application/json")?;
     inner.set(MAC_HEADER, &hex(&verified.mac))?;
+    inner.set(SIGNED_AT_HEADER, &verified.timestamp.0.to_string())?;
     inner.set(
         UNTIL_HEADER,
         &verified
@@ -176,13 +187,21 @@ impl DurableObject for Ledger {
         let result = match (req.method(), target.path) {
             (Method::Post, "/append") => {
                 let mac = req.headers().get(MAC_HEADER)?.unwrap_or_default();
-                let until = req
+                let sent_until = req
                     .headers()
                     .get(UNTIL_HEADER)?
+                    .and_then(|v| v.parse::<i64>().ok());
+                let until = sent_until.unwrap_or(now.0);
+                // A Worker of the previous release (during a rollout) sends only the MAC's
+                // deadline, which is the timestamp plus the skew.
+                let signed_at = req
+                    .headers()
+                    .get(SIGNED_AT_HEADER)?
                     .and_then(|v| v.parse::<i64>().ok())
-                    .unwrap_or(now.0);
+                    .or_else(|| sent_until.map(|u| u.saturating_sub(MAX_CLOCK_SKEW_MS)))
+                    .map(UnixMillis);
                 let body = req.bytes().await?;
-                self.append(&mac, until, &body, now)
+                self.append(&mac, signed_at, until, &body, now)
             }
             (Method::Get, "/tail") => {
                 let query = TailQuery::parse(target.query);
@@ -203,6 +222,10 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS entries_by_time ON entries (at)",
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS seen (mac TEXT PRIMARY KEY, until INTEGER NOT NULL)",
+    // The highest revision appended per KV entry name, in decimal (a revision is a u64, and
+    // integers cross to JavaScript as numbers, exact only below 2^53). Never pruned: one row
+    // per key ever changed, so a key's revision never goes back, however late the older one.
+    "CREATE TABLE IF NOT EXISTS revisions (name TEXT PRIMARY KEY, revision TEXT NOT NULL)",
 ];
 
 #[derive(Debug, Default)]
@@ -237,6 +260,11 @@ struct Row {
 #[derive(Deserialize)]
 struct Value {
     value: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct Revision {
+    revision: String,
 }
 
 impl Ledger {
@@ -291,16 +319,40 @@ impl Ledger {
         Ok(epoch)
     }
 
-    /// Appends a verified batch (the Worker checked its signature): refuses a MAC seen before,
-    /// gives each change the next sequence number, moves the watermark forward, prunes.
-    /// Synchronous from the first read to the last write, so it is one atomic step.
-    fn append(&self, mac: &str, until: i64, body: &[u8], now: UnixMillis) -> Result<Response> {
+    /// The highest revision appended for `name`, if any.
+    fn highest_revision(&self, name: &str) -> Result<Option<u64>> {
+        let rows: Vec<Revision> = self
+            .sql
+            .exec(
+                "SELECT revision FROM revisions WHERE name = ?",
+                vec![name.into()],
+            )?
+            .to_array()?;
+        Ok(rows.first().and_then(|r| r.revision.parse().ok()))
+    }
+
+    /// Appends a verified batch (the Worker checked its signature): refuses a MAC seen before
+    /// and an append signed no later than the last one accepted, leaves out changes older (by
+    /// `revision`) than their key's last appended one, gives each other change the next
+    /// sequence number, moves the watermark forward, prunes. Synchronous from the first read
+    /// to the last write, so it is one atomic step.
+    fn append(
+        &self,
+        mac: &str,
+        signed_at: Option<UnixMillis>,
+        until: i64,
+        body: &[u8],
+        now: UnixMillis,
+    ) -> Result<Response> {
         let Ok(batch) = AppendBatch::parse(body) else {
             return Response::error("bad batch", 400);
         };
         if mac.len() != 64 {
             return Response::error("missing MAC", 400);
         }
+        let Some(signed_at) = signed_at else {
+            return Response::error("missing signature timestamp", 400);
+        };
         self.sql
             .exec("DELETE FROM seen WHERE until < ?", vec![now.0.into()])?;
         let seen: Vec<Value> = self
@@ -317,12 +369,35 @@ impl Ledger {
             }))
             .map(|r| r.with_status(409));
         }
+        let last_accepted = self.meta_opt("last_signed_at")?.map(UnixMillis);
+        if let Err(refusal) = admit_append(signed_at, last_accepted) {
+            let AppendRefusal::Superseded { last_accepted, .. } = refusal;
+            worker::console_warn!("ledger: {refusal}");
+            return Response::from_json(&serde_json::json!({
+                "success": false,
+                "error": {
+                    "code": "superseded",
+                    "message": refusal.to_string(),
+                    "last_signed_at": last_accepted,
+                }
+            }))
+            .map(|r| r.with_status(409));
+        }
+        // Read before anything is written, so that a failed read fails the append whole.
+        let mut highest: HashMap<&str, Option<u64>> = HashMap::new();
+        for change in &batch.changes {
+            if !highest.contains_key(change.name.as_str()) {
+                highest.insert(&change.name, self.highest_revision(&change.name)?);
+            }
+        }
+        let admitted = admit_changes(&batch.changes, |name| highest.get(name).copied().flatten());
         self.sql.exec(
             "INSERT INTO seen (mac, until) VALUES (?, ?)",
             vec![mac.into(), until.max(now.0).into()],
         )?;
+        self.set_meta("last_signed_at", signed_at.0)?;
         let mut head = self.head()?;
-        for change in &batch.changes {
+        for change in &admitted.append {
             head += 1;
             self.sql.exec(
                 "INSERT INTO entries (seq, at, name, record) VALUES (?, ?, ?, ?)",
@@ -331,6 +406,14 @@ impl Ledger {
                     now.0.into(),
                     change.name.as_str().into(),
                     change.record.to_json().into(),
+                ],
+            )?;
+            self.sql.exec(
+                "INSERT INTO revisions (name, revision) VALUES (?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET revision = excluded.revision",
+                vec![
+                    change.name.as_str().into(),
+                    change.record.revision.to_string().into(),
                 ],
             )?;
         }
@@ -342,10 +425,17 @@ impl Ledger {
             self.set_meta("watermark", watermark)?;
         }
         self.prune(now)?;
+        if !admitted.superseded.is_empty() {
+            worker::console_warn!(
+                "ledger: {} change(s) left out, older than their key's last appended revision",
+                admitted.superseded.len()
+            );
+        }
         Response::from_json(&AppendAnswer {
             v: LEDGER_VERSION,
-            appended: batch.changes.len() as u64,
+            appended: admitted.append.len() as u64,
             head: u64::try_from(head).unwrap_or(0),
+            superseded: admitted.superseded.len() as u64,
         })
     }
 

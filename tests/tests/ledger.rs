@@ -594,3 +594,153 @@ async fn the_ledger_route_takes_only_fresh_signed_appends() {
         .await;
     assert_eq!(memory(&r.headers), "off");
 }
+
+/// A record for a key at `revision` (valid, or revoked), as origin would publish it.
+fn record(revision: u64, revoked: bool) -> latchkey_shared::KeyRecord {
+    latchkey_shared::KeyRecord {
+        v: latchkey_shared::RECORD_VERSION,
+        id: latchkey_shared::KeyId::parse("key_0123456789abcdefABCD").expect("id"),
+        subject: "acme-corp".into(),
+        scopes: latchkey_shared::ScopePolicy::default()
+            .parse_grants(&["read:orders"])
+            .expect("scopes"),
+        revoked,
+        revoked_at: revoked.then_some(UnixMillis(common::now_ms())),
+        expires_at: None,
+        revision,
+        disabled: false,
+        allowed_ips: Default::default(),
+    }
+}
+
+/// An append of `changes` (KV entry name, record) and an optional watermark, signed at
+/// `timestamp` as origin signs it; the body and its two headers.
+fn signed_append(
+    changes: &[(&str, &latchkey_shared::KeyRecord)],
+    watermark: Option<i64>,
+    timestamp: i64,
+) -> (Vec<u8>, String, String) {
+    let batch = latchkey_shared::ledger::AppendBatch::new(
+        changes
+            .iter()
+            .map(|(name, record)| latchkey_shared::ledger::Change {
+                name: (*name).to_owned(),
+                record: (*record).clone(),
+            })
+            .collect(),
+        watermark.map(UnixMillis),
+    );
+    let body = serde_json::to_vec(&batch).expect("serialises");
+    let (ts, sig) = signed(&body, timestamp, LEDGER_SECRET);
+    (body, ts, sig)
+}
+
+/// Origin's rule for timestamps: now, or one millisecond after the last one signed.
+#[derive(Default)]
+struct Timestamps {
+    last: std::cell::Cell<i64>,
+}
+
+impl Timestamps {
+    fn next(&self) -> i64 {
+        let next = common::now_ms().max(self.last.get() + 1);
+        self.last.set(next);
+        next
+    }
+}
+
+/// Feeds a fresh watermark (as origin does every second), then verifies `key` until memory
+/// answers (the debug header says `hit`): what an isolate holding the ledger's view says.
+async fn from_memory(edge: &Edge, clock: &Timestamps, key: &str) -> Value {
+    eventually(LIMIT, || async {
+        let now = clock.next();
+        let (body, ts, sig) = signed_append(&[], Some(now), now);
+        let (status, answer) = append(edge, &body, &ts, &sig).await;
+        assert_eq!(status, StatusCode::OK, "watermark: {answer}");
+        let r = edge.verify(key, &[]).await;
+        if memory(&r.headers) == "hit" {
+            Ok(r.body)
+        } else {
+            Err(format!("memory: {} {}", memory(&r.headers), r.body))
+        }
+    })
+    .await
+}
+
+/// The review's late-append finding: origin's append of a revocation times out, origin
+/// appends the key's newer state, and the first request lands after it. Once the newer entry
+/// is pruned, an isolate loading the ledger would find only the older, valid record and answer
+/// `VALID` from memory. The ledger takes appends only in signing order, and never lets a key's
+/// revision go back.
+#[tokio::test]
+async fn a_late_or_older_append_never_brings_back_an_older_revision() {
+    let mut edge = Edge::on_free_port();
+    edge.unset_var("ORIGIN_USAGE_URL")
+        .var("ROUTES", "")
+        .var("LEDGER_RETENTION_MS", "1000");
+    edge.start().await;
+
+    // A late append: signed before the one that replaced it, delivered after.
+    let key = common::edge::unissued_key("sk_live");
+    let name = entry_name(&key);
+    let (valid, revoked) = (record(1, false), record(2, true));
+    let clock = Timestamps::default();
+    let t0 = clock.next();
+    let late = signed_append(&[(&name, &valid)], None, t0);
+    let t1 = clock.next();
+    let newer = signed_append(&[(&name, &revoked)], None, t1);
+    let (status, answer) = append(&edge, &newer.0, &newer.1, &newer.2).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // KV holds the newest record, as origin published it.
+    edge.write_kv(&name, revoked.to_json().as_bytes()).await;
+    // The newer entry outlives its retention; then the late copy arrives.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (status, answer) = append(&edge, &late.0, &late.1, &late.2).await;
+    // A fresh isolate (this one never loaded the ledger) follows the ledger, not the late copy.
+    let seen = from_memory(&edge, &clock, &key).await;
+    assert_eq!(
+        seen["code"], "REVOKED",
+        "the late copy's older record won: {seen} (its append answered {status} {answer})"
+    );
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a late append is refused: {answer}"
+    );
+    assert_eq!(answer["error"]["code"], "superseded", "{answer}");
+    assert_eq!(answer["error"]["last_signed_at"], t1, "{answer}");
+    let message = answer["error"]["message"].as_str().expect("message");
+    assert!(message.contains("Do not resend it"), "{message}");
+
+    // An older revision signed later (an origin whose state went back): left out.
+    let key = common::edge::unissued_key("sk_test");
+    let name = entry_name(&key);
+    let (revoked, valid) = (record(5, true), record(4, false));
+    let now = clock.next();
+    let (body, ts, sig) = signed_append(&[(&name, &revoked)], None, now);
+    let (status, answer) = append(&edge, &body, &ts, &sig).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["appended"], 1, "{answer}");
+    edge.write_kv(&name, revoked.to_json().as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let now = clock.next();
+    let (body, ts, sig) = signed_append(&[(&name, &valid)], None, now);
+    let (status, answer) = append(&edge, &body, &ts, &sig).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let seen = from_memory(&edge, &clock, &key).await;
+    assert_eq!(
+        seen["code"], "REVOKED",
+        "the older revision won: {seen} (its append answered {answer})"
+    );
+    assert_eq!(
+        (&answer["appended"], &answer["superseded"]),
+        (&json!(0), &json!(1)),
+        "the older revision is left out: {answer}"
+    );
+    // The same revision again (origin keeping a key's entry alive) still goes in.
+    let now = clock.next();
+    let (body, ts, sig) = signed_append(&[(&name, &revoked)], None, now);
+    let (status, answer) = append(&edge, &body, &ts, &sig).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["appended"], 1, "{answer}");
+}

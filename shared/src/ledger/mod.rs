@@ -18,6 +18,13 @@
 //! * [`AppendBatch`], origin → Worker at [`APPEND_PATH`], signed with HMAC-SHA256 over
 //!   [`append_message`] (`x-latchkey-timestamp`, `x-latchkey-signature`, as usage reports).
 //! * [`AppendAnswer`], the Worker's answer.
+//!
+//!   The ledger object takes appends only in the order origin signed them ([`admit_append`]:
+//!   a late copy of a timed-out append, signed before one already taken, is refused whole),
+//!   and never lets a key's `revision` go back ([`admit_changes`]: a change older than one
+//!   already appended for the same key is left out). Either alone keeps an older record from
+//!   landing after a newer one and outliving it once the newer one is pruned, when a fresh
+//!   isolate would hold it as the key's state.
 //! * [`Tail`], the Durable Object → isolates: every entry after a sequence number.
 //!
 //! ```
@@ -122,6 +129,89 @@ pub struct AppendAnswer {
     pub appended: u64,
     /// The ledger's newest sequence number.
     pub head: u64,
+    /// Changes left out because the ledger had already appended a higher `revision` of the same
+    /// key ([`admit_changes`]). Absent from an older ledger's answer (0).
+    #[serde(default)]
+    pub superseded: u64,
+}
+
+/// Why the ledger object refuses a whole append whose signature checked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendRefusal {
+    /// Signed at or before the last append the ledger accepted: a late copy (origin timed the
+    /// request out and has since appended the keys' newer state). Accepting it would put older
+    /// records after newer ones, where they would outlive them once those are pruned.
+    #[error(
+        "this append was signed at {signed_at}, not after the last append the ledger accepted \
+         (signed at {last_accepted}): it was superseded. Do not resend it: append the keys' \
+         current state with a new timestamp"
+    )]
+    Superseded {
+        /// The refused append's timestamp (unix ms).
+        signed_at: i64,
+        /// The last accepted append's timestamp (unix ms).
+        last_accepted: i64,
+    },
+}
+
+/// Whether the ledger takes an append signed at `signed_at`, given the signed timestamp of the
+/// last append it accepted (`None`: none yet). Appends must arrive in the order origin signed
+/// them (its timestamps never repeat and only grow), so one signed at or before the last
+/// accepted is refused whole: its changes and its watermark. Origin loses nothing by it: a
+/// batch is acknowledged only after a 200, so its rows are sent again, with the keys' current
+/// state and a new timestamp.
+pub fn admit_append(
+    signed_at: UnixMillis,
+    last_accepted: Option<UnixMillis>,
+) -> Result<(), AppendRefusal> {
+    match last_accepted {
+        Some(last) if signed_at.0 <= last.0 => Err(AppendRefusal::Superseded {
+            signed_at: signed_at.0,
+            last_accepted: last.0,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The changes of an admitted append, split by [`admit_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmittedChanges<'a> {
+    /// To append, in the batch's order.
+    pub append: Vec<&'a Change>,
+    /// Left out: a higher `revision` of the same key was appended before (or earlier in this
+    /// batch).
+    pub superseded: Vec<&'a Change>,
+}
+
+/// Splits `changes` by the rule that a key's `revision` never goes back in the ledger: a change
+/// whose revision is lower than the highest already appended for its name (`highest`, as the
+/// ledger keeps it, or earlier in this batch) is left out; an equal one is appended (origin
+/// appends a key's unchanged state again to keep its entry alive). So an older record can never
+/// follow a newer one, and never be the only entry left once the newer one is pruned.
+pub fn admit_changes<'a>(
+    changes: &'a [Change],
+    mut highest: impl FnMut(&str) -> Option<u64>,
+) -> AdmittedChanges<'a> {
+    let mut seen: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut admitted = AdmittedChanges {
+        append: Vec::with_capacity(changes.len()),
+        superseded: Vec::new(),
+    };
+    for change in changes {
+        let name = change.name.as_str();
+        let floor = match seen.get(name) {
+            Some(&revision) => Some(revision),
+            None => highest(name),
+        };
+        let revision = change.record.revision;
+        if floor.is_some_and(|floor| revision < floor) {
+            admitted.superseded.push(change);
+        } else {
+            seen.insert(name, revision);
+            admitted.append.push(change);
+        }
+    }
+    admitted
 }
 
 /// One entry of the ledger.
@@ -281,6 +371,117 @@ mod tests {
             Tail::parse(tail(crate::RECORD_VERSION + 1).as_bytes()),
             Err(LedgerError::Shape(_))
         ));
+    }
+
+    #[test]
+    fn appends_must_be_signed_after_the_last_accepted_one() {
+        // (signed at, last accepted, admitted)
+        let cases = [
+            (1000, None, true),
+            (1001, Some(1000), true),
+            (i64::MAX, Some(1000), true),
+            // A late copy of an append signed before one the ledger took.
+            (1000, Some(1000), false),
+            (999, Some(1000), false),
+            (i64::MIN, Some(i64::MIN), false),
+        ];
+        for (signed_at, last, admitted) in cases {
+            let got = admit_append(UnixMillis(signed_at), last.map(UnixMillis));
+            assert_eq!(got.is_ok(), admitted, "{signed_at} after {last:?}");
+            if let (
+                Err(AppendRefusal::Superseded {
+                    signed_at: s,
+                    last_accepted,
+                }),
+                Some(l),
+            ) = (got, last)
+            {
+                assert_eq!((s, last_accepted), (signed_at, l));
+            }
+        }
+        let message = admit_append(UnixMillis(5), Some(UnixMillis(7)))
+            .expect_err("late")
+            .to_string();
+        assert!(
+            message.contains("superseded") && message.contains("signed at 5"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_key_s_revision_never_goes_back_in_the_ledger() {
+        let change = |c: char, revision: u64| {
+            let record = format!(
+                r#"{{"v":1,"id":"key_0123456789abcdefABCD","subject":"p","scopes":[],"revoked":false,"revoked_at":null,"expires_at":null,"revision":{revision}}}"#
+            );
+            Change {
+                name: name(c),
+                record: KeyRecord::from_json(record.as_bytes()).expect("record"),
+            }
+        };
+        // (the ledger's highest revisions, the batch, expected appended, expected superseded),
+        // as (key, revision) pairs.
+        type Case = (
+            &'static [(char, u64)],
+            &'static [(char, u64)],
+            &'static [(char, u64)],
+            &'static [(char, u64)],
+        );
+        let cases: &[Case] = &[
+            // Nothing known: everything goes in.
+            (&[], &[('a', 1), ('b', 1)], &[('a', 1), ('b', 1)], &[]),
+            // Newer and equal (a refresh of the same state) go in; older stays out.
+            (&[('a', 5)], &[('a', 6)], &[('a', 6)], &[]),
+            (&[('a', 5)], &[('a', 5)], &[('a', 5)], &[]),
+            (&[('a', 6)], &[('a', 5)], &[], &[('a', 5)]),
+            // Only the older key of a batch is left out.
+            (
+                &[('a', 6), ('b', 1)],
+                &[('a', 5), ('b', 2)],
+                &[('b', 2)],
+                &[('a', 5)],
+            ),
+            // Within one batch too: a later change of the same key may not go back.
+            (&[], &[('a', 6), ('a', 5)], &[('a', 6)], &[('a', 5)]),
+            (&[], &[('a', 5), ('a', 6)], &[('a', 5), ('a', 6)], &[]),
+            // The extremes.
+            (&[('a', u64::MAX)], &[('a', 0)], &[], &[('a', 0)]),
+            (&[('a', 0)], &[('a', u64::MAX)], &[('a', u64::MAX)], &[]),
+        ];
+        for (known, batch, appended, superseded) in cases {
+            let changes: Vec<Change> = batch.iter().map(|&(c, r)| change(c, r)).collect();
+            let admitted = admit_changes(&changes, |n| {
+                known
+                    .iter()
+                    .find(|(c, _)| name(*c) == n)
+                    .map(|&(_, revision)| revision)
+            });
+            let pairs = |list: &[&Change]| -> Vec<(String, u64)> {
+                list.iter()
+                    .map(|c| (c.name.clone(), c.record.revision))
+                    .collect()
+            };
+            let want = |list: &[(char, u64)]| -> Vec<(String, u64)> {
+                list.iter().map(|&(c, r)| (name(c), r)).collect()
+            };
+            assert_eq!(
+                pairs(&admitted.append),
+                want(appended),
+                "{known:?} {batch:?}"
+            );
+            assert_eq!(
+                pairs(&admitted.superseded),
+                want(superseded),
+                "{known:?} {batch:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_older_answer_without_the_superseded_count_still_reads() {
+        let answer: AppendAnswer =
+            serde_json::from_str(r#"{"v":1,"appended":2,"head":9}"#).expect("reads");
+        assert_eq!(answer.superseded, 0);
     }
 
     #[test]
