@@ -73,6 +73,14 @@ pub(crate) enum ConfigError {
     Routes(#[from] RouteError),
     #[error("{0} is required when {1} is set")]
     Missing(&'static str, &'static str),
+    /// A secret that is required and not set: the message says how to set one.
+    #[error(
+        "{0} is required when {1} is set, and it is a secret, so it is not in wrangler.toml. \
+         Under `wrangler dev`, copy .dev.vars.example to .dev.vars and fill in every secret it \
+         lists (`openssl rand -hex 32` makes one); when deployed, run \
+         `wrangler secret put {0}`"
+    )]
+    MissingSecret(&'static str, &'static str),
     #[error("{name} must be {expected}, got {value:?}")]
     Invalid {
         name: &'static str,
@@ -120,7 +128,10 @@ impl Settings {
                 return Err(ConfigError::Missing("UPSTREAM_URL", "ROUTES"));
             }
             if upstream_secret.is_none() {
-                return Err(ConfigError::Missing("UPSTREAM_SIGNING_SECRET", "ROUTES"));
+                return Err(ConfigError::MissingSecret(
+                    "UPSTREAM_SIGNING_SECRET",
+                    "ROUTES",
+                ));
             }
         }
         let upstream_signature = match text(env, "UPSTREAM_SIGNATURE_VERSION") {
@@ -135,7 +146,7 @@ impl Settings {
         check_url("ORIGIN_USAGE_URL", usage_url.as_deref())?;
         let usage_secret = secret(env, "USAGE_SIGNING_SECRET")?;
         if usage_url.is_some() && usage_secret.is_none() {
-            return Err(ConfigError::Missing(
+            return Err(ConfigError::MissingSecret(
                 "USAGE_SIGNING_SECRET",
                 "ORIGIN_USAGE_URL",
             ));
@@ -158,7 +169,7 @@ impl Settings {
             .map(|secret| ledger_settings(env, debug_headers, secret.clone()))
             .transpose()?;
         if ledger.is_none() && flag(env, "LEDGER_STRICT", false)? {
-            return Err(ConfigError::Missing(
+            return Err(ConfigError::MissingSecret(
                 "LEDGER_SIGNING_SECRET",
                 "LEDGER_STRICT",
             ));

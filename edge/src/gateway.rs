@@ -5,7 +5,7 @@
 //! keys all get the same 401.
 
 use js_sys::futures::JsFuture;
-use latchkey_shared::ip::parse_client;
+use latchkey_shared::ip::gateway_client;
 use latchkey_shared::sign::gateway::{
     SignedRequest, Version as SignatureVersion, content_sha256, header,
 };
@@ -60,15 +60,16 @@ pub(crate) async fn handle(
             "send the API key as `Authorization: Bearer <key>`",
         );
     };
-    // Where the partner is, as Cloudflare saw it (not forgeable in production: Cloudflare sets
-    // the header), read only for a key with an allowlist. Missing or unreadable, it is
-    // unknown, and such a key fails.
+    // Where the partner is, as Cloudflare saw it (Cloudflare sets the header), read only for a
+    // key with an allowlist. Missing or unreadable, it is unknown, and such a key fails; so it
+    // is for a subrequest of another Worker in the same zone (it carries `CF-Worker`), which
+    // can set `CF-Connecting-IP` itself (`gateway_client`).
     let client = || {
-        headers
-            .get("cf-connecting-ip")
-            .ok()
-            .flatten()
-            .and_then(|ip| parse_client(&ip))
+        let header = |name: &str| headers.get(name).ok().flatten();
+        gateway_client(
+            header("cf-connecting-ip").as_deref(),
+            header("cf-worker").as_deref(),
+        )
     };
     let (verdict, record) = match lookup
         .verify(&presented, rule.required_scopes(), client)

@@ -59,7 +59,8 @@ pub(crate) async fn handle(req: Request, lookup: &mut Lookup<'_>) -> Result<Resp
         }
     };
     // The address is the caller's word, as at origin: this endpoint answers whether the key
-    // would pass from there (the gateway, which grants access, takes Cloudflare's).
+    // would pass from there (the gateway, which grants access, takes Cloudflare's). So
+    // `CF-Connecting-IP` and `CF-Worker` mean nothing here: any caller may name any address.
     let client = match parse_client_field(request.client_ip.as_deref()) {
         Ok(client) => client,
         Err(e) => {

@@ -10,11 +10,19 @@
 //!   bits after the prefix must be zero (`203.0.113.7/24` is refused: which was meant, the
 //!   address or its network?);
 //! * no zone (`fe80::1%eth0`), no leading zeros in IPv4 (`010.0.0.1`), no spaces, nothing twice;
-//! * no IPv4 address written as IPv6 (`::ffff:203.0.113.7`): write it as IPv4.
+//! * no IPv4 address written as IPv6 (`::ffff:203.0.113.7`): write it as IPv4;
+//! * nothing inside `240.0.0.0/4` ([`PSEUDO_IPV4`]): Cloudflare's *Pseudo IPv4* setting gives
+//!   IPv6 clients made-up addresses from that range (a hash of the IPv6 address, in
+//!   `CF-Connecting-IP` when set to overwrite headers), so such an entry would stand for
+//!   whichever IPv6 clients happen to map to it, not for one client. No real client has one:
+//!   the range is reserved.
 //!
 //! An empty list means the key is not restricted. A client address that is an IPv4 address
 //! mapped into IPv6 (`::ffff:203.0.113.7`) is matched as the IPv4 address it is, by the IPv4
-//! entries; an IPv6 entry never matches an IPv4 client.
+//! entries; an IPv6 entry never matches an IPv4 client. A client address in `240.0.0.0/4`
+//! matches no entry at all (not even `0.0.0.0/0`): it does not say who the client is. A list
+//! stored before `240.0.0.0/4` entries were refused still reads (a record must not become
+//! unreadable), and such an entry matches no client.
 //!
 //! ```
 //! use latchkey_shared::ip::{IpAllowlist, IpListError};
@@ -26,10 +34,11 @@
 //! assert!(!list.allows("2001:db8::2".parse().unwrap()));
 //! assert_eq!(list.to_strings(), ["203.0.113.0/24", "2001:db8::1"]);
 //! assert!(matches!(IpAllowlist::parse(&["203.0.113.7/24"]), Err(IpListError::HostBits(_))));
+//! assert!(matches!(IpAllowlist::parse(&["240.0.0.7"]), Err(IpListError::PseudoIpv4(_))));
 //! ```
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -38,6 +47,22 @@ pub const ALLOWED_IPS_MAX: usize = 64;
 
 /// Longest entry accepted, in bytes (the longest IPv6 range is 43).
 const ENTRY_MAX: usize = 64;
+
+/// `240.0.0.0/4`, where Cloudflare's *Pseudo IPv4* puts the IPv4 stand-ins it makes for IPv6
+/// clients (otherwise reserved: no real client has such an address).
+pub const PSEUDO_IPV4: &str = "240.0.0.0/4";
+
+/// [`PSEUDO_IPV4`] as a range.
+const PSEUDO_IPV4_RANGE: IpRange = IpRange {
+    network: IpAddr::V4(Ipv4Addr::new(240, 0, 0, 0)),
+    prefix: 4,
+};
+
+/// Whether `address` is in [`PSEUDO_IPV4`] (as IPv4, or mapped into IPv6): an address that
+/// names no one client, which no allowlist entry matches.
+pub fn is_pseudo_ipv4(address: IpAddr) -> bool {
+    PSEUDO_IPV4_RANGE.contains(address.to_canonical())
+}
 
 /// Why an allowlist was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +86,12 @@ pub enum IpListError {
     /// An IPv4 address or range written as IPv6 (`::ffff:…`), which no client would match.
     #[error("{0:?} is an IPv4 address written as IPv6: write it as IPv4 (such as 203.0.113.7)")]
     Mapped(String),
+    /// An address or range inside [`PSEUDO_IPV4`], which stands for no one client.
+    #[error(
+        "{0:?} is in 240.0.0.0/4, where Cloudflare's Pseudo IPv4 puts made-up addresses for IPv6 \
+         clients: it would match unrelated clients. List the clients' real IPv4 or IPv6 addresses"
+    )]
+    PseudoIpv4(String),
 }
 
 /// One entry: an address and how many of its leading bits must match (32 or 128: the address
@@ -71,8 +102,16 @@ struct IpRange {
     prefix: u8,
 }
 
+/// Where a list comes from: a caller's input (every rule) or storage (what earlier rules let
+/// in still reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Input,
+    Stored,
+}
+
 impl IpRange {
-    fn parse(text: &str) -> Result<Self, IpListError> {
+    fn parse(text: &str, source: Source) -> Result<Self, IpListError> {
         let syntax = || IpListError::Syntax(truncate(text));
         if text.len() > ENTRY_MAX {
             return Err(syntax());
@@ -104,6 +143,12 @@ impl IpRange {
         let range = Self { network, prefix };
         if range.masked(network) != network {
             return Err(IpListError::HostBits(truncate(text)));
+        }
+        // Inside the range (a wider one, such as 0.0.0.0/0, is fine: a pseudo-IPv4 client
+        // matches no entry).
+        if source == Source::Input && prefix >= PSEUDO_IPV4_RANGE.prefix && is_pseudo_ipv4(network)
+        {
+            return Err(IpListError::PseudoIpv4(truncate(text)));
         }
         Ok(range)
     }
@@ -157,12 +202,16 @@ pub struct IpAllowlist(Vec<IpRange>);
 impl IpAllowlist {
     /// Parses a list as given to create or update (see the module's syntax).
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, IpListError> {
+        Self::parse_from(entries, Source::Input)
+    }
+
+    fn parse_from<S: AsRef<str>>(entries: &[S], source: Source) -> Result<Self, IpListError> {
         if entries.len() > ALLOWED_IPS_MAX {
             return Err(IpListError::TooMany);
         }
         let mut ranges: Vec<IpRange> = Vec::with_capacity(entries.len());
         for entry in entries {
-            let range = IpRange::parse(entry.as_ref())?;
+            let range = IpRange::parse(entry.as_ref(), source)?;
             if ranges.contains(&range) {
                 return Err(IpListError::Duplicate(range.to_string()));
             }
@@ -176,10 +225,12 @@ impl IpAllowlist {
         self.0.is_empty()
     }
 
-    /// Whether `client` may use the key: the list is empty, or an entry contains it.
+    /// Whether `client` may use the key: the list is empty, or an entry contains it (never a
+    /// [`PSEUDO_IPV4`] client's address, which names no one client).
     pub fn allows(&self, client: IpAddr) -> bool {
         let client = client.to_canonical();
-        self.is_empty() || self.0.iter().any(|range| range.contains(client))
+        self.is_empty()
+            || (!is_pseudo_ipv4(client) && self.0.iter().any(|range| range.contains(client)))
     }
 
     /// The entries as text, in their canonical form (`2001:DB8::/32` reads back as
@@ -197,10 +248,12 @@ impl Serialize for IpAllowlist {
 
 impl<'de> Deserialize<'de> for IpAllowlist {
     /// As strictly as [`IpAllowlist::parse`]: a list that does not parse is no list, and the
-    /// record holding it is unreadable (the edge denies) rather than unrestricted.
+    /// record holding it is unreadable (the edge denies) rather than unrestricted. One
+    /// exception: a [`PSEUDO_IPV4`] entry, refused since, still reads (so the keys that hold
+    /// one stay readable and restricted); it matches no client.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let entries = Vec::<String>::deserialize(deserializer)?;
-        Self::parse(&entries).map_err(serde::de::Error::custom)
+        Self::parse_from(&entries, Source::Stored).map_err(serde::de::Error::custom)
     }
 }
 
@@ -211,6 +264,26 @@ pub fn parse_client(text: &str) -> Option<IpAddr> {
         return None;
     }
     text.parse().ok()
+}
+
+/// The client's address as the gateway takes it from the request's headers: Cloudflare's
+/// `CF-Connecting-IP` (`connecting_ip`), unless the request carries a `CF-Worker` header
+/// (`cf_worker`, any value): then it is a subrequest from another Worker of the same zone,
+/// which can set `CF-Connecting-IP` itself, and the address is unknown, so a key with an
+/// allowlist fails with `IP_NOT_ALLOWED` (fail closed). A key without one is unaffected: the
+/// gateway asks for the address only for a key with a list.
+///
+/// ```
+/// use latchkey_shared::ip::gateway_client;
+///
+/// assert_eq!(gateway_client(Some("203.0.113.7"), None), "203.0.113.7".parse().ok());
+/// assert_eq!(gateway_client(Some("203.0.113.7"), Some("other.example.com")), None);
+/// ```
+pub fn gateway_client(connecting_ip: Option<&str>, cf_worker: Option<&str>) -> Option<IpAddr> {
+    if cf_worker.is_some() {
+        return None;
+    }
+    connecting_ip.and_then(parse_client)
 }
 
 /// A verify request's `client_ip` that is not one address.
@@ -340,6 +413,143 @@ mod tests {
             r#""10.0.0.1""#,
         ] {
             assert!(serde_json::from_str::<IpAllowlist>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pseudo_ipv4_entries_are_refused_and_pseudo_ipv4_clients_match_nothing() {
+        // (entry, refused as pseudo-IPv4)
+        let cases = [
+            ("240.0.0.0", true),
+            ("240.0.0.1", true),
+            ("240.0.0.0/4", true),
+            ("250.1.0.0/16", true),
+            ("255.255.255.255", true),
+            ("255.255.255.255/32", true),
+            ("239.255.255.255", false),
+            ("224.0.0.0/4", false),
+            // Wider than the range: allowed (a pseudo-IPv4 client matches no entry anyway).
+            ("224.0.0.0/3", false),
+            ("0.0.0.0/0", false),
+            // IPv6 is not this rule's (and `::ffff:240.0.0.1` is refused as IPv4 in IPv6).
+            ("2001:db8::/32", false),
+        ];
+        for (entry, refused) in cases {
+            let got = IpAllowlist::parse(&[entry]);
+            assert_eq!(
+                matches!(got, Err(IpListError::PseudoIpv4(_))),
+                refused,
+                "{entry}: {got:?}"
+            );
+            if !refused {
+                assert!(got.is_ok(), "{entry}: {got:?}");
+            }
+        }
+        let message = IpAllowlist::parse(&["240.1.2.3"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            message.contains("\"240.1.2.3\"")
+                && message.contains("240.0.0.0/4")
+                && message.contains("Pseudo IPv4"),
+            "{message}"
+        );
+        assert!(matches!(
+            IpAllowlist::parse(&["::ffff:240.0.0.1"]),
+            Err(IpListError::Mapped(_))
+        ));
+
+        // (client, is pseudo-IPv4)
+        let clients = [
+            ("240.0.0.1", true),
+            ("255.255.255.255", true),
+            ("::ffff:240.0.0.1", true),
+            ("239.255.255.255", false),
+            ("203.0.113.7", false),
+            ("2001:db8::1", false),
+            ("f000::1", false),
+        ];
+        let everything = IpAllowlist::parse(&["0.0.0.0/0", "::/0"]).expect("valid");
+        for (client, pseudo) in clients {
+            let client: IpAddr = client.parse().expect(client);
+            assert_eq!(is_pseudo_ipv4(client), pseudo, "{client}");
+            assert_eq!(everything.allows(client), !pseudo, "{client}");
+            assert!(
+                IpAllowlist::default().allows(client),
+                "unrestricted: {client}"
+            );
+        }
+
+        // A list stored before the rule still reads, still restricts, and its pseudo-IPv4
+        // entry admits no one.
+        let stored: IpAllowlist =
+            serde_json::from_str(r#"["240.0.0.1","203.0.113.0/24"]"#).expect("reads");
+        assert!(!stored.is_empty());
+        assert_eq!(stored.to_strings(), ["240.0.0.1", "203.0.113.0/24"]);
+        for (client, allowed) in [
+            ("240.0.0.1", false),
+            ("240.0.0.2", false),
+            ("203.0.113.9", true),
+        ] {
+            let client: IpAddr = client.parse().expect(client);
+            assert_eq!(stored.allows(client), allowed, "{client}");
+        }
+        // Every other rule still holds for a stored list.
+        assert!(serde_json::from_str::<IpAllowlist>(r#"["240.0.0.1/24"]"#).is_err());
+    }
+
+    #[test]
+    fn the_gateway_takes_cloudflare_s_address_unless_another_worker_sent_the_request() {
+        let v4 = |s: &str| Some(s.parse::<IpAddr>().expect(s));
+        // (CF-Connecting-IP, CF-Worker, the client's address)
+        let cases = [
+            (Some("203.0.113.7"), None, v4("203.0.113.7")),
+            (Some("2001:db8::1"), None, v4("2001:db8::1")),
+            (Some("not-an-address"), None, None),
+            (Some("203.0.113.0/24"), None, None),
+            (None, None, None),
+            // A subrequest of a Worker in the same zone: it can set CF-Connecting-IP.
+            (Some("203.0.113.7"), Some("other-worker.example.com"), None),
+            (Some("203.0.113.7"), Some(""), None),
+            (None, Some("example.com"), None),
+        ];
+        for (connecting_ip, cf_worker, want) in cases {
+            assert_eq!(
+                gateway_client(connecting_ip, cf_worker),
+                want,
+                "{connecting_ip:?} {cf_worker:?}"
+            );
+        }
+        // So a key with an allowlist fails for such a request, and one without passes.
+        let listed = IpAllowlist::parse(&["203.0.113.0/24"]).expect("valid");
+        let record = |allowed_ips: IpAllowlist| crate::KeyRecord {
+            v: crate::RECORD_VERSION,
+            id: crate::KeyId::parse("key_0123456789abcdefABCD").expect("id"),
+            subject: "acme".into(),
+            scopes: crate::ScopeSet::default(),
+            revoked: false,
+            revoked_at: None,
+            expires_at: None,
+            revision: 1,
+            disabled: false,
+            allowed_ips,
+        };
+        for (cf_worker, allowlist, want) in [
+            (None, listed.clone(), crate::Verdict::Valid),
+            (Some("x.example.com"), listed, crate::Verdict::IpNotAllowed),
+            (
+                Some("x.example.com"),
+                IpAllowlist::default(),
+                crate::Verdict::Valid,
+            ),
+        ] {
+            let context = crate::DecisionContext::at(crate::UnixMillis(0))
+                .from_address(gateway_client(Some("203.0.113.7"), cf_worker));
+            assert_eq!(
+                crate::decide(Some(&record(allowlist)), &context),
+                want,
+                "{cf_worker:?}"
+            );
         }
     }
 

@@ -159,7 +159,7 @@ async fn create_get_verify_update_revoke_round_trip() {
 }
 
 #[tokio::test]
-async fn update_changes_each_field_and_null_clears() {
+async fn update_changes_each_field_null_changes_nothing_and_empty_values_clear() {
     let app = TestApp::start().await;
     let (id, secret) = app.create_key("acme", &["read:orders"]).await;
     let path = format!("/api_keys/{id}");
@@ -197,10 +197,37 @@ async fn update_changes_each_field_and_null_clears() {
         repeated.body
     );
 
+    // One rule for every field: null is "not given". Before, `allowed_ips: null` and an expiry
+    // of null lifted the restriction while `disabled: null` changed nothing.
+    let before = app.get(&path).await.body;
+    let untouched = app
+        .patch(
+            &path,
+            json!({
+                "name": null, "subject": null, "description": null, "scopes": null,
+                "claims": null, "seconds_until_expiration": null, "expiration": null,
+                "disabled": null, "allowed_ips": null
+            }),
+        )
+        .await;
+    assert_eq!(untouched.status, StatusCode::OK, "{:?}", untouched.body);
+    for field in [
+        "name",
+        "subject",
+        "description",
+        "scopes",
+        "claims",
+        "expiration",
+        "disabled",
+        "allowed_ips",
+    ] {
+        assert_eq!(untouched.body[field], before[field], "null changed {field}");
+    }
+
     let cleared = app
         .patch(
             &path,
-            json!({ "description": null, "claims": null, "seconds_until_expiration": null }),
+            json!({ "description": "", "claims": {}, "seconds_until_expiration": "never" }),
         )
         .await;
     assert_eq!(cleared.status, StatusCode::OK, "{:?}", cleared.body);
@@ -466,7 +493,7 @@ async fn rolling_issues_a_linked_key_and_ends_the_old_one_after_its_grace_period
     let third = app
         .post(
             &format!("/v1/api_keys/{new_id}/roll"),
-            json!({ "grace_period_seconds": 0, "seconds_until_expiration": null }),
+            json!({ "grace_period_seconds": 0, "seconds_until_expiration": "never" }),
         )
         .await;
     assert_eq!(third.status, StatusCode::OK, "{}", third.body);
@@ -694,8 +721,38 @@ async fn an_ip_allowlist_admits_only_its_addresses() {
             "{list}"
         );
     }
-    // `null` lifts it; the change is audited.
-    let lifted = app.patch(&path, json!({ "allowed_ips": null })).await;
+    // An entry in 240.0.0.0/4, where Cloudflare puts its pseudo-IPv4 stand-ins for IPv6
+    // clients, would match unrelated clients: refused, and the answer says why.
+    for list in [
+        json!(["240.1.2.3"]),
+        json!(["203.0.113.0/24", "250.0.0.0/8"]),
+    ] {
+        let r = app.patch(&path, json!({ "allowed_ips": list })).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{list}: {:?}",
+            r.body
+        );
+        let error = &r.body["errors"][0];
+        assert_eq!(error["meta"]["param_name"], "allowed_ips", "{list}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("240.0.0.0/4") && message.contains("Pseudo IPv4"),
+            "{list}: the reason is named: {message}"
+        );
+    }
+    // `null` changes nothing (before, it lifted the list); `[]` lifts it, and the change is
+    // audited.
+    let kept = app.patch(&path, json!({ "allowed_ips": null })).await;
+    assert_eq!(
+        kept.body["allowed_ips"],
+        json!(["203.0.113.0/24", "2001:db8::/32"]),
+        "{:?}",
+        kept.body
+    );
+    assert_eq!(verify(None).await.status, StatusCode::FORBIDDEN);
+    let lifted = app.patch(&path, json!({ "allowed_ips": [] })).await;
     assert_eq!(lifted.body["allowed_ips"], json!([]), "{:?}", lifted.body);
     assert_eq!(verify(None).await.status, StatusCode::OK);
     let audit = app.get(&format!("/v1/audit_log?key_id={id}")).await;

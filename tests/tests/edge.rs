@@ -189,6 +189,25 @@ async fn gateway_forwards_allowed_requests_and_refuses_the_rest() {
             );
         }
     }
+    // A subrequest of another Worker in the same zone (it carries `CF-Worker`) can set
+    // `CF-Connecting-IP` itself: a key with an allowlist is refused whatever address it claims,
+    // as from an address not in the list; a key without one is unaffected.
+    for (presented, status) in [(&listed, StatusCode::FORBIDDEN), (&key, StatusCode::OK)] {
+        let r = TestApp::send(
+            edge.request(Method::GET, "/orders/7")
+                .bearer_auth(presented)
+                .header("cf-connecting-ip", "203.0.113.9")
+                .header("cf-worker", "other-worker.example.com"),
+        )
+        .await;
+        assert_eq!(r.status, status, "{:?}", r.body);
+        if status == StatusCode::FORBIDDEN {
+            assert_eq!(r.body["error"]["code"], "ip_not_allowed");
+            assert!(r.body.get("upstream").is_none(), "not forwarded");
+        } else {
+            assert_eq!(r.body["upstream"], "demo");
+        }
+    }
 
     // Revoked: the gateway's 401 looks like any other.
     stack.revoke(&id).await;
@@ -709,4 +728,125 @@ async fn bad_secrets_and_a_cleartext_upstream_refuse_every_request_and_name_the_
             _ => edge.var(name, "http://127.0.0.1:9"),
         };
     }
+}
+
+/// Run alone (`wrangler dev` with the committed `wrangler.toml` and no `.dev.vars`), the Worker
+/// refuses every request (fail closed), naming the missing secret and how to set it.
+#[tokio::test]
+async fn a_worker_run_without_its_secrets_says_how_to_set_them() {
+    let mut edge = common::edge::Edge::on_free_port();
+    // `wrangler.toml`'s vars as committed, no secret.
+    for name in [
+        "UPSTREAM_SIGNING_SECRET",
+        "USAGE_SIGNING_SECRET",
+        "LEDGER_SIGNING_SECRET",
+        "DEBUG_HEADERS",
+        "USAGE_FLUSH_MS",
+    ] {
+        edge.unset_var(name);
+    }
+    // The secrets the committed settings need, in the order the Worker asks for them.
+    for (missing, set) in [
+        ("UPSTREAM_SIGNING_SECRET", None),
+        ("USAGE_SIGNING_SECRET", Some("UPSTREAM_SIGNING_SECRET")),
+    ] {
+        if let Some(set) = set {
+            edge.var(set, &"u".repeat(40));
+        }
+        edge.start_expecting_misconfiguration().await;
+        for path in ["/v1/api_keys/verify", "/orders/1"] {
+            let r = TestApp::send(
+                edge.request(Method::POST, path)
+                    .json(&json!({ "key": "x" })),
+            )
+            .await;
+            assert_eq!(
+                r.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{path}: {:?}",
+                r.body
+            );
+            assert_eq!(r.body["error"]["code"], "edge_misconfigured");
+            let message = r.body["error"]["message"].as_str().expect("message");
+            for needed in [
+                &format!("{missing} is required"),
+                "copy .dev.vars.example to .dev.vars",
+                "openssl rand -hex 32",
+                &format!("wrangler secret put {missing}"),
+            ] {
+                assert!(message.contains(needed), "{path}: {needed:?} in {message}");
+            }
+        }
+        edge.stop();
+    }
+    // `.dev.vars.example` copied as it is: its placeholders are refused, naming how to make one.
+    for (name, value) in dev_vars_example() {
+        edge.var(&name, &value);
+    }
+    edge.start_expecting_misconfiguration().await;
+    let r = TestApp::send(edge.request(Method::GET, "/orders/1")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("UPSTREAM_SIGNING_SECRET must be at least 32")
+            && message.contains("openssl rand -hex 32"),
+        "{message}"
+    );
+}
+
+/// The `NAME=value` lines of the committed `.dev.vars.example`.
+fn dev_vars_example() -> Vec<(String, String)> {
+    let path = common::edge::repo_root().join(".dev.vars.example");
+    let text = std::fs::read_to_string(&path).expect(".dev.vars.example is committed");
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (name, value) = line.split_once('=').expect("NAME=value");
+            (name.trim().to_owned(), value.trim().to_owned())
+        })
+        .collect()
+}
+
+/// `.dev.vars.example` lists exactly the secrets the Worker reads (every `secret(env, …)` in
+/// `edge/src/config.rs`), with placeholders the Worker refuses (a copy left as it is fails
+/// closed); `.dev.vars` is git-ignored and the example is not.
+#[test]
+fn the_dev_vars_example_lists_every_secret_the_worker_reads() {
+    let config = std::fs::read_to_string(common::edge::repo_root().join("edge/src/config.rs"))
+        .expect("edge/src/config.rs");
+    let mut read: Vec<String> = config
+        .split("secret(env, \"")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"').map(|(name, _)| name.to_owned()))
+        .collect();
+    read.sort();
+    assert_eq!(read.len(), 3, "the secrets the Worker reads: {read:?}");
+    let example = dev_vars_example();
+    let mut listed: Vec<String> = example.iter().map(|(name, _)| name.clone()).collect();
+    listed.sort();
+    assert_eq!(listed, read, ".dev.vars.example lists every secret");
+    for (name, value) in &example {
+        assert!(
+            latchkey_shared::sign::SigningSecret::parse(value).is_err(),
+            "{name}: a placeholder the Worker would accept"
+        );
+    }
+    let ignored = |path: &str| {
+        let status = std::process::Command::new("git")
+            .args(["check-ignore", "-q", "--no-index", path])
+            .current_dir(common::edge::repo_root())
+            .status()
+            .expect("run git check-ignore");
+        match status.code() {
+            Some(0) => true,
+            Some(1) => false,
+            other => panic!("git check-ignore {path}: {other:?}"),
+        }
+    };
+    assert!(ignored(".dev.vars"), ".dev.vars must stay git-ignored");
+    assert!(
+        !ignored(".dev.vars.example"),
+        ".dev.vars.example is committed"
+    );
 }
