@@ -29,7 +29,7 @@ use latchkey_shared::ledger::{
     APPEND_BODY_MAX_BYTES, APPEND_MAX_CHANGES, AppendAnswer, AppendBatch, Change, LEDGER_VERSION,
     append_message,
 };
-use latchkey_shared::sign::{self, SigningSecret};
+use latchkey_shared::sign::{self, MAX_CLOCK_SKEW_MS, SigningSecret};
 use latchkey_shared::{UnixMillis, kv_entry_name};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
@@ -161,6 +161,15 @@ impl LedgerClient {
         let status = response.status();
         let body = response.bytes().await.map_err(no_answer)?;
         let start = || String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        if status == reqwest::StatusCode::CONFLICT
+            && let Some(last) = superseded_after(&body)
+            && last.saturating_sub(system_now().0) <= MAX_CLOCK_SKEW_MS
+        {
+            // The ledger accepted an append signed later than this one (a late copy of ours,
+            // or our clock went back): the next one is signed after it, with the keys'
+            // current state. Never further ahead than the ledger itself would accept.
+            self.last_timestamp.fetch_max(last, Ordering::Relaxed);
+        }
         if status != reqwest::StatusCode::OK {
             return Err(LedgerError::Refused {
                 status: status.as_u16(),
@@ -176,12 +185,12 @@ impl LedgerClient {
         }
     }
 
-    /// Now, or one millisecond after the last timestamp signed if that is not earlier.
+    /// The timestamp for the next append ([`next_timestamp`]).
     fn next_timestamp(&self) -> UnixMillis {
         let now = system_now().0;
         let mut last = self.last_timestamp.load(Ordering::Relaxed);
         loop {
-            let next = now.max(last.saturating_add(1));
+            let next = next_timestamp(now, last);
             match self.last_timestamp.compare_exchange(
                 last,
                 next,
@@ -192,6 +201,41 @@ impl LedgerClient {
                 Err(seen) => last = seen,
             }
         }
+    }
+}
+
+/// The timestamp to sign next, at `now`, after `last`: now, or one millisecond after `last`
+/// if that is not earlier, so no two appends share a timestamp and they are signed in order. But
+/// a `last` more than the allowed skew ahead of now was signed while the clock ran ahead (it
+/// has since been stepped back): the ledger refused those timestamps anyway, so signing goes
+/// on from now instead of waiting, append after refused append, for the clock to catch up.
+pub fn next_timestamp(now: i64, last: i64) -> i64 {
+    if last.saturating_sub(now) > MAX_CLOCK_SKEW_MS {
+        now
+    } else {
+        now.max(last.saturating_add(1))
+    }
+}
+
+/// The ledger's `409 superseded` answer's `last_signed_at`: when the last append it accepted
+/// was signed.
+fn superseded_after(body: &[u8]) -> Option<i64> {
+    let answer: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let error = answer.get("error")?;
+    (error.get("code")?.as_str()? == "superseded")
+        .then(|| error.get("last_signed_at")?.as_i64())
+        .flatten()
+}
+
+/// Whether an append's answer comes from another ledger than the last one did: another epoch
+/// (a new or wiped object), or, from a ledger that does not say its epoch, a head that went
+/// back. `last` is the previous answer's `(epoch, head)`, `None` for the first since start
+/// (origin re-sends the recent changes at start anyway).
+pub fn ledger_replaced(last: Option<(Option<i64>, u64)>, answer: &AppendAnswer) -> bool {
+    match last {
+        None => false,
+        Some((Some(epoch), _)) if answer.epoch.is_some_and(|e| e != epoch) => true,
+        Some((_, head)) => answer.head < head,
     }
 }
 
@@ -336,6 +380,8 @@ pub struct LedgerPublisher {
     client: LedgerClient,
     status: Arc<LedgerStatus>,
     watermark_every: Duration,
+    /// The last answer's `(epoch, head)`: the ledger it came from ([`ledger_replaced`]).
+    last_seen: Mutex<Option<(Option<i64>, u64)>>,
 }
 
 impl LedgerPublisher {
@@ -351,6 +397,7 @@ impl LedgerPublisher {
             client,
             status,
             watermark_every: config.watermark_every,
+            last_seen: Mutex::new(None),
         }
     }
 
@@ -510,6 +557,26 @@ impl LedgerPublisher {
         let batch = AppendBatch::new(batch.changes, watermark);
         let answer = self.client.append(&batch).await?;
         self.store.outbox_ack(Sink::Ledger, included).await?;
+        let replaced = {
+            let mut last = self
+                .last_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let replaced = ledger_replaced(*last, &answer);
+            *last = Some((answer.epoch, answer.head));
+            replaced
+        };
+        if replaced {
+            // Its isolates start from nothing and would trust KV values up to KV's
+            // propagation bound old: fill it with the recent changes now, not at a restart.
+            tracing::warn!(
+                epoch = ?answer.epoch,
+                head = answer.head,
+                "the edge's change ledger is a new one (its epoch changed or its head went back): \
+                 re-sending the last ten minutes of key changes"
+            );
+            self.resend_recent().await;
+        }
         self.status
             .appended
             .fetch_add(answer.appended, Ordering::Relaxed);
@@ -588,6 +655,126 @@ fn backoff(failures_in_a_row: &mut u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_go_forward_and_recover_from_a_clock_step() {
+        let skew = MAX_CLOCK_SKEW_MS;
+        // (now, last signed, next, why)
+        let cases = [
+            (1_000, 0, 1_000, "the first: now"),
+            (1_000, 999, 1_000, "later than the last: now"),
+            (1_000, 1_000, 1_001, "the same millisecond: one later"),
+            (
+                1_000,
+                1_500,
+                1_501,
+                "the clock went back a little: after the last",
+            ),
+            (
+                1_000,
+                1_000 + skew,
+                1_001 + skew,
+                "back by the skew: still after the last",
+            ),
+            // Before, this kept signing after the last (an hour ahead), and the ledger refused
+            // every append until the clock caught up.
+            (
+                1_000,
+                1_000 + 3_600_000,
+                1_000,
+                "stepped forward an hour, then back: now",
+            ),
+            (1_000, i64::MAX, 1_000, "no overflow"),
+            (i64::MAX, i64::MAX, i64::MAX, "no overflow at the top"),
+        ];
+        for (now, last, next, why) in cases {
+            assert_eq!(next_timestamp(now, last), next, "{why}");
+        }
+    }
+
+    #[test]
+    fn a_superseded_answer_names_the_last_accepted_timestamp() {
+        let body = br#"{"success":false,"error":{"code":"superseded","message":"m","last_signed_at":1234}}"#;
+        assert_eq!(superseded_after(body), Some(1234));
+        for other in [
+            &br#"{"success":false,"error":{"code":"replay","last_signed_at":1234}}"#[..],
+            br#"{"error":{"code":"superseded"}}"#,
+            br#"{"error":{"code":"superseded","last_signed_at":"1234"}}"#,
+            b"not json",
+        ] {
+            assert_eq!(
+                superseded_after(other),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    #[test]
+    fn another_epoch_or_a_head_going_back_is_another_ledger() {
+        let answer = |epoch: Option<i64>, head: u64| AppendAnswer {
+            v: LEDGER_VERSION,
+            appended: 0,
+            head,
+            superseded: 0,
+            epoch,
+        };
+        // (last seen, answer, replaced, why)
+        let cases = [
+            (
+                None,
+                answer(Some(7), 3),
+                false,
+                "the first answer since start",
+            ),
+            (
+                Some((Some(7), 3)),
+                answer(Some(7), 5),
+                false,
+                "the same ledger, moving on",
+            ),
+            (
+                Some((Some(7), 5)),
+                answer(Some(7), 5),
+                false,
+                "a watermark alone",
+            ),
+            (
+                Some((Some(7), 50)),
+                answer(Some(8), 60),
+                true,
+                "another epoch, even ahead",
+            ),
+            (
+                Some((Some(7), 50)),
+                answer(Some(8), 1),
+                true,
+                "a wiped ledger",
+            ),
+            (
+                Some((None, 50)),
+                answer(None, 2),
+                true,
+                "no epoch, the head went back",
+            ),
+            (
+                Some((None, 50)),
+                answer(None, 51),
+                false,
+                "no epoch, the head moved on",
+            ),
+            (
+                Some((Some(7), 50)),
+                answer(None, 2),
+                true,
+                "an older Worker: the head went back",
+            ),
+        ];
+        for (last, answer, replaced, why) in cases {
+            assert_eq!(ledger_replaced(last, &answer), replaced, "{why}");
+        }
+    }
 
     #[test]
     fn states_name_the_failure_without_detail() {

@@ -744,3 +744,63 @@ async fn a_late_or_older_append_never_brings_back_an_older_revision() {
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["appended"], 1, "{answer}");
 }
+
+/// The files under `dir` whose path names a Durable Object's storage (`…/do/…`).
+fn durable_object_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    common::files_under(dir)
+        .into_iter()
+        .filter(|p| p.components().any(|c| c.as_os_str() == "do"))
+        .collect()
+}
+
+/// The review's finding: a new or wiped ledger was noticed only at origin's restart, and
+/// meanwhile fresh isolates trusted stale KV values from memory. Now the append answer carries
+/// the ledger's epoch, and origin re-sends the recent changes as soon as it changes.
+#[tokio::test]
+async fn a_ledger_replaced_while_origin_runs_is_filled_again_at_once() {
+    let mut stack = Stack::start(&[]).await;
+    let (bad_id, bad) = stack.create(&["read:orders"], json!({})).await;
+    stack
+        .edge
+        .verify_until(&bad, &[], LIMIT, |b| b["valid"] == true)
+        .await;
+    stack.wait_published(LIMIT).await;
+    let bad_name = entry_name(&bad);
+    let valid_record = stack.edge.read_kv(&bad_name).await;
+    stack.revoke(&bad_id).await;
+    stack.wait_published(LIMIT).await;
+    stack
+        .edge
+        .verify_until(&bad, &[], LIMIT, |b| b["code"] == "REVOKED")
+        .await;
+    // KV turns stale (the revocation lost), and the ledger is replaced: its object's storage
+    // is wiped while the Worker is down; KV stays.
+    stack.edge.write_kv(&bad_name, &valid_record).await;
+    stack.edge.stop();
+    let objects = durable_object_files(&stack.edge.state_dir());
+    assert!(
+        !objects.is_empty(),
+        "no Durable Object storage found to wipe"
+    );
+    for file in objects {
+        std::fs::remove_file(&file).expect("wipe the ledger");
+    }
+    stack.edge.start().await;
+    // Origin notices the new epoch at its next append and re-sends the revocation: the edge
+    // answers REVOKED again, from the new ledger, though KV still says valid.
+    let (body, _) = stack
+        .edge
+        .verify_until(&bad, &[], LIMIT, |b| b["code"] == "REVOKED")
+        .await;
+    assert_eq!(body["code"], "REVOKED", "{body}");
+    let logs = stack.origin.logs();
+    assert!(
+        logs.contains("change ledger is a new one"),
+        "origin did not notice the new ledger: {logs}"
+    );
+    assert_eq!(
+        stack.edge.read_kv(&bad_name).await,
+        valid_record,
+        "KV was still stale: the ledger decided"
+    );
+}

@@ -133,6 +133,11 @@ pub struct AppendAnswer {
     /// key ([`admit_changes`]). Absent from an older ledger's answer (0).
     #[serde(default)]
     pub superseded: u64,
+    /// The ledger's epoch, drawn when its object first ran: another epoch is another (new or
+    /// wiped) ledger, which origin fills again with the recent changes. Absent from an older
+    /// ledger's answer.
+    #[serde(default)]
+    pub epoch: Option<i64>,
 }
 
 /// Why the ledger object refuses a whole append whose signature checked.
