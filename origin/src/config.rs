@@ -609,7 +609,7 @@ fn key_policy(
 }
 
 /// Reads the event webhooks' settings.
-fn webhooks(
+pub fn webhooks(
     var: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<crate::webhook::WebhookConfig>, ConfigError> {
     let Some(urls) = var("WEBHOOK_URLS") else {
@@ -659,6 +659,16 @@ fn webhooks(
             .map(|url| crate::webhook::Endpoint::new(url))
             .collect(),
         secrets,
+        sign_with_shared: match var("WEBHOOK_SIGN_WITH_SHARED_SECRET").as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => {
+                return Err(problem(
+                    "WEBHOOK_SIGN_WITH_SHARED_SECRET",
+                    "must be true or false",
+                ));
+            }
+        },
         timeout: millis("WEBHOOK_TIMEOUT_MS", 100..=60_000, 10_000)?,
         retry_max: millis("WEBHOOK_RETRY_MAX_MS", 100..=3_600_000, 300_000)?,
     }))

@@ -33,6 +33,10 @@ commands:
   sync --full    publish every key's current state to Workers KV (KV_API_BASE, KV_NAMESPACE_ID,
                  KV_API_TOKEN), e.g. into a new namespace; safe while origin serves (KV
                  only: a rebuild is not sent to the edge's change ledger)
+  webhook-secrets
+                 print, for each endpoint of WEBHOOK_URLS, the secret its events are signed
+                 with (one per WEBHOOK_SECRET, in order): `<url> whsec_...`, one a line. Give
+                 each receiver its own line only
 ";
 
 fn main() -> ExitCode {
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["sync", "--full"] => runtime.block_on(sync_full()),
+        ["webhook-secrets"] => webhook_secrets(),
         ["help" | "--help" | "-h"] => {
             out(USAGE);
             ExitCode::SUCCESS
@@ -81,6 +86,26 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `origin webhook-secrets`: each endpoint's own signing secrets.
+fn webhook_secrets() -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let webhooks = match config::webhooks(&env) {
+        Ok(Some(webhooks)) => webhooks,
+        Ok(None) => return fail("WEBHOOK_URLS is unset: there is no endpoint"),
+        Err(e) => return fail(&format!("configuration error: {e}")),
+    };
+    for endpoint in &webhooks.endpoints {
+        for secret in &webhooks.secrets {
+            out(&format!(
+                "{} {}\n",
+                endpoint.url(),
+                secret.for_endpoint(endpoint).to_whsec()
+            ));
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// What the `audit` commands read from the environment.

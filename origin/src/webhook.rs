@@ -108,6 +108,26 @@ impl WebhookSecret {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// The secret `endpoint` is signed for: an HMAC-SHA256 of its URL under this secret. Each
+    /// receiver holds only its own, so no receiver can sign an event another one accepts;
+    /// `origin webhook-secret <url>` prints it for the receiver's operator.
+    pub fn for_endpoint(&self, endpoint: &Endpoint) -> Self {
+        let mut message = b"latchkey-webhook-endpoint-v1\n".to_vec();
+        message.extend_from_slice(endpoint.url.as_bytes());
+        let mac = latchkey_shared::sign::sign(&self.0, &message);
+        // `sign` answers 64 hex digits.
+        Self(hex::decode(mac).unwrap_or_default())
+    }
+
+    /// As `WEBHOOK_SECRET` spells a secret: `whsec_<base64>`.
+    pub fn to_whsec(&self) -> String {
+        use base64::Engine as _;
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(&self.0)
+        )
+    }
 }
 
 /// Where and how events are delivered.
@@ -118,6 +138,9 @@ pub struct WebhookConfig {
     /// `WEBHOOK_SECRET`: one or more secrets; every delivery carries a signature by each (list
     /// the new one beside the old while receivers move over).
     pub secrets: Vec<WebhookSecret>,
+    /// `WEBHOOK_SIGN_WITH_SHARED_SECRET`: while receivers move to their own secrets, also sign
+    /// with `WEBHOOK_SECRET` itself (which lets any receiver forge events to the others).
+    pub sign_with_shared: bool,
     /// `WEBHOOK_TIMEOUT_MS`: the limit on one delivery.
     pub timeout: Duration,
     /// `WEBHOOK_RETRY_MAX_MS`: the longest wait between two attempts.
@@ -149,6 +172,11 @@ impl Endpoint {
             key,
             label,
         }
+    }
+
+    /// Its URL (never logged: it may carry a token).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// How logs and the admin status name it.
@@ -325,29 +353,39 @@ pub async fn run(
             return;
         }
     };
-    let signers: Arc<[standardwebhooks::Webhook]> = config
-        .secrets
-        .iter()
-        .filter_map(|s| standardwebhooks::Webhook::from_bytes(s.0.clone()).ok())
-        .collect();
-    if signers.is_empty() {
-        // The configuration requires a secret; never send an unsigned event.
-        tracing::error!("webhooks: no signing secret; webhooks are OFF");
-        return;
-    }
     let mut tasks = tokio::task::JoinSet::new();
     for me in &status.endpoints {
+        let signers = signers_for(&config, &me.endpoint);
+        if signers.is_empty() {
+            // The configuration requires a secret; never send an unsigned event.
+            tracing::error!("webhooks: no signing secret; webhooks are OFF");
+            return;
+        }
         let deliverer = Deliverer {
             endpoint: me.endpoint.clone(),
             store: store.clone(),
             http: http.clone(),
-            signers: signers.clone(),
+            signers,
             first_retry: FIRST_RETRY.min(config.retry_max),
             retry_max: config.retry_max,
         };
         tasks.spawn(deliverer.run(me.clone(), commits.clone(), stop.clone()));
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// The signers of `endpoint`'s deliveries: its own secret under each `WEBHOOK_SECRET` (in
+/// order, for rotation), and the shared secrets themselves while `sign_with_shared` is on.
+fn signers_for(config: &WebhookConfig, endpoint: &Endpoint) -> Arc<[standardwebhooks::Webhook]> {
+    let own = config.secrets.iter().map(|s| s.for_endpoint(endpoint));
+    let shared = config
+        .secrets
+        .iter()
+        .filter(|_| config.sign_with_shared)
+        .map(|s| WebhookSecret(s.0.clone()));
+    own.chain(shared)
+        .filter_map(|s| standardwebhooks::Webhook::from_bytes(s.0).ok())
+        .collect()
 }
 
 /// One endpoint's deliveries.
@@ -564,6 +602,73 @@ async fn sleep_or_stop(wait: Duration, stop: &mut watch::Receiver<bool>) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before, one `WEBHOOK_SECRET` signed every endpoint's events, so a receiver could sign
+    /// events that another receiver accepts. Now each endpoint's secret is its own.
+    #[test]
+    fn each_endpoint_is_signed_with_a_secret_of_its_own() {
+        let master =
+            WebhookSecret::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").expect("secret");
+        let other = WebhookSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
+        let (a, b) = (
+            Endpoint::new("https://a.example/hooks"),
+            Endpoint::new("https://b.example/hooks"),
+        );
+        let (sa, sb) = (master.for_endpoint(&a), master.for_endpoint(&b));
+        assert_eq!(sa.as_bytes().len(), 32);
+        assert_ne!(sa.as_bytes(), sb.as_bytes(), "endpoints differ");
+        assert_ne!(sa.as_bytes(), master.as_bytes(), "not the shared secret");
+        assert_ne!(
+            sa.as_bytes(),
+            other.for_endpoint(&a).as_bytes(),
+            "masters differ"
+        );
+        assert_eq!(sa.as_bytes(), master.for_endpoint(&a).as_bytes(), "stable");
+        assert_eq!(
+            WebhookSecret::parse(&sa.to_whsec())
+                .expect("whsec")
+                .as_bytes(),
+            sa.as_bytes(),
+            "printed as WEBHOOK_SECRET spells secrets"
+        );
+
+        // What B's receiver could sign, A's receiver refuses; A's own signature passes.
+        let verifier_a = standardwebhooks::Webhook::from_bytes(sa.0.clone()).expect("a");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let payload = br#"{"type":"api_key.revoked"}"#;
+        let headers = |signer: &WebhookSecret| {
+            let signature = standardwebhooks::Webhook::from_bytes(signer.0.clone())
+                .expect("signer")
+                .sign("msg_1", now, payload)
+                .expect("sign");
+            let mut h = axum::http::HeaderMap::new();
+            h.insert("webhook-id", "msg_1".parse().expect("id"));
+            h.insert("webhook-timestamp", now.to_string().parse().expect("ts"));
+            h.insert("webhook-signature", signature.parse().expect("sig"));
+            h
+        };
+        assert!(
+            verifier_a.verify(payload, &headers(&sb)).is_err(),
+            "B forges for A"
+        );
+        assert!(
+            verifier_a.verify(payload, &headers(&master)).is_err(),
+            "the shared secret"
+        );
+        assert!(verifier_a.verify(payload, &headers(&sa)).is_ok());
+
+        // The signers: own secrets in order, the shared ones only while asked for.
+        let mut config = WebhookConfig {
+            endpoints: vec![a.clone()],
+            secrets: vec![other, master],
+            sign_with_shared: false,
+            timeout: Duration::from_secs(1),
+            retry_max: Duration::from_secs(1),
+        };
+        assert_eq!(signers_for(&config, &a).len(), 2);
+        config.sign_with_shared = true;
+        assert_eq!(signers_for(&config, &a).len(), 4);
+    }
 
     /// The actions the backlog counts are exactly those that are events.
     #[test]

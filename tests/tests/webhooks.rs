@@ -41,9 +41,27 @@ struct Seen {
     fail_next: usize,
 }
 
-/// Starts the receiver on `port`.
+/// The secret origin signs `url`'s events with under `master`, as `origin webhook-secrets`
+/// prints it for the receiver's operator.
+fn endpoint_secret(url: &str, master: &str) -> String {
+    let out = std::process::Command::new(common::origin_binary())
+        .arg("webhook-secrets")
+        .env("WEBHOOK_URLS", url)
+        .env("WEBHOOK_SECRET", master)
+        .output()
+        .expect("run origin webhook-secrets");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let (printed_url, secret) = text.trim().split_once(' ').expect("`<url> <secret>`");
+    assert_eq!(printed_url, url);
+    assert_ne!(secret, master, "each endpoint has its own secret");
+    secret.to_owned()
+}
+
+/// Starts the receiver on `port`. It knows only its own endpoint's secret.
 async fn receiver(port: u16, seen: Arc<Mutex<Seen>>) {
-    let verifier = Arc::new(standardwebhooks::Webhook::new(SECRET).expect("secret"));
+    let secret = endpoint_secret(&format!("http://127.0.0.1:{port}/hooks"), SECRET);
+    let verifier = Arc::new(standardwebhooks::Webhook::new(&secret).expect("secret"));
     let app = axum::Router::new().route(
         "/hooks",
         axum::routing::post(move |headers: HeaderMap, body: Bytes| {
