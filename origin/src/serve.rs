@@ -412,11 +412,17 @@ impl ConnectionLimits {
             return Err(Cap::Total);
         }
         if let Some(client) = client {
-            let count = open.by_client.entry(client).or_insert(0);
-            if *count >= self.per_address {
+            let held = open.by_client.get(&client).copied().unwrap_or(0);
+            if held >= self.per_address {
                 return Err(Cap::PerAddress);
             }
-            *count += 1;
+            // The last eighth of the total is kept for clients holding few connections (an
+            // admin, the edge's usage reports, GitHub's alerts): a few busy addresses cannot
+            // fill it.
+            if open.total >= self.max - self.max / RESERVED_PART && held >= RESERVE_PER_CLIENT {
+                return Err(Cap::Total);
+            }
+            *open.by_client.entry(client).or_insert(0) += 1;
         }
         open.total += 1;
         Ok(ConnectionSlot {
@@ -432,6 +438,13 @@ impl ConnectionLimits {
         }
     }
 }
+
+/// The part of `MAX_CONNECTIONS` kept for clients with fewer than [`RESERVE_PER_CLIENT`] open
+/// connections: one eighth.
+const RESERVED_PART: usize = 8;
+
+/// Clients holding this many connections (or more) cannot take the reserved part.
+const RESERVE_PER_CLIENT: usize = 2;
 
 /// One admitted connection; released when dropped.
 struct ConnectionSlot {
@@ -588,5 +601,43 @@ mod tests {
         let open = limits.open.lock().expect("lock");
         assert_eq!(open.total, 0);
         assert!(open.by_client.is_empty(), "closed clients are forgotten");
+    }
+
+    /// The review's finding: four IPv4 addresses (or one IPv6 /62) filled every connection and
+    /// locked the admins out. The last eighth is kept for clients holding few connections.
+    #[test]
+    fn busy_addresses_leave_the_last_eighth_to_clients_with_few_connections() {
+        let limits = Arc::new(ConnectionLimits::new(16, 4, TrustedProxies::default()));
+        let ip = |s: &str| -> IpAddr { s.parse().expect("address") };
+        let mut held = Vec::new();
+        for n in 2..=4 {
+            for _ in 0..4 {
+                held.push(
+                    limits
+                        .admit(ip(&format!("192.0.2.{n}")))
+                        .expect("under the caps"),
+                );
+            }
+        }
+        // 12 open: a fourth busy address takes two more, up to 14, and no further.
+        held.push(limits.admit(ip("192.0.2.5")).expect("13th"));
+        held.push(limits.admit(ip("192.0.2.5")).expect("14th"));
+        assert!(matches!(limits.admit(ip("192.0.2.5")), Err(Cap::Total)));
+        // An admin's first and second connections still get in.
+        let admin = limits.admit(ip("198.51.100.7")).expect("an admin's first");
+        let admin2 = limits.admit(ip("198.51.100.7")).expect("an admin's second");
+        assert!(
+            matches!(limits.admit(ip("203.0.113.9")), Err(Cap::Total)),
+            "16: full"
+        );
+        drop(admin2);
+        // The busy addresses cannot take the freed slot; a new client can.
+        assert!(matches!(
+            limits.admit(ip("192.0.2.2")),
+            Err(Cap::PerAddress)
+        ));
+        assert!(matches!(limits.admit(ip("192.0.2.5")), Err(Cap::Total)));
+        let newcomer = limits.admit(ip("203.0.113.9")).expect("a client with none");
+        drop((held, admin, newcomer));
     }
 }

@@ -207,6 +207,27 @@ async fn an_idle_connection_does_not_hold_its_place_for_ever() {
     assert_served_soon(&app, [127, 0, 0, 3]).await;
 }
 
+/// The review's finding: a few busy addresses filled every connection and locked the admins
+/// out. The last eighth of `MAX_CONNECTIONS` is kept for clients holding few connections.
+#[tokio::test]
+async fn busy_addresses_cannot_lock_an_admin_out() {
+    let app = TestApp::builder()
+        .env("MAX_CONNECTIONS", "16")
+        .env("MAX_CONNECTIONS_PER_ADDRESS", "4")
+        .start()
+        .await;
+    let mut held = Vec::new();
+    for n in 2..=4 {
+        held.extend(hold(&app, [127, 0, 0, n], 4).await);
+    }
+    held.extend(hold(&app, [127, 0, 0, 5], 2).await);
+    // Before, this address took its third and fourth, every connection was held, and the
+    // admin's was closed.
+    assert_refused(&app, [127, 0, 0, 5], "a busy address in the reserved part").await;
+    held.extend(hold(&app, [127, 0, 0, 1], 2).await);
+    assert_eq!(held.len(), 16);
+}
+
 /// `latchkey_open_figures_refreshes_total` from `/metrics`.
 async fn refreshes(app: &TestApp) -> u64 {
     let text = reqwest::get(format!("{}/metrics", app.base))
