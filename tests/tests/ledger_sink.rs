@@ -386,3 +386,253 @@ async fn a_redirect_from_the_ledger_is_never_followed() {
         "the signed body went to the redirect's target"
     );
 }
+
+/// Per key id: its KV entry name, and each acknowledged change's (revision, acknowledged at).
+type Acks = std::collections::HashMap<String, (String, Vec<(u64, i64)>)>;
+
+/// An accepted append: each change's (entry name, revision), and its watermark.
+type Accepted = (Vec<(String, u64)>, Option<i64>);
+
+/// Creates a key with `scopes` (and, if `change`, renames it twice), recording in `acks` each
+/// change's revision and when its acknowledgement arrived.
+async fn change_keys(
+    app: &TestApp,
+    acks: &std::sync::Mutex<Acks>,
+    scopes: &[String],
+    name: &str,
+    change: bool,
+) {
+    let created = app
+        .post(
+            "/v1/api_keys",
+            json!({"name": name, "subject": "acme", "scopes": scopes}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    let at = common::now_ms();
+    let id = created.body["id"].as_str().expect("id").to_owned();
+    let secret = created.body["secret"].as_str().expect("secret");
+    let entry = latchkey_shared::kv_entry_name(
+        &latchkey_shared::ApiKey::parse(secret).expect("key").hash(),
+    );
+    acks.lock()
+        .expect("acks")
+        .insert(id.clone(), (entry, vec![(1, at)]));
+    if change {
+        for revision in 2..=3 {
+            let r = app
+                .patch(
+                    &format!("/v1/api_keys/{id}"),
+                    json!({"name": format!("{name}-r{revision}")}),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+            let at = common::now_ms();
+            acks.lock()
+                .expect("acks")
+                .get_mut(&id)
+                .expect("key")
+                .1
+                .push((revision, at));
+        }
+    }
+}
+
+/// What the recording ledger accepted: per append, each change's entry name and revision, and
+/// the watermark.
+#[derive(Default)]
+struct Recorded {
+    /// Until set, every request is refused (503, unrecorded): a backlog builds up.
+    open: bool,
+    requests: usize,
+    /// Requests since it opened; the failures injected then.
+    since_open: usize,
+    refused: usize,
+    answers_lost: usize,
+    accepted: Vec<Accepted>,
+}
+
+/// A ledger route that speaks the Worker's wire format (the signature checked with the ledger
+/// secret, the answer an `AppendAnswer`) and records what it accepts, failing on purpose once
+/// open: its 2nd, 7th, 12th… requests are refused with 503 unrecorded, and its 4th, 11th, 18th…
+/// are recorded but answered 500 (an append whose outcome origin cannot know).
+async fn recording_ledger(recorded: std::sync::Arc<std::sync::Mutex<Recorded>>) -> String {
+    use latchkey_shared::ledger::{AppendAnswer, AppendBatch, LEDGER_VERSION, append_message};
+    use latchkey_shared::sign;
+    let app = axum::Router::new().route(
+        latchkey_shared::ledger::APPEND_PATH,
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let recorded = recorded.clone();
+                async move {
+                    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+                    let verified = sign::verify_signed(
+                        LEDGER_SECRET.as_bytes(),
+                        text(sign::header::TIMESTAMP),
+                        text(sign::header::SIGNATURE),
+                        latchkey_shared::UnixMillis(common::now_ms()),
+                        |t| append_message(t, &body),
+                    );
+                    assert!(verified.is_ok(), "origin's append is signed");
+                    let batch = AppendBatch::parse(&body).expect("an append batch");
+                    let mut r = recorded.lock().expect("recorded");
+                    r.requests += 1;
+                    if !r.open {
+                        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new());
+                    }
+                    r.since_open += 1;
+                    if r.since_open % 5 == 2 {
+                        r.refused += 1;
+                        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new());
+                    }
+                    r.accepted.push((
+                        batch
+                            .changes
+                            .iter()
+                            .map(|c| (c.name.clone(), c.record.revision))
+                            .collect(),
+                        batch.watermark.map(|w| w.0),
+                    ));
+                    if r.since_open % 7 == 4 {
+                        r.answers_lost += 1;
+                        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, String::new());
+                    }
+                    let head = r.accepted.iter().map(|(c, _)| c.len() as u64).sum();
+                    let answer = AppendAnswer {
+                        v: LEDGER_VERSION,
+                        appended: batch.changes.len() as u64,
+                        head,
+                        superseded: 0,
+                        epoch: Some(1),
+                    };
+                    (
+                        axum::http::StatusCode::OK,
+                        serde_json::to_string(&answer).expect("answer"),
+                    )
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!(
+        "http://127.0.0.1:{port}{}",
+        latchkey_shared::ledger::APPEND_PATH
+    )
+}
+
+/// The watermark's promise: once the ledger holds an append with watermark `T`, it holds every
+/// change committed before `T`. Checked against what a recording ledger accepted, with changes
+/// made concurrently, records large enough (64 long scopes) that a backlog is split over several
+/// appends, and appends failing on purpose (refused, or taken with the answer lost): for every
+/// accepted watermark `T` and every change whose acknowledgement reached the client before `T`
+/// (so committed before it), the key's revision in the appends accepted up to then is at least
+/// that change's.
+#[tokio::test]
+async fn every_watermark_covers_every_change_acknowledged_before_it() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let recorded = Arc::new(Mutex::new(Recorded::default()));
+    let url = recording_ledger(recorded.clone()).await;
+    let app = Arc::new(
+        TestApp::builder()
+            .env("LEDGER_URL", &url)
+            .env("LEDGER_SIGNING_SECRET", LEDGER_SECRET)
+            .env("LEDGER_WATERMARK_MS", "100")
+            .start()
+            .await,
+    );
+    let scopes: Vec<String> = (0..64)
+        .map(|i| format!("read:resource_{i:02}_{}", "x".repeat(100)))
+        .collect();
+    // Per key: its entry name, and each acknowledged change's (revision, acknowledged at).
+    let acks: Arc<Mutex<Acks>> = Arc::default();
+    // First a backlog larger than one append holds (300 records of about 8 KB, over the 2 MiB
+    // an append takes) while the ledger refuses; then it opens, and more keys are created and
+    // changed concurrently while the backlog drains.
+    for (workers_n, keys_each, open_after) in [(6, 50, true), (8, 40, false)] {
+        let mut workers = tokio::task::JoinSet::new();
+        for w in 0..workers_n {
+            let (app, acks, scopes) = (app.clone(), acks.clone(), scopes.clone());
+            workers.spawn(async move {
+                for k in 0..keys_each {
+                    change_keys(
+                        &app,
+                        &acks,
+                        &scopes,
+                        &format!("{open_after}-{w}-{k}"),
+                        k % 5 == 0,
+                    )
+                    .await;
+                }
+            });
+        }
+        while let Some(done) = workers.join_next().await {
+            done.expect("worker");
+        }
+        if open_after {
+            recorded.lock().expect("recorded").open = true;
+        }
+    }
+    // Until the ledger has everything: a watermark later than the last acknowledgement.
+    let last_ack = common::now_ms();
+    eventually(Duration::from_secs(60), || async {
+        let r = recorded.lock().expect("recorded");
+        // And enough requests for both injected failures to have happened.
+        (r.since_open >= 12
+            && r.accepted
+                .iter()
+                .any(|(_, w)| w.is_some_and(|w| w > last_ack)))
+        .then_some(())
+        .ok_or_else(|| format!("{} appends accepted so far", r.accepted.len()))
+    })
+    .await;
+
+    let recorded = recorded.lock().expect("recorded");
+    let acks = acks.lock().expect("acks");
+    let mut highest: HashMap<&str, u64> = HashMap::new();
+    let (mut watermarks, mut checked, mut most_changes) = (0, 0, 0);
+    for (changes, watermark) in &recorded.accepted {
+        most_changes = most_changes.max(changes.len());
+        for (name, revision) in changes {
+            let h = highest.entry(name.as_str()).or_insert(0);
+            *h = (*h).max(*revision);
+        }
+        let Some(watermark) = watermark else { continue };
+        watermarks += 1;
+        for (id, (name, changes)) in acks.iter() {
+            for (revision, at) in changes {
+                if *at < *watermark {
+                    checked += 1;
+                    let held = highest.get(name.as_str()).copied().unwrap_or(0);
+                    assert!(
+                        held >= *revision,
+                        "watermark {watermark} accepted while {id}'s revision {revision}, \
+                         acknowledged at {at}, was not in the ledger (it held {held})"
+                    );
+                }
+            }
+        }
+    }
+    let requests = recorded.requests;
+    let split = recorded
+        .accepted
+        .iter()
+        .filter(|(changes, watermark)| !changes.is_empty() && watermark.is_none())
+        .count();
+    assert!(
+        split > 0,
+        "the backlog was split over several appends (the largest held {most_changes})"
+    );
+    assert!(
+        requests >= 7,
+        "failures were injected ({requests} requests)"
+    );
+    common::edge::report_measurement(&format!(
+        "watermark soundness: {checked} (watermark, acknowledged change) pairs checked over {watermarks} watermarks and {requests} append requests ({} refused, {} taken with the answer lost); 620 keys of 64 long scopes, a backlog of 300 split ({split} appends without a watermark, at most {most_changes} changes in one)",
+        recorded.refused, recorded.answers_lost
+    ));
+}
