@@ -418,9 +418,15 @@ impl Ledger {
             )?;
         }
         self.set_meta("head", head)?;
-        // Never later than this object's clock: a watermark vouches for the past only.
+        // Never later than this object's clock: a watermark vouches for the past only. The
+        // stored one only moves forward, unless it is from this clock's future (both clocks
+        // ran ahead, then stepped back): then the new one replaces it at once, so isolates
+        // need not wait for the real time to pass it before they trust their memory again.
         if let Some(watermark) = batch.watermark.map(|w| w.0.min(now.0))
-            && self.meta_opt("watermark")?.is_none_or(|w| watermark > w)
+            && self.meta_opt("watermark")?.is_none_or(|w| {
+                watermark > w
+                    || latchkey_shared::ledger::memory::clock::age(UnixMillis(w), now).is_none()
+            })
         {
             self.set_meta("watermark", watermark)?;
         }

@@ -8,19 +8,20 @@
 //!   still not trusted (or answers 503 with `LEDGER_STRICT`).
 //! * Sharing (`LEDGER_SHARE_POLLS`, on by default): an isolate that is caught up reads the
 //!   location's copy of "every entry of the last five poll intervals" from the Cache API, keyed
-//!   by poll interval and MACed with the ledger secret (under a domain tag of its own), so the ledger sees about one poll per location per interval. The copy lives in a
-//!   cache of its own (`caches.open`), apart from the zone's default cache, so no public request
-//!   can read it, whatever the Worker's routes. The Cache API does
-//!   nothing on `*.workers.dev`: there every isolate asks the ledger itself. An answer that does
-//!   not reach back to the isolate's cursor is followed by a direct request.
+//!   by poll interval and sealed with the ledger secret (`latchkey_shared::ledger::copy`: a MAC
+//!   under a domain tag of its own, over the interval and the tail), so the ledger sees about
+//!   one poll per location per interval. The copy lives in a cache of its own (`caches.open`),
+//!   apart from the zone's default cache, so no public request can read it, whatever the
+//!   Worker's routes. The Cache API does nothing on `*.workers.dev`: there every isolate asks
+//!   the ledger itself. An answer that does not reach back to the isolate's cursor is followed
+//!   by a direct request.
 
 use std::cell::{Cell, RefCell};
 
 use futures_util::future::{Either, select};
 use latchkey_shared::UnixMillis;
-use latchkey_shared::ledger::Tail;
 use latchkey_shared::ledger::memory::{Memory, SyncError};
-use latchkey_shared::sign::{self, SigningSecret};
+use latchkey_shared::ledger::{Tail, copy};
 use worker::{Cache, Delay, Env, Response};
 
 use crate::config::LedgerSettings;
@@ -135,21 +136,22 @@ async fn fetch_tail(env: &Env, url: &str) -> worker::Result<Tail> {
 
 /// The location's shared copy of the entries of the last few poll intervals, fetched from the
 /// ledger (and put in the cache for the other isolates) when this poll interval has none yet.
-/// The copy is MACed with `LEDGER_SIGNING_SECRET` (under a domain tag of its own, and over its
-/// poll interval), so nothing else that can write the zone's caches can feed isolates a forged
-/// tail, nor an old copy under a newer interval.
+/// The copy is sealed with `LEDGER_SIGNING_SECRET` ([`copy::seal`]: under a domain tag of its
+/// own, and over its poll interval), and [`copy::open`] refuses any other, so nothing else that
+/// can write the zone's caches can feed isolates a forged tail, nor an old copy under a newer
+/// interval: a refused copy is replaced by a direct poll's.
 async fn shared_tail(
     env: &Env,
     settings: &LedgerSettings,
     now: UnixMillis,
 ) -> worker::Result<Tail> {
     let poll_ms = settings.memory.poll_ms.max(1);
-    let bucket = now.0 / poll_ms;
+    let bucket = copy::bucket(now, poll_ms);
     let key = format!("https://ledger.latchkey.invalid/tail/{bucket}");
     let cache = Cache::open(SHARED_CACHE.to_owned()).await;
     if let Ok(Some(mut hit)) = cache.get(key.as_str(), true).await
         && let Ok(body) = hit.bytes().await
-        && let Some(tail) = open_copy(&settings.cache_secret, bucket, &body)
+        && let Ok(tail) = copy::open(&settings.cache_secret, bucket, &body)
     {
         return Ok(tail);
     }
@@ -157,37 +159,13 @@ async fn shared_tail(
     let window = poll_ms.saturating_mul(SHARED_WINDOW_POLLS);
     let tail = fetch_tail(env, &format!("https://ledger/tail?recent_ms={window}")).await?;
     let max_age = (poll_ms / 1000).max(1);
-    if let Ok(mut copy) = Response::ok(seal_copy(&settings.cache_secret, bucket, &tail)) {
-        let headers = copy.headers_mut();
+    if let Ok(mut sealed) = Response::ok(copy::seal(&settings.cache_secret, bucket, &tail)) {
+        let headers = sealed.headers_mut();
         let _ = headers.set("content-type", "text/plain");
         let _ = headers.set("cache-control", &format!("max-age={max_age}"));
-        if let Err(e) = cache.put(key.as_str(), copy).await {
+        if let Err(e) = cache.put(key.as_str(), sealed).await {
             worker::console_warn!("ledger poll not shared: {e}");
         }
     }
     Ok(tail)
-}
-
-/// `<hex MAC>\n<tail JSON>`, the MAC over a domain tag, the poll interval and the JSON.
-fn seal_copy(secret: &SigningSecret, bucket: i64, tail: &Tail) -> String {
-    let json = tail.to_json();
-    let mac = sign::sign(secret.as_bytes(), &copy_message(bucket, json.as_bytes()));
-    format!("{mac}\n{json}")
-}
-
-/// The tail in a sealed copy, if its MAC checks for this poll interval.
-fn open_copy(secret: &SigningSecret, bucket: i64, body: &[u8]) -> Option<Tail> {
-    let split = body.iter().position(|&b| b == b'\n')?;
-    let (mac, json) = (
-        std::str::from_utf8(&body[..split]).ok()?,
-        &body[split + 1..],
-    );
-    sign::verify_mac(secret.as_bytes(), &copy_message(bucket, json), mac).ok()?;
-    Tail::parse(json).ok()
-}
-
-fn copy_message(bucket: i64, json: &[u8]) -> Vec<u8> {
-    let mut message = format!("latchkey-ledger-cache-v1\n{bucket}\n").into_bytes();
-    message.extend_from_slice(json);
-    message
 }

@@ -22,6 +22,25 @@
 //! and when trust comes back after a lapse longer than [`LONG_LAPSE_MS`] (origin may have run
 //! without feeding the ledger meanwhile).
 //!
+//! **Clocks** ([`clock`]): the ledger's answer time and origin's watermark come from other
+//! clocks than the isolate's, and any of them can step. Memory is distrusted while they disagree
+//! and trusted again on the first answer after they agree:
+//! * a time more than [`clock::TOLERANCE_MS`] ahead of the isolate's clock proves nothing: an
+//!   answer served "from the future" still has its entries applied (they are facts, and the
+//!   floor over KV needs them), but it does not make memory fresh, and a watermark from the
+//!   future is refused, then and whenever the ledger repeats it;
+//! * the newest answer time and watermark are running maxima that keep no time from the
+//!   future, so they never block later, correct times; each counts from when it arrived at the
+//!   latest, so a clock slightly ahead lengthens no trust window;
+//! * every other time memory keeps (a sync in flight, a backoff, the last poll, a record read
+//!   from KV, the last time it was trusted) is judged by its age on the isolate's clock, and a
+//!   time the clock has since gone back past has no age: it blocks no poll, keeps no KV record,
+//!   and counts as a long lapse;
+//! * answers are ordered by the ledger's clock: one served before the newest complete answer
+//!   applied, or in the same millisecond with a lower head (a shared copy made just before an
+//!   append), is an older copy and is ignored. A lower head served later, or when the two times
+//!   cannot be compared (a clock stepped), is a rewound ledger: memory starts over (fail safe).
+//!
 //! ```
 //! use latchkey_shared::ledger::memory::{Memory, Recall, Settings};
 //! use latchkey_shared::ledger::{Tail, LEDGER_VERSION};
@@ -46,6 +65,7 @@
 //! assert!(matches!(memory.recall(&name, now), Recall::Known(None)));
 //! ```
 
+use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
@@ -53,6 +73,10 @@ use hashlink::LruCache;
 
 use super::Tail;
 use crate::record::{KeyRecord, UnixMillis};
+
+pub mod clock;
+
+use clock::Newest;
 
 /// How memory is bounded and when it is trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +173,13 @@ struct Hot {
     fetched_at: UnixMillis,
 }
 
+/// Syncs wait `ms` from `from` (after failures, or an overflow).
+#[derive(Debug, Clone, Copy)]
+struct Pause {
+    from: UnixMillis,
+    ms: i64,
+}
+
 /// Counters, for debug headers and benchmarks.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStats {
@@ -172,9 +203,11 @@ pub struct Memory {
     cursor: Option<u64>,
     /// Whether the last applied answer reached the ledger's head.
     caught_up: bool,
-    /// The ledger's clock when it last answered up to its head.
-    synced_at: Option<UnixMillis>,
-    watermark: Option<UnixMillis>,
+    /// The ledger's clock when it last answered up to its head (orders answers), counted from
+    /// when that answer arrived at the latest (its age).
+    synced: Newest,
+    /// Origin's newest watermark.
+    watermark: Newest,
     retention_ms: i64,
     pinned: HashMap<String, Pinned>,
     /// Ledger entries by age, to move them to the hot cache after the retention window.
@@ -183,7 +216,7 @@ pub struct Memory {
     /// When the sync in flight started.
     in_flight: Option<UnixMillis>,
     last_attempt: Option<UnixMillis>,
-    next_attempt: UnixMillis,
+    pause: Option<Pause>,
     failures_in_a_row: u32,
     was_trusted: bool,
     /// When memory was last found trusted.
@@ -201,15 +234,15 @@ impl Memory {
             settings,
             cursor: None,
             caught_up: false,
-            synced_at: None,
-            watermark: None,
+            synced: Newest::default(),
+            watermark: Newest::default(),
             retention_ms: 0,
             pinned: HashMap::new(),
             pinned_order: VecDeque::new(),
             hot,
             in_flight: None,
             last_attempt: None,
-            next_attempt: UnixMillis(i64::MIN),
+            pause: None,
             failures_in_a_row: 0,
             was_trusted: false,
             last_trusted: None,
@@ -224,15 +257,15 @@ impl Memory {
     }
 
     /// Whether memory may answer at `now`: the ledger was read up to its head at most
-    /// `sync_max_age_ms` ago, and origin's watermark is at most `watermark_max_age_ms` old (and
-    /// not from further in the future than that: a clock that far off proves nothing).
+    /// `sync_max_age_ms` ago, and origin's watermark is at most `watermark_max_age_ms` old, each
+    /// counted from when it arrived at the latest; neither may be from the future (more than
+    /// [`clock::TOLERANCE_MS`] ahead of `now`: a clock that far off proves nothing).
     pub fn trusted(&self, now: UnixMillis) -> bool {
-        let fresh = |at: Option<UnixMillis>, max: i64| {
-            at.is_some_and(|at| now.0.abs_diff(at.0) <= max.unsigned_abs())
-        };
         self.caught_up
-            && fresh(self.synced_at, self.settings.sync_max_age_ms)
-            && fresh(self.watermark, self.settings.watermark_max_age_ms)
+            && self.synced.fresh(self.settings.sync_max_age_ms, now)
+            && self
+                .watermark
+                .fresh(self.settings.watermark_max_age_ms, now)
     }
 
     /// What memory knows of `name` at `now`.
@@ -245,7 +278,7 @@ impl Memory {
         }
         let ttl = self.settings.hot_ttl_ms;
         match self.hot.get(name) {
-            Some(hot) if now.0.saturating_sub(hot.fetched_at.0) <= ttl => {
+            Some(hot) if clock::age(hot.fetched_at, now).is_some_and(|age| age <= ttl) => {
                 Recall::Known(hot.record.clone())
             }
             Some(_) => {
@@ -302,19 +335,21 @@ impl Memory {
     /// to ask the ledger for entries after (0: everything it keeps). The caller must then call
     /// [`Self::apply`] or [`Self::failed`].
     pub fn start_sync(&mut self, now: UnixMillis) -> Option<u64> {
+        // A time the clock has since gone back past (no age) blocks nothing.
+        let within = |at: UnixMillis, ms: i64| clock::age(at, now).is_some_and(|age| age < ms);
         if self
             .in_flight
-            .is_some_and(|started| now.0.saturating_sub(started.0) < IN_FLIGHT_MAX_MS)
+            .is_some_and(|started| within(started, IN_FLIGHT_MAX_MS))
         {
             return None;
         }
-        if now.0 < self.next_attempt.0 {
+        if self.pause.is_some_and(|pause| within(pause.from, pause.ms)) {
             return None;
         }
         let due = !self.caught_up
             || self
                 .last_attempt
-                .is_none_or(|at| now.0.saturating_sub(at.0) >= self.settings.poll_ms);
+                .is_none_or(|at| !within(at, self.settings.poll_ms));
         if !due {
             return None;
         }
@@ -339,7 +374,7 @@ impl Memory {
             Ok(()) => {
                 self.in_flight = None;
                 self.failures_in_a_row = 0;
-                self.next_attempt = UnixMillis(i64::MIN);
+                self.pause = None;
             }
             Err(SyncError::Gap { .. }) if self.cursor.is_some() => {}
             Err(SyncError::Gap { .. } | SyncError::Rewound { .. }) => {
@@ -356,7 +391,10 @@ impl Memory {
                     .saturating_mul(OVERFLOW_PAUSE_POLLS)
                     .saturating_mul(1 << exponent)
                     .min(BACKOFF_MAX_MS.max(self.settings.poll_ms));
-                self.next_attempt = UnixMillis(now.0.saturating_add(pause));
+                self.pause = Some(Pause {
+                    from: now,
+                    ms: pause,
+                });
             }
         }
         result
@@ -386,7 +424,10 @@ impl Memory {
         };
         let exponent = (self.failures_in_a_row - 1).min(8);
         let wait = base.saturating_mul(1 << exponent).min(BACKOFF_MAX_MS);
-        self.next_attempt = UnixMillis(now.0.saturating_add(wait));
+        self.pause = Some(Pause {
+            from: now,
+            ms: wait,
+        });
     }
 
     /// Counters.
@@ -401,10 +442,11 @@ impl Memory {
     fn check_trust(&mut self, now: UnixMillis) -> bool {
         let trusted = self.trusted(now);
         if trusted {
-            // Back after a long lapse (or a long idle spell): start the hot cache afresh.
+            // Back after a long lapse (or a long idle spell, or one whose length cannot be told
+            // because the clock went back past its start): start the hot cache afresh.
             if self
                 .last_trusted
-                .is_some_and(|at| now.0.saturating_sub(at.0) > LONG_LAPSE_MS)
+                .is_some_and(|at| clock::age(at, now).is_none_or(|age| age > LONG_LAPSE_MS))
             {
                 self.hot.clear();
             }
@@ -417,16 +459,23 @@ impl Memory {
     }
 
     fn apply_inner(&mut self, tail: &Tail, now: UnixMillis) -> Result<(), SyncError> {
-        if self.cursor.is_some() && Some(tail.served_at) < self.synced_at {
-            // An older answer than one already applied (a shared copy): it teaches nothing.
-            return Ok(());
-        }
+        // When this answer was served, by the ledger's clock, against the newest complete answer
+        // applied; `None` when there is none, or either time is from the future (a clock
+        // stepped: no order can be told).
+        let order = self
+            .synced
+            .seen(now)
+            .filter(|_| clock::age(tail.served_at, now).is_some())
+            .map(|newest| tail.served_at.cmp(&newest));
+        let older = self.cursor.is_some() && order == Some(Ordering::Less);
         if self.epoch.is_some_and(|epoch| epoch != tail.epoch) {
+            if older {
+                // An older copy from the ledger before the current one: it teaches nothing.
+                return Ok(());
+            }
             // Another ledger: nothing the old one said counts.
             let cursor = self.cursor.unwrap_or(0);
-            self.restart();
-            self.watermark = None;
-            self.synced_at = None;
+            self.forget_ledger();
             self.epoch = None;
             return Err(SyncError::Rewound {
                 head: tail.head,
@@ -435,14 +484,24 @@ impl Memory {
         }
         if let Some(cursor) = self.cursor {
             if tail.head < cursor {
-                // Another ledger: nothing it said before counts.
-                self.restart();
-                self.watermark = None;
-                self.synced_at = None;
+                if matches!(order, Some(Ordering::Less | Ordering::Equal)) {
+                    // Served before (or in the same millisecond as) the answer the cursor came
+                    // from, when the head was lower: an older copy (a shared poll made just
+                    // before an append), not a rewound ledger. It teaches nothing.
+                    return Ok(());
+                }
+                // Served later with a lower head, or no order can be told: another ledger (or
+                // this one rewound), and nothing it said before counts.
+                self.forget_ledger();
                 return Err(SyncError::Rewound {
                     head: tail.head,
                     cursor,
                 });
+            }
+            if older && tail.head == cursor {
+                // An older answer with nothing new (a shared copy): it teaches nothing. One with
+                // a head past the cursor (the ledger's clock went back) still brings entries.
+                return Ok(());
             }
             if tail.after > cursor {
                 return Err(SyncError::Gap {
@@ -468,14 +527,17 @@ impl Memory {
         self.cursor = Some(cursor);
         self.epoch = Some(tail.epoch);
         self.retention_ms = i64::try_from(tail.retention_ms).unwrap_or(i64::MAX);
-        if tail.watermark > self.watermark {
-            self.watermark = tail.watermark;
+        if let Some(watermark) = tail.watermark {
+            // Refused if from the future, kept only if newer: see the module docs.
+            self.watermark.take(watermark, now);
         }
         self.caught_up = !tail.more;
-        if self.caught_up && Some(tail.served_at) > self.synced_at {
-            self.synced_at = Some(tail.served_at);
+        if self.caught_up {
+            self.synced.take(tail.served_at, now);
         }
-        self.unpin_older_than(tail.served_at, now);
+        // Entries leave the floor only once they are old by both clocks: a ledger clock ahead
+        // never moves them out early.
+        self.unpin_older_than(UnixMillis(tail.served_at.0.min(now.0)), now);
         if self.pinned.len() > self.settings.ledger_max_keys {
             // Ledger entries are kept (as a floor for KV values); only trust is given up, and
             // loading waits.
@@ -483,6 +545,14 @@ impl Memory {
             return Err(SyncError::Overflow);
         }
         Ok(())
+    }
+
+    /// Another ledger, or this one rewound: its cursor, its answers' times and its watermark
+    /// count no more (ledger entries stay, as a floor).
+    fn forget_ledger(&mut self) {
+        self.restart();
+        self.watermark.clear();
+        self.synced.clear();
     }
 
     fn pin(&mut self, entry: &super::Entry) {
@@ -609,8 +679,9 @@ mod tests {
         let cases = [
             (at, true),
             (at + 2000, true),
-            (at + 2001, false), // the sync is too old
-            (at - 2000, true),
+            (at + 2001, false),                    // the sync is too old
+            (at - clock::TOLERANCE_MS, true),      // the isolate's clock a little behind
+            (at - clock::TOLERANCE_MS - 1, false), // a sync from the future: a clock stepped
         ];
         for (now, expected) in cases {
             assert_eq!(memory.trusted(UnixMillis(now)), expected, "{now}");
@@ -1004,5 +1075,305 @@ mod tests {
         );
         assert_eq!(memory.start_sync(UnixMillis(at + 29_999)), None);
         assert_eq!(memory.start_sync(UnixMillis(at + 30_000)), Some(0));
+    }
+
+    /// One step of a clock scenario: the isolate's clock; the answer of a poll then, if any
+    /// (the ledger object's clock when it served it, origin's watermark in it, whether it
+    /// carries a new revocation of key `a`); and whether memory is trusted after it.
+    struct Poll {
+        now: i64,
+        answer: Option<(i64, i64)>,
+        revokes: bool,
+        trusted: bool,
+    }
+
+    const fn poll(now: i64, served_at: i64, watermark: i64, trusted: bool) -> Poll {
+        Poll {
+            now,
+            answer: Some((served_at, watermark)),
+            revokes: false,
+            trusted,
+        }
+    }
+
+    /// No poll: only whether memory is trusted at `now`.
+    const fn check(now: i64, trusted: bool) -> Poll {
+        Poll {
+            now,
+            answer: None,
+            revokes: false,
+            trusted,
+        }
+    }
+
+    const fn revoking(poll: Poll) -> Poll {
+        Poll {
+            revokes: true,
+            ..poll
+        }
+    }
+
+    /// Runs `polls` on fresh memory: each poll must be due and applied, and each step leave
+    /// memory trusted or not as it says. Returns the memory and the last revision appended for
+    /// key `a`.
+    fn run(what: &str, polls: &[Poll]) -> (Memory, u64) {
+        let mut memory = Memory::new(Settings::default());
+        let (mut head, mut revision) = (0, 1);
+        for (i, p) in polls.iter().enumerate() {
+            let Some((served_at, watermark)) = p.answer else {
+                assert_eq!(
+                    memory.trusted(UnixMillis(p.now)),
+                    p.trusted,
+                    "{what}, step {i}: trusted"
+                );
+                continue;
+            };
+            assert!(
+                memory.start_sync(UnixMillis(p.now)).is_some(),
+                "{what}, step {i}: a poll is due (a second or more since the last, or a clock stepped)"
+            );
+            let mut entries = vec![];
+            if p.revokes {
+                revision += 1;
+                entries.push(entry(
+                    head + 1,
+                    served_at,
+                    &name('a'),
+                    record(revision, true),
+                ));
+            }
+            let mut t = tail(head, entries, head + u64::from(p.revokes), served_at);
+            t.watermark = Some(UnixMillis(watermark));
+            head = t.head;
+            memory
+                .apply(&t, UnixMillis(p.now))
+                .unwrap_or_else(|e| panic!("{what}, step {i}: {e}"));
+            assert_eq!(
+                memory.trusted(UnixMillis(p.now)),
+                p.trusted,
+                "{what}, step {i}: trusted"
+            );
+        }
+        (memory, revision)
+    }
+
+    #[test]
+    fn a_clock_step_is_distrusted_while_it_lasts_and_forgotten_once_clocks_agree() {
+        const STEP: i64 = 3_600_000;
+        let at = 1_000_000_000;
+        let cases: [(&str, Vec<Poll>); 6] = [
+            (
+                "the ledger object's clock steps forward, then back",
+                vec![
+                    poll(at, at, at, true),
+                    // Still fresh from the first poll, but this answer proves nothing new.
+                    poll(at + 1000, at + 1000 + STEP, at + 1000, true),
+                    // Its entries still count: a revocation served from the future is applied.
+                    revoking(poll(at + 3000, at + 3000 + STEP, at + 3000, false)),
+                    revoking(poll(at + 4000, at + 4000, at + 4000, true)),
+                ],
+            ),
+            (
+                "the isolate's clock steps forward, then back",
+                vec![
+                    poll(at, at, at, true),
+                    poll(at + 1000 + STEP, at + 1000, at + 1000, false),
+                    revoking(poll(at + 2000, at + 2000, at + 2000, true)),
+                ],
+            ),
+            (
+                "both clocks step forward (one machine), then back",
+                vec![
+                    poll(at, at, at, true),
+                    poll(at + 1000 + STEP, at + 1000 + STEP, at + 1000 + STEP, true),
+                    revoking(poll(at + 2000, at + 2000, at + 2000, true)),
+                ],
+            ),
+            (
+                "the isolate's clock steps back, then forward",
+                vec![
+                    poll(at, at, at, true),
+                    poll(at + 1000 - STEP, at + 1000, at + 1000, false),
+                    revoking(poll(at + 2000, at + 2000, at + 2000, true)),
+                ],
+            ),
+            (
+                "the ledger object's clock steps back, then forward",
+                vec![
+                    poll(at, at, at, true),
+                    // The object's watermark stays where it was (it only moves forward).
+                    poll(at + 1000, at + 1000 - STEP, at, true),
+                    // Older by the object's clock, but past the cursor: its entries count.
+                    revoking(poll(at + 3000, at + 3000 - STEP, at, false)),
+                    revoking(poll(at + 4000, at + 4000, at + 4000, true)),
+                ],
+            ),
+            (
+                "both clocks step back (one machine), then forward",
+                vec![
+                    poll(at, at, at, true),
+                    poll(at + 1000 - STEP, at + 1000 - STEP, at + 1000 - STEP, true),
+                    revoking(poll(at + 2000, at + 2000, at + 2000, true)),
+                ],
+            ),
+        ];
+        for (what, polls) in cases {
+            let (mut memory, revision) = run(what, &polls);
+            // Every revocation reached memory: it beats KV's stale valid record, and memory
+            // answers it.
+            let merged = memory.merge(&name('a'), Some(record(1, false)));
+            assert_eq!(
+                merged.map(|r| (r.revision, r.revoked)),
+                Some((revision, true)),
+                "{what}: the floor over KV"
+            );
+            let last = polls.last().map_or(at, |p| p.now);
+            assert_eq!(
+                known(memory.recall(&name('a'), UnixMillis(last))),
+                Some(revision),
+                "{what}: memory answers the revocation"
+            );
+        }
+    }
+
+    #[test]
+    fn a_watermark_from_the_future_is_neither_fresh_nor_kept() {
+        let at = 1_000_000_000;
+        let cases: [(&str, Vec<Poll>); 5] = [
+            (
+                "an hour ahead, then origin's right watermarks",
+                vec![
+                    poll(at, at, at + 3_600_000, false),
+                    poll(at + 1000, at + 1000, at + 1000, true),
+                ],
+            ),
+            (
+                // The ledger keeps repeating it while origin is silent: it never vouches for
+                // anything, not even once real time has caught up with it.
+                "ten seconds ahead, then origin silent",
+                vec![
+                    poll(at, at, at + 10_000, false),
+                    poll(at + 2000, at + 2000, at + 10_000, false),
+                    poll(at + 4000, at + 4000, at + 10_000, false),
+                    poll(at + 6000, at + 6000, at + 10_000, false),
+                    poll(at + 8000, at + 8000, at + 10_000, false),
+                    poll(at + 9500, at + 9500, at + 10_000, false),
+                    poll(at + 12_000, at + 12_000, at + 10_000, false),
+                ],
+            ),
+            (
+                "2.5 s ahead: inside the trust window, beyond the tolerance",
+                vec![
+                    poll(at, at, at + 2500, false),
+                    poll(at + 1000, at + 1000, at + 1000, true),
+                ],
+            ),
+            (
+                // Within the tolerance: counted from when it arrived, so it lengthens nothing.
+                "half a second ahead, then origin silent",
+                vec![
+                    poll(at, at, at + 500, true),
+                    poll(at + 1500, at + 1500, at + 500, true),
+                    check(at + 3000, true),
+                    check(at + 3001, false),
+                ],
+            ),
+            (
+                "an older watermark after a newer one (an older copy) changes nothing",
+                vec![
+                    poll(at, at, at, true),
+                    poll(at + 1500, at + 1500, at - 5000, true),
+                    check(at + 3000, true),
+                    check(at + 3001, false),
+                ],
+            ),
+        ];
+        for (what, polls) in cases {
+            run(what, &polls);
+        }
+    }
+
+    #[test]
+    fn a_lower_head_in_the_same_millisecond_is_an_older_copy_not_a_rewind() {
+        let at = 1_000_000;
+        // (what, the second answer's clock, its epoch, expected)
+        let cases = [
+            (
+                "same millisecond: a copy from before an append",
+                at + 1000,
+                7,
+                Ok(()),
+            ),
+            ("an earlier millisecond: an older copy", at + 999, 7, Ok(())),
+            (
+                "a later millisecond: the ledger went back",
+                at + 1001,
+                7,
+                Err(SyncError::Rewound { head: 1, cursor: 2 }),
+            ),
+            (
+                "same millisecond, another ledger",
+                at + 1000,
+                8,
+                Err(SyncError::Rewound { head: 1, cursor: 2 }),
+            ),
+        ];
+        for (what, served_at, epoch, expected) in cases {
+            let mut memory = synced(at);
+            memory.remember(&name('h'), Some(record(1, false)), UnixMillis(at));
+            let e1 = entry(1, at, &name('a'), record(1, false));
+            let e2 = entry(2, at + 1000, &name('a'), record(2, true));
+            let now = UnixMillis(at + 1000);
+            memory.start_sync(now);
+            memory
+                .apply(&tail(0, vec![e1.clone(), e2], 2, at + 1000), now)
+                .expect("the direct answer");
+            let mut copy = tail(0, vec![e1], 1, served_at);
+            copy.epoch = epoch;
+            let later = UnixMillis(at + 1500);
+            memory.start_sync(later);
+            assert_eq!(memory.apply(&copy, later), expected, "{what}");
+            let kept = expected.is_ok();
+            assert_eq!(memory.trusted(later), kept, "{what}: trust");
+            assert_eq!(
+                memory.stats().hot_keys,
+                usize::from(kept),
+                "{what}: hot cache"
+            );
+            if kept {
+                assert_eq!(known(memory.recall(&name('a'), later)), Some(2), "{what}");
+                assert_eq!(memory.start_sync(UnixMillis(at + 2500)), Some(2), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn times_from_before_a_clock_step_back_prove_nothing_and_block_nothing() {
+        const STEP: i64 = 3_600_000;
+        let at = 1_000_000_000;
+        // A record read from KV before both clocks stepped back an hour: its age cannot be
+        // told, so it is read again.
+        let mut memory = synced(at);
+        memory.remember(&name('b'), Some(record(1, false)), UnixMillis(at));
+        let back = at + 1000 - STEP;
+        memory.start_sync(UnixMillis(back));
+        memory
+            .apply(&tail(0, vec![], 0, back), UnixMillis(back))
+            .expect("applies");
+        assert!(memory.trusted(UnixMillis(back)));
+        assert!(matches!(
+            memory.recall(&name('b'), UnixMillis(back)),
+            Recall::Unknown
+        ));
+        // A sync started while the isolate's clock was an hour ahead, that never reported
+        // back, does not block the next one once the clock is right.
+        let mut memory = synced(at);
+        assert!(memory.start_sync(UnixMillis(at + STEP)).is_some());
+        assert!(memory.start_sync(UnixMillis(at + 1000)).is_some());
+        // Nor does a backoff begun then.
+        let mut memory = synced(at);
+        assert!(memory.start_sync(UnixMillis(at + STEP)).is_some());
+        memory.failed(UnixMillis(at + STEP), true);
+        assert!(memory.start_sync(UnixMillis(at + 1000)).is_some());
     }
 }

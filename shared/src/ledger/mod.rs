@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::record::{KeyRecord, UnixMillis};
 
+pub mod copy;
 pub mod memory;
 
 /// The Worker route origin appends to. Gateway rules cannot claim it.
