@@ -45,6 +45,10 @@ const LEDGER_FETCHES_HEADER: &str = "x-latchkey-debug-ledger-fetches";
 /// Debug header: where the request's key record came from (`hit`, `miss`, `untrusted`, `off`,
 /// `none`).
 const MEMORY_HEADER: &str = "x-latchkey-debug-memory";
+/// Debug headers of an answer from trusted memory: how old the sync and origin's watermark that
+/// trusted it were, in ms (`none` if there was none).
+const SYNC_AGE_HEADER: &str = "x-latchkey-debug-sync-age-ms";
+const WATERMARK_AGE_HEADER: &str = "x-latchkey-debug-watermark-age-ms";
 
 /// The Worker's entry point. It takes the runtime's request as it is: `worker::Request` would
 /// read the request's `cf` object on every request (a JSON clone under workerd), which nothing
@@ -72,6 +76,11 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         headers.set(KV_READS_HEADER, &lookup.kv_reads().to_string())?;
         headers.set(LEDGER_FETCHES_HEADER, &memory::ledger_fetches().to_string())?;
         headers.set(MEMORY_HEADER, lookup.source().as_str())?;
+        if let Some((sync, watermark)) = lookup.trust_ages() {
+            let text = |age: Option<i64>| age.map_or_else(|| "none".to_owned(), |a| a.to_string());
+            headers.set(SYNC_AGE_HEADER, &text(sync))?;
+            headers.set(WATERMARK_AGE_HEADER, &text(watermark))?;
+        }
     }
     Ok(response)
 }

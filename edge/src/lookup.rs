@@ -84,6 +84,11 @@ pub(crate) struct Lookup<'a> {
     kv_reads: u32,
     used: Vec<KeyId>,
     source: Source,
+    /// `DEBUG_HEADERS`: whether to keep [`Self::trust_ages`].
+    debug: bool,
+    /// For an answer from trusted memory: the sync's and the watermark's ages when it was
+    /// given (only with `DEBUG_HEADERS`).
+    trust_ages: Option<(Option<i64>, Option<i64>)>,
 }
 
 impl<'a> Lookup<'a> {
@@ -96,7 +101,15 @@ impl<'a> Lookup<'a> {
             kv_reads: 0,
             used: Vec::new(),
             source: Source::None,
+            debug: config.debug_headers,
+            trust_ages: None,
         }
+    }
+
+    /// For an answer from trusted memory (`hit` or `miss`), the ages of the sync and of the
+    /// watermark that trusted it (only with `DEBUG_HEADERS`).
+    pub(crate) fn trust_ages(&self) -> Option<(Option<i64>, Option<i64>)> {
+        self.trust_ages
     }
 
     /// The request's time: one reading of the clock per request.
@@ -178,7 +191,15 @@ impl<'a> Lookup<'a> {
                 asked_at = ledger::now();
             }
         }
-        match memory::with(settings, |m| m.recall(name, asked_at)) {
+        let (recalled, ages) = memory::with(settings, |m| {
+            let recalled = m.recall(name, asked_at);
+            let ages = self.debug.then(|| m.trust_ages(asked_at));
+            (recalled, ages)
+        });
+        if !matches!(recalled, Recall::Untrusted) {
+            self.trust_ages = ages;
+        }
+        match recalled {
             Recall::Known(record) => {
                 self.source = Source::Hit;
                 Ok(record)

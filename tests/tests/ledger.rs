@@ -76,7 +76,43 @@ fn dephase(i: usize) -> Duration {
     Duration::from_millis(u64::try_from(i.wrapping_mul(379) % 1000).unwrap_or(0))
 }
 
-/// Polls the edge until `done` holds; the time from `since`.
+/// Slack on the revocation bound: the time between origin's commit and its answer, and the
+/// scheduling of two processes on a loaded machine.
+const BOUND_SLACK: Duration = Duration::from_millis(1000);
+
+/// A debug header's age in ms (`None` for `none`).
+fn age_header(headers: &HeaderMap, name: &str) -> Option<i64> {
+    let text = header_text(headers, name);
+    (text != "none").then(|| text.parse().expect("an age in ms"))
+}
+
+/// The promise behind every answer from memory: it was given with a sync no older than
+/// `LEDGER_MAX_AGE_MS` and a watermark no older than `WATERMARK_MAX_AGE_MS` (the edge's
+/// defaults here), as its debug headers report them.
+fn assert_memory_answer_trusted(headers: &HeaderMap) {
+    if !matches!(memory(headers), "hit" | "miss") {
+        return;
+    }
+    let bounds = latchkey_shared::ledger::memory::Settings::default();
+    let sync = age_header(headers, "x-latchkey-debug-sync-age-ms");
+    let watermark = age_header(headers, "x-latchkey-debug-watermark-age-ms");
+    assert!(
+        sync.is_some_and(|a| a <= bounds.sync_max_age_ms)
+            && watermark.is_some_and(|a| a <= bounds.watermark_max_age_ms),
+        "an answer from memory with a sync {sync:?} ms and a watermark {watermark:?} ms old \
+         (bounds {} and {} ms)",
+        bounds.sync_max_age_ms,
+        bounds.watermark_max_age_ms
+    );
+}
+
+/// Polls the edge until `done` holds; the time from `since` (origin's answer to the change).
+///
+/// Asserts the revocation bound rather than timing it: every answer from memory carries a
+/// fresh sync and watermark ([`assert_memory_answer_trusted`]), and no answer that still shows
+/// the old state comes later than `WATERMARK_MAX_AGE_MS` after the change (plus
+/// [`BOUND_SLACK`]): a trusted isolate's watermark is younger than that, and a watermark later
+/// than the change's commit means the ledger it synced holds the change.
 async fn edge_until(
     edge: &Edge,
     key: &str,
@@ -84,12 +120,27 @@ async fn edge_until(
     since: Instant,
     done: impl Fn(&Value) -> bool,
 ) -> (Value, f64) {
+    let bound = Duration::from_millis(
+        u64::try_from(latchkey_shared::ledger::memory::Settings::default().watermark_max_age_ms)
+            .expect("positive"),
+    ) + BOUND_SLACK;
     loop {
+        let sent = since.elapsed();
         let reply = edge.verify(key, required).await;
         assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        assert_memory_answer_trusted(&reply.headers);
         if done(&reply.body) {
             return (reply.body, since.elapsed().as_secs_f64() * 1000.0);
         }
+        assert!(
+            sent <= bound,
+            "the old state was answered {} ms after the change, past the bound of {} ms \
+             (memory: {}): {}",
+            sent.as_millis(),
+            bound.as_millis(),
+            memory(&reply.headers),
+            reply.body
+        );
         assert!(
             since.elapsed() < LIMIT,
             "the edge did not change within {LIMIT:?}; last answer {}",

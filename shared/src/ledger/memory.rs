@@ -268,6 +268,14 @@ impl Memory {
                 .fresh(self.settings.watermark_max_age_ms, now)
     }
 
+    /// How old, at `now`, the newest complete sync and origin's newest watermark are (each
+    /// counted from when it arrived at the latest; `None`: none, or from the future): what
+    /// [`Self::trusted`] holds against `LEDGER_MAX_AGE_MS` and `WATERMARK_MAX_AGE_MS`. For the
+    /// edge's debug headers, so tests can check every answer from memory against its bounds.
+    pub fn trust_ages(&self, now: UnixMillis) -> (Option<i64>, Option<i64>) {
+        (self.synced.age(now), self.watermark.age(now))
+    }
+
     /// What memory knows of `name` at `now`.
     pub fn recall(&mut self, name: &str, now: UnixMillis) -> Recall {
         if !self.check_trust(now) {
