@@ -62,6 +62,14 @@ pub fn bad_bodies() -> Vec<(String, Vec<u8>)> {
             br#"{"seconds_until_expiration": 1e400}"#.to_vec(),
         ),
         ("BOM".into(), b"\xef\xbb\xbf{}".to_vec()),
+        (
+            "expiry spelled as an object".into(),
+            br#"{"seconds_until_expiration": {"never": true}}"#.to_vec(),
+        ),
+        (
+            "an allowlist entry in Cloudflare's pseudo-IPv4 range".into(),
+            br#"{"allowed_ips": ["240.0.0.1"]}"#.to_vec(),
+        ),
     ];
     let huge = "A".repeat(60_000);
     for field in [
