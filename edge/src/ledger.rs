@@ -442,7 +442,7 @@ impl Ledger {
             appended: admitted.append.len() as u64,
             head: u64::try_from(head).unwrap_or(0),
             superseded: admitted.superseded.len() as u64,
-            epoch: Some(self.epoch()?),
+            epoch: Some(u64::try_from(self.epoch()?).unwrap_or(0)),
         })
     }
 

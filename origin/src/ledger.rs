@@ -231,7 +231,7 @@ fn superseded_after(body: &[u8]) -> Option<i64> {
 /// (a new or wiped object), or, from a ledger that does not say its epoch, a head that went
 /// back. `last` is the previous answer's `(epoch, head)`, `None` for the first since start
 /// (origin re-sends the recent changes at start anyway).
-pub fn ledger_replaced(last: Option<(Option<i64>, u64)>, answer: &AppendAnswer) -> bool {
+pub fn ledger_replaced(last: Option<(Option<u64>, u64)>, answer: &AppendAnswer) -> bool {
     match last {
         None => false,
         Some((Some(epoch), _)) if answer.epoch.is_some_and(|e| e != epoch) => true,
@@ -381,7 +381,7 @@ pub struct LedgerPublisher {
     status: Arc<LedgerStatus>,
     watermark_every: Duration,
     /// The last answer's `(epoch, head)`: the ledger it came from ([`ledger_replaced`]).
-    last_seen: Mutex<Option<(Option<i64>, u64)>>,
+    last_seen: Mutex<Option<(Option<u64>, u64)>>,
 }
 
 impl LedgerPublisher {
@@ -713,7 +713,7 @@ mod tests {
 
     #[test]
     fn another_epoch_or_a_head_going_back_is_another_ledger() {
-        let answer = |epoch: Option<i64>, head: u64| AppendAnswer {
+        let answer = |epoch: Option<u64>, head: u64| AppendAnswer {
             v: LEDGER_VERSION,
             appended: 0,
             head,

@@ -138,7 +138,7 @@ pub struct AppendAnswer {
     /// wiped) ledger, which origin fills again with the recent changes. Absent from an older
     /// ledger's answer.
     #[serde(default)]
-    pub epoch: Option<i64>,
+    pub epoch: Option<u64>,
 }
 
 /// Why the ledger object refuses a whole append whose signature checked.
