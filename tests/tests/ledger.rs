@@ -855,3 +855,442 @@ async fn a_ledger_replaced_while_origin_runs_is_filled_again_at_once() {
         "KV was still stale: the ledger decided"
     );
 }
+
+/// The poll interval the cache-forging test gives the edge (`LEDGER_POLL_MS`): the shared
+/// copies are keyed by it.
+const FORGER_POLL_MS: i64 = 1000;
+
+/// How many poll intervals ahead the cache-forging test plants copies: enough to cover a
+/// `wrangler dev` start on a loaded machine and the seconds the edge is watched after it.
+const FORGER_PLANT_INTERVALS: i64 = 90;
+
+/// The Cache API key of the edge's shared copy of poll interval `bucket` (`edge/src/memory.rs`).
+fn shared_copy_key(bucket: i64) -> String {
+    format!("https://ledger.latchkey.invalid/tail/{bucket}")
+}
+
+/// The poll interval `now_ms` falls in.
+fn poll_interval(now_ms: i64) -> i64 {
+    latchkey_shared::ledger::copy::bucket(UnixMillis(now_ms), FORGER_POLL_MS)
+}
+
+/// A forged shared copy for poll interval `bucket`, as an isolate caught up at `head` of the
+/// ledger of `epoch` would take it: the same ledger, one more entry (`name` at `record`), a
+/// watermark and an answer time fresh for that interval.
+fn forged_tail(
+    epoch: u64,
+    head: u64,
+    name: &str,
+    record: &latchkey_shared::KeyRecord,
+    bucket: i64,
+) -> latchkey_shared::ledger::Tail {
+    let at = UnixMillis(bucket * FORGER_POLL_MS);
+    latchkey_shared::ledger::Tail {
+        v: latchkey_shared::ledger::LEDGER_VERSION,
+        after: head,
+        entries: vec![latchkey_shared::ledger::Entry {
+            seq: head + 1,
+            at,
+            name: name.to_owned(),
+            record: record.clone(),
+        }],
+        more: false,
+        head: head + 1,
+        watermark: Some(at),
+        served_at: at,
+        retention_ms: 600_000,
+        epoch,
+    }
+}
+
+/// The cache-forger Worker (`tests/fixtures/cache-forger`): any other Worker of the zone, which
+/// can write the Cache API. Run by its own `wrangler dev` on the edge's persist folder, while
+/// the edge is stopped (two workerd processes never share those files at once), so it sees the
+/// same local Cache API storage. Its process group is killed on drop, as the edge's is.
+struct CacheForger {
+    base: String,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl CacheForger {
+    /// Starts the forger on `state_dir` (an edge's [`Edge::state_dir`]) and waits until it
+    /// answers.
+    async fn start(state_dir: &std::path::Path) -> Self {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Run from a copy, so that wrangler's own `.wrangler/` folder lands in the temp dir.
+        let fixture = common::edge::repo_root().join("tests/fixtures/cache-forger");
+        for file in ["index.js", "wrangler.toml"] {
+            std::fs::copy(fixture.join(file), dir.path().join(file)).expect("copy the forger");
+        }
+        // An env file of its own (empty): no `.dev.vars` adds anything.
+        let env_file = dir.path().join("empty.env");
+        std::fs::write(&env_file, "").expect("write the empty env file");
+        let port = common::edge::free_port();
+        let log = std::fs::File::create(dir.path().join("wrangler.log")).expect("log file");
+        let mut cmd = std::process::Command::new(
+            common::edge::repo_root().join("node_modules/.bin/wrangler"),
+        );
+        cmd.current_dir(dir.path())
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("WRANGLER_LOG_PATH", dir.path().join("wrangler-debug-logs"))
+            .env("CI", "1")
+            .arg("dev")
+            .arg("--config")
+            .arg(dir.path().join("wrangler.toml"))
+            .args(["--ip", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--inspector-port", &common::edge::free_port().to_string()])
+            .arg("--persist-to")
+            .arg(state_dir)
+            .arg("--env-file")
+            .arg(&env_file)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .process_group(0);
+        let mut forger = Self {
+            base: format!("http://127.0.0.1:{port}"),
+            child: Some(cmd.spawn().expect("spawn wrangler dev for the forger")),
+            dir,
+            http: reqwest::Client::new(),
+        };
+        // Ready once this forger answers (a peek with no key is its own 400), not another
+        // server that took the port.
+        let started = Instant::now();
+        loop {
+            let probe = forger
+                .http
+                .get(format!("{}/peek", forger.base))
+                .send()
+                .await;
+            if let Ok(probe) = probe
+                && probe.status() == StatusCode::BAD_REQUEST
+                && probe
+                    .text()
+                    .await
+                    .is_ok_and(|t| t.contains("missing ?key="))
+            {
+                return forger;
+            }
+            if let Some(status) = forger
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "the forger's wrangler dev exited with {status}:\n{}",
+                    forger.logs()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "the forger never answered:\n{}",
+                forger.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("wrangler.log")).unwrap_or_default()
+    }
+
+    /// Puts `body` in the edge's cache under `key`, for an hour.
+    async fn plant(&self, key: &str, body: &str) {
+        let r = self
+            .http
+            .put(format!("{}/plant", self.base))
+            .query(&[("key", key)])
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("plant");
+        assert_eq!(r.status(), StatusCode::NO_CONTENT, "plant {key}");
+    }
+
+    /// What the edge's cache holds under `key`, if anything (expired entries are gone).
+    async fn peek(&self, key: &str) -> Option<String> {
+        let r = self
+            .http
+            .get(format!("{}/peek", self.base))
+            .query(&[("key", key)])
+            .send()
+            .await
+            .expect("peek");
+        match r.status() {
+            StatusCode::OK => Some(r.text().await.expect("peeked body")),
+            StatusCode::NOT_FOUND => None,
+            other => panic!("peek {key}: {other}"),
+        }
+    }
+
+    /// Stops wrangler, workerd and everything else in their process group.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let group = format!("-{}", child.id());
+        let signal = |sig: &str| {
+            let _ = std::process::Command::new("kill")
+                .args([sig, "--", &group])
+                .stderr(std::process::Stdio::null())
+                .status();
+        };
+        signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // workerd may outlive its parent: end the group regardless.
+        signal("-KILL");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for CacheForger {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The shared copies the edge put in its Cache API cache, read from the local storage under
+/// `state_dir` while no workerd runs: `(poll interval, sealed body)`, oldest first. (Miniflare's
+/// cache answers no entry past its `max-age`, which for the edge's copies is one poll interval,
+/// so a Worker started after the edge stopped cannot read them; the rows and bodies stay on
+/// disk.)
+fn shared_copies_on_disk(state_dir: &std::path::Path) -> Vec<(i64, Vec<u8>)> {
+    let files = common::files_under(&state_dir.join("v3").join("cache"));
+    let prefix = shared_copy_key(0);
+    let prefix = prefix.trim_end_matches('0');
+    let mut copies = Vec::new();
+    for db in files.iter().filter(|p| {
+        p.extension().is_some_and(|e| e == "sqlite")
+            && p.file_name().is_some_and(|n| n != "metadata.sqlite")
+    }) {
+        let conn =
+            rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .expect("open the cache's storage");
+        let Ok(mut rows) = conn.prepare("SELECT key, blob_id FROM _mf_entries") else {
+            continue;
+        };
+        let rows: Vec<(String, String)> = rows
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .expect("query the cache's storage")
+            .collect::<Result<_, _>>()
+            .expect("read the cache's storage");
+        for (key, blob_id) in rows {
+            let Some(bucket) = key.strip_prefix(prefix).and_then(|b| b.parse().ok()) else {
+                continue;
+            };
+            let Some(blob) = files
+                .iter()
+                .find(|p| p.file_name().is_some_and(|n| n == blob_id.as_str()))
+            else {
+                continue;
+            };
+            copies.push((bucket, std::fs::read(blob).expect("read a cached body")));
+        }
+    }
+    copies.sort();
+    copies
+}
+
+/// A forged shared copy of a ledger poll, planted in the edge's Cache API cache by another
+/// Worker (as any Worker of the zone could), is refused unless it is sealed with the ledger
+/// secret for its poll interval: a revoked key stays revoked in memory, though the forged copy,
+/// consistent with the ledger in every other way, shows it valid at a higher revision. The
+/// control: the same forgery sealed with the right secret is read and believed, which is what
+/// the seal is for.
+#[tokio::test]
+async fn a_forged_shared_poll_in_the_cache_is_refused() {
+    use latchkey_shared::ledger::copy;
+    let mut edge = Edge::on_free_port();
+    edge.unset_var("ORIGIN_USAGE_URL")
+        .var("ROUTES", "")
+        .var("LEDGER_POLL_MS", &FORGER_POLL_MS.to_string());
+    edge.start().await;
+    let clock = Timestamps::default();
+
+    // Two keys revoked in the ledger, their old valid records still in KV (stale KV).
+    let (forged_key, control_key) = (
+        common::edge::unissued_key("sk_live"),
+        common::edge::unissued_key("sk_test"),
+    );
+    let (forged_name, control_name) = (entry_name(&forged_key), entry_name(&control_key));
+    let (valid, revoked, forged_valid) = (record(1, false), record(2, true), record(3, false));
+    let now = clock.next();
+    let (body, ts, sig) = signed_append(
+        &[(&forged_name, &revoked), (&control_name, &revoked)],
+        Some(now),
+        now,
+    );
+    let (status, answer) = append(&edge, &body, &ts, &sig).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let head = answer["head"].as_u64().expect("head");
+    let epoch = answer["epoch"].as_u64().expect("the ledger's epoch");
+    for name in [&forged_name, &control_name] {
+        edge.write_kv(name, valid.to_json().as_bytes()).await;
+    }
+    for key in [&forged_key, &control_key] {
+        let seen = from_memory(&edge, &clock, key).await;
+        assert_eq!(seen["code"], "REVOKED", "{seen}");
+    }
+
+    // The channel: a caught-up isolate shares its polls through the Cache API (each poll of
+    // a new interval finds no copy, asks the ledger and puts the answer there).
+    eventually(LIMIT, || async {
+        let now = clock.next();
+        let (body, ts, sig) = signed_append(&[], Some(now), now);
+        let (status, answer) = append(&edge, &body, &ts, &sig).await;
+        assert_eq!(status, StatusCode::OK, "watermark: {answer}");
+        let r = edge.verify(&forged_key, &[]).await;
+        assert_eq!(r.body["code"], "REVOKED", "{}", r.body);
+        let fetches = ledger_fetches(&r.headers);
+        if fetches >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{fetches} ledger fetches so far"))
+        }
+    })
+    .await;
+    edge.stop();
+    let copies = shared_copies_on_disk(&edge.state_dir());
+    assert!(
+        !copies.is_empty(),
+        "the edge put no shared copy in the Cache API (files: {:?})",
+        common::files_under(&edge.state_dir().join("v3"))
+    );
+    let ours = latchkey_shared::sign::SigningSecret::parse(LEDGER_SECRET).expect("secret");
+    for (bucket, body) in &copies {
+        let tail = copy::open(&ours, *bucket, body)
+            .unwrap_or_else(|e| panic!("the edge's copy of interval {bucket}: {e}"));
+        assert_eq!((tail.epoch, tail.head), (epoch, head), "{}", tail.to_json());
+    }
+
+    // The forgery: for every interval of the next minute or so, a copy that shows the key valid
+    // at a higher revision, consistent with the ledger in every other way, sealed with another
+    // secret.
+    let theirs =
+        latchkey_shared::sign::SigningSecret::parse("another-secret-that-is-long-enough-0000")
+            .expect("secret");
+    let mut forger = CacheForger::start(&edge.state_dir()).await;
+    let first = poll_interval(common::now_ms());
+    let planted = first..=first + FORGER_PLANT_INTERVALS;
+    let forged_body = |bucket: i64| {
+        let tail = forged_tail(epoch, head, &forged_name, &forged_valid, bucket);
+        copy::seal(&theirs, bucket, &tail)
+    };
+    for bucket in planted.clone() {
+        forger
+            .plant(&shared_copy_key(bucket), &forged_body(bucket))
+            .await;
+    }
+    let last = *planted.end();
+    assert_eq!(
+        forger.peek(&shared_copy_key(last)).await,
+        Some(forged_body(last)),
+        "the forger reads back what it planted"
+    );
+    forger.stop();
+
+    // The edge, started on the same storage, polls over several intervals (each poll after the
+    // first finds a forged copy): the key stays revoked, answered from memory.
+    let watched_from = poll_interval(common::now_ms());
+    edge.start().await;
+    let (hits, fetches) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    eventually(LIMIT, || async {
+        let now = clock.next();
+        let (body, ts, sig) = signed_append(&[], Some(now), now);
+        let (status, answer) = append(&edge, &body, &ts, &sig).await;
+        assert_eq!(status, StatusCode::OK, "watermark: {answer}");
+        let r = edge.verify(&forged_key, &[]).await;
+        assert_eq!(
+            r.body["code"],
+            "REVOKED",
+            "a forged copy was believed (memory: {}): {}",
+            memory(&r.headers),
+            r.body
+        );
+        if memory(&r.headers) == "hit" {
+            hits.set(hits.get() + 1);
+        }
+        fetches.set(ledger_fetches(&r.headers));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if hits.get() >= 5 && fetches.get() >= 4 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} answers from memory, {} ledger fetches",
+                hits.get(),
+                fetches.get()
+            ))
+        }
+    })
+    .await;
+    edge.stop();
+    let watched_to = poll_interval(common::now_ms());
+    assert!(
+        watched_to < last,
+        "the edge was watched past the planted intervals ({watched_to} > {last})"
+    );
+
+    // The edge met the forged copies: every one it polled is gone (it refused it, asked the
+    // ledger and put its own copy in its place, since expired); the others are still there.
+    let mut forger = CacheForger::start(&edge.state_dir()).await;
+    let mut replaced = 0;
+    for bucket in watched_from..=watched_to {
+        if forger.peek(&shared_copy_key(bucket)).await.as_deref() != Some(&forged_body(bucket)) {
+            replaced += 1;
+        }
+    }
+    let fetches = fetches.get();
+    assert!(
+        replaced + 1 >= fetches,
+        "{fetches} ledger fetches (the first poll and one per forged copy refused), but only \
+         {replaced} forged copies replaced"
+    );
+    assert_eq!(
+        forger.peek(&shared_copy_key(last)).await,
+        Some(forged_body(last)),
+        "a forged copy of an interval not polled yet is still in the cache"
+    );
+
+    // The control: the same forgery, for the other key, sealed with the ledger secret. The edge
+    // believes it, and answers VALID from memory for a key the ledger holds revoked: the seal is
+    // all that keeps a Worker that can write the cache from doing so.
+    let first = poll_interval(common::now_ms());
+    let planted = first..=first + FORGER_PLANT_INTERVALS;
+    for bucket in planted.clone() {
+        let tail = forged_tail(epoch, head, &control_name, &forged_valid, bucket);
+        forger
+            .plant(&shared_copy_key(bucket), &copy::seal(&ours, bucket, &tail))
+            .await;
+    }
+    forger.stop();
+    edge.start().await;
+    let believed = eventually(LIMIT, || async {
+        let now = clock.next();
+        let (body, ts, sig) = signed_append(&[], Some(now), now);
+        let (status, answer) = append(&edge, &body, &ts, &sig).await;
+        assert_eq!(status, StatusCode::OK, "watermark: {answer}");
+        let r = edge.verify(&control_key, &[]).await;
+        if r.body["valid"] == true && memory(&r.headers) == "hit" {
+            Ok(r)
+        } else {
+            Err(format!("memory: {} {}", memory(&r.headers), r.body))
+        }
+    })
+    .await;
+    assert!(
+        poll_interval(common::now_ms()) < *planted.end(),
+        "the control ran past the planted intervals"
+    );
+    assert_eq!(kv_reads(&believed.headers), 0, "from memory, not KV");
+    // The forged copy named only the control key: the other stays revoked.
+    let r = edge.verify(&forged_key, &[]).await;
+    assert_eq!(r.body["code"], "REVOKED", "{}", r.body);
+    edge.stop();
+}
