@@ -533,11 +533,51 @@ impl Deliverer {
             .unwrap_or(0))
     }
 
+    /// The key's name and subject as they were just after the audit entry `seq`: for each, what
+    /// the first later update of it changed it from, or else what it is now. Every attempt at an
+    /// event thus sends the same body, whatever happened to the key in between (before, the key
+    /// was read as it was at each attempt, so an event retried after a rename, or sent again
+    /// after a crash, came with the same `webhook-id` and another body).
+    async fn key_as_of(
+        &self,
+        id: &KeyId,
+        seq: i64,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        // The key first, then its later entries: an update committed in between is among those
+        // entries, and what it changed from is what was read.
+        let Some(key) = self.store.get(id).await? else {
+            return Ok(None);
+        };
+        let (mut name, mut subject) = (None, None);
+        let mut after = seq;
+        while name.is_none() || subject.is_none() {
+            let page = self.store.audit_log(Some(id), after, PAGE).await?;
+            for later in page.iter().filter(|e| e.action == "update") {
+                let changes = &later.details["changes"];
+                let from = |field: &str| changes[field]["from"].as_str().map(str::to_owned);
+                name = name.or_else(|| from("name"));
+                subject = subject.or_else(|| from("subject"));
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE as usize => after = last.seq,
+                _ => break,
+            }
+        }
+        Ok(Some((
+            name.unwrap_or(key.name),
+            subject.unwrap_or(key.subject),
+        )))
+    }
+
     async fn deliver(&self, kind: &'static str, entry: &AuditEntry) -> Result<(), Failed> {
-        // The key's name and subject as they are now, so the receiver can tell whose it is.
+        // The key's name and subject as of the event, so the receiver can tell whose it is.
         let key = match entry.key_id.as_deref().map(KeyId::parse) {
-            Some(Ok(id)) => match self.store.get(&id).await.map_err(Failed::Store)? {
-                Some(k) => json!({ "id": id, "name": k.name, "subject": k.subject }),
+            Some(Ok(id)) => match self
+                .key_as_of(&id, entry.seq)
+                .await
+                .map_err(Failed::Store)?
+            {
+                Some((name, subject)) => json!({ "id": id, "name": name, "subject": subject }),
                 None => json!({ "id": id }),
             },
             _ => Value::Null,

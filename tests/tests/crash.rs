@@ -7,6 +7,11 @@
 //! linked both ways (never a successor without its link), and every acknowledged one is there. A 5xx answer is a
 //! failure (reported apart from requests that got no answer because origin died).
 //!
+//! Event webhooks are on, to a receiver that stays up throughout (and fails the first delivery of
+//! one event in 100): every event of the audit log, so every acknowledged change's, arrives at
+//! least once, in audit order (a repeat only of an event already delivered, with the same
+//! `webhook-id` and body; never a gap).
+//!
 //! `LATCHKEY_CRASH_ROUNDS` sets the number of kills (default 20; `./dev soak` runs more).
 
 #![allow(
@@ -17,14 +22,19 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use common::edge::{Stack, free_port, report_measurement};
 use common::{ADMIN_TOKEN, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+/// The `WEBHOOK_SECRET` origin derives the receiver's own secret from.
+const WEBHOOK_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
 /// An acknowledged change, as its audit row must show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,6 +311,82 @@ async fn roll(
     }
 }
 
+/// One delivery the webhook receiver accepted.
+#[derive(Debug, Clone)]
+struct Delivery {
+    /// Its `webhook-id`.
+    id: String,
+    /// The event's place in the audit log (`data.audit_seq`).
+    seq: i64,
+    body: Bytes,
+    /// When it arrived.
+    at: Instant,
+}
+
+/// What the webhook receiver saw.
+#[derive(Debug, Default)]
+struct Deliveries {
+    /// Every delivery it accepted, in arrival order (repeats too).
+    accepted: Vec<Delivery>,
+    /// Deliveries whose signature or timestamp did not verify.
+    refused: usize,
+    /// The events whose first delivery it answered 503 on purpose: one in [`FAIL_EVERY`].
+    failed_once: HashSet<i64>,
+}
+
+/// The receiver fails the first delivery of every event whose audit seq is a multiple of this,
+/// as receivers sometimes do: origin retries it (after `WEBHOOK_RETRY_MAX_MS`) before any later
+/// event, and a SIGKILL meanwhile must not lose it.
+const FAIL_EVERY: i64 = 100;
+
+/// Starts a webhook receiver on a port of its own, up for the whole test: it checks each
+/// delivery with the Standard Webhooks reference library under its endpoint's own secret (as
+/// `origin webhook-secrets` prints it), records it and answers 204 (or fails it on purpose, see
+/// [`FAIL_EVERY`]). Returns its URL.
+async fn webhook_receiver(deliveries: Arc<Mutex<Deliveries>>) -> String {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind the webhook receiver");
+    let url = format!("http://{}/hooks", listener.local_addr().expect("address"));
+    let out = std::process::Command::new(common::origin_binary())
+        .arg("webhook-secrets")
+        .env("WEBHOOK_URLS", &url)
+        .env("WEBHOOK_SECRET", WEBHOOK_SECRET)
+        .output()
+        .expect("run origin webhook-secrets");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let (_, secret) = text.trim().split_once(' ').expect("`<url> <secret>`");
+    let verifier = Arc::new(standardwebhooks::Webhook::new(secret).expect("secret"));
+    let app = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let (deliveries, verifier) = (deliveries.clone(), verifier.clone());
+            async move {
+                let mut deliveries = deliveries.lock().expect("deliveries");
+                if verifier.verify(&body, &headers).is_err() {
+                    deliveries.refused += 1;
+                    return AxumStatus::UNAUTHORIZED;
+                }
+                let payload: Value = serde_json::from_slice(&body).expect("JSON payload");
+                let seq = payload["data"]["audit_seq"].as_i64().expect("audit_seq");
+                if seq % FAIL_EVERY == 0 && deliveries.failed_once.insert(seq) {
+                    return AxumStatus::SERVICE_UNAVAILABLE;
+                }
+                deliveries.accepted.push(Delivery {
+                    id: headers["webhook-id"].to_str().expect("id").to_owned(),
+                    seq,
+                    body,
+                    at: Instant::now(),
+                });
+                AxumStatus::NO_CONTENT
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
 /// Every key at origin, as `id → (rolled_from, rolled_to)`.
 async fn roll_links(origin: &common::TestApp) -> HashMap<String, (Value, Value)> {
     let mut links = HashMap::new();
@@ -334,12 +420,17 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
         .unwrap_or(20);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let deliveries = Arc::new(Mutex::new(Deliveries::default()));
+    let webhook_url = webhook_receiver(deliveries.clone()).await;
     // Reconciliation off: it would repair a change the outbox lost, and hide that loss from the
     // edge check below.
     let mut stack = Stack::start(&[
         ("ORIGIN_LISTEN", &listen),
         ("KV_RETRY_MAX_MS", "200"),
         ("KV_RECONCILE_INTERVAL_S", "0"),
+        ("WEBHOOK_URLS", &webhook_url),
+        ("WEBHOOK_SECRET", WEBHOOK_SECRET),
+        ("WEBHOOK_RETRY_MAX_MS", "200"),
     ])
     .await;
     let base = stack.origin.base.clone();
@@ -383,6 +474,7 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
     for client in clients {
         client.await.expect("client task");
     }
+    let load_ended = Instant::now();
     let ledger = Arc::try_unwrap(ledger)
         .expect("clients done")
         .into_inner()
@@ -486,20 +578,45 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
         edge_revoked += usize::from(revoked);
     }
     // The audit log: every acknowledged change has its row, in order.
-    let audited = audit_by_key(&stack.origin).await;
-    let mut audit_checked = 0;
-    for (id, ack) in &ledger.keys {
-        let rows = audited.get(id).map_or(&[][..], Vec::as_slice);
-        let mut rest = rows.iter();
-        for change in &ack.changes {
-            assert!(
-                rest.any(|row| row == change),
-                "acknowledged {change:?} of {id} has no audit row: acknowledged {:?}, audited {rows:?}",
-                ack.changes
-            );
-            audit_checked += 1;
-        }
-    }
+    let audit = audit_rows(&stack.origin).await;
+    let audit_checked = each_change_found(&ledger, &changes_by_key(&audit), "audit row");
+
+    // Webhooks: every event of the audit log reaches the receiver, in audit order, with repeats
+    // only of events already delivered; so every acknowledged change's event does.
+    let events: Vec<&Value> = audit
+        .iter()
+        .filter(|row| event_action(&row["action"]))
+        .collect();
+    // Once origin has nothing left to deliver, the receiver has it all.
+    eventually(Duration::from_secs(60), || async {
+        let health = stack.origin.get("/healthz").await.body;
+        (health["webhooks"]["pending"] == 0)
+            .then_some(())
+            .ok_or_else(|| format!("webhooks not delivered: {health}"))
+    })
+    .await;
+    let deliveries = std::mem::take(&mut *deliveries.lock().expect("deliveries"));
+    let delivered = delivered_in_order(&events, &deliveries.accepted);
+    assert_eq!(
+        delivered.len(),
+        events.len(),
+        "events never delivered, from audit seq {}",
+        events
+            .get(delivered.len())
+            .map_or(&Value::Null, |e| &e["seq"])
+    );
+    let webhook_checked =
+        each_change_found(&ledger, &changes_by_key(&delivered), "delivered event");
+    assert_eq!(deliveries.refused, 0, "every delivery's signature verified");
+    let repeats = deliveries.accepted.len() - delivered.len();
+    // When the last event first arrived, after the load ended (0 if before).
+    let webhooks_drained = deliveries
+        .accepted
+        .iter()
+        .filter(|d| d.seq == events.last().map_or(0, |e| e["seq"].as_i64().expect("seq")))
+        .map(|d| d.at.saturating_duration_since(load_ended))
+        .min()
+        .unwrap_or_default();
 
     let scopes_known = ledger
         .keys
@@ -526,6 +643,18 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
         ledger.keys.len(),
         drain.as_secs_f64(),
     ));
+    report_measurement(&format!(
+        "crash webhooks: {} events delivered for {} acknowledged changes ({} deliveries, {repeats} duplicates, \
+         each with its first delivery's webhook-id and body), in audit order with no gap, across {rounds} SIGKILLs \
+         and {} deliveries failed on purpose; \
+         {webhook_checked} acknowledged changes matched to their delivered events; every signature verified; \
+         the last event first delivered {:.1} s after the load ended; 0 lost",
+        delivered.len(),
+        ledger.acknowledged,
+        deliveries.accepted.len(),
+        deliveries.failed_once.len(),
+        webhooks_drained.as_secs_f64(),
+    ));
     assert!(
         ledger.server_errors.is_empty(),
         "origin answered 5xx {} times: {:?}",
@@ -544,51 +673,167 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
     assert!(scopes_known > 0, "some live keys had known scopes to check");
 }
 
-/// The whole audit log, as each key's changes in order (an update as the scopes it left).
-async fn audit_by_key(origin: &common::TestApp) -> HashMap<String, Vec<Change>> {
-    let mut by_key: HashMap<String, Vec<Change>> = HashMap::new();
-    let mut scopes_now: HashMap<String, Vec<String>> = HashMap::new();
+/// Whether an audit action is an event webhooks deliver (origin's `webhook::EVENT_ACTIONS`).
+fn event_action(action: &Value) -> bool {
+    [
+        "create",
+        "update",
+        "roll",
+        "revoke",
+        "leak",
+        "expiry_warning",
+        "stale_warning",
+    ]
+    .iter()
+    .any(|a| action == a)
+}
+
+/// The audit action an event type comes from.
+fn action_of(event_type: &str) -> &'static str {
+    match event_type {
+        "api_key.created" => "create",
+        "api_key.updated" | "api_key.disabled" | "api_key.enabled" => "update",
+        "api_key.rolled" => "roll",
+        "api_key.revoked" => "revoke",
+        "api_key.leaked" => "leak",
+        "api_key.expiring" => "expiry_warning",
+        "api_key.stale" => "stale_warning",
+        other => panic!("unknown event type {other}"),
+    }
+}
+
+/// Checks the deliveries, in arrival order, against `events` (the audit log's events, oldest
+/// first): each is the next event not yet delivered, or a repeat of one already delivered with
+/// the same `webhook-id` and body; an event is never skipped, never passed by a later one. Each
+/// event's first delivery carries its audit row (type, key, details). Returns the events as
+/// delivered, once each, as audit rows (`seq`, `key_id`, `action`, `details`).
+fn delivered_in_order(events: &[&Value], deliveries: &[Delivery]) -> Vec<Value> {
+    let place: HashMap<i64, usize> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e["seq"].as_i64().expect("seq"), i))
+        .collect();
+    let newest = events.last().map_or(0, |e| e["seq"].as_i64().expect("seq"));
+    let mut first: Vec<&Delivery> = Vec::new();
+    let mut delivered = Vec::new();
+    for (n, d) in deliveries.iter().enumerate() {
+        if d.seq > newest {
+            // Committed after the audit log was read (a request that had timed out).
+            continue;
+        }
+        let Some(&i) = place.get(&d.seq) else {
+            panic!("delivery {n} ({}) is no event of the audit log", d.id)
+        };
+        assert!(
+            i <= first.len(),
+            "delivery {n} is audit seq {}, while seq {} was not delivered yet: a gap",
+            d.seq,
+            events[first.len()]["seq"]
+        );
+        if let Some(earlier) = first.get(i) {
+            assert!(
+                earlier.id == d.id && earlier.body == d.body,
+                "delivery {n} repeats audit seq {} with another id or body: {} {:?} then {} {:?}",
+                d.seq,
+                earlier.id,
+                earlier.body,
+                d.id,
+                d.body
+            );
+            continue;
+        }
+        assert!(
+            first.iter().all(|f| f.id != d.id),
+            "webhook-id {} names two events",
+            d.id
+        );
+        let payload: Value = serde_json::from_slice(&d.body).expect("JSON payload");
+        let row = events[i];
+        let as_row = json!({
+            "seq": payload["data"]["audit_seq"],
+            "key_id": payload["data"]["key"]["id"],
+            "action": action_of(payload["type"].as_str().expect("type")),
+            "details": payload["data"]["details"],
+        });
+        for field in ["seq", "key_id", "action", "details"] {
+            assert_eq!(
+                as_row[field], row[field],
+                "delivery {n}'s {field}: {payload} for {row}"
+            );
+        }
+        first.push(d);
+        delivered.push(as_row);
+    }
+    delivered
+}
+
+/// Checks that every acknowledged change of every key is among `found` (each key's changes, in
+/// order), in order; `what` names them in a failure. Returns how many were checked.
+fn each_change_found(ledger: &Ledger, found: &HashMap<String, Vec<Change>>, what: &str) -> usize {
+    let mut checked = 0;
+    for (id, ack) in &ledger.keys {
+        let rows = found.get(id).map_or(&[][..], Vec::as_slice);
+        let mut rest = rows.iter();
+        for change in &ack.changes {
+            assert!(
+                rest.any(|row| row == change),
+                "acknowledged {change:?} of {id} has no {what}: acknowledged {:?}, found {rows:?}",
+                ack.changes
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// The whole audit log, oldest first.
+async fn audit_rows(origin: &common::TestApp) -> Vec<Value> {
+    let mut all = Vec::new();
     let mut after = 0u64;
     loop {
         let page = origin
             .get(&format!("/v1/audit_log?after={after}&limit=500"))
             .await;
         assert_eq!(page.status, StatusCode::OK, "{}", page.body);
-        let rows = page.body["data"].as_array().expect("data").clone();
-        for row in &rows {
-            let Some(id) = row["key_id"].as_str() else {
-                continue;
-            };
-            let details = &row["details"];
-            let change = match row["action"].as_str().expect("action") {
-                "create" => {
-                    let scopes: Vec<String> =
-                        serde_json::from_value(details["scopes"].clone()).expect("scopes");
-                    scopes_now.insert(id.to_owned(), scopes.clone());
-                    Change::Create(scopes)
-                }
-                "update" => {
-                    let scopes = match details["changes"]["scopes"]["to"].as_array() {
-                        Some(_) => {
-                            serde_json::from_value(details["changes"]["scopes"]["to"].clone())
-                                .expect("scopes")
-                        }
-                        None => scopes_now.get(id).cloned().unwrap_or_default(),
-                    };
-                    scopes_now.insert(id.to_owned(), scopes.clone());
-                    Change::Update(scopes)
-                }
-                "revoke" => Change::Revoke,
-                "roll" => {
-                    Change::Roll(details["rolled_to"].as_str().expect("rolled_to").to_owned())
-                }
-                _ => continue,
-            };
-            by_key.entry(id.to_owned()).or_default().push(change);
-        }
+        all.extend(page.body["data"].as_array().expect("data").iter().cloned());
         match page.body["next_after"].as_u64() {
             Some(next) => after = next,
-            None => return by_key,
+            None => return all,
         }
     }
+}
+
+/// Audit rows (or events as rows) as each key's changes in order (an update as the scopes it
+/// left).
+fn changes_by_key(rows: &[Value]) -> HashMap<String, Vec<Change>> {
+    let mut by_key: HashMap<String, Vec<Change>> = HashMap::new();
+    let mut scopes_now: HashMap<String, Vec<String>> = HashMap::new();
+    for row in rows {
+        let Some(id) = row["key_id"].as_str() else {
+            continue;
+        };
+        let details = &row["details"];
+        let change = match row["action"].as_str().expect("action") {
+            "create" => {
+                let scopes: Vec<String> =
+                    serde_json::from_value(details["scopes"].clone()).expect("scopes");
+                scopes_now.insert(id.to_owned(), scopes.clone());
+                Change::Create(scopes)
+            }
+            "update" => {
+                let scopes = match details["changes"]["scopes"]["to"].as_array() {
+                    Some(_) => serde_json::from_value(details["changes"]["scopes"]["to"].clone())
+                        .expect("scopes"),
+                    None => scopes_now.get(id).cloned().unwrap_or_default(),
+                };
+                scopes_now.insert(id.to_owned(), scopes.clone());
+                Change::Update(scopes)
+            }
+            "revoke" => Change::Revoke,
+            "roll" => Change::Roll(details["rolled_to"].as_str().expect("rolled_to").to_owned()),
+            _ => continue,
+        };
+        by_key.entry(id.to_owned()).or_default().push(change);
+    }
+    by_key
 }

@@ -1,7 +1,8 @@
 //! Event webhooks against a real receiver: an HTTP server on a port that checks every delivery
 //! with the Standard Webhooks reference library (the signature over id, timestamp and body, and
 //! the timestamp's age) and records it. Every key event arrives signed, in order; a receiver
-//! that is down, failing or killed with origin loses nothing, and delivery state shows in
+//! that is down, failing or killed with origin loses nothing; an event whose answer origin never
+//! got, because it was SIGKILLed meanwhile, arrives again, the same; and delivery state shows in
 //! `/healthz` and `/metrics`.
 
 #![allow(
@@ -33,12 +34,27 @@ const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 struct Seen {
     /// Deliveries it accepted: `webhook-id` and the payload.
     accepted: Vec<(String, Value)>,
+    /// The body of each accepted delivery, byte for byte, in the order of `accepted`.
+    bodies: Vec<Bytes>,
     /// Deliveries whose signature or timestamp did not verify.
     refused: usize,
     /// Deliveries it answered 500 on purpose.
     failed: usize,
     /// How many more to fail on purpose.
     fail_next: usize,
+    /// A delivery to take in and leave unanswered until released (once).
+    hold: Option<Hold>,
+    /// Whether the held delivery has arrived (it is in `accepted`, its answer not yet sent).
+    holding: bool,
+}
+
+/// A delivery the receiver records, then answers only once `release` is notified: meanwhile
+/// origin waits for the answer, as it would for a receiver that is slow to answer.
+#[derive(Debug)]
+struct Hold {
+    /// Which delivery: the first one of an event for a key of this subject.
+    subject: String,
+    release: Arc<tokio::sync::Notify>,
 }
 
 /// The secret origin signs `url`'s events with under `master`, as `origin webhook-secrets`
@@ -68,19 +84,34 @@ async fn receiver(port: u16, seen: Arc<Mutex<Seen>>) {
             let seen = seen.clone();
             let verifier = verifier.clone();
             async move {
-                let mut seen = seen.lock().expect("seen");
-                if verifier.verify(&body, &headers).is_err() {
-                    seen.refused += 1;
-                    return AxumStatus::UNAUTHORIZED;
+                let release = {
+                    let mut seen = seen.lock().expect("seen");
+                    if verifier.verify(&body, &headers).is_err() {
+                        seen.refused += 1;
+                        return AxumStatus::UNAUTHORIZED;
+                    }
+                    if seen.fail_next > 0 {
+                        seen.fail_next -= 1;
+                        seen.failed += 1;
+                        return AxumStatus::INTERNAL_SERVER_ERROR;
+                    }
+                    let id = headers["webhook-id"].to_str().expect("id").to_owned();
+                    let payload: Value = serde_json::from_slice(&body).expect("JSON payload");
+                    let held = seen.hold.as_ref().is_some_and(|hold| {
+                        payload["data"]["key"]["subject"] == hold.subject.as_str()
+                    });
+                    seen.accepted.push((id, payload));
+                    seen.bodies.push(body);
+                    seen.holding |= held;
+                    if held {
+                        seen.hold.take().map(|hold| hold.release)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(release) = release {
+                    release.notified().await;
                 }
-                if seen.fail_next > 0 {
-                    seen.fail_next -= 1;
-                    seen.failed += 1;
-                    return AxumStatus::INTERNAL_SERVER_ERROR;
-                }
-                let id = headers["webhook-id"].to_str().expect("id").to_owned();
-                seen.accepted
-                    .push((id, serde_json::from_slice(&body).expect("JSON payload")));
                 AxumStatus::NO_CONTENT
             }
         }),
@@ -320,6 +351,148 @@ async fn a_receiver_down_or_failing_and_origin_killed_lose_no_event() {
     );
     common::edge::report_measurement(&format!(
         "webhooks: 6 events made while the receiver was down (origin SIGKILLed meanwhile) all delivered in order once it came up, through 2 failed attempts; {accepted} deliveries for 7 events"
+    ));
+}
+
+/// Waits until origin has every event delivered (its cursors are past them all).
+async fn nothing_pending(app: &TestApp) {
+    eventually(Duration::from_secs(30), || async {
+        let h = app.get("/healthz").await;
+        (h.body["webhooks"]["pending"] == 0)
+            .then_some(())
+            .ok_or_else(|| h.body.to_string())
+    })
+    .await;
+}
+
+/// At least once across `kill -9`: the receiver takes an event in and holds its answer while
+/// origin is SIGKILLed, so origin never learns that it arrived. After the restart the same event
+/// arrives again, with the same `webhook-id` and the same body byte for byte (though its key was
+/// renamed meanwhile), then the events made behind it, in order: nothing passes the held event,
+/// and it is the only one delivered twice.
+#[tokio::test]
+async fn an_event_whose_answer_origin_never_got_arrives_again_after_kill_9() {
+    let port = free_port();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let seen = Arc::new(Mutex::new(Seen {
+        hold: Some(Hold {
+            subject: "held".to_owned(),
+            release: release.clone(),
+        }),
+        ..Seen::default()
+    }));
+    receiver(port, seen.clone()).await;
+    // Origin waits for the held answer as long as it may (its timeout would send the event again).
+    let mut builder = TestApp::builder().env("WEBHOOK_TIMEOUT_MS", "60000");
+    for (name, value) in origin_env(port) {
+        builder = builder.env(name, &value);
+    }
+    let mut app = builder.start().await;
+
+    let (before, _) = app.create_key("before", &[]).await;
+    delivered(&seen, 1).await;
+    // Its delivery is in origin's cursor: from here on only the held event may come twice.
+    nothing_pending(&app).await;
+
+    let (held, _) = app.create_key("held", &[]).await;
+    eventually(Duration::from_secs(10), || async {
+        let seen = seen.lock().expect("seen");
+        seen.holding
+            .then_some(())
+            .ok_or_else(|| format!("not held yet: {:?}", seen.accepted))
+    })
+    .await;
+    // Behind the held event: its key renamed (which must not change the held event's body when
+    // it is sent again), another key created, the first one revoked.
+    let path = format!("/v1/api_keys/{held}");
+    let renamed = app
+        .patch(&path, json!({"name": "renamed while held"}))
+        .await;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+    let (after, _) = app.create_key("after", &[]).await;
+    let revoked = app
+        .post(&format!("/v1/api_keys/{before}/revoke"), json!({}))
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.body);
+    let so_far: Vec<String> = {
+        let seen = seen.lock().expect("seen");
+        seen.accepted
+            .iter()
+            .map(|(_, e)| {
+                e["data"]["key"]["subject"]
+                    .as_str()
+                    .expect("subject")
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(so_far, ["before", "held"], "nothing passes the held event");
+
+    // Origin dies waiting for the answer; the receiver then answers a closed connection.
+    app.kill();
+    release.notify_one();
+    app.start_again().await;
+
+    eventually(Duration::from_secs(30), || async {
+        let seen = seen.lock().expect("seen");
+        let again = seen
+            .accepted
+            .iter()
+            .filter(|(_, e)| {
+                e["data"]["key"]["id"] == held.as_str() && e["type"] == "api_key.created"
+            })
+            .count();
+        (again >= 2 && seen.accepted.len() >= 6)
+            .then_some(())
+            .ok_or_else(|| format!("the held event arrived {again} times: {:?}", seen.accepted))
+    })
+    .await;
+    nothing_pending(&app).await;
+    let seen = seen.lock().expect("seen");
+    let summary: Vec<(&str, &str, &str)> = seen
+        .accepted
+        .iter()
+        .map(|(_, e)| {
+            let key = &e["data"]["key"];
+            (
+                e["type"].as_str().expect("type"),
+                key["id"].as_str().expect("key id"),
+                key["name"].as_str().expect("key name"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("api_key.created", before.as_str(), "before key"),
+            ("api_key.created", held.as_str(), "held key"),
+            ("api_key.created", held.as_str(), "held key"),
+            ("api_key.updated", held.as_str(), "renamed while held"),
+            ("api_key.created", after.as_str(), "after key"),
+            ("api_key.revoked", before.as_str(), "before key"),
+        ],
+        "the held event again, then the rest in order, each once"
+    );
+    let ids: Vec<&str> = seen.accepted.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids[1], ids[2], "the same webhook-id: {ids:?}");
+    assert_eq!(
+        ids.iter().collect::<std::collections::HashSet<_>>().len(),
+        5,
+        "one id per event: {ids:?}"
+    );
+    assert_eq!(
+        seen.bodies[1], seen.bodies[2],
+        "the same body, byte for byte"
+    );
+    let seqs: Vec<i64> = seen.accepted[2..]
+        .iter()
+        .map(|(_, e)| e["data"]["audit_seq"].as_i64().expect("seq"))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert_eq!(seen.refused, 0, "every signature verified");
+    common::edge::report_measurement(&format!(
+        "webhooks: an event whose answer origin never got (the receiver held it while origin was SIGKILLed) arrived again after the restart with the same webhook-id and the same body byte for byte (its key renamed meanwhile), then the 3 events behind it in order; {} deliveries for 5 events, the held one the only repeat",
+        seen.accepted.len()
     ));
 }
 
