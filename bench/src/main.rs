@@ -17,6 +17,7 @@
 )]
 
 mod chart;
+mod flood;
 mod ledger;
 mod load;
 mod seed;
@@ -49,6 +50,10 @@ impl Mode {
     fn duration(self) -> Duration {
         Duration::from_secs(if self.quick { 3 } else { 5 })
     }
+    /// Revocations the propagation figures are taken over.
+    fn revocations(self) -> usize {
+        if self.quick { 40 } else { 200 }
+    }
 }
 
 /// One line of the results table.
@@ -72,14 +77,14 @@ pub(crate) struct Series {
 }
 
 #[derive(Default)]
-struct Report {
+pub(crate) struct Report {
     rows: Vec<Row>,
     series: Vec<Series>,
     notes: Vec<String>,
 }
 
 impl Report {
-    fn row(&mut self, row: Row) {
+    pub(crate) fn row(&mut self, row: Row) {
         eprintln!(
             "  {:<48} {:>16}  ceiling {:>14}  {}",
             row.figure,
@@ -98,11 +103,11 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
-fn step(name: &str) {
+pub(crate) fn step(name: &str) {
     eprintln!("\x1b[1m==> bench: {name}\x1b[0m");
 }
 
@@ -222,11 +227,12 @@ fn ratio_row(figure: &str, runs: &[Run], ceiling_runs: &[Run], unit: &str, at_le
 /// The steps, in the order a full run takes them; `--only STEP` runs one of them. `ledger` is
 /// the part of `edge` that measures the Worker with the change ledger (Miniflare only), for
 /// working on it: a full run takes it inside `edge`.
-const STEPS: [&str; 8] = [
+const STEPS: [&str; 9] = [
     "micro",
     "memory",
     "wasm",
     "origin",
+    "flood",
     "edge",
     "ledger",
     "revocation",
@@ -269,12 +275,20 @@ fn main() {
         wasm(&mut report, mode, &work);
     }
     let ledger_only = only.as_deref() == Some("ledger");
-    if wanted("origin") || wanted("edge") || ledger_only {
-        // Only the origin step needs the full database; the edge step needs one key.
-        let keys = if wanted("origin") { mode.keys() } else { 1_000 };
+    if wanted("origin") || wanted("flood") || wanted("edge") || ledger_only {
+        // Only the origin and flood steps need the full database; the edge step needs one key.
+        let keys = if wanted("origin") || wanted("flood") {
+            mode.keys()
+        } else {
+            1_000
+        };
         let fixture = prepare(&mut report, keys, &work);
         if wanted("origin") {
             origin(&mut report, mode, &work, &fixture);
+        }
+        // After the origin step: it queues a backlog in the database.
+        if wanted("flood") {
+            flood::measure(&mut report, mode, &work, &fixture);
         }
         if wanted("edge") || ledger_only {
             edge(&mut report, mode, &work, &fixture, ledger_only);
@@ -763,7 +777,15 @@ fn edge(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture, ledger_
     drop(miniflare);
 
     // The same four under `wrangler dev`, whose proxy caps throughput here; then under its dev
-    // server with DevTools off, which only the gateway and its floor notice.
+    // server with DevTools off, which only the gateway and its floor notice. The quick mode
+    // leaves them out: they measure wrangler's proxy, not the Worker.
+    if mode.quick {
+        report.notes.push(
+            "Quick mode: the edge under `wrangler dev` (its proxy and its dev server) is left out."
+                .into(),
+        );
+        return;
+    }
     for runner in [WranglerDev::Command, WranglerDev::WithoutDevTools] {
         let (servers, bases) = runner.serve_all(work, fixture);
         measure_edge(
@@ -1078,7 +1100,7 @@ fn wasm_bindgen() -> PathBuf {
     )
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -1087,16 +1109,19 @@ fn free_port() -> u16 {
 
 /// 5. Revocation propagation over 200 revocations, through the end-to-end test; then, if the
 ///    ledger's end-to-end test is there (`tests/tests/ledger.rs`), its revocations with stale KV.
-fn revocation(report: &mut Report, _mode: Mode) {
-    step("revocation propagation (200 revocations, origin -> KV -> the Worker under wrangler dev)");
-    let text = measured_test("edge", Some("edge_follows_origin_changes"));
+fn revocation(report: &mut Report, mode: Mode) {
+    let n = mode.revocations();
+    step(&format!(
+        "revocation propagation ({n} revocations, origin -> KV -> the Worker under wrangler dev)"
+    ));
+    let text = measured_test("edge", Some("edge_follows_origin_changes"), n);
     let line = text
         .lines()
         .find(|l| l.contains("MEASURED revocation propagation"))
         .unwrap_or_else(|| panic!("no revocation figure in:\n{text}"));
     let [p50, p99, max] = percentiles(line).map(|v| v.unwrap_or(f64::NAN));
     report.row(Row {
-        figure: "revocation propagation, local, 200 revocations".into(),
+        figure: format!("revocation propagation, local, {n} revocations"),
         value: format!("p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms"),
         ceiling: String::new(),
         ratio: None,
@@ -1114,7 +1139,14 @@ fn revocation(report: &mut Report, _mode: Mode) {
         return;
     }
     step("revocation with stale KV (the ledger's end-to-end test)");
-    let text = measured_test("ledger", None);
+    // Quick: only the test that measures revocations (the others of the file check faults and
+    // keys missing from KV, and take minutes).
+    let text = measured_test(
+        "ledger",
+        mode.quick
+            .then_some("hot_keys_are_answered_from_memory_and_stale_kv_never_wins"),
+        n,
+    );
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("MEASURED ledger revocation"))
@@ -1152,7 +1184,7 @@ fn revocation(report: &mut Report, _mode: Mode) {
 ///    end-to-end test's `MEASURED` line.
 fn secret_scanning(report: &mut Report) {
     step("GitHub secret scanning: an alert of 5,000 tokens (the end-to-end test)");
-    let text = measured_test("secret_scanning", Some("a_signed_alert_revokes"));
+    let text = measured_test("secret_scanning", Some("a_signed_alert_revokes"), 0);
     let line = text
         .lines()
         .find(|l| l.contains("MEASURED secret scanning"))
@@ -1179,7 +1211,9 @@ fn secret_scanning(report: &mut Report) {
 
 /// Runs one end-to-end test binary (optionally one test of it) with its output shown, and
 /// returns what it printed (stderr, then stdout), whether or not it passed.
-fn measured_test(binary: &str, test: Option<&str>) -> String {
+/// `revocations` sets how many times the test repeats its timed changes
+/// (`LATCHKEY_REVOCATIONS`). The test build is `./dev test`'s, so after it nothing is rebuilt.
+fn measured_test(binary: &str, test: Option<&str>, revocations: usize) -> String {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["test", "--locked", "-p", "latchkey-tests", "--test", binary]);
     if let Some(test) = test {
@@ -1187,7 +1221,7 @@ fn measured_test(binary: &str, test: Option<&str>) -> String {
     }
     let out = cmd
         .args(["--", "--nocapture"])
-        .env("LATCHKEY_REVOCATIONS", "200")
+        .env("LATCHKEY_REVOCATIONS", revocations.max(1).to_string())
         .current_dir(root())
         .output()
         .expect("cargo test");

@@ -165,3 +165,33 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
         }
     })
 }
+
+/// Queues the first `n` keys of the database for KV alone, as `origin sync --full` does (rows
+/// of a rebuild: origin does not re-send them to the ledger at start, as it re-sends keys
+/// whose own changes wait for KV): a KV backlog whose every row the open routes count.
+pub(crate) fn queue_for_kv(db: &Path, n: u64) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let options = format!("sqlite://{}", db.display())
+            .parse::<SqliteConnectOptions>()
+            .expect("url")
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Off);
+        let mut conn = SqliteConnection::connect_with(&options)
+            .await
+            .expect("connect");
+        sqlx::query(
+            "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending, rebuild) \
+             SELECT id, updated_at, 1, 0, 1 FROM api_keys ORDER BY rowid LIMIT ?",
+        )
+        .bind(i64::try_from(n).expect("count"))
+        .execute(&mut conn)
+        .await
+        .expect("queue for KV");
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut conn)
+            .await
+            .expect("checkpoint");
+        conn.close().await.expect("close");
+    });
+}
