@@ -255,11 +255,16 @@ impl KvClient {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            let pause = self.budget.throttled(retry_after);
             tracing::warn!(
-                retry_after_s = retry_after.map(|d| d.as_secs()),
-                "KV API rate limit hit (429): every request waits until Retry-After (300 s when absent)"
+                pause_s = pause.as_secs(),
+                retry_after = if retry_after.is_some() {
+                    "given"
+                } else {
+                    "absent"
+                },
+                "KV API rate limit hit (429): every request waits until Retry-After (300 s when absent or unreadable)"
             );
-            self.budget.throttled(retry_after);
         }
         let body = response.bytes().await.map_err(unreachable)?;
         Ok((status, body.to_vec()))
