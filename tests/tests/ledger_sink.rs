@@ -550,10 +550,10 @@ async fn every_watermark_covers_every_change_acknowledged_before_it() {
         .collect();
     // Per key: its entry name, and each acknowledged change's (revision, acknowledged at).
     let acks: Arc<Mutex<Acks>> = Arc::default();
-    // First a backlog larger than one append holds (300 records of about 8 KB, over the 2 MiB
+    // First a backlog larger than one append holds (350 records of about 7.5 KB, over the 2 MiB
     // an append takes) while the ledger refuses; then it opens, and more keys are created and
     // changed concurrently while the backlog drains.
-    for (workers_n, keys_each, open_after) in [(6, 50, true), (8, 40, false)] {
+    for (workers_n, keys_each, open_after) in [(7, 50, true), (8, 40, false)] {
         let mut workers = tokio::task::JoinSet::new();
         for w in 0..workers_n {
             let (app, acks, scopes) = (app.clone(), acks.clone(), scopes.clone());
@@ -579,7 +579,7 @@ async fn every_watermark_covers_every_change_acknowledged_before_it() {
     }
     // Until the ledger has everything: a watermark later than the last acknowledgement.
     let last_ack = common::now_ms();
-    eventually(Duration::from_secs(60), || async {
+    eventually(Duration::from_secs(120), || async {
         let r = recorded.lock().expect("recorded");
         // And enough requests for both injected failures to have happened.
         (r.since_open >= 12
@@ -632,7 +632,7 @@ async fn every_watermark_covers_every_change_acknowledged_before_it() {
         "failures were injected ({requests} requests)"
     );
     common::edge::report_measurement(&format!(
-        "watermark soundness: {checked} (watermark, acknowledged change) pairs checked over {watermarks} watermarks and {requests} append requests ({} refused, {} taken with the answer lost); 620 keys of 64 long scopes, a backlog of 300 split ({split} appends without a watermark, at most {most_changes} changes in one)",
+        "watermark soundness: {checked} (watermark, acknowledged change) pairs checked over {watermarks} watermarks and {requests} append requests ({} refused, {} taken with the answer lost); 670 keys of 64 long scopes, a backlog of 350 split ({split} appends without a watermark, at most {most_changes} changes in one)",
         recorded.refused, recorded.answers_lost
     ));
 }

@@ -336,10 +336,12 @@ impl TestApp {
         )
     }
 
-    /// Waits until KV has every change (the ledger may lag, or be down on purpose).
+    /// Waits until KV has every change (the ledger may lag, or be down on purpose); returns
+    /// the last `GET /v1/status` answer. The admin status, not `/healthz`: the open route's
+    /// figures may be a second old, and a change just made would look published.
     pub async fn wait_kv_published(&self, limit: Duration) -> Reply {
         eventually(limit, || async {
-            let health = self.get("/healthz").await;
+            let health = self.get("/v1/status").await;
             if health.body["kv_publisher"]["pending"] == 0 {
                 Ok(health)
             } else {
@@ -350,11 +352,11 @@ impl TestApp {
     }
 
     /// Waits until the outbox is empty (everything acknowledged is in KV, and in the change
-    /// ledger when origin feeds one); returns the last
-    /// `/healthz` answer.
+    /// ledger when origin feeds one); returns the last `GET /v1/status` answer (fresh, where
+    /// `/healthz`'s figures may be a second old).
     pub async fn wait_published(&self, limit: Duration) -> Reply {
         eventually(limit, || async {
-            let health = self.get("/healthz").await;
+            let health = self.get("/v1/status").await;
             // Published: in KV, and in the change ledger when origin feeds one.
             let ledger = &health.body["ledger"];
             if health.body["kv_publisher"]["pending"] == 0
