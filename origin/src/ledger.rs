@@ -167,8 +167,16 @@ impl LedgerClient {
         {
             // The ledger accepted an append signed later than this one (a late copy of ours,
             // or our clock went back): the next one is signed after it, with the keys'
-            // current state. Never further ahead than the ledger itself would accept.
-            self.last_timestamp.fetch_max(last, Ordering::Relaxed);
+            // current state. Never further ahead than the ledger itself would accept; and a
+            // last timestamp of ours that is further ahead (signed while the clock ran past
+            // the skew, refused) gives way to the ledger's.
+            let now = system_now().0;
+            let ours = self.last_timestamp.load(Ordering::Relaxed);
+            if ours.saturating_sub(now) > MAX_CLOCK_SKEW_MS {
+                self.last_timestamp.store(last, Ordering::Relaxed);
+            } else {
+                self.last_timestamp.fetch_max(last, Ordering::Relaxed);
+            }
         }
         if status != reqwest::StatusCode::OK {
             return Err(LedgerError::Refused {

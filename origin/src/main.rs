@@ -98,11 +98,10 @@ fn webhook_secrets() -> ExitCode {
     };
     for endpoint in &webhooks.endpoints {
         for secret in &webhooks.secrets {
-            out(&format!(
-                "{} {}\n",
-                endpoint.url(),
-                secret.for_endpoint(endpoint).to_whsec()
-            ));
+            let Some(own) = secret.for_endpoint(endpoint) else {
+                return fail("cannot derive an endpoint's secret");
+            };
+            out(&format!("{} {}\n", endpoint.url(), own.to_whsec()));
         }
     }
     ExitCode::SUCCESS

@@ -111,13 +111,17 @@ impl WebhookSecret {
 
     /// The secret `endpoint` is signed for: an HMAC-SHA256 of its URL under this secret. Each
     /// receiver holds only its own, so no receiver can sign an event another one accepts;
-    /// `origin webhook-secret <url>` prints it for the receiver's operator.
-    pub fn for_endpoint(&self, endpoint: &Endpoint) -> Self {
+    /// `origin webhook-secrets` prints it for the receiver's operator. `None` only if the MAC
+    /// were not 32 bytes, which `sign` never answers: then that endpoint is not signed for (and
+    /// with no signer left, webhooks are off), never signed with an empty key.
+    pub fn for_endpoint(&self, endpoint: &Endpoint) -> Option<Self> {
         let mut message = b"latchkey-webhook-endpoint-v1\n".to_vec();
         message.extend_from_slice(endpoint.url.as_bytes());
         let mac = latchkey_shared::sign::sign(&self.0, &message);
-        // `sign` answers 64 hex digits.
-        Self(hex::decode(mac).unwrap_or_default())
+        hex::decode(mac)
+            .ok()
+            .filter(|bytes| bytes.len() == 32)
+            .map(Self)
     }
 
     /// As `WEBHOOK_SECRET` spells a secret: `whsec_<base64>`.
@@ -377,7 +381,10 @@ pub async fn run(
 /// The signers of `endpoint`'s deliveries: its own secret under each `WEBHOOK_SECRET` (in
 /// order, for rotation), and the shared secrets themselves while `sign_with_shared` is on.
 fn signers_for(config: &WebhookConfig, endpoint: &Endpoint) -> Arc<[standardwebhooks::Webhook]> {
-    let own = config.secrets.iter().map(|s| s.for_endpoint(endpoint));
+    let own = config
+        .secrets
+        .iter()
+        .filter_map(|s| s.for_endpoint(endpoint));
     let shared = config
         .secrets
         .iter()
@@ -654,16 +661,15 @@ mod tests {
             Endpoint::new("https://a.example/hooks"),
             Endpoint::new("https://b.example/hooks"),
         );
-        let (sa, sb) = (master.for_endpoint(&a), master.for_endpoint(&b));
+        let own = |secret: &WebhookSecret, endpoint: &Endpoint| {
+            secret.for_endpoint(endpoint).expect("32 bytes")
+        };
+        let (sa, sb) = (own(&master, &a), own(&master, &b));
         assert_eq!(sa.as_bytes().len(), 32);
         assert_ne!(sa.as_bytes(), sb.as_bytes(), "endpoints differ");
         assert_ne!(sa.as_bytes(), master.as_bytes(), "not the shared secret");
-        assert_ne!(
-            sa.as_bytes(),
-            other.for_endpoint(&a).as_bytes(),
-            "masters differ"
-        );
-        assert_eq!(sa.as_bytes(), master.for_endpoint(&a).as_bytes(), "stable");
+        assert_ne!(sa.as_bytes(), own(&other, &a).as_bytes(), "masters differ");
+        assert_eq!(sa.as_bytes(), own(&master, &a).as_bytes(), "stable");
         assert_eq!(
             WebhookSecret::parse(&sa.to_whsec())
                 .expect("whsec")

@@ -108,12 +108,33 @@ pub fn parse_required<S: AsRef<str>>(required: &[S]) -> Result<Vec<Scope>, Requi
 pub struct VerifyRequest {
     /// The presented key, as the partner sent it.
     pub key: String,
-    /// Scopes the key must hold (see [`parse_required`]).
-    #[serde(default)]
+    /// Scopes the key must hold (see [`parse_required`]); absent or `null`: none.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub required_scopes: Vec<String>,
     /// The client's address (see [`crate::ip::parse_client`]).
     #[serde(default)]
     pub client_ip: Option<String>,
+}
+
+/// For a field with a default: `null` reads as the default, as an absent field does (the APIs'
+/// one rule for `null`: it is the same as leaving the field out).
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// struct Body {
+///     #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
+///     scopes: Vec<String>,
+/// }
+/// let null: Body = serde_json::from_str(r#"{"scopes": null}"#).unwrap();
+/// let absent: Body = serde_json::from_str("{}").unwrap();
+/// assert!(null.scopes.is_empty() && absent.scopes.is_empty());
+/// ```
+pub fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de> + Default,
+{
+    Option::<T>::deserialize(de).map(Option::unwrap_or_default)
 }
 
 /// The answer to a verification as both origin's tutorial surface and the edge print it, so a

@@ -224,6 +224,35 @@ async fn update_changes_each_field_null_changes_nothing_and_empty_values_clear()
         assert_eq!(untouched.body[field], before[field], "null changed {field}");
     }
 
+    // On create and verify too: null is the default (before, a list field given null was
+    // refused).
+    let created = app
+        .post(
+            "/v1/api_keys",
+            json!({
+                "name": "n", "subject": "acme", "scopes": null, "allowed_ips": null,
+                "claims": null, "description": null, "seconds_until_expiration": null
+            }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_eq!(created.body["scopes"], json!([]), "{:?}", created.body);
+    assert_eq!(created.body["expiration"], Value::Null);
+    let verified = app
+        .post(
+            "/v1/api_keys/verify",
+            json!({ "secret": created.body["secret"], "required_scopes": null }),
+        )
+        .await;
+    assert_eq!(verified.status, StatusCode::OK, "{:?}", verified.body);
+    let tutorial = app
+        .post(
+            "/backend.api-keys.verify",
+            json!({ "key": secret, "required_scopes": null }),
+        )
+        .await;
+    assert_eq!(tutorial.body["valid"], true, "{:?}", tutorial.body);
+
     let cleared = app
         .patch(
             &path,

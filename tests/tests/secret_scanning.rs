@@ -553,3 +553,78 @@ async fn refused_alerts_are_logged_once_per_interval() {
         "{logs}"
     );
 }
+
+/// Opens a connection from `source` that sends an alert's headers and, at full speed, all but
+/// the last bytes of a body of `BODY_MAX_BYTES`, then stalls: what fills memory fastest.
+async fn fast_filling_sender(
+    base: &str,
+    source: std::net::IpAddr,
+    key_id: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = slow_unsigned_sender_with_length(base, source, key_id, 8 * 1024 * 1024).await;
+    let filler = vec![b' '; 8 * 1024 * 1024 - 64];
+    // Written as far as origin takes it in; a write origin stops reading is left pending.
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&filler)).await;
+    stream
+}
+
+/// [`slow_unsigned_sender`] with a declared length of `length`.
+async fn slow_unsigned_sender_with_length(
+    base: &str,
+    source: std::net::IpAddr,
+    key_id: &str,
+    length: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let target: std::net::SocketAddr = base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("origin's address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::new(source, 0))
+        .expect("bind to another loopback address");
+    let mut stream = socket.connect(target).await.expect("connect");
+    let head = format!(
+        "POST {ALERTS} HTTP/1.1\r\nHost: {target}\r\nContent-Type: application/json\r\n\
+         {}: {key_id}\r\n{}: MAYCAQECAQE=\r\nContent-Length: {length}\r\n\r\n[",
+        common::github::KEY_ID_HEADER,
+        common::github::SIGNATURE_HEADER,
+    );
+    stream.write_all(head.as_bytes()).await.expect("send");
+    stream
+}
+
+/// The review's second round: senders from four addresses that fill their bodies at full speed
+/// (8 MiB each, two per address) and stall held the whole shared memory (32 MiB then), so a
+/// signed alert waited behind them. Each address now holds at most its share (8 MiB).
+#[tokio::test]
+async fn fast_filling_senders_from_a_few_addresses_cannot_hold_up_a_signed_alert() {
+    let github = GithubKey::new("90a421169f0a406205f1563a953312f0be898d3c7b6c06b681aa86a874555f4a");
+    let (app, _dir) = app_with_keys(&[&github], &[("REQUEST_READ_TIMEOUT_MS", "30000")]).await;
+    let (id, secret) = app.create_key("acme", &[]).await;
+    let mut fillers = Vec::new();
+    for n in 2..=5u8 {
+        for _ in 0..2 {
+            let source = std::net::IpAddr::from([127, 0, 0, n]);
+            fillers.push(tokio::spawn({
+                let (base, id) = (app.base.clone(), github.id.clone());
+                async move { fast_filling_sender(&base, source, &id).await }
+            }));
+        }
+    }
+    let mut held = Vec::new();
+    for f in fillers {
+        held.push(f.await.expect("filler"));
+    }
+    let batch =
+        json!([{"token": secret, "type": "latchkey_api_key", "source": "content"}]).to_string();
+    let r = alert(&app, batch.as_bytes(), Some(&github)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        app.get(&format!("/v1/api_keys/{id}")).await.body["revoked"],
+        true
+    );
+    drop(held);
+}

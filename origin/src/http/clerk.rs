@@ -124,7 +124,7 @@ struct CreateRequest {
     subject: String,
     #[serde(default)]
     description: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
     scopes: Vec<String>,
     #[serde(default)]
     claims: Option<Value>,
@@ -132,7 +132,7 @@ struct CreateRequest {
     seconds_until_expiration: Option<i64>,
     #[serde(default)]
     created_by: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
     allowed_ips: Vec<String>,
 }
 
@@ -348,7 +348,7 @@ async fn report_leak(
 #[serde(deny_unknown_fields)]
 struct VerifyRequest {
     secret: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
     required_scopes: Vec<String>,
     /// Where the key is being used from, for keys with an allowlist.
     #[serde(default)]

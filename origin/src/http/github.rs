@@ -57,7 +57,8 @@ pub(super) struct Feedback {
 }
 
 /// Alert bodies one client address may have in reading at once; its next one waits behind
-/// them (for at most [`READING_WAIT`]). Anyone can send the headers of an alert (GitHub's
+/// them (for at most [`READING_WAIT`]). The address is the TCP peer's, or behind a proxy listed
+/// in `TRUSTED_PROXIES` the one it forwarded. Anyone can send the headers of an alert (GitHub's
 /// key identifiers are public and a signature only has to parse), and the signature can only
 /// be checked once the body is in: so slow senders wait behind each other, never in front of
 /// a caller from another address such as GitHub.
@@ -65,52 +66,73 @@ const READING_PER_CLIENT: u32 = 2;
 
 /// Bytes of alert bodies held in memory at once, over every client: each body takes its
 /// share chunk by chunk as it arrives, so a slow sender holds only what it has sent.
-const READING_BYTES: usize = 4 * BODY_MAX_BYTES;
+const READING_BYTES: usize = 8 * BODY_MAX_BYTES;
+
+/// Bytes one client address may hold in reading at once, over its slots: a fast sender fills
+/// at most this much of [`READING_BYTES`], so filling it all takes eight addresses sending
+/// at full speed.
+const READING_BYTES_PER_CLIENT: usize = BODY_MAX_BYTES;
 
 static READING_BUDGET: Semaphore = Semaphore::const_new(READING_BYTES);
 
 /// Reading slots per client address.
 static READING: LazyLock<ClientSlots> = LazyLock::new(ClientSlots::default);
 
-/// The longest an alert waits for its client's reading slot or for memory; then 503, which
-/// GitHub retries.
+/// The longest an alert waits for its client's reading slot; then 503, which GitHub retries.
 const READING_WAIT: Duration = Duration::from_secs(10);
 
-/// Per-address reading slots: a semaphore per client address with a body in reading, dropped
-/// when its last holder and waiter are gone (the table holds only the addresses in use).
+/// The longest a body waits for memory (its client's share, or the total) before its next
+/// chunk is taken in; then 503, which GitHub retries.
+const MEMORY_WAIT: Duration = Duration::from_secs(5);
+
+/// One client address's reading slots and its share of the bytes.
+#[derive(Debug)]
+struct Client {
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+}
+
+/// Per-address reading slots: the slots and byte share of each client address with a body in
+/// reading, dropped when its last holder and waiter are gone (the table holds only the
+/// addresses in use).
 #[derive(Debug, Default)]
 struct ClientSlots {
-    by_client: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+    by_client: Mutex<HashMap<IpAddr, Arc<Client>>>,
 }
 
 /// A client's reading slot; gives it back on drop.
 struct ClientSlot {
-    client: IpAddr,
-    semaphore: Arc<Semaphore>,
+    address: IpAddr,
+    client: Arc<Client>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
 impl ClientSlots {
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Arc<Semaphore>>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Arc<Client>>> {
         self.by_client
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for one of `client`'s slots.
-    async fn acquire(&'static self, client: IpAddr) -> Option<ClientSlot> {
-        let semaphore = self
+    /// Waits for one of `address`'s slots.
+    async fn acquire(&'static self, address: IpAddr) -> Option<ClientSlot> {
+        let client = self
             .table()
-            .entry(client)
-            .or_insert_with(|| Arc::new(Semaphore::new(READING_PER_CLIENT as usize)))
+            .entry(address)
+            .or_insert_with(|| {
+                Arc::new(Client {
+                    slots: Arc::new(Semaphore::new(READING_PER_CLIENT as usize)),
+                    bytes: Arc::new(Semaphore::new(READING_BYTES_PER_CLIENT)),
+                })
+            })
             .clone();
         let mut slot = ClientSlot {
-            client,
-            semaphore: semaphore.clone(),
+            address,
+            client: client.clone(),
             permit: None,
         };
         // On a time-out `slot` is dropped, which forgets the entry if nobody else holds it.
-        slot.permit = Some(semaphore.acquire_owned().await.ok()?);
+        slot.permit = Some(client.slots.clone().acquire_owned().await.ok()?);
         Some(slot)
     }
 }
@@ -120,22 +142,35 @@ impl Drop for ClientSlot {
         drop(self.permit.take());
         let mut table = READING.table();
         // The table's own reference and this one: nobody else holds or waits for a slot.
-        if Arc::strong_count(&self.semaphore) == 2 {
-            table.remove(&self.client);
+        if Arc::strong_count(&self.client) == 2 {
+            table.remove(&self.address);
         }
     }
 }
 
-/// Reads `body` within `deadline`, at most [`BODY_MAX_BYTES`], taking its share of
-/// [`READING_BUDGET`] as each chunk arrives. Returns the body and the share it holds.
+/// What a body in reading holds of memory: its client's share and the total's.
+struct Held {
+    _client: Option<OwnedSemaphorePermit>,
+    _total: Option<SemaphorePermit<'static>>,
+}
+
+/// Reads `body` within `deadline`, at most [`BODY_MAX_BYTES`], taking its share of its client's
+/// bytes and of [`READING_BUDGET`] as each chunk arrives (waiting at most [`MEMORY_WAIT`] for
+/// either). Returns the body and what it holds.
 async fn read_body(
     body: Body,
+    slot: &ClientSlot,
+    declared: Option<usize>,
     deadline: Duration,
-) -> Result<(Bytes, SemaphorePermit<'static>), ApiError<Clerk>> {
+) -> Result<(Bytes, Held), ApiError<Clerk>> {
     let read = async {
         let mut body = std::pin::pin!(body);
-        let mut data = Vec::new();
-        let mut held: Option<SemaphorePermit<'static>> = None;
+        // Sized once from the declared length (at most the cap): no doubling past it.
+        let mut data = Vec::with_capacity(declared.unwrap_or(0).min(BODY_MAX_BYTES));
+        let mut held = Held {
+            _client: None,
+            _total: None,
+        };
         while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
             let frame = frame.map_err(|_| malformed())?;
             let Ok(chunk) = frame.into_data() else {
@@ -146,17 +181,25 @@ async fn read_body(
             }
             // Within BODY_MAX_BYTES, so within u32.
             let n = u32::try_from(chunk.len()).map_err(|_| too_large())?;
-            let permit = READING_BUDGET.acquire_many(n).await.map_err(|_| busy())?;
-            match &mut held {
-                Some(held) => held.merge(permit),
-                None => held = Some(permit),
+            let mine =
+                tokio::time::timeout(MEMORY_WAIT, slot.client.bytes.clone().acquire_many_owned(n))
+                    .await
+                    .map_err(|_| busy())?
+                    .map_err(|_| busy())?;
+            let total = tokio::time::timeout(MEMORY_WAIT, READING_BUDGET.acquire_many(n))
+                .await
+                .map_err(|_| busy())?
+                .map_err(|_| busy())?;
+            match &mut held._client {
+                Some(h) => h.merge(mine),
+                None => held._client = Some(mine),
+            }
+            match &mut held._total {
+                Some(h) => h.merge(total),
+                None => held._total = Some(total),
             }
             data.extend_from_slice(&chunk);
         }
-        let held = match held {
-            Some(held) => held,
-            None => READING_BUDGET.acquire_many(0).await.map_err(|_| busy())?,
-        };
         Ok((Bytes::from(data), held))
     };
     tokio::time::timeout(deadline, read).await.map_err(|_| {
@@ -227,20 +270,23 @@ pub(super) async fn alert(
         .extensions()
         .get::<BodyDeadline>()
         .map_or(READING_WAIT, |d| d.0);
-    if request
+    let declared = request
         .headers()
         .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .is_some_and(|n| n > BODY_MAX_BYTES as u64)
-    {
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_MAX_BYTES as u64) {
         return Err(too_large());
     }
-    let _slot = tokio::time::timeout(READING_WAIT, READING.acquire(client))
+    let declared = declared.and_then(|n| usize::try_from(n).ok());
+    let slot = tokio::time::timeout(READING_WAIT, READING.acquire(client))
         .await
         .ok()
         .flatten()
         .ok_or_else(busy)?;
-    let (body, _memory) = read_body(request.into_body(), deadline).await?;
+    let (body, memory) = read_body(request.into_body(), &slot, declared, deadline).await?;
+    // Read: the slot goes back before the reports (which may take long); the memory once the
+    // body is parsed and dropped.
+    drop(slot);
     checked.verify(&body).map_err(refused)?;
     let found: Vec<Found> = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -249,6 +295,7 @@ pub(super) async fn alert(
             format!("The alert is not a JSON array of {{token, type, url, source}}: {e}."),
         )
     })?;
+    drop((body, memory));
     if found.len() > TOKENS_MAX {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -78,8 +78,17 @@ pub struct OpenFigures {
 
 impl OpenFigures {
     /// The figures, at most [`REFRESH_EVERY`] old; `Err` when the database could not be read
-    /// (logged once per refresh).
+    /// (logged once per refresh). The refresh runs in a task of its own, holding the lock: a
+    /// request that goes away meanwhile (its client gone) neither cancels it nor lets another
+    /// refresh start beside it.
     async fn get(&self, state: &AppState) -> Read {
+        let state = state.clone();
+        tokio::spawn(async move { state.open_figures.refresh_if_old(&state).await })
+            .await
+            .unwrap_or_else(|_| Arc::new(Err(())))
+    }
+
+    async fn refresh_if_old(&self, state: &AppState) -> Read {
         let mut latest = self.latest.lock().await;
         if let Some((at, figures)) = latest.as_ref()
             && at.elapsed() < REFRESH_EVERY

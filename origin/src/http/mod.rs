@@ -167,7 +167,23 @@ async fn log_request(req: Request, next: Next) -> Response {
         let path = uri.path().chars().take(200).collect::<String>();
         let ms = elapsed.as_secs_f64() * 1000.0;
         if failed_or_slow {
-            tracing::warn!(%method, %path, status, ms, "request (slow or failed)");
+            // Anyone can make requests slow or failing (a trickled body, a flood): one line per
+            // kind every 10 s, with the count left out; every request is at `debug`.
+            static FAILED: throttle::LogThrottle = throttle::LogThrottle::new();
+            static SLOW: throttle::LogThrottle = throttle::LogThrottle::new();
+            let throttle = if status >= 500 { &FAILED } else { &SLOW };
+            if let Some(left_out) = throttle.allow(started + elapsed) {
+                tracing::warn!(
+                    %method,
+                    %path,
+                    status,
+                    ms,
+                    like_it_since_last_line = left_out,
+                    "request (slow or failed; one such line every 10 s at most)"
+                );
+            } else {
+                tracing::debug!(%method, %path, status, ms, "request (slow or failed)");
+            }
         } else {
             tracing::debug!(%method, %path, status, ms, "request");
         }

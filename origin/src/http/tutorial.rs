@@ -53,7 +53,7 @@ fn as_metadata(error: ServiceError) -> ServiceError {
 #[serde(deny_unknown_fields)]
 struct CreateRequest {
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
     scopes: Vec<String>,
     #[serde(default)]
     metadata: Option<Value>,
@@ -65,7 +65,7 @@ struct CreateRequest {
     #[serde(default)]
     seconds_until_expiration: Option<i64>,
     /// Not in the tutorial: addresses and CIDR ranges the key may be used from.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
     allowed_ips: Vec<String>,
 }
 
