@@ -8,14 +8,13 @@
 //!    gaps of 5.5 s with 300,000 pending rows.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use latchkey_shared::ledger::{AppendAnswer, AppendBatch, LEDGER_VERSION};
 
 use crate::load::Load;
-use crate::{Fixture, Proc, Report, Row, free_port, seed, step, target_dir};
+use crate::{Fixture, Proc, Report, Row, free_port, seed, step};
 
 /// Rows waiting for KV during the flood (at most the fixture's keys).
 const PENDING: u64 = 300_000;
@@ -36,16 +35,8 @@ pub(crate) fn measure(report: &mut Report, mode: crate::Mode, work: &Path, fixtu
     let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let ledger_url = runtime.block_on(recording_ledger(arrivals.clone()));
 
-    let token = "bench-admin-token-0000000000000000000000";
-    let mut origin_cmd = Command::new(target_dir().join("release/origin"));
+    let mut origin_cmd = crate::origin_command(fixture);
     origin_cmd
-        .arg("serve")
-        .env_clear()
-        .env("DATABASE_URL", format!("sqlite://{}", fixture.db.display()))
-        .env("ADMIN_TOKEN", token)
-        .env("AUDIT_CHAIN_KEY", seed::AUDIT_CHAIN_KEY)
-        .env("ORIGIN_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
         // KV is away: the backlog stays.
         .env(
             "KV_API_BASE",

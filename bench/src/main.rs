@@ -540,19 +540,9 @@ fn prepare(report: &mut Report, keys: u64, work: &Path) -> Fixture {
 ///    database of `mode.keys()` keys; origin's peak RSS.
 fn origin(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
     step("origin (load against the axum ceiling)");
-    let release = target_dir().join("release");
-    let token = "bench-admin-token-0000000000000000000000";
-    let mut origin_cmd = Command::new(release.join("origin"));
-    origin_cmd
-        .arg("serve")
-        .env_clear()
-        .env("DATABASE_URL", format!("sqlite://{}", fixture.db.display()))
-        .env("ADMIN_TOKEN", token)
-        .env("AUDIT_CHAIN_KEY", seed::AUDIT_CHAIN_KEY)
-        .env("ORIGIN_LISTEN", "127.0.0.1:0")
-        // The default log level (requests themselves are logged at debug).
-        .env("RUST_LOG", "info")
-        .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "1000000");
+    let token = BENCH_ADMIN_TOKEN;
+    let mut origin_cmd = origin_command(fixture);
+    origin_cmd.env("ADMIN_AUTH_FAILURES_PER_MINUTE", "1000000");
     // Origin logs to stderr; its "listening" line is what we wait for.
     let (origin, line) =
         Proc::spawn_stderr(origin_cmd, "origin listening", &work.join("origin.log"));
@@ -694,6 +684,23 @@ fn origin(report: &mut Report, mode: Mode, work: &Path, fixture: &Fixture) {
         });
     }
     drop(origin);
+}
+
+/// The admin token origin runs with in the benchmarks.
+pub(crate) const BENCH_ADMIN_TOKEN: &str = "bench-admin-token-0000000000000000000000";
+
+/// `origin serve` (release) over the fixture's database on a free port, with the default log
+/// level (requests themselves are logged at debug) and nothing else of the environment.
+pub(crate) fn origin_command(fixture: &Fixture) -> Command {
+    let mut cmd = Command::new(target_dir().join("release/origin"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("DATABASE_URL", format!("sqlite://{}", fixture.db.display()))
+        .env("ADMIN_TOKEN", BENCH_ADMIN_TOKEN)
+        .env("AUDIT_CHAIN_KEY", seed::AUDIT_CHAIN_KEY)
+        .env("ORIGIN_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info");
+    cmd
 }
 
 fn peak_rss_kb(pid: u32) -> u64 {

@@ -60,14 +60,7 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
             .expect("open")
             .close()
             .await;
-        let options = url
-            .parse::<SqliteConnectOptions>()
-            .expect("url")
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Off);
-        let mut conn = SqliteConnection::connect_with(&options)
-            .await
-            .expect("connect");
+        let mut conn = bulk_connection(&url).await;
         let mut source = Source(0x9e37_79b9_7f4a_7c15);
         let prefix = KeyPrefix::default();
         let scopes = ScopePolicy::default()
@@ -172,14 +165,7 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
 pub(crate) fn queue_for_kv(db: &Path, n: u64) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let options = format!("sqlite://{}", db.display())
-            .parse::<SqliteConnectOptions>()
-            .expect("url")
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Off);
-        let mut conn = SqliteConnection::connect_with(&options)
-            .await
-            .expect("connect");
+        let mut conn = bulk_connection(&format!("sqlite://{}", db.display())).await;
         sqlx::query(
             "INSERT INTO kv_outbox (key_id, enqueued_at, kv_pending, ledger_pending, rebuild) \
              SELECT id, updated_at, 1, 0, 1 FROM api_keys ORDER BY rowid LIMIT ?",
@@ -194,4 +180,17 @@ pub(crate) fn queue_for_kv(db: &Path, n: u64) {
             .expect("checkpoint");
         conn.close().await.expect("close");
     });
+}
+
+/// A connection for writing in bulk: WAL, and no sync per commit (a benchmark's data, made
+/// again at every run).
+async fn bulk_connection(url: &str) -> SqliteConnection {
+    let options = url
+        .parse::<SqliteConnectOptions>()
+        .expect("url")
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Off);
+    SqliteConnection::connect_with(&options)
+        .await
+        .expect("connect")
 }

@@ -468,25 +468,7 @@ async fn slow_unsigned_sender(
     source: std::net::IpAddr,
     key_id: &str,
 ) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt as _;
-    let target: std::net::SocketAddr = app
-        .base
-        .trim_start_matches("http://")
-        .parse()
-        .expect("origin's address");
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(std::net::SocketAddr::new(source, 0))
-        .expect("bind to another loopback address");
-    let mut stream = socket.connect(target).await.expect("connect");
-    let head = format!(
-        "POST {ALERTS} HTTP/1.1\r\nHost: {target}\r\nContent-Type: application/json\r\n\
-         {}: {key_id}\r\n{}: MAYCAQECAQE=\r\nContent-Length: 100000\r\n\r\n[{{\"token\":",
-        common::github::KEY_ID_HEADER,
-        common::github::SIGNATURE_HEADER,
-    );
-    stream.write_all(head.as_bytes()).await.expect("send");
-    stream
+    slow_unsigned_sender_with_length(&app.base, source, key_id, 100_000).await
 }
 
 /// Whether `stream` has been answered (or closed) already, without waiting.
