@@ -6,5 +6,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {
     let accepted = latchkey_origin::http::parse_request_bodies(bytes);
-    assert!(accepted <= 9);
+    assert!(accepted <= 11);
 });

@@ -53,6 +53,11 @@ pub struct StoredKey {
     pub leaked_at: Option<UnixMillis>,
     /// Where it was found (a URL) or who reported it, as the first report said.
     pub leak_source: Option<String>,
+    /// Clerk's key type: 3 to 25 characters, `api_key` unless the creator said otherwise.
+    pub key_type: String,
+    /// When the key was deleted: revoked then, and hidden since from every list and read by
+    /// id (see [`crate::service::KeyService::delete`]); its row and audit entries stay.
+    pub deleted_at: Option<UnixMillis>,
 }
 
 impl StoredKey {
@@ -97,6 +102,10 @@ pub struct ListFilter {
     pub last_used_before: Option<UnixMillis>,
     /// Only keys whose claim `.0` equals the string `.1`.
     pub claims_equal: Vec<(String, String)>,
+    /// Only keys of this type (Clerk's `type`).
+    pub key_type: Option<String>,
+    /// Only keys whose name contains this text, ignoring ASCII case (Clerk's `query`).
+    pub name_contains: Option<String>,
     /// The time that decides expiry.
     pub now: UnixMillis,
     /// Page size.

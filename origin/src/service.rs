@@ -28,6 +28,12 @@ pub mod limits {
     pub const DESCRIPTION_MAX: usize = 1024;
     /// Longest `created_by`, in characters.
     pub const CREATED_BY_MAX: usize = 256;
+    /// Shortest and longest key `type`, in characters (Clerk's bounds).
+    pub const KEY_TYPE_LEN: std::ops::RangeInclusive<usize> = 3..=25;
+    /// The key type of a create that names none.
+    pub const KEY_TYPE_DEFAULT: &str = "api_key";
+    /// Longest name search text (Clerk's `query`), in characters.
+    pub const NAME_QUERY_MAX: usize = 256;
     /// Longest `revocation_reason`, in characters.
     pub const REVOCATION_REASON_MAX: usize = 512;
     /// Longest leak source (a URL or a note), in characters.
@@ -108,8 +114,11 @@ pub struct NewKey {
     pub scopes: Vec<String>,
     /// Optional JSON object.
     pub claims: Option<Value>,
-    /// Lifetime in seconds; `None` never expires.
-    pub seconds_until_expiration: Option<i64>,
+    /// Lifetime in milliseconds (a request's seconds, rounded up to a whole millisecond and
+    /// saturated, so any number is safe to check); `None` never expires.
+    pub lifetime_ms: Option<i64>,
+    /// Clerk's key type; `None` is `api_key`.
+    pub key_type: Option<String>,
     /// Who asked (free text).
     pub created_by: Option<String>,
     /// Addresses and CIDR ranges the key may be used from (empty: anywhere).
@@ -157,6 +166,9 @@ pub struct Leak {
     pub source: Option<String>,
     /// What to do about it.
     pub action: LeakAction,
+    /// The key was found by its secret (GitHub's alert), not named by id: a deleted key is
+    /// reported too (an admin naming a deleted key by id gets 404, as for every other call).
+    pub by_secret: bool,
 }
 
 /// A roll, as requested.
@@ -186,8 +198,9 @@ pub struct Rolled {
 pub enum Lifetime {
     /// Never.
     Never,
-    /// This many seconds from now.
-    Seconds(i64),
+    /// This many milliseconds from now (a request's seconds, rounded up to a whole
+    /// millisecond and saturated, so any number is safe to check).
+    Millis(i64),
     /// At this instant.
     At(UnixMillis),
 }
@@ -326,10 +339,11 @@ impl KeyService {
         let scopes = self.grant(actor, None, &new.scopes).await?;
         let allowed_ips = allowlist(&new.allowed_ips)?;
         let claims = new.claims.map(claims).transpose()?.flatten();
-        let expiration = new
-            .seconds_until_expiration
-            .map(|s| expires_at(now, s))
-            .transpose()?;
+        let key_type = match new.key_type {
+            Some(t) => key_type(&t)?,
+            None => limits::KEY_TYPE_DEFAULT.to_owned(),
+        };
+        let expiration = new.lifetime_ms.map(|ms| expires_at(now, ms)).transpose()?;
 
         let secret = ApiKey::generate(&self.prefix, &mut os_random);
         let key = StoredKey {
@@ -356,6 +370,8 @@ impl KeyService {
             rolled_to: None,
             leaked_at: None,
             leak_source: None,
+            key_type,
+            deleted_at: None,
         };
         let event = AuditEvent {
             at: now,
@@ -369,6 +385,7 @@ impl KeyService {
                 "expiration": key.expiration,
                 "hint": key.hint,
                 "allowed_ips": key.allowed_ips,
+                "type": key.key_type,
             }),
         };
         self.store.insert(&key, &event).await?;
@@ -376,10 +393,18 @@ impl KeyService {
         Ok((key, secret))
     }
 
-    /// A key by id, with its latest use.
+    /// A key by id, with its latest use. A deleted key is not found.
     pub async fn get(&self, id: &KeyId) -> Result<StoredKey, ServiceError> {
-        let key = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
+        let key = self.existing(id).await?;
         Ok(self.with_usage(key))
+    }
+
+    /// The stored key, unless it does not exist or was deleted.
+    async fn existing(&self, id: &KeyId) -> Result<StoredKey, ServiceError> {
+        match self.store.get(id).await? {
+            Some(key) if key.deleted_at.is_none() => Ok(key),
+            _ => Err(ServiceError::NotFound),
+        }
     }
 
     /// A page of keys.
@@ -432,7 +457,7 @@ impl KeyService {
         let disabled = changes.disabled;
         let allowed_ips = changes.allowed_ips.as_deref().map(allowlist).transpose()?;
 
-        self.change(actor, id, "update", |key, now| {
+        self.change(actor, id, "update", Deleted::NotFound, |key, now| {
             if key.revoked {
                 return Err(ServiceError::Revoked);
             }
@@ -515,7 +540,7 @@ impl KeyService {
         reason: Option<String>,
     ) -> Result<StoredKey, ServiceError> {
         let reason = optional_text("revocation_reason", reason, limits::REVOCATION_REASON_MAX)?;
-        self.change(actor, id, "revoke", |key, now| {
+        self.change(actor, id, "revoke", Deleted::NotFound, |key, now| {
             if key.revoked {
                 // Already revoked (perhaps a moment ago by another request): change nothing.
                 return Ok(None);
@@ -524,6 +549,26 @@ impl KeyService {
             key.revoked_at = Some(now);
             key.revocation_reason.clone_from(&reason);
             Ok(Some(json!({ "reason": reason })))
+        })
+        .await
+    }
+
+    /// Deletes a key, as Clerk's `DELETE /api_keys/{id}` asks: revoked at once if it was not
+    /// (its reason `deleted`), then hidden from every list and read by id, which answer 404 from
+    /// then on, as does a second delete. Nothing is erased: the row stays, with the secret's
+    /// hash, so the secret can never verify again (it answers `REVOKED`, at the edge too), and
+    /// so do the key's audit entries, the deletion among them (`delete`, an
+    /// `api_key.deleted` event).
+    pub async fn delete(&self, actor: &str, id: &KeyId) -> Result<StoredKey, ServiceError> {
+        self.change(actor, id, "delete", Deleted::NotFound, |key, now| {
+            let revoke = !key.revoked;
+            if revoke {
+                key.revoked = true;
+                key.revoked_at = Some(now);
+                key.revocation_reason = Some("deleted".to_owned());
+            }
+            key.deleted_at = Some(now);
+            Ok(Some(json!({ "revoked": revoke })))
         })
         .await
     }
@@ -541,7 +586,12 @@ impl KeyService {
         leak: &Leak,
     ) -> Result<StoredKey, ServiceError> {
         let source = optional_text("source", leak.source.clone(), limits::LEAK_SOURCE_MAX)?;
-        self.change(actor, id, "leak", |key, now| {
+        let deleted = if leak.by_secret {
+            Deleted::Found
+        } else {
+            Deleted::NotFound
+        };
+        self.change(actor, id, "leak", deleted, |key, now| {
             let revoke = leak.action == LeakAction::Revoke && !key.revoked;
             if key.leaked_at.is_some() && !revoke {
                 return Ok(None);
@@ -582,22 +632,28 @@ impl KeyService {
     ) -> Result<StoredKey, ServiceError> {
         // A use still in memory counts: the key was verified after the usage flush.
         let pending = self.usage.pending(id);
-        self.change(STALE_POLICY_ACTOR, id, "update", |key, now| {
-            let active = key
-                .last_used_at
-                .max(pending)
-                .unwrap_or(UnixMillis(0))
-                .max(key.updated_at);
-            if key.revoked || key.disabled || key.is_expired(now) || active >= idle_before {
-                return Ok(None);
-            }
-            key.disabled = true;
-            Ok(Some(json!({
-                "changes": { "disabled": { "from": false, "to": true } },
-                "policy": "stale_keys",
-                "idle_since": active,
-            })))
-        })
+        self.change(
+            STALE_POLICY_ACTOR,
+            id,
+            "update",
+            Deleted::NotFound,
+            |key, now| {
+                let active = key
+                    .last_used_at
+                    .max(pending)
+                    .unwrap_or(UnixMillis(0))
+                    .max(key.updated_at);
+                if key.revoked || key.disabled || key.is_expired(now) || active >= idle_before {
+                    return Ok(None);
+                }
+                key.disabled = true;
+                Ok(Some(json!({
+                    "changes": { "disabled": { "from": false, "to": true } },
+                    "policy": "stale_keys",
+                    "idle_since": active,
+                })))
+            },
+        )
         .await
     }
 
@@ -652,7 +708,7 @@ impl KeyService {
         }
         let _turn = self.take_turn(id).await;
         for _ in 0..8 {
-            let current = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
+            let current = self.existing(id).await?;
             let now = system_now();
             if current.revoked {
                 return Err(ServiceError::Revoked);
@@ -825,11 +881,15 @@ impl KeyService {
         actor: &str,
         id: &KeyId,
         action: &'static str,
+        deleted: Deleted,
         mut apply: impl FnMut(&mut StoredKey, UnixMillis) -> Result<Option<Value>, ServiceError>,
     ) -> Result<StoredKey, ServiceError> {
         let _turn = self.take_turn(id).await;
         for _ in 0..8 {
-            let current = self.store.get(id).await?.ok_or(ServiceError::NotFound)?;
+            let current = match deleted {
+                Deleted::NotFound => self.existing(id).await?,
+                Deleted::Found => self.store.get(id).await?.ok_or(ServiceError::NotFound)?,
+            };
             let now = system_now();
             let mut next = current.clone();
             let Some(details) = apply(&mut next, now)? else {
@@ -912,6 +972,15 @@ impl KeyService {
     }
 }
 
+/// What [`KeyService::change`] makes of a deleted key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deleted {
+    /// It does not exist (every call that names a key by id).
+    NotFound,
+    /// It is changed as any other (a leak found by its secret).
+    Found,
+}
+
 /// `key` with its `last_used_at` moved up to a use not yet written (`usage.rs`), if later.
 fn with_pending_use(mut key: StoredKey, pending: Option<UnixMillis>) -> StoredKey {
     key.last_used_at = key.last_used_at.max(pending);
@@ -921,7 +990,7 @@ fn with_pending_use(mut key: StoredKey, pending: Option<UnixMillis>) -> StoredKe
 fn expiry(now: UnixMillis, lifetime: Lifetime) -> Result<Option<UnixMillis>, ServiceError> {
     match lifetime {
         Lifetime::Never => Ok(None),
-        Lifetime::Seconds(s) => expires_at(now, s).map(Some),
+        Lifetime::Millis(ms) => expires_at(now, ms).map(Some),
         Lifetime::At(at) => {
             if at <= now || at.0 - now.0 > limits::EXPIRATION_MAX_SECONDS * 1000 {
                 return Err(invalid(
@@ -934,17 +1003,35 @@ fn expiry(now: UnixMillis, lifetime: Lifetime) -> Result<Option<UnixMillis>, Ser
     }
 }
 
-fn expires_at(now: UnixMillis, seconds: i64) -> Result<UnixMillis, ServiceError> {
-    if !(1..=limits::EXPIRATION_MAX_SECONDS).contains(&seconds) {
+/// `now` plus a lifetime of `ms` milliseconds: more than 0 and at most ten years (so the sum
+/// cannot overflow for any `now` a clock gives).
+fn expires_at(now: UnixMillis, ms: i64) -> Result<UnixMillis, ServiceError> {
+    if !(1..=limits::EXPIRATION_MAX_SECONDS * 1000).contains(&ms) {
         return Err(invalid(
             "seconds_until_expiration",
             format!(
-                "must be from 1 to {} seconds (a key that never expires has none; \"never\" removes an expiry in an update or a roll)",
+                "must be more than 0 and at most {} seconds (a key that never expires has none; \"never\" removes an expiry in an update or a roll)",
                 limits::EXPIRATION_MAX_SECONDS
             ),
         ));
     }
-    Ok(UnixMillis(now.0 + seconds * 1000))
+    Ok(UnixMillis(now.0.saturating_add(ms)))
+}
+
+/// Clerk's key `type`: 3 to 25 characters, single-line text.
+fn key_type(value: &str) -> Result<String, ServiceError> {
+    let value = text("type", value, *limits::KEY_TYPE_LEN.end())?;
+    if value.chars().count() < *limits::KEY_TYPE_LEN.start() {
+        return Err(invalid(
+            "type",
+            format!(
+                "must be {} to {} characters",
+                limits::KEY_TYPE_LEN.start(),
+                limits::KEY_TYPE_LEN.end()
+            ),
+        ));
+    }
+    Ok(value)
 }
 
 /// A required single-line text field (a name, a subject): trimmed, non-empty, bounded, and no
@@ -1060,12 +1147,18 @@ mod tests {
 
     #[test]
     fn expiration_is_bounded() {
+        let max = limits::EXPIRATION_MAX_SECONDS * 1000;
         assert_eq!(
-            expires_at(UnixMillis(1000), 1).expect("valid"),
+            expires_at(UnixMillis(1000), 1000).expect("valid"),
             UnixMillis(2000)
         );
-        assert!(expires_at(UnixMillis(0), 0).is_err());
-        assert!(expires_at(UnixMillis(0), -5).is_err());
-        assert!(expires_at(UnixMillis(0), limits::EXPIRATION_MAX_SECONDS + 1).is_err());
+        assert_eq!(expires_at(UnixMillis(0), 1).expect("valid"), UnixMillis(1));
+        assert_eq!(
+            expires_at(UnixMillis(0), max).expect("valid"),
+            UnixMillis(max)
+        );
+        for refused in [0, -5, max + 1, i64::MAX, i64::MIN] {
+            assert!(expires_at(UnixMillis(0), refused).is_err(), "{refused}");
+        }
     }
 }

@@ -32,6 +32,7 @@ pub const EVENT_ACTIONS: &[&str] = &[
     "roll",
     "revoke",
     "leak",
+    "delete",
     "expiry_warning",
     "stale_warning",
 ];
@@ -52,6 +53,7 @@ const POLL: Duration = Duration::from_secs(5);
 /// use serde_json::json;
 ///
 /// assert_eq!(event_type("revoke", &json!({})), Some("api_key.revoked"));
+/// assert_eq!(event_type("delete", &json!({"revoked": true})), Some("api_key.deleted"));
 /// let off = json!({"changes": {"disabled": {"from": false, "to": true}}});
 /// assert_eq!(event_type("update", &off), Some("api_key.disabled"));
 /// assert_eq!(event_type("update", &json!({"changes": {}})), Some("api_key.updated"));
@@ -68,6 +70,7 @@ pub fn event_type(action: &str, details: &Value) -> Option<&'static str> {
         "roll" => "api_key.rolled",
         "revoke" => "api_key.revoked",
         "leak" => "api_key.leaked",
+        "delete" => "api_key.deleted",
         "expiry_warning" => "api_key.expiring",
         "stale_warning" => "api_key.stale",
         _ => return None,
@@ -725,6 +728,7 @@ mod tests {
             "roll",
             "revoke",
             "leak",
+            "delete",
             "expiry_warning",
             "stale_warning",
             "create_refused",

@@ -87,13 +87,13 @@ test('errors come back as ClerkAPIResponseError with code and param name', async
 
 // Calls the SDK does not have (disable, roll, a leak report) are plain REST calls; what the SDK
 // does have must understand their results.
-async function rest(method: string, path: string, body: unknown): Promise<any> {
+async function rest(method: string, path: string, body: unknown, status = 200): Promise<any> {
   const response = await fetch(`${origin.baseUrl}${path}`, {
     method,
     headers: { authorization: `Bearer ${ADMIN_TOKEN}`, 'content-type': 'application/json' },
     body: JSON.stringify(body),
   });
-  assert.equal(response.status, 200, await response.clone().text());
+  assert.equal(response.status, status, await response.clone().text());
   return response.json();
 }
 
@@ -109,7 +109,8 @@ test('disabled, rolled and leaked keys as @clerk/backend sees them', async () =>
   assert.equal((await clerk.apiKeys.verify(key.secret!)).id, key.id);
 
   // A roll with a grace period: both secrets verify, and the SDK reads both key objects.
-  const rolled = await rest('POST', `/v1/api_keys/${key.id}/roll`, { grace_period_seconds: 600 });
+  // A roll creates a key: 201, as create answers.
+  const rolled = await rest('POST', `/v1/api_keys/${key.id}/roll`, { grace_period_seconds: 600 }, 201);
   assert.equal((await clerk.apiKeys.verify(key.secret!)).id, key.id);
   const successor = await clerk.apiKeys.verify(rolled.secret);
   assert.equal(successor.id, rolled.id);
@@ -122,4 +123,18 @@ test('disabled, rolled and leaked keys as @clerk/backend sees them', async () =>
   assert.equal(leaked.revoked, true);
   assert.equal(leaked.revocationReason, 'leaked: a pastebin');
   await assert.rejects(clerk.apiKeys.verify(rolled.secret), (err: any) => err.errors[0].code === 'api_key_revoked');
+});
+
+test('delete: the key is revoked, gone from get and list, and a second delete is a 404', async () => {
+  const key = await clerk.apiKeys.create({ name: 'to-delete', subject: 'umbrella', scopes: ['read:orders'] });
+  const deleted = await clerk.apiKeys.delete(key.id);
+  assert.equal(deleted.id, key.id);
+  assert.equal(deleted.object, 'api_key');
+  assert.equal(deleted.deleted, true);
+  await assert.rejects(clerk.apiKeys.get(key.id), (err: any) => err.status === 404);
+  await assert.rejects(clerk.apiKeys.delete(key.id), (err: any) => err.status === 404);
+  const listed = await clerk.apiKeys.list({ subject: 'umbrella', includeInvalid: true });
+  assert.equal(listed.totalCount, 0);
+  // Its secret can never verify again.
+  await assert.rejects(clerk.apiKeys.verify(key.secret!), (err: any) => err.errors[0].code === 'api_key_revoked');
 });

@@ -75,7 +75,7 @@ async fn create_get_verify_update_revoke_round_trip() {
             }),
         )
         .await;
-    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     assert_key_object(&created.body, true);
     let body = &created.body;
     let id = body["id"].as_str().expect("id");
@@ -235,7 +235,7 @@ async fn update_changes_each_field_null_changes_nothing_and_empty_values_clear()
             }),
         )
         .await;
-    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     assert_eq!(created.body["scopes"], json!([]), "{:?}", created.body);
     assert_eq!(created.body["expiration"], Value::Null);
     let verified = app
@@ -420,7 +420,7 @@ async fn rolling_issues_a_linked_key_and_ends_the_old_one_after_its_grace_period
             }),
         )
         .await;
-    assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
     let old_id = created.body["id"].as_str().expect("id").to_owned();
     let old_secret = created.body["secret"].as_str().expect("secret").to_owned();
     let verify = |secret: String| {
@@ -442,7 +442,7 @@ async fn rolling_issues_a_linked_key_and_ends_the_old_one_after_its_grace_period
             json!({ "grace_period_seconds": 3600 }),
         )
         .await;
-    assert_eq!(rolled.status, StatusCode::OK, "{}", rolled.body);
+    assert_eq!(rolled.status, StatusCode::CREATED, "{}", rolled.body);
     let mut new = rolled.body.clone();
     let previous = new
         .as_object_mut()
@@ -525,7 +525,7 @@ async fn rolling_issues_a_linked_key_and_ends_the_old_one_after_its_grace_period
             json!({ "grace_period_seconds": 0, "seconds_until_expiration": "never" }),
         )
         .await;
-    assert_eq!(third.status, StatusCode::OK, "{}", third.body);
+    assert_eq!(third.status, StatusCode::CREATED, "{}", third.body);
     let third_id = third.body["id"].as_str().expect("id").to_owned();
     let third_secret = third.body["secret"].as_str().expect("secret").to_owned();
     assert_eq!(third.body["expiration"], Value::Null, "never expires");
@@ -546,7 +546,7 @@ async fn rolling_issues_a_linked_key_and_ends_the_old_one_after_its_grace_period
             json!({ "grace_period_seconds": 1 }),
         )
         .await;
-    assert_eq!(fourth.status, StatusCode::OK, "{}", fourth.body);
+    assert_eq!(fourth.status, StatusCode::CREATED, "{}", fourth.body);
     eventually(Duration::from_secs(10), || async {
         let r = verify(third_secret.clone()).await;
         (code(&r.body) == "api_key_expired")
@@ -565,7 +565,7 @@ async fn rolling_issues_a_linked_key_and_ends_the_old_one_after_its_grace_period
         .await;
     assert_eq!(
         expired.status,
-        StatusCode::OK,
+        StatusCode::CREATED,
         "the newest key rolls: {}",
         expired.body
     );
@@ -694,7 +694,7 @@ async fn an_ip_allowlist_admits_only_its_addresses() {
                     "allowed_ips": ["203.0.113.0/24", "2001:DB8::/32"] }),
         )
         .await;
-    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     assert_eq!(
         created.body["allowed_ips"],
         json!(["203.0.113.0/24", "2001:db8::/32"])
@@ -993,7 +993,7 @@ async fn scope_policy_wildcards_and_catalogue() {
             json!({ "name": "n", "subject": "s", "scopes": ["read:*"] }),
         )
         .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let secret = r.body["secret"].as_str().expect("secret");
     let ok = open.verify(secret, &["read:orders"]).await;
     assert_eq!(ok.status, StatusCode::OK);
@@ -1216,4 +1216,285 @@ async fn verify_sees_each_acknowledged_change_at_once() {
         "the other clients verified only {} times",
         a + b + c
     );
+}
+
+/// The error field of a Clerk-envelope answer.
+fn param(body: &Value) -> &str {
+    body["errors"][0]["meta"]["param_name"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+fn millis(body: &Value, field: &str) -> i64 {
+    body[field].as_i64().expect(field)
+}
+
+/// What Clerk's Python SDK sends: `type` on create (its default `api_key`), seconds as JSON
+/// floats (`3600.0`), and on list `type`, `limit` and `offset` as numbers and `query`.
+#[tokio::test]
+async fn type_fractional_seconds_and_clerks_list_parameters() {
+    let app = TestApp::start().await;
+    let orders = app
+        .post(
+            "/v1/api_keys",
+            json!({ "name": "Acme orders", "subject": "acme", "type": "api_key",
+                    "seconds_until_expiration": 3600.0 }),
+        )
+        .await;
+    assert_eq!(orders.status, StatusCode::CREATED, "{}", orders.body);
+    assert_eq!(orders.body["type"], "api_key");
+    assert_eq!(
+        millis(&orders.body, "expiration") - millis(&orders.body, "created_at"),
+        3_600_000
+    );
+    // A fraction is kept to the millisecond, rounded up.
+    let brief = app
+        .post(
+            "/v1/api_keys",
+            json!({ "name": "brief", "subject": "acme", "seconds_until_expiration": 0.0015 }),
+        )
+        .await;
+    assert_eq!(brief.status, StatusCode::CREATED, "{}", brief.body);
+    assert_eq!(
+        millis(&brief.body, "expiration") - millis(&brief.body, "created_at"),
+        2
+    );
+    // A type of the creator's own is kept, shown, and listed only when asked for.
+    let feed = app
+        .post(
+            "/v1/api_keys",
+            json!({ "name": "Partner feed", "subject": "acme", "type": "partner_key" }),
+        )
+        .await;
+    assert_eq!(feed.status, StatusCode::CREATED, "{}", feed.body);
+    assert_eq!(feed.body["type"], "partner_key");
+    let feed_id = feed.body["id"].as_str().expect("id");
+    assert_eq!(
+        app.get(&format!("/v1/api_keys/{feed_id}")).await.body["type"],
+        "partner_key"
+    );
+    let names = |r: &Value| -> Vec<String> {
+        r["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|k| k["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    let listed = app
+        .get("/v1/api_keys?subject=acme&include_invalid=true")
+        .await;
+    assert_eq!(
+        names(&listed.body),
+        ["brief", "Acme orders"],
+        "{}",
+        listed.body
+    );
+    let listed = app.get("/v1/api_keys?subject=acme&type=partner_key").await;
+    assert_eq!(names(&listed.body), ["Partner feed"]);
+    assert_eq!(listed.body["data"][0]["type"], "partner_key");
+
+    // Numbers as the Python SDK writes them, and the name search.
+    let page = app
+        .get("/v1/api_keys?subject=acme&include_invalid=true&limit=1.0&offset=1.0")
+        .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert_eq!(names(&page.body), ["Acme orders"]);
+    assert_eq!(page.body["total_count"], 2);
+    let found = app
+        .get("/v1/api_keys?subject=acme&include_invalid=true&query=ORDERS")
+        .await;
+    assert_eq!(names(&found.body), ["Acme orders"]);
+    // LIKE's wildcards are plain characters in a search.
+    for query in ["%25", "_", "%25orders"] {
+        let none = app
+            .get(&format!("/v1/api_keys?include_invalid=true&query={query}"))
+            .await;
+        assert_eq!(none.status, StatusCode::OK, "{query}: {}", none.body);
+        assert_eq!(none.body["total_count"], 0, "{query}: {}", none.body);
+    }
+
+    // Update takes a float too.
+    let orders_id = orders.body["id"].as_str().expect("id");
+    let updated = app
+        .patch(
+            &format!("/v1/api_keys/{orders_id}"),
+            json!({ "seconds_until_expiration": 7200.5 }),
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.body);
+    assert_eq!(
+        millis(&updated.body, "expiration") - millis(&updated.body, "updated_at"),
+        7_200_500
+    );
+
+    // Refused, each naming its field, and nothing is created.
+    let long_type = "t".repeat(26);
+    for (extra, field) in [
+        (json!({ "type": "ab" }), "type"),
+        (json!({ "type": long_type }), "type"),
+        (json!({ "type": "" }), "type"),
+        (json!({ "type": "api\u{0}key" }), "type"),
+        (json!({ "type": 5 }), "type"),
+        (
+            json!({ "seconds_until_expiration": 0 }),
+            "seconds_until_expiration",
+        ),
+        (
+            json!({ "seconds_until_expiration": 0.0 }),
+            "seconds_until_expiration",
+        ),
+        (
+            json!({ "seconds_until_expiration": -0.5 }),
+            "seconds_until_expiration",
+        ),
+        (
+            json!({ "seconds_until_expiration": 1e300 }),
+            "seconds_until_expiration",
+        ),
+        (
+            json!({ "seconds_until_expiration": 315_360_000.001 }),
+            "seconds_until_expiration",
+        ),
+        (
+            json!({ "seconds_until_expiration": "NaN" }),
+            "seconds_until_expiration",
+        ),
+        (
+            json!({ "seconds_until_expiration": "never" }),
+            "seconds_until_expiration",
+        ),
+    ] {
+        let mut body = json!({ "name": "refused", "subject": "acme" });
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let r = app.post("/v1/api_keys", body.clone()).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {}",
+            r.body
+        );
+        assert_eq!(param(&r.body), field, "{body}: {}", r.body);
+    }
+    for query in [
+        "limit=10.5",
+        "limit=NaN",
+        "limit=inf",
+        "offset=-0.5",
+        "type=ab",
+    ] {
+        let r = app.get(&format!("/v1/api_keys?{query}")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{query}: {}",
+            r.body
+        );
+        assert_eq!(param(&r.body), query.split('=').next().expect("name"));
+    }
+    let all = app.get("/v1/api_keys?include_invalid=true&limit=100").await;
+    assert_eq!(all.body["total_count"], 2, "no refused create made a key");
+}
+
+/// `DELETE /api_keys/{id}`, as Clerk's SDKs call it: the key is revoked and gone from every
+/// read, while its row (the secret's hash) and audit entries stay.
+#[tokio::test]
+async fn a_deleted_key_is_revoked_hidden_and_still_audited() {
+    let app = TestApp::start().await;
+    let (id, secret) = app.create_key("acme", &["read:orders"]).await;
+    let (revoked_id, _) = app.create_key("acme", &[]).await;
+    let r = app
+        .post(
+            &format!("/v1/api_keys/{revoked_id}/revoke"),
+            json!({ "revocation_reason": "rotation" }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    for (key, path) in [
+        (&id, format!("/api_keys/{id}")),
+        (&revoked_id, format!("/v1/api_keys/{revoked_id}")),
+    ] {
+        let r = app.delete(&path, Value::Null).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
+        assert_eq!(
+            r.body,
+            json!({ "id": key, "object": "api_key", "deleted": true })
+        );
+    }
+
+    // Gone: every call that names it answers 404, a second delete too.
+    for (method, path, body) in [
+        (reqwest::Method::GET, format!("/v1/api_keys/{id}"), None),
+        (reqwest::Method::DELETE, format!("/v1/api_keys/{id}"), None),
+        (
+            reqwest::Method::PATCH,
+            format!("/v1/api_keys/{id}"),
+            Some(json!({ "name": "x" })),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/v1/api_keys/{id}/revoke"),
+            Some(json!({})),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/v1/api_keys/{id}/roll"),
+            Some(json!({ "grace_period_seconds": 0 })),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/v1/api_keys/{id}/leak"),
+            Some(json!({})),
+        ),
+    ] {
+        let r = app.call(method.clone(), &path, body).await;
+        assert_eq!(
+            r.status,
+            StatusCode::NOT_FOUND,
+            "{method} {path}: {}",
+            r.body
+        );
+        assert_eq!(code(&r.body), "resource_not_found", "{method} {path}");
+    }
+    let listed = app.get("/v1/api_keys?include_invalid=true").await;
+    assert_eq!(listed.body["total_count"], 0, "{}", listed.body);
+    let listed = app.get("/backend.api-keys.list").await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+    assert_eq!(listed.body["total_count"], 0, "{}", listed.body);
+
+    // The secret can never verify again.
+    let r = app.verify(&secret, &[]).await;
+    assert_eq!(
+        (r.status, code(&r.body)),
+        (StatusCode::NOT_FOUND, "api_key_revoked"),
+        "{}",
+        r.body
+    );
+
+    // The audit log keeps every entry, the deletions among them.
+    let log = app.get(&format!("/v1/audit_log?key_id={id}")).await;
+    let actions: Vec<&str> = log.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|e| e["action"].as_str().expect("action"))
+        .collect();
+    assert_eq!(actions, ["create", "delete"]);
+    assert_eq!(log.body["data"][1]["details"]["revoked"], true);
+    let log = app.get(&format!("/v1/audit_log?key_id={revoked_id}")).await;
+    assert_eq!(log.body["data"][2]["action"], "delete");
+    assert_eq!(
+        log.body["data"][2]["details"]["revoked"], false,
+        "it was revoked already"
+    );
+    let ok = app.run_command(&["audit", "verify"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("5 entries"));
 }

@@ -366,7 +366,7 @@ async fn edge_and_origin_decide_the_same_table_alike() {
                     json!({ "grace_period_seconds": grace }),
                 )
                 .await;
-            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
             r.body["secret"].as_str().expect("secret").to_owned()
         }
     };

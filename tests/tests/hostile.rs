@@ -38,10 +38,11 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
             fields: &[
                 ("name", "string"),
                 ("subject", "string"),
+                ("type", "type"),
                 ("description", "string"),
                 ("scopes", "strings"),
                 ("claims", "object"),
-                ("seconds_until_expiration", "number"),
+                ("seconds_until_expiration", "seconds"),
                 ("created_by", "string"),
                 ("allowed_ips", "strings"),
             ],
@@ -56,7 +57,7 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
                 ("description", "string"),
                 ("scopes", "strings"),
                 ("claims", "object"),
-                ("seconds_until_expiration", "number"),
+                ("seconds_until_expiration", "seconds"),
                 ("expiration", "number"),
                 ("disabled", "bool"),
                 ("allowed_ips", "strings"),
@@ -74,7 +75,7 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
             path: format!("/v1/api_keys/{id}/roll"),
             fields: &[
                 ("grace_period_seconds", "number"),
-                ("seconds_until_expiration", "number"),
+                ("seconds_until_expiration", "seconds"),
                 ("expiration", "number"),
             ],
             base: json!({"grace_period_seconds": 600}),
@@ -104,7 +105,7 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
                 ("metadata", "object"),
                 ("subject", "string"),
                 ("description", "string"),
-                ("seconds_until_expiration", "number"),
+                ("seconds_until_expiration", "seconds"),
                 ("allowed_ips", "strings"),
             ],
             base: json!({"name": "n"}),
@@ -128,7 +129,7 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
                 ("scopes", "strings"),
                 ("metadata", "object"),
                 ("description", "string"),
-                ("seconds_until_expiration", "number"),
+                ("seconds_until_expiration", "seconds"),
                 ("disabled", "bool"),
                 ("allowed_ips", "strings"),
             ],
@@ -146,7 +147,7 @@ fn endpoints(id: &str, secret: &str) -> Vec<Endpoint> {
             fields: &[
                 ("key_id", "string"),
                 ("grace_period_seconds", "number"),
-                ("seconds_until_expiration", "number"),
+                ("seconds_until_expiration", "seconds"),
             ],
             base: json!({"key_id": id, "grace_period_seconds": 600}),
         },
@@ -280,8 +281,8 @@ fn corpus(id: &str, secret: &str, github: &GithubKey) -> Vec<Probe> {
             for wrong in hostile::wrong_values(kind) {
                 let mut body = e.base.clone();
                 body[*field] = serde_json::from_str(wrong).unwrap_or(Value::Null);
-                let text = if wrong.starts_with("1e4") {
-                    // serde_json cannot hold it: splice the literal into the text.
+                let text = if serde_json::from_str::<Value>(wrong).is_err() {
+                    // Not JSON serde_json can hold (`1e400`, `NaN`): splice the literal in.
                     e.base
                         .to_string()
                         .replacen('{', &format!("{{\"{field}\": {wrong},"), 1)
@@ -355,6 +356,8 @@ fn corpus(id: &str, secret: &str, github: &GithubKey) -> Vec<Probe> {
             ("POST", format!("/v1/api_keys/{bad}/roll")),
             ("POST", format!("/v1/api_keys/{bad}/leak")),
             ("GET", format!("/api_keys/{bad}/secret")),
+            ("DELETE", format!("/v1/api_keys/{bad}")),
+            ("DELETE", format!("/api_keys/{bad}")),
         ] {
             probes.push(json_probe(
                 format!("{method} {path}"),
@@ -419,6 +422,8 @@ fn corpus(id: &str, secret: &str, github: &GithubKey) -> Vec<Probe> {
             ("GET", "/v1/api_keys".to_owned()),
             ("POST", "/v1/api_keys".to_owned()),
             ("POST", format!("/v1/api_keys/{id}/revoke")),
+            ("DELETE", format!("/v1/api_keys/{id}")),
+            ("DELETE", format!("/api_keys/{id}")),
             ("DELETE", "/backend.api-keys.revoke".to_owned()),
         ] {
             let headers: Vec<(&str, &[u8])> =
@@ -435,6 +440,9 @@ fn corpus(id: &str, secret: &str, github: &GithubKey) -> Vec<Probe> {
     for (method, path) in [
         ("PUT", "/v1/api_keys"),
         ("DELETE", "/v1/api_keys"),
+        ("DELETE", "/api_keys"),
+        ("DELETE", "/v1/api_keys/verify"),
+        ("DELETE", "/v1/api_keys/"),
         ("OPTIONS", "/v1/api_keys"),
         ("FOO", "/v1/api_keys"),
         ("POST", "/backend.api-keys.list"),
@@ -464,6 +472,22 @@ fn corpus(id: &str, secret: &str, github: &GithubKey) -> Vec<Probe> {
         "subject=%FF%FE",
         "subject=%ZZ",
         "include_invalid=maybe",
+        "include_invalid=TRUE",
+        "type=",
+        "type=ab",
+        "type=%00%00%00",
+        "limit=10.5",
+        "limit=1e1.5",
+        "limit=NaN",
+        "limit=inf",
+        "limit=-0",
+        "limit=1e400",
+        "limit=0x10",
+        "offset=-0.5",
+        "offset=NaN",
+        "offset=1e10",
+        "query=%FF",
+        "type=api_key&type=api_key",
         "created_after=yesterday",
         "order_by=name%3B%20DROP%20TABLE%20api_keys",
         "limit=1&limit=2",
@@ -718,8 +742,11 @@ async fn hundreds_of_hostile_requests_get_json_4xx_and_change_nothing() {
     ));
 }
 
+/// Every key: Clerk's list shows one `type` at a time, the tutorial's every key.
 async fn snapshot(app: &TestApp) -> Value {
-    let r = app.get("/v1/api_keys?limit=500&include_invalid=true").await;
-    assert_eq!(r.status, StatusCode::OK);
-    r.body
+    let clerk = app.get("/v1/api_keys?limit=500&include_invalid=true").await;
+    assert_eq!(clerk.status, StatusCode::OK);
+    let every = app.get("/backend.api-keys.list?page_size=500").await;
+    assert_eq!(every.status, StatusCode::OK);
+    json!([clerk.body, every.body])
 }

@@ -408,7 +408,7 @@ async fn change_keys(
             json!({"name": name, "subject": "acme", "scopes": scopes}),
         )
         .await;
-    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     let at = common::now_ms();
     let id = created.body["id"].as_str().expect("id").to_owned();
     let secret = created.body["secret"].as_str().expect("secret");

@@ -325,7 +325,7 @@ async fn with_leak_action_flag_a_leaked_key_is_marked_and_keeps_working() {
             json!({"grace_period_seconds": 3600}),
         )
         .await;
-    assert_eq!(rolled.status, StatusCode::OK, "{}", rolled.body);
+    assert_eq!(rolled.status, StatusCode::CREATED, "{}", rolled.body);
     assert_eq!(rolled.body["leaked_at"], Value::Null, "{}", rolled.body);
     assert_eq!(rolled.body["previous"]["revoked"], true, "{}", rolled.body);
     let reason = rolled.body["previous"]["revocation_reason"]

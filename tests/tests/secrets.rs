@@ -304,7 +304,7 @@ async fn no_secret_or_admin_token_is_stored_logged_or_published() {
             json!({"grace_period_seconds": 600}),
         )
         .await;
-    assert_eq!(rolled.status, StatusCode::OK, "{}", rolled.body);
+    assert_eq!(rolled.status, StatusCode::CREATED, "{}", rolled.body);
     secrets.push(rolled.body["secret"].as_str().expect("secret").to_owned());
     let rolled = stack
         .origin

@@ -92,7 +92,7 @@ async fn write_until_refused(
     for n in 0..500 {
         let (status, body) = create(app, n).await;
         match status {
-            StatusCode::OK => acknowledged.push(body["id"].as_str().expect("id").to_owned()),
+            StatusCode::CREATED => acknowledged.push(body["id"].as_str().expect("id").to_owned()),
             StatusCode::SERVICE_UNAVAILABLE => return body,
             other => panic!("{what}: write answered {other}: {body}"),
         }
@@ -145,7 +145,7 @@ async fn a_full_or_read_only_disk_refuses_writes_serves_reads_and_recovers() {
     // Space returns: writes work again, no restart.
     std::fs::remove_file(&filler).expect("remove filler");
     let (status, body) = create(&app, 10_000).await;
-    assert_eq!(status, StatusCode::OK, "after space returned: {body}");
+    assert_eq!(status, StatusCode::CREATED, "after space returned: {body}");
     // Committed for real: another connection (the readers') sees it.
     let new_id = body["id"].as_str().expect("id");
     acknowledged.push(new_id.to_owned());

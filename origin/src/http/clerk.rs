@@ -9,11 +9,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, Clerk};
-use super::extract::{self, Expiry, JsonBody, KeyIdPath, cleared_when_empty};
+use super::extract::{self, Expiry, JsonBody, KeyIdPath, Seconds, cleared_when_empty};
 use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::{AuditEntry, ListFilter, StoredKey};
-use crate::service::{KeyChanges, Leak, NewKey, Roll, system_now};
+use crate::service::{KeyChanges, Leak, NewKey, Roll, limits, system_now};
 
 type Result<T> = std::result::Result<Json<T>, ApiError<Clerk>>;
 type Body<T> = JsonBody<T, Clerk>;
@@ -27,20 +27,35 @@ pub fn routes(table: Routes, base: &str) -> Routes {
         .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/verify"), verify)
         .admin::<Clerk, _, _>(Method::GET, &format!("{keys}/{{id}}"), show)
         .admin::<Clerk, _, _>(Method::PATCH, &format!("{keys}/{{id}}"), update)
-        .admin::<Clerk, _, _>(Method::DELETE, &format!("{keys}/{{id}}"), refuse_delete)
+        .admin::<Clerk, _, _>(Method::DELETE, &format!("{keys}/{{id}}"), delete)
         .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/revoke"), revoke)
         .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/roll"), roll)
         .admin::<Clerk, _, _>(Method::POST, &format!("{keys}/{{id}}/leak"), report_leak)
         .admin::<Clerk, _, _>(Method::GET, &format!("{keys}/{{id}}/secret"), refuse_secret)
 }
 
-/// Clerk's SDK has `apiKeys.delete`; Latchkey never deletes a key (its audit trail would dangle).
-async fn refuse_delete(KeyIdPath(_, _): KeyIdPath<Clerk>) -> ApiError<Clerk> {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "API keys are never deleted; revoke it with POST /v1/api_keys/{id}/revoke.",
-    )
+/// Clerk's deleted object.
+#[derive(Debug, Serialize)]
+struct Deleted {
+    id: String,
+    object: &'static str,
+    deleted: bool,
+}
+
+/// `DELETE /api_keys/{id}`: the key is revoked (if it was not) and hidden from then on, as
+/// Clerk's SDK expects; its row, the secret's hash and its audit entries stay
+/// ([`crate::service::KeyService::delete`]).
+async fn delete(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    KeyIdPath(id, _): KeyIdPath<Clerk>,
+) -> Result<Deleted> {
+    let key = state.service.delete(&actor, &id).await?;
+    Ok(Json(Deleted {
+        id: key.id.to_string(),
+        object: "api_key",
+        deleted: true,
+    }))
 }
 
 /// Clerk's SDK has `apiKeys.getSecret`; Latchkey stores only a hash, so no secret can be shown.
@@ -57,7 +72,7 @@ async fn refuse_secret(KeyIdPath(_, _): KeyIdPath<Clerk>) -> ApiError<Clerk> {
 pub struct ApiKeyObject {
     object: &'static str,
     id: String,
-    r#type: &'static str,
+    r#type: String,
     name: String,
     subject: String,
     description: Option<String>,
@@ -91,8 +106,8 @@ impl ApiKeyObject {
     fn new(key: StoredKey, now: UnixMillis) -> Self {
         Self {
             object: "api_key",
-            r#type: "api_key",
             expired: key.is_expired(now),
+            r#type: key.key_type,
             id: key.id.to_string(),
             name: key.name,
             subject: key.subject,
@@ -122,14 +137,18 @@ impl ApiKeyObject {
 struct CreateRequest {
     name: String,
     subject: String,
+    /// Clerk's key type, 3 to 25 characters; `api_key` when absent.
+    #[serde(default)]
+    r#type: Option<String>,
     #[serde(default)]
     description: Option<String>,
     #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
     scopes: Vec<String>,
     #[serde(default)]
     claims: Option<Value>,
+    /// Any JSON number of seconds, whole or not (Clerk's SDKs send `3600.0`).
     #[serde(default)]
-    seconds_until_expiration: Option<i64>,
+    seconds_until_expiration: Option<Seconds>,
     #[serde(default)]
     created_by: Option<String>,
     #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
@@ -147,14 +166,15 @@ async fn create(
         description: req.description,
         scopes: req.scopes,
         claims: req.claims,
-        seconds_until_expiration: req.seconds_until_expiration,
+        lifetime_ms: req.seconds_until_expiration.map(Seconds::millis),
+        key_type: req.r#type,
         created_by: req.created_by,
         allowed_ips: req.allowed_ips,
     };
     let (key, secret) = state.service.create(&actor, new).await?;
     let mut object = ApiKeyObject::new(key, system_now());
     object.secret = Some(secret.expose().to_owned());
-    Ok((StatusCode::OK, Json(object)))
+    Ok((StatusCode::CREATED, Json(object)))
 }
 
 #[derive(Debug, Serialize)]
@@ -176,15 +196,42 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
             continue;
         }
         match name.as_str() {
+            // Clerk's document types these as numbers, and its Python SDK sends `20.0`.
             "limit" => {
-                filter.limit =
-                    extract::parse_u32(&name, &value, 1..=crate::service::limits::LIST_LIMIT_MAX)?
+                filter.limit = extract::parse_whole_number(
+                    &name,
+                    &value,
+                    1..=crate::service::limits::LIST_LIMIT_MAX,
+                )?
             }
-            "offset" => filter.offset = extract::parse_u32(&name, &value, 0..=u32::MAX)?,
+            "offset" => filter.offset = extract::parse_whole_number(&name, &value, 0..=u32::MAX)?,
             "include_invalid" => include_invalid = extract::parse_bool(&name, &value)?,
+            "type" => {
+                // A type longer than any key's can have matches none, as at Clerk.
+                if value.chars().count() < *limits::KEY_TYPE_LEN.start()
+                    || value.chars().any(char::is_control)
+                {
+                    return Err(extract::bad_param(
+                        &name,
+                        "at least 3 characters, none of them a control character",
+                    ));
+                }
+                filter.key_type = Some(value)
+            }
+            "query" => {
+                if value.chars().count() > limits::NAME_QUERY_MAX {
+                    return Err(extract::bad_param(&name, "at most 256 characters"));
+                }
+                // An empty search is no search.
+                filter.name_contains = Some(value).filter(|v| !v.is_empty())
+            }
             _ => return Err(extract::unknown_param(&name)),
         }
     }
+    // Clerk lists keys of type `api_key` unless asked for another type.
+    filter
+        .key_type
+        .get_or_insert_with(|| limits::KEY_TYPE_DEFAULT.to_owned());
     // Clerk lists only valid keys unless asked for invalid ones; explicit filters win.
     if !include_invalid {
         filter.revoked.get_or_insert(false);
@@ -224,7 +271,7 @@ struct UpdateRequest {
     /// `{}` clears them.
     #[serde(default)]
     claims: Option<Value>,
-    /// Seconds from now, or `"never"`.
+    /// Seconds from now (any JSON number), or `"never"`.
     #[serde(default)]
     seconds_until_expiration: Option<Expiry>,
     /// Absolute expiry in unix ms, or `"never"`.
@@ -304,7 +351,7 @@ async fn roll(
     Extension(Actor(actor)): Extension<Actor>,
     KeyIdPath(id, _): KeyIdPath<Clerk>,
     JsonBody(req, _): Body<RollRequest>,
-) -> Result<RollResponse> {
+) -> std::result::Result<(StatusCode, Json<RollResponse>), ApiError<Clerk>> {
     let roll = Roll {
         grace_period_seconds: req.grace_period_seconds,
         expiration: extract::lifetime(req.seconds_until_expiration, req.expiration)?,
@@ -313,10 +360,14 @@ async fn roll(
     let now = system_now();
     let mut key = ApiKeyObject::new(rolled.key, now);
     key.secret = Some(rolled.secret.expose().to_owned());
-    Ok(Json(RollResponse {
-        key,
-        previous: ApiKeyObject::new(rolled.previous, now),
-    }))
+    // A roll creates a key: 201, as create answers.
+    Ok((
+        StatusCode::CREATED,
+        Json(RollResponse {
+            key,
+            previous: ApiKeyObject::new(rolled.previous, now),
+        }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,6 +390,7 @@ async fn report_leak(
         reported_by: "admin",
         source: req.source,
         action: state.leak_action,
+        by_secret: false,
     };
     let key = state.service.report_leak(&actor, &id, &leak).await?;
     Ok(Json(ApiKeyObject::new(key, system_now())))

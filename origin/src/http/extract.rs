@@ -191,12 +191,52 @@ pub fn body_key_id<E>(raw: &str, field: &'static str) -> Result<KeyId, ApiError<
 /// One rule holds for every field of every body: `null` is the same as leaving the field out
 /// (it changes nothing), so a restriction is lifted only by an explicit value (`"never"` here,
 /// `[]` for `allowed_ips`), never by a `null` that a client library may send for "not given".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Expiry {
-    /// A number of seconds or an instant in unix ms, as the field says.
-    Value(i64),
+    /// A number of seconds or an instant in unix ms, as the field says: any JSON number, whole
+    /// or not (JSON has no `NaN` or infinity, and serde_json refuses a number past `f64`).
+    Value(f64),
     /// `"never"`: no expiry.
     Never,
+}
+
+/// A number of seconds as JSON states it: whole or not (`3600`, `3600.0`, `0.5`), as Clerk's
+/// document types `seconds_until_expiration`. Its range is the service's to judge, in whole
+/// milliseconds ([`Seconds::millis`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Seconds(pub f64);
+
+impl Seconds {
+    /// Whole milliseconds, rounded up (so any positive number is a positive lifetime). The
+    /// conversion saturates (`f64 as i64`): a huge number becomes `i64::MAX`, a negative one
+    /// stays negative, and the service refuses both; nothing here can overflow.
+    ///
+    /// ```
+    /// use latchkey_origin::http::extract::Seconds;
+    ///
+    /// assert_eq!(Seconds(3600.0).millis(), 3_600_000);
+    /// assert_eq!(Seconds(0.0001).millis(), 1);
+    /// assert_eq!(Seconds(-0.5).millis(), -500);
+    /// assert_eq!(Seconds(1e300).millis(), i64::MAX);
+    /// ```
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "saturating by definition; the service checks the range"
+    )]
+    pub fn millis(self) -> i64 {
+        (self.0 * 1000.0).ceil() as i64
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        match Expiry::deserialize(de)? {
+            Expiry::Value(v) => Ok(Self(v)),
+            Expiry::Never => Err(serde::de::Error::custom(
+                "\"never\" removes an expiry in an update or a roll; a key created without seconds_until_expiration never expires",
+            )),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Expiry {
@@ -205,15 +245,28 @@ impl<'de> Deserialize<'de> for Expiry {
         impl serde::de::Visitor<'_> for Visitor {
             type Value = Expiry;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a whole number, or \"never\" to remove the expiry")
+                f.write_str("a number, or \"never\" to remove the expiry")
             }
+            #[allow(
+                clippy::cast_precision_loss,
+                reason = "past 2^53 the value is far out of every range anyway"
+            )]
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Expiry, E> {
-                Ok(Expiry::Value(v))
+                Ok(Expiry::Value(v as f64))
             }
+            #[allow(
+                clippy::cast_precision_loss,
+                reason = "past 2^53 the value is far out of every range anyway"
+            )]
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Expiry, E> {
-                i64::try_from(v)
-                    .map(Expiry::Value)
-                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+                Ok(Expiry::Value(v as f64))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Expiry, E> {
+                if v.is_finite() {
+                    Ok(Expiry::Value(v))
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+                }
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Expiry, E> {
                 if v == "never" {
@@ -323,6 +376,51 @@ pub fn parse_bool<E>(name: &str, value: &str) -> Result<bool, ApiError<E>> {
     }
 }
 
+/// A whole number query value within `range`, also written as a decimal with no fraction
+/// (`20.0`, `2e1`), as a client that types it as a JSON number sends it. `NaN`, infinities,
+/// fractions and signs out of range are refused.
+///
+/// ```
+/// use latchkey_origin::http::extract::parse_whole_number;
+///
+/// let parse = |v: &str| parse_whole_number::<()>("limit", v, 1..=100).ok();
+/// assert_eq!(parse("20"), Some(20));
+/// assert_eq!(parse("20.0"), Some(20));
+/// assert_eq!(parse("2e1"), Some(20));
+/// for refused in ["20.5", "0", "101", "-1", "NaN", "inf", "1e400", "", " 5", "0x10"] {
+///     assert_eq!(parse(refused), None, "{refused}");
+/// }
+/// ```
+pub fn parse_whole_number<E>(
+    name: &str,
+    value: &str,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, ApiError<E>> {
+    let whole = value.parse::<u32>().ok().or_else(|| {
+        // Only digits, a point and an exponent: Rust's float parser also takes `inf` and `NaN`.
+        let decimal = !value.is_empty()
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'));
+        let number = value.parse::<f64>().ok().filter(|_| decimal)?;
+        let whole = number.is_finite()
+            && number.fract() == 0.0
+            && (0.0..=f64::from(u32::MAX)).contains(&number);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a whole number within u32's range, checked above"
+        )]
+        whole.then_some(number as u32)
+    });
+    whole.filter(|n| range.contains(n)).ok_or_else(|| {
+        bad_param(
+            name,
+            &format!("a whole number from {} to {}", range.start(), range.end()),
+        )
+    })
+}
+
 /// A whole number query value within `range`.
 pub fn parse_u32<E>(
     name: &str,
@@ -405,6 +503,16 @@ pub fn unknown_param<E>(name: &str) -> ApiError<E> {
     .field(name)
 }
 
+/// An instant in unix ms as JSON states it, rounded up to a whole millisecond; saturating, so
+/// the service's range check sees any number safely.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "saturating by definition; the service checks the range"
+)]
+fn whole_millis(at: f64) -> i64 {
+    at.ceil() as i64
+}
+
 /// Expiry changes as a request states them: seconds from now, or an absolute time (not both);
 /// `"never"` in either removes the expiry.
 pub fn lifetime<E>(
@@ -417,8 +525,8 @@ pub fn lifetime<E>(
             "given either as seconds_until_expiration or as expiration, not both",
         )),
         (Some(Expiry::Never), None) | (None, Some(Expiry::Never)) => Ok(Some(Lifetime::Never)),
-        (Some(Expiry::Value(s)), None) => Ok(Some(Lifetime::Seconds(s))),
-        (None, Some(Expiry::Value(at))) => Ok(Some(Lifetime::At(UnixMillis(at)))),
+        (Some(Expiry::Value(s)), None) => Ok(Some(Lifetime::Millis(Seconds(s).millis()))),
+        (None, Some(Expiry::Value(at))) => Ok(Some(Lifetime::At(UnixMillis(whole_millis(at))))),
         (None, None) => Ok(None),
     }
 }

@@ -372,6 +372,7 @@ async fn report(state: &AppState, found: &[Found]) -> Result<HashSet<String>, Ap
             reported_by: ACTOR,
             source: Some(source(f)),
             action: state.leak_action,
+            by_secret: true,
         };
         let service: Arc<KeyService> = state.service.clone();
         reports.spawn(async move { service.report_leak(ACTOR, &key.id, &leak).await });

@@ -114,15 +114,27 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Parses `bytes` as every JSON request body of the API and, if it is UTF-8, as a query
-/// string, exactly as the handlers would; returns how many parsers accepted it. For the
-/// `origin_body` fuzz target: whatever the bytes, this must not panic.
+/// Parses `bytes` as every JSON request body of the API, as a number of seconds (converted to
+/// milliseconds) and, if it is UTF-8, as a query string and a numeric query value, exactly as
+/// the handlers would; returns how many parsers accepted it. For the `origin_body` fuzz
+/// target: whatever the bytes, this must not panic.
 #[doc(hidden)]
 pub fn parse_request_bodies(bytes: &[u8]) -> usize {
     let query = std::str::from_utf8(bytes).ok().map_or(0, |q| {
         usize::from(extract::query_pairs::<Clerk>(Some(q)).is_ok())
+            + usize::from(extract::parse_whole_number::<Clerk>("limit", q, 0..=u32::MAX).is_ok())
     });
-    clerk::parse_bodies(bytes) + tutorial::parse_bodies(bytes) + query
+    let seconds = extract::parse_json::<extract::Seconds, Clerk>(bytes).map_or(0, |s| {
+        // Saturating, and rounded up: a positive number of seconds is a positive lifetime.
+        assert!(
+            s.0 <= 0.0 || s.millis() > 0,
+            "{} s became {} ms",
+            s.0,
+            s.millis()
+        );
+        1
+    });
+    clerk::parse_bodies(bytes) + tutorial::parse_bodies(bytes) + query + seconds
 }
 
 /// Every route, its method and who may call it (what `origin routes` prints).

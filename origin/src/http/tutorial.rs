@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, Tutorial};
-use super::extract::{self, Expiry, JsonBody, cleared_when_empty};
+use super::extract::{self, Expiry, JsonBody, Seconds, cleared_when_empty};
 use super::routes::Routes;
 use super::{Actor, AppState};
 use crate::model::ListFilter;
@@ -62,8 +62,9 @@ struct CreateRequest {
     subject: Option<String>,
     #[serde(default)]
     description: Option<String>,
+    /// Any JSON number of seconds, whole or not, as on the Clerk surface.
     #[serde(default)]
-    seconds_until_expiration: Option<i64>,
+    seconds_until_expiration: Option<Seconds>,
     /// Not in the tutorial: addresses and CIDR ranges the key may be used from.
     #[serde(default, deserialize_with = "latchkey_shared::verify::null_as_default")]
     allowed_ips: Vec<String>,
@@ -101,7 +102,8 @@ async fn create(
         description: req.description,
         scopes: req.scopes,
         claims: req.metadata,
-        seconds_until_expiration: req.seconds_until_expiration,
+        lifetime_ms: req.seconds_until_expiration.map(Seconds::millis),
+        key_type: None,
         created_by: None,
         allowed_ips: req.allowed_ips,
     };

@@ -29,7 +29,7 @@ use crate::model::{
 
 const KEY_COLUMNS: &str = "id, secret_hash, hint, name, subject, description, scopes, claims, created_by, \
      expiration, revoked, revoked_at, revocation_reason, last_used_at, created_at, updated_at, revision, \
-     disabled, allowed_ips, rolled_from, rolled_to, leaked_at, leak_source";
+     disabled, allowed_ips, rolled_from, rolled_to, leaked_at, leak_source, key_type, deleted_at";
 
 /// The columns a change may write: every column but the key's identity, its creation and its
 /// use (`last_used_at` is written by the usage flush alone).
@@ -50,6 +50,7 @@ const CHANGEABLE_COLUMNS: &[&str] = &[
     "rolled_to",
     "leaked_at",
     "leak_source",
+    "deleted_at",
 ];
 
 type KeyQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
@@ -84,6 +85,8 @@ fn bind_column<'q>(query: KeyQuery<'q>, key: &'q StoredKey, column: &str) -> Key
         "rolled_to" => query.bind(key.rolled_to.as_ref().map(KeyId::as_str)),
         "leaked_at" => query.bind(key.leaked_at.map(|t| t.0)),
         "leak_source" => query.bind(&key.leak_source),
+        "key_type" => query.bind(&key.key_type),
+        "deleted_at" => query.bind(key.deleted_at.map(|t| t.0)),
         #[allow(
             clippy::panic,
             reason = "a programming error, caught by every test that writes a key"
@@ -921,6 +924,8 @@ fn key_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         rolled_to: row.get(const { column("rolled_to") })?,
         leaked_at: row.get(const { column("leaked_at") })?,
         leak_source: row.get(const { column("leak_source") })?,
+        key_type: row.get(const { column("key_type") })?,
+        deleted_at: row.get(const { column("deleted_at") })?,
     })
 }
 
@@ -960,6 +965,8 @@ struct KeyRow {
     rolled_to: Option<String>,
     leaked_at: Option<i64>,
     leak_source: Option<String>,
+    key_type: String,
+    deleted_at: Option<i64>,
 }
 
 impl TryFrom<KeyRow> for StoredKey {
@@ -1022,6 +1029,8 @@ impl TryFrom<KeyRow> for StoredKey {
             rolled_to,
             leaked_at: row.leaked_at.map(UnixMillis),
             leak_source: row.leak_source,
+            key_type: row.key_type,
+            deleted_at: row.deleted_at.map(UnixMillis),
         })
     }
 }
@@ -1108,9 +1117,23 @@ fn pending_column(sink: Sink) -> &'static str {
 
 /// Adds the WHERE clause of `filter` (shared by the page query and the count).
 fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, filter: &ListFilter) {
-    qb.push(" WHERE 1 = 1");
+    // A deleted key is never listed.
+    qb.push(" WHERE deleted_at IS NULL");
     if let Some(subject) = &filter.subject {
         qb.push(" AND subject = ").push_bind(subject.clone());
+    }
+    if let Some(key_type) = &filter.key_type {
+        qb.push(" AND key_type = ").push_bind(key_type.clone());
+    }
+    if let Some(text) = &filter.name_contains {
+        // LIKE's own wildcards in the text are literal: escaped with `\`.
+        let escaped = text
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        qb.push(" AND name LIKE ")
+            .push_bind(format!("%{escaped}%"))
+            .push(" ESCAPE '\\'");
     }
     if let Some(revoked) = filter.revoked {
         qb.push(" AND revoked = ").push_bind(revoked);
@@ -2042,6 +2065,8 @@ mod tests {
             rolled_to: None,
             leaked_at: None,
             leak_source: None,
+            key_type: "api_key".into(),
+            deleted_at: None,
         }
     }
 
@@ -2140,6 +2165,8 @@ mod tests {
             })),
             leaked_at: Some(UnixMillis(1_400)),
             leak_source: Some("https://github.com/o/r/blob/x/f".into()),
+            key_type: "partner_key".into(),
+            deleted_at: Some(UnixMillis(1_600)),
             ..new_key(n)
         }
     }
@@ -2186,6 +2213,7 @@ mod tests {
                 last_used_at: key.last_used_at,
                 rolled_from: key.rolled_from.clone(),
                 created_by: key.created_by.clone(),
+                key_type: key.key_type.clone(),
                 ..changed
             }
         );

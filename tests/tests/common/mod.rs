@@ -332,7 +332,7 @@ impl TestApp {
         let r = self
             .post("/v1/api_keys", serde_json::json!({ "name": format!("{subject} key"), "subject": subject, "scopes": scopes }))
             .await;
-        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
         (
             r.body["id"].as_str().expect("id").to_owned(),
             r.body["secret"].as_str().expect("secret").to_owned(),
