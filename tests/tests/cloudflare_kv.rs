@@ -608,6 +608,35 @@ async fn publishes_through_rate_limits_and_server_errors_with_the_token_and_the_
     assert!(!app.logs().contains(TOKEN), "the API token is never logged");
 }
 
+/// Clerk's delete revokes the key, and KV learns it as it learns a revocation: the edge then
+/// answers `REVOKED` for the deleted key's secret.
+#[tokio::test]
+async fn a_deleted_key_reaches_kv_revoked() {
+    let (base, fake) = start_fake(Vec::new()).await;
+    let app = TestApp::builder()
+        .env("KV_API_BASE", &base)
+        .env("KV_NAMESPACE_ID", NAMESPACE)
+        .env("KV_API_TOKEN", TOKEN)
+        .start()
+        .await;
+    let (id, secret) = app.create_key("acme-corp", &["read:orders"]).await;
+    let r = app.delete(&format!("/api_keys/{id}"), Value::Null).await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{:?}", r.body);
+    all_published(&app, Duration::from_secs(20)).await;
+
+    let fake = fake.lock().expect("lock");
+    let name = kv_entry_name(&ApiKey::parse(&secret).expect("issued key").hash());
+    let records: Vec<KeyRecord> = fake
+        .writes
+        .iter()
+        .filter(|w| w.name == name)
+        .map(|w| KeyRecord::from_json(w.body.as_bytes()).expect("a record"))
+        .collect();
+    let last = records.last().expect("the key's entry was written");
+    assert!(last.revoked, "{records:?}");
+    assert_eq!(last.revision, 2, "created, then deleted: {records:?}");
+}
+
 #[tokio::test]
 async fn a_refused_token_is_reported_and_retried_until_it_works() {
     let auth_error = json!([{ "code": 10000, "message": "Authentication error" }]);

@@ -292,6 +292,27 @@ async fn a_signed_alert_revokes_our_leaked_keys_once_and_answers_githubs_feedbac
     ));
 }
 
+/// A deleted key's secret is still ours: GitHub is told so, and the leak is recorded in its
+/// audit trail (an admin naming the deleted key by id gets 404, as for every call).
+#[tokio::test]
+async fn a_deleted_keys_secret_found_by_github_is_ours_and_recorded() {
+    let github = GithubKey::new("90a421169f0a406205f1563a953312f0be898d3c7b6c06b681aa86a874555f4a");
+    let (app, _dir) = app_with_keys(&[&github], &[]).await;
+    let (id, secret) = app.create_key("acme", &["read:orders"]).await;
+    let r = app.delete(&format!("/v1/api_keys/{id}"), Value::Null).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let batch =
+        json!([{"token": secret, "type": "latchkey_api_key", "source": "content"}]).to_string();
+    let r = alert(&app, batch.as_bytes(), Some(&github)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body[0]["label"], "true_positive", "{}", r.body);
+    assert_eq!(audit_actions(&app, &id).await, ["create", "delete", "leak"]);
+    let r = app
+        .post(&format!("/v1/api_keys/{id}/leak"), json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+}
+
 #[tokio::test]
 async fn with_leak_action_flag_a_leaked_key_is_marked_and_keeps_working() {
     let github = GithubKey::new("k1");
