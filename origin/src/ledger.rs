@@ -553,7 +553,7 @@ impl LedgerPublisher {
                         break;
                     }
                 }
-                // Keys are never deleted; a missing row means a hand-edited database.
+                // Keys are never erased (a deleted one keeps its row); a missing row means a hand-edited database.
                 None => {
                     tracing::warn!(key_id = %entry.key_id, "outbox names a key that does not exist; skipping")
                 }

@@ -496,7 +496,7 @@ impl Publisher {
                     entries.push(entry);
                 }
                 Ok(None) => {
-                    // Keys are never deleted; a missing row means a hand-edited database.
+                    // Keys are never erased (a deleted one keeps its row); a missing row means a hand-edited database.
                     tracing::warn!(key_id = %entry.key_id, "outbox names a key that does not exist; skipping");
                     written.published.push(entry.clone());
                 }
@@ -773,7 +773,7 @@ async fn publish_key(
     entry: &OutboxEntry,
 ) -> Result<(), KeyFailure> {
     let Some(key) = store.get(&entry.key_id).await.map_err(KeyFailure::Store)? else {
-        // Keys are never deleted; a missing row means a hand-edited database. Nothing to send.
+        // Keys are never erased (a deleted one keeps its row); a missing row means a hand-edited database. Nothing to send.
         tracing::warn!(key_id = %entry.key_id, "outbox names a key that does not exist; skipping");
         return Ok(());
     };

@@ -446,7 +446,11 @@ impl KeyService {
             .map(|d| optional_text("description", d, limits::DESCRIPTION_MAX))
             .transpose()?;
         let scopes = match changes.scopes.as_deref() {
-            Some(requested) => Some(self.grant(actor, Some(id), requested).await?),
+            Some(requested) => {
+                // An unknown or deleted key is a 404 before any refused grant is audited.
+                self.existing(id).await?;
+                Some(self.grant(actor, Some(id), requested).await?)
+            }
             None => None,
         };
         let claims = changes
@@ -636,7 +640,9 @@ impl KeyService {
             STALE_POLICY_ACTOR,
             id,
             "update",
-            Deleted::NotFound,
+            // A key deleted since the policy listed it is revoked: skipped below, not an
+            // error that would end the policy's pass.
+            Deleted::Found,
             |key, now| {
                 let active = key
                     .last_used_at
@@ -688,7 +694,7 @@ impl KeyService {
 
     /// Rolls a live key: issues a new secret as a new key that copies the old one's settings
     /// (name, subject, description, scopes, claims, creator, expiry unless `roll` gives one,
-    /// disabled, allowed IPs) and names it in `rolled_from`. The old key names its successor in
+    /// disabled, allowed IPs, type) and names it in `rolled_from`. The old key names its successor in
     /// `rolled_to` and keeps working for the grace period (its expiry becomes the earlier of
     /// its own and the end of the grace period), or is revoked at once for a grace period of
     /// 0. Both changes, and both audit entries, commit together or not at all.
@@ -792,6 +798,7 @@ impl KeyService {
                     "expiration": key.expiration,
                     "hint": key.hint,
                     "allowed_ips": key.allowed_ips,
+                    "type": key.key_type,
                     "rolled_from": id,
                 }),
             );

@@ -1449,6 +1449,12 @@ async fn a_deleted_key_is_revoked_hidden_and_still_audited() {
             format!("/v1/api_keys/{id}/leak"),
             Some(json!({})),
         ),
+        // A refused scope grant is no exception: the key is not found first.
+        (
+            reqwest::Method::PATCH,
+            format!("/v1/api_keys/{id}"),
+            Some(json!({ "scopes": ["*"] })),
+        ),
     ] {
         let r = app.call(method.clone(), &path, body).await;
         assert_eq!(
@@ -1458,6 +1464,32 @@ async fn a_deleted_key_is_revoked_hidden_and_still_audited() {
             r.body
         );
         assert_eq!(code(&r.body), "resource_not_found", "{method} {path}");
+    }
+    // The tutorial's surface too.
+    for (method, path, body) in [
+        (
+            reqwest::Method::PATCH,
+            "/backend.api-keys.update",
+            json!({ "key_id": id, "name": "x" }),
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/backend.api-keys.revoke",
+            json!({ "key_id": id }),
+        ),
+        (
+            reqwest::Method::POST,
+            "/backend.api-keys.roll",
+            json!({ "key_id": id, "grace_period_seconds": 0 }),
+        ),
+    ] {
+        let r = app.call(method.clone(), path, Some(body)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::NOT_FOUND,
+            "{method} {path}: {}",
+            r.body
+        );
     }
     let listed = app.get("/v1/api_keys?include_invalid=true").await;
     assert_eq!(listed.body["total_count"], 0, "{}", listed.body);

@@ -281,8 +281,10 @@ fn corpus(id: &str, secret: &str, github: &GithubKey) -> Vec<Probe> {
             for wrong in hostile::wrong_values(kind) {
                 let mut body = e.base.clone();
                 body[*field] = serde_json::from_str(wrong).unwrap_or(Value::Null);
-                let text = if serde_json::from_str::<Value>(wrong).is_err() {
-                    // Not JSON serde_json can hold (`1e400`, `NaN`): splice the literal in.
+                let held = serde_json::from_str::<Value>(wrong).map(|v| v.to_string());
+                let text = if held.ok().as_deref() != Some(wrong) {
+                    // Not JSON serde_json holds as written (`1e400`, `NaN`, `1e-400`, `-0`):
+                    // splice the literal in.
                     e.base
                         .to_string()
                         .replacen('{', &format!("{{\"{field}\": {wrong},"), 1)
@@ -487,6 +489,8 @@ fn corpus(id: &str, secret: &str, github: &GithubKey) -> Vec<Probe> {
         "offset=NaN",
         "offset=1e10",
         "query=%FF",
+        "query=%00",
+        "query=a%00b",
         "type=api_key&type=api_key",
         "created_after=yesterday",
         "order_by=name%3B%20DROP%20TABLE%20api_keys",

@@ -190,6 +190,9 @@ async fn every_key_event_arrives_signed_and_in_order() {
         json!({"revocation_reason": "done"}),
     )
     .await;
+    // Deleted (Clerk's delete): hidden, yet the event still names the key.
+    let deleted = app.delete(&format!("/api_keys/{c}"), Value::Null).await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
     // A refused change is audited, but it is no event.
     let refused = app
         .post(
@@ -199,7 +202,7 @@ async fn every_key_event_arrives_signed_and_in_order() {
         .await;
     assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
 
-    let events = delivered(&seen, 9).await;
+    let events = delivered(&seen, 10).await;
     let summary: Vec<(String, String)> = events
         .iter()
         .map(|(_, e)| {
@@ -222,6 +225,7 @@ async fn every_key_event_arrives_signed_and_in_order() {
             expect("api_key.leaked", &b),
             expect("api_key.created", &c),
             expect("api_key.revoked", &c),
+            expect("api_key.deleted", &c),
         ]
     );
     let (_, rolled_event) = &events[4];
@@ -230,6 +234,11 @@ async fn every_key_event_arrives_signed_and_in_order() {
     assert_eq!(events[5].1["data"]["details"]["rolled_from"], json!(a));
     assert_eq!(events[6].1["data"]["details"]["revoked"], true);
     assert_eq!(events[8].1["data"]["details"]["reason"], "done");
+    assert_eq!(
+        events[9].1["data"]["details"]["revoked"], false,
+        "revoked before"
+    );
+    assert_eq!(events[9].1["data"]["key"]["subject"], "globex");
     let seqs: Vec<i64> = events
         .iter()
         .map(|(_, e)| e["data"]["audit_seq"].as_i64().expect("seq"))
@@ -240,7 +249,7 @@ async fn every_key_event_arrives_signed_and_in_order() {
         (seen.refused, seen.accepted.len())
     };
     assert_eq!(refused, 0, "every signature verified");
-    assert_eq!(accepted, 9, "each delivered once while all went well");
+    assert_eq!(accepted, 10, "each delivered once while all went well");
 
     let health = eventually(Duration::from_secs(10), || async {
         let h = app.get("/healthz").await;
@@ -251,7 +260,7 @@ async fn every_key_event_arrives_signed_and_in_order() {
     .await;
     assert_eq!(health["webhooks"]["endpoints"], 1);
     assert_eq!(health["webhooks"]["state"], "ok");
-    assert_eq!(health["webhooks"]["delivered"], 9);
+    assert_eq!(health["webhooks"]["delivered"], 10);
     assert!(
         health["webhooks"].get("detail").is_none(),
         "no URL on the open route"
@@ -263,7 +272,7 @@ async fn every_key_event_arrives_signed_and_in_order() {
         .await
         .expect("text");
     assert!(
-        text.contains("latchkey_webhook_delivered_total 9"),
+        text.contains("latchkey_webhook_delivered_total 10"),
         "{text}"
     );
     assert!(text.contains("latchkey_webhook_pending 0"), "{text}");

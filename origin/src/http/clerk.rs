@@ -207,7 +207,9 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
             "offset" => filter.offset = extract::parse_whole_number(&name, &value, 0..=u32::MAX)?,
             "include_invalid" => include_invalid = extract::parse_bool(&name, &value)?,
             "type" => {
-                // A type longer than any key's can have matches none, as at Clerk.
+                // Trimmed, as create stores it. A type longer than any key's can have matches
+                // none, as at Clerk.
+                let value = value.trim().to_owned();
                 if value.chars().count() < *limits::KEY_TYPE_LEN.start()
                     || value.chars().any(char::is_control)
                 {
@@ -219,8 +221,15 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
                 filter.key_type = Some(value)
             }
             "query" => {
-                if value.chars().count() > limits::NAME_QUERY_MAX {
-                    return Err(extract::bad_param(&name, "at most 256 characters"));
+                // No name holds a control character (and SQLite's LIKE would end the pattern
+                // at a NUL): refused rather than searched.
+                if value.chars().count() > limits::NAME_QUERY_MAX
+                    || value.chars().any(char::is_control)
+                {
+                    return Err(extract::bad_param(
+                        &name,
+                        "at most 256 characters, none of them a control character",
+                    ));
                 }
                 // An empty search is no search.
                 filter.name_contains = Some(value).filter(|v| !v.is_empty())

@@ -207,14 +207,19 @@ pub enum Expiry {
 pub struct Seconds(pub f64);
 
 impl Seconds {
-    /// Whole milliseconds, rounded up (so any positive number is a positive lifetime). The
-    /// conversion saturates (`f64 as i64`): a huge number becomes `i64::MAX`, a negative one
-    /// stays negative, and the service refuses both; nothing here can overflow.
+    /// Whole milliseconds: a number of seconds given to the millisecond is kept exactly
+    /// (`2.007` is 2,007 ms, though `2.007 * 1000.0` is a hair over 2007), and a finer one is
+    /// rounded up (so any positive number is a positive lifetime). The conversion saturates
+    /// (`f64 as i64`): a huge number becomes `i64::MAX`, a negative one stays negative, and the
+    /// service refuses both; nothing here can overflow.
     ///
     /// ```
     /// use latchkey_origin::http::extract::Seconds;
     ///
     /// assert_eq!(Seconds(3600.0).millis(), 3_600_000);
+    /// assert_eq!(Seconds(2.007).millis(), 2_007);
+    /// assert_eq!(Seconds(2.01).millis(), 2_010);
+    /// assert_eq!(Seconds(0.0015).millis(), 2);
     /// assert_eq!(Seconds(0.0001).millis(), 1);
     /// assert_eq!(Seconds(-0.5).millis(), -500);
     /// assert_eq!(Seconds(1e300).millis(), i64::MAX);
@@ -224,7 +229,15 @@ impl Seconds {
         reason = "saturating by definition; the service checks the range"
     )]
     pub fn millis(self) -> i64 {
-        (self.0 * 1000.0).ceil() as i64
+        let ms = self.0 * 1000.0;
+        let nearest = ms.round();
+        // Within a few units of the last place of a whole millisecond: that millisecond.
+        let whole = if (ms - nearest).abs() <= 1e-9 * nearest.abs().max(1.0) {
+            nearest
+        } else {
+            ms.ceil()
+        };
+        whole as i64
     }
 }
 

@@ -194,7 +194,8 @@ struct ListResponse {
     page_size: u32,
 }
 
-/// Every key, revoked and expired included (the tutorial filters them client-side), newest first.
+/// Every key, revoked and expired included (the tutorial filters them client-side), newest first;
+/// deleted keys (Clerk's delete) never.
 async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<ListResponse> {
     let mut filter = ListFilter {
         now: system_now(),
