@@ -210,7 +210,7 @@ async fn a_full_or_read_only_disk_refuses_writes_serves_reads_and_recovers() {
     acknowledged.push(body["id"].as_str().unwrap_or_default().to_owned());
     assert_eq!(
         status,
-        StatusCode::OK,
+        StatusCode::CREATED,
         "after remounting read-write: {body}"
     );
 
