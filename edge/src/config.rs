@@ -63,6 +63,24 @@ pub(crate) struct LedgerSettings {
 /// `GATEWAY_BODY_MAX_BYTES` when unset: 1 MiB.
 const DEFAULT_GATEWAY_BODY_MAX: usize = 1 << 20;
 
+/// `LEDGER_RETENTION_MS` when unset: ten minutes, well above KV's propagation bound.
+pub(crate) const DEFAULT_RETENTION_MS: i64 = 600_000;
+/// The shortest retention allowed: ten minutes. Shorter would let an isolate trust a KV value
+/// older than a change it forgot: KV takes a minute or more to propagate, its writes may wait
+/// minutes for the API budget or a 429's pause, and origin appends a change again only after it
+/// has waited about four minutes for KV. Tests (`DEBUG_HEADERS=true`) may go down to one second.
+pub(crate) const MIN_RETENTION_MS: i64 = 600_000;
+
+/// The ledger's retention range for these settings (the Worker checks `LEDGER_RETENTION_MS`
+/// against it here, the Durable Object again for itself): tests may shorten it.
+pub(crate) fn retention_range(debug_headers: bool) -> std::ops::RangeInclusive<i64> {
+    (if debug_headers {
+        1000
+    } else {
+        MIN_RETENTION_MS
+    })..=86_400_000
+}
+
 /// The settings shared by every request of this isolate.
 pub(crate) type Config = Rc<Settings>;
 
@@ -263,11 +281,11 @@ fn ledger_settings(
         ledger_max_keys: count(env, "LEDGER_MAX_KEYS", defaults.ledger_max_keys, 1, 100_000)?,
     };
     // Checked here too (the object reads it for itself) so a bad value is refused loudly.
-    let retention = crate::ledger::retention_range(debug_headers);
+    let retention = retention_range(debug_headers);
     number(
         env,
         "LEDGER_RETENTION_MS",
-        crate::ledger::DEFAULT_RETENTION_MS,
+        DEFAULT_RETENTION_MS,
         *retention.start(),
         *retention.end(),
     )?;

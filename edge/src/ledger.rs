@@ -35,7 +35,7 @@ use worker::{
 };
 
 use crate::body;
-use crate::config::Settings;
+use crate::config::{DEFAULT_RETENTION_MS, Settings, retention_range};
 use crate::reply;
 
 /// The Durable Object binding named in `wrangler.toml`.
@@ -49,23 +49,6 @@ const UNTIL_HEADER: &str = "x-latchkey-ledger-until";
 /// The Worker → object header carrying the verified signature's timestamp (ms): appends are
 /// taken in that order.
 const SIGNED_AT_HEADER: &str = "x-latchkey-ledger-signed-at";
-/// `LEDGER_RETENTION_MS` when unset: ten minutes, well above KV's propagation bound.
-pub(crate) const DEFAULT_RETENTION_MS: i64 = 600_000;
-/// The shortest retention allowed: ten minutes. Shorter would let an isolate trust a KV value
-/// older than a change it forgot: KV takes a minute or more to propagate, its writes may wait
-/// minutes for the API budget or a 429's pause, and origin appends a change again only after it
-/// has waited about four minutes for KV. Tests (`DEBUG_HEADERS=true`) may go down to one second.
-pub(crate) const MIN_RETENTION_MS: i64 = 600_000;
-
-/// The retention range for these settings: tests may shorten it.
-pub(crate) fn retention_range(debug_headers: bool) -> std::ops::RangeInclusive<i64> {
-    (if debug_headers {
-        1000
-    } else {
-        MIN_RETENTION_MS
-    })..=86_400_000
-}
-
 /// `POST /v1/ledger/changes`: checks the signature and the body, then appends in the object.
 pub(crate) async fn append(
     req: web_sys::Request,

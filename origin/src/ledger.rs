@@ -20,7 +20,7 @@
 //!   one database never send watermarks side by side.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -418,7 +418,7 @@ impl LedgerPublisher {
         lock_path: Option<PathBuf>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let Ok(_lock) = crate::publish::hold_lock(
+        let Ok(_lock) = crate::store::lease::hold_lock(
             lock_path.as_deref(),
             &mut stop,
             "another origin holds the ledger lock; waiting",
@@ -639,11 +639,6 @@ impl BatchBuilder {
         self.changes.push(change);
         true
     }
-}
-
-/// The ledger publisher's lock next to a database file, or `None` for an in-memory database.
-pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
-    crate::publish::role_lock(database_file, "ledger")
 }
 
 /// The next retry delay: doubling from 100 ms to [`RETRY_MAX`], jittered in its upper half.

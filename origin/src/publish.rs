@@ -31,8 +31,7 @@
 //!   so a second origin or `origin sync` cannot interleave stale writes with it.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, TryLockError};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -47,7 +46,7 @@ use crate::config::{KvConfig, WriteMode};
 use crate::kv::{BULK_GET_MAX, BULK_PUT_MAX, BULK_PUT_MAX_BYTES, KvClient, KvError};
 use crate::model::{OutboxEntry, Sink};
 use crate::service::system_now;
-use crate::store::{KeyStore, StoreError};
+use crate::store::{KeyStore, StoreError, lease};
 
 /// Outbox rows read per batch, one request per key (`KV_WRITE_MODE=per_key`).
 const BATCH: u32 = 256;
@@ -317,7 +316,7 @@ impl Publisher {
         lock_path: Option<PathBuf>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let Ok(_lock) = hold_lock(
+        let Ok(_lock) = lease::hold_lock(
             lock_path.as_deref(),
             &mut stop,
             "another publisher (origin or `origin sync`) holds the lock; waiting",
@@ -797,85 +796,6 @@ fn backoff(failures_in_a_row: &mut u32, max: Duration) -> Duration {
     ceiling.mul_f64(0.5 + 0.5 * jitter)
 }
 
-/// The lock of a background role (`publisher`, `ledger`, `webhooks`, `policy`) next to a
-/// database file (`<database>.<role>.lock`), or `None` for an in-memory database: one process
-/// plays each role, however many serve.
-pub fn role_lock(database_file: Option<&Path>, role: &str) -> Option<PathBuf> {
-    database_file.map(|file| {
-        let mut name = file.as_os_str().to_owned();
-        name.push(format!(".{role}.lock"));
-        PathBuf::from(name)
-    })
-}
-
-/// The publisher lock next to a database file, or `None` for an in-memory database.
-pub fn lock_path(database_file: Option<&Path>) -> Option<PathBuf> {
-    role_lock(database_file, "publisher")
-}
-
-/// `stop` turned before the lock was ours.
-#[derive(Debug)]
-pub struct Stopped;
-
-/// A background role's lock ([`role_lock`]): taken, waiting while another process holds it, if
-/// there is one (a file database); `Err(Stopped)` if `stop` turned first.
-pub async fn hold_lock(
-    path: Option<&Path>,
-    stop: &mut watch::Receiver<bool>,
-    waiting: &str,
-) -> Result<Option<File>, Stopped> {
-    match path {
-        Some(path) => wait_for_lock(path, stop, waiting)
-            .await
-            .map(Some)
-            .ok_or(Stopped),
-        None => Ok(None),
-    }
-}
-
-/// Waits until the lock at `path` is ours, or `stop` turns true (`None`); says `waiting` once
-/// while another process holds it.
-async fn wait_for_lock(
-    path: &Path,
-    stop: &mut watch::Receiver<bool>,
-    waiting: &str,
-) -> Option<File> {
-    let mut announced = false;
-    loop {
-        match try_lock(path) {
-            Ok(Some(file)) => return Some(file),
-            Ok(None) => {
-                if !announced {
-                    tracing::warn!(lock = %path.display(), "{waiting}");
-                    announced = true;
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, lock = %path.display(), "cannot open the lock; retrying");
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => return None,
-        }
-    }
-}
-
-/// Takes the publisher lock without waiting: `Ok(None)` if another process holds it. The lock
-/// is released when the returned file is dropped or the process dies.
-pub fn try_lock(path: &Path) -> std::io::Result<Option<File>> {
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(TryLockError::WouldBlock) => Ok(None),
-        Err(TryLockError::Error(e)) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -921,21 +841,5 @@ mod tests {
         assert!(json.len() <= BULK_PUT_MAX_BYTES, "{}", json.len());
         let huge = vec![("k1:a".to_owned(), "x".repeat(BULK_PUT_MAX_BYTES))];
         assert_eq!(bulk_chunk_end(&huge, 0), 1, "one pair always goes");
-    }
-
-    #[test]
-    fn the_lock_admits_one_holder_at_a_time() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = lock_path(Some(&dir.path().join("db.sqlite"))).expect("file database");
-        let held = try_lock(&path).expect("opens").expect("free");
-        assert!(
-            try_lock(&path).expect("opens").is_none(),
-            "second holder refused"
-        );
-        drop(held);
-        assert!(
-            try_lock(&path).expect("opens").is_some(),
-            "free again after release"
-        );
     }
 }

@@ -25,10 +25,11 @@ use crate::http::client::{TrustedProxies, client_key};
 use crate::http::ingest::UsageIngest;
 use crate::http::{AppParts, AppState, router};
 use crate::kv::KvClient;
-use crate::ledger::{self, LedgerClient, LedgerPublisher, LedgerStatus};
-use crate::publish::{self, Publisher, PublisherStatus};
+use crate::ledger::{LedgerClient, LedgerPublisher, LedgerStatus};
+use crate::publish::{Publisher, PublisherStatus};
 use crate::secret_scanning::GithubKeys;
 use crate::service::KeyService;
+use crate::store::lease::{self, Role};
 use crate::store::{KeyStore, SqliteStore};
 
 /// Runs the service until a shutdown signal.
@@ -122,7 +123,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(kv_api_base = %kv.api_base, namespace = %kv.namespace_id, "publishing key records to Workers KV");
             Some(tokio::spawn(publisher.run(
                 service.committed(),
-                publish::lock_path(sqlite.file()),
+                lease::lock_path(sqlite.file(), Role::Publisher),
                 stop_rx.clone(),
             )))
         }
@@ -149,7 +150,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             );
             Some(tokio::spawn(publisher.run(
                 service.ledger_committed(),
-                ledger::lock_path(sqlite.file()),
+                lease::lock_path(sqlite.file(), Role::Ledger),
                 stop_rx.clone(),
             )))
         }
@@ -186,7 +187,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 background.clone(),
                 webhook_status,
                 service.subscribe_commits(),
-                publish::role_lock(sqlite.file(), "webhooks"),
+                lease::lock_path(sqlite.file(), Role::Webhooks),
                 stop_rx.clone(),
             )))
         }
@@ -200,7 +201,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Some(tokio::spawn(crate::policy::run(
             service.clone(),
             config.key_policy.clone(),
-            publish::role_lock(sqlite.file(), "policy"),
+            lease::lock_path(sqlite.file(), Role::Policy),
             stop_rx.clone(),
         )))
     } else {
@@ -257,10 +258,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 /// whole run. If another process holds it, ledger flags are left alone (KV's acknowledgement
 /// clears only KV's), and a warning says so.
 async fn ledger_off(sqlite: &mut SqliteStore) -> Option<std::fs::File> {
-    let lock = match ledger::lock_path(sqlite.file()) {
+    let lock = match lease::lock_path(sqlite.file(), Role::Ledger) {
         // An in-memory database: no other process can share it.
         None => None,
-        Some(path) => match publish::try_lock(&path) {
+        Some(path) => match lease::try_lock(&path) {
             Ok(Some(file)) => Some(file),
             Ok(None) => {
                 tracing::warn!(

@@ -15,8 +15,9 @@ use latchkey_shared::KeyId;
 use crate::config::KvConfig;
 use crate::kv::KvClient;
 use crate::model::Sink;
-use crate::publish::{self, Publisher, PublisherStatus};
+use crate::publish::{Publisher, PublisherStatus};
 use crate::service::system_now;
+use crate::store::lease::{self, Role};
 use crate::store::{KeyStore, SqliteStore, StoreError};
 
 /// Keys queued per transaction.
@@ -75,9 +76,9 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
             .map(|s| s.pending)
             .map_err(|e: StoreError| e.to_string())
     };
-    let lock = publish::lock_path(store.file());
+    let lock = lease::lock_path(store.file(), Role::Publisher);
     let held = match &lock {
-        Some(path) => publish::try_lock(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        Some(path) => lease::try_lock(path).map_err(|e| format!("{}: {e}", path.display()))?,
         None => None,
     };
     let mut progress = Progress::new("publish", queued);

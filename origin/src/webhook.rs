@@ -339,7 +339,7 @@ pub async fn run(
     lock_path: Option<PathBuf>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Ok(_lock) = crate::publish::hold_lock(
+    let Ok(_lock) = crate::store::lease::hold_lock(
         lock_path.as_deref(),
         &mut stop,
         "another origin holds the webhook lock; waiting",

@@ -13,6 +13,7 @@ use crate::model::{
     StoredKey, VerifyEntry,
 };
 
+pub mod lease;
 pub mod sqlite;
 
 pub use sqlite::SqliteStore;

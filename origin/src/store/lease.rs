@@ -1,0 +1,145 @@
+//! The background roles' lease: whatever the number of origins serving from one database, one
+//! process at a time plays each role (publishing to KV, feeding the change ledger, delivering
+//! webhooks, running the key policies). With SQLite the lease is a file lock beside the
+//! database file (`<database>.<role>.lock`), released when its file is dropped or the process
+//! dies; an in-memory database has none (no other process can share it).
+
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// A background role: one process plays it at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Publishing key records to Workers KV (and `origin sync --full`).
+    Publisher,
+    /// Feeding the edge's change ledger, watermarks included.
+    Ledger,
+    /// Delivering event webhooks.
+    Webhooks,
+    /// Running the key lifecycle policies.
+    Policy,
+}
+
+impl Role {
+    /// The role's name in its lock file's.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Publisher => "publisher",
+            Self::Ledger => "ledger",
+            Self::Webhooks => "webhooks",
+            Self::Policy => "policy",
+        }
+    }
+}
+
+/// The lock of `role` next to a database file (`<database>.<role>.lock`), or `None` for an
+/// in-memory database, which no other process can share.
+pub fn lock_path(database_file: Option<&Path>, role: Role) -> Option<PathBuf> {
+    database_file.map(|file| {
+        let mut name = file.as_os_str().to_owned();
+        name.push(format!(".{}.lock", role.name()));
+        PathBuf::from(name)
+    })
+}
+
+/// `stop` turned before the lock was ours.
+#[derive(Debug)]
+pub struct Stopped;
+
+/// A background role's lock ([`lock_path`]): taken, waiting while another process holds it, if
+/// there is one (a file database); `Err(Stopped)` if `stop` turned first.
+pub async fn hold_lock(
+    path: Option<&Path>,
+    stop: &mut watch::Receiver<bool>,
+    waiting: &str,
+) -> Result<Option<File>, Stopped> {
+    match path {
+        Some(path) => wait_for_lock(path, stop, waiting)
+            .await
+            .map(Some)
+            .ok_or(Stopped),
+        None => Ok(None),
+    }
+}
+
+/// Waits until the lock at `path` is ours, or `stop` turns true (`None`); says `waiting` once
+/// while another process holds it.
+async fn wait_for_lock(
+    path: &Path,
+    stop: &mut watch::Receiver<bool>,
+    waiting: &str,
+) -> Option<File> {
+    let mut announced = false;
+    loop {
+        match try_lock(path) {
+            Ok(Some(file)) => return Some(file),
+            Ok(None) => {
+                if !announced {
+                    tracing::warn!(lock = %path.display(), "{waiting}");
+                    announced = true;
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, lock = %path.display(), "cannot open the lock; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
+/// Takes a role's lock without waiting: `Ok(None)` if another process holds it. The lock
+/// is released when the returned file is dropped or the process dies.
+pub fn try_lock(path: &Path) -> std::io::Result<Option<File>> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_admits_one_holder_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path =
+            lock_path(Some(&dir.path().join("db.sqlite")), Role::Publisher).expect("file database");
+        let held = try_lock(&path).expect("opens").expect("free");
+        assert!(
+            try_lock(&path).expect("opens").is_none(),
+            "second holder refused"
+        );
+        drop(held);
+        assert!(
+            try_lock(&path).expect("opens").is_some(),
+            "free again after release"
+        );
+    }
+
+    #[test]
+    fn each_role_has_its_own_lock_beside_the_database() {
+        let file = Path::new("/data/latchkey.db");
+        assert_eq!(
+            lock_path(Some(file), Role::Ledger),
+            Some(PathBuf::from("/data/latchkey.db.ledger.lock"))
+        );
+        assert_ne!(
+            lock_path(Some(file), Role::Webhooks),
+            lock_path(Some(file), Role::Policy)
+        );
+        assert_eq!(lock_path(None, Role::Publisher), None);
+    }
+}
