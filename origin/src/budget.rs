@@ -35,7 +35,7 @@ use serde::Serialize;
 /// Cloudflare's window.
 pub const WINDOW: Duration = Duration::from_secs(300);
 /// Cloudflare's limit per window (per user / token).
-pub const CLOUDFLARE_LIMIT: u32 = 1200;
+pub use crate::config::CLOUDFLARE_LIMIT;
 /// The pause after a 429 that carries no usable `Retry-After`: Cloudflare's whole penalty.
 const DEFAULT_PENALTY: Duration = WINDOW;
 /// The shortest pause a `Retry-After` can ask for (a date in the past, `0`).

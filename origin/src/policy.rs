@@ -38,23 +38,7 @@ use crate::service::{
 /// Keys acted on per kind and pass; a longer backlog waits for the next pass.
 const PER_PASS: u32 = 500;
 
-/// The policies' settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyPolicy {
-    /// `STALE_KEY_AFTER`: idle time after which a key is switched off (`None`: never).
-    pub stale_after: Option<Duration>,
-    /// `STALE_WARNING_BEFORE`: how long before that the `stale_warning` event is sent (zero:
-    /// none).
-    pub stale_warning: Duration,
-    /// `EXPIRY_WARNING_BEFORE`: how long before its expiry a key's `expiry_warning` event is
-    /// sent (`None`: never).
-    pub expiry_warning: Option<Duration>,
-    /// `KEY_POLICY_INTERVAL`: how often the policies run.
-    pub interval: Duration,
-    /// `STALE_KEY_USAGE_MAX_AGE`: the stale-key policy is held while no usage batch has been
-    /// accepted for this long.
-    pub usage_max_age: Duration,
-}
+pub use crate::config::KeyPolicy;
 
 /// Whether the stale-key policy may switch keys off now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,13 +73,6 @@ pub fn stale_gate(
         StaleGate::Held {
             report_age_ms: Some(age),
         }
-    }
-}
-
-impl KeyPolicy {
-    /// Whether any policy is on.
-    pub fn any(&self) -> bool {
-        self.stale_after.is_some() || self.expiry_warning.is_some()
     }
 }
 

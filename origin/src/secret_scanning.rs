@@ -12,7 +12,6 @@
 //! needed to start: without keys, alerts are answered 503 and GitHub retries them.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -157,24 +156,7 @@ pub fn parse_key_list(json: &[u8]) -> Result<HashMap<String, VerifyingKey>, Keys
     Ok(keys)
 }
 
-/// Where the keys come from.
-#[derive(Debug, Clone)]
-pub struct KeySources {
-    /// `GITHUB_SECRET_SCANNING_KEYS_FILE`.
-    pub file: Option<PathBuf>,
-    /// `GITHUB_SECRET_SCANNING_KEYS_URL`.
-    pub url: Option<String>,
-    /// `GITHUB_SECRET_SCANNING_KEYS_REFRESH_S`: how often the URL is fetched again when nothing
-    /// asks for it sooner (an hour by default).
-    pub refresh_every: Duration,
-}
-
-impl KeySources {
-    /// Whether any source is configured (the endpoint is on).
-    pub fn any(&self) -> bool {
-        self.file.is_some() || self.url.is_some()
-    }
-}
+pub use crate::config::KeySources;
 
 /// The keys GitHub signs with, from a file and/or fetched.
 #[derive(Debug)]

@@ -146,16 +146,7 @@ pub struct KeyChanges {
     pub allowed_ips: Option<Vec<String>>,
 }
 
-/// What a leak report does to the key (`LEAK_ACTION`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LeakAction {
-    /// Revoke it at once (the default).
-    #[default]
-    Revoke,
-    /// Only mark it as leaked (`leaked_at`); it keeps working until rolled or revoked.
-    Flag,
-}
+pub use crate::config::LeakAction;
 
 /// A report that a key leaked.
 #[derive(Debug, Clone)]

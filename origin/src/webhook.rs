@@ -77,120 +77,7 @@ pub fn event_type(action: &str, details: &Value) -> Option<&'static str> {
     })
 }
 
-/// A Standard Webhooks signing secret: `whsec_` and the base64 of 24 to 64 random bytes.
-#[derive(Clone)]
-pub struct WebhookSecret(Vec<u8>);
-
-impl std::fmt::Debug for WebhookSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WebhookSecret(..)")
-    }
-}
-
-impl WebhookSecret {
-    /// Parses `whsec_<base64>`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        use base64::Engine as _;
-        let encoded = text
-            .trim()
-            .strip_prefix("whsec_")
-            .ok_or("must start with whsec_ (a Standard Webhooks secret)")?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .map_err(|_| "must be whsec_ followed by base64")?;
-        if !(24..=64).contains(&bytes.len()) {
-            return Err(format!(
-                "must hold 24 to 64 random bytes, not {} (e.g. whsec_$(openssl rand -base64 32))",
-                bytes.len()
-            ));
-        }
-        Ok(Self(bytes))
-    }
-
-    /// The secret's bytes (for the rule that each role has its own secret).
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The secret `endpoint` is signed for: an HMAC-SHA256 of its URL under this secret. Each
-    /// receiver holds only its own, so no receiver can sign an event another one accepts;
-    /// `origin webhook-secrets` prints it for the receiver's operator. `None` only if the MAC
-    /// were not 32 bytes, which `sign` never answers: then that endpoint is not signed for (and
-    /// with no signer left, webhooks are off), never signed with an empty key.
-    pub fn for_endpoint(&self, endpoint: &Endpoint) -> Option<Self> {
-        let mut message = b"latchkey-webhook-endpoint-v1\n".to_vec();
-        message.extend_from_slice(endpoint.url.as_bytes());
-        let mac = latchkey_shared::sign::sign(&self.0, &message);
-        hex::decode(mac)
-            .ok()
-            .filter(|bytes| bytes.len() == 32)
-            .map(Self)
-    }
-
-    /// As `WEBHOOK_SECRET` spells a secret: `whsec_<base64>`.
-    pub fn to_whsec(&self) -> String {
-        use base64::Engine as _;
-        format!(
-            "whsec_{}",
-            base64::engine::general_purpose::STANDARD.encode(&self.0)
-        )
-    }
-}
-
-/// Where and how events are delivered.
-#[derive(Debug, Clone)]
-pub struct WebhookConfig {
-    /// `WEBHOOK_URLS`: the endpoints.
-    pub endpoints: Vec<Endpoint>,
-    /// `WEBHOOK_SECRET`: one or more secrets; every delivery carries a signature by each (list
-    /// the new one beside the old while receivers move over).
-    pub secrets: Vec<WebhookSecret>,
-    /// `WEBHOOK_SIGN_WITH_SHARED_SECRET`: while receivers move to their own secrets, also sign
-    /// with `WEBHOOK_SECRET` itself (which lets any receiver forge events to the others).
-    pub sign_with_shared: bool,
-    /// `WEBHOOK_TIMEOUT_MS`: the limit on one delivery.
-    pub timeout: Duration,
-    /// `WEBHOOK_RETRY_MAX_MS`: the longest wait between two attempts.
-    pub retry_max: Duration,
-}
-
-/// An endpoint: its URL, and how it is named where the URL must not appear (a URL may carry
-/// a token in its path): in logs, in the admin status and as its cursor's key in the database.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    url: String,
-    /// SHA-256 of the URL, in hex: the cursor's key.
-    key: String,
-    /// `scheme://host` and the hash's first 8 digits.
-    label: String,
-}
-
-impl Endpoint {
-    /// The endpoint at `url` (already checked by the configuration).
-    pub fn new(url: &str) -> Self {
-        use sha2::Digest as _;
-        let key = hex::encode(sha2::Sha256::digest(url.as_bytes()));
-        let origin_end = url.find("://").map_or(url.len(), |i| {
-            url[i + 3..].find('/').map_or(url.len(), |j| i + 3 + j)
-        });
-        let label = format!("{} #{}", &url[..origin_end], &key[..8]);
-        Self {
-            url: url.to_owned(),
-            key,
-            label,
-        }
-    }
-
-    /// Its URL (never logged: it may carry a token).
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// How logs and the admin status name it.
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-}
+pub use crate::config::{Endpoint, WebhookConfig, WebhookSecret};
 
 /// Counters and states of every endpoint, for `/healthz`, `/metrics` and the admin status.
 #[derive(Debug, Default)]
@@ -299,7 +186,7 @@ impl WebhookStatus {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 detail.push(json!({
-                    "endpoint": status.endpoint.label,
+                    "endpoint": status.endpoint.label(),
                     "pending": waiting,
                     "failures_in_a_row": in_a_row,
                     "last_error": last_error,
@@ -425,7 +312,7 @@ impl Deliverer {
         mut commits: watch::Receiver<u64>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let label = self.endpoint.label.clone();
+        let label = self.endpoint.label().to_owned();
         let mut cursor = loop {
             match self.start_cursor().await {
                 Ok(cursor) => break cursor,
@@ -618,7 +505,7 @@ impl Deliverer {
             .map_err(|e| Failed::Endpoint(format!("cannot sign: {e}")))?;
         let response = self
             .http
-            .post(&self.endpoint.url)
+            .post(self.endpoint.url())
             .header("content-type", "application/json")
             .header(standardwebhooks::HEADER_WEBHOOK_ID, &id)
             .header(
