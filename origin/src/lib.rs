@@ -3,23 +3,23 @@
 //! A request's path through the code: [`http::router`] → admin check ([`http`]) → a handler in
 //! [`http::clerk`] or [`http::tutorial`] → [`service::KeyService`] (validation, scope policy,
 //! the shared verify decision) → [`store::KeyStore`] ([`store::SqliteStore`]: the `api_keys` row
-//! its `audit_log` entry and its `kv_outbox` row, in one transaction) → [`publish::Publisher`]
-//! (the outbox drained into Workers KV through [`kv::KvClient`]), where the edge reads it, and
-//! [`ledger::LedgerPublisher`] (the same outbox appended to the edge's change ledger).
+//! its `audit_log` entry and its `kv_outbox` row, in one transaction) → [`delivery::kv::publisher::Publisher`]
+//! (the outbox drained into Workers KV through [`delivery::kv::client::KvClient`]), where the
+//! edge reads it, and [`delivery::ledger::LedgerPublisher`] (the same outbox appended to the
+//! edge's change ledger).
+//!
+//! Three flows, a folder each: requests ([`http`] → [`service`] → [`store`]), change delivery
+//! ([`delivery`]: the outbox into KV, the ledger and webhooks) and scheduled jobs ([`jobs`]);
+//! [`config`] is a leaf every part takes its settings from.
 
 pub mod audit;
-pub mod budget;
 pub mod config;
+pub mod delivery;
 pub mod http;
-pub mod kv;
-pub mod ledger;
+pub mod jobs;
+pub mod leaks;
 pub mod model;
-pub mod policy;
-pub mod publish;
-pub mod secret_scanning;
 pub mod serve;
 pub mod service;
 pub mod store;
-pub mod sync;
 pub mod usage;
-pub mod webhook;

@@ -305,7 +305,7 @@ async fn sync_full() -> ExitCode {
         Ok(s) => Arc::new(s),
         Err(e) => return fail(&format!("cannot open {url}: {e}")),
     };
-    let result = latchkey_origin::sync::full(store.clone(), &kv).await;
+    let result = latchkey_origin::jobs::sync::full(store.clone(), &kv).await;
     store.close().await;
     match result {
         Ok(summary) => {

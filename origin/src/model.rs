@@ -216,7 +216,7 @@ pub struct VerifyEntry {
     pub attempts: u32,
 }
 
-/// Which keys a lifecycle policy acts on next (`policy.rs`). A key's activity is its last use
+/// Which keys a lifecycle policy acts on next (`jobs/policy.rs`). A key's activity is its last use
 /// or its last change, whichever is later; a live key is neither revoked, disabled nor expired.
 /// Each query leaves out the keys already dealt with, so a pass never stalls on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

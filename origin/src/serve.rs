@@ -21,13 +21,13 @@ use tower::ServiceExt as _;
 
 use crate::audit::{self, AuditChain};
 use crate::config::Config;
+use crate::delivery::kv::client::KvClient;
+use crate::delivery::kv::publisher::{Publisher, PublisherStatus};
+use crate::delivery::ledger::{LedgerClient, LedgerPublisher, LedgerStatus};
 use crate::http::client::{TrustedProxies, client_key};
 use crate::http::ingest::UsageIngest;
 use crate::http::{AppParts, AppState, router};
-use crate::kv::KvClient;
-use crate::ledger::{LedgerClient, LedgerPublisher, LedgerStatus};
-use crate::publish::{Publisher, PublisherStatus};
-use crate::secret_scanning::GithubKeys;
+use crate::leaks::github_keys::GithubKeys;
 use crate::service::KeyService;
 use crate::store::lease::{self, Role};
 use crate::store::{KeyStore, SqliteStore};
@@ -73,7 +73,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let publisher_status = Arc::new(PublisherStatus::new(config.kv.is_some()));
     let ledger_status = Arc::new(LedgerStatus::new(config.ledger.is_some()));
-    let webhook_status = Arc::new(crate::webhook::WebhookStatus::new(
+    let webhook_status = Arc::new(crate::delivery::webhooks::WebhookStatus::new(
         config
             .webhooks
             .as_ref()
@@ -169,7 +169,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             // write (read-only) takes no change either, and the deliverers make the cursors
             // once it does.
             for attempt in 1..=5 {
-                match crate::webhook::init_cursors(webhooks, store.as_ref()).await {
+                match crate::delivery::webhooks::init_cursors(webhooks, store.as_ref()).await {
                     Ok(()) => break,
                     Err(error) if attempt == 5 => tracing::warn!(
                         %error,
@@ -182,7 +182,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 endpoints = webhooks.endpoints.len(),
                 "delivering key events to webhook endpoints"
             );
-            Some(tokio::spawn(crate::webhook::run(
+            Some(tokio::spawn(crate::delivery::webhooks::run(
                 webhooks.clone(),
                 background.clone(),
                 webhook_status,
@@ -198,7 +198,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let policy = if config.key_policy.any() {
         tracing::info!(policy = ?config.key_policy, "key lifecycle policies are on");
-        Some(tokio::spawn(crate::policy::run(
+        Some(tokio::spawn(crate::jobs::policy::run(
             service.clone(),
             config.key_policy.clone(),
             lease::lock_path(sqlite.file(), Role::Policy),

@@ -1,7 +1,7 @@
 //! `POST /v1/secret_scanning/github`: GitHub's secret scanning partner alerts.
 //!
 //! GitHub sends batches of tokens it found in public code, signed with its ECDSA key
-//! ([`crate::secret_scanning`]). Each token that is one of our keys is reported as leaked
+//! ([`crate::leaks::github_keys`]). Each token that is one of our keys is reported as leaked
 //! ([`KeyService::report_leak`]: revoked at once, or flagged, per `LEAK_ACTION`), and the batch
 //! is answered in GitHub's feedback format: one `{token_hash, token_type, label}` per token,
 //! `true_positive` for our keys and `false_positive` for the rest. Reports are idempotent, so
@@ -25,7 +25,7 @@ use super::client::client_key;
 use super::error::{ApiError, Clerk};
 use super::extract::BodyDeadline;
 use super::throttle::LogThrottle;
-use crate::secret_scanning::{SignatureError, header};
+use crate::leaks::github_keys::{SignatureError, header};
 use crate::service::{KeyService, Leak, limits};
 
 /// Most tokens in one alert.

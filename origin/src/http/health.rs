@@ -19,12 +19,12 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::AppState;
-use crate::ledger::LedgerReport;
-use crate::policy::{StaleGate, stale_gate};
-use crate::publish::PublisherReport;
+use crate::delivery::kv::publisher::PublisherReport;
+use crate::delivery::ledger::LedgerReport;
+use crate::delivery::webhooks::WebhookReport;
+use crate::jobs::policy::{StaleGate, stale_gate};
 use crate::service::system_now;
 use crate::store::StoreError;
-use crate::webhook::WebhookReport;
 
 /// How long the open routes' figures are served from memory.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
@@ -42,7 +42,7 @@ struct Figures {
 #[derive(Debug, Serialize)]
 struct PolicyReport {
     /// `off`, `active`, or `held` while no usage report from the edge is recent enough to
-    /// trust idle times (see [`crate::policy`]).
+    /// trust idle times (see [`crate::jobs::policy`]).
     stale_keys: &'static str,
     /// Milliseconds since origin last accepted a usage batch (`null`: never).
     usage_report_age_ms: Option<i64>,

@@ -25,8 +25,8 @@ use axum::response::Response;
 use axum::{Extension, Router};
 
 use crate::config::AdminToken;
-use crate::ledger::LedgerStatus;
-use crate::publish::PublisherStatus;
+use crate::delivery::kv::publisher::PublisherStatus;
+use crate::delivery::ledger::LedgerStatus;
 use crate::service::{KeyService, limits};
 use admin::AdminGuard;
 use error::{ApiError, Clerk};
@@ -81,11 +81,11 @@ pub struct AppParts {
     /// How long a request body may take to arrive.
     pub request_read_timeout: std::time::Duration,
     /// GitHub's secret scanning keys; `None` turns `POST /v1/secret_scanning/github` off.
-    pub github: Option<Arc<crate::secret_scanning::GithubKeys>>,
+    pub github: Option<Arc<crate::leaks::github_keys::GithubKeys>>,
     /// What a leak report does to the key (`LEAK_ACTION`).
     pub leak_action: crate::service::LeakAction,
     /// The event webhooks' counters, for `/healthz` and `/metrics`.
-    pub webhooks: Arc<crate::webhook::WebhookStatus>,
+    pub webhooks: Arc<crate::delivery::webhooks::WebhookStatus>,
     /// What `/healthz` and `/metrics` show, read from the database at most once a second.
     pub open_figures: health::OpenFigures,
     /// `STALE_KEY_USAGE_MAX_AGE` where the stale-key policy is on (`None`: off), for the

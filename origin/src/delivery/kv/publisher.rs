@@ -7,7 +7,7 @@
 //!   with an unknown outcome puts all its keys on the read-back list; keys it reports as
 //!   `unsuccessful_keys` stay in the outbox and are written again.
 //! * Budget: every Cloudflare API request (writes, read-backs, reconciliation reads) spends
-//!   from one request budget (`KV_API_BUDGET` per five minutes, paced; see `budget.rs`), and a
+//!   from one request budget (`KV_API_BUDGET` per five minutes, paced; see `budget.rs` beside it), and a
 //!   429 pauses them all until its `Retry-After`. Reconciliation reads only while the budget
 //!   has plenty left, so they never starve writes.
 //! * Order: the outbox is read oldest first. Several changes of one key in a batch are
@@ -41,9 +41,11 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
-use crate::budget::{ApiBudget, BudgetReport};
 use crate::config::{KvConfig, WriteMode};
-use crate::kv::{BULK_GET_MAX, BULK_PUT_MAX, BULK_PUT_MAX_BYTES, KvClient, KvError};
+use crate::delivery::kv::budget::{ApiBudget, BudgetReport};
+use crate::delivery::kv::client::{
+    BULK_GET_MAX, BULK_PUT_MAX, BULK_PUT_MAX_BYTES, KvClient, KvError,
+};
 use crate::model::{OutboxEntry, Sink};
 use crate::service::system_now;
 use crate::store::{KeyStore, StoreError, lease};

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use latchkey_shared::KeyId;
 
 use crate::config::KvConfig;
-use crate::kv::KvClient;
+use crate::delivery::kv::client::KvClient;
+use crate::delivery::kv::publisher::{Publisher, PublisherStatus};
 use crate::model::Sink;
-use crate::publish::{Publisher, PublisherStatus};
 use crate::service::system_now;
 use crate::store::lease::{self, Role};
 use crate::store::{KeyStore, SqliteStore, StoreError};

@@ -49,7 +49,7 @@ const POLL: Duration = Duration::from_secs(5);
 /// `api_key.enabled`; any other update is `api_key.updated`.
 ///
 /// ```
-/// use latchkey_origin::webhook::event_type;
+/// use latchkey_origin::delivery::webhooks::event_type;
 /// use serde_json::json;
 ///
 /// assert_eq!(event_type("revoke", &json!({})), Some("api_key.revoked"));

@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::budget::{ApiBudget, parse_retry_after};
 use crate::config::KvConfig;
+use crate::delivery::kv::budget::{ApiBudget, parse_retry_after};
 
 /// Why a request did not succeed. Every kind is retried; `Display` is for logs and the admin
 /// status (no token in it), [`KvError::state`] for the open `/healthz`.

@@ -249,7 +249,7 @@ pub fn ledger_replaced(last: Option<(Option<u64>, u64)>, answer: &AppendAnswer) 
 
 /// Names a request that got no answer (see `kv::describe_failure`).
 fn no_answer(error: reqwest::Error) -> LedgerError {
-    let failure = crate::kv::describe_failure(error);
+    let failure = crate::delivery::kv::client::describe_failure(error);
     if failure.connect {
         LedgerError::Unreachable(failure.detail)
     } else {
