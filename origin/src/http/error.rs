@@ -198,7 +198,7 @@ impl<E> From<ServiceError> for ApiError<E> {
 impl<E> From<StoreError> for ApiError<E> {
     fn from(error: StoreError) -> Self {
         tracing::error!(%error, "storage failure");
-        if let Some(why) = unavailable(&error) {
+        if let Some(why) = error.unavailable() {
             return Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage_unavailable",
@@ -210,24 +210,5 @@ impl<E> From<StoreError> for ApiError<E> {
             "internal_error",
             "Something went wrong on our side.",
         )
-    }
-}
-
-/// Storage conditions that are temporary and not the request's fault, with a short reason an
-/// operator can act on: a full disk, a read-only file, a lock held too long, no free connection.
-fn unavailable(error: &StoreError) -> Option<&'static str> {
-    match error {
-        StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
-            Some("no database connection is free")
-        }
-        StoreError::Database(sqlx::Error::Io(_)) => Some("an I/O error"),
-        _ => match error.sqlite_code()? {
-            5 | 6 => Some("the database is locked"),
-            8 => Some("the database is read-only"),
-            10 => Some("a disk I/O error"),
-            13 => Some("the disk is full"),
-            14 => Some("the database file cannot be opened"),
-            _ => None,
-        },
     }
 }

@@ -55,6 +55,28 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether this failure is a temporary condition of the store rather than the request's
+    /// fault, with a short reason an operator can act on (the API answers it `503
+    /// storage_unavailable`): a full disk, a read-only file, a lock held too long, no free
+    /// connection. The store classifies its own errors, so nothing above it reads a database's
+    /// codes.
+    pub fn unavailable(&self) -> Option<&'static str> {
+        match self {
+            Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
+                Some("no database connection is free")
+            }
+            Self::Database(sqlx::Error::Io(_)) => Some("an I/O error"),
+            _ => match self.sqlite_code()? {
+                5 | 6 => Some("the database is locked"),
+                8 => Some("the database is read-only"),
+                10 => Some("a disk I/O error"),
+                13 => Some("the disk is full"),
+                14 => Some("the database file cannot be opened"),
+                _ => None,
+            },
+        }
+    }
+
     /// SQLite's primary result code (`SQLITE_FULL` is 13, say), when SQLite refused.
     pub fn sqlite_code(&self) -> Option<i32> {
         match self {
@@ -249,4 +271,36 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Closes connections, letting the last transaction finish.
     async fn close(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreError;
+
+    /// Temporary conditions are told apart from faults by the store, extended codes included.
+    #[test]
+    fn the_store_classifies_its_own_errors() {
+        let sqlite = |code| StoreError::Sqlite {
+            code,
+            message: String::new(),
+        };
+        let cases = [
+            (sqlite(13), Some("the disk is full")),
+            (sqlite(8 | (1 << 8)), Some("the database is read-only")),
+            (sqlite(5), Some("the database is locked")),
+            (sqlite(6), Some("the database is locked")),
+            (sqlite(10 | (12 << 8)), Some("a disk I/O error")),
+            (sqlite(14), Some("the database file cannot be opened")),
+            (sqlite(19), None),
+            (sqlite(1), None),
+            (
+                StoreError::Database(sqlx::Error::PoolTimedOut),
+                Some("no database connection is free"),
+            ),
+            (StoreError::Audit("broken".into()), None),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(error.unavailable(), expected, "{error}");
+        }
+    }
 }
