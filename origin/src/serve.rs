@@ -29,7 +29,7 @@ use crate::http::ingest::UsageIngest;
 use crate::http::{AppParts, AppState, router};
 use crate::leaks::github_keys::GithubKeys;
 use crate::service::KeyService;
-use crate::store::lease::{self, Role};
+use crate::store::lease::{Lease, Role};
 use crate::store::{KeyStore, SqliteStore};
 
 /// Runs the service until a shutdown signal.
@@ -121,11 +121,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             let publisher =
                 Publisher::new(background.clone(), KvClient::new(kv)?, publisher_status, kv);
             tracing::info!(kv_api_base = %kv.api_base, namespace = %kv.namespace_id, "publishing key records to Workers KV");
-            Some(tokio::spawn(publisher.run(
-                service.committed(),
-                lease::lock_path(sqlite.file(), Role::Publisher),
-                stop_rx.clone(),
-            )))
+            Some(tokio::spawn(
+                publisher.run(service.committed(), stop_rx.clone()),
+            ))
         }
         None => {
             tracing::warn!(
@@ -148,11 +146,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                     u64::try_from(ledger.watermark_every.as_millis()).unwrap_or(u64::MAX),
                 "appending key changes and watermarks to the edge's change ledger"
             );
-            Some(tokio::spawn(publisher.run(
-                service.ledger_committed(),
-                lease::lock_path(sqlite.file(), Role::Ledger),
-                stop_rx.clone(),
-            )))
+            Some(tokio::spawn(
+                publisher.run(service.ledger_committed(), stop_rx.clone()),
+            ))
         }
         None => {
             tracing::info!(
@@ -187,7 +183,6 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 background.clone(),
                 webhook_status,
                 service.subscribe_commits(),
-                lease::lock_path(sqlite.file(), Role::Webhooks),
                 stop_rx.clone(),
             )))
         }
@@ -201,7 +196,6 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Some(tokio::spawn(crate::jobs::policy::run(
             service.clone(),
             config.key_policy.clone(),
-            lease::lock_path(sqlite.file(), Role::Policy),
             stop_rx.clone(),
         )))
     } else {
@@ -257,31 +251,25 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 /// (`<database>.ledger.lock`, the ledger publisher's): the lock is returned, to be kept for the
 /// whole run. If another process holds it, ledger flags are left alone (KV's acknowledgement
 /// clears only KV's), and a warning says so.
-async fn ledger_off(sqlite: &mut SqliteStore) -> Option<std::fs::File> {
-    let lock = match lease::lock_path(sqlite.file(), Role::Ledger) {
-        // An in-memory database: no other process can share it.
-        None => None,
-        Some(path) => match lease::try_lock(&path) {
-            Ok(Some(file)) => Some(file),
-            Ok(None) => {
-                tracing::warn!(
-                    lock = %path.display(),
-                    "LEDGER_URL is unset but another origin over this database holds the ledger \
-                     lock (it feeds the change ledger): outbox rows are left for its ledger \
-                     publisher, and KV acknowledgements here clear only KV's need"
-                );
-                return None;
-            }
-            Err(error) => {
-                tracing::warn!(
-                    %error,
-                    lock = %path.display(),
-                    "LEDGER_URL is unset but the ledger lock cannot be opened: outbox rows are \
-                     left for the change ledger (another origin may feed it)"
-                );
-                return None;
-            }
-        },
+async fn ledger_off(sqlite: &mut SqliteStore) -> Option<Lease> {
+    let lock = match sqlite.try_lease(Role::Ledger) {
+        Ok(Some(lease)) => lease,
+        Ok(None) => {
+            tracing::warn!(
+                "LEDGER_URL is unset but another origin over this database holds the ledger \
+                 lock (it feeds the change ledger): outbox rows are left for its ledger \
+                 publisher, and KV acknowledgements here clear only KV's need"
+            );
+            return None;
+        }
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "LEDGER_URL is unset but the ledger lock cannot be taken: outbox rows are \
+                 left for the change ledger (another origin may feed it)"
+            );
+            return None;
+        }
     };
     match sqlite.set_ledger_sink(false).await {
         Ok(0) => {}
@@ -296,7 +284,7 @@ async fn ledger_off(sqlite: &mut SqliteStore) -> Option<std::fs::File> {
             "cannot release the outbox rows left for the change ledger; they stay until a later start"
         ),
     }
-    lock
+    Some(lock)
 }
 
 /// Serves HTTP/1.1 on `listener` until a shutdown signal, then lets requests in flight finish

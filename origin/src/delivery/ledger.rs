@@ -20,7 +20,6 @@
 //!   one database never send watermarks side by side.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -412,18 +411,15 @@ impl LedgerPublisher {
     /// Publishes until `stop` turns true: waits for the ledger lock, then appends whatever
     /// the outbox holds for the ledger whenever `wake` fires, and a watermark at least every
     /// `LEDGER_WATERMARK_MS` regardless.
-    pub async fn run(
-        self,
-        wake: Arc<Notify>,
-        lock_path: Option<PathBuf>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        let Ok(_lock) = crate::store::lease::hold_lock(
-            lock_path.as_deref(),
-            &mut stop,
-            "another origin holds the ledger lock; waiting",
-        )
-        .await
+    pub async fn run(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        let store = self.store.clone();
+        let Ok(_lease) = store
+            .hold_lease(
+                crate::store::lease::Role::Ledger,
+                &mut stop,
+                "another origin holds the ledger lock; waiting",
+            )
+            .await
         else {
             return;
         };

@@ -11,7 +11,6 @@
 //! receiver drops repeats by `webhook-id`, which is the same on every attempt. A new endpoint
 //! starts at the newest entry: history is not replayed.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -223,15 +222,15 @@ pub async fn run(
     store: Arc<dyn KeyStore>,
     status: Arc<WebhookStatus>,
     commits: watch::Receiver<u64>,
-    lock_path: Option<PathBuf>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Ok(_lock) = crate::store::lease::hold_lock(
-        lock_path.as_deref(),
-        &mut stop,
-        "another origin holds the webhook lock; waiting",
-    )
-    .await
+    let Ok(_lease) = store
+        .hold_lease(
+            crate::store::lease::Role::Webhooks,
+            &mut stop,
+            "another origin holds the webhook lock; waiting",
+        )
+        .await
     else {
         return;
     };

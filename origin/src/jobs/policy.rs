@@ -22,7 +22,6 @@
 //! log since the key's last activity (or for its current expiry) is not repeated. One process runs the policies
 //! (a lock beside the database).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,18 +90,15 @@ fn after(now: UnixMillis, span: Duration) -> UnixMillis {
 }
 
 /// Runs the policies every `policy.interval` until `stop`.
-pub async fn run(
-    service: Arc<KeyService>,
-    policy: KeyPolicy,
-    lock_path: Option<PathBuf>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let Ok(_lock) = crate::store::lease::hold_lock(
-        lock_path.as_deref(),
-        &mut stop,
-        "another origin holds the key policy lock; waiting",
-    )
-    .await
+pub async fn run(service: Arc<KeyService>, policy: KeyPolicy, mut stop: watch::Receiver<bool>) {
+    let Ok(_lease) = service
+        .store()
+        .hold_lease(
+            crate::store::lease::Role::Policy,
+            &mut stop,
+            "another origin holds the key policy lock; waiting",
+        )
+        .await
     else {
         return;
     };

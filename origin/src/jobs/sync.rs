@@ -17,7 +17,7 @@ use crate::delivery::kv::client::KvClient;
 use crate::delivery::kv::publisher::{Publisher, PublisherStatus};
 use crate::model::Sink;
 use crate::service::system_now;
-use crate::store::lease::{self, Role};
+use crate::store::lease::Role;
 use crate::store::{KeyStore, SqliteStore, StoreError};
 
 /// Keys queued per transaction.
@@ -76,17 +76,15 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
             .map(|s| s.pending)
             .map_err(|e: StoreError| e.to_string())
     };
-    let lock = lease::lock_path(store.file(), Role::Publisher);
-    let held = match &lock {
-        Some(path) => lease::try_lock(path).map_err(|e| format!("{}: {e}", path.display()))?,
-        None => None,
-    };
+    let held = store
+        .try_lease(Role::Publisher)
+        .map_err(|e| format!("the publisher lease: {e}"))?;
     let mut progress = Progress::new("publish", queued);
     let status = Arc::new(PublisherStatus::new(true));
     let dyn_store: Arc<dyn KeyStore> = store.clone();
     let publisher = Publisher::new(dyn_store, client, status.clone(), kv);
     let (mut published_here, mut retries) = (0u64, 0u64);
-    if held.is_none() && lock.is_some() {
+    if held.is_none() {
         tracing::info!(
             "a running origin holds the publisher lock: it publishes, this command watches"
         );
@@ -98,7 +96,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
         if left == 0 {
             break;
         }
-        if held.is_some() || lock.is_none() {
+        if held.is_some() {
             let outcome = publisher.publish_batch().await.map_err(|e| e.to_string())?;
             published_here += u64::try_from(outcome.published).unwrap_or(0);
             retries += u64::try_from(outcome.failed).unwrap_or(0);
@@ -116,7 +114,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
         }
     }
     progress.finish(queued);
-    if held.is_some() || lock.is_none() {
+    if held.is_some() {
         let mut announced = false;
         loop {
             let left = store.verify_pending().await.map_err(|e| e.to_string())?;

@@ -10,6 +10,24 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+/// A role's lease, held until dropped. With SQLite, the lock file (none for an in-memory
+/// database, which no other process can share).
+#[derive(Debug)]
+#[must_use = "the lease ends when it is dropped"]
+pub struct Lease(#[allow(dead_code, reason = "held for its lock, released on drop")] Option<File>);
+
+impl Lease {
+    /// The lease of a file database's role: its lock file, held.
+    pub(crate) fn file(file: File) -> Self {
+        Self(Some(file))
+    }
+
+    /// The lease of an in-memory database's role, which no other process can share.
+    pub(crate) fn unshared() -> Self {
+        Self(None)
+    }
+}
+
 /// A background role: one process plays it at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

@@ -271,6 +271,19 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Closes connections, letting the last transaction finish.
     async fn close(&self);
+
+    /// Takes the lease of a background `role`, waiting while another process holds it (and
+    /// saying `waiting` once); `Err(Stopped)` if `stop` turns true first. The role is this
+    /// process's until the lease is dropped (or the process dies).
+    async fn hold_lease(
+        &self,
+        role: lease::Role,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        waiting: &str,
+    ) -> Result<lease::Lease, lease::Stopped>;
+
+    /// Takes the lease of `role` without waiting: `Ok(None)` while another process holds it.
+    fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError>;
 }
 
 #[cfg(test)]

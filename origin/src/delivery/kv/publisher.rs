@@ -31,7 +31,6 @@
 //!   so a second origin or `origin sync` cannot interleave stale writes with it.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -48,7 +47,8 @@ use crate::delivery::kv::client::{
 };
 use crate::model::{OutboxEntry, Sink};
 use crate::service::system_now;
-use crate::store::{KeyStore, StoreError, lease};
+use crate::store::lease::Role;
+use crate::store::{KeyStore, StoreError};
 
 /// Outbox rows read per batch, one request per key (`KV_WRITE_MODE=per_key`).
 const BATCH: u32 = 256;
@@ -312,18 +312,15 @@ impl Publisher {
     /// Publishes until `stop` turns true: waits for the publisher lock, then drains the outbox
     /// whenever `wake` fires (and every second regardless). About once a second it also reads
     /// back the keys due for it and, when reconciliation is on, compares one batch of keys.
-    pub async fn run(
-        self,
-        wake: Arc<Notify>,
-        lock_path: Option<PathBuf>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        let Ok(_lock) = lease::hold_lock(
-            lock_path.as_deref(),
-            &mut stop,
-            "another publisher (origin or `origin sync`) holds the lock; waiting",
-        )
-        .await
+    pub async fn run(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        let store = self.store.clone();
+        let Ok(_lease) = store
+            .hold_lease(
+                Role::Publisher,
+                &mut stop,
+                "another publisher (origin or `origin sync`) holds the lock; waiting",
+            )
+            .await
         else {
             return;
         };

@@ -36,7 +36,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{KeyStore, StoreError};
+use super::{KeyStore, StoreError, lease};
 use crate::audit::{self, Anchored, AuditChain, ChainChecker, Checkpoints};
 use crate::model::{
     AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, PolicyQuery, Sink,
@@ -676,6 +676,24 @@ impl KeyStore for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+    }
+
+    async fn hold_lease(
+        &self,
+        role: lease::Role,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        waiting: &str,
+    ) -> Result<lease::Lease, lease::Stopped> {
+        let path = lease::lock_path(self.file(), role);
+        let held = lease::hold_lock(path.as_deref(), stop, waiting).await?;
+        Ok(held.map_or_else(lease::Lease::unshared, lease::Lease::file))
+    }
+
+    fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError> {
+        match lease::lock_path(self.file(), role) {
+            None => Ok(Some(lease::Lease::unshared())),
+            Some(path) => Ok(lease::try_lock(&path)?.map(lease::Lease::file)),
+        }
     }
 }
 
