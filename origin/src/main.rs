@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use std::path::PathBuf;
 
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use latchkey_origin::audit::{self, AuditChain, ChainChecker, ChainError, Checkpoints};
 use latchkey_origin::config::{self, Config, KvConfig};
 use latchkey_origin::store::{KeyStore, SqliteStore};
@@ -17,29 +18,60 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "\
-usage: origin <command>
+/// Latchkey's origin: issues, stores, verifies and revokes partner API keys. Settings come from
+/// the environment (listed below; README.md, "Configuration", says more of each).
+#[derive(Debug, Parser)]
+#[command(name = "origin", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-commands:
-  serve          run the key service (configuration from the environment; see README)
-  audit verify   check the audit log's chain (AUDIT_CHAIN_KEY) against its checkpoints
-                 (AUDIT_CHECKPOINT_FILE) and the keys it accounts for; exits 1 if anything
-                 is wrong
-  audit anchor   once, for a database written before AUDIT_CHAIN_KEY existed: check its
-                 unkeyed entries and chain a keyed entry onto them (origin serve refuses to
-                 start until then); prints what it anchored. Never on a database that ran with
-                 the key: unkeyed entries at its end mean the log was rewritten
-  routes         print every HTTP route, its method and who may call it (JSON lines)
-  sync --full    publish every key's current state to Workers KV (KV_API_BASE, KV_NAMESPACE_ID,
-                 KV_API_TOKEN), e.g. into a new namespace; safe while origin serves (KV
-                 only: a rebuild is not sent to the edge's change ledger)
-  webhook-secrets
-                 print, for each endpoint of WEBHOOK_URLS, the secret its events are signed
-                 with (one per WEBHOOK_SECRET, in order): `<url> whsec_...`, one a line. Give
-                 each receiver its own line only
-";
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the key service.
+    Serve,
+    /// The audit log's chain (AUDIT_CHAIN_KEY, AUDIT_CHECKPOINT_FILE, DATABASE_URL).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Print every HTTP route, its method and who may call it (JSON lines).
+    Routes,
+    /// Publish every key's current state to Workers KV (KV_API_BASE, KV_NAMESPACE_ID,
+    /// KV_API_TOKEN), e.g. into a new namespace; safe while origin serves (KV only: a rebuild
+    /// is not sent to the edge's change ledger).
+    Sync {
+        /// Every key (the only kind of sync there is; the flag says so).
+        #[arg(long, required = true)]
+        full: bool,
+    },
+    /// Print, for each endpoint of WEBHOOK_URLS, the secret its events are signed with (one per
+    /// WEBHOOK_SECRET, in order): `<url> whsec_...`, one a line. Give each receiver its own
+    /// line only.
+    WebhookSecrets,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the chain against its checkpoints and the keys it accounts for; exits 1 if
+    /// anything is wrong.
+    Verify,
+    /// Once, for a database written before AUDIT_CHAIN_KEY existed: check its unkeyed entries
+    /// and chain a keyed entry onto them (origin serve refuses to start until then); prints
+    /// what it anchored. Never on a database that ran with the key: unkeyed entries at its end
+    /// mean the log was rewritten.
+    Anchor,
+}
 
 fn main() -> ExitCode {
+    // `--help` lists every environment variable; a usage error exits 2, as before.
+    let command = Cli::command().after_long_help(config::environment::help());
+    let cli = match command
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -47,14 +79,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
-    match args.as_slice() {
-        ["serve"] => {
+    match cli.command {
+        Command::Serve => {
             let config = match Config::from_env() {
                 Ok(c) => c,
                 Err(e) => return fail(&format!("configuration error: {e}")),
@@ -64,9 +94,9 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
-        ["audit", "verify"] => runtime.block_on(audit_verify()),
-        ["audit", "anchor"] => runtime.block_on(audit_anchor()),
-        ["routes"] => {
+        Command::Audit(AuditCommand::Verify) => runtime.block_on(audit_verify()),
+        Command::Audit(AuditCommand::Anchor) => runtime.block_on(audit_anchor()),
+        Command::Routes => {
             for route in latchkey_origin::http::route_list() {
                 match serde_json::to_string(&route) {
                     Ok(line) => out(&format!("{line}\n")),
@@ -75,16 +105,8 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        ["sync", "--full"] => runtime.block_on(sync_full()),
-        ["webhook-secrets"] => webhook_secrets(),
-        ["help" | "--help" | "-h"] => {
-            out(USAGE);
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprint_usage();
-            ExitCode::from(2)
-        }
+        Command::Sync { full: _ } => runtime.block_on(sync_full()),
+        Command::WebhookSecrets => webhook_secrets(),
     }
 }
 
@@ -328,14 +350,6 @@ async fn sync_full() -> ExitCode {
 #[allow(clippy::print_stdout, reason = "the command's answer goes to stdout")]
 fn out(text: &str) {
     print!("{text}");
-}
-
-#[allow(
-    clippy::print_stderr,
-    reason = "usage and fatal errors go to stderr before logging matters"
-)]
-fn eprint_usage() {
-    eprint!("{USAGE}");
 }
 
 #[allow(clippy::print_stderr, reason = "fatal errors go to stderr")]

@@ -371,3 +371,45 @@ async fn secrets_are_never_shown_again() {
         "the key still works"
     );
 }
+
+/// `origin --help` lists every environment variable origin reads; a usage error says what is
+/// wrong and exits 2.
+#[test]
+fn help_lists_every_variable_and_a_usage_error_exits_2() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::origin_binary())
+            .args(args)
+            .output()
+            .expect("origin runs")
+    };
+    let help = run(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    // README.md's configuration table, which a unit test holds against the variables read.
+    let readme = include_str!("../../README.md");
+    let table = readme
+        .split("## Configuration")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README.md has a Configuration section");
+    let names: Vec<&str> = table
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|line| line.split('`').next())
+        .collect();
+    assert!(names.len() > 40, "{names:?}");
+    for name in names {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    for command in ["serve", "audit", "routes", "sync", "webhook-secrets"] {
+        assert!(text.contains(command), "{command} missing:\n{text}");
+    }
+    for bad in [&["bogus"][..], &["sync"], &["audit"], &["serve", "--extra"]] {
+        let out = run(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Usage: origin"),
+            "{bad:?}"
+        );
+    }
+}

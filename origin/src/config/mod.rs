@@ -5,6 +5,7 @@
 //! `Config` gathers them for `origin serve`.
 
 mod admin;
+pub mod environment;
 mod kv;
 mod leaks;
 mod ledger;

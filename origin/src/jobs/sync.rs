@@ -146,48 +146,60 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
     })
 }
 
-/// A progress bar on a terminal; a line every 10% otherwise (logs, CI).
+/// Progress on standard error: a bar on a terminal (indicatif); elsewhere, where a bar would
+/// be noise in a log, a line at every tenth.
 struct Progress {
     label: &'static str,
+    bar: Option<indicatif::ProgressBar>,
     total: u64,
-    tty: bool,
     last_decile: u64,
 }
 
 impl Progress {
     fn new(label: &'static str, total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix:>8} [{bar:20}] {percent:>3}% {pos}/{len}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("#>-");
+            indicatif::ProgressBar::new(total)
+                .with_style(style)
+                .with_prefix(label)
+        });
         Self {
             label,
+            bar,
             total,
-            tty: std::io::stderr().is_terminal(),
             last_decile: u64::MAX,
         }
     }
 
     fn show(&mut self, done: u64) {
-        let percent = (done.min(self.total) * 100)
+        let done = done.min(self.total);
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            return;
+        }
+        let percent = done
+            .saturating_mul(100)
             .checked_div(self.total)
             .unwrap_or(100);
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let filled = usize::try_from(percent / 5).unwrap_or(20);
-            let _ = write!(
-                err,
-                "\r{:>8} [{:<20}] {percent:>3}% {done}/{}",
+        if percent / 10 != self.last_decile {
+            self.last_decile = percent / 10;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "{}: {percent}% ({done}/{})",
                 self.label,
-                "#".repeat(filled),
                 self.total
             );
-        } else if percent / 10 != self.last_decile {
-            self.last_decile = percent / 10;
-            let _ = writeln!(err, "{}: {percent}% ({done}/{})", self.label, self.total);
         }
     }
 
     fn finish(&mut self, done: u64) {
         self.show(done);
-        if self.tty {
-            let _ = writeln!(std::io::stderr());
+        if let Some(bar) = &self.bar {
+            bar.finish();
         }
     }
 }
