@@ -302,17 +302,16 @@ impl KvClient {
     }
 }
 
-/// Percent-encodes everything but unreserved characters (RFC 3986).
+/// Everything but RFC 3986's unreserved characters is percent-encoded in a key's name.
+const NOT_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A key's name as one path segment.
 fn percent_encode(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() * 3);
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(name, NOT_UNRESERVED).to_string()
 }
 
 /// Names what went wrong in a request that got no answer (refused connection, timeout, or
