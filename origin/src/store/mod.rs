@@ -13,6 +13,8 @@ use crate::model::{
     StoredKey, VerifyEntry,
 };
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod lease;
 pub mod sqlite;
 
