@@ -1,9 +1,37 @@
 //! What every [`KeyStore`] must do, as stories any backend runs: each takes a fresh, empty
 //! store (with an audit chain) and fails the test if the store breaks a promise of the trait.
-//! SQLite runs them in `sqlite/tests.rs`; a new backend runs the same list against its own
-//! database.
+//! A backend's tests run every story with [`stories!`], given an async function that opens a
+//! fresh database (SQLite: `sqlite/tests.rs`).
 
 #![allow(clippy::expect_used, clippy::panic, reason = "test code")]
+
+/// One test per story, each on the store `$fresh().await` opens (it returns the store and
+/// whatever must live as long as it, a temporary folder say). The list of stories is here
+/// alone, so every backend runs all of them.
+macro_rules! stories {
+    ($fresh:ident) => {
+        $crate::store::conformance::stories!(
+            @each $fresh,
+            keys_read_back_by_id_and_hash,
+            a_change_needs_the_revision_it_was_made_from,
+            the_outbox_keeps_order_and_acknowledges_per_entry,
+            concurrent_writers_leave_one_chain,
+            lists_filter_page_and_hide_deleted_keys,
+            a_roll_commits_both_keys_or_neither,
+            uses_merge_to_the_latest
+        );
+    };
+    (@each $fresh:ident, $($story:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $story() {
+                let (_guard, store) = $fresh().await;
+                $crate::store::conformance::$story(store).await;
+            }
+        )*
+    };
+}
+pub(crate) use stories;
 
 use std::sync::Arc;
 

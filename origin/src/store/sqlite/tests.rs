@@ -34,33 +34,11 @@ async fn open_store(dir: &tempfile::TempDir) -> SqliteStore {
 }
 
 fn new_key(n: u8) -> StoredKey {
-    let mut fill = |bytes: &mut [u8]| bytes.fill(n);
     StoredKey {
-        id: KeyId::generate(&mut fill),
-        hash: KeyHash::from_bytes([n; 32]),
-        hint: "sk_test_...abcd".into(),
         name: "k".into(),
-        subject: "acme".into(),
-        description: None,
-        scopes: ScopeSet::default(),
-        claims: None,
-        created_by: None,
-        expiration: None,
-        revoked: false,
-        revoked_at: None,
-        revocation_reason: None,
-        last_used_at: None,
         created_at: UnixMillis(1_000),
         updated_at: UnixMillis(1_000),
-        revision: 1,
-        disabled: false,
-        allowed_ips: Default::default(),
-        rolled_from: None,
-        rolled_to: None,
-        leaked_at: None,
-        leak_source: None,
-        key_type: "api_key".into(),
-        deleted_at: None,
+        ..crate::store::conformance::key(n, "acme")
     }
 }
 
@@ -874,7 +852,6 @@ fn the_durability_check_refuses_normal_and_no_wal() {
 /// The conformance stories (`store/conformance.rs`), each on a fresh database file.
 mod conformance {
     use super::*;
-    use crate::store::conformance as story;
 
     async fn fresh() -> (tempfile::TempDir, Arc<dyn KeyStore>) {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -882,45 +859,5 @@ mod conformance {
         (dir, store)
     }
 
-    #[tokio::test]
-    async fn keys_read_back_by_id_and_hash() {
-        let (_dir, store) = fresh().await;
-        story::keys_read_back_by_id_and_hash(store).await;
-    }
-
-    #[tokio::test]
-    async fn a_change_needs_the_revision_it_was_made_from() {
-        let (_dir, store) = fresh().await;
-        story::a_change_needs_the_revision_it_was_made_from(store).await;
-    }
-
-    #[tokio::test]
-    async fn the_outbox_keeps_order_and_acknowledges_per_entry() {
-        let (_dir, store) = fresh().await;
-        story::the_outbox_keeps_order_and_acknowledges_per_entry(store).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writers_leave_one_chain() {
-        let (_dir, store) = fresh().await;
-        story::concurrent_writers_leave_one_chain(store).await;
-    }
-
-    #[tokio::test]
-    async fn lists_filter_page_and_hide_deleted_keys() {
-        let (_dir, store) = fresh().await;
-        story::lists_filter_page_and_hide_deleted_keys(store).await;
-    }
-
-    #[tokio::test]
-    async fn a_roll_commits_both_keys_or_neither() {
-        let (_dir, store) = fresh().await;
-        story::a_roll_commits_both_keys_or_neither(store).await;
-    }
-
-    #[tokio::test]
-    async fn uses_merge_to_the_latest() {
-        let (_dir, store) = fresh().await;
-        story::uses_merge_to_the_latest(store).await;
-    }
+    crate::store::conformance::stories!(fresh);
 }
