@@ -637,18 +637,10 @@ impl BatchBuilder {
     }
 }
 
-/// The next retry delay: doubling from 100 ms to [`RETRY_MAX`], jittered in its upper half.
+/// The next retry delay: doubling from [`RETRY_BASE`] to [`RETRY_MAX`], jittered in its upper
+/// half (see [`super::backoff`]).
 fn backoff(failures_in_a_row: &mut u32) -> Duration {
-    *failures_in_a_row = failures_in_a_row.saturating_add(1);
-    let exponent = (*failures_in_a_row - 1).min(16);
-    let ceiling = RETRY_BASE.saturating_mul(1 << exponent).min(RETRY_MAX);
-    let mut random = [0u8; 2];
-    let jitter = if getrandom::fill(&mut random).is_ok() {
-        f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX)
-    } else {
-        0.5
-    };
-    ceiling.mul_f64(0.5 + 0.5 * jitter)
+    super::backoff(failures_in_a_row, RETRY_BASE, RETRY_MAX)
 }
 
 #[cfg(test)]

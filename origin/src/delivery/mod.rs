@@ -9,3 +9,20 @@
 pub mod kv;
 pub mod ledger;
 pub mod webhooks;
+
+use std::time::Duration;
+
+/// A sink's next retry delay after `failures_in_a_row` (counted here): doubling from `base` up
+/// to `max`, with full jitter in its upper half so many origins do not retry in step.
+pub(crate) fn backoff(failures_in_a_row: &mut u32, base: Duration, max: Duration) -> Duration {
+    *failures_in_a_row = failures_in_a_row.saturating_add(1);
+    let exponent = (*failures_in_a_row - 1).min(16);
+    let ceiling = base.saturating_mul(1 << exponent).min(max);
+    let mut random = [0u8; 2];
+    let jitter = if getrandom::fill(&mut random).is_ok() {
+        f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX)
+    } else {
+        0.5
+    };
+    ceiling.mul_f64(0.5 + 0.5 * jitter)
+}

@@ -780,19 +780,9 @@ async fn publish_key(
         .map_err(KeyFailure::Kv)
 }
 
-/// The next retry delay: doubling from 100 ms up to `max`, with full jitter in its upper half
-/// so many origins do not retry in step.
+/// The next retry delay: doubling from [`RETRY_BASE`] up to `max` (see [`crate::delivery::backoff`]).
 fn backoff(failures_in_a_row: &mut u32, max: Duration) -> Duration {
-    *failures_in_a_row = failures_in_a_row.saturating_add(1);
-    let exponent = (*failures_in_a_row - 1).min(16);
-    let ceiling = RETRY_BASE.saturating_mul(1 << exponent).min(max);
-    let mut random = [0u8; 2];
-    let jitter = if getrandom::fill(&mut random).is_ok() {
-        f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX)
-    } else {
-        0.5
-    };
-    ceiling.mul_f64(0.5 + 0.5 * jitter)
+    crate::delivery::backoff(failures_in_a_row, RETRY_BASE, max)
 }
 
 #[cfg(test)]
