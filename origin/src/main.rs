@@ -21,7 +21,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Latchkey's origin: issues, stores, verifies and revokes partner API keys. Settings come from
 /// the environment (listed below; README.md, "Configuration", says more of each).
 #[derive(Debug, Parser)]
-#[command(name = "origin", version, about)]
+#[command(name = "origin", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,7 +64,10 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     // `--help` lists every environment variable; a usage error exits 2, as before.
-    let command = Cli::command().after_long_help(config::environment::help());
+    let environment = config::environment::help();
+    let command = Cli::command()
+        .after_help(environment.clone())
+        .after_long_help(environment);
     let cli = match command
         .try_get_matches()
         .and_then(|matches| Cli::from_arg_matches(&matches))

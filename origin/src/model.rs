@@ -171,9 +171,9 @@ pub struct AuditEntry {
 /// is deleted once no sink does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Sink {
-    /// Workers KV (`publish::Publisher`).
+    /// Workers KV (`delivery::kv::publisher::Publisher`).
     Kv,
-    /// The edge's change ledger (`ledger::LedgerPublisher`).
+    /// The edge's change ledger (`delivery::ledger::LedgerPublisher`).
     Ledger,
 }
 

@@ -1162,7 +1162,7 @@ async fn concurrent_revokes_and_updates_lose_nothing() {
 }
 
 /// Verify reads through connections that keep their database snapshot from one lookup to the
-/// next (`HotReads` in origin's store/sqlite.rs). While other clients keep those connections
+/// next (`HotReads` in origin's store/sqlite/hot.rs). While other clients keep those connections
 /// busy with the same key, every acknowledged change must show in the very next verify.
 #[tokio::test]
 async fn verify_sees_each_acknowledged_change_at_once() {

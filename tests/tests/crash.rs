@@ -673,7 +673,7 @@ async fn sigkill_under_load_loses_no_acknowledged_change() {
     assert!(scopes_known > 0, "some live keys had known scopes to check");
 }
 
-/// Whether an audit action is an event webhooks deliver (origin's `webhook::EVENT_ACTIONS`).
+/// Whether an audit action is an event webhooks deliver (origin's `delivery::webhooks::EVENT_ACTIONS`).
 fn event_action(action: &Value) -> bool {
     [
         "create",

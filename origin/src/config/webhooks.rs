@@ -8,7 +8,7 @@ use super::{ConfigError, millis, problem};
 
 /// A Standard Webhooks signing secret: `whsec_` and the base64 of 24 to 64 random bytes.
 #[derive(Clone)]
-pub struct WebhookSecret(pub(crate) Vec<u8>);
+pub struct WebhookSecret(Vec<u8>);
 
 impl std::fmt::Debug for WebhookSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,7 +89,7 @@ pub struct WebhookConfig {
 pub struct Endpoint {
     url: String,
     /// SHA-256 of the URL, in hex: the cursor's key.
-    pub(crate) key: String,
+    key: String,
     /// `scheme://host` and the hash's first 8 digits.
     label: String,
 }
@@ -118,6 +118,11 @@ impl Endpoint {
     /// How logs and the admin status name it.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The SHA-256 of its URL, in hex: its cursor's key in the database.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 }
 

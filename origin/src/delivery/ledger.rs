@@ -246,7 +246,7 @@ pub fn ledger_replaced(last: Option<(Option<u64>, u64)>, answer: &AppendAnswer) 
     }
 }
 
-/// Names a request that got no answer (see `kv::describe_failure`).
+/// Names a request that got no answer (see `kv::client::describe_failure`).
 fn no_answer(error: reqwest::Error) -> LedgerError {
     let failure = crate::delivery::kv::client::describe_failure(error);
     if failure.connect {

@@ -165,7 +165,7 @@ impl WebhookStatus {
         let mut detail = Vec::new();
         for status in &self.endpoints {
             let cursor = store
-                .webhook_cursor(&status.endpoint.key)
+                .webhook_cursor(status.endpoint.key())
                 .await?
                 .unwrap_or(i64::MAX);
             let (waiting, oldest) = store
@@ -210,7 +210,7 @@ impl WebhookStatus {
 pub async fn init_cursors(config: &WebhookConfig, store: &dyn KeyStore) -> Result<(), StoreError> {
     for endpoint in &config.endpoints {
         store
-            .init_webhook_cursor(&endpoint.key, system_now())
+            .init_webhook_cursor(endpoint.key(), system_now())
             .await?;
     }
     Ok(())
@@ -278,9 +278,9 @@ fn signers_for(config: &WebhookConfig, endpoint: &Endpoint) -> Arc<[standardwebh
         .secrets
         .iter()
         .filter(|_| config.sign_with_shared)
-        .map(|s| WebhookSecret(s.0.clone()));
+        .cloned();
     own.chain(shared)
-        .filter_map(|s| standardwebhooks::Webhook::from_bytes(s.0).ok())
+        .filter_map(|s| standardwebhooks::Webhook::from_bytes(s.as_bytes().to_vec()).ok())
         .collect()
 }
 
@@ -405,7 +405,7 @@ impl Deliverer {
         }
         match self
             .store
-            .set_webhook_cursor(&self.endpoint.key, cursor, system_now())
+            .set_webhook_cursor(self.endpoint.key(), cursor, system_now())
             .await
         {
             Ok(()) => *saved = cursor,
@@ -416,15 +416,15 @@ impl Deliverer {
 
     /// The saved cursor; made now if [`init_cursors`] could not (a read-only database then).
     async fn start_cursor(&self) -> Result<i64, StoreError> {
-        if let Some(cursor) = self.store.webhook_cursor(&self.endpoint.key).await? {
+        if let Some(cursor) = self.store.webhook_cursor(self.endpoint.key()).await? {
             return Ok(cursor);
         }
         self.store
-            .init_webhook_cursor(&self.endpoint.key, system_now())
+            .init_webhook_cursor(self.endpoint.key(), system_now())
             .await?;
         Ok(self
             .store
-            .webhook_cursor(&self.endpoint.key)
+            .webhook_cursor(self.endpoint.key())
             .await?
             .unwrap_or(0))
     }
@@ -568,11 +568,11 @@ mod tests {
         );
 
         // What B's receiver could sign, A's receiver refuses; A's own signature passes.
-        let verifier_a = standardwebhooks::Webhook::from_bytes(sa.0.clone()).expect("a");
+        let verifier_a = standardwebhooks::Webhook::from_bytes(sa.as_bytes().to_vec()).expect("a");
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let payload = br#"{"type":"api_key.revoked"}"#;
         let headers = |signer: &WebhookSecret| {
-            let signature = standardwebhooks::Webhook::from_bytes(signer.0.clone())
+            let signature = standardwebhooks::Webhook::from_bytes(signer.as_bytes().to_vec())
                 .expect("signer")
                 .sign("msg_1", now, payload)
                 .expect("sign");
@@ -640,6 +640,6 @@ mod tests {
             e.label()
         );
         assert!(!e.label().contains("SECRET"));
-        assert_eq!(e.key.len(), 64);
+        assert_eq!(e.key().len(), 64);
     }
 }

@@ -78,7 +78,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
     };
     let held = store
         .try_lease(Role::Publisher)
-        .map_err(|e| format!("the publisher lease: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let mut progress = Progress::new("publish", queued);
     let status = Arc::new(PublisherStatus::new(true));
     let dyn_store: Arc<dyn KeyStore> = store.clone();

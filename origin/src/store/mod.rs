@@ -51,6 +51,16 @@ pub enum StoreError {
     /// The audit chain cannot be appended to (no key, or its newest entry does not verify).
     #[error("audit log: {0}")]
     Audit(String),
+    /// A background role's lease could not be taken (its lock file cannot be opened, say).
+    #[error("the {role} lease ({path}): {source}")]
+    Lease {
+        /// The role.
+        role: &'static str,
+        /// Where the lease lives (a lock file's path).
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The database does not run with the settings that make a commit durable.
     #[error("not durable: {0}")]
     NotDurable(String),

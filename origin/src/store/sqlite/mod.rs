@@ -692,7 +692,13 @@ impl KeyStore for SqliteStore {
     fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError> {
         match lease::lock_path(self.file(), role) {
             None => Ok(Some(lease::Lease::unshared())),
-            Some(path) => Ok(lease::try_lock(&path)?.map(lease::Lease::file)),
+            Some(path) => lease::try_lock(&path)
+                .map(|held| held.map(lease::Lease::file))
+                .map_err(|source| StoreError::Lease {
+                    role: role.name(),
+                    path: path.display().to_string(),
+                    source,
+                }),
         }
     }
 }
