@@ -223,7 +223,7 @@ fn refuses_to_start_without_an_admin_token_and_names_the_variable() {
         .output()
         .expect("run origin");
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: origin"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage: origin"));
 }
 
 /// The database, its WAL and shared-memory files and the audit checkpoints hold key hashes and
