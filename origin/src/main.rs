@@ -3,14 +3,13 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use latchkey_origin::audit::{self, AuditChain, ChainChecker, ChainError, Checkpoints};
 use latchkey_origin::config::{self, Config, KvConfig};
-use latchkey_origin::store::{KeyStore, SqliteStore};
+use latchkey_origin::store::{self, KeyStore};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc rather than the system allocator: a request makes a few dozen small allocations,
@@ -146,12 +145,7 @@ impl AuditEnv {
         let key = config::audit_chain_key(&env).map_err(|e| format!("configuration error: {e}"))?;
         let checkpoint_file = env("AUDIT_CHECKPOINT_FILE")
             .map(|f| PathBuf::from(f.trim()))
-            .or_else(|| {
-                SqliteStore::database_file(&url)
-                    .ok()
-                    .flatten()
-                    .map(|db| audit::default_checkpoint_path(&db))
-            });
+            .or_else(|| store::default_checkpoint_path(&url));
         Ok(Self {
             url,
             key,
@@ -173,7 +167,7 @@ async fn audit_anchor() -> ExitCode {
         Err(e) => return fail(&e),
     };
     let where_ = env.checkpoints_where();
-    let store = match SqliteStore::open(&env.url, None).await {
+    let store = match store::open(&env.url, None).await {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot open {}: {e}", env.url)),
     };
@@ -234,7 +228,7 @@ async fn audit_verify() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&format!("audit log BROKEN: {e} ({where_})")),
     };
-    let store = match SqliteStore::open(url, None).await {
+    let store = match store::open(url, None).await {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot open {url}: {e}")),
     };
@@ -258,7 +252,7 @@ async fn audit_verify() -> ExitCode {
     // Every key is created with a `create` entry: keys without one were inserted behind
     // origin's back, or the log was wiped (with its checkpoints, nothing else would show it).
     let verdict = match verdict {
-        Ok(s) => accounted_keys(&store, s.entries).await.map(|()| s),
+        Ok(s) => accounted_keys(store.as_ref(), s.entries).await.map(|()| s),
         Err(e) => Err(e),
     };
     store.close().await;
@@ -302,7 +296,7 @@ async fn audit_verify() -> ExitCode {
 
 /// Whether the audit log (of `entries` entries, its chain verified) accounts for every key.
 /// One query, one snapshot: a key created meanwhile comes with its `create` entry.
-async fn accounted_keys(store: &SqliteStore, entries: u64) -> Result<(), String> {
+async fn accounted_keys(store: &dyn KeyStore, entries: u64) -> Result<(), String> {
     let broken = |e: ChainError| format!("audit log BROKEN: {e}");
     match store.keys_without_create().await {
         Ok((0, _)) => Ok(()),
@@ -326,8 +320,8 @@ async fn sync_full() -> ExitCode {
         Err(e) => return fail(&format!("configuration error: {e}")),
     };
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://data/latchkey.db".into());
-    let store = match SqliteStore::open(&url, None).await {
-        Ok(s) => Arc::new(s),
+    let store = match store::open(&url, None).await {
+        Ok(s) => s,
         Err(e) => return fail(&format!("cannot open {url}: {e}")),
     };
     let result = latchkey_origin::jobs::sync::full(store.clone(), &kv).await;

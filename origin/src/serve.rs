@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt as _;
 
-use crate::audit::{self, AuditChain};
+use crate::audit::AuditChain;
 use crate::config::Config;
 use crate::delivery::kv::client::KvClient;
 use crate::delivery::kv::publisher::{Publisher, PublisherStatus};
@@ -30,16 +30,14 @@ use crate::http::{AppParts, AppState, router};
 use crate::leaks::github_keys::GithubKeys;
 use crate::service::KeyService;
 use crate::store::lease::{Lease, Role};
-use crate::store::{KeyStore, SqliteStore};
+use crate::store::{self, KeyStore};
 
 /// Runs the service until a shutdown signal.
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let checkpoints = config.audit_checkpoint_file.clone().or_else(|| {
-        SqliteStore::database_file(&config.database_url)
-            .ok()
-            .flatten()
-            .map(|db| audit::default_checkpoint_path(&db))
-    });
+    let checkpoints = config
+        .audit_checkpoint_file
+        .clone()
+        .or_else(|| store::default_checkpoint_path(&config.database_url));
     match &checkpoints {
         Some(file) => {
             tracing::info!(file = %file.display(), "audit checkpoints are appended to this file and logged")
@@ -49,23 +47,17 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         ),
     }
     let chain = Arc::new(AuditChain::new(config.audit_chain_key.clone(), checkpoints));
-    let mut sqlite = SqliteStore::open(&config.database_url, Some(chain)).await?;
-    // Held for the whole run: without LEDGER_URL, the ledger lock (see `ledger_off`).
-    let _ledger_off_lock = if config.ledger.is_some() {
+    let store = store::open(&config.database_url, Some(chain)).await?;
+    // Held for the whole run: without LEDGER_URL, the ledger lease (see `ledger_off`).
+    let _ledger_off_lease = if config.ledger.is_some() {
         None
     } else {
-        ledger_off(&mut sqlite).await
+        ledger_off(store.as_ref()).await
     };
-    let sqlite = Arc::new(sqlite);
-    let durability = sqlite.durability().await?;
-    tracing::info!(
-        journal_mode = %durability.journal_mode,
-        synchronous = %durability.synchronous_name(),
-        "database durability"
-    );
-    let store: Arc<dyn KeyStore> = sqlite.clone();
+    let durability = store.durability().await?;
+    tracing::info!(%durability, "database durability");
     // The publishers and deliverers read through connections of their own.
-    let background: Arc<dyn KeyStore> = Arc::new(sqlite.for_background());
+    let background = store.for_background();
     let service = Arc::new(KeyService::new(
         store.clone(),
         config.key_prefix.clone(),
@@ -251,8 +243,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 /// (`<database>.ledger.lock`, the ledger publisher's): the lock is returned, to be kept for the
 /// whole run. If another process holds it, ledger flags are left alone (KV's acknowledgement
 /// clears only KV's), and a warning says so.
-async fn ledger_off(sqlite: &mut SqliteStore) -> Option<Lease> {
-    let lock = match sqlite.try_lease(Role::Ledger) {
+async fn ledger_off(store: &dyn KeyStore) -> Option<Lease> {
+    let lock = match store.try_lease(Role::Ledger) {
         Ok(Some(lease)) => lease,
         Ok(None) => {
             tracing::warn!(
@@ -271,7 +263,7 @@ async fn ledger_off(sqlite: &mut SqliteStore) -> Option<Lease> {
             return None;
         }
     };
-    match sqlite.set_ledger_sink(false).await {
+    match store.set_ledger_sink(false).await {
         Ok(0) => {}
         Ok(released) => tracing::info!(
             rows = released,

@@ -1,10 +1,11 @@
 //! Configuration, read from the environment in one place. Every problem names its variable.
 //!
 //! A leaf: it imports nothing of origin's. Each part's settings have a file of their own here
-//! (`kv`, `ledger`, `webhooks`, `policy`, `leaks`, `admin`, `proxies`), which the part imports;
+//! (`database`, `kv`, `ledger`, `webhooks`, `policy`, `leaks`, `admin`, `proxies`), which the part imports;
 //! `Config` gathers them for `origin serve`.
 
 mod admin;
+mod database;
 pub mod environment;
 mod kv;
 mod leaks;
@@ -14,6 +15,7 @@ mod proxies;
 mod webhooks;
 
 pub use admin::{AdminToken, MIN_ADMIN_TOKEN_LEN};
+pub use database::Backend;
 pub use kv::{CLOUDFLARE_LIMIT, KvConfig, WriteMode};
 pub use leaks::{KeySources, LeakAction};
 pub use ledger::LedgerConfig;
@@ -128,11 +130,8 @@ impl Config {
 
         let database_url =
             var("DATABASE_URL").unwrap_or_else(|| "sqlite://data/latchkey.db".into());
-        if !database_url.starts_with("sqlite:") {
-            return Err(problem(
-                "DATABASE_URL",
-                "only sqlite: URLs are supported (for example sqlite://data/latchkey.db)",
-            ));
+        if let Err(why) = Backend::of(&database_url) {
+            return Err(problem("DATABASE_URL", why));
         }
 
         let tokens = var("ADMIN_TOKEN").ok_or_else(|| {

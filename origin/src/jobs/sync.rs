@@ -18,7 +18,7 @@ use crate::delivery::kv::publisher::{Publisher, PublisherStatus};
 use crate::model::Sink;
 use crate::service::system_now;
 use crate::store::lease::Role;
-use crate::store::{KeyStore, SqliteStore, StoreError};
+use crate::store::{KeyStore, StoreError};
 
 /// Keys queued per transaction.
 const ENQUEUE_CHUNK: u32 = 1000;
@@ -39,7 +39,7 @@ pub struct SyncSummary {
 }
 
 /// Runs a full sync of `store` into the namespace of `kv`.
-pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary, String> {
+pub async fn full(store: Arc<dyn KeyStore>, kv: &KvConfig) -> Result<SyncSummary, String> {
     let started = Instant::now();
     let client = KvClient::new(kv).map_err(|e| e.to_string())?;
     let budget = client.budget();
@@ -69,7 +69,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
         });
     };
 
-    let pending = |store: Arc<SqliteStore>| async move {
+    let pending = |store: Arc<dyn KeyStore>| async move {
         store
             .outbox_stats(Sink::Kv, Some(last_seq))
             .await
@@ -81,8 +81,7 @@ pub async fn full(store: Arc<SqliteStore>, kv: &KvConfig) -> Result<SyncSummary,
         .map_err(|e| e.to_string())?;
     let mut progress = Progress::new("publish", queued);
     let status = Arc::new(PublisherStatus::new(true));
-    let dyn_store: Arc<dyn KeyStore> = store.clone();
-    let publisher = Publisher::new(dyn_store, client, status.clone(), kv);
+    let publisher = Publisher::new(store.clone(), client, status.clone(), kv);
     let (mut published_here, mut retries) = (0u64, 0u64);
     if held.is_none() {
         tracing::info!(

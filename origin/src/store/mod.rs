@@ -5,8 +5,14 @@
 //! * a write is acknowledged only once it is durable (SQLite: WAL with `synchronous=FULL`);
 //! * no plaintext secret is ever passed in, so none can be stored.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, UnixMillis};
+
+use crate::audit::{self, Anchored, AuditChain};
+pub use crate::config::Backend;
 
 use crate::model::{
     AuditEntry, AuditEvent, KeyPage, ListFilter, OutboxEntry, OutboxStats, PolicyQuery, Sink,
@@ -15,6 +21,7 @@ use crate::model::{
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub(crate) mod key_row;
 pub mod lease;
 pub mod sqlite;
 
@@ -64,6 +71,9 @@ pub enum StoreError {
     /// The database does not run with the settings that make a commit durable.
     #[error("not durable: {0}")]
     NotDurable(String),
+    /// `DATABASE_URL` names no backend origin has.
+    #[error("DATABASE_URL {0}")]
+    Url(&'static str),
 }
 
 impl StoreError {
@@ -296,6 +306,58 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Takes the lease of `role` without waiting: `Ok(None)` while another process holds it.
     fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError>;
+
+    /// The same database for the background roles (the KV and ledger publishers, the webhook
+    /// deliverers): their reads go through connections of their own, so requests (a flood of
+    /// `/healthz`, say) never hold up a publisher's turn, nor the reverse.
+    fn for_background(&self) -> Arc<dyn KeyStore>;
+
+    /// How the store makes an acknowledged commit durable, for the start-up log (SQLite:
+    /// `journal_mode=wal synchronous=full`).
+    async fn durability(&self) -> Result<String, StoreError>;
+
+    /// Says whether the change ledger is fed (`LEDGER_URL` set); it is unless told otherwise.
+    /// Without it, nobody clears the outbox rows' ledger flags: so KV's acknowledgement clears
+    /// them too, and the flags left by an earlier run that fed the ledger are cleared now
+    /// (returns how many rows were released). Only `origin serve`, which runs the ledger
+    /// publisher when it is configured, turns it off, and only while it holds the ledger lease
+    /// (another origin over the same database may feed the ledger).
+    async fn set_ledger_sink(&self, enabled: bool) -> Result<u64, StoreError>;
+
+    /// Keys the audit log does not account for: how many have no `create` entry, and the
+    /// first of them (every key is created with one).
+    async fn keys_without_create(&self) -> Result<(u64, Option<String>), StoreError>;
+
+    /// `origin audit anchor`: the operator's one-time step for a database written before
+    /// `AUDIT_CHAIN_KEY` existed. Checks, in one write transaction, that the log is an intact
+    /// chain of unkeyed entries (none of them an `audit_chain_keyed` entry, which only a keyed
+    /// chain has) with no checkpoints taken of it, then appends a keyed `audit_chain_keyed`
+    /// entry chained onto them and checkpoints it. Refuses anything else, naming why.
+    async fn anchor_unkeyed(&self, chain: &AuditChain) -> Result<Anchored, StoreError>;
+}
+
+/// Opens the store `url` names (`sqlite:` today), creating it if needed and running its
+/// migrations. Without `chain`, the store can read the audit log but not append to it
+/// (`origin audit verify`, `origin sync`). With it, the chain's newest entry must verify with
+/// its key.
+pub async fn open(
+    url: &str,
+    chain: Option<Arc<AuditChain>>,
+) -> Result<Arc<dyn KeyStore>, StoreError> {
+    match Backend::of(url).map_err(StoreError::Url)? {
+        Backend::Sqlite => Ok(Arc::new(SqliteStore::open(url, chain).await?)),
+    }
+}
+
+/// Where audit checkpoints go when `AUDIT_CHECKPOINT_FILE` is unset: beside a SQLite file
+/// (`None` for an in-memory database, whose checkpoints are only logged).
+pub fn default_checkpoint_path(url: &str) -> Option<PathBuf> {
+    match Backend::of(url).ok()? {
+        Backend::Sqlite => SqliteStore::database_file(url)
+            .ok()
+            .flatten()
+            .map(|db| audit::default_checkpoint_path(&db)),
+    }
 }
 
 #[cfg(test)]

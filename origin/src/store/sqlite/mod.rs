@@ -22,13 +22,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use latchkey_shared::ip::IpAllowlist;
-use latchkey_shared::{KeyHash, KeyId, ScopeSet, UnixMillis};
-use serde_json::{Map, Value};
+use latchkey_shared::{KeyHash, KeyId, UnixMillis};
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -36,6 +34,9 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::key_row::{
+    CHANGEABLE_COLUMNS, KEY_COLUMNS, KeyRow, bind_stored, column, column_value, key_columns,
+};
 use super::{KeyStore, StoreError, lease};
 use crate::audit::{self, Anchored, AuditChain, ChainChecker, Checkpoints};
 use crate::model::{
@@ -59,8 +60,9 @@ pub struct SqliteStore {
     hot: Option<Arc<HotReads>>,
     /// Write transactions this process has committed (see [`HotReads`]).
     commits: Arc<AtomicU64>,
-    /// Whether the ledger sink is fed (see [`SqliteStore::set_ledger_sink`]).
-    ledger_sink: bool,
+    /// Whether the ledger sink is fed (see [`KeyStore::set_ledger_sink`]); shared by the
+    /// background copy.
+    ledger_sink: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -390,7 +392,7 @@ impl KeyStore for SqliteStore {
             return Ok(());
         }
         // Without the ledger sink nobody else clears the ledger flag: KV's acknowledgement does.
-        let clear = match (sink, self.ledger_sink) {
+        let clear = match (sink, self.ledger_sink.load(Ordering::Relaxed)) {
             (Sink::Kv, false) => "kv_pending = 0, ledger_pending = 0",
             (Sink::Kv, true) => "kv_pending = 0",
             (Sink::Ledger, _) => "ledger_pending = 0",
@@ -700,6 +702,31 @@ impl KeyStore for SqliteStore {
                     source,
                 }),
         }
+    }
+
+    fn for_background(&self) -> Arc<dyn KeyStore> {
+        Arc::new(self.background_copy())
+    }
+
+    async fn durability(&self) -> Result<String, StoreError> {
+        let d = self.pragmas().await?;
+        Ok(format!(
+            "journal_mode={} synchronous={}",
+            d.journal_mode,
+            d.synchronous_name()
+        ))
+    }
+
+    async fn set_ledger_sink(&self, enabled: bool) -> Result<u64, StoreError> {
+        self.ledger_sink(enabled).await
+    }
+
+    async fn keys_without_create(&self) -> Result<(u64, Option<String>), StoreError> {
+        self.unaccounted_keys().await
+    }
+
+    async fn anchor_unkeyed(&self, chain: &AuditChain) -> Result<Anchored, StoreError> {
+        self.anchor(chain).await
     }
 }
 

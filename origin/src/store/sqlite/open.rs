@@ -47,7 +47,7 @@ impl SqliteStore {
     /// Without `chain`, the store can read the audit log but not append to it (`origin audit
     /// verify`, `origin audit anchor`, `origin sync`). With it, the chain's newest entry must
     /// verify with its key: a chain that ends with unkeyed entries is refused (see
-    /// [`SqliteStore::anchor_unkeyed`]).
+    /// [`KeyStore::anchor_unkeyed`]).
     pub async fn open(url: &str, chain: Option<Arc<AuditChain>>) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
@@ -82,7 +82,7 @@ impl SqliteStore {
             }
             writer => (writer?, options, false),
         };
-        sqlx::migrate!("./migrations").run(&writer).await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let commits = Arc::new(AtomicU64::new(0));
         if let Some(chain) = &chain {
             check_chain_at_start(&writer, chain).await?;
@@ -121,30 +121,24 @@ impl SqliteStore {
             changes,
             hot,
             commits,
-            ledger_sink: true,
+            ledger_sink: Arc::new(AtomicBool::new(true)),
         })
     }
 
-    /// The same database for the background roles (the KV and ledger publishers, the webhook
-    /// deliverers): its reads go through connections of their own, so requests (a flood of
-    /// `/healthz`, say) never hold up a publisher's turn, nor the reverse. Writes share the one
-    /// writer, as every write does.
+    /// The same database for the background roles (see [`KeyStore::for_background`]): its
+    /// reads go through connections of their own. Writes share the one writer, as every write
+    /// does.
     #[must_use]
-    pub fn for_background(&self) -> Self {
+    pub fn background_copy(&self) -> Self {
         Self {
             reader: self.background.clone(),
             ..self.clone()
         }
     }
 
-    /// Says whether the change ledger is fed (`LEDGER_URL` set); it is unless told otherwise.
-    /// Without it, nobody clears the outbox rows' ledger flags: so KV's acknowledgement clears
-    /// them too, and the flags left by an earlier run that fed the ledger are cleared now
-    /// (returns how many rows were released). Only `origin serve`, which runs the ledger
-    /// publisher when it is configured, turns it off, and only while it holds the ledger lock
-    /// (another origin over the same database may feed the ledger).
-    pub async fn set_ledger_sink(&mut self, enabled: bool) -> Result<u64, StoreError> {
-        self.ledger_sink = enabled;
+    /// See [`KeyStore::set_ledger_sink`].
+    pub(super) async fn ledger_sink(&self, enabled: bool) -> Result<u64, StoreError> {
+        self.ledger_sink.store(enabled, Ordering::Relaxed);
         if enabled {
             return Ok(0);
         }
@@ -198,9 +192,8 @@ impl SqliteStore {
         ))
     }
 
-    /// Keys the audit log does not account for: how many have no `create` entry, and the
-    /// first of them (every key is created with one).
-    pub async fn keys_without_create(&self) -> Result<(u64, Option<String>), StoreError> {
+    /// See [`KeyStore::keys_without_create`].
+    pub(super) async fn unaccounted_keys(&self) -> Result<(u64, Option<String>), StoreError> {
         let (n, first): (i64, Option<String>) = sqlx::query_as(
             "SELECT COUNT(*), MIN(id) FROM api_keys k WHERE NOT EXISTS \
              (SELECT 1 FROM audit_log a WHERE a.key_id = k.id AND a.action = 'create')",
@@ -210,12 +203,8 @@ impl SqliteStore {
         Ok((u64::try_from(n).unwrap_or(0), first))
     }
 
-    /// `origin audit anchor`: the operator's one-time step for a database written before
-    /// `AUDIT_CHAIN_KEY` existed. Checks, in one write transaction, that the log is an intact
-    /// chain of unkeyed entries (none of them an `audit_chain_keyed` entry, which only a keyed
-    /// chain has) with no checkpoints taken of it, then appends a keyed `audit_chain_keyed`
-    /// entry chained onto them and checkpoints it. Refuses anything else, naming why.
-    pub async fn anchor_unkeyed(&self, chain: &AuditChain) -> Result<Anchored, StoreError> {
+    /// See [`KeyStore::anchor_unkeyed`].
+    pub(super) async fn anchor(&self, chain: &AuditChain) -> Result<Anchored, StoreError> {
         let mut tx = WriteTx::begin(&self.writer, &self.commits).await?;
         let newest: Option<(i64, i64)> =
             sqlx::query_as("SELECT seq, chain FROM audit_log ORDER BY seq DESC LIMIT 1")
@@ -297,7 +286,7 @@ impl SqliteStore {
     }
 
     /// The writer connection's durability settings, as SQLite reports them.
-    pub async fn durability(&self) -> Result<Durability, StoreError> {
+    pub async fn pragmas(&self) -> Result<Durability, StoreError> {
         durability(&self.writer).await
     }
 }

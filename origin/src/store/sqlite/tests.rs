@@ -4,6 +4,7 @@
 
 use super::open::OnDisk;
 use super::*;
+use latchkey_shared::ip::IpAllowlist;
 
 /// The README promises that an acknowledged write survives a power cut; that holds only with
 /// WAL and `synchronous=FULL` on the writer. Read both back from a real store's writer.
@@ -12,7 +13,7 @@ async fn the_writer_runs_in_wal_mode_with_synchronous_full() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     let store = SqliteStore::open(&url, None).await.expect("open");
-    let durability = store.durability().await.expect("pragmas");
+    let durability = store.pragmas().await.expect("pragmas");
     assert_eq!(
         durability,
         Durability {
@@ -806,7 +807,7 @@ async fn keys_stuck_on_their_way_to_kv_are_refreshed_in_the_ledger() {
 #[tokio::test]
 async fn without_the_ledger_kv_alone_empties_the_outbox() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut store = open_store(&dir).await;
+    let store = open_store(&dir).await;
     key_with_two_changes(&store, 1).await;
     // A run with the ledger: KV took the rows, the ledger did not.
     let peeked = store.outbox_peek(Sink::Kv, 100).await.expect("peek");
