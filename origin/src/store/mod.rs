@@ -19,6 +19,8 @@ use crate::model::{
     StoredKey, VerifyEntry,
 };
 
+pub(crate) mod audit_row;
+pub(crate) mod change;
 #[cfg(test)]
 pub(crate) mod conformance;
 pub(crate) mod key_row;

@@ -1,14 +1,12 @@
-//! The audit chain in the database: checked at start against the checkpoints, and each entry
-//! appended after the newest, in the writer's transaction.
+//! The audit chain in SQLite: checked at start against the checkpoints, and each entry
+//! appended after the newest, in the writer's transaction (`BEGIN IMMEDIATE` holds SQLite's
+//! write lock, so even origins on other processes append one at a time).
 
 use super::*;
 
 /// At start with a key: the log must not end before the newest checkpoint (entries deleted),
-/// and its newest entry must verify with the key (else the key changed, or the log was edited:
-/// refuse to write onto it). A chain that ends with unkeyed entries is refused too: it predates
-/// the key (the operator anchors it once with `origin audit anchor`) or was rewritten without
-/// the key, and origin cannot tell which, so it never anchors one itself. Ends with a
-/// checkpoint of the newest entry.
+/// must not be empty while keys exist (wiped), and its newest entry must verify with the key
+/// (see [`check_newest`]).
 pub(super) async fn check_chain_at_start(
     writer: &SqlitePool,
     chain: &AuditChain,
@@ -22,130 +20,12 @@ pub(super) async fn check_chain_at_start(
     let last = newest.as_ref().map_or(0, |row| row.0);
     refuse_truncated(chain, last)?;
     let Some(row) = newest else {
-        // Every key is created with an audit entry: keys without any entry mean a wiped log,
-        // and a fresh chain must not be written over the wipe.
         let keys: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
             .fetch_one(writer)
             .await?;
-        if keys > 0 {
-            return Err(StoreError::Audit(format!(
-                "the audit log is empty but the database holds {keys} keys: the log was wiped; \
-                 restore the database from a backup and {VERIFY_HINT}"
-            )));
-        }
-        return Ok(());
+        return refuse_wiped(keys);
     };
-    let (seq, at, actor, action, key_id, details, prev_hash, hash, version) = row;
-    match version {
-        audit::CHAIN_KEYED => {
-            let expected = audit::entry_mac(
-                chain.key(),
-                &audit::EntryFields {
-                    prev_hash: &prev_hash,
-                    seq,
-                    at,
-                    actor: &actor,
-                    action: &action,
-                    key_id: key_id.as_deref(),
-                    details_json: &details,
-                },
-            );
-            if !audit::same(&expected, &hash) {
-                return Err(StoreError::Audit(format!(
-                    "the newest audit entry ({seq}) does not verify with AUDIT_CHAIN_KEY: the key \
-                     is not the one the log was written with, or the entry was edited; {VERIFY_HINT}"
-                )));
-            }
-            chain.checkpoint(seq, &hash, at);
-            Ok(())
-        }
-        audit::CHAIN_UNKEYED => {
-            refuse_checkpointed(chain, seq)?;
-            Err(StoreError::Audit(format!(
-                "the newest audit entry ({seq}) is unkeyed, and origin never anchors unkeyed \
-                 entries itself: if this database was written before AUDIT_CHAIN_KEY existed, run \
-                 `origin audit anchor` once (same DATABASE_URL and AUDIT_CHAIN_KEY) and read what \
-                 it anchors; if it ever ran with AUDIT_CHAIN_KEY, its log was rewritten without \
-                 the key: do not anchor it, restore the database from a backup and {VERIFY_HINT}"
-            )))
-        }
-        other => Err(StoreError::Audit(format!(
-            "the newest audit entry ({seq}) has chain version {other}, unknown to this build"
-        ))),
-    }
-}
-
-pub(super) const VERIFY_HINT: &str =
-    "run `origin audit verify` (with the same DATABASE_URL and AUDIT_CHAIN_KEY)";
-
-/// Refuses a log that ends at `last`, before the newest checkpoint at the end of the
-/// checkpoint file: its newest entries were deleted.
-pub(super) fn refuse_truncated(chain: &AuditChain, last: i64) -> Result<(), StoreError> {
-    match chain.newest_checkpoint() {
-        Some(checkpoint) if checkpoint > last => Err(StoreError::Audit(format!(
-            "the audit log ends at entry {last}, but {} holds a checkpoint for entry \
-             {checkpoint}: its newest entries were deleted (if the database was restored from an \
-             older copy, archive the checkpoint file with the copy it belongs to); {VERIFY_HINT}",
-            chain
-                .checkpoint_path()
-                .map_or_else(String::new, |p| p.display().to_string())
-        ))),
-        _ => Ok(()),
-    }
-}
-
-/// Refuses unkeyed entries at the end of a chain that has checkpoints: they were taken from a
-/// keyed chain, so it was rewritten without the key.
-pub(super) fn refuse_checkpointed(chain: &AuditChain, seq: i64) -> Result<(), StoreError> {
-    match chain.checkpoint_path() {
-        Some(path) if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) => {
-            Err(StoreError::Audit(format!(
-                "the newest audit entry ({seq}) is unkeyed, but {} holds checkpoints of a keyed \
-                 chain: the log was rewritten without the key; {VERIFY_HINT}",
-                path.display()
-            )))
-        }
-        _ => Ok(()),
-    }
-}
-
-pub(super) fn system_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// An audit row: seq, at, actor, action, key_id, details, prev_hash, hash, chain.
-pub(super) type AuditRow = (
-    i64,
-    i64,
-    String,
-    String,
-    Option<String>,
-    String,
-    String,
-    String,
-    i64,
-);
-
-pub(super) fn audit_entry(row: AuditRow) -> Result<AuditEntry, StoreError> {
-    let (seq, at, actor, action, key_id, details_json, prev_hash, hash, chain) = row;
-    let details = serde_json::from_str(&details_json).map_err(|e| StoreError::Corrupt {
-        id: format!("audit_log seq {seq}"),
-        problem: e.to_string(),
-    })?;
-    Ok(AuditEntry {
-        seq,
-        at,
-        actor,
-        action,
-        key_id,
-        details,
-        details_json,
-        prev_hash,
-        hash,
-        chain,
-    })
+    check_newest(chain, row)
 }
 
 /// Appends `event` to the chain inside the caller's transaction, MACed with the chain's key.
@@ -155,46 +35,25 @@ pub(super) async fn append_audit(
     chain: Option<&AuditChain>,
     event: &AuditEvent,
 ) -> Result<(i64, String, i64), StoreError> {
-    let chain = chain.ok_or_else(|| {
-        StoreError::Audit(
-            "this store was opened without AUDIT_CHAIN_KEY and cannot append to the audit log"
-                .into(),
-        )
-    })?;
     let last: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *conn)
             .await?;
-    let (prev_seq, prev_hash) = last.unwrap_or_else(|| (0, audit::GENESIS_HASH.to_owned()));
-    let seq = prev_seq + 1;
-    let details = event.details.to_string();
-    let key_id = event.key_id.as_ref().map(KeyId::as_str);
-    let hash = audit::entry_mac(
-        chain.key(),
-        &audit::EntryFields {
-            prev_hash: &prev_hash,
-            seq,
-            at: event.at.0,
-            actor: &event.actor,
-            action: event.action,
-            key_id,
-            details_json: &details,
-        },
-    );
+    let entry = NextEntry::after(chain, last, event)?;
     sqlx::query(
         "INSERT INTO audit_log (seq, at, actor, action, key_id, details, prev_hash, hash, chain) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
-    .bind(seq)
+    .bind(entry.seq)
     .bind(event.at.0)
     .bind(&event.actor)
     .bind(event.action)
-    .bind(key_id)
-    .bind(details)
-    .bind(prev_hash)
-    .bind(&hash)
+    .bind(entry.key_id)
+    .bind(&entry.details)
+    .bind(&entry.prev_hash)
+    .bind(&entry.hash)
     .bind(audit::CHAIN_KEYED)
     .execute(&mut *conn)
     .await?;
-    Ok((seq, hash, event.at.0))
+    Ok(entry.written())
 }

@@ -1,5 +1,6 @@
 //! Writes: one transaction at a time on the writer (`WriteTx`), key changes grouped into one
-//! commit (`group_commit`), and the outbox rows each change enqueues.
+//! commit (`SqliteWriter`, run by `store::change::group_commit`), and the outbox rows each
+//! change enqueues.
 
 use super::*;
 
@@ -104,105 +105,43 @@ impl Drop for WriteTx {
     }
 }
 
-/// A key change (with its audit entry and outbox row) waiting for the next group commit.
-#[derive(Debug)]
-pub(super) enum Change {
-    Insert(StoredKey, AuditEvent),
-    /// The new state, the revision it replaces, the audit event.
-    Replace(StoredKey, i64, AuditEvent),
-    /// An entry that changes no key (a refused attempt, a policy's warning): the entry alone.
-    Event(AuditEvent),
-    /// A roll: the replaced key's new state, the revision it replaces and its audit event, then
-    /// the new key and its own; both or neither.
-    Roll {
-        old: Box<(StoredKey, i64, AuditEvent)>,
-        new: Box<(StoredKey, AuditEvent)>,
-    },
+/// SQLite's writer: the one writer connection, the commit count verify's snapshots watch, the
+/// chain's key.
+pub(super) struct SqliteWriter {
+    pub(super) pool: SqlitePool,
+    pub(super) commits: Arc<AtomicU64>,
+    pub(super) chain: Option<Arc<AuditChain>>,
 }
 
-/// A change and where its outcome goes.
-pub(super) struct Pending {
-    pub(super) change: Change,
-    pub(super) done: oneshot::Sender<Result<bool, StoreError>>,
-}
-
-/// Most changes committed together.
-pub(super) const GROUP_MAX: usize = 512;
-
-/// Group commit: one task writes key changes. It takes every change waiting when it starts a
-/// transaction (they queued while the previous commit was syncing to disk) and commits them
-/// together, so a burst of concurrent writes costs one `fsync`, not one each. Nobody is answered
-/// before the commit that holds their change is on disk.
-///
-/// If anything in a batch fails, the batch is rolled back and each of its changes is retried in
-/// a transaction of its own, so one bad change never fails the others and each caller gets its
-/// own outcome.
-pub(super) async fn group_commit(
-    pool: SqlitePool,
-    commits: Arc<AtomicU64>,
-    chain: Option<Arc<AuditChain>>,
-    mut queue: mpsc::Receiver<Pending>,
-) {
-    let chain = chain.as_deref();
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < GROUP_MAX {
-            match queue.try_recv() {
-                Ok(pending) => batch.push(pending),
-                Err(_) => break,
-            }
+#[async_trait]
+impl ChangeWriter for SqliteWriter {
+    async fn apply_together(&self, batch: &[Pending]) -> Result<Vec<bool>, StoreError> {
+        let chain = self.chain.as_deref();
+        let mut tx = WriteTx::begin(&self.pool, &self.commits).await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut newest = None;
+        for pending in batch {
+            outcomes.push(apply(&mut tx, chain, &pending.change, &mut newest).await?);
         }
-        match apply_together(&pool, &commits, chain, &batch).await {
-            Ok(outcomes) => {
-                for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = pending.done.send(Ok(outcome));
-                }
-            }
-            Err(error) => {
-                tracing::debug!(%error, changes = batch.len(), "group commit failed; committing one by one");
-                for pending in batch {
-                    let outcome = apply_alone(&pool, &commits, chain, &pending.change).await;
-                    let _ = pending.done.send(outcome);
-                }
-            }
-        }
+        tx.commit().await?;
+        checkpoint(chain, newest);
+        Ok(outcomes)
     }
-}
 
-pub(super) async fn apply_together(
-    pool: &SqlitePool,
-    commits: &Arc<AtomicU64>,
-    chain: Option<&AuditChain>,
-    batch: &[Pending],
-) -> Result<Vec<bool>, StoreError> {
-    let mut tx = WriteTx::begin(pool, commits).await?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut newest = None;
-    for pending in batch {
-        outcomes.push(apply(&mut tx, chain, &pending.change, &mut newest).await?);
+    async fn apply_alone(&self, change: &Change) -> Result<bool, StoreError> {
+        let chain = self.chain.as_deref();
+        let mut tx = WriteTx::begin(&self.pool, &self.commits).await?;
+        let mut newest = None;
+        let outcome = apply(&mut tx, chain, change, &mut newest).await?;
+        tx.commit().await?;
+        checkpoint(chain, newest);
+        Ok(outcome)
     }
-    tx.commit().await?;
-    checkpoint(chain, newest);
-    Ok(outcomes)
-}
-
-pub(super) async fn apply_alone(
-    pool: &SqlitePool,
-    commits: &Arc<AtomicU64>,
-    chain: Option<&AuditChain>,
-    change: &Change,
-) -> Result<bool, StoreError> {
-    let mut tx = WriteTx::begin(pool, commits).await?;
-    let mut newest = None;
-    let outcome = apply(&mut tx, chain, change, &mut newest).await?;
-    tx.commit().await?;
-    checkpoint(chain, newest);
-    Ok(outcome)
 }
 
 /// After a commit that appended audit entries, and before its callers are answered: a
 /// checkpoint of the newest one, outside the database.
-pub(super) fn checkpoint(chain: Option<&AuditChain>, newest: Option<(i64, String, i64)>) {
+pub(crate) fn checkpoint(chain: Option<&AuditChain>, newest: Option<(i64, String, i64)>) {
     if let (Some(chain), Some((seq, hash, at))) = (chain, newest) {
         chain.checkpoint(seq, &hash, at);
     }

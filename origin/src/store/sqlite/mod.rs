@@ -32,8 +32,13 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::audit_row::{
+    AuditRow, NextEntry, VERIFY_HINT, audit_entry, check_newest, refuse_checkpointed,
+    refuse_truncated, refuse_wiped, system_millis,
+};
+use super::change::{self, Change, ChangeWriter, GROUP_MAX, Pending, group_commit};
 use super::key_row::{
     CHANGEABLE_COLUMNS, KEY_COLUMNS, KeyRow, bind_stored, column, column_value, key_columns,
 };

@@ -97,7 +97,14 @@ impl SqliteStore {
             .max_connections(BACKGROUND_READERS)
             .connect_lazy_with(options);
         let (changes, queue) = mpsc::channel(4 * GROUP_MAX);
-        tokio::spawn(group_commit(writer.clone(), commits.clone(), chain, queue));
+        tokio::spawn(group_commit(
+            SqliteWriter {
+                pool: writer.clone(),
+                commits: commits.clone(),
+                chain,
+            },
+            queue,
+        ));
         // Where the synchronous connections cannot open (a read-only filesystem, say), verify
         // reads through the sqlx pool like everything else: slower, as correct.
         let hot = file.as_deref().filter(|_| !immutable).and_then(|path| {
@@ -165,14 +172,7 @@ impl SqliteStore {
 
     /// Hands `change` to the group-commit task and waits until it is on disk.
     pub(super) async fn commit(&self, change: Change) -> Result<bool, StoreError> {
-        let (done, outcome) = oneshot::channel();
-        self.changes
-            .send(Pending { change, done })
-            .await
-            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?;
-        outcome
-            .await
-            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?
+        change::commit(&self.changes, change).await
     }
 
     /// The database file (`None` for an in-memory database).
