@@ -244,7 +244,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 /// whole run. If another process holds it, ledger flags are left alone (KV's acknowledgement
 /// clears only KV's), and a warning says so.
 async fn ledger_off(store: &dyn KeyStore) -> Option<Lease> {
-    let lock = match store.try_lease(Role::Ledger) {
+    let lock = match store.try_lease(Role::Ledger).await {
         Ok(Some(lease)) => lease,
         Ok(None) => {
             tracing::warn!(

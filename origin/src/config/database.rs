@@ -5,6 +5,8 @@
 pub enum Backend {
     /// `sqlite:`: a file beside origin (or `sqlite::memory:`), the default.
     Sqlite,
+    /// `postgres:` or `postgresql:`: a PostgreSQL server, which several origins can share.
+    Postgres,
 }
 
 impl Backend {
@@ -13,13 +15,17 @@ impl Backend {
     /// ```
     /// use latchkey_origin::config::Backend;
     /// assert_eq!(Backend::of("sqlite://data/latchkey.db"), Ok(Backend::Sqlite));
+    /// assert_eq!(Backend::of("postgres://origin@db/latchkey"), Ok(Backend::Postgres));
+    /// assert_eq!(Backend::of("postgresql://db/latchkey"), Ok(Backend::Postgres));
     /// assert!(Backend::of("mysql://db").is_err());
     /// ```
     pub fn of(url: &str) -> Result<Self, &'static str> {
         if url.starts_with("sqlite:") {
             Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
         } else {
-            Err("must start with sqlite: (for example sqlite://data/latchkey.db)")
+            Err("must start with sqlite: or postgres:// (for example sqlite://data/latchkey.db)")
         }
     }
 }

@@ -257,7 +257,7 @@ fn errors_name_the_variable() {
             "KEY_PREFIX:",
         ),
         (
-            &[("ADMIN_TOKEN", TOKEN), ("DATABASE_URL", "postgres://x")],
+            &[("ADMIN_TOKEN", TOKEN), ("DATABASE_URL", "mysql://x")],
             "DATABASE_URL:",
         ),
         (

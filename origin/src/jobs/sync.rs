@@ -78,6 +78,7 @@ pub async fn full(store: Arc<dyn KeyStore>, kv: &KvConfig) -> Result<SyncSummary
     };
     let held = store
         .try_lease(Role::Publisher)
+        .await
         .map_err(|e| e.to_string())?;
     let mut progress = Progress::new("publish", queued);
     let status = Arc::new(PublisherStatus::new(true));

@@ -6,7 +6,10 @@
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
+use latchkey_shared::{KeyId, UnixMillis};
+
 use super::StoreError;
+use crate::audit::AuditChain;
 use crate::model::{AuditEvent, StoredKey};
 
 /// A key change (with its audit entry and outbox row) waiting for the next group commit.
@@ -85,4 +88,72 @@ pub(crate) async fn commit(
     outcome
         .await
         .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?
+}
+
+/// The four writes a change is made of, inside a backend's write transaction.
+#[async_trait]
+pub(crate) trait Writes: Send {
+    /// Inserts a whole key.
+    async fn insert_key(&mut self, key: &StoredKey) -> Result<(), StoreError>;
+    /// `false`: the key is not at `expected_revision` any more, and nothing was written.
+    async fn update_key(
+        &mut self,
+        key: &StoredKey,
+        expected_revision: i64,
+    ) -> Result<bool, StoreError>;
+    /// Appends `event` after the newest entry, MACed with the chain's key; returns the new
+    /// entry's `seq`, `hash` and `at` (for the checkpoint after the commit).
+    async fn append_audit(
+        &mut self,
+        chain: Option<&AuditChain>,
+        event: &AuditEvent,
+    ) -> Result<(i64, String, i64), StoreError>;
+    /// Announces a change of `id` to both sinks (KV and the ledger).
+    async fn enqueue_publish(&mut self, id: &KeyId, at: UnixMillis) -> Result<(), StoreError>;
+}
+
+/// Writes one change inside the caller's transaction. `false`: a `Replace` found another
+/// revision, and nothing was written. The audit entry appended, if any, goes to `newest`.
+pub(crate) async fn apply(
+    tx: &mut impl Writes,
+    chain: Option<&AuditChain>,
+    change: &Change,
+    newest: &mut Option<(i64, String, i64)>,
+) -> Result<bool, StoreError> {
+    match change {
+        Change::Insert(key, event) => {
+            tx.insert_key(key).await?;
+            *newest = Some(tx.append_audit(chain, event).await?);
+            tx.enqueue_publish(&key.id, key.updated_at).await?;
+        }
+        Change::Replace(key, expected_revision, event) => {
+            if !tx.update_key(key, *expected_revision).await? {
+                return Ok(false);
+            }
+            *newest = Some(tx.append_audit(chain, event).await?);
+            tx.enqueue_publish(&key.id, key.updated_at).await?;
+        }
+        Change::Roll { old, new } => {
+            let (old_key, expected_revision, old_event) = old.as_ref();
+            let (new_key, new_event) = new.as_ref();
+            if !tx.update_key(old_key, *expected_revision).await? {
+                return Ok(false);
+            }
+            tx.insert_key(new_key).await?;
+            tx.append_audit(chain, old_event).await?;
+            *newest = Some(tx.append_audit(chain, new_event).await?);
+            tx.enqueue_publish(&old_key.id, old_key.updated_at).await?;
+            tx.enqueue_publish(&new_key.id, new_key.updated_at).await?;
+        }
+        Change::Event(event) => *newest = Some(tx.append_audit(chain, event).await?),
+    }
+    Ok(true)
+}
+
+/// After a commit that appended audit entries, and before its callers are answered: a
+/// checkpoint of the newest one, outside the database.
+pub(crate) fn checkpoint(chain: Option<&AuditChain>, newest: Option<(i64, String, i64)>) {
+    if let (Some(chain), Some((seq, hash, at))) = (chain, newest) {
+        chain.checkpoint(seq, &hash, at);
+    }
 }

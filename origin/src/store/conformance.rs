@@ -175,9 +175,16 @@ pub(crate) async fn the_outbox_keeps_order_and_acknowledges_per_entry(store: Arc
 /// Concurrent writers leave one chain: sequence numbers in order, each entry linked to the one
 /// before, none lost.
 pub(crate) async fn concurrent_writers_leave_one_chain(store: Arc<dyn KeyStore>) {
+    writers_on_replicas_leave_one_chain(&[store]).await;
+}
+
+/// The same, with the writers spread over `replicas` (stores over one database, as origins on
+/// several machines): still one chain, whoever wrote.
+pub(crate) async fn writers_on_replicas_leave_one_chain(replicas: &[Arc<dyn KeyStore>]) {
+    let store = replicas[0].clone();
     let writers: Vec<_> = (1..=24)
         .map(|n| {
-            let store = store.clone();
+            let store = replicas[usize::from(n) % replicas.len()].clone();
             tokio::spawn(async move {
                 let k = key(n, "acme");
                 store
@@ -192,8 +199,9 @@ pub(crate) async fn concurrent_writers_leave_one_chain(store: Arc<dyn KeyStore>)
     }
     let log = store.audit_log(None, 0, 100).await.expect("log");
     assert_eq!(log.len(), 24);
+    assert_eq!(log[0].seq, 1);
     for pair in log.windows(2) {
-        assert!(pair[0].seq < pair[1].seq, "in order");
+        assert_eq!(pair[1].seq, pair[0].seq + 1, "in order, no gap");
         assert_eq!(pair[1].prev_hash, pair[0].hash, "linked");
     }
 }

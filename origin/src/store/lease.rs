@@ -2,7 +2,9 @@
 //! process at a time plays each role (publishing to KV, feeding the change ledger, delivering
 //! webhooks, running the key policies). With SQLite the lease is a file lock beside the
 //! database file (`<database>.<role>.lock`), released when its file is dropped or the process
-//! dies; an in-memory database has none (no other process can share it).
+//! dies; an in-memory database has none (no other process can share it). With PostgreSQL it
+//! is a session advisory lock, held by a connection of its own and released when that
+//! connection closes (the process died, or the database restarted: see [`Lease::lost`]).
 
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
@@ -10,21 +12,60 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-/// A role's lease, held until dropped. With SQLite, the lock file (none for an in-memory
-/// database, which no other process can share).
-#[derive(Debug)]
+/// A role's lease, held until dropped: with SQLite, the lock file (none for an in-memory
+/// database, which no other process can share); with PostgreSQL, the connection holding the
+/// advisory lock, and a flag its keeper raises if that connection is lost.
 #[must_use = "the lease ends when it is dropped"]
-pub struct Lease(#[allow(dead_code, reason = "held for its lock, released on drop")] Option<File>);
+pub struct Lease {
+    #[allow(dead_code, reason = "held for its lock, released on drop")]
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
+    lost: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("held", &self.held.is_some())
+            .field("lost", &self.lost())
+            .finish()
+    }
+}
 
 impl Lease {
     /// The lease of a file database's role: its lock file, held.
     pub(crate) fn file(file: File) -> Self {
-        Self(Some(file))
+        Self {
+            held: Some(Box::new(file)),
+            lost: None,
+        }
     }
 
     /// The lease of an in-memory database's role, which no other process can share.
     pub(crate) fn unshared() -> Self {
-        Self(None)
+        Self {
+            held: None,
+            lost: None,
+        }
+    }
+
+    /// A lease held by `holder` (dropping it releases the lease), which can be lost while held:
+    /// `lost` turns true when it is.
+    pub(crate) fn losable(
+        holder: Box<dyn std::any::Any + Send + Sync>,
+        lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self {
+            held: Some(holder),
+            lost: Some(lost),
+        }
+    }
+
+    /// Whether the lease was lost while held (its database connection closed: another process
+    /// may hold the role now). A file lock is never lost while its process lives.
+    pub fn lost(&self) -> bool {
+        self.lost
+            .as_ref()
+            .is_some_and(|l| l.load(std::sync::atomic::Ordering::Acquire))
     }
 }
 

@@ -25,8 +25,10 @@ pub(crate) mod change;
 pub(crate) mod conformance;
 pub(crate) mod key_row;
 pub mod lease;
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A storage failure. Its `Display` is for logs, never for API responses.
@@ -90,6 +92,9 @@ impl StoreError {
                 Some("no database connection is free")
             }
             Self::Database(sqlx::Error::Io(_)) => Some("an I/O error"),
+            Self::Database(sqlx::Error::Database(db)) if self.sqlite_code().is_none() => {
+                postgres_unavailable(db.code()?.as_ref())
+            }
             _ => match self.sqlite_code()? {
                 5 | 6 => Some("the database is locked"),
                 8 => Some("the database is read-only"),
@@ -106,11 +111,27 @@ impl StoreError {
         match self {
             Self::Sqlite { code, .. } => Some(code & 0xff),
             Self::Database(sqlx::Error::Database(db)) => db
-                .code()
+                .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                .and_then(sqlx::error::DatabaseError::code)
                 .and_then(|c| c.parse::<i32>().ok())
                 .map(|c| c & 0xff),
             _ => None,
         }
+    }
+}
+
+/// PostgreSQL's SQLSTATEs that are the server's condition, not the request's fault.
+fn postgres_unavailable(state: &str) -> Option<&'static str> {
+    match state {
+        "53100" => Some("the disk is full"),
+        "25006" => Some("the database is read-only"),
+        "40001" | "40P01" => Some("the database is busy"),
+        "55P03" => Some("the database is locked"),
+        _ if state.starts_with("08") => Some("the database connection failed"),
+        _ if state.starts_with("57P") => Some("the database is shutting down or starting"),
+        _ if state.starts_with("53") => Some("the database is out of resources"),
+        _ if state.starts_with("58") => Some("a disk I/O error"),
+        _ => None,
     }
 }
 
@@ -307,7 +328,7 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<lease::Lease, lease::Stopped>;
 
     /// Takes the lease of `role` without waiting: `Ok(None)` while another process holds it.
-    fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError>;
+    async fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError>;
 
     /// The same database for the background roles (the KV and ledger publishers, the webhook
     /// deliverers): their reads go through connections of their own, so requests (a flood of
@@ -338,7 +359,7 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn anchor_unkeyed(&self, chain: &AuditChain) -> Result<Anchored, StoreError>;
 }
 
-/// Opens the store `url` names (`sqlite:` today), creating it if needed and running its
+/// Opens the store `url` names (`sqlite:` or `postgres:`), creating it if needed and running its
 /// migrations. Without `chain`, the store can read the audit log but not append to it
 /// (`origin audit verify`, `origin sync`). With it, the chain's newest entry must verify with
 /// its key.
@@ -348,6 +369,7 @@ pub async fn open(
 ) -> Result<Arc<dyn KeyStore>, StoreError> {
     match Backend::of(url).map_err(StoreError::Url)? {
         Backend::Sqlite => Ok(Arc::new(SqliteStore::open(url, chain).await?)),
+        Backend::Postgres => Ok(Arc::new(PgStore::open(url, chain).await?)),
     }
 }
 
@@ -359,6 +381,9 @@ pub fn default_checkpoint_path(url: &str) -> Option<PathBuf> {
             .ok()
             .flatten()
             .map(|db| audit::default_checkpoint_path(&db)),
+        // No file of the database's own to sit beside: checkpoints are only logged unless
+        // AUDIT_CHECKPOINT_FILE says where.
+        Backend::Postgres => None,
     }
 }
 

@@ -121,7 +121,7 @@ impl ChangeWriter for SqliteWriter {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut newest = None;
         for pending in batch {
-            outcomes.push(apply(&mut tx, chain, &pending.change, &mut newest).await?);
+            outcomes.push(apply(&mut *tx, chain, &pending.change, &mut newest).await?);
         }
         tx.commit().await?;
         checkpoint(chain, newest);
@@ -132,55 +132,36 @@ impl ChangeWriter for SqliteWriter {
         let chain = self.chain.as_deref();
         let mut tx = WriteTx::begin(&self.pool, &self.commits).await?;
         let mut newest = None;
-        let outcome = apply(&mut tx, chain, change, &mut newest).await?;
+        let outcome = apply(&mut *tx, chain, change, &mut newest).await?;
         tx.commit().await?;
         checkpoint(chain, newest);
         Ok(outcome)
     }
 }
 
-/// After a commit that appended audit entries, and before its callers are answered: a
-/// checkpoint of the newest one, outside the database.
-pub(crate) fn checkpoint(chain: Option<&AuditChain>, newest: Option<(i64, String, i64)>) {
-    if let (Some(chain), Some((seq, hash, at))) = (chain, newest) {
-        chain.checkpoint(seq, &hash, at);
+#[async_trait]
+impl Writes for SqliteConnection {
+    async fn insert_key(&mut self, key: &StoredKey) -> Result<(), StoreError> {
+        insert_key(self, key).await
     }
-}
 
-/// Writes one change inside the caller's transaction. `false`: a `Replace` found another
-/// revision, and nothing was written. The audit entry appended, if any, goes to `newest`.
-pub(super) async fn apply(
-    conn: &mut SqliteConnection,
-    chain: Option<&AuditChain>,
-    change: &Change,
-    newest: &mut Option<(i64, String, i64)>,
-) -> Result<bool, StoreError> {
-    match change {
-        Change::Insert(key, event) => {
-            insert_key(conn, key).await?;
-            *newest = Some(append_audit(conn, chain, event).await?);
-            enqueue_publish(conn, &key.id, key.updated_at).await?;
-        }
-        Change::Replace(key, expected_revision, event) => {
-            if !update_key(conn, key, *expected_revision).await? {
-                return Ok(false);
-            }
-            *newest = Some(append_audit(conn, chain, event).await?);
-            enqueue_publish(conn, &key.id, key.updated_at).await?;
-        }
-        Change::Roll { old, new } => {
-            let (old_key, expected_revision, old_event) = old.as_ref();
-            let (new_key, new_event) = new.as_ref();
-            if !update_key(conn, old_key, *expected_revision).await? {
-                return Ok(false);
-            }
-            insert_key(conn, new_key).await?;
-            append_audit(conn, chain, old_event).await?;
-            *newest = Some(append_audit(conn, chain, new_event).await?);
-            enqueue_publish(conn, &old_key.id, old_key.updated_at).await?;
-            enqueue_publish(conn, &new_key.id, new_key.updated_at).await?;
-        }
-        Change::Event(event) => *newest = Some(append_audit(conn, chain, event).await?),
+    async fn update_key(
+        &mut self,
+        key: &StoredKey,
+        expected_revision: i64,
+    ) -> Result<bool, StoreError> {
+        update_key(self, key, expected_revision).await
     }
-    Ok(true)
+
+    async fn append_audit(
+        &mut self,
+        chain: Option<&AuditChain>,
+        event: &AuditEvent,
+    ) -> Result<(i64, String, i64), StoreError> {
+        append_audit(self, chain, event).await
+    }
+
+    async fn enqueue_publish(&mut self, id: &KeyId, at: UnixMillis) -> Result<(), StoreError> {
+        enqueue_publish(self, id, at).await
+    }
 }

@@ -38,7 +38,9 @@ use super::audit_row::{
     AuditRow, NextEntry, VERIFY_HINT, audit_entry, check_newest, refuse_checkpointed,
     refuse_truncated, refuse_wiped, system_millis,
 };
-use super::change::{self, Change, ChangeWriter, GROUP_MAX, Pending, group_commit};
+use super::change::{
+    self, Change, ChangeWriter, GROUP_MAX, Pending, Writes, apply, checkpoint, group_commit,
+};
 use super::key_row::{
     CHANGEABLE_COLUMNS, KEY_COLUMNS, KeyRow, bind_stored, column, column_value, key_columns,
 };
@@ -696,7 +698,7 @@ impl KeyStore for SqliteStore {
         Ok(held.map_or_else(lease::Lease::unshared, lease::Lease::file))
     }
 
-    fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError> {
+    async fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError> {
         match lease::lock_path(self.file(), role) {
             None => Ok(Some(lease::Lease::unshared())),
             Some(path) => lease::try_lock(&path)

@@ -1,0 +1,165 @@
+//! The PostgreSQL store against a real server: `TEST_DATABASE_URL` names one whose user may
+//! create databases (`./dev test` starts a throwaway cluster and sets it). Each test gets a
+//! database of its own.
+
+#![allow(clippy::expect_used, clippy::panic, reason = "test code")]
+
+use super::*;
+
+/// A new, empty database on the test server; its URL.
+pub(crate) async fn fresh_database() -> String {
+    let Ok(server) = std::env::var("TEST_DATABASE_URL") else {
+        panic!(
+            "TEST_DATABASE_URL is unset: the PostgreSQL tests need a server whose user may \
+             create databases (`./dev test` starts a throwaway one and sets it)"
+        );
+    };
+    let mut admin = PgConnection::connect(&server)
+        .await
+        .expect("connect to TEST_DATABASE_URL");
+    let mut name = [0u8; 8];
+    getrandom::fill(&mut name).expect("random");
+    let name = format!("latchkey_{}", hex::encode(name));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let _ = admin.close().await;
+    with_database(&server, &name)
+}
+
+/// `url` with its database replaced by `name`: `postgres://u@h:p/db?x` → `postgres://u@h:p/name?x`.
+pub(crate) fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base
+        .find("://")
+        .map(|scheme| scheme + 3)
+        .and_then(|start| base[start..].find('/').map(|i| start + i))
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+#[test]
+fn a_test_database_url_keeps_the_server_and_its_options() {
+    assert_eq!(
+        with_database(
+            "postgres://pg@127.0.0.1:5433/postgres?sslmode=disable",
+            "t1"
+        ),
+        "postgres://pg@127.0.0.1:5433/t1?sslmode=disable"
+    );
+    assert_eq!(
+        with_database("postgres://pg@host", "t2"),
+        "postgres://pg@host/t2"
+    );
+}
+
+async fn open_store(url: &str) -> PgStore {
+    let key = latchkey_shared::sign::SigningSecret::parse("store-tests-audit-chain-key-0123456789")
+        .expect("secret");
+    let chain = Arc::new(AuditChain::new(key, None));
+    PgStore::open(url, Some(chain)).await.expect("open")
+}
+
+mod conformance {
+    use super::*;
+
+    async fn fresh() -> ((), Arc<dyn KeyStore>) {
+        let url = fresh_database().await;
+        ((), Arc::new(open_store(&url).await))
+    }
+
+    crate::store::conformance::stories!(fresh);
+}
+
+/// Replicas starting together on an empty database run the migrations once, without a race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_migrate_once() {
+    let url = fresh_database().await;
+    let mut starting = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        starting.spawn(async move { open_store(&url).await });
+    }
+    let opened = starting.join_all().await;
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&opened[0].pool)
+        .await
+        .expect("count");
+    assert_eq!(applied, 1);
+    for store in opened {
+        store.close().await;
+    }
+}
+
+/// Three replicas writing at once leave one chain (the write lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_writing_at_once_leave_one_chain() {
+    let url = fresh_database().await;
+    let mut replicas: Vec<Arc<dyn KeyStore>> = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Arc::new(open_store(&url).await));
+    }
+    crate::store::conformance::writers_on_replicas_leave_one_chain(&replicas).await;
+}
+
+/// Only one replica holds a role's lease; it is free again once the holder lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_lease_admits_one_replica_at_a_time() {
+    let url = fresh_database().await;
+    let (a, b) = (open_store(&url).await, open_store(&url).await);
+    let held = a
+        .try_lease(lease::Role::Ledger)
+        .await
+        .expect("lease")
+        .expect("free");
+    assert!(
+        b.try_lease(lease::Role::Ledger)
+            .await
+            .expect("lease")
+            .is_none()
+    );
+    assert!(
+        b.try_lease(lease::Role::Webhooks)
+            .await
+            .expect("lease")
+            .is_some(),
+        "another role is free"
+    );
+    assert!(!held.lost());
+    drop(held);
+    // The keeper closes its connection on release; the server frees the lock as it goes.
+    let mut free = None;
+    for _ in 0..50 {
+        free = b.try_lease(lease::Role::Ledger).await.expect("lease");
+        if free.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(free.is_some(), "released");
+}
+
+/// Opening refuses a server that would not keep an acknowledged commit.
+#[test]
+fn settings_that_lose_commits_are_refused() {
+    let on = |fsync: &str, synchronous_commit: &str| {
+        open::Settings {
+            fsync: fsync.into(),
+            synchronous_commit: synchronous_commit.into(),
+        }
+        .check()
+        .is_ok()
+    };
+    assert!(on("on", "on"));
+    assert!(on("on", "remote_apply"));
+    assert!(!on("off", "on"));
+    assert!(!on("on", "off"));
+}
