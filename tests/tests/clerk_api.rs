@@ -1082,19 +1082,13 @@ async fn tampering_with_the_audit_log_is_detected() {
     app.patch(&format!("/v1/api_keys/{id}"), json!({ "name": "x" }))
         .await;
     app.stop().await;
-    // The table refuses UPDATE and DELETE; someone with the file can drop the triggers.
-    let sql = "DROP TRIGGER audit_log_no_update; UPDATE audit_log SET actor = 'admin:someone' WHERE seq = 1;";
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()"])
-        .arg(app.db_path())
-        .arg(sql)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The table refuses UPDATE and DELETE; someone with the file (or the database's owner) can
+    // drop the triggers.
+    app.tamper(
+        "DROP TRIGGER audit_log_no_update; UPDATE audit_log SET actor = 'admin:someone' WHERE seq = 1;",
+        "DROP TRIGGER audit_log_no_update ON audit_log; UPDATE audit_log SET actor = 'admin:someone' WHERE seq = 1;",
+    )
+    .await;
     let broken = app.run_command(&["audit", "verify"]);
     assert!(!broken.status.success());
     assert!(

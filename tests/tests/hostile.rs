@@ -737,9 +737,14 @@ async fn hundreds_of_hostile_requests_get_json_4xx_and_change_nothing() {
     assert!(!app.logs().contains("panicked"), "no panic in origin's log");
     let counts: Vec<String> = by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
     common::edge::report_measurement(&format!(
-        "hostile input, origin: {} requests ({total} corpus + {} slow clients); answers {}; \
+        "hostile input, origin ({}): {} requests ({total} corpus + {} slow clients); answers {}; \
          {framing_refused} refused by the HTTP parser without a body; {tutorial_denials} tutorial \
          verifies answered 200 valid:false; 0 server errors, 0 hangs",
+        if common::postgres_server().is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
         total + slow_replies.len(),
         slow_replies.len(),
         counts.join(", ")

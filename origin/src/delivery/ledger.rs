@@ -36,6 +36,7 @@ use tokio::sync::{Notify, watch};
 use crate::config::LedgerConfig;
 use crate::model::{OutboxEntry, Sink};
 use crate::service::system_now;
+use crate::store::lease::{Role, lost_lease};
 use crate::store::{KeyStore, StoreError};
 
 /// The first retry delay; it doubles up to [`RETRY_MAX`].
@@ -413,16 +414,26 @@ impl LedgerPublisher {
     /// `LEDGER_WATERMARK_MS` regardless.
     pub async fn run(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
         let store = self.store.clone();
-        let Ok(_lease) = store
-            .hold_lease(
-                crate::store::lease::Role::Ledger,
-                &mut stop,
-                "another origin holds the ledger lock; waiting",
-            )
-            .await
-        else {
-            return;
-        };
+        loop {
+            let Ok(lease) = store
+                .hold_lease(
+                    Role::Ledger,
+                    &mut stop,
+                    "another origin holds the ledger lock; waiting",
+                )
+                .await
+            else {
+                return;
+            };
+            tokio::select! {
+                () = self.play(&wake, stop.clone()) => return,
+                () = lease.lost_wait() => lost_lease(Role::Ledger),
+            }
+        }
+    }
+
+    /// The role's work while this process holds its lease (see `run`).
+    async fn play(&self, wake: &Notify, mut stop: watch::Receiver<bool>) {
         self.resend_recent().await;
         let mut failures_in_a_row = 0u32;
         let mut next_refresh = tokio::time::Instant::now();

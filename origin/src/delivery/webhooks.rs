@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::model::AuditEntry;
 use crate::service::system_now;
+use crate::store::lease::{Role, lost_lease};
 use crate::store::{KeyStore, StoreError};
 
 /// Audit actions that are events, and the event type each becomes (see [`event_type`]).
@@ -216,7 +217,8 @@ pub async fn init_cursors(config: &WebhookConfig, store: &dyn KeyStore) -> Resul
     Ok(())
 }
 
-/// Delivers events to every configured endpoint until `stop`.
+/// Delivers events to every configured endpoint until `stop`, while this process holds the
+/// webhooks lease.
 pub async fn run(
     config: WebhookConfig,
     store: Arc<dyn KeyStore>,
@@ -224,16 +226,32 @@ pub async fn run(
     commits: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Ok(_lease) = store
-        .hold_lease(
-            crate::store::lease::Role::Webhooks,
-            &mut stop,
-            "another origin holds the webhook lock; waiting",
-        )
-        .await
-    else {
-        return;
-    };
+    loop {
+        let Ok(lease) = store
+            .hold_lease(
+                Role::Webhooks,
+                &mut stop,
+                "another origin holds the webhook lock; waiting",
+            )
+            .await
+        else {
+            return;
+        };
+        tokio::select! {
+            () = deliver(&config, &store, &status, &commits, &stop) => return,
+            () = lease.lost_wait() => lost_lease(Role::Webhooks),
+        }
+    }
+}
+
+/// Delivers to every endpoint until `stop` (see [`run`]).
+async fn deliver(
+    config: &WebhookConfig,
+    store: &Arc<dyn KeyStore>,
+    status: &WebhookStatus,
+    commits: &watch::Receiver<u64>,
+    stop: &watch::Receiver<bool>,
+) {
     let http = match reqwest::Client::builder()
         .timeout(config.timeout)
         .user_agent("latchkey-origin")
@@ -248,7 +266,7 @@ pub async fn run(
     };
     let mut tasks = tokio::task::JoinSet::new();
     for me in &status.endpoints {
-        let signers = signers_for(&config, &me.endpoint);
+        let signers = signers_for(config, &me.endpoint);
         if signers.is_empty() {
             // The configuration requires a secret; never send an unsigned event.
             tracing::error!("webhooks: no signing secret; webhooks are OFF");

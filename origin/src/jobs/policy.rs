@@ -33,6 +33,7 @@ use crate::model::PolicyQuery;
 use crate::service::{
     EXPIRY_POLICY_ACTOR, KeyService, STALE_POLICY_ACTOR, ServiceError, system_now,
 };
+use crate::store::lease::{Role, lost_lease};
 
 /// Keys acted on per kind and pass; a longer backlog waits for the next pass.
 const PER_PASS: u32 = 500;
@@ -89,22 +90,33 @@ fn after(now: UnixMillis, span: Duration) -> UnixMillis {
     )
 }
 
-/// Runs the policies every `policy.interval` until `stop`.
+/// Runs the policies every `policy.interval` until `stop`, while this process holds the
+/// policy lease.
 pub async fn run(service: Arc<KeyService>, policy: KeyPolicy, mut stop: watch::Receiver<bool>) {
-    let Ok(_lease) = service
-        .store()
-        .hold_lease(
-            crate::store::lease::Role::Policy,
-            &mut stop,
-            "another origin holds the key policy lock; waiting",
-        )
-        .await
-    else {
-        return;
-    };
+    loop {
+        let Ok(lease) = service
+            .store()
+            .hold_lease(
+                Role::Policy,
+                &mut stop,
+                "another origin holds the key policy lock; waiting",
+            )
+            .await
+        else {
+            return;
+        };
+        tokio::select! {
+            () = passes(&service, &policy, stop.clone()) => return,
+            () = lease.lost_wait() => lost_lease(Role::Policy),
+        }
+    }
+}
+
+/// A pass every `policy.interval` until `stop` (see [`run`]).
+async fn passes(service: &KeyService, policy: &KeyPolicy, mut stop: watch::Receiver<bool>) {
     let mut was_held = false;
     loop {
-        match pass(&service, &policy).await {
+        match pass(service, policy).await {
             Ok(StaleGate::Held { report_age_ms }) if !was_held => {
                 was_held = true;
                 tracing::warn!(

@@ -60,6 +60,18 @@ impl Lease {
         }
     }
 
+    /// Returns once the lease is lost (never, for a lease that cannot be lost). A role runs
+    /// its work against this and stops as soon as it returns: another process may hold the
+    /// role by then.
+    pub async fn lost_wait(&self) {
+        if self.lost.is_none() {
+            return std::future::pending().await;
+        }
+        while !self.lost() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Whether the lease was lost while held (its database connection closed: another process
     /// may hold the role now). A file lock is never lost while its process lives.
     pub fn lost(&self) -> bool {
@@ -102,6 +114,16 @@ pub fn lock_path(database_file: Option<&Path>, role: Role) -> Option<PathBuf> {
         name.push(format!(".{}.lock", role.name()));
         PathBuf::from(name)
     })
+}
+
+/// Says that `role`'s lease was lost and its work stopped; the role's loop then waits to take
+/// the lease again (another process may hold it by then).
+pub fn lost_lease(role: Role) {
+    tracing::warn!(
+        role = role.name(),
+        "the role's lease was lost (its database connection closed): its work stopped here, \
+         until the lease is taken again"
+    );
 }
 
 /// `stop` turned before the lock was ours.

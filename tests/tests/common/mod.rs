@@ -1,5 +1,6 @@
 //! `TestApp`: the real `origin` binary, on a port of its own choosing, over a real SQLite file in
-//! a temporary folder, with its log captured for inspection.
+//! a temporary folder (or, with `LATCHKEY_TEST_BACKEND=postgres`, a database of its own on the
+//! PostgreSQL server `TEST_DATABASE_URL` names), with its log captured for inspection.
 
 #![allow(
     dead_code,
@@ -61,6 +62,49 @@ pub fn origin_binary() -> &'static Path {
     })
 }
 
+/// The PostgreSQL server the test apps use, when `LATCHKEY_TEST_BACKEND=postgres` (`./dev test`
+/// runs the suites where the backend matters a second time so); `None`: SQLite files.
+pub fn postgres_server() -> Option<&'static str> {
+    static SERVER: OnceLock<Option<String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| match std::env::var("LATCHKEY_TEST_BACKEND").as_deref() {
+            Ok("postgres") => Some(std::env::var("TEST_DATABASE_URL").expect(
+                "LATCHKEY_TEST_BACKEND=postgres needs TEST_DATABASE_URL (a server whose user may \
+                 create databases; ./dev test starts one)",
+            )),
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("LATCHKEY_TEST_BACKEND={other}: sqlite or postgres"),
+        })
+        .as_deref()
+}
+
+/// A new, empty database on the PostgreSQL test server; its URL.
+pub async fn fresh_postgres_database(server: &str) -> String {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(server)
+        .await
+        .expect("connect to TEST_DATABASE_URL");
+    let mut name = [0u8; 8];
+    getrandom::fill(&mut name).expect("random");
+    let name = format!("latchkey_{}", hex::encode(name));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let _ = admin.close().await;
+    let (base, query) = server
+        .split_once('?')
+        .map_or((server, None), |(b, q)| (b, Some(q)));
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    match query {
+        Some(query) => format!("{}/{name}?{query}", &base[..path]),
+        None => format!("{}/{name}", &base[..path]),
+    }
+}
+
 /// Settings for a test app beyond the defaults.
 #[derive(Default, Clone)]
 pub struct TestAppBuilder {
@@ -84,8 +128,13 @@ impl TestAppBuilder {
     /// Starts origin over a new, empty database.
     pub async fn start(self) -> TestApp {
         let dir = tempfile::tempdir().expect("temp dir");
+        let database = match postgres_server() {
+            Some(server) => fresh_postgres_database(server).await,
+            None => format!("sqlite://{}", dir.path().join("latchkey.db").display()),
+        };
         let mut app = TestApp {
             base: String::new(),
+            database,
             dir,
             child: None,
             env: self.env,
@@ -102,6 +151,8 @@ impl TestAppBuilder {
 pub struct TestApp {
     /// `http://127.0.0.1:<port>`.
     pub base: String,
+    /// `DATABASE_URL`.
+    database: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
     env: Vec<(String, String)>,
@@ -142,7 +193,38 @@ impl TestApp {
     }
 
     pub fn database_url(&self) -> String {
-        format!("sqlite://{}", self.db_path().display())
+        self.database.clone()
+    }
+
+    /// Runs SQL on the app's database behind origin's back (to tamper, say): `sqlite` on a
+    /// SQLite file (through Python's sqlite3), `postgres` on a PostgreSQL database.
+    pub async fn tamper(&self, sqlite: &str, postgres: &str) {
+        if postgres_server().is_some() {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&self.database)
+                .await
+                .expect("connect");
+            sqlx::raw_sql(postgres)
+                .execute(&mut conn)
+                .await
+                .expect("tamper");
+            let _ = conn.close().await;
+            return;
+        }
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()",
+            ])
+            .arg(self.db_path())
+            .arg(sqlite)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn log_path(&self, run: u32) -> PathBuf {
@@ -177,6 +259,7 @@ impl TestApp {
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
             .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY)
             .env("RUST_LOG", "trace")
+            .envs(self.checkpoint_env())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
         for (k, v) in &self.env {
@@ -257,6 +340,18 @@ impl TestApp {
         self.run_command_with(args, &[])
     }
 
+    /// With PostgreSQL, checkpoints have no database file to sit beside: they go where
+    /// [`TestApp::checkpoint_path`] says, as a SQLite app's do by default.
+    fn checkpoint_env(&self) -> Vec<(&'static str, String)> {
+        match postgres_server() {
+            Some(_) => vec![(
+                "AUDIT_CHECKPOINT_FILE",
+                self.checkpoint_path().display().to_string(),
+            )],
+            None => Vec::new(),
+        }
+    }
+
     /// Runs `origin <args>` against this app's database with extra environment variables.
     pub fn run_command_with(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         Command::new(origin_binary())
@@ -264,6 +359,7 @@ impl TestApp {
             .env_clear()
             .env("DATABASE_URL", self.database_url())
             .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY)
+            .envs(self.checkpoint_env())
             .envs(env.iter().copied())
             .output()
             .expect("run origin command")

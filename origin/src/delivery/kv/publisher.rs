@@ -47,7 +47,7 @@ use crate::delivery::kv::client::{
 };
 use crate::model::{OutboxEntry, Sink};
 use crate::service::system_now;
-use crate::store::lease::Role;
+use crate::store::lease::{Role, lost_lease};
 use crate::store::{KeyStore, StoreError};
 
 /// Outbox rows read per batch, one request per key (`KV_WRITE_MODE=per_key`).
@@ -314,16 +314,26 @@ impl Publisher {
     /// back the keys due for it and, when reconciliation is on, compares one batch of keys.
     pub async fn run(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
         let store = self.store.clone();
-        let Ok(_lease) = store
-            .hold_lease(
-                Role::Publisher,
-                &mut stop,
-                "another publisher (origin or `origin sync`) holds the lock; waiting",
-            )
-            .await
-        else {
-            return;
-        };
+        loop {
+            let Ok(lease) = store
+                .hold_lease(
+                    Role::Publisher,
+                    &mut stop,
+                    "another publisher (origin or `origin sync`) holds the lock; waiting",
+                )
+                .await
+            else {
+                return;
+            };
+            tokio::select! {
+                () = self.play(&wake, stop.clone()) => return,
+                () = lease.lost_wait() => lost_lease(Role::Publisher),
+            }
+        }
+    }
+
+    /// The role's work while this process holds its lease (see `run`).
+    async fn play(&self, wake: &Notify, mut stop: watch::Receiver<bool>) {
         // At shutdown, a request waiting for the budget (a 429's pause lasts minutes) gives up.
         let budget = self.kv.budget();
         let mut stopping = stop.clone();

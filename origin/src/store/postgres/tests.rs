@@ -147,6 +147,43 @@ async fn a_role_lease_admits_one_replica_at_a_time() {
     assert!(free.is_some(), "released");
 }
 
+/// A lease whose connection the server ends (a restart, an administrator) is marked lost within
+/// seconds, and another replica can take the role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_connection_ends_is_lost_and_taken_over() {
+    let url = fresh_database().await;
+    let (a, b) = (open_store(&url).await, open_store(&url).await);
+    let held = a
+        .try_lease(lease::Role::Publisher)
+        .await
+        .expect("lease")
+        .expect("free");
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks \
+         WHERE locktype = 'advisory' AND classid = $1 AND objid = 1 AND granted",
+    )
+    .bind(i64::from(LOCKS))
+    .fetch_one(&b.pool)
+    .await
+    .expect("terminate");
+    assert_eq!(ended, 1, "one connection held the publisher's lease");
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), held.lost_wait())
+        .await
+        .expect("the lease is marked lost");
+    println!(
+        "MEASURED a PostgreSQL lease's loss noticed in {} ms",
+        started.elapsed().as_millis()
+    );
+    assert!(
+        b.try_lease(lease::Role::Publisher)
+            .await
+            .expect("lease")
+            .is_some(),
+        "another replica takes the role"
+    );
+}
+
 /// Opening refuses a server that would not keep an acknowledged commit.
 #[test]
 fn settings_that_lose_commits_are_refused() {
