@@ -43,6 +43,18 @@ enum Command {
         #[arg(long, required = true)]
         full: bool,
     },
+    /// Copy a SQLite database into an empty PostgreSQL one (keys, the audit log with its
+    /// chain, pending deliveries), then verify the copy's chain (AUDIT_CHAIN_KEY, and the
+    /// checkpoints: AUDIT_CHECKPOINT_FILE, or the file beside the SQLite database). Stop every
+    /// origin first.
+    MigrateStore {
+        /// The SQLite database: sqlite://path/to/latchkey.db.
+        #[arg(long, value_name = "SQLITE_URL")]
+        from: String,
+        /// The PostgreSQL database: postgres://user@host/database.
+        #[arg(long, value_name = "POSTGRES_URL")]
+        to: String,
+    },
     /// Print, for each endpoint of WEBHOOK_URLS, the secret its events are signed with (one per
     /// WEBHOOK_SECRET, in order): `<url> whsec_...`, one a line. Give each receiver its own
     /// line only.
@@ -109,6 +121,7 @@ fn main() -> ExitCode {
         }
         Command::Sync { full: _ } => runtime.block_on(sync_full()),
         Command::WebhookSecrets => webhook_secrets(),
+        Command::MigrateStore { from, to } => runtime.block_on(migrate_store(&from, &to)),
     }
 }
 
@@ -214,6 +227,12 @@ async fn audit_verify() -> ExitCode {
         Ok(env) => env,
         Err(e) => return fail(&e),
     };
+    verify_chain(&env).await
+}
+
+/// `origin audit verify` of `env`'s database: prints the report and exits 0, or says what is
+/// broken and exits 1.
+async fn verify_chain(env: &AuditEnv) -> ExitCode {
     let (url, key) = (&env.url, &env.key);
     let text = match &env.checkpoint_file {
         None => String::new(),
@@ -341,6 +360,61 @@ async fn sync_full() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(message) => fail(&format!("sync failed: {message}")),
+    }
+}
+
+async fn migrate_store(from: &str, to: &str) -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let key = match config::audit_chain_key(&env) {
+        Ok(key) => key,
+        Err(e) => {
+            return fail(&format!(
+                "configuration error: {e} (the copy's chain is verified with it)"
+            ));
+        }
+    };
+    let checkpoint_file = env("AUDIT_CHECKPOINT_FILE")
+        .map(|f| PathBuf::from(f.trim()))
+        .or_else(|| store::default_checkpoint_path(from));
+    let copied = match store::migrate::sqlite_to_postgres(from, to).await {
+        Ok(copied) => copied,
+        Err(e) => return fail(&format!("migrate-store failed: {e}")),
+    };
+    out(&format!(
+        "copied {} keys, {} audit entries (newest {}), {} outbox rows waiting for delivery and {} other rows into {}\n",
+        copied.keys,
+        copied.audit_entries,
+        copied
+            .newest
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |(seq, hash)| format!("{seq}: {hash}")),
+        copied.outbox_rows,
+        copied.other_rows,
+        redacted(to),
+    ));
+    if let Some(file) = &checkpoint_file {
+        out(&format!(
+            "the chain is the same: run origin on PostgreSQL with AUDIT_CHECKPOINT_FILE={} to keep checking it against its checkpoints\n",
+            file.display()
+        ));
+    }
+    verify_chain(&AuditEnv {
+        url: to.to_owned(),
+        key,
+        checkpoint_file,
+    })
+    .await
+}
+
+/// `url` without its password, for output.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 

@@ -25,6 +25,7 @@ pub(crate) mod change;
 pub(crate) mod conformance;
 pub(crate) mod key_row;
 pub mod lease;
+pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
 

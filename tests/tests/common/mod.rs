@@ -110,12 +110,19 @@ pub async fn fresh_postgres_database(server: &str) -> String {
 pub struct TestAppBuilder {
     env: Vec<(String, String)>,
     umask: Option<u32>,
+    sqlite: bool,
 }
 
 impl TestAppBuilder {
     /// Sets an environment variable for origin.
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Runs origin on a SQLite file whatever `LATCHKEY_TEST_BACKEND` says.
+    pub fn on_sqlite(mut self) -> Self {
+        self.sqlite = true;
         self
     }
 
@@ -128,9 +135,16 @@ impl TestAppBuilder {
     /// Starts origin over a new, empty database.
     pub async fn start(self) -> TestApp {
         let dir = tempfile::tempdir().expect("temp dir");
-        let database = match postgres_server() {
-            Some(server) => fresh_postgres_database(server).await,
-            None => format!("sqlite://{}", dir.path().join("latchkey.db").display()),
+        let given = self
+            .env
+            .iter()
+            .rev()
+            .find(|(name, _)| name == "DATABASE_URL")
+            .map(|(_, url)| url.clone());
+        let database = match (given, postgres_server().filter(|_| !self.sqlite)) {
+            (Some(url), _) => url,
+            (None, Some(server)) => fresh_postgres_database(server).await,
+            (None, None) => format!("sqlite://{}", dir.path().join("latchkey.db").display()),
         };
         let mut app = TestApp {
             base: String::new(),
@@ -343,12 +357,12 @@ impl TestApp {
     /// With PostgreSQL, checkpoints have no database file to sit beside: they go where
     /// [`TestApp::checkpoint_path`] says, as a SQLite app's do by default.
     fn checkpoint_env(&self) -> Vec<(&'static str, String)> {
-        match postgres_server() {
-            Some(_) => vec![(
+        match self.database.starts_with("postgres") {
+            true => vec![(
                 "AUDIT_CHECKPOINT_FILE",
                 self.checkpoint_path().display().to_string(),
             )],
-            None => Vec::new(),
+            false => Vec::new(),
         }
     }
 

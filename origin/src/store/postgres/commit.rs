@@ -17,7 +17,7 @@ pub(super) const LOCKS: i32 = 0x4c4b_4559;
 const WRITES: i32 = 0;
 
 /// Takes the write lock for the rest of the caller's transaction.
-pub(super) async fn lock_writes(conn: &mut PgConnection) -> Result<(), StoreError> {
+pub(crate) async fn lock_writes(conn: &mut PgConnection) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
         .bind(LOCKS)
         .bind(WRITES)

@@ -18,7 +18,9 @@ mod commit;
 mod keys;
 mod open;
 
+pub(crate) use commit::lock_writes;
 use commit::*;
+pub(crate) use keys::insert_key;
 use keys::*;
 use open::settings;
 
