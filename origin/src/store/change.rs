@@ -48,7 +48,8 @@ pub(crate) trait ChangeWriter: Send + Sync + 'static {
 /// The group-commit task. It takes every change waiting when it starts a transaction (they
 /// queued while the previous commit was syncing) and commits them together. If anything in a
 /// batch fails, the batch is rolled back and each of its changes is retried in a transaction of
-/// its own, so one bad change never fails the others and each caller gets its own outcome.
+/// its own, so one bad change never fails the others and each caller gets its own outcome;
+/// unless the database itself is unavailable, when every caller is answered so.
 pub(crate) async fn group_commit(writer: impl ChangeWriter, mut queue: mpsc::Receiver<Pending>) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
@@ -62,6 +63,16 @@ pub(crate) async fn group_commit(writer: impl ChangeWriter, mut queue: mpsc::Rec
             Ok(outcomes) => {
                 for (pending, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = pending.done.send(Ok(outcome));
+                }
+            }
+            // The database is unreachable (or full, or read-only): the batch's outcome may be
+            // unknown (a lost answer to COMMIT), so nothing is written again; every caller is
+            // told the store is unavailable, and retries.
+            Err(error) if error.unavailable().is_some() => {
+                let reason = error.unavailable().unwrap_or("the database failed");
+                tracing::warn!(%error, changes = batch.len(), "group commit failed: the database is unavailable");
+                for pending in batch {
+                    let _ = pending.done.send(Err(StoreError::Unavailable(reason)));
                 }
             }
             Err(error) => {

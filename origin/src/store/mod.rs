@@ -76,6 +76,10 @@ pub enum StoreError {
     /// The database does not run with the settings that make a commit durable.
     #[error("not durable: {0}")]
     NotDurable(String),
+    /// The database could not be reached for a change, whose outcome is then unknown to the
+    /// caller (answered 503, so it retries; a retry of an applied change meets its revision).
+    #[error("database unavailable: {0}")]
+    Unavailable(&'static str),
     /// `DATABASE_URL` names no backend origin has.
     #[error("DATABASE_URL {0}")]
     Url(&'static str),
@@ -89,6 +93,7 @@ impl StoreError {
     /// codes.
     pub fn unavailable(&self) -> Option<&'static str> {
         match self {
+            Self::Unavailable(reason) => Some(reason),
             Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
                 Some("no database connection is free")
             }
@@ -413,9 +418,26 @@ mod tests {
                 Some("no database connection is free"),
             ),
             (StoreError::Audit("broken".into()), None),
+            (
+                StoreError::Unavailable("the database connection failed"),
+                Some("the database connection failed"),
+            ),
         ];
         for (error, expected) in cases {
             assert_eq!(error.unavailable(), expected, "{error}");
+        }
+        // PostgreSQL's SQLSTATEs: the server's condition, or the request's fault.
+        for (state, expected) in [
+            ("53100", Some("the disk is full")),
+            ("57P01", Some("the database is shutting down or starting")),
+            ("57P03", Some("the database is shutting down or starting")),
+            ("08006", Some("the database connection failed")),
+            ("40P01", Some("the database is busy")),
+            ("25006", Some("the database is read-only")),
+            ("23505", None),
+            ("22021", None),
+        ] {
+            assert_eq!(super::postgres_unavailable(state), expected, "{state}");
         }
     }
 }

@@ -24,6 +24,7 @@ use serde_json::Value;
 pub mod edge;
 pub mod github;
 pub mod hostile;
+pub mod postgres;
 
 /// The admin token every test app accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token-aaaaaaaaaaaaaaaaaaaaaaaaaa";

@@ -9,7 +9,7 @@ const REQUEST_CONNECTIONS: u32 = 16;
 /// Connections for the background roles' reads.
 const BACKGROUND_CONNECTIONS: u32 = 4;
 /// How long a request waits for a free connection before it is answered 503.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a held lease's connection is checked.
 const LEASE_CHECK: Duration = Duration::from_secs(1);
 
