@@ -125,17 +125,21 @@ pub(crate) fn column_value<'k>(key: &'k StoredKey, column: &str) -> Stored<'k> {
     }
 }
 
-/// Binds a stored value to a query of any backend that stores these types.
+/// Binds a stored value to a query of any backend that stores these types (`bind_stored!(query,
+/// value)`), or pushes it to a query builder's row (`bind_stored!(row, value, push_bind)`).
 macro_rules! bind_stored {
     ($query:expr, $value:expr) => {
+        $crate::store::key_row::bind_stored!($query, $value, bind)
+    };
+    ($query:expr, $value:expr, $method:ident) => {
         match $value {
-            $crate::store::key_row::Stored::Text(v) => $query.bind(v),
-            $crate::store::key_row::Stored::OptionalText(v) => $query.bind(v),
-            $crate::store::key_row::Stored::Json(v) => $query.bind(v),
-            $crate::store::key_row::Stored::Bytes(v) => $query.bind(v),
-            $crate::store::key_row::Stored::Int(v) => $query.bind(v),
-            $crate::store::key_row::Stored::OptionalInt(v) => $query.bind(v),
-            $crate::store::key_row::Stored::Bool(v) => $query.bind(v),
+            $crate::store::key_row::Stored::Text(v) => $query.$method(v),
+            $crate::store::key_row::Stored::OptionalText(v) => $query.$method(v),
+            $crate::store::key_row::Stored::Json(v) => $query.$method(v),
+            $crate::store::key_row::Stored::Bytes(v) => $query.$method(v),
+            $crate::store::key_row::Stored::Int(v) => $query.$method(v),
+            $crate::store::key_row::Stored::OptionalInt(v) => $query.$method(v),
+            $crate::store::key_row::Stored::Bool(v) => $query.$method(v),
         }
     };
 }

@@ -12,10 +12,10 @@ use std::str::FromStr;
 
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePoolOptions};
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{Postgres, QueryBuilder, Sqlite, Transaction};
 
 use super::audit_row::AuditRow;
-use super::key_row::{KEY_COLUMNS, KeyRow};
+use super::key_row::{KEY_COLUMNS, KeyRow, bind_stored, column_value, key_columns};
 use super::{KeyStore, PgStore, SqliteStore, StoreError, postgres};
 use crate::audit;
 use crate::model::StoredKey;
@@ -131,12 +131,20 @@ async fn copy_keys(
             return Ok(copied);
         };
         after.clone_from(&last.id);
-        for row in rows {
-            // Read back as origin reads it: a corrupt row stops the copy, naming it.
-            let key = StoredKey::try_from(row)?;
-            postgres::insert_key(write, &key).await?;
-            copied += 1;
-        }
+        // Read back as origin reads it: a corrupt row stops the copy, naming it.
+        let keys = rows
+            .into_iter()
+            .map(StoredKey::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut insert =
+            QueryBuilder::<Postgres>::new(format!("INSERT INTO api_keys ({KEY_COLUMNS}) "));
+        insert.push_values(&keys, |mut row, key| {
+            for column in key_columns() {
+                bind_stored!(row, column_value(key, column), push_bind);
+            }
+        });
+        insert.build().execute(&mut **write).await?;
+        copied += u64::try_from(keys.len()).unwrap_or(0);
     }
 }
 
@@ -157,25 +165,27 @@ async fn copy_audit_log(
         if rows.is_empty() {
             return Ok((copied, newest));
         }
-        for (seq, at, actor, action, key_id, details, prev_hash, hash, chain) in rows {
-            sqlx::query(
-                "INSERT INTO audit_log (seq, at, actor, action, key_id, details, prev_hash, \
-                 hash, chain) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(seq)
-            .bind(at)
-            .bind(actor)
-            .bind(action)
-            .bind(key_id)
-            .bind(details)
-            .bind(prev_hash)
-            .bind(&hash)
-            .bind(chain)
-            .execute(&mut **write)
-            .await?;
-            after = seq;
-            copied += 1;
-            newest = Some((seq, hash));
+        let mut insert = QueryBuilder::<Postgres>::new(
+            "INSERT INTO audit_log (seq, at, actor, action, key_id, details, prev_hash, hash, \
+             chain) ",
+        );
+        insert.push_values(&rows, |mut row, entry| {
+            let (seq, at, actor, action, key_id, details, prev_hash, hash, chain) = entry;
+            row.push_bind(*seq)
+                .push_bind(*at)
+                .push_bind(actor.clone())
+                .push_bind(action.clone())
+                .push_bind(key_id.clone())
+                .push_bind(details.clone())
+                .push_bind(prev_hash.clone())
+                .push_bind(hash.clone())
+                .push_bind(*chain);
+        });
+        insert.build().execute(&mut **write).await?;
+        copied += u64::try_from(rows.len()).unwrap_or(0);
+        if let Some(last) = rows.last() {
+            after = last.0;
+            newest = Some((last.0, last.7.clone()));
         }
     }
 }
@@ -199,22 +209,24 @@ async fn copy_outbox(
         if rows.is_empty() {
             break;
         }
-        for (seq, key_id, enqueued_at, kv, ledger, rebuild) in rows {
-            sqlx::query(
-                "INSERT INTO kv_outbox (seq, key_id, enqueued_at, kv_pending, ledger_pending, \
-                 rebuild) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(seq)
-            .bind(key_id)
-            .bind(enqueued_at)
-            .bind(kv)
-            .bind(ledger)
-            .bind(rebuild)
-            .execute(&mut **write)
-            .await?;
-            after = seq;
-            copied += 1;
-        }
+        let mut insert = QueryBuilder::<Postgres>::new(
+            "INSERT INTO kv_outbox (seq, key_id, enqueued_at, kv_pending, ledger_pending, \
+             rebuild) OVERRIDING SYSTEM VALUE ",
+        );
+        insert.push_values(
+            &rows,
+            |mut row, (seq, key_id, enqueued_at, kv, ledger, rebuild)| {
+                row.push_bind(*seq)
+                    .push_bind(key_id.clone())
+                    .push_bind(*enqueued_at)
+                    .push_bind(*kv)
+                    .push_bind(*ledger)
+                    .push_bind(*rebuild);
+            },
+        );
+        insert.build().execute(&mut **write).await?;
+        copied += u64::try_from(rows.len()).unwrap_or(0);
+        after = rows.last().map_or(after, |row| row.0);
     }
     // SQLite's AUTOINCREMENT never reuses a number, even a deleted row's: neither may the
     // target (a sink's acknowledgement names numbers).
