@@ -20,6 +20,7 @@ mod chart;
 mod flood;
 mod ledger;
 mod load;
+mod postgres;
 mod seed;
 
 use std::fmt::Write as _;
@@ -43,11 +44,11 @@ impl Mode {
         if self.quick { 100_000 } else { 1_000_000 }
     }
     /// Rounds of each load, interleaved with its ceiling.
-    fn rounds(self) -> usize {
+    pub(crate) fn rounds(self) -> usize {
         if self.quick { 1 } else { 5 }
     }
     /// Length of one load run.
-    fn duration(self) -> Duration {
+    pub(crate) fn duration(self) -> Duration {
         Duration::from_secs(if self.quick { 3 } else { 5 })
     }
     /// Revocations the propagation figures are taken over.
@@ -189,7 +190,7 @@ impl Drop for Proc {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n == 0 {
@@ -205,7 +206,13 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// A load against its ceiling, from runs made in pairs (the ceiling's run right before the
 /// load's, in every round): the ratio is the median of the rounds' ratios, so a machine that
 /// slows down between rounds moves both sides of a ratio, not one.
-fn ratio_row(figure: &str, runs: &[Run], ceiling_runs: &[Run], unit: &str, at_least: f64) -> Row {
+pub(crate) fn ratio_row(
+    figure: &str,
+    runs: &[Run],
+    ceiling_runs: &[Run],
+    unit: &str,
+    at_least: f64,
+) -> Row {
     let value = median(runs.iter().map(|r| r.rps).collect());
     let ceiling = median(ceiling_runs.iter().map(|r| r.rps).collect());
     let ratio = median(
@@ -227,11 +234,12 @@ fn ratio_row(figure: &str, runs: &[Run], ceiling_runs: &[Run], unit: &str, at_le
 /// The steps, in the order a full run takes them; `--only STEP` runs one of them. `ledger` is
 /// the part of `edge` that measures the Worker with the change ledger (Miniflare only), for
 /// working on it: a full run takes it inside `edge`.
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "micro",
     "memory",
     "wasm",
     "origin",
+    "postgres",
     "flood",
     "edge",
     "ledger",
@@ -275,9 +283,10 @@ fn main() {
         wasm(&mut report, mode, &work);
     }
     let ledger_only = only.as_deref() == Some("ledger");
-    if wanted("origin") || wanted("flood") || wanted("edge") || ledger_only {
-        // Only the origin and flood steps need the full database; the edge step needs one key.
-        let keys = if wanted("origin") || wanted("flood") {
+    if wanted("origin") || wanted("postgres") || wanted("flood") || wanted("edge") || ledger_only {
+        // Only the origin, postgres and flood steps need the full database; the edge step
+        // needs one key.
+        let keys = if wanted("origin") || wanted("postgres") || wanted("flood") {
             mode.keys()
         } else {
             1_000
@@ -285,6 +294,10 @@ fn main() {
         let fixture = prepare(&mut report, keys, &work);
         if wanted("origin") {
             origin(&mut report, mode, &work, &fixture);
+        }
+        // Before the flood step's backlog: the copy is of the seeded keys.
+        if wanted("postgres") {
+            postgres::measure(&mut report, mode, &work, &fixture);
         }
         // After the origin step: it queues a backlog in the database.
         if wanted("flood") {

@@ -22,6 +22,11 @@ use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 /// The audit chain key origin runs with in the benchmarks.
 pub(crate) const AUDIT_CHAIN_KEY: &str = "bench-audit-chain-key-00000000000000000";
 
+/// The metadata tier one key in [`RARE_EVERY`] has (`claims.tier`); the others are `standard`.
+pub(crate) const RARE_TIER: &str = "gold";
+/// How rare [`RARE_TIER`] is.
+pub(crate) const RARE_EVERY: u64 = 1000;
+
 /// Partners the keys are spread over.
 pub(crate) const SUBJECTS: u64 = 10_000;
 
@@ -84,8 +89,8 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
                 rows.push((j, secret.hash(), secret.hint().as_str().to_owned(), id));
             }
             let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-                "INSERT INTO api_keys (id, secret_hash, hint, name, subject, scopes, revoked, \
-                 created_at, updated_at, revision) ",
+                "INSERT INTO api_keys (id, secret_hash, hint, name, subject, scopes, claims, \
+                 revoked, created_at, updated_at, revision) ",
             );
             qb.push_values(&rows, |mut b, (j, hash, hint, id)| {
                 let at = base + i64::try_from(*j).expect("index");
@@ -95,6 +100,11 @@ pub(crate) fn seed(db: &Path, n: u64) -> Seeded {
                     .push_bind(format!("bench key {j}"))
                     .push_bind(format!("partner-{}", j % SUBJECTS))
                     .push_bind(scopes_json.clone())
+                    .push_bind(if j % RARE_EVERY == 0 {
+                        format!(r#"{{"tier":"{RARE_TIER}"}}"#)
+                    } else {
+                        r#"{"tier":"standard"}"#.to_owned()
+                    })
                     .push_bind(false)
                     .push_bind(at)
                     .push_bind(at)
