@@ -18,7 +18,12 @@ macro_rules! stories {
             concurrent_writers_leave_one_chain,
             lists_filter_page_and_hide_deleted_keys,
             a_roll_commits_both_keys_or_neither,
-            uses_merge_to_the_latest
+            uses_merge_to_the_latest,
+            each_sink_acknowledges_its_own_and_a_row_goes_when_none_needs_it,
+            webhook_cursors_start_at_the_end_of_the_log_and_move,
+            kv_read_backs_are_scheduled_retried_and_done,
+            a_usage_batch_is_accepted_once_until_its_window_ends,
+            policies_find_idle_and_expiring_keys_not_yet_warned
         );
     };
     (@each $fresh:ident, $($story:ident),*) => {
@@ -39,7 +44,7 @@ use latchkey_shared::{KeyHash, KeyId, ScopeSet, UnixMillis};
 use serde_json::json;
 
 use super::KeyStore;
-use crate::model::{AuditEvent, ListFilter, Sink, StoredKey};
+use crate::model::{AuditEvent, ListFilter, PolicyQuery, Sink, StoredKey, VerifyEntry};
 
 /// A key numbered `n` (its id and hash derive from `n`), of `subject`, made at `n` seconds.
 pub(crate) fn key(n: u8, subject: &str) -> StoredKey {
@@ -350,4 +355,253 @@ pub(crate) async fn uses_merge_to_the_latest(store: Arc<dyn KeyStore>) {
         .expect("usage");
     let read = store.get(&a.id).await.expect("get").expect("exists");
     assert_eq!(read.last_used_at, Some(UnixMillis(5_000)));
+}
+
+/// Each sink (KV, the ledger) clears only its own need; a row goes once neither needs it. With
+/// the ledger sink off, KV's acknowledgement is enough, and rows left for the ledger go.
+pub(crate) async fn each_sink_acknowledges_its_own_and_a_row_goes_when_none_needs_it(
+    store: Arc<dyn KeyStore>,
+) {
+    let k = key(1, "acme");
+    store
+        .insert(&k, &event(&k, "create"))
+        .await
+        .expect("insert");
+    let pending = |sink| {
+        let store = store.clone();
+        async move { store.outbox_stats(sink, None).await.expect("stats").pending }
+    };
+    let kv = store.outbox_peek(Sink::Kv, 10).await.expect("peek");
+    store.outbox_ack(Sink::Kv, &kv).await.expect("ack");
+    assert_eq!(pending(Sink::Kv).await, 0);
+    assert_eq!(pending(Sink::Ledger).await, 1, "the ledger still needs it");
+    let ledger = store.outbox_peek(Sink::Ledger, 10).await.expect("peek");
+    assert_eq!(ledger.len(), 1);
+    store.outbox_ack(Sink::Ledger, &ledger).await.expect("ack");
+    assert_eq!(pending(Sink::Ledger).await, 0);
+
+    let second = key(2, "acme");
+    store
+        .insert(&second, &event(&second, "create"))
+        .await
+        .expect("insert");
+    assert_eq!(
+        store.set_ledger_sink(false).await.expect("off"),
+        1,
+        "released"
+    );
+    assert_eq!(pending(Sink::Ledger).await, 0);
+    let third = key(3, "acme");
+    store
+        .insert(&third, &event(&third, "create"))
+        .await
+        .expect("insert");
+    let kv = store.outbox_peek(Sink::Kv, 10).await.expect("peek");
+    store.outbox_ack(Sink::Kv, &kv).await.expect("ack");
+    assert_eq!(pending(Sink::Kv).await, 0);
+    assert_eq!(
+        pending(Sink::Ledger).await,
+        0,
+        "KV's acknowledgement was enough"
+    );
+}
+
+/// A new endpoint's cursor starts after the newest entry (no history is replayed); it then
+/// moves where it is set, and a second start leaves it there.
+pub(crate) async fn webhook_cursors_start_at_the_end_of_the_log_and_move(store: Arc<dyn KeyStore>) {
+    for n in 1..=3 {
+        let k = key(n, "acme");
+        store
+            .insert(&k, &event(&k, "create"))
+            .await
+            .expect("insert");
+    }
+    let endpoint = "https://hooks.example/a";
+    assert_eq!(store.webhook_cursor(endpoint).await.expect("cursor"), None);
+    store
+        .init_webhook_cursor(endpoint, UnixMillis(1))
+        .await
+        .expect("init");
+    assert_eq!(
+        store.webhook_cursor(endpoint).await.expect("cursor"),
+        Some(3)
+    );
+    store
+        .set_webhook_cursor(endpoint, 2, UnixMillis(2))
+        .await
+        .expect("set");
+    store
+        .init_webhook_cursor(endpoint, UnixMillis(3))
+        .await
+        .expect("init again");
+    assert_eq!(
+        store.webhook_cursor(endpoint).await.expect("cursor"),
+        Some(2)
+    );
+    let (count, oldest) = store.audit_count(0, &["create"], 10).await.expect("count");
+    assert_eq!((count, oldest), (3, Some(UnixMillis(1000))));
+    assert_eq!(
+        store.audit_count(1, &["create"], 1).await.expect("count").0,
+        1,
+        "at most max"
+    );
+}
+
+/// KV read-backs: due when their time comes, retried later (never earlier than asked), done
+/// only for the schedule they were read at.
+pub(crate) async fn kv_read_backs_are_scheduled_retried_and_done(store: Arc<dyn KeyStore>) {
+    let (a, b) = (key(1, "acme"), key(2, "acme"));
+    store
+        .verify_schedule(&[a.id.clone(), b.id.clone()], UnixMillis(100))
+        .await
+        .expect("schedule");
+    store
+        .verify_schedule(&[a.id.clone()], UnixMillis(50))
+        .await
+        .expect("an earlier time keeps the later");
+    assert_eq!(store.verify_pending().await.expect("pending"), 2);
+    assert!(
+        store
+            .verify_due(UnixMillis(99), 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
+    let due: Vec<VerifyEntry> = store.verify_due(UnixMillis(100), 10).await.expect("due");
+    assert_eq!(due.len(), 2);
+    assert!(
+        due.iter()
+            .all(|e| e.due_at == UnixMillis(100) && e.attempts == 0)
+    );
+    store
+        .verify_retry(&due[0], UnixMillis(200))
+        .await
+        .expect("retry");
+    store.verify_done(&due[1]).await.expect("done");
+    let due = store.verify_due(UnixMillis(1_000), 10).await.expect("due");
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].due_at, due[0].attempts), (UnixMillis(200), 1));
+    // A stale entry (read at 100, rescheduled since) does not clear the new schedule.
+    let stale = VerifyEntry {
+        due_at: UnixMillis(100),
+        ..due[0].clone()
+    };
+    store.verify_done(&stale).await.expect("done");
+    assert_eq!(store.verify_pending().await.expect("pending"), 1);
+}
+
+/// A usage batch's MAC is accepted once while its window lasts, and forgotten after.
+pub(crate) async fn a_usage_batch_is_accepted_once_until_its_window_ends(store: Arc<dyn KeyStore>) {
+    let mac = [9u8; 32];
+    assert_eq!(store.last_usage_report().await.expect("report"), None);
+    assert!(
+        store
+            .remember_usage_batch(&mac, UnixMillis(2_000), UnixMillis(1_000))
+            .await
+            .expect("remember")
+    );
+    assert!(
+        !store
+            .remember_usage_batch(&mac, UnixMillis(2_000), UnixMillis(1_500))
+            .await
+            .expect("remember"),
+        "a replay"
+    );
+    assert_eq!(
+        store.last_usage_report().await.expect("report"),
+        Some(UnixMillis(1_000))
+    );
+    assert!(
+        store
+            .remember_usage_batch(&mac, UnixMillis(9_000), UnixMillis(3_000))
+            .await
+            .expect("remember"),
+        "its window ended"
+    );
+}
+
+/// The policies' candidates: live keys idle since before a time and not warned since their
+/// last activity; keys expiring in a window without a warning for that expiry.
+pub(crate) async fn policies_find_idle_and_expiring_keys_not_yet_warned(store: Arc<dyn KeyStore>) {
+    let idle = key(1, "acme");
+    let mut used = key(2, "acme");
+    used.last_used_at = Some(UnixMillis(900_000));
+    let mut revoked = key(3, "acme");
+    revoked.revoked = true;
+    let mut expiring = key(4, "acme");
+    expiring.expiration = Some(UnixMillis(1_500_000));
+    for k in [&idle, &used, &revoked, &expiring] {
+        store.insert(k, &event(k, "create")).await.expect("insert");
+    }
+    store
+        .record_usage(&[(used.id.clone(), UnixMillis(900_000))])
+        .await
+        .expect("use");
+    let now = UnixMillis(1_000_000);
+    let ids = |keys: Vec<StoredKey>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
+    let stale = store
+        .policy_candidates(
+            PolicyQuery::StaleUnwarned {
+                idle_before: UnixMillis(500_000),
+                now,
+            },
+            10,
+        )
+        .await
+        .expect("stale");
+    assert_eq!(ids(stale), vec![idle.id.clone(), expiring.id.clone()]);
+    let warning = AuditEvent {
+        at: UnixMillis(600_000),
+        actor: "policy:stale_keys".into(),
+        action: "stale_warning",
+        key_id: Some(idle.id.clone()),
+        details: json!({}),
+    };
+    store.record_event(&warning).await.expect("warn");
+    let stale = store
+        .policy_candidates(
+            PolicyQuery::StaleUnwarned {
+                idle_before: UnixMillis(500_000),
+                now,
+            },
+            10,
+        )
+        .await
+        .expect("stale");
+    assert_eq!(ids(stale), vec![expiring.id.clone()], "warned once");
+    let due = store
+        .policy_candidates(
+            PolicyQuery::StaleDue {
+                idle_before: UnixMillis(500_000),
+                warned_before: Some(UnixMillis(700_000)),
+                now,
+            },
+            10,
+        )
+        .await
+        .expect("due");
+    assert_eq!(ids(due), vec![idle.id.clone()]);
+
+    let window = PolicyQuery::ExpiringUnwarned {
+        now,
+        until: UnixMillis(2_000_000),
+    };
+    let soon = store.policy_candidates(window, 10).await.expect("expiring");
+    assert_eq!(ids(soon), vec![expiring.id.clone()]);
+    let warned = AuditEvent {
+        at: now,
+        actor: "policy:expiry".into(),
+        action: "expiry_warning",
+        key_id: Some(expiring.id.clone()),
+        details: json!({ "expires_at": 1_500_000 }),
+    };
+    store.record_event(&warned).await.expect("warn");
+    assert!(
+        store
+            .policy_candidates(window, 10)
+            .await
+            .expect("expiring")
+            .is_empty(),
+        "warned for this expiry"
+    );
 }

@@ -110,6 +110,56 @@ async fn replicas_writing_at_once_leave_one_chain() {
     crate::store::conformance::writers_on_replicas_leave_one_chain(&replicas).await;
 }
 
+/// A usage batch accepted by one replica is a replay at every other, and uses reported to
+/// different replicas merge to the latest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_replay_guards_and_merge_uses() {
+    let url = fresh_database().await;
+    let (a, b) = (open_store(&url).await, open_store(&url).await);
+    let mac = [7u8; 32];
+    let (until, now) = (UnixMillis(10_000), UnixMillis(1_000));
+    assert!(
+        a.remember_usage_batch(&mac, until, now)
+            .await
+            .expect("remember")
+    );
+    assert!(
+        !b.remember_usage_batch(&mac, until, now)
+            .await
+            .expect("remember"),
+        "a replay"
+    );
+    assert!(
+        !a.remember_usage_batch(&mac, until, now)
+            .await
+            .expect("remember"),
+        "a replay"
+    );
+    assert_eq!(b.last_usage_report().await.expect("report"), Some(now));
+
+    let key = crate::store::conformance::key(1, "acme");
+    let event = AuditEvent {
+        at: key.created_at,
+        actor: "admin:test".into(),
+        action: "create",
+        key_id: Some(key.id.clone()),
+        details: serde_json::json!({}),
+    };
+    a.insert(&key, &event).await.expect("insert");
+    b.record_usage(&[(key.id.clone(), UnixMillis(5_000))])
+        .await
+        .expect("use");
+    a.record_usage(&[(key.id.clone(), UnixMillis(3_000))])
+        .await
+        .expect("older use");
+    let stored = b.get(&key.id).await.expect("get").expect("key");
+    assert_eq!(
+        stored.last_used_at,
+        Some(UnixMillis(5_000)),
+        "the latest use wins"
+    );
+}
+
 /// Only one replica holds a role's lease; it is free again once the holder lets it go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_lease_admits_one_replica_at_a_time() {
