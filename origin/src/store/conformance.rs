@@ -456,7 +456,7 @@ pub(crate) async fn kv_read_backs_are_scheduled_retried_and_done(store: Arc<dyn 
         .await
         .expect("schedule");
     store
-        .verify_schedule(&[a.id.clone()], UnixMillis(50))
+        .verify_schedule(std::slice::from_ref(&a.id), UnixMillis(50))
         .await
         .expect("an earlier time keeps the later");
     assert_eq!(store.verify_pending().await.expect("pending"), 2);
