@@ -110,6 +110,48 @@ async fn replicas_writing_at_once_leave_one_chain() {
     crate::store::conformance::writers_on_replicas_leave_one_chain(&replicas).await;
 }
 
+/// Outbox rows are numbered in commit order across replicas: while one replica's write
+/// transaction is open, another's change waits, so no sink can read a higher number and later
+/// see a lower one commit (the ledger's watermark relies on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_numbers_follow_commit_order_across_replicas() {
+    let url = fresh_database().await;
+    let (a, b) = (open_store(&url).await, Arc::new(open_store(&url).await));
+    let first = crate::store::conformance::key(1, "acme");
+    let mut open = begin_write(&a.pool).await.expect("begin");
+    enqueue_publish(&mut open, &first.id, UnixMillis(1))
+        .await
+        .expect("enqueue");
+    let second = crate::store::conformance::key(2, "acme");
+    let writer = {
+        let (b, second) = (b.clone(), second.clone());
+        tokio::spawn(async move {
+            let event = AuditEvent {
+                at: second.created_at,
+                actor: "admin:test".into(),
+                action: "create",
+                key_id: Some(second.id.clone()),
+                details: serde_json::json!({}),
+            };
+            b.insert(&second, &event).await.expect("insert");
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !writer.is_finished(),
+        "the other replica's change waits for the open one"
+    );
+    assert!(
+        b.outbox_peek(Sink::Kv, 10).await.expect("peek").is_empty(),
+        "nothing is visible before the first commit"
+    );
+    open.commit().await.expect("commit");
+    writer.await.expect("writer");
+    let rows = b.outbox_peek(Sink::Kv, 10).await.expect("peek");
+    let order: Vec<&KeyId> = rows.iter().map(|r| &r.key_id).collect();
+    assert_eq!(order, vec![&first.id, &second.id], "{rows:?}");
+}
+
 /// A usage batch accepted by one replica is a replay at every other, and uses reported to
 /// different replicas merge to the latest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
