@@ -22,7 +22,11 @@ use crate::{
 fn serve(fixture: &Fixture, database: &str, work: &Path, name: &str) -> (Proc, String) {
     let mut cmd: Command = origin_command(fixture);
     cmd.env("DATABASE_URL", database)
-        .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "1000000");
+        .env("ADMIN_AUTH_FAILURES_PER_MINUTE", "1000000")
+        .env(
+            "AUDIT_CHECKPOINT_FILE",
+            work.join(format!("{name}.checkpoints")),
+        );
     let (proc, line) =
         Proc::spawn_stderr(cmd, "origin listening", &work.join(format!("{name}.log")));
     let url = format!(

@@ -2,7 +2,7 @@
 //!
 //! A request's path through the code: [`http::router`] → admin check ([`http`]) → a handler in
 //! [`http::clerk`] or [`http::tutorial`] → [`service::KeyService`] (validation, scope policy,
-//! the shared verify decision) → [`store::KeyStore`] ([`store::SqliteStore`]: the `api_keys` row
+//! the shared verify decision) → [`store::KeyStore`] ([`store::SqliteStore`] or [`store::PgStore`]: the `api_keys` row
 //! its `audit_log` entry and its `kv_outbox` row, in one transaction) → [`delivery::kv::publisher::Publisher`]
 //! (the outbox drained into Workers KV through [`delivery::kv::client::KvClient`]), where the
 //! edge reads it, and [`delivery::ledger::LedgerPublisher`] (the same outbox appended to the

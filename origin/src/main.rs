@@ -159,6 +159,13 @@ impl AuditEnv {
         let checkpoint_file = env("AUDIT_CHECKPOINT_FILE")
             .map(|f| PathBuf::from(f.trim()))
             .or_else(|| store::default_checkpoint_path(&url));
+        if checkpoint_file.is_none() && config::Backend::of(&url) == Ok(config::Backend::Postgres) {
+            return Err(
+                "configuration error: AUDIT_CHECKPOINT_FILE is required with a postgres:// \
+                 DATABASE_URL (the checkpoints this origin wrote)"
+                    .into(),
+            );
+        }
         Ok(Self {
             url,
             key,
@@ -182,7 +189,7 @@ async fn audit_anchor() -> ExitCode {
     let where_ = env.checkpoints_where();
     let store = match store::open(&env.url, None).await {
         Ok(s) => s,
-        Err(e) => return fail(&format!("cannot open {}: {e}", env.url)),
+        Err(e) => return fail(&format!("cannot open {}: {e}", config::redacted(&env.url))),
     };
     let chain = AuditChain::new(env.key, env.checkpoint_file);
     let anchored = store.anchor_unkeyed(&chain).await;
@@ -249,7 +256,7 @@ async fn verify_chain(env: &AuditEnv) -> ExitCode {
     };
     let store = match store::open(url, None).await {
         Ok(s) => s,
-        Err(e) => return fail(&format!("cannot open {url}: {e}")),
+        Err(e) => return fail(&format!("cannot open {}: {e}", config::redacted(url))),
     };
     let mut checker = ChainChecker::new(Some(key), &checkpoints);
     let mut after = 0;
@@ -341,7 +348,7 @@ async fn sync_full() -> ExitCode {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://data/latchkey.db".into());
     let store = match store::open(&url, None).await {
         Ok(s) => s,
-        Err(e) => return fail(&format!("cannot open {url}: {e}")),
+        Err(e) => return fail(&format!("cannot open {}: {e}", config::redacted(&url))),
     };
     let result = latchkey_origin::jobs::sync::full(store.clone(), &kv).await;
     store.close().await;
@@ -376,6 +383,22 @@ async fn migrate_store(from: &str, to: &str) -> ExitCode {
     let checkpoint_file = env("AUDIT_CHECKPOINT_FILE")
         .map(|f| PathBuf::from(f.trim()))
         .or_else(|| store::default_checkpoint_path(from));
+    // The source's chain first: a broken one is not copied.
+    if from.starts_with("sqlite:")
+        && store::SqliteStore::database_file(from)
+            .ok()
+            .flatten()
+            .is_some_and(|f| f.is_file())
+        && verify_chain(&AuditEnv {
+            url: from.to_owned(),
+            key: key.clone(),
+            checkpoint_file: checkpoint_file.clone(),
+        })
+        .await
+            != ExitCode::SUCCESS
+    {
+        return fail("migrate-store: the source's audit log does not verify; nothing was copied");
+    }
     let copied = match store::migrate::sqlite_to_postgres(from, to).await {
         Ok(copied) => copied,
         Err(e) => return fail(&format!("migrate-store failed: {e}")),
@@ -390,7 +413,7 @@ async fn migrate_store(from: &str, to: &str) -> ExitCode {
             .map_or_else(|| "none".to_owned(), |(seq, hash)| format!("{seq}: {hash}")),
         copied.outbox_rows,
         copied.other_rows,
-        redacted(to),
+        config::redacted(to),
     ));
     if let Some(file) = &checkpoint_file {
         out(&format!(
@@ -404,18 +427,6 @@ async fn migrate_store(from: &str, to: &str) -> ExitCode {
         checkpoint_file,
     })
     .await
-}
-
-/// `url` without its password, for output.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 #[allow(clippy::print_stdout, reason = "the command's answer goes to stdout")]

@@ -43,16 +43,18 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(file = %file.display(), "audit checkpoints are appended to this file and logged")
         }
         None => tracing::warn!(
-            "audit checkpoints are only logged (an in-memory database and no AUDIT_CHECKPOINT_FILE)"
+            "audit checkpoints are only logged (an in-memory SQLite database and no AUDIT_CHECKPOINT_FILE)"
         ),
     }
     let chain = Arc::new(AuditChain::new(config.audit_chain_key.clone(), checkpoints));
     let store = store::open(&config.database_url, Some(chain)).await?;
-    // Held for the whole run: without LEDGER_URL, the ledger lease (see `ledger_off`).
-    let _ledger_off_lease = if config.ledger.is_some() {
-        None
-    } else {
-        ledger_off(store.as_ref()).await
+    // Held for the whole run: without LEDGER_URL, the ledger lease (see `ledger_off`), watched
+    // (a lease can be lost: see `keep_ledger_off`).
+    let _ledger_off = match config.ledger {
+        Some(_) => None,
+        None => ledger_off(store.as_ref())
+            .await
+            .map(|lease| AbortOnDrop(tokio::spawn(keep_ledger_off(store.clone(), lease)))),
     };
     let durability = store.durability().await?;
     tracing::info!(%durability, "database durability");
@@ -202,7 +204,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(config.listen).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
-        database = %config.database_url,
+        database = %crate::config::redacted(&config.database_url),
         admin_tokens = ?config.admin_tokens,
         "origin listening"
     );
@@ -240,7 +242,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 /// origin over the same database may feed the ledger: clearing its flags would let it send
 /// watermarks over rows the ledger never got, and isolates would trust memory that misses
 /// revocations. So the ledger is switched off only while this process holds the ledger lock
-/// (`<database>.ledger.lock`, the ledger publisher's): the lock is returned, to be kept for the
+/// (the ledger publisher's lease: `<database>.ledger.lock`, or an advisory lock on PostgreSQL):
+/// the lease is returned, to be kept (and watched: `keep_ledger_off`) for the
 /// whole run. If another process holds it, ledger flags are left alone (KV's acknowledgement
 /// clears only KV's), and a warning says so.
 async fn ledger_off(store: &dyn KeyStore) -> Option<Lease> {
@@ -277,6 +280,44 @@ async fn ledger_off(store: &dyn KeyStore) -> Option<Lease> {
         ),
     }
     Some(lock)
+}
+
+/// While this process holds the ledger lease with the ledger off: once the lease is lost
+/// (PostgreSQL ended its connection), another origin may feed the ledger, so the ledger sink is
+/// switched back on (KV's acknowledgements stop clearing ledger flags) until the lease is this
+/// process's again.
+async fn keep_ledger_off(store: Arc<dyn KeyStore>, mut lease: Lease) {
+    let (_never, mut stop) = watch::channel(false);
+    loop {
+        lease.lost_wait().await;
+        crate::store::lease::lost_lease(Role::Ledger);
+        if let Err(error) = store.set_ledger_sink(true).await {
+            tracing::error!(%error, "cannot switch the ledger sink back on");
+        }
+        lease = match store
+            .hold_lease(
+                Role::Ledger,
+                &mut stop,
+                "another origin holds the ledger lock (it feeds the change ledger); waiting",
+            )
+            .await
+        {
+            Ok(lease) => lease,
+            Err(_) => return,
+        };
+        if let Err(error) = store.set_ledger_sink(false).await {
+            tracing::warn!(%error, "cannot release the outbox rows left for the change ledger");
+        }
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Serves HTTP/1.1 on `listener` until a shutdown signal, then lets requests in flight finish

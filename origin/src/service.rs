@@ -1087,6 +1087,14 @@ fn claims(value: Value) -> Result<Option<Map<String, Value>>, ServiceError> {
             ),
         ));
     }
+    // A NUL is text no database should be asked to keep (PostgreSQL's JSON refuses it), and no
+    // claim needs one.
+    if has_nul(&Value::Object(map.clone())) {
+        return Err(invalid(
+            "claims",
+            "must not contain the NUL character (\\u0000) in a name or a string",
+        ));
+    }
     if serde_json::to_string(&map)
         .map(|s| s.len())
         .unwrap_or(usize::MAX)
@@ -1098,6 +1106,15 @@ fn claims(value: Value) -> Result<Option<Map<String, Value>>, ServiceError> {
         ));
     }
     Ok(Some(map))
+}
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 fn depth(value: &Value) -> usize {
@@ -1127,6 +1144,9 @@ mod tests {
     #[test]
     fn claims_must_be_a_small_shallow_object() {
         assert_eq!(claims(Value::Null).expect("null"), None);
+        assert!(claims(json!({ "a\0": 1 })).is_err(), "NUL in a name");
+        assert!(claims(json!({ "a": ["x\0"] })).is_err(), "NUL in a string");
+        assert!(claims(json!({ "a": "é" })).is_ok());
         assert!(
             claims(json!({"partner_id": "acme"}))
                 .expect("valid")

@@ -374,7 +374,10 @@ async fn a_redirect_from_the_ledger_is_never_followed() {
     // The appends were tried (and answered with the redirect) and are still pending.
     let health = eventually(Duration::from_secs(10), || async {
         let health = app.get("/healthz").await.body;
-        (redirects.load(Ordering::SeqCst) >= 2 && health["ledger"]["pending"] == 3)
+        // `/healthz`'s figures may be a second old: until they show the failure too.
+        (redirects.load(Ordering::SeqCst) >= 2
+            && health["ledger"]["pending"] == 3
+            && health["ledger"]["state"] != "ok")
             .then_some(health.clone())
             .ok_or_else(|| health.to_string())
     })
@@ -625,7 +628,14 @@ async fn every_watermark_covers_every_change_acknowledged_before_it() {
         .count();
     assert!(
         split > 0,
-        "the backlog was split over several appends (the largest held {most_changes})"
+        "the backlog was split over several appends (the largest held {most_changes}; \
+         {} requests; accepted (changes, with a watermark): {:?})",
+        recorded.requests,
+        recorded
+            .accepted
+            .iter()
+            .map(|(c, w)| (c.len(), w.is_some()))
+            .collect::<Vec<_>>()
     );
     assert!(
         requests >= 7,

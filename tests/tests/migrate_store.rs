@@ -112,6 +112,10 @@ async fn a_sqlite_database_moves_to_postgresql_whole() {
 
     // Origin on PostgreSQL serves what origin on SQLite did, and goes on writing the chain.
     let checkpoints = sqlite.checkpoint_path().display().to_string();
+    // The SQLite file's own checkpoints, before origin on PostgreSQL extends the chain (and the
+    // file) beyond what the file holds.
+    let sqlite_checkpoints = sqlite.dir().join("sqlite-only.checkpoints");
+    std::fs::copy(sqlite.checkpoint_path(), &sqlite_checkpoints).expect("copy checkpoints");
     let postgres = TestApp::builder()
         .env("DATABASE_URL", &to)
         .env("AUDIT_CHECKPOINT_FILE", &checkpoints)
@@ -141,8 +145,19 @@ async fn a_sqlite_database_moves_to_postgresql_whole() {
     );
 
     // A second copy into a database that holds keys is refused, and writes nothing.
-    let again = migrate(&from, &to, &[]);
-    assert!(!again.status.success());
+    // Now the chain goes on in PostgreSQL: against the moved-on checkpoints the SQLite file
+    // looks truncated, and is not copied again.
+    let stale = migrate(&from, &to, &[]);
+    assert_eq!(stale.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&stale.stderr);
+    assert!(stderr.contains("nothing was copied"), "{stderr}");
+    let sqlite_checkpoints = sqlite_checkpoints.display().to_string();
+    let again = migrate(
+        &from,
+        &to,
+        &[("AUDIT_CHECKPOINT_FILE", &sqlite_checkpoints)],
+    );
+    assert_eq!(again.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.contains("empty database only"), "{stderr}");
     let keys: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
@@ -180,6 +195,14 @@ async fn migrate_store_refuses_what_it_cannot_copy() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "{stderr}");
     }
+    let missing = migrate(&from, &to, &[]);
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("there is no SQLite database"), "{stderr}");
+    assert!(
+        !dir.path().join("db").exists(),
+        "a mistyped source is not created"
+    );
     let no_key = std::process::Command::new(origin_binary())
         .args(["migrate-store", "--from", &from, "--to", &to])
         .env_clear()
@@ -187,4 +210,51 @@ async fn migrate_store_refuses_what_it_cannot_copy() {
         .expect("run");
     assert_eq!(no_key.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&no_key.stderr).contains("AUDIT_CHAIN_KEY"));
+}
+
+/// A password in a PostgreSQL URL is never printed or logged: not by `migrate-store`, not by
+/// `origin serve` (the test server trusts local connections, so any password opens it).
+#[tokio::test]
+async fn a_database_password_is_never_printed_or_logged() {
+    const PASSWORD: &str = "pg-password-that-must-not-leak-7f3a";
+    let to = fresh_postgres_database(&server()).await;
+    let with_password = to.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{PASSWORD}@"),
+        1,
+    );
+    assert_ne!(with_password, to, "{to}");
+    let mut sqlite = TestApp::builder().on_sqlite().start().await;
+    sqlite.create_key("acme", &[]).await;
+    sqlite.stop().await;
+    let copied = migrate(&sqlite.database_url(), &with_password, &[]);
+    assert!(
+        copied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&copied.stdout),
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    assert!(printed.contains("postgres:***@"), "{printed}");
+    assert!(!printed.contains(PASSWORD), "{printed}");
+    let refused = migrate(&sqlite.database_url(), &with_password, &[]);
+    assert!(!String::from_utf8_lossy(&refused.stderr).contains(PASSWORD));
+
+    let app = TestApp::builder()
+        .env("DATABASE_URL", &with_password)
+        .start()
+        .await;
+    let r = app.get("/healthz").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        app.logs().contains("postgres:***@"),
+        "the database is named, without its password"
+    );
+    assert!(
+        !app.logs().contains(PASSWORD),
+        "origin at trace never logs the password"
+    );
 }

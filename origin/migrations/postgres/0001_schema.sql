@@ -5,7 +5,9 @@
 -- its SHA-256 (`secret_hash`, verify's lookup) and a display hint.
 
 CREATE TABLE api_keys (
-    id                TEXT     PRIMARY KEY NOT NULL,
+    -- Ordered byte by byte, as SQLite orders text (and as origin pages through keys by id),
+    -- whatever the database's collation.
+    id                TEXT     COLLATE "C" PRIMARY KEY NOT NULL,
     secret_hash       BYTEA    NOT NULL UNIQUE CHECK (length(secret_hash) = 32),
     hint              TEXT     NOT NULL,
     name              TEXT     NOT NULL,

@@ -29,3 +29,46 @@ impl Backend {
         }
     }
 }
+
+/// `url` as it may be logged or printed: without a password, in the user part or as a
+/// `password=` option.
+///
+/// ```
+/// use latchkey_origin::config::redacted;
+/// assert_eq!(
+///     redacted("postgres://origin:s3cret@db:5432/keys?sslmode=verify-full"),
+///     "postgres://origin:***@db:5432/keys?sslmode=verify-full"
+/// );
+/// assert_eq!(
+///     redacted("postgres://db/keys?user=origin&password=s3cret"),
+///     "postgres://db/keys?user=origin&password=***"
+/// );
+/// assert_eq!(redacted("sqlite://data/latchkey.db"), "sqlite://data/latchkey.db");
+/// ```
+pub fn redacted(url: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let mut out = match (base.find("://"), base.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &base[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &base[..scheme + 3], &base[at..]),
+                None => base.to_owned(),
+            }
+        }
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}

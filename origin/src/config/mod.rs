@@ -15,7 +15,7 @@ mod proxies;
 mod webhooks;
 
 pub use admin::{AdminToken, MIN_ADMIN_TOKEN_LEN};
-pub use database::Backend;
+pub use database::{Backend, redacted};
 pub use kv::{CLOUDFLARE_LIMIT, KvConfig, WriteMode};
 pub use leaks::{KeySources, LeakAction};
 pub use ledger::LedgerConfig;
@@ -130,8 +130,14 @@ impl Config {
 
         let database_url =
             var("DATABASE_URL").unwrap_or_else(|| "sqlite://data/latchkey.db".into());
-        if let Err(why) = Backend::of(&database_url) {
-            return Err(problem("DATABASE_URL", why));
+        let backend = Backend::of(&database_url).map_err(|why| problem("DATABASE_URL", why))?;
+        if backend == Backend::Postgres && var("AUDIT_CHECKPOINT_FILE").is_none() {
+            return Err(problem(
+                "AUDIT_CHECKPOINT_FILE",
+                "is required with a postgres:// DATABASE_URL (there is no database file to keep \
+                 it beside): a file of this origin's own, on other storage than the database, so \
+                 that a deletion of the audit log's newest entries is detected",
+            ));
         }
 
         let tokens = var("ADMIN_TOKEN").ok_or_else(|| {

@@ -261,6 +261,13 @@ fn errors_name_the_variable() {
             "DATABASE_URL:",
         ),
         (
+            &[
+                ("ADMIN_TOKEN", TOKEN),
+                ("DATABASE_URL", "postgres://db/keys"),
+            ],
+            "AUDIT_CHECKPOINT_FILE:",
+        ),
+        (
             &[("ADMIN_TOKEN", TOKEN), ("SCOPE_WILDCARDS", "maybe")],
             "SCOPE_WILDCARDS:",
         ),

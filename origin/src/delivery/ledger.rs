@@ -16,8 +16,9 @@
 //!   [`append_message`]), with a timestamp that never repeats, so the Worker can refuse replays.
 //! * Independent of the KV publisher: each sink clears its own flag on outbox rows
 //!   ([`Sink`]), so KV being down never holds the ledger back, nor the other way round.
-//! * One ledger publisher per database: it holds `<database>.ledger.lock`, so two origins over
-//!   one database never send watermarks side by side.
+//! * One ledger publisher per database: it holds the store's ledger lease (`<database>.ledger.lock`
+//!   beside a SQLite file, an advisory lock on PostgreSQL), so two origins over one database
+//!   never send watermarks side by side.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

@@ -488,6 +488,10 @@ pub fn apply_filter_param<E>(
     name: &str,
     value: &str,
 ) -> Result<bool, ApiError<E>> {
+    // No stored text holds a NUL (each field refuses it), and PostgreSQL refuses one in a query.
+    if value.contains('\0') {
+        return Err(bad_param(name, "must not contain the NUL character"));
+    }
     match name {
         "subject" => filter.subject = Some(value.to_owned()),
         "revoked" => filter.revoked = Some(parse_bool(name, value)?),

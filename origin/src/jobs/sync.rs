@@ -17,7 +17,7 @@ use crate::delivery::kv::client::KvClient;
 use crate::delivery::kv::publisher::{Publisher, PublisherStatus};
 use crate::model::Sink;
 use crate::service::system_now;
-use crate::store::lease::Role;
+use crate::store::lease::{Lease, Role};
 use crate::store::{KeyStore, StoreError};
 
 /// Keys queued per transaction.
@@ -76,7 +76,7 @@ pub async fn full(store: Arc<dyn KeyStore>, kv: &KvConfig) -> Result<SyncSummary
             .map(|s| s.pending)
             .map_err(|e: StoreError| e.to_string())
     };
-    let held = store
+    let mut held = store
         .try_lease(Role::Publisher)
         .await
         .map_err(|e| e.to_string())?;
@@ -95,6 +95,11 @@ pub async fn full(store: Arc<dyn KeyStore>, kv: &KvConfig) -> Result<SyncSummary
         progress.show(queued.saturating_sub(left));
         if left == 0 {
             break;
+        }
+        if held.as_ref().is_some_and(Lease::lost) {
+            // Another process may publish now: this command stops writing and watches.
+            crate::store::lease::lost_lease(Role::Publisher);
+            held = None;
         }
         if held.is_some() {
             let outcome = publisher.publish_batch().await.map_err(|e| e.to_string())?;

@@ -86,6 +86,17 @@ pub(crate) async fn group_commit(writer: impl ChangeWriter, mut queue: mpsc::Rec
     }
 }
 
+/// A failed COMMIT: whether the database applied it is unknown, so it is never written again
+/// (a retry could apply a change twice); the caller is answered that the store is unavailable,
+/// with the reason when the failure says one.
+pub(crate) fn unconfirmed(error: StoreError) -> StoreError {
+    let reason = error
+        .unavailable()
+        .unwrap_or("the database did not confirm the commit");
+    tracing::warn!(%error, "a commit was not confirmed: its outcome is unknown");
+    StoreError::Unavailable(reason)
+}
+
 /// Hands `change` to the group-commit task behind `changes` and waits until it is durable.
 pub(crate) async fn commit(
     changes: &mpsc::Sender<Pending>,

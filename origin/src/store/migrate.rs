@@ -52,8 +52,19 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<Copied, StoreErr
             "--to must name a PostgreSQL database (postgres://…)",
         ));
     }
-    // Each side's migrations bring its schema up to date (the source's, so its columns are the
-    // ones this build reads).
+    // The source must exist (opening it would otherwise make an empty one, and the copy of
+    // nothing would look like a success).
+    let file = SqliteStore::database_file(from)?.ok_or(StoreError::Url(
+        "--from must name a SQLite file (sqlite://…)",
+    ))?;
+    if !file.is_file() {
+        return Err(StoreError::Audit(format!(
+            "there is no SQLite database at {} (nothing was written)",
+            file.display()
+        )));
+    }
+    // Each side's migrations bring its schema up to date (the source's, as origin's next start
+    // would, so its columns are the ones this build reads).
     SqliteStore::open(from, None).await?.close().await;
     PgStore::open(to, None).await?.close().await;
 
@@ -67,6 +78,16 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<Copied, StoreErr
     postgres::lock_writes(&mut write).await?;
     refuse_non_empty(&mut write).await?;
     refuse_unanchored(&mut read).await?;
+    let (keys, entries): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM audit_log)")
+            .fetch_one(&mut *read)
+            .await?;
+    if keys == 0 && entries == 0 {
+        return Err(StoreError::Audit(format!(
+            "{} holds no key and no audit entry: nothing to copy (is --from the right file?)",
+            file.display()
+        )));
+    }
 
     let keys = copy_keys(&mut read, &mut write).await?;
     let (audit_entries, newest) = copy_audit_log(&mut read, &mut write).await?;

@@ -1,8 +1,10 @@
-//! Storage, behind one narrow interface so that a Postgres backend can be added beside SQLite.
+//! Storage, behind one narrow interface with two backends: SQLite (`sqlite/`, the default) and
+//! PostgreSQL (`postgres/`, for several origins on one database); `open` picks one by URL.
 //!
 //! The contract every backend keeps:
 //! * a change to a key, its audit entry and its KV outbox entry commit together, or none does;
-//! * a write is acknowledged only once it is durable (SQLite: WAL with `synchronous=FULL`);
+//! * a write is acknowledged only once it is durable (SQLite: WAL with `synchronous=FULL`;
+//!   PostgreSQL: `fsync` and `synchronous_commit` on);
 //! * no plaintext secret is ever passed in, so none can be stored.
 
 use std::path::PathBuf;
@@ -63,7 +65,8 @@ pub enum StoreError {
     /// The audit chain cannot be appended to (no key, or its newest entry does not verify).
     #[error("audit log: {0}")]
     Audit(String),
-    /// A background role's lease could not be taken (its lock file cannot be opened, say).
+    /// A background role's lease could not be taken (a SQLite database's lock file cannot be
+    /// opened, say).
     #[error("the {role} lease ({path}): {source}")]
     Lease {
         /// The role.

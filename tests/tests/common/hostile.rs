@@ -152,7 +152,15 @@ pub fn wrong_values(kind: &str) -> Vec<&'static str> {
             r#""api\u0000key""#,
             r#""api\nkey""#,
         ],
-        "object" => vec![r#""x""#, "5", "[1]", "true"],
+        "object" => vec![
+            r#""x""#,
+            "5",
+            "[1]",
+            "true",
+            // A NUL no database keeps (PostgreSQL's JSON refuses it): in a name, in a value.
+            r#"{"a\u0000": 1}"#,
+            r#"{"tier": ["gold\u0000"]}"#,
+        ],
         "bool" => vec![r#""true""#, "1", "0", "[]", "{}", r#""yes""#],
         other => panic!("unknown kind {other}"),
     }

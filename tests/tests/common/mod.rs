@@ -214,7 +214,7 @@ impl TestApp {
     /// Runs SQL on the app's database behind origin's back (to tamper, say): `sqlite` on a
     /// SQLite file (through Python's sqlite3), `postgres` on a PostgreSQL database.
     pub async fn tamper(&self, sqlite: &str, postgres: &str) {
-        if postgres_server().is_some() {
+        if self.database.starts_with("postgres") {
             use sqlx::Connection;
             let mut conn = sqlx::PgConnection::connect(&self.database)
                 .await

@@ -27,8 +27,9 @@
 //!   database in `bulk/get` batches of 100, one batch a second at most (a quarter of
 //!   Cloudflare's 1,200 requests per five minutes), and keys that differ are queued again.
 //!   This also covers writes that were in flight when a process died.
-//! * One publisher per database: it holds an exclusive lock on `<database>.publisher.lock`,
-//!   so a second origin or `origin sync` cannot interleave stale writes with it.
+//! * One publisher per database: it holds the store's publisher lease (`<database>.publisher.lock`
+//!   beside a SQLite file, an advisory lock on PostgreSQL), so a second origin or `origin sync`
+//!   cannot interleave stale writes with it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

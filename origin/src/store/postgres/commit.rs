@@ -77,7 +77,7 @@ impl ChangeWriter for PgWriter {
         for pending in batch {
             outcomes.push(apply(&mut *tx, chain, &pending.change, &mut newest).await?);
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(|e| unconfirmed(e.into()))?;
         checkpoint(chain, newest);
         Ok(outcomes)
     }
@@ -87,7 +87,7 @@ impl ChangeWriter for PgWriter {
         let mut tx = begin_write(&self.pool).await?;
         let mut newest = None;
         let outcome = apply(&mut *tx, chain, change, &mut newest).await?;
-        tx.commit().await?;
+        tx.commit().await.map_err(|e| unconfirmed(e.into()))?;
         checkpoint(chain, newest);
         Ok(outcome)
     }

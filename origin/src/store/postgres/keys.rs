@@ -43,7 +43,7 @@ static UPDATE_KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-pub(crate) async fn insert_key(conn: &mut PgConnection, key: &StoredKey) -> Result<(), StoreError> {
+pub(super) async fn insert_key(conn: &mut PgConnection, key: &StoredKey) -> Result<(), StoreError> {
     key_columns()
         .fold(sqlx::query(&INSERT_KEY), |q, c| bind_column(q, key, c))
         .execute(conn)

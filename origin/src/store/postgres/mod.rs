@@ -20,7 +20,6 @@ mod open;
 
 pub(crate) use commit::lock_writes;
 use commit::*;
-pub(crate) use keys::insert_key;
 use keys::*;
 use open::settings;
 
@@ -31,7 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use latchkey_shared::{KeyHash, KeyId, UnixMillis};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{Connection, Postgres, QueryBuilder, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,6 +39,7 @@ use super::audit_row::{
 };
 use super::change::{
     self, Change, ChangeWriter, GROUP_MAX, Pending, Writes, apply, checkpoint, group_commit,
+    unconfirmed,
 };
 use super::key_row::{
     CHANGEABLE_COLUMNS, KEY_COLUMNS, KeyRow, bind_stored, column_value, key_columns,
@@ -60,7 +60,7 @@ pub struct PgStore {
     background: PgPool,
     /// The group-commit task's connection.
     writer: PgPool,
-    /// For the roles' lease connections.
+    /// For the roles' lease connections (without the pools' session limits).
     options: PgConnectOptions,
     /// Key changes go to the group-commit task.
     changes: mpsc::Sender<Pending>,
@@ -240,15 +240,31 @@ impl KeyStore for PgStore {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows: Vec<AuditRow> = sqlx::query_as(
-            "SELECT seq, at, actor, action, key_id, details, prev_hash, hash, chain FROM audit_log \
-             WHERE seq > $1 AND ($2::text IS NULL OR key_id = $2) ORDER BY seq LIMIT $3",
-        )
-        .bind(after_seq)
-        .bind(key_id.map(KeyId::as_str))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        // Two statements, not `($2 IS NULL OR key_id = $2)`: each keeps its own index (the
+        // key's entries, or the log by `seq`) whatever plan the server caches.
+        const COLUMNS: &str = "seq, at, actor, action, key_id, details, prev_hash, hash, chain";
+        let rows: Vec<AuditRow> = match key_id {
+            Some(id) => {
+                sqlx::query_as(&format!(
+                    "SELECT {COLUMNS} FROM audit_log WHERE key_id = $1 AND seq > $2 \
+                     ORDER BY seq LIMIT $3"
+                ))
+                .bind(id.as_str())
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as(&format!(
+                    "SELECT {COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+                ))
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         rows.into_iter().map(audit_entry).collect()
     }
 
@@ -423,6 +439,10 @@ impl KeyStore for PgStore {
             (Sink::Ledger, _) => "ledger_pending = false",
         };
         let update = format!("UPDATE kv_outbox SET {clear} WHERE key_id = $1 AND seq <= $2");
+        // In key order: KV's and the ledger's acknowledgements (perhaps from two replicas) then
+        // take the same rows' locks in the same order, and never deadlock.
+        let mut published: Vec<&OutboxEntry> = published.iter().collect();
+        published.sort_unstable_by(|a, b| a.key_id.as_str().cmp(b.key_id.as_str()));
         let mut tx = self.pool.begin().await?;
         for entry in published {
             sqlx::query(&update)
@@ -448,13 +468,13 @@ impl KeyStore for PgStore {
         sink: Sink,
         up_to_seq: Option<i64>,
     ) -> Result<OutboxStats, StoreError> {
+        // Up to `i64::MAX` for all: one statement, whose plan does not hinge on a NULL.
         let sql = format!(
-            "SELECT COUNT(*), MIN(enqueued_at) FROM kv_outbox \
-             WHERE {} AND ($1::bigint IS NULL OR seq <= $1)",
+            "SELECT COUNT(*), MIN(enqueued_at) FROM kv_outbox WHERE {} AND seq <= $1",
             pending_column(sink)
         );
         let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(&sql)
-            .bind(up_to_seq)
+            .bind(up_to_seq.unwrap_or(i64::MAX))
             .fetch_one(&self.pool)
             .await?;
         Ok(OutboxStats {
@@ -482,11 +502,11 @@ impl KeyStore for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let Some(last) = queued.iter().max_by(|a, b| a.0.cmp(&b.0)) else {
+        // Rows are numbered in the SELECT's order: the highest number is the last id.
+        let Some((last, newest)) = queued.iter().max_by_key(|(_, seq)| *seq) else {
             return Ok(None);
         };
-        let newest = queued.iter().map(|(_, seq)| *seq).max().unwrap_or(last.1);
-        Ok(Some((key_id(&last.0, || last.0.clone())?, newest)))
+        Ok(Some((key_id(last, || last.clone())?, *newest)))
     }
 
     async fn outbox_enqueue(&self, keys: &[KeyId], now: UnixMillis) -> Result<(), StoreError> {

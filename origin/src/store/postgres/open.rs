@@ -13,18 +13,76 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a held lease's connection is checked.
 const LEASE_CHECK: Duration = Duration::from_secs(1);
 
+/// Every session's limits, so a replica that stalls or loses the network cannot hold the write
+/// lock (or a row) for long: a lock waited for longer than 5 s is refused (answered 503), a
+/// transaction left idle for 15 s is ended by the server (its locks with it), and no statement
+/// runs longer than 60 s.
+const SESSION_LIMITS: [(&str, &str); 3] = [
+    ("lock_timeout", "5s"),
+    ("idle_in_transaction_session_timeout", "15s"),
+    ("statement_timeout", "60s"),
+];
+
+/// A lease's session, pinged every second while held: the server ends it (and frees the role)
+/// once it has been idle 10 s (the holder stalled) or its peer stopped answering TCP keepalives
+/// for about 20 s (the holder is gone, or the network between them).
+const LEASE_LIMITS: [(&str, &str); 4] = [
+    ("idle_session_timeout", "10s"),
+    ("tcp_keepalives_idle", "5"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+];
+
+/// `url`'s connection settings. A server reached over the network must be reached over TLS
+/// that cannot be skipped: `sslmode=require`, `verify-ca` or `verify-full` (libpq's default,
+/// `prefer`, falls back to plaintext silently). A Unix socket or a loopback address may go
+/// without.
+pub(super) fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    let options = PgConnectOptions::from_str(url)?;
+    let host = options.get_host();
+    let local = options.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let enforced = matches!(
+        options.get_ssl_mode(),
+        PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull
+    );
+    if local || enforced {
+        Ok(options)
+    } else {
+        Err(StoreError::Url(
+            "names a PostgreSQL server over the network without sslmode=verify-full (or \
+             verify-ca, or require): add ?sslmode=verify-full (with sslrootcert=… for a private \
+             CA) so the connection cannot fall back to plaintext",
+        ))
+    }
+}
+
 impl PgStore {
     /// Opens the database at `url` (a `postgres://` URL), runs the embedded migrations, and
     /// checks that a commit is durable there. Without `chain`, the store can read the audit log
     /// but not append to it; with it, the chain's newest entry must verify with its key.
     pub async fn open(url: &str, chain: Option<Arc<AuditChain>>) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)?;
+        let plain = connect_options(url)?;
+        // Migrations on a connection of their own, without the timeouts below: a replica
+        // starting beside another waits for its migrations (sqlx's advisory lock) as long as
+        // they take.
+        let mut migrating = PgConnection::connect_with(&plain).await?;
+        sqlx::migrate!("./migrations/postgres")
+            .run_direct(&mut migrating)
+            .await?;
+        let _ = migrating.close().await;
+        let options = plain.clone().options(SESSION_LIMITS);
         let pool = PgPoolOptions::new()
             .max_connections(REQUEST_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         settings(&pool).await?.check()?;
         if let Some(chain) = &chain {
             check_chain_at_start(&pool, chain).await?;
@@ -49,7 +107,7 @@ impl PgStore {
             pool,
             background,
             writer,
-            options,
+            options: plain,
             changes,
             ledger_sink: Arc::new(AtomicBool::new(true)),
         })
@@ -71,7 +129,8 @@ impl PgStore {
         &self,
         role: lease::Role,
     ) -> Result<Option<lease::Lease>, StoreError> {
-        let mut conn = PgConnection::connect_with(&self.options).await?;
+        let options = self.options.clone().options(LEASE_LIMITS);
+        let mut conn = PgConnection::connect_with(&options).await?;
         let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
             .bind(LOCKS)
             .bind(role_lock(role))

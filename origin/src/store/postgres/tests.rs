@@ -276,6 +276,27 @@ async fn a_lease_whose_connection_ends_is_lost_and_taken_over() {
     );
 }
 
+/// A server over the network must be reached over TLS that cannot be skipped; a local one
+/// (loopback, Unix socket) may go without.
+#[test]
+fn a_server_over_the_network_needs_tls_that_cannot_fall_back() {
+    let allowed = |url: &str| open::connect_options(url).is_ok();
+    assert!(
+        !allowed("postgres://origin@db.example/keys"),
+        "libpq's default is prefer"
+    );
+    assert!(!allowed("postgres://origin@db.example/keys?sslmode=prefer"));
+    assert!(!allowed("postgres://origin@10.0.0.5/keys?sslmode=disable"));
+    assert!(allowed(
+        "postgres://origin@db.example/keys?sslmode=verify-full"
+    ));
+    assert!(allowed("postgres://origin@db.example/keys?sslmode=require"));
+    assert!(allowed("postgres://origin@127.0.0.1:5432/keys"));
+    assert!(allowed("postgres://origin@localhost/keys"));
+    assert!(allowed("postgres://origin@[::1]/keys"));
+    assert!(allowed("postgres:///keys?host=/var/run/postgresql"));
+}
+
 /// Opening refuses a server that would not keep an acknowledged commit.
 #[test]
 fn settings_that_lose_commits_are_refused() {

@@ -123,7 +123,7 @@ impl ChangeWriter for SqliteWriter {
         for pending in batch {
             outcomes.push(apply(&mut *tx, chain, &pending.change, &mut newest).await?);
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(unconfirmed)?;
         checkpoint(chain, newest);
         Ok(outcomes)
     }
@@ -133,7 +133,7 @@ impl ChangeWriter for SqliteWriter {
         let mut tx = WriteTx::begin(&self.pool, &self.commits).await?;
         let mut newest = None;
         let outcome = apply(&mut *tx, chain, change, &mut newest).await?;
-        tx.commit().await?;
+        tx.commit().await.map_err(unconfirmed)?;
         checkpoint(chain, newest);
         Ok(outcome)
     }

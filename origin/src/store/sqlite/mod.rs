@@ -40,6 +40,7 @@ use super::audit_row::{
 };
 use super::change::{
     self, Change, ChangeWriter, GROUP_MAX, Pending, Writes, apply, checkpoint, group_commit,
+    unconfirmed,
 };
 use super::key_row::{
     CHANGEABLE_COLUMNS, KEY_COLUMNS, KeyRow, bind_stored, column, column_value, key_columns,
