@@ -184,6 +184,10 @@ async fn an_origin_without_the_ledger_leaves_the_rows_of_one_that_feeds_it() {
         .env("DATABASE_URL", app.database_url())
         .env("ADMIN_TOKEN", ADMIN_TOKEN)
         .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY)
+        .env(
+            "AUDIT_CHECKPOINT_FILE",
+            app.dir().join("second-origin.checkpoints"),
+        )
         .env("RUST_LOG", "info")
         .envs(kv_vars)
         .stdout(log.try_clone().expect("log fd"))
@@ -577,6 +581,17 @@ async fn every_watermark_covers_every_change_acknowledged_before_it() {
             done.expect("worker");
         }
         if open_after {
+            // An append read before the backlog was whole may still be on its way: two more
+            // refused appends, and the second was read after the first was answered, so after
+            // every change of the backlog was acknowledged. Only then does the ledger open.
+            let refused_before = recorded.lock().expect("recorded").requests;
+            eventually(Duration::from_secs(30), || async {
+                let requests = recorded.lock().expect("recorded").requests;
+                (requests >= refused_before + 2)
+                    .then_some(())
+                    .ok_or_else(|| format!("{requests} appends tried"))
+            })
+            .await;
             recorded.lock().expect("recorded").open = true;
         }
     }
