@@ -124,18 +124,22 @@ pub(crate) trait Writes: Send {
         expected_revision: i64,
     ) -> Result<bool, StoreError>;
     /// Appends `event` after the newest entry, MACed with the chain's key; returns the new
-    /// entry's `seq`, `hash` and `at` (for the checkpoint after the commit).
+    /// entry's `seq`, `hash` and `at` (for the checkpoint after the commit). `tail`: the newest
+    /// entry's `seq` and `hash` when this transaction appended it (under the write lock, so it
+    /// is still the newest); `None`, read from the log.
     async fn append_audit(
         &mut self,
         chain: Option<&AuditChain>,
         event: &AuditEvent,
+        tail: Option<(i64, String)>,
     ) -> Result<(i64, String, i64), StoreError>;
     /// Announces a change of `id` to both sinks (KV and the ledger).
     async fn enqueue_publish(&mut self, id: &KeyId, at: UnixMillis) -> Result<(), StoreError>;
 }
 
 /// Writes one change inside the caller's transaction. `false`: a `Replace` found another
-/// revision, and nothing was written. The audit entry appended, if any, goes to `newest`.
+/// revision, and nothing was written. The audit entry appended, if any, goes to `newest`, and
+/// the next append of the same transaction chains onto it without reading the log again.
 pub(crate) async fn apply(
     tx: &mut impl Writes,
     chain: Option<&AuditChain>,
@@ -145,14 +149,14 @@ pub(crate) async fn apply(
     match change {
         Change::Insert(key, event) => {
             tx.insert_key(key).await?;
-            *newest = Some(tx.append_audit(chain, event).await?);
+            *newest = Some(tx.append_audit(chain, event, tail(newest)).await?);
             tx.enqueue_publish(&key.id, key.updated_at).await?;
         }
         Change::Replace(key, expected_revision, event) => {
             if !tx.update_key(key, *expected_revision).await? {
                 return Ok(false);
             }
-            *newest = Some(tx.append_audit(chain, event).await?);
+            *newest = Some(tx.append_audit(chain, event, tail(newest)).await?);
             tx.enqueue_publish(&key.id, key.updated_at).await?;
         }
         Change::Roll { old, new } => {
@@ -162,14 +166,19 @@ pub(crate) async fn apply(
                 return Ok(false);
             }
             tx.insert_key(new_key).await?;
-            tx.append_audit(chain, old_event).await?;
-            *newest = Some(tx.append_audit(chain, new_event).await?);
+            *newest = Some(tx.append_audit(chain, old_event, tail(newest)).await?);
+            *newest = Some(tx.append_audit(chain, new_event, tail(newest)).await?);
             tx.enqueue_publish(&old_key.id, old_key.updated_at).await?;
             tx.enqueue_publish(&new_key.id, new_key.updated_at).await?;
         }
-        Change::Event(event) => *newest = Some(tx.append_audit(chain, event).await?),
+        Change::Event(event) => *newest = Some(tx.append_audit(chain, event, tail(newest)).await?),
     }
     Ok(true)
+}
+
+/// The `seq` and `hash` of the entry this transaction appended last, if any.
+fn tail(newest: &Option<(i64, String, i64)>) -> Option<(i64, String)> {
+    newest.as_ref().map(|(seq, hash, _)| (*seq, hash.clone()))
 }
 
 /// After a commit that appended audit entries, and before its callers are answered: a

@@ -157,8 +157,9 @@ impl Writes for SqliteConnection {
         &mut self,
         chain: Option<&AuditChain>,
         event: &AuditEvent,
+        tail: Option<(i64, String)>,
     ) -> Result<(i64, String, i64), StoreError> {
-        append_audit(self, chain, event).await
+        append_audit(self, chain, event, tail).await
     }
 
     async fn enqueue_publish(&mut self, id: &KeyId, at: UnixMillis) -> Result<(), StoreError> {
