@@ -17,6 +17,7 @@ macro_rules! stories {
             the_outbox_keeps_order_and_acknowledges_per_entry,
             concurrent_writers_leave_one_chain,
             lists_filter_page_and_hide_deleted_keys,
+            lists_filter_by_metadata_fields_and_count_every_match,
             a_roll_commits_both_keys_or_neither,
             uses_merge_to_the_latest,
             each_sink_acknowledges_its_own_and_a_row_goes_when_none_needs_it,
@@ -298,6 +299,67 @@ pub(crate) async fn lists_filter_page_and_hide_deleted_keys(store: Arc<dyn KeySt
         .await
         .expect("list");
     assert_eq!(names(&partner), ["key 4"]);
+}
+
+/// A metadata filter matches a field whose value is that string (not an array holding it, not
+/// another field with it), every field given, never a deleted key; its count is of every match,
+/// on any page, past the last one too.
+pub(crate) async fn lists_filter_by_metadata_fields_and_count_every_match(
+    store: Arc<dyn KeyStore>,
+) {
+    let claims = |value: serde_json::Value| value.as_object().cloned();
+    let mut keys: Vec<StoredKey> = (1..=7).map(|n| key(n, "acme")).collect();
+    keys[0].claims = claims(json!({ "tier": "gold", "region": "eu" }));
+    keys[1].claims = claims(json!({ "tier": ["gold"] }));
+    keys[2].claims = claims(json!({ "tier": "gold", "region": "us" }));
+    keys[3].claims = claims(json!({ "region": "gold" }));
+    keys[4].claims = claims(json!({ "tier": "gold" }));
+    keys[4].deleted_at = Some(UnixMillis(9_000));
+    keys[5].claims = claims(json!({ "tier": "silver" }));
+    for k in &keys {
+        store.insert(k, &event(k, "create")).await.expect("insert");
+    }
+    let list = |fields: &[(&str, &str)], limit: u32, offset: u32| {
+        let filter = ListFilter {
+            claims_equal: fields
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), (*v).to_owned()))
+                .collect(),
+            limit,
+            offset,
+            ..filter()
+        };
+        let store = store.clone();
+        async move {
+            let page = store.list(&filter).await.expect("list");
+            let names: Vec<String> = page.keys.iter().map(|k| k.name.clone()).collect();
+            (names, page.total_count)
+        }
+    };
+    assert_eq!(
+        list(&[("tier", "gold")], 10, 0).await,
+        (vec!["key 3".into(), "key 1".into()], 2),
+        "newest first; not the array, the other field or the deleted key"
+    );
+    assert_eq!(
+        list(&[("tier", "gold")], 1, 0).await,
+        (vec!["key 3".into()], 2)
+    );
+    assert_eq!(
+        list(&[("tier", "gold")], 1, 1).await,
+        (vec!["key 1".into()], 2)
+    );
+    assert_eq!(
+        list(&[("tier", "gold")], 1, 5).await,
+        (vec![], 2),
+        "a page past the last match still counts them"
+    );
+    assert_eq!(
+        list(&[("tier", "gold"), ("region", "eu")], 10, 0).await,
+        (vec!["key 1".into()], 1),
+        "every field given"
+    );
+    assert_eq!(list(&[("tier", "platinum")], 10, 0).await, (vec![], 0));
 }
 
 /// A roll writes the old key's new state and the new key together, or neither over a stale

@@ -96,6 +96,13 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<Copied, StoreErr
     write.commit().await?;
     read.rollback().await?;
     source.close().await;
+    // The planner's statistics and the visibility map of the tables just filled: without them,
+    // the first minutes of serving (until autovacuum comes) would scan every key for a
+    // metadata filter instead of reading its index, and count a subject's keys from the heap.
+    // VACUUM runs outside a transaction, after the commit; the copy is already whole.
+    sqlx::query("VACUUM (ANALYZE) api_keys, audit_log, kv_outbox")
+        .execute(&target)
+        .await?;
     target.close().await;
     Ok(Copied {
         keys,

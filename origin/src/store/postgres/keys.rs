@@ -69,8 +69,8 @@ pub(super) async fn update_key(
 
 /// Adds the WHERE clause of `filter` (shared by the page query and the count). Live keys by
 /// subject or by creation are the partial indexes `api_keys_live_by_subject` and
-/// `api_keys_live_by_created`; a metadata field is a containment test the GIN index
-/// `api_keys_live_by_claims` answers.
+/// `api_keys_live_by_created`; a metadata field is a containment test on the parsed claims
+/// (`claims_jsonb`) the GIN index `api_keys_live_by_claims` answers.
 pub(super) fn push_filter(qb: &mut QueryBuilder<'_, Postgres>, filter: &ListFilter) {
     // A deleted key is never listed.
     qb.push(" WHERE deleted_at IS NULL");
@@ -122,14 +122,79 @@ pub(super) fn push_filter(qb: &mut QueryBuilder<'_, Postgres>, filter: &ListFilt
         // The field and the value are bound, never spliced into SQL: the claims contain
         // `{field: value}` (the index's test), and the field is exactly that JSON string (the
         // containment of a string in an array would also pass the first test).
-        qb.push(" AND (claims::jsonb) @> jsonb_build_object(")
+        qb.push(" AND claims_jsonb @> jsonb_build_object(")
             .push_bind(field.clone())
             .push("::text, ")
             .push_bind(value.clone())
-            .push("::text) AND (claims::jsonb) -> ")
+            .push("::text) AND claims_jsonb -> ")
             .push_bind(field.clone())
             .push("::text = to_jsonb(")
             .push_bind(value.clone())
             .push("::text)");
     }
+}
+
+/// The page of `filter` (newest first) after the WHERE clause.
+fn push_page(qb: &mut QueryBuilder<'_, Postgres>, filter: &ListFilter) {
+    qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(i64::from(filter.limit))
+        .push(" OFFSET ")
+        .push_bind(i64::from(filter.offset));
+}
+
+fn count_query(filter: &ListFilter) -> QueryBuilder<'_, Postgres> {
+    let mut total = QueryBuilder::new("SELECT COUNT(*) FROM api_keys");
+    push_filter(&mut total, filter);
+    total
+}
+
+/// A page and its count as two statements on two connections at once (each was its own
+/// snapshot anyway): the list waits for the slower, not for both. The count of a subject's or
+/// of all live keys reads only its index.
+pub(super) async fn page_and_count(
+    pool: &PgPool,
+    filter: &ListFilter,
+) -> Result<(Vec<KeyRow>, i64), StoreError> {
+    let mut page = QueryBuilder::new(format!("SELECT {KEY_COLUMNS} FROM api_keys"));
+    push_filter(&mut page, filter);
+    push_page(&mut page, filter);
+    let mut total = count_query(filter);
+    let (rows, (total,)): (Vec<KeyRow>, (i64,)) = tokio::try_join!(
+        page.build_query_as().fetch_all(pool),
+        total.build_query_as().fetch_one(pool),
+    )?;
+    Ok((rows, total))
+}
+
+/// A key of a page, with the count of every key the filter matches.
+#[derive(sqlx::FromRow)]
+struct CountedRow {
+    #[sqlx(flatten)]
+    key: KeyRow,
+    total: i64,
+}
+
+/// A page filtered by metadata fields, counted by the same scan (`COUNT(*) OVER ()`): every
+/// candidate of the GIN index is read from the table to be rechecked whatever the query, so a
+/// second statement would read them all again. A page past the last match has no row to carry
+/// the count, which is then asked for alone.
+pub(super) async fn page_counted(
+    pool: &PgPool,
+    filter: &ListFilter,
+) -> Result<(Vec<KeyRow>, i64), StoreError> {
+    let mut page = QueryBuilder::new(format!(
+        "SELECT {KEY_COLUMNS}, COUNT(*) OVER () AS total FROM api_keys"
+    ));
+    push_filter(&mut page, filter);
+    push_page(&mut page, filter);
+    let rows: Vec<CountedRow> = page.build_query_as().fetch_all(pool).await?;
+    let total = match rows.first() {
+        Some(row) => row.total,
+        None if filter.offset == 0 => 0,
+        None => {
+            let (total,): (i64,) = count_query(filter).build_query_as().fetch_one(pool).await?;
+            total
+        }
+    };
+    Ok((rows.into_iter().map(|row| row.key).collect(), total))
 }

@@ -151,18 +151,11 @@ impl KeyStore for PgStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<KeyPage, StoreError> {
-        let mut page = QueryBuilder::new(format!("SELECT {KEY_COLUMNS} FROM api_keys"));
-        push_filter(&mut page, filter);
-        page.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(filter.limit))
-            .push(" OFFSET ")
-            .push_bind(i64::from(filter.offset));
-        let rows: Vec<KeyRow> = page.build_query_as().fetch_all(&self.pool).await?;
-
-        let mut total = QueryBuilder::new("SELECT COUNT(*) FROM api_keys");
-        push_filter(&mut total, filter);
-        let (total,): (i64,) = total.build_query_as().fetch_one(&self.pool).await?;
-
+        let (rows, total) = if filter.claims_equal.is_empty() {
+            keys::page_and_count(&self.pool, filter).await?
+        } else {
+            keys::page_counted(&self.pool, filter).await?
+        };
         Ok(KeyPage {
             keys: rows
                 .into_iter()
