@@ -328,6 +328,10 @@ async fn unknown_ids_routes_methods_and_parameters() {
         "last_used_before=yesterday",
         "colour=red",
         "claims[a.b]=x",
+        &(0..17)
+            .map(|i| format!("claims[f{i}]=x"))
+            .collect::<Vec<_>>()
+            .join("&"),
     ] {
         let r = app.get(&format!("/v1/api_keys?{query}")).await;
         assert!(

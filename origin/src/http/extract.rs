@@ -468,6 +468,10 @@ pub fn parse_time<E>(name: &str, value: &str) -> Result<UnixMillis, ApiError<E>>
         .ok_or_else(|| bad_param(name, "unix milliseconds or an ISO-8601 timestamp"))
 }
 
+/// The most metadata filters one list takes: each is a condition of the query, and no caller
+/// needs more.
+const MAX_CLAIM_FILTERS: usize = 16;
+
 /// A claim filter's field name from `claims[name]` or `metadata[name]`.
 pub fn claim_filter_name(param: &str) -> Option<&str> {
     let inner = param
@@ -499,6 +503,12 @@ pub fn apply_filter_param<E>(
         "never_used" => filter.never_used = Some(parse_bool(name, value)?),
         "last_used_before" => filter.last_used_before = Some(parse_time(name, value)?),
         _ => match claim_filter_name(name) {
+            Some(_) if filter.claims_equal.len() >= MAX_CLAIM_FILTERS => {
+                return Err(bad_param(
+                    name,
+                    "at most 16 claims[<field>] filters in one list",
+                ));
+            }
             Some(field) => filter
                 .claims_equal
                 .push((field.to_owned(), value.to_owned())),
