@@ -139,7 +139,9 @@ pub(crate) trait Writes: Send {
 
 /// Writes one change inside the caller's transaction. `false`: a `Replace` found another
 /// revision, and nothing was written. The audit entry appended, if any, goes to `newest`, and
-/// the next append of the same transaction chains onto it without reading the log again.
+/// the next append of the same transaction chains onto it without reading the log again: so
+/// `newest` starts as `None` with each transaction and never outlives it (after a rollback it
+/// would name an entry that was never committed).
 pub(crate) async fn apply(
     tx: &mut impl Writes,
     chain: Option<&AuditChain>,

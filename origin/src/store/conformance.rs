@@ -16,6 +16,7 @@ macro_rules! stories {
             a_change_needs_the_revision_it_was_made_from,
             the_outbox_keeps_order_and_acknowledges_per_entry,
             concurrent_writers_leave_one_chain,
+            changes_of_every_kind_committed_together_leave_a_verifiable_chain,
             lists_filter_page_and_hide_deleted_keys,
             lists_filter_by_metadata_fields_and_count_every_match,
             a_roll_commits_both_keys_or_neither,
@@ -48,6 +49,9 @@ use super::KeyStore;
 use crate::model::{AuditEvent, ListFilter, PolicyQuery, Sink, StoredKey, VerifyEntry};
 
 /// A key numbered `n` (its id and hash derive from `n`), of `subject`, made at `n` seconds.
+/// The audit chain's key of the stores the stories run on.
+pub(crate) const CHAIN_KEY: &str = "store-tests-audit-chain-key-0123456789";
+
 pub(crate) fn key(n: u8, subject: &str) -> StoredKey {
     let mut fill = |bytes: &mut [u8]| bytes.fill(n);
     StoredKey {
@@ -79,7 +83,7 @@ pub(crate) fn key(n: u8, subject: &str) -> StoredKey {
     }
 }
 
-fn event(key: &StoredKey, action: &'static str) -> AuditEvent {
+pub(crate) fn event(key: &StoredKey, action: &'static str) -> AuditEvent {
     AuditEvent {
         at: key.updated_at,
         actor: "admin:conformance".into(),
@@ -212,6 +216,102 @@ pub(crate) async fn writers_on_replicas_leave_one_chain(replicas: &[Arc<dyn KeyS
     }
 }
 
+/// Changes of every kind sent at once, so mostly committed in shared transactions (inserts, updates,
+/// an update that lost its revision, a roll, events, and inserts of an id that exists, which
+/// fail their group and send its changes back to be committed one by one), leave one chain
+/// whose every entry verifies with the chain's key, with an entry for each change written.
+pub(crate) async fn changes_of_every_kind_committed_together_leave_a_verifiable_chain(
+    store: Arc<dyn KeyStore>,
+) {
+    let base: Vec<StoredKey> = (1..=3).map(|n| key(n, "acme")).collect();
+    for k in &base {
+        store.insert(k, &event(k, "create")).await.expect("insert");
+    }
+    let mut written = base.len();
+    for round in 0..3u8 {
+        let mut changes = tokio::task::JoinSet::new();
+        let fresh = key(10 + round, "acme");
+        let mut updated = base[0].clone();
+        updated.revision = i64::from(round) + 2;
+        updated.name = format!("renamed {round}");
+        let stale = base[1].clone();
+        let duplicate = base[2].clone();
+        let store_ = store.clone();
+        changes.spawn(async move {
+            store_
+                .insert(&fresh, &event(&fresh, "create"))
+                .await
+                .is_ok()
+        });
+        let store_ = store.clone();
+        changes.spawn(async move {
+            let expected = updated.revision - 1;
+            store_
+                .replace(&updated, expected, &event(&updated, "update"))
+                .await
+                .expect("replace")
+        });
+        let store_ = store.clone();
+        changes.spawn(async move {
+            let lost = store_
+                .replace(&stale, 99, &event(&stale, "update"))
+                .await
+                .expect("replace");
+            assert!(!lost, "a stale revision writes nothing");
+            false
+        });
+        let store_ = store.clone();
+        changes.spawn(async move {
+            store_
+                .record_event(&event(&duplicate, "verify_refused"))
+                .await
+                .expect("event");
+            let refused = store_
+                .insert(&duplicate, &event(&duplicate, "create"))
+                .await;
+            assert!(refused.is_err(), "an id that exists is refused");
+            false
+        });
+        written += 1; // the event
+        if round == 0 {
+            let mut rolled = base[2].clone();
+            let successor = key(30, "acme");
+            rolled.rolled_to = Some(successor.id.clone());
+            rolled.revision = 2;
+            let mut successor = successor;
+            successor.rolled_from = Some(rolled.id.clone());
+            let store_ = store.clone();
+            changes.spawn(async move {
+                store_
+                    .roll(
+                        (&rolled, 1, &event(&rolled, "roll")),
+                        (&successor, &event(&successor, "create")),
+                    )
+                    .await
+                    .expect("roll")
+            });
+            written += 1; // the roll's second entry
+        }
+        while let Some(outcome) = changes.join_next().await {
+            if outcome.expect("change") {
+                written += 1;
+            }
+        }
+    }
+    let log = store.audit_log(None, 0, 500).await.expect("log");
+    assert_eq!(log.len(), written, "an entry for each change written");
+    let chain_key = latchkey_shared::sign::SigningSecret::parse(CHAIN_KEY).expect("key");
+    let none = crate::audit::Checkpoints::parse(&chain_key, "").expect("no checkpoints");
+    // From seq 1, each entry the next one, linked to the one before and MACed with the key.
+    let mut checker = crate::audit::ChainChecker::new(Some(&chain_key), &none);
+    for entry in &log {
+        checker
+            .check(entry)
+            .unwrap_or_else(|e| panic!("entry {}: {e}", entry.seq));
+    }
+    // (No `finish`: these stores keep no checkpoints to end the chain against.)
+}
+
 /// Lists filter by subject, revocation, type and name, page newest first with a total, and
 /// never show a deleted key.
 pub(crate) async fn lists_filter_page_and_hide_deleted_keys(store: Arc<dyn KeyStore>) {
@@ -302,7 +402,8 @@ pub(crate) async fn lists_filter_page_and_hide_deleted_keys(store: Arc<dyn KeySt
 }
 
 /// A metadata filter matches a field whose value is that string (not an array holding it, not
-/// another field with it), every field given, never a deleted key; its count is of every match,
+/// a number or a boolean written the same way, not another field with it), every field given,
+/// never a deleted key; its count is of every match,
 /// on any page, past the last one too.
 pub(crate) async fn lists_filter_by_metadata_fields_and_count_every_match(
     store: Arc<dyn KeyStore>,
@@ -316,6 +417,7 @@ pub(crate) async fn lists_filter_by_metadata_fields_and_count_every_match(
     keys[4].claims = claims(json!({ "tier": "gold" }));
     keys[4].deleted_at = Some(UnixMillis(9_000));
     keys[5].claims = claims(json!({ "tier": "silver" }));
+    keys[6].claims = claims(json!({ "tier": 5, "gold": true }));
     for k in &keys {
         store.insert(k, &event(k, "create")).await.expect("insert");
     }
@@ -360,6 +462,16 @@ pub(crate) async fn lists_filter_by_metadata_fields_and_count_every_match(
         "every field given"
     );
     assert_eq!(list(&[("tier", "platinum")], 10, 0).await, (vec![], 0));
+    assert_eq!(
+        list(&[("tier", "5")], 10, 0).await,
+        (vec![], 0),
+        "a number is not the string"
+    );
+    assert_eq!(
+        list(&[("gold", "true")], 10, 0).await,
+        (vec![], 0),
+        "nor is a boolean"
+    );
 }
 
 /// A roll writes the old key's new state and the new key together, or neither over a stale

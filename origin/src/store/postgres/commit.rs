@@ -4,7 +4,8 @@
 //!
 //! Every transaction that appends to the audit log or numbers outbox rows first takes one
 //! transaction-level advisory lock ([`lock_writes`]), whichever replica it runs on. So the
-//! chain is extended one entry at a time (each reads the newest entry and writes the next),
+//! chain is extended one entry at a time (a transaction's first append reads the newest entry,
+//! and each writes the next),
 //! and outbox rows are numbered in commit order: a sink that read up to row `n` has seen every
 //! row below `n` that will ever commit, which is what a ledger watermark promises.
 

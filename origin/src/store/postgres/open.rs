@@ -26,7 +26,7 @@ const SESSION_LIMITS: [(&str, &str); 3] = [
 /// A lease's session, pinged every second while held: the server ends it (and frees the role)
 /// once it has been idle 10 s (the holder stalled) or its peer stopped answering TCP keepalives
 /// for about 20 s (the holder is gone, or the network between them).
-const LEASE_LIMITS: [(&str, &str); 4] = [
+pub(super) const LEASE_LIMITS: [(&str, &str); 4] = [
     ("idle_session_timeout", "10s"),
     ("tcp_keepalives_idle", "5"),
     ("tcp_keepalives_interval", "5"),
@@ -181,7 +181,7 @@ impl Drop for ReleaseOnDrop {
 }
 
 /// A role's number in [`LOCKS`]; the write lock is 0.
-fn role_lock(role: lease::Role) -> i32 {
+pub(super) fn role_lock(role: lease::Role) -> i32 {
     match role {
         lease::Role::Publisher => 1,
         lease::Role::Ledger => 2,

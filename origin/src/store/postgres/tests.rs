@@ -62,7 +62,7 @@ fn a_test_database_url_keeps_the_server_and_its_options() {
 }
 
 async fn open_store(url: &str) -> PgStore {
-    let key = latchkey_shared::sign::SigningSecret::parse("store-tests-audit-chain-key-0123456789")
+    let key = latchkey_shared::sign::SigningSecret::parse(crate::store::conformance::CHAIN_KEY)
         .expect("secret");
     let chain = Arc::new(AuditChain::new(key, None));
     PgStore::open(url, Some(chain)).await.expect("open")
@@ -281,6 +281,92 @@ async fn a_lease_whose_connection_ends_is_lost_and_taken_over() {
             .is_some(),
         "another replica takes the role"
     );
+}
+
+/// A write kept waiting for the write lock longer than `lock_timeout` (another replica stalled
+/// while holding it) is answered "unavailable", never left hanging; the next one goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_kept_waiting_for_the_write_lock_is_refused_as_unavailable() {
+    use crate::store::conformance::{event, key};
+    let url = fresh_database().await;
+    let store = open_store(&url).await;
+    // A stalled writer: the write lock taken in a transaction left open (a session of its own,
+    // without origin's limits, so the server never ends it).
+    let mut stalled = PgConnection::connect(&url).await.expect("connect");
+    let mut holding = stalled.begin().await.expect("begin");
+    lock_writes(&mut holding).await.expect("lock");
+    let k = key(1, "acme");
+    let started = std::time::Instant::now();
+    let refused = store.insert(&k, &event(&k, "create")).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(&refused, Err(e) if e.unavailable() == Some("the database is locked")),
+        "{refused:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(15),
+        "refused after lock_timeout (5 s), not at once or much later: {waited:?}"
+    );
+    assert_eq!(
+        store.get(&k.id).await.expect("get"),
+        None,
+        "nothing written"
+    );
+    holding.rollback().await.expect("release");
+    store
+        .insert(&k, &event(&k, "create"))
+        .await
+        .expect("written once the lock is free");
+    assert_eq!(store.get(&k.id).await.expect("get"), Some(k));
+}
+
+/// A replica that stalls while holding a role (its process stopped: the kernel still answers
+/// TCP keepalives, but nothing pings) loses it when the server ends the idle session
+/// (`idle_session_timeout`, 10 s), and another replica takes the role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_holder_loses_its_role_to_the_server_idle_limit() {
+    let url = fresh_database().await;
+    let store = open_store(&url).await;
+    // The stalled holder: a lease's session (same limits), its lock taken, never pinged.
+    let options = open::connect_options(&url)
+        .expect("options")
+        .options(open::LEASE_LIMITS);
+    let mut stalled = PgConnection::connect_with(&options).await.expect("connect");
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(LOCKS)
+        .bind(open::role_lock(lease::Role::Policy))
+        .fetch_one(&mut stalled)
+        .await
+        .expect("lock");
+    assert!(taken);
+    let started = std::time::Instant::now();
+    assert!(
+        store
+            .try_lease(lease::Role::Policy)
+            .await
+            .expect("lease")
+            .is_none(),
+        "held while the holder is there"
+    );
+    let mut taken_over = None;
+    while started.elapsed() < Duration::from_secs(25) {
+        taken_over = store.try_lease(lease::Role::Policy).await.expect("lease");
+        if taken_over.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(taken_over.is_some(), "the server ended the stalled session");
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_secs(9),
+        "not before the idle limit: {after:?}"
+    );
+    println!(
+        "MEASURED a stalled PostgreSQL lease holder replaced after {} ms (idle_session_timeout 10 s)",
+        after.as_millis()
+    );
+    drop(stalled);
 }
 
 /// A server over the network must be reached over TLS that cannot be skipped; a local one

@@ -28,7 +28,7 @@ async fn the_writer_runs_in_wal_mode_with_synchronous_full() {
 /// A store over a new database file, appending to a keyed audit chain.
 async fn open_store(dir: &tempfile::TempDir) -> SqliteStore {
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let key = latchkey_shared::sign::SigningSecret::parse("store-tests-audit-chain-key-0123456789")
+    let key = latchkey_shared::sign::SigningSecret::parse(crate::store::conformance::CHAIN_KEY)
         .expect("secret");
     let chain = Arc::new(AuditChain::new(key, Some(dir.path().join("t.checkpoints"))));
     SqliteStore::open(&url, Some(chain)).await.expect("open")
