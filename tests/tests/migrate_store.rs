@@ -242,6 +242,23 @@ async fn a_database_password_is_never_printed_or_logged() {
     assert!(!printed.contains(PASSWORD), "{printed}");
     let refused = migrate(&sqlite.database_url(), &with_password, &[]);
     assert!(!String::from_utf8_lossy(&refused.stderr).contains(PASSWORD));
+    // A command that cannot open the database names it in its error, without the password.
+    let missing = format!("{}_missing", with_password);
+    let verify = std::process::Command::new(origin_binary())
+        .args(["audit", "verify"])
+        .env_clear()
+        .env("DATABASE_URL", &missing)
+        .env("AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY)
+        .env("AUDIT_CHECKPOINT_FILE", "/dev/null")
+        .output()
+        .expect("run origin audit verify");
+    let said = String::from_utf8_lossy(&verify.stderr);
+    assert_eq!(verify.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("cannot open postgres://postgres:***@"),
+        "{said}"
+    );
+    assert!(!said.contains(PASSWORD), "{said}");
 
     let app = TestApp::builder()
         .env("DATABASE_URL", &with_password)
