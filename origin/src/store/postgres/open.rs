@@ -26,7 +26,7 @@ const SESSION_LIMITS: [(&str, &str); 3] = [
 /// A lease's session, pinged every second while held: the server ends it (and frees the role)
 /// once it has been idle 10 s (the holder stalled) or its peer stopped answering TCP keepalives
 /// for about 20 s (the holder is gone, or the network between them).
-pub(super) const LEASE_LIMITS: [(&str, &str); 4] = [
+const LEASE_LIMITS: [(&str, &str); 4] = [
     ("idle_session_timeout", "10s"),
     ("tcp_keepalives_idle", "5"),
     ("tcp_keepalives_interval", "5"),
@@ -129,17 +129,9 @@ impl PgStore {
         &self,
         role: lease::Role,
     ) -> Result<Option<lease::Lease>, StoreError> {
-        let options = self.options.clone().options(LEASE_LIMITS);
-        let mut conn = PgConnection::connect_with(&options).await?;
-        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(LOCKS)
-            .bind(role_lock(role))
-            .fetch_one(&mut conn)
-            .await?;
-        if !taken {
-            let _ = conn.close().await;
+        let Some(mut conn) = role_lock_session(&self.options, role).await? else {
             return Ok(None);
-        }
+        };
         let lost = Arc::new(AtomicBool::new(false));
         let (release, mut released) = oneshot::channel::<()>();
         let watch_lost = lost.clone();
@@ -180,8 +172,28 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
+/// A lease's session (its own connection, with [`LEASE_LIMITS`]) holding `role`'s advisory
+/// lock; `None` (the connection closed) while another session holds it.
+pub(super) async fn role_lock_session(
+    options: &PgConnectOptions,
+    role: lease::Role,
+) -> Result<Option<PgConnection>, StoreError> {
+    let options = options.clone().options(LEASE_LIMITS);
+    let mut conn = PgConnection::connect_with(&options).await?;
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(LOCKS)
+        .bind(role_lock(role))
+        .fetch_one(&mut conn)
+        .await?;
+    if !taken {
+        let _ = conn.close().await;
+        return Ok(None);
+    }
+    Ok(Some(conn))
+}
+
 /// A role's number in [`LOCKS`]; the write lock is 0.
-pub(super) fn role_lock(role: lease::Role) -> i32 {
+fn role_lock(role: lease::Role) -> i32 {
     match role {
         lease::Role::Publisher => 1,
         lease::Role::Ledger => 2,

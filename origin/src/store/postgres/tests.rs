@@ -327,19 +327,14 @@ async fn a_write_kept_waiting_for_the_write_lock_is_refused_as_unavailable() {
 async fn a_stalled_holder_loses_its_role_to_the_server_idle_limit() {
     let url = fresh_database().await;
     let store = open_store(&url).await;
-    // The stalled holder: a lease's session (same limits), its lock taken, never pinged.
-    let options = open::connect_options(&url)
-        .expect("options")
-        .options(open::LEASE_LIMITS);
-    let mut stalled = PgConnection::connect_with(&options).await.expect("connect");
-    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-        .bind(LOCKS)
-        .bind(open::role_lock(lease::Role::Policy))
-        .fetch_one(&mut stalled)
-        .await
-        .expect("lock");
-    assert!(taken);
+    // The stalled holder: a lease's own session (the same code and limits), its lock taken,
+    // never pinged.
     let started = std::time::Instant::now();
+    let options = open::connect_options(&url).expect("options");
+    let stalled = open::role_lock_session(&options, lease::Role::Policy)
+        .await
+        .expect("connect")
+        .expect("free");
     assert!(
         store
             .try_lease(lease::Role::Policy)
