@@ -504,10 +504,12 @@ pub fn apply_filter_param<E>(
         "last_used_before" => filter.last_used_before = Some(parse_time(name, value)?),
         _ => match claim_filter_name(name) {
             Some(_) if filter.claims_equal.len() >= MAX_CLAIM_FILTERS => {
-                return Err(bad_param(
-                    name,
-                    "at most 16 claims[<field>] filters in one list",
-                ));
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "form_param_invalid",
+                    format!("{name}: one list takes at most {MAX_CLAIM_FILTERS} metadata filters"),
+                )
+                .field(name));
             }
             Some(field) => filter
                 .claims_equal
