@@ -243,7 +243,10 @@ async fn a_database_password_is_never_printed_or_logged() {
     let refused = migrate(&sqlite.database_url(), &with_password, &[]);
     assert!(!String::from_utf8_lossy(&refused.stderr).contains(PASSWORD));
     // A command that cannot open the database names it in its error, without the password.
-    let missing = format!("{}_missing", with_password);
+    let missing = match with_password.split_once('?') {
+        Some((base, options)) => format!("{base}_missing?{options}"),
+        None => format!("{with_password}_missing"),
+    };
     let verify = std::process::Command::new(origin_binary())
         .args(["audit", "verify"])
         .env_clear()

@@ -96,7 +96,9 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<Copied, StoreErr
     write.commit().await?;
     // From here the copy is committed: what follows cannot fail it. The read transaction wrote
     // nothing; its end only frees the file.
-    let _ = read.rollback().await;
+    if let Err(error) = read.rollback().await {
+        tracing::debug!(%error, "the source's read transaction did not end cleanly (nothing was written to it)");
+    }
     source.close().await;
     // The planner's statistics and the visibility map of the tables just filled: without them,
     // the first minutes of serving (until autovacuum comes) would scan every key for a
