@@ -37,7 +37,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let checkpoints = config
         .audit_checkpoint_file
         .clone()
-        .or_else(|| store::default_checkpoint_path(&config.database_url));
+        .or_else(|| store::default_checkpoint_path(config.database_url.as_str()));
     match &checkpoints {
         Some(file) => {
             tracing::info!(file = %file.display(), "audit checkpoints are appended to this file and logged")
@@ -47,7 +47,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         ),
     }
     let chain = Arc::new(AuditChain::new(config.audit_chain_key.clone(), checkpoints));
-    let store = store::open(&config.database_url, Some(chain)).await?;
+    let store = store::open(config.database_url.as_str(), Some(chain)).await?;
     // Held for the whole run: without LEDGER_URL, the ledger lease (see `ledger_off`), watched
     // (a lease can be lost: see `keep_ledger_off`).
     let _ledger_off = match config.ledger {
@@ -204,7 +204,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(config.listen).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
-        database = %crate::config::redacted(&config.database_url),
+        database = %config.database_url.redacted(),
         admin_tokens = ?config.admin_tokens,
         "origin listening"
     );

@@ -30,6 +30,42 @@ impl Backend {
     }
 }
 
+/// A `DATABASE_URL`, which may hold a password: its `Debug` is [`redacted`], so a
+/// configuration printed whole never shows it, and it has no `Display`.
+///
+/// ```
+/// use latchkey_origin::config::DatabaseUrl;
+/// let url = DatabaseUrl::from("postgres://origin:s3cret@db/keys".to_owned());
+/// assert_eq!(format!("{url:?}"), "\"postgres://origin:***@db/keys\"");
+/// assert_eq!(url.as_str(), "postgres://origin:s3cret@db/keys");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL itself, password included: to open the database, never to print.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL as it may be logged or printed.
+    pub fn redacted(&self) -> String {
+        redacted(&self.0)
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
 /// `url` as it may be logged or printed: without a password, in the user part or as a
 /// `password=` option.
 ///

@@ -15,7 +15,7 @@ mod proxies;
 mod webhooks;
 
 pub use admin::{AdminToken, MIN_ADMIN_TOKEN_LEN};
-pub use database::{Backend, redacted};
+pub use database::{Backend, DatabaseUrl, redacted};
 pub use kv::{CLOUDFLARE_LIMIT, KvConfig, WriteMode};
 pub use leaks::{KeySources, LeakAction};
 pub use ledger::LedgerConfig;
@@ -38,8 +38,8 @@ use latchkey_shared::{KeyPrefix, Scope, ScopePolicy};
 pub struct Config {
     /// `ORIGIN_LISTEN`: address to serve on.
     pub listen: SocketAddr,
-    /// `DATABASE_URL`: where the SQLite database lives.
-    pub database_url: String,
+    /// `DATABASE_URL`: the database (a SQLite file or a PostgreSQL server).
+    pub database_url: DatabaseUrl,
     /// `ADMIN_TOKEN`: the accepted admin bearer tokens.
     pub admin_tokens: Vec<AdminToken>,
     /// `KEY_PREFIX`: prefix of newly issued keys.
@@ -283,7 +283,7 @@ impl Config {
 
         Ok(Self {
             listen,
-            database_url,
+            database_url: database_url.into(),
             admin_tokens,
             key_prefix,
             scope_policy: ScopePolicy {

@@ -232,7 +232,7 @@ fn secrets_follow_one_rule_and_each_role_has_its_own() {
 fn defaults_need_only_an_admin_token() {
     let c = load(&[("ADMIN_TOKEN", TOKEN)]).expect("valid");
     assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-    assert_eq!(c.database_url, "sqlite://data/latchkey.db");
+    assert_eq!(c.database_url.as_str(), "sqlite://data/latchkey.db");
     assert_eq!(c.key_prefix.as_str(), "sk_live");
     assert_eq!(c.admin_tokens.len(), 1);
     assert!(!c.scope_policy.wildcards);
@@ -533,4 +533,26 @@ fn kv_write_mode_and_budget_follow_the_api_unless_set() {
     .concat();
     let c = kv(&set);
     assert_eq!((c.write_mode, c.api_budget), (WriteMode::Bulk, None));
+}
+
+#[test]
+fn the_configuration_printed_whole_shows_no_secret() {
+    const PASSWORD: &str = "database-password-never-printed-91c2";
+    let c = load(&[
+        ("ADMIN_TOKEN", TOKEN),
+        (
+            "DATABASE_URL",
+            &format!("postgres://origin:{PASSWORD}@db.example/keys?sslmode=verify-full"),
+        ),
+        ("AUDIT_CHECKPOINT_FILE", "/var/lib/origin/checkpoints"),
+    ])
+    .expect("valid");
+    let printed = format!("{c:?}");
+    assert!(
+        printed.contains("postgres://origin:***@db.example/keys"),
+        "{printed}"
+    );
+    for secret in [PASSWORD, TOKEN, AUDIT_KEY] {
+        assert!(!printed.contains(secret), "{printed}");
+    }
 }
