@@ -338,38 +338,10 @@ fn main() {
     );
 }
 
-/// `cargo`, without the variables cargo set for this process (`CARGO_PKG_NAME`,
-/// `CARGO_MANIFEST_DIR`, …). Build scripts that read them (ring's does, through
-/// `rerun-if-env-changed`) would see them changed from the shell's build and run again, and
-/// their crates and every crate above them (rustls, sqlx, origin) would be rebuilt, then
-/// rebuilt back by the next build from the shell.
-fn cargo() -> Command {
-    let mut cmd = Command::new(env!("CARGO"));
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        let set_by_cargo = name.starts_with("CARGO_PKG_")
-            || name.starts_with("CARGO_BIN_")
-            || matches!(
-                &*name,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_MANIFEST_LINKS"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "OUT_DIR"
-            );
-        if set_by_cargo {
-            cmd.env_remove(&*name);
-        }
-    }
-    cmd
-}
-
 /// 1. Criterion micro-benchmarks of the decision, natively.
 fn micro(report: &mut Report, mode: Mode) {
     step("micro (criterion, native)");
-    let mut cmd = cargo();
+    let mut cmd = latchkey_tests::cargo();
     cmd.args([
         "bench",
         "--locked",
@@ -422,7 +394,7 @@ fn micro(report: &mut Report, mode: Mode) {
 /// ledger entries.
 fn memory(report: &mut Report) {
     step("memory (the isolate's hot-key memory per 10,000 keys, natively)");
-    run(cargo().args([
+    run(latchkey_tests::cargo().args([
         "build",
         "--release",
         "--locked",
@@ -461,7 +433,7 @@ fn memory(report: &mut Report) {
 ///    compile/instantiate time.
 fn wasm(report: &mut Report, mode: Mode, work: &Path) {
     step("wasm (the decision under Node beside native; the Worker's size and start-up)");
-    run(cargo().args([
+    run(latchkey_tests::cargo().args([
         "build",
         "--locked",
         "-p",
@@ -539,7 +511,7 @@ pub(crate) struct Fixture {
 /// Builds origin and the ceiling in release mode, seeds `keys` keys and starts the ceiling.
 fn prepare(report: &mut Report, keys: u64, work: &Path) -> Fixture {
     step("prepare (release build, seed, the axum ceiling server)");
-    run(cargo().args([
+    run(latchkey_tests::cargo().args([
         "build",
         "--release",
         "--locked",
@@ -1262,7 +1234,7 @@ fn secret_scanning(report: &mut Report) {
 /// `revocations` sets how many times the test repeats its timed changes
 /// (`LATCHKEY_REVOCATIONS`). The test build is `./dev test`'s, so after it nothing is rebuilt.
 fn measured_test(binary: &str, test: Option<&str>, revocations: usize) -> String {
-    let mut cmd = cargo();
+    let mut cmd = latchkey_tests::cargo();
     cmd.args(["test", "--locked", "-p", "latchkey-tests", "--test", binary]);
     if let Some(test) = test {
         cmd.arg(test);

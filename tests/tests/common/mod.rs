@@ -35,39 +35,11 @@ pub const AUDIT_CHAIN_KEY: &str = "test-audit-chain-key-dddddddddddddddddddd";
 /// How old `/healthz`'s figures may be (origin reads them at most once a second), with a margin.
 pub const FIGURES_MAX_AGE: Duration = Duration::from_millis(1100);
 
-/// `cargo`, without the variables cargo set for this process (`CARGO_PKG_NAME`,
-/// `CARGO_MANIFEST_DIR`, …). Build scripts that read them (ring's does, through
-/// `rerun-if-env-changed`) would see them changed from the shell's build and run again, and
-/// their crates and every crate above them (rustls, sqlx, origin) would be rebuilt, then
-/// rebuilt back by the next build from the shell.
-fn cargo() -> Command {
-    let mut cmd = Command::new(env!("CARGO"));
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        let set_by_cargo = name.starts_with("CARGO_PKG_")
-            || name.starts_with("CARGO_BIN_")
-            || matches!(
-                &*name,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_MANIFEST_LINKS"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "OUT_DIR"
-            );
-        if set_by_cargo {
-            cmd.env_remove(&*name);
-        }
-    }
-    cmd
-}
-
 /// Builds the `origin` binary once per test process (a no-op when it is fresh) and returns its path.
 pub fn origin_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let output = cargo()
+        let output = latchkey_tests::cargo()
             .args([
                 "build",
                 "--quiet",
