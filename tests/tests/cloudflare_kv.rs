@@ -2280,6 +2280,19 @@ async fn replicas_on_postgresql_lose_nothing_while_one_is_killed_again_and_again
         "{}",
         String::from_utf8_lossy(&verified.stderr)
     );
+    // `/healthz` says which replica plays which role: each role on one replica at most, and
+    // the KV publisher on exactly one.
+    let mut players: HashMap<String, usize> = HashMap::new();
+    for replica in &replicas {
+        let health = replica.get("/healthz").await;
+        for role in health.body["roles"].as_array().expect("roles") {
+            *players
+                .entry(role.as_str().expect("a role's name").to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert!(players.values().all(|&n| n == 1), "{players:?}");
+    assert_eq!(players.get("publisher"), Some(&1), "{players:?}");
     resumed.sort();
     common::edge::report_measurement(&format!(
         "replicas: 3 origins on PostgreSQL, one SIGKILLed in each of {ROUNDS} rounds under 6 \

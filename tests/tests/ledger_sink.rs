@@ -221,6 +221,26 @@ async fn an_origin_without_the_ledger_leaves_the_rows_of_one_that_feeds_it() {
         assert_eq!(health.body["ledger"]["pending"], 3, "{}", health.body);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each `/healthz` says who holds the ledger's role: the first origin, not the second.
+    let plays_ledger = |health: &Value| {
+        health["roles"]
+            .as_array()
+            .unwrap_or_else(|| panic!("roles in {health}"))
+            .iter()
+            .any(|role| role == "ledger")
+    };
+    assert!(plays_ledger(&app.get("/healthz").await.body));
+    let listen = logs
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen="))
+        .expect("the second origin's address");
+    let second_health: Value = reqwest::get(format!("http://{listen}/healthz"))
+        .await
+        .expect("the second origin's /healthz")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(!plays_ledger(&second_health), "{second_health}");
     let _ = second.kill();
     let _ = second.wait();
 }

@@ -145,6 +145,7 @@ fn body(figures: &Figures) -> serde_json::Value {
         "ledger": figures.ledger,
         "webhooks": figures.webhooks,
         "key_policy": figures.key_policy,
+        "roles": crate::store::lease::held_roles(),
     })
 }
 

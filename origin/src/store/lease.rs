@@ -8,6 +8,7 @@
 
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -20,6 +21,38 @@ pub struct Lease {
     #[allow(dead_code, reason = "held for its lock, released on drop")]
     held: Option<Box<dyn std::any::Any + Send + Sync>>,
     lost: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Counts the lease in [`held_roles`] while it lives.
+    _counted: Counted,
+}
+
+/// How many leases of each role ([`Role::ALL`]'s order) this process holds.
+static HELD: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+
+/// One lease of a role, counted in [`HELD`] from its making until it is dropped.
+struct Counted(Role);
+
+impl Counted {
+    fn new(role: Role) -> Self {
+        HELD[role.index()].fetch_add(1, Ordering::Relaxed);
+        Self(role)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        HELD[self.0.index()].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The roles whose lease this process holds now, by name (`/healthz`'s `roles`): with several
+/// origins on one database, each role shows on the one replica playing it. A lease lost a
+/// moment ago shows until its role's loop lets it go (within a second).
+pub fn held_roles() -> Vec<&'static str> {
+    Role::ALL
+        .into_iter()
+        .filter(|role| HELD[role.index()].load(Ordering::Relaxed) > 0)
+        .map(Role::name)
+        .collect()
 }
 
 impl std::fmt::Debug for Lease {
@@ -32,31 +65,35 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    /// The lease of a file database's role: its lock file, held.
-    pub(crate) fn file(file: File) -> Self {
+    /// The lease of a file database's `role`: its lock file, held.
+    pub(crate) fn file(role: Role, file: File) -> Self {
         Self {
             held: Some(Box::new(file)),
             lost: None,
+            _counted: Counted::new(role),
         }
     }
 
-    /// The lease of an in-memory database's role, which no other process can share.
-    pub(crate) fn unshared() -> Self {
+    /// The lease of an in-memory database's `role`, which no other process can share.
+    pub(crate) fn unshared(role: Role) -> Self {
         Self {
             held: None,
             lost: None,
+            _counted: Counted::new(role),
         }
     }
 
     /// A lease held by `holder` (dropping it releases the lease), which can be lost while held:
     /// `lost` turns true when it is.
     pub(crate) fn losable(
+        role: Role,
         holder: Box<dyn std::any::Any + Send + Sync>,
         lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         Self {
             held: Some(holder),
             lost: Some(lost),
+            _counted: Counted::new(role),
         }
     }
 
@@ -95,6 +132,19 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
+    pub const ALL: [Self; 4] = [Self::Publisher, Self::Ledger, Self::Webhooks, Self::Policy];
+
+    /// The role's place in [`Role::ALL`].
+    fn index(self) -> usize {
+        match self {
+            Self::Publisher => 0,
+            Self::Ledger => 1,
+            Self::Webhooks => 2,
+            Self::Policy => 3,
+        }
+    }
+
     /// The role's name in its lock file's.
     pub fn name(self) -> &'static str {
         match self {

@@ -155,6 +155,7 @@ impl PgStore {
             let _ = conn.close().await;
         });
         Ok(Some(lease::Lease::losable(
+            role,
             Box::new(ReleaseOnDrop(Some(release))),
             lost,
         )))

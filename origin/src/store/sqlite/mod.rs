@@ -696,14 +696,17 @@ impl KeyStore for SqliteStore {
     ) -> Result<lease::Lease, lease::Stopped> {
         let path = lease::lock_path(self.file(), role);
         let held = lease::hold_lock(path.as_deref(), stop, waiting).await?;
-        Ok(held.map_or_else(lease::Lease::unshared, lease::Lease::file))
+        Ok(held.map_or_else(
+            || lease::Lease::unshared(role),
+            |file| lease::Lease::file(role, file),
+        ))
     }
 
     async fn try_lease(&self, role: lease::Role) -> Result<Option<lease::Lease>, StoreError> {
         match lease::lock_path(self.file(), role) {
-            None => Ok(Some(lease::Lease::unshared())),
+            None => Ok(Some(lease::Lease::unshared(role))),
             Some(path) => lease::try_lock(&path)
-                .map(|held| held.map(lease::Lease::file))
+                .map(|held| held.map(|file| lease::Lease::file(role, file)))
                 .map_err(|source| StoreError::Lease {
                     role: role.name(),
                     path: path.display().to_string(),
