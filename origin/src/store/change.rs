@@ -123,16 +123,17 @@ pub(crate) trait Writes: Send {
         key: &StoredKey,
         expected_revision: i64,
     ) -> Result<bool, StoreError>;
-    /// Appends `event` after the newest entry, MACed with the chain's key; returns the new
-    /// entry's `seq`, `hash` and `at` (for the checkpoint after the commit). `tail`: the newest
-    /// entry's `seq` and `hash` when this transaction appended it (under the write lock, so it
-    /// is still the newest); `None`, read from the log.
+    /// Appends `event` after `last`, the newest entry's `seq` and `hash`, MACed with the
+    /// chain's key; returns the new entry's `seq`, `hash` and `at` (for the checkpoint after
+    /// the commit).
     async fn append_audit(
         &mut self,
         chain: Option<&AuditChain>,
         event: &AuditEvent,
-        tail: Option<(i64, String)>,
+        last: Option<(i64, String)>,
     ) -> Result<(i64, String, i64), StoreError>;
+    /// The newest entry's `seq` and `hash`; `None` for an empty log.
+    async fn newest_entry(&mut self) -> Result<Option<(i64, String)>, StoreError>;
     /// Announces a change of `id` to both sinks (KV and the ledger).
     async fn enqueue_publish(&mut self, id: &KeyId, at: UnixMillis) -> Result<(), StoreError>;
 }
@@ -151,14 +152,14 @@ pub(crate) async fn apply(
     match change {
         Change::Insert(key, event) => {
             tx.insert_key(key).await?;
-            *newest = Some(tx.append_audit(chain, event, tail(newest)).await?);
+            append(tx, chain, event, newest).await?;
             tx.enqueue_publish(&key.id, key.updated_at).await?;
         }
         Change::Replace(key, expected_revision, event) => {
             if !tx.update_key(key, *expected_revision).await? {
                 return Ok(false);
             }
-            *newest = Some(tx.append_audit(chain, event, tail(newest)).await?);
+            append(tx, chain, event, newest).await?;
             tx.enqueue_publish(&key.id, key.updated_at).await?;
         }
         Change::Roll { old, new } => {
@@ -168,19 +169,31 @@ pub(crate) async fn apply(
                 return Ok(false);
             }
             tx.insert_key(new_key).await?;
-            *newest = Some(tx.append_audit(chain, old_event, tail(newest)).await?);
-            *newest = Some(tx.append_audit(chain, new_event, tail(newest)).await?);
+            append(tx, chain, old_event, newest).await?;
+            append(tx, chain, new_event, newest).await?;
             tx.enqueue_publish(&old_key.id, old_key.updated_at).await?;
             tx.enqueue_publish(&new_key.id, new_key.updated_at).await?;
         }
-        Change::Event(event) => *newest = Some(tx.append_audit(chain, event, tail(newest)).await?),
+        Change::Event(event) => append(tx, chain, event, newest).await?,
     }
     Ok(true)
 }
 
-/// The `seq` and `hash` of the entry this transaction appended last, if any.
-fn tail(newest: &Option<(i64, String, i64)>) -> Option<(i64, String)> {
-    newest.as_ref().map(|(seq, hash, _)| (*seq, hash.clone()))
+/// Appends `event` after the entry this transaction appended last (under the write lock it is
+/// still the newest), or after the log's newest for the transaction's first; it becomes
+/// `newest`.
+async fn append(
+    tx: &mut impl Writes,
+    chain: Option<&AuditChain>,
+    event: &AuditEvent,
+    newest: &mut Option<(i64, String, i64)>,
+) -> Result<(), StoreError> {
+    let last = match newest.take() {
+        Some((seq, hash, _)) => Some((seq, hash)),
+        None => tx.newest_entry().await?,
+    };
+    *newest = Some(tx.append_audit(chain, event, last).await?);
+    Ok(())
 }
 
 /// After a commit that appended audit entries, and before its callers are answered: a

@@ -112,9 +112,13 @@ impl Writes for PgConnection {
         &mut self,
         chain: Option<&AuditChain>,
         event: &AuditEvent,
-        tail: Option<(i64, String)>,
+        last: Option<(i64, String)>,
     ) -> Result<(i64, String, i64), StoreError> {
-        append_audit(self, chain, event, tail).await
+        append_audit(self, chain, event, last).await
+    }
+
+    async fn newest_entry(&mut self) -> Result<Option<(i64, String)>, StoreError> {
+        newest_entry(self).await
     }
 
     async fn enqueue_publish(&mut self, id: &KeyId, at: UnixMillis) -> Result<(), StoreError> {
@@ -122,24 +126,28 @@ impl Writes for PgConnection {
     }
 }
 
+/// The newest audit entry's `seq` and `hash`, read inside the caller's transaction; `None` for
+/// an empty log.
+pub(super) async fn newest_entry(
+    conn: &mut PgConnection,
+) -> Result<Option<(i64, String)>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
 /// Appends `event` after the newest entry, inside the caller's transaction (which holds the
 /// write lock, so no other replica appends meanwhile; `seq` and `prev_hash` being unique would
-/// refuse a fork anyway). Returns the new entry's `seq`, `hash` and `at`. `tail`: the newest
-/// entry when the same transaction appended it, or `None` to read it.
+/// refuse a fork anyway). Returns the new entry's `seq`, `hash` and `at`. `last`: the newest
+/// entry's `seq` and `hash` ([`newest_entry`], or the one the same transaction appended).
 pub(super) async fn append_audit(
     conn: &mut PgConnection,
     chain: Option<&AuditChain>,
     event: &AuditEvent,
-    tail: Option<(i64, String)>,
+    last: Option<(i64, String)>,
 ) -> Result<(i64, String, i64), StoreError> {
-    let last: Option<(i64, String)> = match tail {
-        Some(tail) => Some(tail),
-        None => {
-            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *conn)
-                .await?
-        }
-    };
     let entry = NextEntry::after(chain, last, event)?;
     sqlx::query(
         "INSERT INTO audit_log (seq, at, actor, action, key_id, details, prev_hash, hash, chain) \

@@ -28,23 +28,28 @@ pub(super) async fn check_chain_at_start(
     check_newest(chain, row)
 }
 
+/// The newest audit entry's `seq` and `hash`, read inside the caller's transaction; `None` for
+/// an empty log.
+pub(super) async fn newest_entry(
+    conn: &mut SqliteConnection,
+) -> Result<Option<(i64, String)>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
 /// Appends `event` to the chain inside the caller's transaction, MACed with the chain's key.
 /// Returns the new entry's `seq`, `hash` and `at` (for the checkpoint after the commit).
-/// `tail`: the newest entry when the same transaction appended it, or `None` to read it.
+/// `last`: the newest entry's `seq` and `hash` ([`newest_entry`], or the one the same
+/// transaction appended).
 pub(super) async fn append_audit(
     conn: &mut SqliteConnection,
     chain: Option<&AuditChain>,
     event: &AuditEvent,
-    tail: Option<(i64, String)>,
+    last: Option<(i64, String)>,
 ) -> Result<(i64, String, i64), StoreError> {
-    let last: Option<(i64, String)> = match tail {
-        Some(tail) => Some(tail),
-        None => {
-            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *conn)
-                .await?
-        }
-    };
     let entry = NextEntry::after(chain, last, event)?;
     sqlx::query(
         "INSERT INTO audit_log (seq, at, actor, action, key_id, details, prev_hash, hash, chain) \

@@ -157,9 +157,13 @@ impl Writes for SqliteConnection {
         &mut self,
         chain: Option<&AuditChain>,
         event: &AuditEvent,
-        tail: Option<(i64, String)>,
+        last: Option<(i64, String)>,
     ) -> Result<(i64, String, i64), StoreError> {
-        append_audit(self, chain, event, tail).await
+        append_audit(self, chain, event, last).await
+    }
+
+    async fn newest_entry(&mut self) -> Result<Option<(i64, String)>, StoreError> {
+        newest_entry(self).await
     }
 
     async fn enqueue_publish(&mut self, id: &KeyId, at: UnixMillis) -> Result<(), StoreError> {

@@ -273,7 +273,8 @@ impl SqliteStore {
             key_id: None,
             details: serde_json::json!({ "unkeyed_entries": last, "unkeyed_hash": hash }),
         };
-        let (seq, keyed_hash, at) = append_audit(&mut tx, Some(chain), &event, None).await?;
+        let newest = newest_entry(&mut tx).await?;
+        let (seq, keyed_hash, at) = append_audit(&mut tx, Some(chain), &event, newest).await?;
         tx.commit().await?;
         chain.checkpoint(seq, &keyed_hash, at);
         Ok(Anchored {
